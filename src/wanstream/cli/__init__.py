@@ -1,0 +1,1 @@
+"""The `wanstream` command line: a thin layer over the Python API."""

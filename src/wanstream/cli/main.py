@@ -1,0 +1,48 @@
+"""`wanstream <command>`: each command lives in its own module exposing `register(subparsers)`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from wanstream import __version__
+
+# Subcommand modules, in the order `--help` lists them.
+COMMANDS = ("download", "models", "generate", "serve", "bench")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wanstream",
+        description="Real-time video diffusion (StreamDiffusionV2 on Wan2.1).",
+    )
+    parser.add_argument("--version", action="version", version=f"wanstream {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        module_name = f"wanstream.cli.{name}_cmd"
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:  # TODO(dev): every command exists before release
+            if exc.name != module_name:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,3 @@
+from wanstream.conformance.runner import main
+
+raise SystemExit(main())

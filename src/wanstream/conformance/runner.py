@@ -1,0 +1,185 @@
+"""`python -m wanstream.conformance DIR`: replay every golden case in DIR and report each tensor.
+
+Exit status is non-zero when any case fails, when any file in DIR is not understood, or (without
+`--allow-missing`) when a case belongs to a family that is not implemented yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from wanstream.conformance.case import CaseError, CaseReport, GoldenCase
+from wanstream.conformance.families import FAMILIES
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to replay: device and compute dtype (golden bounds hold for float32 only)."""
+
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    # Multiplies every manifest bound; 1.0 for float32. A bf16 run states its own looser factor.
+    bound_scale: float = 1.0
+
+    def bound(self, value: float) -> float:
+        return value * self.bound_scale
+
+
+@dataclass
+class CaseOutcome:
+    case: str
+    kind: str | None
+    status: str  # PASS | FAIL | SKIP | ERROR
+    report: CaseReport
+    message: str = ""
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "PASS"
+
+
+@dataclass
+class Discovery:
+    cases: list[GoldenCase] = field(default_factory=list)
+    not_understood: list[str] = field(default_factory=list)
+
+
+def discover(directory: Path) -> Discovery:
+    """Manifests in `directory`, and every file that no manifest accounts for."""
+    found = Discovery()
+    if not directory.is_dir():
+        raise CaseError(f"{directory}: not a directory")
+    referenced: set[str] = set()
+    files = sorted(p for p in directory.iterdir() if p.is_file())
+    for p in files:
+        if p.suffix != ".json":
+            continue
+        case = GoldenCase(p)
+        try:
+            kind = case.kind
+        except CaseError:
+            kind = None
+        if kind is not None:
+            found.cases.append(case)
+            referenced |= case.referenced_files()
+    for p in files:
+        if p.name in referenced or p.suffix == ".md":
+            continue
+        if p.suffix == ".json" and any(c.manifest_path == p for c in found.cases):
+            continue
+        found.not_understood.append(p.name)
+    return found
+
+
+def run_case(case: GoldenCase, options: RunOptions | None = None) -> CaseOutcome:
+    """Replay one case; never raises (errors become an ERROR outcome with the traceback's last line)."""
+    options = options or RunOptions()
+    report = CaseReport(case.name)
+    start = time.perf_counter()
+    kind = None
+    try:
+        kind = case.kind
+        if kind not in FAMILIES:
+            return CaseOutcome(case.name, kind, "ERROR", report, f"unknown case kind {kind!r}")
+        bad_files = case.verify_files()
+        if bad_files:
+            return CaseOutcome(case.name, kind, "ERROR", report, "corrupt files: " + ", ".join(bad_files))
+        module_name = FAMILIES[kind]
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                return CaseOutcome(case.name, kind, "SKIP", report, f"not implemented: {kind}")
+            raise
+        run = getattr(module, "run", None)
+        if run is None:
+            return CaseOutcome(case.name, kind, "SKIP", report, f"not implemented: {kind}")
+        with torch.inference_mode():
+            run(case, report, options)
+    except CaseError as exc:
+        return CaseOutcome(case.name, kind, "ERROR", report, str(exc), time.perf_counter() - start)
+    except Exception as exc:
+        tb = traceback.extract_tb(exc.__traceback__)[-1]
+        where = f"{Path(tb.filename).name}:{tb.lineno}"
+        message = f"{type(exc).__name__}: {exc} (at {where})"
+        return CaseOutcome(case.name, kind, "ERROR", report, message, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    if not report.checks:
+        return CaseOutcome(case.name, kind, "ERROR", report, "the family compared nothing", seconds)
+    return CaseOutcome(case.name, kind, "PASS" if report.passed else "FAIL", report, "", seconds)
+
+
+def run_directory(directory: Path, options: RunOptions | None = None) -> tuple[list[CaseOutcome], list[str]]:
+    found = discover(directory)
+    return [run_case(c, options) for c in found.cases], found.not_understood
+
+
+def _print_outcome(outcome: CaseOutcome, verbose: bool) -> None:
+    head = f"{outcome.case:<28} [{outcome.kind}]"
+    tail = f" ({outcome.seconds:.1f} s)" if outcome.seconds else ""
+    if outcome.status == "SKIP":
+        print(f"{head}  SKIP ({outcome.message})")
+        return
+    print(f"{head}  {outcome.status}{tail}" + (f"  {outcome.message}" if outcome.message else ""))
+    for check in outcome.report.checks:
+        if verbose or not check.passed or check.rel_l2 is not None:
+            status = "PASS" if check.passed else "FAIL"
+            print(f"    {check.name:<44} {check.detail:<36} {status}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m wanstream.conformance",
+        description="Replay golden vectors against wanstream; one line per case and compared tensor.",
+    )
+    parser.add_argument("directory", type=Path, help="folder of golden cases (<case>.json + .safetensors)")
+    parser.add_argument(
+        "--allow-missing", action="store_true", help="families not implemented yet do not fail the run"
+    )
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--only", default=None, help="run only cases whose name contains this text")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print exact-match checks too")
+    args = parser.parse_args(argv)
+
+    if args.device.startswith("cuda"):
+        # The golden bounds are float32 bounds: TF32 matmuls would blow them.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    options = RunOptions(device=args.device)
+    try:
+        found = discover(args.directory)
+    except CaseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    cases = [c for c in found.cases if args.only is None or args.only in c.name]
+    print(f"wanstream conformance: {args.directory} ({len(cases)} cases, device {args.device})")
+    outcomes = []
+    for case in cases:
+        outcome = run_case(case, options)
+        _print_outcome(outcome, args.verbose)
+        outcomes.append(outcome)
+    for name in found.not_understood:
+        print(f"{name:<28} NOT UNDERSTOOD (no manifest in this folder accounts for this file)")
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("PASS", "FAIL", "ERROR", "SKIP")}
+    print(
+        f"{counts['PASS']} passed, {counts['FAIL'] + counts['ERROR']} failed, {counts['SKIP']} skipped"
+        + (f", {len(found.not_understood)} files not understood" if found.not_understood else "")
+    )
+    if counts["FAIL"] or counts["ERROR"] or found.not_understood:
+        return 1
+    if counts["SKIP"] and not args.allow_missing:
+        print("some families are not implemented (use --allow-missing to accept that)")
+        return 1
+    if not outcomes:
+        print("no golden cases found")
+        return 1
+    return 0

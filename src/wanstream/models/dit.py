@@ -1,0 +1,422 @@
+"""The Wan2.1 text-to-video diffusion transformer (DiT), read top to bottom.
+
+Parameter names follow the official checkpoints (`diffusion_pytorch_model.safetensors`, and the
+StreamDiffusionV2 `model.pt` once its `model.` prefix is stripped), so `load_state_dict(strict=True)`
+works on either. Two forwards share the weights:
+
+* `forward_full` — the official bidirectional forward over whole clips (one timestep per sample).
+* `forward_stream` — StreamDiffusionV2's causal streaming forward: one chunk of latent frames per lane,
+  a timestep per frame, self-attention over a `KVCache` and cross-attention over cached text K/V.
+
+The model predicts flow (noise − x0); converting to x0 is the scheduler's job.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from wanstream.models.attention import attention
+from wanstream.models.kv_cache import CallPlan, KVCache
+
+
+@dataclass(frozen=True)
+class WanConfig:
+    """Constructor arguments of the Wan DiT (defaults: Wan2.1-T2V-1.3B)."""
+
+    dim: int = 1536
+    ffn_dim: int = 8960
+    num_heads: int = 12
+    num_layers: int = 30
+    in_dim: int = 16
+    out_dim: int = 16
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    text_len: int = 512
+    text_dim: int = 4096
+    freq_dim: int = 256
+    eps: float = 1e-6
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+    window_size: tuple[int, int] = (-1, -1)
+    model_type: str = "t2v"
+
+    def __post_init__(self) -> None:
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        if self.model_type != "t2v":
+            raise ValueError(f"model_type {self.model_type!r} is not supported (only text-to-video 't2v')")
+        if tuple(self.window_size) != (-1, -1):
+            raise ValueError("only global attention (window_size (-1, -1)) is supported")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @classmethod
+    def t2v_1_3b(cls) -> WanConfig:
+        return cls()
+
+    @classmethod
+    def t2v_14b(cls) -> WanConfig:
+        return cls(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> WanConfig:
+        """From a Wan `config.json` (diffusers omits five keys; their defaults apply) or a manifest.
+
+        Unknown keys (`_class_name`, `_diffusers_version`, ...) are ignored.
+        """
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        for key in ("patch_size", "window_size"):
+            if key in kwargs:
+                kwargs[key] = tuple(kwargs[key])
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> WanConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: cannot read the model config: {exc}") from exc
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------
+# Building blocks
+# ------------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """RMSNorm over the full width (all heads together), computed in float32."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def sinusoid(freq_dim: int, t: torch.Tensor) -> torch.Tensor:
+    """[cos | sin] embedding of raw timesteps, computed in float64 as the reference does."""
+    half = freq_dim // 2
+    pos = t.to(torch.float64)
+    arg = torch.outer(pos, torch.pow(10000, -torch.arange(half, dtype=torch.float64, device=t.device) / half))
+    return torch.cat([torch.cos(arg), torch.sin(arg)], dim=1)
+
+
+class Rope:
+    """3-D rotary embedding: per head, complex pairs split [time, height, width] = [c-2(c//3), c//3, c//3].
+
+    Pairs are adjacent channels (x[2i], x[2i+1]), not rotate-half. Angles are built in float64 and
+    applied in float32. Tables cover 1024 positions per axis (the reason for StreamDiffusionV2's
+    periodic RoPE reset).
+    """
+
+    max_positions = 1024
+
+    def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
+        c = head_dim // 2
+        self.split = (c - 2 * (c // 3), c // 3, c // 3)
+        d = head_dim
+        dims = (d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6))  # real dims per axis
+        # Always on the CPU (also when the model is built on the meta device); copied per device on use.
+        pos = torch.arange(self.max_positions, dtype=torch.float64, device="cpu")
+        self._angles = [
+            torch.outer(pos, 1.0 / torch.pow(theta, torch.arange(0, k, 2, dtype=torch.float64, device="cpu") / k))
+            for k in dims
+        ]
+        self._tables: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+
+    def _table(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        if device not in self._tables:
+            self._tables[device] = tuple(
+                f(a).to(device=device, dtype=torch.float32) for a in self._angles for f in (torch.cos, torch.sin)
+            )
+        return self._tables[device]
+
+    def freqs(
+        self, start_frames: torch.Tensor, f: int, h: int, w: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape [B, f*h*w, 1, head_dim/2] for frames start..start+f-1 of each lane."""
+        cos_t, sin_t, cos_h, sin_h, cos_w, sin_w = self._table(start_frames.device)
+        B = start_frames.shape[0]
+        frames = start_frames[:, None] + torch.arange(f, device=start_frames.device)
+
+        def grid(t_part: torch.Tensor, h_part: torch.Tensor, w_part: torch.Tensor) -> torch.Tensor:
+            tt = t_part[frames][:, :, None, None, :].expand(B, f, h, w, -1)
+            hh = h_part[:h][None, None, :, None, :].expand(B, f, h, w, -1)
+            ww = w_part[:w][None, None, None, :, :].expand(B, f, h, w, -1)
+            return torch.cat([tt, hh, ww], dim=-1).reshape(B, f * h * w, 1, -1)
+
+        return grid(cos_t, cos_h, cos_w), grid(sin_t, sin_h, sin_w)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs of x [B, S, H, D] by the given angles; returns x's dtype."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [B, S, dim] with S = G*n; shift/scale [B, G, 1, dim]: one modulation per group of n tokens."""
+    G = shift.shape[1]
+    return (x.unflatten(1, (G, -1)) * (1 + scale) + shift).flatten(1, 2)
+
+
+def gate(y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    G = g.shape[1]
+    return (y.unflatten(1, (G, -1)) * g).flatten(1, 2)
+
+
+@dataclass
+class CrossKV:
+    """Text keys/values of every layer for one conditioning: [1, heads, text_len, head_dim] each."""
+
+    k: list[torch.Tensor] = field(default_factory=list)
+    v: list[torch.Tensor] = field(default_factory=list)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: WanConfig) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.q = nn.Linear(cfg.dim, cfg.dim)
+        self.k = nn.Linear(cfg.dim, cfg.dim)
+        self.v = nn.Linear(cfg.dim, cfg.dim)
+        self.o = nn.Linear(cfg.dim, cfg.dim)
+        self.norm_q = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k (normalised), v as [B, S, H, D]."""
+        shape = (*x.shape[:2], self.num_heads, self.head_dim)
+        return self.norm_q(self.q(x)).view(shape), self.norm_k(self.k(x)).view(shape), self.v(x).view(shape)
+
+    def out(self, y: torch.Tensor) -> torch.Tensor:
+        """[B, H, S, D] → projected [B, S, dim]."""
+        return self.o(y.transpose(1, 2).flatten(2))
+
+
+class CrossAttention(SelfAttention):
+    def kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values of an embedded context [1, T, dim] → [1, H, T, D] each."""
+        shape = (*context.shape[:2], self.num_heads, self.head_dim)
+        k = self.norm_k(self.k(context)).view(shape).transpose(1, 2)
+        v = self.v(context).view(shape).transpose(1, 2)
+        return k, v
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """x [B, S, dim] against k/v [Bk, H, T, D]; Bk = 1 is shared by every lane."""
+        B, S, _ = x.shape
+        q = self.norm_q(self.q(x)).view(B, S, self.num_heads, self.head_dim)
+        if k.shape[0] == 1 and B > 1:
+            # Every lane attends the same text: fold lanes into the query sequence.
+            q = q.reshape(1, B * S, self.num_heads, self.head_dim)
+        y = attention(q.transpose(1, 2), k, v)
+        return self.o(y.transpose(1, 2).reshape(B, S, -1))
+
+
+class WanBlock(nn.Module):
+    def __init__(self, cfg: WanConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(cfg)
+        self.norm3 = nn.LayerNorm(cfg.dim, eps=cfg.eps) if cfg.cross_attn_norm else nn.Identity()
+        self.cross_attn = CrossAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(
+            nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, cfg.dim)
+        )
+        self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        e0: torch.Tensor,
+        attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+        cross_k: torch.Tensor,
+        cross_v: torch.Tensor,
+    ) -> torch.Tensor:
+        """x [B, S, dim]; e0 [B, G, 6, dim] (one modulation per group of S/G tokens).
+
+        `attend(q, k, v)` ([B, S, H, D] each) runs RoPE and self-attention for the chosen forward
+        (full clip, or against the KV cache) and returns [B, H, S, D].
+        """
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation[:, None] + e0).chunk(6, dim=2)
+        q, k, v = self.self_attn.qkv(modulate(self.norm1(x), shift1, scale1))
+        x = x + gate(self.self_attn.out(attend(q, k, v)), gate1)
+        x = x + self.cross_attn(self.norm3(x), cross_k, cross_v)
+        return x + gate(self.ffn(modulate(self.norm2(x), shift2, scale2)), gate2)
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: WanConfig) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """e [B, G, dim]: the time embedding before projection (not e0)."""
+        shift, scale = (self.modulation[:, None] + e[:, :, None]).chunk(2, dim=2)
+        return self.head(modulate(self.norm(x), shift, scale))
+
+
+# ------------------------------------------------------------------------------------------------
+# The model
+# ------------------------------------------------------------------------------------------------
+class WanDiT(nn.Module):
+    def __init__(self, config: WanConfig) -> None:
+        super().__init__()
+        self.config = cfg = config
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(
+            nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.dim, cfg.dim)
+        )
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
+        self.blocks = nn.ModuleList([WanBlock(cfg) for _ in range(cfg.num_layers)])
+        self.head = Head(cfg)
+        self.rope = Rope(cfg.head_dim)
+
+    # --- shared pieces -----------------------------------------------------------------------------
+    def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """t [B, G] raw timesteps → e [B, G, dim] and e0 [B, G, 6, dim]."""
+        dtype = self.patch_embedding.weight.dtype
+        e = self.time_embedding(sinusoid(self.config.freq_dim, t.flatten()).to(dtype))
+        e0 = self.time_projection(e).unflatten(1, (6, self.config.dim))
+        return e.unflatten(0, t.shape), e0.unflatten(0, t.shape)
+
+    def embed_text(self, context: torch.Tensor) -> torch.Tensor:
+        """[B, T, text_dim] with T ≤ text_len → zero-padded to text_len, then embedded: [B, text_len, dim].
+
+        Every padded row is attended (the reference passes no context lengths).
+        """
+        T = context.shape[1]
+        if T > self.config.text_len:
+            raise ValueError(f"text context has {T} tokens, more than text_len={self.config.text_len}")
+        pad = context.new_zeros(context.shape[0], self.config.text_len - T, context.shape[2])
+        return self.text_embedding(torch.cat([context, pad], dim=1).to(self.patch_embedding.weight.dtype))
+
+    def cross_kv(self, context: torch.Tensor) -> CrossKV:
+        """Per-layer cross-attention K/V of one conditioning [1, T, text_dim]: computed once per prompt."""
+        ctx = self.embed_text(context)
+        cache = CrossKV()
+        for block in self.blocks:
+            k, v = block.cross_attn.kv(ctx)
+            cache.k.append(k)
+            cache.v.append(v)
+        return cache
+
+    def patchify(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """x [B, C, F, H, W] → tokens [B, f*h*w, dim] in (f, h, w) order, and the grid (f, h, w)."""
+        x = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))
+        grid = tuple(x.shape[2:])
+        return x.flatten(2).transpose(1, 2), grid  # type: ignore[return-value]
+
+    def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """[B, f*h*w, p*q*r*c] → [B, c, f*p, h*q, w*r] (channels fastest within a patch)."""
+        c, (p, q, r), (f, h, w) = self.config.out_dim, self.config.patch_size, grid
+        x = x[:, : f * h * w].reshape(x.shape[0], f, h, w, p, q, r, c)
+        return torch.einsum("bfhwpqrc->bcfphqwr", x).reshape(x.shape[0], c, f * p, h * q, w * r)
+
+    # --- official bidirectional forward ---------------------------------------------------------
+    def forward_full(
+        self,
+        x: list[torch.Tensor],
+        t: torch.Tensor,
+        context: list[torch.Tensor],
+        seq_len: int | None = None,
+    ) -> list[torch.Tensor]:
+        """Official `WanModel.forward`: clips x[b] [C, F, H, W], timesteps t [B], contexts [T_b, text_dim].
+
+        Clips are zero-padded to `seq_len` tokens; padded tokens are masked as keys and dropped.
+        """
+        tokens, grids = zip(*(self.patchify(u[None]) for u in x))
+        lens = [u.shape[1] for u in tokens]
+        seq_len = seq_len or max(lens)
+        if max(lens) > seq_len:
+            raise ValueError(f"clip of {max(lens)} tokens exceeds seq_len={seq_len}")
+        h = torch.cat([torch.nn.functional.pad(u, (0, 0, 0, seq_len - u.shape[1])) for u in tokens])
+        B, device = h.shape[0], h.device
+        e, e0 = self.embed_time(t.reshape(B, 1))
+        ctx = torch.cat([self.embed_text(c[None]) for c in context])
+        # RoPE per clip on its own grid; padded tokens keep angle 0 (identity), as the reference.
+        half = self.config.head_dim // 2
+        cos = torch.ones(B, seq_len, 1, half, device=device)
+        sin = torch.zeros(B, seq_len, 1, half, device=device)
+        for b, (f, hh, ww) in enumerate(grids):
+            cb, sb = self.rope.freqs(torch.zeros(1, dtype=torch.long, device=device), f, hh, ww)
+            cos[b, : lens[b]], sin[b, : lens[b]] = cb[0], sb[0]
+        key_mask = None
+        if min(lens) < seq_len:
+            key_mask = (torch.arange(seq_len, device=device) < torch.tensor(lens, device=device)[:, None])[
+                :, None, None, :
+            ]
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            return attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), key_mask)
+
+        for block in self.blocks:
+            ck, cv = block.cross_attn.kv(ctx)
+            h = block(h, e0, attend, ck, cv)
+        out = self.head(h, e)
+        return [self.unpatchify(out[b : b + 1], grids[b])[0] for b in range(B)]
+
+    # --- StreamDiffusionV2 causal streaming forward -----------------------------------------------
+    def forward_stream(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        cross: CrossKV,
+        cache: KVCache,
+        plan: CallPlan,
+    ) -> torch.Tensor:
+        """One chunk per lane: x [B, F, C, h, w] noisy latents, t [B, F] timesteps → flow, same shape.
+
+        Keys and values of the chunk are written into `cache` (as `plan` says) before attention; the
+        chunk attends itself bidirectionally and everything cached, with no mask.
+        """
+        tokens, grid = self.patchify(x.transpose(1, 2))
+        e, e0 = self.embed_time(t)
+        cos, sin = self.rope.freqs(plan.rope_start, *grid)
+        h = tokens
+        for layer, block in enumerate(self.blocks):
+            attend = partial(_attend_cached, cache=cache, layer=layer, plan=plan, cos=cos, sin=sin)
+            h = block(h, e0, attend, cross.k[layer], cross.v[layer])
+        out = self.head(h, e)
+        return self.unpatchify(out, grid).transpose(1, 2)
+
+
+def _attend_cached(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    cache: KVCache,
+    layer: int,
+    plan: CallPlan,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> torch.Tensor:
+    """Rope the chunk, write its K/V into the cache, attend over the cache (chunk included)."""
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k_all, v_all = cache.update(layer, k, v, plan)
+    return attention(q.transpose(1, 2), k_all, v_all, plan.mask)

@@ -1,0 +1,362 @@
+"""StreamDiffusionV2's rolling self-attention KV cache, preallocated, batched over lanes.
+
+Layout: one buffer per layer of shape [lanes, heads, num_frames * L, head_dim] for keys (stored after
+RoPE, never re-rotated) and one for values; L is the number of tokens in one latent frame. A *slot* is
+one latent frame of tokens. A *lane* is one independent stream of the batched forward: one lane per
+denoising step in stream batch, a single lane otherwise.
+
+Two eviction policies:
+
+* ``"sdv2"`` — the authors' ring buffer, reproduced exactly (golden cases `causal_stream_*`). Each layer
+  and lane owns a queue of slot end offsets: the next write into a full cache goes to the slot at the
+  queue's head. The adaptive sink pushes a sink slot to the *front* of that queue when the new frame's
+  mean K/V is too dissimilar from it. Because those pushes depend on the data, the queues live on the
+  device and every decision is made there: no host sync in the forward. Everything that depends only
+  on positions (is the lane full, does it pop, what is appended) is decided on the host, once per call,
+  in `plan()`.
+* ``"fifo"`` — the Scope / Self-Forcing cache: the first `num_sink` frames stay, later frames rotate
+  through the remaining slots oldest-first, and every pass over a chunk rewrites that chunk's slot.
+
+Reference quirks reproduced in ``"sdv2"`` mode (see the golden notes; each is marked QUIRK below):
+  1. The eviction queue is only filled while the cache fills, with `end + n` ("look one chunk ahead").
+     With a 2-frame first chunk, slots 0-2 are never evicted by the ring whatever `num_sink` is.
+  2. No-batch `current_step` countdown: it counts only full-branch calls, so the chunk that fills the
+     cache writes step 1 through the filling branch and steps 2..N into the queue head (another slot).
+  3. The adaptive sink compares against all-zero (never written) sink slots, whose cosine is 0, so it
+     fires at the first streamed chunk with 3 sinks.
+  4. Sink pushes pile up at the queue front; one is consumed per pop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Eviction = Literal["sdv2", "fifo"]
+
+
+@dataclass(frozen=True)
+class KVCacheConfig:
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    frame_tokens: int  # L: tokens per latent frame, (H/16)*(W/16)
+    num_frames: int = 6  # `num_kv_cache`: latent frames the cache holds
+    num_sink: int = 3  # `num_sink_tokens` (in frames, despite the reference's name)
+    sink_threshold: float = 0.2  # adaptive sink: cosine below this refreshes a sink; -1 disables
+    lanes: int = 1
+    eviction: Eviction = "sdv2"
+    # Device queue capacity. The reference's Python list is unbounded; ours is fixed so memory stays
+    # flat. It only fills if the adaptive sink fires at nearly every step for ~hundreds of chunks; a
+    # push into a full queue is then dropped.
+    queue_capacity: int = 256
+
+    def __post_init__(self) -> None:
+        if self.eviction == "sdv2" and self.num_frames <= 3:
+            # The reference crashes here (IndexError at the first eviction): nothing is ever queued.
+            raise ValueError(
+                f"num_kv_cache={self.num_frames} is too small: the ring-buffer cache needs at least 4 "
+                "latent frames (2 for the first chunk, 1 streamed, 1 to rotate)"
+            )
+        if not 0 <= self.num_sink < self.num_frames:
+            raise ValueError(f"num_sink={self.num_sink} must be in [0, num_kv_cache={self.num_frames})")
+
+    @property
+    def capacity(self) -> int:
+        """C: tokens the cache holds."""
+        return self.num_frames * self.frame_tokens
+
+    @property
+    def adaptive_sink(self) -> bool:
+        return self.eviction == "sdv2" and self.num_sink > 0 and self.sink_threshold > -1
+
+
+# Columns of the per-call plan tensor (int64 [lanes, _NCOLS + frames]).
+_FULL, _POP, _APPEND, _APPEND_VALUE, _ROPE_START, _NCOLS = range(6)
+
+
+@dataclass
+class CallPlan:
+    """Everything one forward needs to know about the cache, decided on the host before it runs."""
+
+    lanes: int  # B: lanes in this call (lanes [0, B) of the cache)
+    frames: int  # latent frames per lane in this call
+    tokens: int  # n = frames * L
+    valid: list[int]  # attended cache length per lane after this call's write
+    sink_check: bool
+    any_full: bool
+    any_append: bool
+    table: torch.Tensor  # device int64 [B, _NCOLS + frames]; see the column constants
+    mask: torch.Tensor | None  # [B, 1, 1, max(valid)] when lanes attend different lengths
+
+    @property
+    def max_valid(self) -> int:
+        return max(self.valid)
+
+    @property
+    def rope_start(self) -> torch.Tensor:
+        return self.table[:, _ROPE_START]
+
+
+@dataclass
+class _LaneState:
+    """Host bookkeeping of one lane (identical in every layer, so kept once)."""
+
+    global_end: int = 0
+    local_end: int = 0
+    last_appended: int | None = None  # tail of the queue's appended part (for the dedupe test)
+    last_start: int | None = None  # fifo: start of the chunk last written, and its slots
+    last_slots: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _HostState:
+    lanes: list[_LaneState] = field(default_factory=list)
+    current_step: int = 0
+    total_steps: int = 1
+    frames_written: list[int] = field(default_factory=list)  # fifo: frames since reset, per lane
+
+
+class KVCache(nn.Module):
+    """Preallocated per-layer K/V buffers plus the ring bookkeeping (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: KVCacheConfig,
+        *,
+        total_steps: int = 1,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        shape = (c.num_layers, c.lanes, c.num_heads, c.capacity, c.head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        qshape = (c.num_layers, c.lanes, c.queue_capacity)
+        self.register_buffer("queue", torch.zeros(qshape, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("qhead", torch.zeros(qshape[:2], dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("qlen", torch.zeros(qshape[:2], dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("_lane_index", torch.arange(c.lanes, device=device), persistent=False)
+        self.register_buffer("_frame_offsets", torch.arange(c.frame_tokens, device=device), persistent=False)
+        self.host = _HostState()
+        self.reset(total_steps)
+
+    # ----------------------------------------------------------------------------------------------
+    # Session-level operations
+    # ----------------------------------------------------------------------------------------------
+    def reset(self, total_steps: int | None = None) -> None:
+        """Empty the cache for a new session (also resets the eviction queues, unlike the reference)."""
+        self.k.zero_()
+        self.v.zero_()
+        self.queue.zero_()
+        self.qhead.zero_()
+        self.qlen.zero_()
+        if total_steps is not None:
+            self.host.total_steps = total_steps
+        self.host.current_step = self.host.total_steps
+        self.host.lanes = [_LaneState() for _ in range(self.config.lanes)]
+        self.host.frames_written = [0] * self.config.lanes
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """The denoising step count of the no-batch countdown (QUIRK 2); applies from the next chunk."""
+        self.host.total_steps = total_steps
+        self.host.current_step = min(self.host.current_step, total_steps)
+
+    def broadcast_lane0(self) -> None:
+        """Copy lane 0 (cache, queues, bookkeeping) to every lane: the switch to stream batch."""
+        self.k[:, 1:] = self.k[:, :1]
+        self.v[:, 1:] = self.v[:, :1]
+        self.queue[:, 1:] = self.queue[:, :1]
+        self.qhead[:, 1:] = self.qhead[:, :1]
+        self.qlen[:, 1:] = self.qlen[:, :1]
+        lane0 = self.host.lanes[0]
+        self.host.lanes = [
+            _LaneState(lane0.global_end, lane0.local_end, lane0.last_appended, lane0.last_start, list(lane0.last_slots))
+            for _ in range(self.config.lanes)
+        ]
+        self.host.frames_written = [self.host.frames_written[0]] * self.config.lanes
+
+    # ----------------------------------------------------------------------------------------------
+    # Per-call planning (host only)
+    # ----------------------------------------------------------------------------------------------
+    def plan(self, starts: list[int], frames: int) -> CallPlan:
+        """Advance the host bookkeeping for one forward over lanes [0, len(starts)).
+
+        `starts[b]` is lane b's first token position (RoPE frame = start // L); each lane writes
+        `frames` latent frames.
+        """
+        c = self.config
+        L, C = c.frame_tokens, c.capacity
+        B, n = len(starts), frames * c.frame_tokens
+        if B > c.lanes:
+            raise ValueError(f"call has {B} lanes but the cache was built for {c.lanes}")
+        if n > C:
+            raise ValueError(f"a chunk of {frames} latent frames does not fit a {c.num_frames}-frame cache")
+        if any(s % L for s in starts):
+            raise ValueError(f"chunk starts {starts} are not whole latent frames of {L} tokens")
+        rows, valid = [], []
+        any_full = any_append = False
+        sink_tokens = c.num_sink * L
+        for b, start in enumerate(starts):
+            lane = self.host.lanes[b]
+            end = start + n
+            row = [0] * (_NCOLS + frames)
+            row[_ROPE_START] = start // L
+            if c.eviction == "fifo":
+                # Every pass over the same chunk rewrites its slots; a new chunk takes the next ones.
+                if start != lane.last_start:
+                    first = self.host.frames_written[b]
+                    lane.last_slots = [self._fifo_slot(first + f) for f in range(frames)]
+                    lane.last_start = start
+                    self.host.frames_written[b] = first + frames
+                row[_NCOLS:] = lane.last_slots
+                valid.append(min(self.host.frames_written[b], c.num_frames) * L)
+                lane.global_end = end
+            elif end > C or lane.local_end >= C:
+                any_full = True
+                row[_FULL] = 1
+                # QUIRK 2: at batch 1 the first N-1 full-branch calls of a chunk keep the queue head.
+                if B == 1 and self.host.current_step > 1:
+                    self.host.current_step -= 1
+                else:
+                    row[_POP] = 1
+                    self.host.current_step = self.host.total_steps
+                lane.local_end = C
+                lane.global_end = end
+                valid.append(C)
+            else:
+                local_end = lane.local_end + end - lane.global_end
+                # QUIRK 1: queue the slot one chunk ahead while filling.
+                rolling_end = end + n
+                if sink_tokens < rolling_end <= C and lane.last_appended != rolling_end:
+                    row[_APPEND], row[_APPEND_VALUE] = 1, rolling_end
+                    lane.last_appended = rolling_end
+                    any_append = True
+                first_slot = (local_end - n) // L
+                row[_NCOLS:] = list(range(first_slot, first_slot + frames))
+                lane.local_end = local_end
+                lane.global_end = end
+                valid.append(local_end)
+            rows.append(row)
+        device = self.k.device
+        table = torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True)
+        mask = None
+        if len(set(valid)) > 1:
+            mask = (torch.arange(max(valid)) < torch.tensor(valid)[:, None]).view(B, 1, 1, -1).to(device)
+        return CallPlan(
+            lanes=B,
+            frames=frames,
+            tokens=n,
+            valid=valid,
+            sink_check=c.adaptive_sink and n <= L,
+            any_full=any_full,
+            any_append=any_append,
+            table=table,
+            mask=mask,
+        )
+
+    def _fifo_slot(self, frame: int) -> int:
+        c = self.config
+        if frame < c.num_sink:
+            return frame
+        ring = c.num_frames - c.num_sink
+        return c.num_sink + (frame - c.num_sink) % ring
+
+    # ----------------------------------------------------------------------------------------------
+    # Per-layer update (device only)
+    # ----------------------------------------------------------------------------------------------
+    def update(
+        self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, plan: CallPlan
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this call's roped keys and values ([B, n, H, D]) and return the K/V to attend.
+
+        Returned tensors are views [B, H, max_valid, D] into the cache; `plan.mask` masks per-lane
+        lengths when they differ.
+        """
+        B, L = plan.lanes, self.config.frame_tokens
+        kc, vc = self.k[layer], self.v[layer]
+        table = plan.table
+        slots = table[:, _NCOLS:]
+        if plan.sink_check:
+            self._adaptive_sink(layer, kc[:B], vc[:B], k_new, v_new)
+        if plan.any_full:
+            head_end = self._pop_head(layer, table[:, _FULL].bool(), table[:, _POP].bool())
+            full_slots = (head_end // L - plan.frames)[:, None] + torch.arange(plan.frames, device=kc.device)
+            slots = torch.where(table[:, _FULL, None].bool(), full_slots, slots)
+        if plan.any_append:
+            self._append(layer, table[:, _APPEND].bool(), table[:, _APPEND_VALUE])
+        pos = (slots[:, :, None] * L + self._frame_offsets).reshape(B, plan.tokens)
+        lanes = self._lane_index[:B, None]
+        kc.index_put_((lanes, slice(None), pos), k_new.to(kc.dtype))
+        vc.index_put_((lanes, slice(None), pos), v_new.to(vc.dtype))
+        return kc[:B, :, : plan.max_valid], vc[:B, :, : plan.max_valid]
+
+    def _adaptive_sink(
+        self, layer: int, kc: torch.Tensor, vc: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
+    ) -> None:
+        """Push the least similar sink slot to the queue front when its similarity is below threshold."""
+        c = self.config
+        B, S, L = kc.shape[0], c.num_sink, c.frame_tokens
+        # Mean over each sink slot's tokens, heads*head_dim flattened (the reference's layout).
+        k_sink = kc[:, :, : S * L].unflatten(2, (S, L)).mean(3).permute(0, 2, 1, 3).flatten(2)
+        v_sink = vc[:, :, : S * L].unflatten(2, (S, L)).mean(3).permute(0, 2, 1, 3).flatten(2)
+        k_mean = k_new.to(kc.dtype).mean(1).flatten(1)[:, None]
+        v_mean = v_new.to(vc.dtype).mean(1).flatten(1)[:, None]
+        # QUIRK 3: a never-written sink slot is all zeros, cosine 0, so it "needs refreshing".
+        sim = (F.cosine_similarity(k_sink, k_mean, dim=-1) + F.cosine_similarity(v_sink, v_mean, dim=-1)) / 2
+        low, argmin = sim.min(dim=1)
+        qlen = self.qlen[layer, :B]
+        trigger = (low < c.sink_threshold) & (qlen < c.queue_capacity)
+        head = self.qhead[layer, :B]
+        new_head = torch.where(trigger, (head - 1) % c.queue_capacity, head)
+        queue = self.queue[layer, :B]
+        current = queue.gather(1, new_head[:, None])[:, 0]
+        queue.scatter_(1, new_head[:, None], torch.where(trigger, (argmin + 1) * L, current)[:, None])
+        self.qhead[layer, :B] = new_head
+        self.qlen[layer, :B] = qlen + trigger.long()
+
+    def _pop_head(self, layer: int, full: torch.Tensor, pop: torch.Tensor) -> torch.Tensor:
+        """The queue head (a slot end offset) of each lane; pops it where asked, re-queueing ring slots."""
+        c = self.config
+        B, Q = full.shape[0], c.queue_capacity
+        queue, head, qlen = self.queue[layer, :B], self.qhead[layer, :B], self.qlen[layer, :B]
+        head_end = queue.gather(1, head[:, None])[:, 0]
+        popping = full & pop
+        new_head = torch.where(popping, (head + 1) % Q, head)
+        new_len = qlen - popping.long()
+        # A popped ring slot goes to the back of the queue; a popped sink slot is consumed.
+        requeue = popping & (head_end > c.num_sink * c.frame_tokens)
+        tail = (new_head + new_len) % Q
+        current = queue.gather(1, tail[:, None])[:, 0]
+        queue.scatter_(1, tail[:, None], torch.where(requeue, head_end, current)[:, None])
+        self.qhead[layer, :B] = new_head
+        self.qlen[layer, :B] = new_len + requeue.long()
+        return head_end
+
+    def _append(self, layer: int, append: torch.Tensor, value: torch.Tensor) -> None:
+        c = self.config
+        B = append.shape[0]
+        queue, head, qlen = self.queue[layer, :B], self.qhead[layer, :B], self.qlen[layer, :B]
+        append = append & (qlen < c.queue_capacity)
+        tail = (head + qlen) % c.queue_capacity
+        current = queue.gather(1, tail[:, None])[:, 0]
+        queue.scatter_(1, tail[:, None], torch.where(append, value, current)[:, None])
+        self.qlen[layer, :B] = qlen + append.long()
+
+    # ----------------------------------------------------------------------------------------------
+    # Introspection (tests, debugging; syncs with the device)
+    # ----------------------------------------------------------------------------------------------
+    def queue_contents(self, layer: int, lane: int) -> list[int]:
+        head, n = int(self.qhead[layer, lane]), int(self.qlen[layer, lane])
+        Q = self.config.queue_capacity
+        return [int(self.queue[layer, lane, (head + i) % Q]) for i in range(n)]
+
+    def bookkeeping(self, lane: int) -> dict[str, int]:
+        s = self.host.lanes[lane]
+        return {"global_end_index": s.global_end, "local_end_index": s.local_end}

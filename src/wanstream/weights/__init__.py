@@ -1,0 +1,1 @@
+"""Where weights come from (registry, download) and how official files become modules (loaders)."""
