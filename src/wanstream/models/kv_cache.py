@@ -145,6 +145,8 @@ class KVCache(nn.Module):
         self.register_buffer("_lane_index", torch.arange(c.lanes, device=device), persistent=False)
         self.register_buffer("_frame_offsets", torch.arange(c.frame_tokens, device=device), persistent=False)
         self.host = _HostState()
+        # Set to a list to record every adaptive-sink evaluation (layer, similarities, fired); tests only.
+        self.sink_log: list[tuple[int, torch.Tensor, torch.Tensor]] | None = None
         self.reset(total_steps)
 
     # ----------------------------------------------------------------------------------------------
@@ -293,8 +295,9 @@ class KVCache(nn.Module):
             self._append(layer, table[:, _APPEND].bool(), table[:, _APPEND_VALUE])
         pos = (slots[:, :, None] * L + self._frame_offsets).reshape(B, plan.tokens)
         lanes = self._lane_index[:B, None]
-        kc.index_put_((lanes, slice(None), pos), k_new.to(kc.dtype))
-        vc.index_put_((lanes, slice(None), pos), v_new.to(vc.dtype))
+        # Advanced indices around a slice put the indexed dims first: kc[lanes, :, pos] is [B, n, H, D].
+        kc[lanes, :, pos] = k_new.to(kc.dtype)
+        vc[lanes, :, pos] = v_new.to(vc.dtype)
         return kc[:B, :, : plan.max_valid], vc[:B, :, : plan.max_valid]
 
     def _adaptive_sink(
@@ -313,6 +316,8 @@ class KVCache(nn.Module):
         low, argmin = sim.min(dim=1)
         qlen = self.qlen[layer, :B]
         trigger = (low < c.sink_threshold) & (qlen < c.queue_capacity)
+        if self.sink_log is not None:
+            self.sink_log.append((layer, sim.detach().clone(), trigger.detach().clone()))
         head = self.qhead[layer, :B]
         new_head = torch.where(trigger, (head - 1) % c.queue_capacity, head)
         queue = self.queue[layer, :B]

@@ -1,0 +1,1 @@
+"""The StreamDiffusionV2 algorithm: per-stream state, batching, noise control, prompts, sessions."""

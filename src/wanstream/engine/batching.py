@@ -1,0 +1,191 @@
+"""Few-step denoising of one chunk at a time over the DiT and its KV cache, in two batching modes.
+
+* **No batch** (`"none"`): each chunk runs its N steps as N sequential batch-1 forwards; the chunk's
+  result is ready at once (lowest latency).
+* **Stream batch** (`"stream"`): the N steps of N consecutive chunks run as N *lanes* of one batched
+  forward. Lane i holds the chunk that entered i calls ago and is denoised at step i; after the call
+  lanes 0..N−2 are re-noised to the next step and lane N−1 is finished. Output lags N−1 chunks
+  (highest throughput). Each lane has its own KV cache.
+
+Both reproduce StreamDiffusionV2 exactly (golden cases `causal_stream_*`, `stream_v2v_*`), including
+its chunk-0 `prepare` (all steps sequentially at batch 1 over a 2-latent first chunk, then the cache is
+copied to every lane) and its warm-up (lanes 1..N−1 start as zeros at chunk 1's position).
+
+Random draws, keyed for `NoiseSource`: draw 0 of chunk c is its SDEdit input noise (drawn by the
+session); draw 1+i is the re-noise after step i of chunk c.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from wanstream.engine.rng import NoiseSource
+from wanstream.models.dit import CrossKV, WanDiT
+from wanstream.models.kv_cache import KVCache
+from wanstream.models.scheduler import FlowMatchScheduler
+
+Batching = Literal["none", "stream"]
+CacheContext = Literal["last_step", "clean"]
+
+
+@dataclass
+class DiTCall:
+    """One DiT forward, as the event log and the conformance runner see it."""
+
+    timesteps: list[int]  # per lane
+    starts: list[int]  # per lane, token positions
+    frames: int
+    x: torch.Tensor  # the noisy input [B, F, C, h, w]
+    flow: torch.Tensor  # the DiT's flow prediction [B, F, C, h, w]
+    x0: torch.Tensor  # the x0 prediction [B, F, C, h, w]
+
+
+@dataclass
+class _Lanes:
+    """Stream-batch state: what each lane holds between calls."""
+
+    hidden: torch.Tensor  # [N, 1, C, h, w]
+    starts: list[int]
+    chunks: list[int]  # which chunk each lane holds (for noise keys; < 0 during warm-up)
+    timesteps: list[int]  # lane i runs at timesteps[i]; lane 0's is the chunk's controlled first step
+    processed: int = 0
+
+
+@dataclass
+class Denoiser:
+    dit: WanDiT
+    scheduler: FlowMatchScheduler
+    cache: KVCache
+    rng: NoiseSource
+    steps: list[int]
+    batching: Batching = "none"
+    cache_context: CacheContext = "last_step"
+    on_call: list = field(default_factory=list)  # callbacks(DiTCall) for tracing; empty in production
+    _lanes: _Lanes | None = None
+    _first_step: int | None = None  # no batch: the controlled first step persists (as the reference)
+
+    def __post_init__(self) -> None:
+        self.validate(self.steps, self.batching, self.cache_context, self.cache.config.lanes)
+
+    @staticmethod
+    def validate(steps: Sequence[int], batching: Batching, cache_context: CacheContext, lanes: int) -> None:
+        if not steps:
+            raise ValueError("the denoising step list is empty")
+        if batching == "stream" and lanes < len(steps):
+            raise ValueError(f"stream batch needs one cache lane per step ({len(steps)}), the cache has {lanes}")
+        if batching == "stream" and cache_context == "clean":
+            raise ValueError(
+                "the clean cache pass (Scope / Self-Forcing) runs per chunk; use it with batching 'none'"
+            )
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.steps)
+
+    @property
+    def passes_per_chunk(self) -> int:
+        return self.num_steps + (self.cache_context == "clean")
+
+    def reset(self, steps: Sequence[int] | None = None) -> None:
+        """Forget the stream: empty the cache and the lanes (a new session, or a hard cut)."""
+        if steps is not None:
+            self.validate(steps, self.batching, self.cache_context, self.cache.config.lanes)
+            self.steps = list(steps)
+        self.cache.reset(total_steps=self.passes_per_chunk)
+        self._lanes = None
+        self._first_step = None
+
+    # ----------------------------------------------------------------------------------------------
+    def _forward(
+        self, x: torch.Tensor, timesteps: Sequence[int], starts: list[int], cross: CrossKV
+    ) -> torch.Tensor:
+        """One DiT call: x [B, F, C, h, w] at per-lane timesteps and start tokens → x0 (same shape)."""
+        B, F = x.shape[:2]
+        plan = self.cache.plan(starts, F)
+        t = torch.tensor(timesteps, dtype=torch.long).to(x.device, non_blocking=True)[:, None].expand(B, F)
+        flow = self.dit.forward_stream(x, t, cross, self.cache, plan)
+        x0 = self.scheduler.flow_to_x0(flow.flatten(0, 1), x.flatten(0, 1), t.flatten(0, 1)).unflatten(0, (B, F))
+        for callback in self.on_call:
+            callback(DiTCall(list(timesteps), list(starts), F, x, flow, x0))
+        return x0
+
+    def _denoise_sequential(
+        self, noisy: torch.Tensor, steps: Sequence[int], start: int, cross: CrossKV, chunk: int
+    ) -> torch.Tensor:
+        """All steps of one chunk at batch 1, re-noising between steps."""
+        F = noisy.shape[1]
+        x = noisy
+        for i, t in enumerate(steps):
+            x0 = self._forward(x, [t], [start], cross)
+            if i < len(steps) - 1:
+                eps = self.rng.randn(x0.flatten(0, 1).shape, chunk=chunk, draw=1 + i, device=x0.device, dtype=x0.dtype)
+                x = self.scheduler.add_noise(x0.flatten(0, 1), eps, float(steps[i + 1])).unflatten(0, (1, F))
+        if self.cache_context == "clean":
+            # Scope / Self-Forcing: rewrite this chunk's cache entries from the clean output at t = 0.
+            self._forward(x0, [0], [start], cross)
+        return x0
+
+    # ----------------------------------------------------------------------------------------------
+    def first_chunk(self, noisy: torch.Tensor, start: int, cross: CrossKV, chunk: int = 0) -> torch.Tensor:
+        """The reference's `prepare`: every step on the (2-latent) first chunk at batch 1 → its x0."""
+        x0 = self._denoise_sequential(noisy, self.steps, start, cross, chunk)
+        if self.batching == "stream":
+            N = self.num_steps
+            self.cache.broadcast_lane0()
+            after = start + noisy.shape[1] * self.cache.config.frame_tokens
+            self._lanes = _Lanes(
+                hidden=torch.zeros((N, 1, *noisy.shape[2:]), dtype=noisy.dtype, device=noisy.device),
+                starts=[after] * N,
+                chunks=[chunk - i for i in range(N)],
+                timesteps=list(self.steps),
+            )
+        return x0
+
+    def chunk(
+        self, noisy: torch.Tensor, start: int, first_step: int | None, cross: CrossKV, chunk: int
+    ) -> torch.Tensor | None:
+        """Denoise one later chunk (noisy [1, 1, C, h, w]) whose first step is `first_step`.
+
+        Returns the finished x0 [1, 1, C, h, w] — of this chunk (no batch), or of the chunk that entered
+        N−1 calls ago (stream batch; None while the lanes warm up). `first_step=None` keeps the last one.
+        """
+        if self.batching == "none":
+            if first_step is not None:
+                self._first_step = first_step
+            first = self._first_step if self._first_step is not None else self.steps[0]
+            return self._denoise_sequential(noisy, [first, *self.steps[1:]], start, cross, chunk)
+        lanes = self._lanes
+        if lanes is None:
+            raise RuntimeError("stream batch: the first chunk has not been denoised yet")
+        N = self.num_steps
+        lanes.hidden = torch.cat([noisy, lanes.hidden[:-1]])
+        lanes.starts = [start, *lanes.starts[:-1]]
+        lanes.chunks = [chunk, *lanes.chunks[:-1]]
+        if first_step is not None:
+            lanes.timesteps[0] = first_step
+        x0 = self._forward(lanes.hidden, lanes.timesteps, lanes.starts, cross)
+        hidden = x0.clone()
+        for i in range(N - 1):
+            eps = self.rng.randn(
+                x0[i : i + 1].shape, chunk=lanes.chunks[i], draw=1 + i, device=x0.device, dtype=x0.dtype
+            )
+            hidden[i : i + 1] = self.scheduler.add_noise(x0[i : i + 1], eps, float(lanes.timesteps[i + 1]))
+        lanes.hidden = hidden
+        lanes.processed += 1
+        return x0[N - 1 :] if lanes.processed >= N else None
+
+    @property
+    def lag(self) -> int:
+        """Chunks between a chunk's input and its output."""
+        return self.num_steps - 1 if self.batching == "stream" else 0
+
+    @property
+    def pending(self) -> int:
+        """Chunks inside the lanes that still need flush calls to come out."""
+        if self.batching != "stream" or self._lanes is None:
+            return 0
+        return min(self._lanes.processed, self.num_steps - 1)
