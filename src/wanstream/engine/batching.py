@@ -76,7 +76,9 @@ class Denoiser:
         if not steps:
             raise ValueError("the denoising step list is empty")
         if batching == "stream" and lanes < len(steps):
-            raise ValueError(f"stream batch needs one cache lane per step ({len(steps)}), the cache has {lanes}")
+            raise ValueError(
+                f"stream batch needs one cache lane per step ({len(steps)}), the cache has {lanes}"
+            )
         if batching == "stream" and cache_context == "clean":
             raise ValueError(
                 "the clean cache pass (Scope / Self-Forcing) runs per chunk; use it with batching 'none'"
@@ -108,7 +110,9 @@ class Denoiser:
         plan = self.cache.plan(starts, F)
         t = torch.tensor(timesteps, dtype=torch.long).to(x.device, non_blocking=True)[:, None].expand(B, F)
         flow = self.dit.forward_stream(x, t, cross, self.cache, plan)
-        x0 = self.scheduler.flow_to_x0(flow.flatten(0, 1), x.flatten(0, 1), t.flatten(0, 1)).unflatten(0, (B, F))
+        x0 = self.scheduler.flow_to_x0(flow.flatten(0, 1), x.flatten(0, 1), t.flatten(0, 1)).unflatten(
+            0, (B, F)
+        )
         for callback in self.on_call:
             callback(DiTCall(list(timesteps), list(starts), F, x, flow, x0))
         return x0
@@ -122,7 +126,9 @@ class Denoiser:
         for i, t in enumerate(steps):
             x0 = self._forward(x, [t], [start], cross)
             if i < len(steps) - 1:
-                eps = self.rng.randn(x0.flatten(0, 1).shape, chunk=chunk, draw=1 + i, device=x0.device, dtype=x0.dtype)
+                eps = self.rng.randn(
+                    x0.flatten(0, 1).shape, chunk=chunk, draw=1 + i, device=x0.device, dtype=x0.dtype
+                )
                 x = self.scheduler.add_noise(x0.flatten(0, 1), eps, float(steps[i + 1])).unflatten(0, (1, F))
         if self.cache_context == "clean":
             # Scope / Self-Forcing: rewrite this chunk's cache entries from the clean output at t = 0.

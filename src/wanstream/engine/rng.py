@@ -68,7 +68,9 @@ class ReplayNoise:
         self, shape: Sequence[int], *, chunk: int, draw: int, device: torch.device, dtype: torch.dtype
     ) -> torch.Tensor:
         if self.taken >= len(self._draws):
-            raise RuntimeError(f"replay exhausted: draw {self.taken} (chunk {chunk}, draw {draw}) was not recorded")
+            raise RuntimeError(
+                f"replay exhausted: draw {self.taken} (chunk {chunk}, draw {draw}) was not recorded"
+            )
         recorded = self._draws[self.taken]
         if recorded.numel() != torch.Size(shape).numel():
             raise RuntimeError(

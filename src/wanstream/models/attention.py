@@ -34,7 +34,9 @@ def _probe_flash() -> None:
         import flash_attn_interface  # FA3 (Hopper)
 
         def fa3(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            out = flash_attn_interface.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            out = flash_attn_interface.flash_attn_func(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            )
             out = out[0] if isinstance(out, tuple) else out
             return out.transpose(1, 2)
 
@@ -44,7 +46,9 @@ def _probe_flash() -> None:
             from flash_attn import flash_attn_func  # FA2
 
             def fa2(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-                return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+                return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(
+                    1, 2
+                )
 
             _flash, _flash_name = fa2, "flash-attention 2"
         except ImportError:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -136,7 +136,9 @@ class Rope:
         # Always on the CPU (also when the model is built on the meta device); copied per device on use.
         pos = torch.arange(self.max_positions, dtype=torch.float64, device="cpu")
         self._angles = [
-            torch.outer(pos, 1.0 / torch.pow(theta, torch.arange(0, k, 2, dtype=torch.float64, device="cpu") / k))
+            torch.outer(
+                pos, 1.0 / torch.pow(theta, torch.arange(0, k, 2, dtype=torch.float64, device="cpu") / k)
+            )
             for k in dims
         ]
         self._tables: dict[torch.device, tuple[torch.Tensor, ...]] = {}
@@ -144,13 +146,13 @@ class Rope:
     def _table(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         if device not in self._tables:
             self._tables[device] = tuple(
-                f(a).to(device=device, dtype=torch.float32) for a in self._angles for f in (torch.cos, torch.sin)
+                f(a).to(device=device, dtype=torch.float32)
+                for a in self._angles
+                for f in (torch.cos, torch.sin)
             )
         return self._tables[device]
 
-    def freqs(
-        self, start_frames: torch.Tensor, f: int, h: int, w: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def freqs(self, start_frames: torch.Tensor, f: int, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape [B, f*h*w, 1, head_dim/2] for frames start..start+f-1 of each lane."""
         cos_t, sin_t, cos_h, sin_h, cos_w, sin_w = self._table(start_frames.device)
         B = start_frames.shape[0]
@@ -285,11 +287,15 @@ class WanDiT(nn.Module):
     def __init__(self, config: WanConfig) -> None:
         super().__init__()
         self.config = cfg = config
-        self.patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.patch_embedding = nn.Conv3d(
+            cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size
+        )
         self.text_embedding = nn.Sequential(
             nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.dim, cfg.dim)
         )
-        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
+        self.time_embedding = nn.Sequential(
+            nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim)
+        )
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
         self.blocks = nn.ModuleList([WanBlock(cfg) for _ in range(cfg.num_layers)])
         self.head = Head(cfg)

@@ -140,8 +140,12 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         qshape = (c.num_layers, c.lanes, c.queue_capacity)
         self.register_buffer("queue", torch.zeros(qshape, dtype=torch.long, device=device), persistent=False)
-        self.register_buffer("qhead", torch.zeros(qshape[:2], dtype=torch.long, device=device), persistent=False)
-        self.register_buffer("qlen", torch.zeros(qshape[:2], dtype=torch.long, device=device), persistent=False)
+        self.register_buffer(
+            "qhead", torch.zeros(qshape[:2], dtype=torch.long, device=device), persistent=False
+        )
+        self.register_buffer(
+            "qlen", torch.zeros(qshape[:2], dtype=torch.long, device=device), persistent=False
+        )
         self.register_buffer("_lane_index", torch.arange(c.lanes, device=device), persistent=False)
         self.register_buffer("_frame_offsets", torch.arange(c.frame_tokens, device=device), persistent=False)
         self.host = _HostState()
@@ -179,7 +183,13 @@ class KVCache(nn.Module):
         self.qlen[:, 1:] = self.qlen[:, :1]
         lane0 = self.host.lanes[0]
         self.host.lanes = [
-            _LaneState(lane0.global_end, lane0.local_end, lane0.last_appended, lane0.last_start, list(lane0.last_slots))
+            _LaneState(
+                lane0.global_end,
+                lane0.local_end,
+                lane0.last_appended,
+                lane0.last_start,
+                list(lane0.last_slots),
+            )
             for _ in range(self.config.lanes)
         ]
         self.host.frames_written = [self.host.frames_written[0]] * self.config.lanes

@@ -141,4 +141,3 @@ def controlled_noise_scale_device(
 def first_step_for(noise_scale: float) -> int:
     """The timestep told to the DiT for input noised at `noise_scale` (≈ 0.1 below the real σ)."""
     return int(1000 * noise_scale) - STEP_OFFSET
-

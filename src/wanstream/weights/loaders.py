@@ -95,7 +95,11 @@ def check_keys(module: nn.Module, sd: Mapping[str, torch.Tensor], source: str, *
         if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)
     ]
     problems = []
-    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", mismatched)):
+    for label, keys in (
+        ("missing keys", missing),
+        ("unexpected keys", unexpected),
+        ("wrong shapes", mismatched),
+    ):
         if keys:
             shown = ", ".join(keys[:limit]) + (f", … ({len(keys)} in all)" if len(keys) > limit else "")
             problems.append(f"{label}: {shown}")

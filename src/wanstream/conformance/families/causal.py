@@ -45,7 +45,9 @@ def run(case: GoldenCase, report: CaseReport, options: RunOptions) -> None:
     )
     draws = [case.tensor(f"renoise/{e['draw']:03d}") for e in man.get("renoise_events", [])]
     rng = ReplayNoise(draws)
-    denoiser = Denoiser(dit, FlowMatchScheduler(), cache, rng, steps, "stream" if pc["mode"] == "batch" else "none")
+    denoiser = Denoiser(
+        dit, FlowMatchScheduler(), cache, rng, steps, "stream" if pc["mode"] == "batch" else "none"
+    )
     denoiser.reset()
 
     calls: list[tuple[DiTCall, list[dict[str, Any]]]] = []
@@ -71,7 +73,11 @@ def run(case: GoldenCase, report: CaseReport, options: RunOptions) -> None:
 
     denoiser.on_call.append(record)
     cross = dit.cross_kv(case.tensor("inputs/prompt_embeds").to(dev, dtype))
-    video = case.tensor("inputs/pixel_video_for_controller").to(dev) if "inputs/pixel_video_for_controller" in case.tensors else None
+    video = (
+        case.tensor("inputs/pixel_video_for_controller").to(dev)
+        if "inputs/pixel_video_for_controller" in case.tensors
+        else None
+    )
     init_scale = float(pc["init_noise_scale"])
     bound = options.bound(case.tolerance("tolerance.suggested_rel_l2", default=1e-5))
     t_refresh = int(pc.get("t_refresh", 50))
@@ -111,10 +117,19 @@ def run(case: GoldenCase, report: CaseReport, options: RunOptions) -> None:
     report.exact("every recorded random draw consumed", rng.remaining, 0)
     for (call, after), rec in zip(calls, man["calls"], strict=False):
         i = int(rec["call"])
-        report.exact(f"calls/{i:03d} timestep", [t for t in call.timesteps for _ in range(call.frames)], rec["timestep"])
+        report.exact(
+            f"calls/{i:03d} timestep",
+            [t for t in call.timesteps for _ in range(call.frames)],
+            rec["timestep"],
+        )
         report.exact(f"calls/{i:03d} current_start", call.starts, rec["current_start"])
         report.compare(f"calls/{i:03d}/noisy_input", call.x, case.tensor(f"calls/{i:03d}/noisy_input"), bound)
-        report.compare(f"calls/{i:03d}/flow_pred", call.flow.transpose(1, 2), case.tensor(f"calls/{i:03d}/flow_pred"), bound)
+        report.compare(
+            f"calls/{i:03d}/flow_pred",
+            call.flow.transpose(1, 2),
+            case.tensor(f"calls/{i:03d}/flow_pred"),
+            bound,
+        )
         report.compare(f"calls/{i:03d}/output", call.x0, case.tensor(f"calls/{i:03d}/output"), bound)
         for layer, (ours, gold) in enumerate(zip(after, rec["cache_after"], strict=True)):
             for key in ("global_end_index", "local_end_index", "evict_idx", "current_step"):

@@ -46,14 +46,18 @@ def _tables(case: GoldenCase, report: CaseReport, options: RunOptions) -> None:
     dev = options.device
     x0, noise = case.tensor("inputs/add_noise/x0").to(dev), case.tensor("inputs/add_noise/noise").to(dev)
     ts = case.tensor("inputs/add_noise/timestep").to(dev)
-    report.compare("outputs/add_noise", sched.add_noise(x0, noise, ts), case.tensor("outputs/add_noise"), bound)
+    report.compare(
+        "outputs/add_noise", sched.add_noise(x0, noise, ts), case.tensor("outputs/add_noise"), bound
+    )
 
     flow, xt = case.tensor("inputs/convert/flow_pred").to(dev), case.tensor("inputs/convert/xt").to(dev)
     tc = case.tensor("inputs/convert/timestep").to(dev)
     x0_pred = sched.flow_to_x0(flow, xt, tc)
     report.compare("outputs/convert/x0_pred", x0_pred, case.tensor("outputs/convert/x0_pred"), bound)
     back = sched.x0_to_flow(case.tensor("outputs/convert/x0_pred").to(dev), xt, tc)
-    report.compare("outputs/convert/flow_pred_roundtrip", back, case.tensor("outputs/convert/flow_pred_roundtrip"), bound)
+    report.compare(
+        "outputs/convert/flow_pred_roundtrip", back, case.tensor("outputs/convert/flow_pred_roundtrip"), bound
+    )
 
     for i, entry in enumerate(case.manifest.get("denoising_step_lists", [])):
         merged = entry["merged_list"]
@@ -81,5 +85,7 @@ def _controller(case: GoldenCase, report: CaseReport, options: RunOptions) -> No
         report.exact(f"end_idx={end} current_step", step, int(expected["current_step"]))
         ok = abs(scale - float(expected["noise_scale"])) <= 1e-6
         report.exact(f"end_idx={end} noise_scale within 1e-6", ok, True)
-    report.compare("outputs/noise_scale", torch.tensor(scales), case.tensor("outputs/noise_scale"), options.bound(1e-6))
+    report.compare(
+        "outputs/noise_scale", torch.tensor(scales), case.tensor("outputs/noise_scale"), options.bound(1e-6)
+    )
     report.exact("outputs/current_step", torch.tensor(steps), case.tensor("outputs/current_step"))

@@ -1,0 +1,47 @@
+"""Every golden case in the repo replays within its manifest tolerances (one test per case)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from wanstream.conformance import GoldenCase, discover, run_case
+from wanstream.conformance.runner import main
+
+GOLDEN_DIRS = [Path(__file__).parent / "golden", Path(__file__).parent / "golden-vace"]
+CASES = [case for d in GOLDEN_DIRS for case in discover(d).cases]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_golden_case(case: GoldenCase) -> None:
+    outcome = run_case(case)
+    if outcome.status == "SKIP":
+        pytest.skip(f"{case.name}: {outcome.message}")
+    failed = [f"{c.name}: {c.detail}" for c in outcome.report.checks if not c.passed]
+    assert outcome.status == "PASS", outcome.message or "\n".join(failed[:20])
+
+
+@pytest.mark.parametrize("directory", GOLDEN_DIRS, ids=lambda d: d.name)
+def test_every_file_in_the_golden_folders_is_understood(directory: Path) -> None:
+    assert discover(directory).not_understood == []
+
+
+def test_runner_fails_on_a_file_it_does_not_understand(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    src = GOLDEN_DIRS[0]
+    for name in ("sched_tables.json", "sched_tables.safetensors"):
+        (tmp_path / name).write_bytes((src / name).read_bytes())
+    assert main([str(tmp_path)]) == 0
+    (tmp_path / "stray.bin").write_bytes(b"?")
+    assert main([str(tmp_path)]) == 1
+    assert "stray.bin" in capsys.readouterr().out
+
+
+def test_runner_reports_a_corrupted_case(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    src = GOLDEN_DIRS[0]
+    (tmp_path / "sched_tables.json").write_bytes((src / "sched_tables.json").read_bytes())
+    data = bytearray((src / "sched_tables.safetensors").read_bytes())
+    data[-8:] = b"\x00" * 8  # the manifest's sha256 no longer matches
+    (tmp_path / "sched_tables.safetensors").write_bytes(bytes(data))
+    assert main([str(tmp_path)]) == 1
+    assert "sha256 mismatch" in capsys.readouterr().out
