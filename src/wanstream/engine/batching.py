@@ -51,7 +51,7 @@ class _Lanes:
     hidden: torch.Tensor  # [N, 1, C, h, w]
     starts: list[int]
     chunks: list[int]  # which chunk each lane holds (for noise keys; < 0 during warm-up)
-    timesteps: list[int]  # lane i runs at timesteps[i]; lane 0's is the chunk's controlled first step
+    timesteps: list[int | torch.Tensor]  # lane i runs at timesteps[i]; lane 0's is the controlled first step
     processed: int = 0
 
 
@@ -66,7 +66,7 @@ class Denoiser:
     cache_context: CacheContext = "last_step"
     on_call: list = field(default_factory=list)  # callbacks(DiTCall) for tracing; empty in production
     _lanes: _Lanes | None = None
-    _first_step: int | None = None  # no batch: the controlled first step persists (as the reference)
+    _first_step: int | torch.Tensor | None = None  # no batch: the controlled first step persists
 
     def __post_init__(self) -> None:
         self.validate(self.steps, self.batching, self.cache_context, self.cache.config.lanes)
@@ -102,23 +102,31 @@ class Denoiser:
         self._first_step = None
 
     # ----------------------------------------------------------------------------------------------
+    def _timesteps(self, values: Sequence[int | torch.Tensor], device: torch.device) -> torch.Tensor:
+        """Per-lane timesteps as a device int64 tensor; controlled steps may already be device scalars."""
+        if all(isinstance(v, int) for v in values):
+            return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+        return torch.stack([torch.as_tensor(v, dtype=torch.long).to(device) for v in values])
+
     def _forward(
-        self, x: torch.Tensor, timesteps: Sequence[int], starts: list[int], cross: CrossKV
+        self, x: torch.Tensor, timesteps: Sequence[int | torch.Tensor], starts: list[int], cross: CrossKV
     ) -> torch.Tensor:
         """One DiT call: x [B, F, C, h, w] at per-lane timesteps and start tokens → x0 (same shape)."""
         B, F = x.shape[:2]
         plan = self.cache.plan(starts, F)
-        t = torch.tensor(timesteps, dtype=torch.long).to(x.device, non_blocking=True)[:, None].expand(B, F)
+        t = self._timesteps(timesteps, x.device)[:, None].expand(B, F)
         flow = self.dit.forward_stream(x, t, cross, self.cache, plan)
         x0 = self.scheduler.flow_to_x0(flow.flatten(0, 1), x.flatten(0, 1), t.flatten(0, 1)).unflatten(
             0, (B, F)
         )
-        for callback in self.on_call:
-            callback(DiTCall(list(timesteps), list(starts), F, x, flow, x0))
+        if self.on_call:
+            call = DiTCall([int(v) for v in t[:, 0].tolist()], list(starts), F, x, flow, x0)
+            for callback in self.on_call:
+                callback(call)
         return x0
 
     def _denoise_sequential(
-        self, noisy: torch.Tensor, steps: Sequence[int], start: int, cross: CrossKV, chunk: int
+        self, noisy: torch.Tensor, steps: Sequence[int | torch.Tensor], start: int, cross: CrossKV, chunk: int
     ) -> torch.Tensor:
         """All steps of one chunk at batch 1, re-noising between steps."""
         F = noisy.shape[1]
@@ -152,7 +160,12 @@ class Denoiser:
         return x0
 
     def chunk(
-        self, noisy: torch.Tensor, start: int, first_step: int | None, cross: CrossKV, chunk: int
+        self,
+        noisy: torch.Tensor,
+        start: int,
+        first_step: int | torch.Tensor | None,
+        cross: CrossKV,
+        chunk: int,
     ) -> torch.Tensor | None:
         """Denoise one later chunk (noisy [1, 1, C, h, w]) whose first step is `first_step`.
 
@@ -183,6 +196,15 @@ class Denoiser:
         lanes.hidden = hidden
         lanes.processed += 1
         return x0[N - 1 :] if lanes.processed >= N else None
+
+    def state(self) -> dict[str, object]:
+        """Lane contents and the persistent first step (the cache has its own `state()`)."""
+        return {"steps": list(self.steps), "lanes": self._lanes, "first_step": self._first_step}
+
+    def load_state(self, state: dict[str, object]) -> None:
+        self.steps = list(state["steps"])  # type: ignore[arg-type]
+        self._lanes = state["lanes"]  # type: ignore[assignment]
+        self._first_step = state["first_step"]  # type: ignore[assignment]
 
     @property
     def lag(self) -> int:

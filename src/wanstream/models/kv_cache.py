@@ -364,6 +364,18 @@ class KVCache(nn.Module):
         queue.scatter_(1, tail[:, None], torch.where(append, value, current)[:, None])
         self.qlen[layer, :B] = qlen + append.long()
 
+    def state(self) -> dict[str, object]:
+        """Everything needed to resume this cache later (tensors are copied by the caller if needed)."""
+        return {
+            "buffers": {n: getattr(self, n) for n in ("k", "v", "queue", "qhead", "qlen")},
+            "host": self.host,
+        }
+
+    def load_state(self, state: dict[str, object]) -> None:
+        for name, tensor in state["buffers"].items():  # type: ignore[union-attr]
+            getattr(self, name).copy_(tensor)
+        self.host = state["host"]  # type: ignore[assignment]
+
     # ----------------------------------------------------------------------------------------------
     # Introspection (tests, debugging; syncs with the device)
     # ----------------------------------------------------------------------------------------------

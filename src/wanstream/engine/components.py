@@ -1,0 +1,29 @@
+"""The loaded networks a session runs on: shared, stateless, built once per process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from wanstream.models.dit import WanDiT
+from wanstream.models.scheduler import FlowMatchScheduler
+
+
+class TextEncoderLike(Protocol):
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """[B, 512, 4096] embeddings, rows past each prompt's length zeroed."""
+        ...
+
+
+@dataclass
+class Components:
+    dit: WanDiT
+    device: torch.device
+    dtype: torch.dtype
+    wan_vae: torch.nn.Module | None = None  # wanstream.models.vae.WanVAE
+    taehv: torch.nn.Module | None = None  # wanstream.models.tae.TAEHV
+    text_encoder: TextEncoderLike | None = None
+    scheduler: FlowMatchScheduler = field(default_factory=FlowMatchScheduler)
+    label: str = ""  # e.g. "StreamDiffusionV2 1.3B" or "demo (random weights)"

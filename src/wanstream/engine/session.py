@@ -1,0 +1,475 @@
+"""`StreamSession`: frames in, stylised frames out, chunk by chunk, with live control.
+
+A session owns every piece of per-stream state: the DiT's KV cache and lanes (`Denoiser`), the
+encoder/decoder streaming caches, the noise controller, the prompt state, pending input frames and the
+positions. Models are shared and stateless.
+
+Chunks: the first chunk of a stream is 5 frames → 2 latents → 5 output frames; every later chunk is
+4 frames → 1 latent → 4 frames. In stream batch a chunk's frames come out N−1 chunks later; `flush()`
+drains them at the end of input (padding a last partial chunk with its last frame and trimming the
+output, so a clip of T frames gives exactly T frames).
+
+Positions: chunk 0 occupies latent frames [0, 2), chunk k ≥ 1 frame k+1. When the next chunk's frame
+index reaches `rope_reset_frame` (StreamDiffusionV2's t_refresh, 50), it restarts at the cache's last
+frame (kv_cache_frames − 1) and grows again — positions stay bounded, so a session runs forever.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from wanstream.engine.batching import Denoiser
+from wanstream.engine.codecs import Codecs
+from wanstream.engine.components import Components
+from wanstream.engine.noise import NoiseController
+from wanstream.engine.prompts import (
+    EmbeddingCache,
+    PromptChange,
+    PromptState,
+    Transition,
+    WeightedPrompt,
+    blend,
+)
+from wanstream.engine.rng import NoiseSource, SeededNoise
+from wanstream.engine.settings import REBUILD_FIELDS, SettingsUpdate, StreamSettings
+from wanstream.models.dit import CrossKV
+from wanstream.models.kv_cache import KVCache, KVCacheConfig
+
+OutputFormat = Literal["uint8", "float"]
+
+
+@dataclass
+class ChunkEvent:
+    """One chunk's story, for tests, stats and the CLI. Device values are resolved when read."""
+
+    chunk: int
+    kind: Literal["input", "flush", "text"]
+    input_frames: tuple[int, int]  # [start, end) of input frames (empty for flush/text chunks)
+    prompt: tuple[tuple[str, float], ...]
+    transition_left: int
+    stream_start: bool  # the first chunk after a (re)start: 5 frames, 2 latents
+    position: int  # RoPE frame index of the chunk's first latent
+    _steps: list[int | torch.Tensor]
+    _noise_scale: torch.Tensor | float | None
+    trim: int = 0  # padding frames at the end of this chunk's input (cut from its output)
+    output_frames: tuple[int, int] | None = None  # [start, end) of output frames, once decoded
+
+    @property
+    def timesteps(self) -> list[int]:
+        return [int(t) for t in self._steps]
+
+    @property
+    def noise_scale(self) -> float | None:
+        return None if self._noise_scale is None else float(self._noise_scale)
+
+
+@dataclass
+class _Pending:
+    frames: list[torch.Tensor] = field(default_factory=list)  # [3, H, W] in [-1, 1], model resolution
+    first_index: int = 0  # input index of frames[0]
+
+
+class SessionError(RuntimeError):
+    pass
+
+
+class StreamSession:
+    def __init__(
+        self,
+        components: Components,
+        settings: StreamSettings | None = None,
+        *,
+        prompts: Sequence[WeightedPrompt | str] | None = None,
+        noise: NoiseSource | None = None,
+        output: OutputFormat = "uint8",
+        event_log_size: int = 2048,
+    ) -> None:
+        self.components = components
+        self.settings = settings or StreamSettings()
+        self.output = output
+        self.events: deque[ChunkEvent] = deque(maxlen=event_log_size)
+        self._noise_override = noise
+        self._prompt_cache = (
+            EmbeddingCache(self._encode_texts) if components.text_encoder is not None else None
+        )
+        self.prompt = PromptState()
+        self._cross: CrossKV | None = None
+        self._cross_version = -1
+        self.frames_in = 0
+        self.frames_out = 0
+        self._trim_next = 0  # padding frames in the chunk being flushed (trimmed from its output)
+        self._chunk_counter = 0  # monotonic: keys the noise of every chunk ever processed
+        self._build()
+        if prompts is not None:
+            self.set_prompts(prompts)
+
+    # ----------------------------------------------------------------------------------------------
+    # Construction and reset
+    # ----------------------------------------------------------------------------------------------
+    def _build(self) -> None:
+        s, c = self.settings, self.components
+        steps = list(s.denoising_steps)
+        cfg = c.dit.config
+        lanes = len(steps) if s.batching == "stream" else 1
+        cache_cfg = KVCacheConfig(
+            num_layers=cfg.num_layers,
+            num_heads=cfg.num_heads,
+            head_dim=cfg.head_dim,
+            frame_tokens=s.frame_tokens,
+            num_frames=s.kv_cache_frames,
+            num_sink=s.sink_frames,
+            sink_threshold=s.sink_threshold,
+            lanes=lanes,
+            eviction=s.eviction,
+        )
+        cache = KVCache(cache_cfg, dtype=c.dtype, device=c.device)
+        self.rng: NoiseSource = self._noise_override or SeededNoise(s.seed)
+        self.denoiser = Denoiser(c.dit, c.scheduler, cache, self.rng, steps, s.batching, s.cache_context)
+        self.codecs = Codecs.create(c, s)
+        self.controller = NoiseController(s.noise_scale, s.noise_controller)
+        self._pending = _Pending(first_index=self.frames_in)
+        self._restart_stream()
+
+    def _restart_stream(self) -> None:
+        """Forget the stream's past (caches, positions, motion history); keep prompts and pending input."""
+        self.denoiser.reset(list(self.settings.denoising_steps))
+        self.codecs.reset()
+        self.controller.reset()
+        self._stream_chunks = 0  # chunks since the stream (re)started
+        self._next_position = 0  # latent frame index of the next chunk
+        self._in_flight: deque[ChunkEvent] = deque()  # stream batch: chunks inside the lanes
+
+    def reset(self, *, drain: bool = False) -> torch.Tensor:
+        """Restart the stream (hard cut). With `drain`, chunks still inside the lanes come out first."""
+        out = self._drain_lanes() if drain else self._empty_output()
+        self._restart_stream()
+        return out
+
+    # ----------------------------------------------------------------------------------------------
+    # Live control
+    # ----------------------------------------------------------------------------------------------
+    def update(self, update: SettingsUpdate | dict[str, Any]) -> None:
+        """Apply a validated change; a rejected one raises and leaves the session as it was."""
+        if isinstance(update, dict):
+            update = SettingsUpdate.model_validate(update)
+        new = self.settings.updated(update)
+        changed = {k for k in update.model_fields_set if getattr(new, k) != getattr(self.settings, k)}
+        if not changed:
+            return
+        if new.mode == "text" and self.components.text_encoder is None and self.prompt.embedding is None:
+            raise SessionError("text mode needs prompts")
+        old = self.settings
+        self.settings = new
+        steps_count_changed = len(new.denoising_steps) != len(old.denoising_steps)
+        if changed & REBUILD_FIELDS or (steps_count_changed and new.batching == "stream"):
+            self._build()
+            return
+        if "seed" in changed and self._noise_override is None:
+            self.rng = SeededNoise(new.seed)
+            self.denoiser.rng = self.rng
+        if "steps" in changed:
+            if steps_count_changed:
+                self.denoiser.reset(list(new.denoising_steps))
+                self.codecs.reset()
+                self.controller.reset()
+                self._stream_chunks = 0
+                self._next_position = 0
+            else:
+                self._retarget_steps(list(new.denoising_steps))
+        self.controller.initial = new.noise_scale
+        self.controller.enabled = new.noise_controller
+
+    def _retarget_steps(self, steps: list[int]) -> None:
+        """Same number of steps, new values: lanes keep their chunks and move to the new timesteps."""
+        self.denoiser.steps = steps
+        lanes = self.denoiser._lanes
+        if lanes is not None:
+            lanes.timesteps = [lanes.timesteps[0], *steps[1:]]
+
+    def set_prompts(
+        self,
+        prompts: Sequence[WeightedPrompt | str],
+        *,
+        transition: Transition | None = None,
+        switch: Literal["cut", "refresh"] | None = None,
+        drain: bool = False,
+    ) -> torch.Tensor:
+        """Change the conditioning. Without a transition, `switch` (default: the settings') decides between
+        a hard cut (caches reset) and a cross-attention refresh (caches kept). Returns any frames a
+        draining cut produced."""
+        items = [p if isinstance(p, WeightedPrompt) else WeightedPrompt(text=p) for p in prompts]
+        if not items:
+            raise SessionError("at least one prompt is needed")
+        if self._prompt_cache is None:
+            raise SessionError("no text encoder loaded: give embeddings with set_prompt_embeddings()")
+        embeds = self._prompt_cache.get_many([p.text for p in items])
+        method = transition.method if transition is not None else "linear"
+        target = blend(embeds, [p.weight for p in items], method)
+        return self._apply_conditioning(items, target, transition, switch, drain)
+
+    def set_prompt_embeddings(
+        self,
+        embeddings: torch.Tensor,
+        *,
+        label: str = "<embeddings>",
+        transition: Transition | None = None,
+        switch: Literal["cut", "refresh"] | None = None,
+        drain: bool = False,
+    ) -> torch.Tensor:
+        """Condition on precomputed text-encoder output [1, T, text_dim] (no text encoder needed)."""
+        if embeddings.dim() != 3 or embeddings.shape[0] != 1:
+            raise SessionError(f"embeddings must be [1, T, text_dim], got {tuple(embeddings.shape)}")
+        target = embeddings.to(self.components.device, self.components.dtype)
+        return self._apply_conditioning([WeightedPrompt(text=label)], target, transition, switch, drain)
+
+    def _apply_conditioning(
+        self,
+        items: list[WeightedPrompt],
+        target: torch.Tensor,
+        transition: Transition | None,
+        switch: Literal["cut", "refresh"] | None,
+        drain: bool,
+    ) -> torch.Tensor:
+        change: PromptChange = self.prompt.set(items, target, transition)
+        if change.kind == "refresh" and (switch or self.settings.prompt_switch) == "cut":
+            return self.reset(drain=drain)
+        return self._empty_output()
+
+    def _encode_texts(self, texts: list[str]) -> torch.Tensor:
+        enc = self.components.text_encoder
+        assert enc is not None
+        return enc.encode(texts).to(self.components.device, self.components.dtype)
+
+    def _cross_kv(self) -> CrossKV:
+        if self.prompt.embedding is None:
+            raise SessionError("no prompt set: call set_prompts() first")
+        if self._cross is None or self._cross_version != self.prompt.version:
+            self._cross = self.components.dit.cross_kv(self.prompt.embedding)
+            self._cross_version = self.prompt.version
+        return self._cross
+
+    # ----------------------------------------------------------------------------------------------
+    # Frames in, frames out
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def _needed(self) -> int:
+        return 5 if self._stream_chunks == 0 else 4
+
+    def push(self, frames: torch.Tensor) -> torch.Tensor:
+        """Feed input frames [T, H, W, 3] (uint8, or float in [0, 1]); returns the output ready now."""
+        if self.settings.mode != "video":
+            raise SessionError("push() feeds input video; this session is in text mode (use generate())")
+        for frame in self._prepare_input(frames):
+            self._pending.frames.append(frame)
+        self.frames_in += frames.shape[0]
+        outputs = []
+        while len(self._pending.frames) >= self._needed:
+            outputs.append(self._process_video_chunk(self._needed))
+        return self._concat(outputs)
+
+    def flush(self) -> torch.Tensor:
+        """End of input: process the last partial chunk (padded, output trimmed) and drain the lanes."""
+        outputs = []
+        real = len(self._pending.frames)
+        if real:
+            pad = self._needed - real
+            self._pending.frames.extend([self._pending.frames[-1]] * pad)
+            self._trim_next = pad
+            outputs.append(self._process_video_chunk(self._needed))
+        outputs.append(self._drain_lanes())
+        self._restart_stream()  # input ended: whatever comes next is a new stream
+        return self._concat(outputs)
+
+    def generate(self, chunks: int = 1) -> torch.Tensor:
+        """Text mode: the next `chunks` chunks of video generated from the prompts alone."""
+        if self.settings.mode != "text":
+            raise SessionError("generate() is for text mode; this session restyles input video (use push())")
+        outputs = [self._process_text_chunk() for _ in range(chunks)]
+        return self._concat(outputs)
+
+    def _prepare_input(self, frames: torch.Tensor) -> list[torch.Tensor]:
+        if frames.dim() != 4 or frames.shape[-1] != 3:
+            raise SessionError(f"frames must be [T, H, W, 3], got {tuple(frames.shape)}")
+        c, s = self.components, self.settings
+        x = frames.to(c.device, non_blocking=True)
+        # uint8 → [-1, 1] exactly as the reference (u8 / 127.5 − 1).
+        x = x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x.float() * 2.0 - 1.0
+        x = x.permute(0, 3, 1, 2)
+        if tuple(x.shape[-2:]) != (s.height, s.width):
+            x = F.interpolate(
+                x, size=(s.height, s.width), mode="bilinear", align_corners=False, antialias=True
+            )
+        return list(x)
+
+    def _take(self, n: int) -> tuple[torch.Tensor, tuple[int, int]]:
+        frames = self._pending.frames[:n]
+        del self._pending.frames[:n]
+        first = self._pending.first_index
+        real = n - self._trim_next
+        self._pending.first_index += real
+        return torch.stack(frames, dim=1)[None], (first, first + real)
+
+    def _process_video_chunk(self, n: int) -> torch.Tensor:
+        frames, span = self._take(n)  # [1, 3, n, H, W]
+        c = self.components
+        first = self._stream_chunks == 0
+        noise = self.controller.first_chunk(frames) if first else self.controller.next_chunk(frames)
+        self.controller.enabled = self.settings.noise_controller
+        latents = self.codecs.encode(frames.to(c.dtype))  # [1, F, 16, h, w]
+        k = self._chunk_counter
+        eps = self.rng.randn(latents.shape, chunk=k, draw=0, device=latents.device, dtype=latents.dtype)
+        # The reference mixes with Python floats: 1 − s is formed in float64, then cast.
+        noisy = eps * noise.scale.to(latents.dtype) + latents * (1 - noise.scale).to(latents.dtype)
+        return self._denoise_and_decode(
+            noisy, "input", span, noise.scale, None if first else noise.first_step
+        )
+
+    def _process_text_chunk(self) -> torch.Tensor:
+        c, s = self.components, self.settings
+        F_lat = 2 if self._stream_chunks == 0 else 1
+        shape = (1, F_lat, c.dit.config.in_dim, s.height // 8, s.width // 8)
+        noisy = self.rng.randn(shape, chunk=self._chunk_counter, draw=0, device=c.device, dtype=c.dtype)
+        return self._denoise_and_decode(noisy, "text", (self.frames_in, self.frames_in), None, None)
+
+    def _position(self, frames: int) -> int:
+        """The next chunk's first latent frame index, applying the periodic RoPE reset."""
+        reset = self.settings.rope_reset_frame
+        if reset is not None and self._stream_chunks > 0 and self._next_position >= reset:
+            self._next_position = self.settings.kv_cache_frames - 1
+        position = self._next_position
+        self._next_position += frames
+        return position
+
+    def _denoise_and_decode(
+        self,
+        noisy: torch.Tensor,
+        kind: Literal["input", "flush", "text"],
+        span: tuple[int, int],
+        noise_scale: torch.Tensor | None,
+        first_step: torch.Tensor | None,
+    ) -> torch.Tensor:
+        self.prompt.advance()  # one transition step per chunk (a no-op otherwise)
+        cross = self._cross_kv()
+        L = self.settings.frame_tokens
+        k = self._chunk_counter
+        self._chunk_counter += 1
+        F_lat = noisy.shape[1]
+        position = self._position(F_lat)
+        steps: list[int | torch.Tensor] = list(self.denoiser.steps)
+        if first_step is not None:
+            steps[0] = first_step
+        event = ChunkEvent(
+            chunk=k,
+            kind=kind,
+            input_frames=span,
+            prompt=self.prompt.describe(),
+            transition_left=self.prompt.transition_left,
+            stream_start=self._stream_chunks == 0,
+            position=position,
+            _steps=steps,
+            _noise_scale=noise_scale,
+            trim=self._trim_next,
+        )
+        self._trim_next = 0
+        self.events.append(event)
+        if self._stream_chunks == 0:
+            x0 = self.denoiser.first_chunk(noisy, position * L, cross, chunk=k)
+            finished: ChunkEvent | None = event
+        else:
+            self._in_flight.append(event)
+            x0 = self.denoiser.chunk(noisy, position * L, first_step, cross, chunk=k)
+            finished = self._in_flight.popleft() if x0 is not None else None
+        self._stream_chunks += 1
+        if finished is None or x0 is None:
+            return self._empty_output()
+        return self._decode(x0, finished)
+
+    def _decode(self, x0: torch.Tensor, event: ChunkEvent) -> torch.Tensor:
+        frames = self.codecs.decode(x0)  # [1, T, 3, H, W] in [-1, 1]
+        if event.kind == "flush":
+            return self._empty_output()  # a flush chunk carries no input: its output is thrown away
+        if event.trim:
+            frames = frames[:, : frames.shape[1] - event.trim]
+        out = self._format(frames[0])
+        event.output_frames = (self.frames_out, self.frames_out + out.shape[0])
+        self.frames_out += out.shape[0]
+        return out
+
+    def _drain_lanes(self) -> torch.Tensor:
+        """Stream batch: run flush calls (pure-noise input) until every real chunk has come out."""
+        outputs = []
+        while any(e.kind != "flush" for e in self._in_flight):
+            c, s = self.components, self.settings
+            shape = (1, 1, c.dit.config.in_dim, s.height // 8, s.width // 8)
+            noisy = self.rng.randn(shape, chunk=self._chunk_counter, draw=0, device=c.device, dtype=c.dtype)
+            outputs.append(
+                self._denoise_and_decode(noisy, "flush", (self.frames_in, self.frames_in), None, None)
+            )
+        return self._concat(outputs)
+
+    def _format(self, frames: torch.Tensor) -> torch.Tensor:
+        """[T, 3, H, W] in [-1, 1] → [T, H, W, 3] float in [0, 1] or uint8 (on the device)."""
+        x = (frames.float() * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+        if self.output == "uint8":
+            return (x * 255).round().to(torch.uint8)
+        return x
+
+    def _empty_output(self) -> torch.Tensor:
+        s = self.settings
+        dtype = torch.uint8 if self.output == "uint8" else torch.float32
+        return torch.empty((0, s.height, s.width, 3), dtype=dtype, device=self.components.device)
+
+    def _concat(self, outputs: list[torch.Tensor]) -> torch.Tensor:
+        outputs = [o for o in outputs if o.shape[0]]
+        if not outputs:
+            return self._empty_output()
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    # ----------------------------------------------------------------------------------------------
+    # Snapshots: capture the whole stream state and resume from it later
+    # ----------------------------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        """A deep copy of every piece of stream state (not the models)."""
+        return copy.deepcopy(
+            {
+                "settings": self.settings,
+                "cache": self.denoiser.cache.state(),
+                "denoiser": self.denoiser.state(),
+                "codecs": self.codecs.state(),
+                "controller": self.controller.__dict__,
+                "prompt": self.prompt.__dict__,
+                "pending": self._pending,
+                "counters": (
+                    self.frames_in,
+                    self.frames_out,
+                    self._chunk_counter,
+                    self._stream_chunks,
+                    self._next_position,
+                ),
+                "in_flight": list(self._in_flight),
+            }
+        )
+
+    def restore(self, snap: dict[str, Any]) -> None:
+        snap = copy.deepcopy(snap)
+        if snap["settings"] != self.settings:
+            self.settings = snap["settings"]
+            self._build()
+        self.denoiser.cache.load_state(snap["cache"])
+        self.denoiser.load_state(snap["denoiser"])
+        self.codecs.load_state(snap["codecs"])
+        self.controller.__dict__.update(snap["controller"])
+        self.prompt.__dict__.update(snap["prompt"])
+        self._cross = None
+        self._pending = snap["pending"]
+        (self.frames_in, self.frames_out, self._chunk_counter, self._stream_chunks, self._next_position) = (
+            snap["counters"]
+        )
+        self._in_flight = deque(snap["in_flight"])

@@ -1,0 +1,168 @@
+"""A stream's settings, validated once at the boundary and immutable inside.
+
+One pydantic model serves the engine, the CLI, the server and timelines, so every interface rejects
+the same bad values with the same messages. `SettingsUpdate` is the partial form used for live
+changes: a rejected update leaves the session untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Mode = Literal["video", "text"]
+Batching = Literal["stream", "none"]
+Codec = Literal["wan", "taehv"]
+Eviction = Literal["sdv2", "fifo"]
+CacheContext = Literal["last_step", "clean"]
+PromptSwitch = Literal["cut", "refresh"]
+
+# The authors' defaults (StreamDiffusionV2 after their issue #20): 2 steps, noise scale 0.8.
+DEFAULT_STEPS = (700, 500)
+# Text mode starts from pure noise, so the first step must be at t = 1000 (Scope's text default).
+DEFAULT_TEXT_STEPS = (1000, 750)
+MAX_STEPS = 8
+
+
+class StreamSettings(BaseModel):
+    """Everything that shapes a stream. Fields that need a rebuild are listed in `REBUILD_FIELDS`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    height: int = Field(480, ge=16, le=4096, description="Output height in pixels (multiple of 16).")
+    width: int = Field(832, ge=16, le=4096, description="Output width in pixels (multiple of 16).")
+    mode: Mode = Field(
+        "video", description="'video': restyle input frames; 'text': generate from prompts alone."
+    )
+    steps: tuple[int, ...] | None = Field(
+        None,
+        description="Descending denoising timesteps (1-8 entries in (0, 1000]); default 700,500 (video) "
+        "or 1000,750 (text).",
+    )
+    noise_scale: float = Field(0.8, ge=0.0, le=1.0, description="How much of the input is replaced by noise.")
+    noise_controller: bool = Field(
+        True, description="Lower the noise when the input moves fast (motion-aware)."
+    )
+    seed: int = Field(42, ge=0, lt=2**63, description="Seed: same seed + inputs + prompts = same video.")
+    batching: Batching = Field(
+        "stream",
+        description="'stream': steps as batch lanes (fastest, N-1 chunks of lag); 'none': lowest latency.",
+    )
+    encoder: Codec = Field("wan", description="Encoder for input frames: Wan VAE or TAEHV (fast).")
+    decoder: Codec = Field("wan", description="Decoder for output frames: Wan VAE or TAEHV (fast).")
+    kv_cache_frames: int = Field(6, ge=4, le=64, description="Latent frames the attention cache holds.")
+    sink_frames: int = Field(3, ge=0, le=16, description="Cache frames kept as attention sinks.")
+    sink_threshold: float = Field(
+        0.2, ge=-1.0, le=1.0, description="Adaptive sink: refresh a sink below this similarity (-1: off)."
+    )
+    eviction: Eviction = Field("sdv2", description="'sdv2': the authors' ring buffer; 'fifo': Scope's cache.")
+    cache_context: CacheContext = Field(
+        "last_step", description="'last_step': cache keeps the last step's keys; 'clean': an extra t=0 pass."
+    )
+    rope_reset_frame: int | None = Field(
+        50,
+        ge=8,
+        le=1000,
+        description="Reset RoPE positions when the latent frame index reaches this (None: never).",
+    )
+    prompt_switch: PromptSwitch = Field(
+        "refresh",
+        description="A prompt change without transition: 'refresh' keeps the cache, 'cut' resets it.",
+    )
+
+    @field_validator("height", "width")
+    @classmethod
+    def _multiple_of_16(cls, v: int) -> int:
+        if v % 16:
+            lower, upper = v // 16 * 16, (v // 16 + 1) * 16
+            raise ValueError(f"{v} is not a multiple of 16 (VAE ×8 and patch ×2); use {lower} or {upper}")
+        return v
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("the step list is empty; give 1 to 8 descending timesteps, e.g. 700,500")
+        if len(v) > MAX_STEPS:
+            raise ValueError(f"{len(v)} steps; at most {MAX_STEPS}")
+        if any(not 0 < t <= 1000 for t in v):
+            raise ValueError(f"timesteps must be in (0, 1000], got {list(v)}")
+        if any(a <= b for a, b in zip(v, v[1:])):
+            raise ValueError(f"timesteps must be strictly descending, got {list(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> StreamSettings:
+        if self.sink_frames >= self.kv_cache_frames:
+            raise ValueError(
+                f"sink_frames ({self.sink_frames}) must be below kv_cache_frames ({self.kv_cache_frames})"
+            )
+        if self.batching == "stream" and self.cache_context == "clean":
+            raise ValueError("cache_context 'clean' (an extra t=0 pass per chunk) needs batching 'none'")
+        if self.rope_reset_frame is not None and self.rope_reset_frame <= self.kv_cache_frames:
+            raise ValueError(
+                f"rope_reset_frame ({self.rope_reset_frame}) must exceed kv_cache_frames ({self.kv_cache_frames}): "
+                "positions restart at the last cache frame"
+            )
+        return self
+
+    @property
+    def denoising_steps(self) -> tuple[int, ...]:
+        if self.steps is not None:
+            return self.steps
+        return DEFAULT_TEXT_STEPS if self.mode == "text" else DEFAULT_STEPS
+
+    @property
+    def frame_tokens(self) -> int:
+        """DiT tokens per latent frame: (H/16)·(W/16)."""
+        return (self.height // 16) * (self.width // 16)
+
+    def updated(self, update: SettingsUpdate) -> StreamSettings:
+        """A new validated settings object with the update applied (raises, leaving self intact)."""
+        changes = update.model_dump(exclude_unset=True)
+        return StreamSettings.model_validate({**self.model_dump(), **changes})
+
+
+# Changing any of these rebuilds the stream's state (a reset); the others apply from the next chunk.
+REBUILD_FIELDS = frozenset(
+    {
+        "height",
+        "width",
+        "mode",
+        "batching",
+        "encoder",
+        "decoder",
+        "kv_cache_frames",
+        "sink_frames",
+        "sink_threshold",
+        "eviction",
+        "cache_context",
+    }
+)
+
+
+class SettingsUpdate(BaseModel):
+    """A live change: only the fields given are changed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    height: int | None = None
+    width: int | None = None
+    mode: Mode | None = None
+    steps: tuple[int, ...] | None = None
+    noise_scale: float | None = Field(None, ge=0.0, le=1.0)
+    noise_controller: bool | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    batching: Batching | None = None
+    encoder: Codec | None = None
+    decoder: Codec | None = None
+    kv_cache_frames: int | None = None
+    sink_frames: int | None = None
+    sink_threshold: float | None = None
+    eviction: Eviction | None = None
+    cache_context: CacheContext | None = None
+    rope_reset_frame: int | None = None
+    prompt_switch: PromptSwitch | None = None
