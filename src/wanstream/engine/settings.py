@@ -7,6 +7,7 @@ changes: a rejected update leaves the session untouched.
 
 from __future__ import annotations
 
+from itertools import pairwise
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -90,7 +91,7 @@ class StreamSettings(BaseModel):
             raise ValueError(f"{len(v)} steps; at most {MAX_STEPS}")
         if any(not 0 < t <= 1000 for t in v):
             raise ValueError(f"timesteps must be in (0, 1000], got {list(v)}")
-        if any(a <= b for a, b in zip(v, v[1:])):
+        if any(a <= b for a, b in pairwise(v)):
             raise ValueError(f"timesteps must be strictly descending, got {list(v)}")
         return v
 
