@@ -286,8 +286,6 @@ class FastTokenizer(Protocol):
 
     def __call__(self, text: list[str], **kwargs: Any) -> Any: ...
 
-    def __len__(self) -> int: ...
-
 
 @dataclass(frozen=True)
 class TokenizedPrompts:
@@ -332,11 +330,6 @@ class PromptTokenizer:
         self.tokenizer = tokenizer
         self.text_len = text_len
 
-    @property
-    def vocab_size(self) -> int:
-        """Number of ids the tokenizer can emit (the spm pieces plus added tokens)."""
-        return len(self.tokenizer)
-
     def __call__(self, prompts: Sequence[str]) -> TokenizedPrompts:
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -362,11 +355,6 @@ class TextEncoder:
     """
 
     def __init__(self, model: UMT5Encoder, tokenizer: PromptTokenizer) -> None:
-        if tokenizer.vocab_size > model.config.vocab:
-            raise ValueError(
-                f"the tokenizer emits {tokenizer.vocab_size} ids but the encoder's vocabulary has "
-                f"{model.config.vocab} rows: tokenizer and checkpoint do not belong together"
-            )
         self.model = model
         self.tokenizer = tokenizer
 
@@ -379,7 +367,16 @@ class TextEncoder:
         return self.model.compute_dtype
 
     def tokenize(self, prompts: Sequence[str]) -> TokenizedPrompts:
-        return self.tokenizer(prompts)
+        tokens = self.tokenizer(prompts)
+        # Checked on the host ids: an out-of-range index would be an opaque device assert later.
+        # (Not at construction: how many ids a tokenizer reports varies across transformers versions.)
+        top = int(tokens.ids.max())
+        if top >= self.model.config.vocab:
+            raise ValueError(
+                f"the tokenizer produced id {top} but the encoder's vocabulary has {self.model.config.vocab} "
+                "rows: tokenizer and checkpoint do not belong together"
+            )
+        return tokens
 
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
         """[B, text_len, dim]; the lengths are `tokenize(prompts).lengths`."""
