@@ -1,0 +1,64 @@
+"""Load TAEHV from `taew2_1.pth` (madebyollin/taehv; a flat state dict) or its `.safetensors` copy.
+
+Strict, with one deliberate exception the reference also makes: when the model's TGrow layers grow time
+less than the checkpoint's (a cheaper preview decoder built with `decoder_time_upscale` False), the
+checkpoint's TGrow conv has `stride`× more output channels, i.e. one block of channels per output frame
+in time order. We keep the *last* block: the latest frame of each group, the one the next frames' memory
+continues from, so a preview without time upsampling still shows the newest moment of every latent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from wanstream.models.tae import TAEHV, TAEHVConfig, TGrow
+from wanstream.weights.loaders import (
+    StateDict,
+    as_state_dict,
+    build_on_meta,
+    load_into,
+    read_checkpoint,
+)
+
+CheckpointSource = str | Path | Mapping[str, torch.Tensor]
+
+
+def load_taehv(
+    checkpoint: CheckpointSource,
+    config: TAEHVConfig | None = None,
+    *,
+    dtype: torch.dtype = torch.float16,
+    device: torch.device | str = "cpu",
+    source: str | None = None,
+) -> TAEHV:
+    """Build `TAEHV(config)` (default: the real taew2_1) and strictly load `checkpoint` into it.
+
+    float16 is the default: StreamDiffusionV2 and the upstream example both run TAEHV in float16.
+    """
+    if isinstance(checkpoint, Mapping):
+        name = source or "<state dict>"
+        sd = as_state_dict(checkpoint, name)
+    else:
+        name = source or str(checkpoint)
+        sd = as_state_dict(read_checkpoint(checkpoint), name)
+    model = build_on_meta(lambda: TAEHV(config))
+    sd = trim_tgrow_weights(model, sd)
+    return load_into(model, sd, name, dtype=dtype, device=device).eval().requires_grad_(False)
+
+
+def trim_tgrow_weights(model: TAEHV, sd: StateDict) -> StateDict:
+    """Keep the last out-channel block of TGrow weights made for more frames than `model`'s (a new dict)."""
+    sd = dict(sd)
+    expected = model.state_dict()
+    for index, layer in enumerate(model.decoder):
+        key = f"decoder.{index}.conv.weight"
+        if not isinstance(layer, TGrow) or key not in sd:
+            continue  # a missing key is reported by the strict check
+        have, want = tuple(sd[key].shape), tuple(expected[key].shape)
+        if have[0] > want[0] and have[0] % want[0] == 0 and have[1:] == want[1:]:
+            sd[key] = sd[key][-want[0] :]
+        # Anything else that differs is reported with every other mismatch by the strict check.
+    return sd
