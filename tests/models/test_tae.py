@@ -377,7 +377,12 @@ def test_load_taehv_trims_tgrow_weights_for_a_decoder_without_time_upscale() -> 
     assert model.decoder[13].stride == 1
     assert torch.equal(model.decoder[13].conv.weight, sd["decoder.13.conv.weight"][-16:])  # the latest frame
     assert torch.equal(model.decoder[19].conv.weight, sd["decoder.19.conv.weight"])
-    assert model.decode_video(torch.randn(1, 2, 16, 2, 2)).shape == (1, 4, 3, 16, 16)
+    z = torch.randn(1, 3, 16, 2, 2)
+    assert model.decode_video(z[:, :2]).shape == (1, 4, 3, 16, 16)
+    # The reference's windowed decode slices a literal 4 frames per latent, also here (2 per latent).
+    state = TAEWindowedDecodeState()
+    assert model.stream_decode_windowed(z[:, :2], state).shape[1] == 4  # (2 − 1)·4 of 4 frames
+    assert model.stream_decode_windowed(z[:, 2:3], state).shape[1] == 4  # 4 of the window's 6
     assert tuple(sd["decoder.13.conv.weight"].shape) == (32, 16, 1, 1)  # the caller's dict is untouched
 
 

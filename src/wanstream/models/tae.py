@@ -395,7 +395,8 @@ class TAEHV(nn.Module):
         video = self.decode_video(window, parallel=parallel)
         state.first = False
         state.context = window[:, -state.context_latents :].clone()
-        video = video[:, video.shape[1] - emitted * self.config.time_upscale :]
+        # The reference slices a literal 4 frames per latent, also for decoders built without time upscale.
+        video = video[:, -emitted * 4 :] if emitted else video[:, :0]
         return video.mul(2).sub(1).clamp(-1, 1)
 
     # -- streaming decode, fast (ours) --------------------------------------------------------------
