@@ -1,0 +1,41 @@
+"""Load the Wan2.1 VAE from the official files.
+
+Accepted: `Wan2.1_VAE.pth` (a plain fp32 state dict of Wan's `WanVAE_`), a `.safetensors` copy of it, or a
+state dict already in memory. The architecture comes from a `WanVAEConfig` (default: the released model).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from wanstream.models.vae import WanVAE, WanVAEConfig
+from wanstream.weights.loaders import as_state_dict, build_on_meta, load_into, read_checkpoint
+
+CheckpointSource = str | Path | Mapping[str, torch.Tensor]
+
+
+def load_wan_vae(
+    checkpoint: CheckpointSource,
+    config: WanVAEConfig | None = None,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    source: str | None = None,
+) -> WanVAE:
+    """Build a `WanVAE` from `config` on the meta device and strictly load `checkpoint` into it.
+
+    Raises `CheckpointError` naming the file (or `source`) and the offending keys when the checkpoint is
+    unreadable, not a state dict, or does not fit the config exactly.
+    """
+    config = config or WanVAEConfig()
+    if isinstance(checkpoint, Mapping):
+        name = source or "<state dict>"
+        sd = as_state_dict(checkpoint, name)
+    else:
+        name = source or str(checkpoint)
+        sd = as_state_dict(read_checkpoint(checkpoint), name)
+    model = build_on_meta(lambda: WanVAE(config))
+    return load_into(model, sd, name, dtype=dtype, device=device).eval().requires_grad_(False)
