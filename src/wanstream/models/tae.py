@@ -283,10 +283,16 @@ def run_blocks_sequential(blocks: nn.Sequential, x: torch.Tensor, memory: Tempor
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class TAEDecodeState:
-    """Fast streaming decode: the decoder's MemBlock memory, carried from call to call."""
+    """Fast streaming decode: the decoder's MemBlock memory, carried from call to call.
+
+    `warmup_frames` is how many frames the first call of a stream drops: 4 (default) gives the
+    StreamDiffusionV2 counts ((T−1)·4 on the first call); 3 gives upstream TAEHV's `frames_to_trim`,
+    i.e. 4T − 3 frames in all, the Wan VAE's 1 + 4k (the engine uses this so output count = input count).
+    """
 
     memory: TemporalMemory = field(default_factory=TemporalMemory)
     shape: tuple[int, ...] | None = None  # [N, C, h, w] of the stream's latents, fixed at its first call
+    warmup_frames: int | None = None  # None: the decoder's time upscale (4)
 
     def reset(self) -> None:
         self.memory.reset()
@@ -414,7 +420,8 @@ class TAEHV(nn.Module):
         assert video is not None
         state.shape = _frame_shape(z)
         if first:
-            video = video[:, self.config.time_upscale :]
+            warmup = self.config.time_upscale if state.warmup_frames is None else state.warmup_frames
+            video = video[:, warmup:]
         return video.mul(2).sub(1).clamp(-1, 1)
 
     # -- streaming encode (ours) ---------------------------------------------------------------------
