@@ -285,6 +285,23 @@ def test_odd_sizes(tmp_path: Path) -> None:
     assert mean_abs_error(frames[:, 33], frames[:, 32]) < 8
 
 
+def test_concatenated_streams_keep_one_size_and_increasing_times(tmp_path: Path) -> None:
+    # Two MPEG-TS files glued together: the second restarts its clock and has another size.
+    def transport_stream(path: Path, height: int, width: int, n: int) -> bytes:
+        encode(path, sample_clip(n, height, width).numpy(), list(range(n)), Fraction(1, 16), fmt="mpegts")
+        return path.read_bytes()
+
+    joined = tmp_path / "joined.ts"
+    joined.write_bytes(
+        transport_stream(tmp_path / "a.ts", H, W, 6) + transport_stream(tmp_path / "b.ts", 32, 48, 5)
+    )
+    frames, times, info = read_video(joined)
+    assert frames.shape == (11, H, W, 3) and (info.height, info.width) == (H, W)
+    assert times.tolist()[:6] == [i / 16 for i in range(6)]
+    assert bool((times[1:] > times[:-1]).all())
+    assert mean_abs_error(frames[6:], resize_frames(sample_clip(5, 32, 48), H, W)) < 12
+
+
 def test_rotated_video_is_read_upright(tmp_path: Path, clip: torch.Tensor) -> None:
     path = tmp_path / "portrait.mp4"
     encode(path, clip[:3].numpy(), [0, 1, 2], Fraction(1, 16), rotation=90)

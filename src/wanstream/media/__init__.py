@@ -5,7 +5,9 @@ from wanstream.media.sample import (
     SAMPLE_FRAMES,
     SAMPLE_HEIGHT,
     SAMPLE_WIDTH,
+    iter_sample_clip,
     sample_clip,
+    scene_cuts,
     write_sample_clip,
 )
 from wanstream.media.video import (
@@ -32,10 +34,12 @@ __all__ = [
     "VideoInfo",
     "VideoReader",
     "VideoWriter",
+    "iter_sample_clip",
     "probe_video",
     "read_video",
     "resize_frames",
     "round_size",
     "sample_clip",
+    "scene_cuts",
     "write_sample_clip",
 ]

@@ -1,9 +1,9 @@
 """Video files in and out (PyAV), frame resizing and the output-resolution rule.
 
 Frames are RGB uint8 torch tensors, `[H, W, 3]` one at a time or `[T, H, W, 3]` as a batch, always in
-display orientation (a phone video's rotation flag is applied). Each frame carries its presentation time
-in seconds, counted from the first frame, so variable-frame-rate inputs keep their real timing; `fps` is
-the stream's average rate.
+display orientation (a phone video's rotation flag is applied) and at one size. Each frame carries its
+presentation time in seconds, counted from the first frame and strictly increasing, so variable-frame-rate
+inputs keep their real timing; `fps` is the stream's average rate.
 
 The writer encodes H.264 MP4 (yuv420p, BT.709) to a hidden temp file beside the target and renames it
 into place only when `close()` succeeds: a failed write leaves no output file. `close()` after a
@@ -154,12 +154,19 @@ class VideoReader:
         image = torch.from_numpy(_to_rgb(raw))
         if self._rotation:
             image = torch.rot90(image, self._rotation // 90, dims=(0, 1)).contiguous()
-        # Exact arithmetic on pts, so 40 frames at 1/16 s land on 2.5 s exactly. A frame without a timestamp
-        # sits one nominal frame after the previous one.
+        if image.shape[:2] != (self.info.height, self.info.width):
+            # A stream that changes size mid-way is scaled to its first size (as FFmpeg's CLI does).
+            image = resize_frames(image, self.info.height, self.info.width)
+        # Exact arithmetic on pts, so 40 frames at 1/16 s land on 2.5 s exactly. Times always increase: a
+        # frame without a timestamp, or one that jumps back (concatenated streams), sits one nominal frame
+        # after the previous one.
+        time = None
         if raw.pts is not None and raw.time_base is not None:
             time = float((raw.pts - self._start_pts) * raw.time_base)
-        else:
-            time = self._last_time + 1.0 / self.info.fps if self._last_time is not None else 0.0
+        if self._last_time is None:
+            time = 0.0 if time is None else time
+        elif time is None or time <= self._last_time:
+            time = self._last_time + 1.0 / self.info.fps
         self._last_time = time
         return Frame(image, time)
 
@@ -367,7 +374,7 @@ class VideoWriter:
         elif tuple(batch.shape[1:3]) != self._source_size:
             got, want = tuple(batch.shape[1:3]), self._source_size
             raise ValueError(f"frame size changed from {want[0]}×{want[1]} to {got[0]}×{got[1]}")
-        batch = _pad_to_even(batch).cpu().numpy()
+        batch = _pad_to_even(batch).cpu().contiguous().numpy()
         for image in batch:
             frame = av.VideoFrame.from_ndarray(image, format="rgb24")
             frame = frame.reformat(
