@@ -108,6 +108,7 @@ def test_non_integer_frame_rate(tmp_path: Path, clip: torch.Tensor) -> None:
     with VideoWriter(out, fps=30000 / 1001) as writer:
         writer.write(clip[:6])
     assert writer.rate == Fraction(30000, 1001)
+    assert VideoWriter(tmp_path / "np.mp4", fps=np.float32(12.5)).rate == Fraction(25, 2)  # numpy numbers too
     _, times, info = read_video(out)
     assert info.fps == pytest.approx(29.97, abs=1e-3)
     assert times.tolist() == pytest.approx([i * 1001 / 30000 for i in range(6)], abs=1e-9)

@@ -14,6 +14,7 @@ while a frame is being encoded, so the encoder never loses a packet). Audio is n
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 import secrets
 import signal
@@ -332,7 +333,7 @@ class VideoWriter:
         self, path: str | os.PathLike[str], fps: float, *, crf: int = 18, preset: str = "veryfast"
     ) -> None:
         self.path = Path(path)
-        if isinstance(fps, bool) or not isinstance(fps, int | float | Fraction) or not 0 < fps <= 1000:
+        if isinstance(fps, bool) or not isinstance(fps, numbers.Real) or not 0 < fps <= 1000:
             raise ValueError(f"fps must be a number in (0, 1000], got {fps!r}")
         if not 0 <= crf <= 51:
             raise ValueError(f"crf must be in [0, 51], got {crf}")
@@ -342,7 +343,9 @@ class VideoWriter:
         if not folder.is_dir():
             raise VideoError(f"{self.path}: the folder {folder} does not exist")
         self.fps = fps
-        self.rate = Fraction(fps).limit_denominator(1001)  # 29.97 → 30000/1001
+        self.rate = (fps if isinstance(fps, Fraction) else Fraction(float(fps))).limit_denominator(
+            1001
+        )  # 29.97 → 30000/1001
         self.frames_written = 0
         self.size: tuple[int, int] | None = None  # encoded (height, width), set by the first write
         self._source_size: tuple[int, int] | None = None
