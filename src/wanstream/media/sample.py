@@ -6,11 +6,12 @@ gradients and value-noise textures (detail for the VAE), and a hard scene cut ev
 an outdoor and an indoor scene (the KV cache and its sink tokens must cope with a sudden change).
 
 Frame i depends only on (i, height, width, fps): clips of different lengths share their prefix, and any
-size works. Everything is float32 torch on the CPU with an integer hash instead of a random generator, so
-the clip is identical run to run.
+size works. An integer hash stands in for a random generator, so the clip is identical run to run.
 
 Rendering is per frame and cheap: what pans (hills, grass, plaster) is drawn once into periodic "world"
-strips and sampled at the camera offset; shapes are drawn only inside their bounding boxes.
+strips and sampled at the camera offset; shapes are drawn only inside their bounding boxes. It is float32
+numpy, single-threaded on purpose: a frame is a few dozen small array operations, and a thread pool's
+barriers around each cost more than they save (badly so while the engine keeps the CPU busy).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from wanstream.media.video import VideoWriter
@@ -85,27 +87,31 @@ def write_sample_clip(
 
 def render_frames(indices: range, height: int, width: int, fps: float) -> torch.Tensor:
     """Frames `indices` of the clip as `[T, H, W, 3]` uint8."""
-    out = torch.empty(len(indices), height, width, 3, dtype=torch.uint8)
+    out = np.empty((len(indices), height, width, 3), dtype=np.uint8)
     for j, i in enumerate(indices):
-        out[j] = render_frame(i, height, width, fps)
-    return out
+        out[j] = _render(i, height, width, fps)
+    return torch.from_numpy(out)
 
 
 def render_frame(index: int, height: int, width: int, fps: float) -> torch.Tensor:
     """Frame `index` of the clip as `[H, W, 3]` uint8."""
+    return torch.from_numpy(_render(index, height, width, fps))
+
+
+def _render(index: int, height: int, width: int, fps: float) -> np.ndarray:
     t = index / fps
     world = _world(height, width)
     img = _outdoor(world, t) if _scene(t) % 2 == 0 else _indoor(world, t)
-    return img.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
+    return np.rint(np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The two scenes. Lengths are in frame heights: y ∈ [0, 1] down, x ∈ [0, W/H] right.
 
 
-def _outdoor(w: _World, t: float) -> torch.Tensor:
+def _outdoor(w: _World, t: float) -> np.ndarray:
     pan = _pan(t)
-    img = w.sky.clone()  # sky gradient and a sun that does not move (far away)
+    img = w.sky.copy()  # sky gradient and a sun that does not move (far away)
     _sample_layer(img, w.hills, pan / 3)  # far hills, with parallax
     _sample_layer(img, w.grass, pan)  # textured grass fixed to the ground
     aspect = w.aspect
@@ -113,8 +119,8 @@ def _outdoor(w: _World, t: float) -> torch.Tensor:
     post_x = _wrap(1.3 - pan, aspect)
     _stamp(img, post_x, 0.68, 0.06, lambda dx, dy: (_BROWN, _box(dx, dy, 0.012, 0.05, 0.0, w.px)))
 
-    def sign(dx: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        stripes = (torch.sin((dy - dx) * 90.0) > 0).float()
+    def sign(dx: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        stripes = (np.sin((dy - dx) * 90.0) > 0).astype(np.float32)
         return _mix(_WHITE, _SIGN_RED, stripes), _box(dx, dy, 0.09, 0.06, 0.0, w.px)
 
     _stamp(img, post_x, 0.58, 0.1, sign)
@@ -123,9 +129,9 @@ def _outdoor(w: _World, t: float) -> torch.Tensor:
     bx = 0.25 * aspect + 0.22 * aspect * math.sin(0.9 * t)
     by = 0.84 - r - 0.40 * abs(math.sin(math.pi * 1.3 * t))
 
-    def ball(dx: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        light = (1.1 - 2.5 * torch.sqrt((dx + 0.03) ** 2 + (dy + 0.03) ** 2)).clamp(0.3, 1)
-        return light.unsqueeze(-1) * _BALL_RED, _disc(dx, dy, r, w.px)
+    def ball(dx: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        light = np.clip(1.1 - 2.5 * np.sqrt((dx + 0.03) ** 2 + (dy + 0.03) ** 2), 0.3, 1)
+        return light[..., None] * _BALL_RED, _disc(dx, dy, r, w.px)
 
     _stamp(img, bx, by, r, ball)
     # An orange square rolling along the ground.
@@ -134,23 +140,23 @@ def _outdoor(w: _World, t: float) -> torch.Tensor:
     return img
 
 
-def _indoor(w: _World, t: float) -> torch.Tensor:
+def _indoor(w: _World, t: float) -> np.ndarray:
     pan = _pan(t)
     aspect = w.aspect
     # Wall: a diagonal gradient under a checker tiling that pans the other way and breathes in and out, and
     # plaster texture. The checker is separable: parity of its column XOR parity of its row.
     zoom = 1.0 + 0.15 * math.sin(0.7 * t)
-    cols = torch.floor(((w.x - aspect / 2) / zoom + 0.8 * pan) * 8).remainder_(2)
-    rows = torch.floor((w.y - 0.5) / zoom * 8).remainder_(2)
-    shade = (cols != rows).float().mul_(0.25).add_(0.75)
+    cols = np.floor(((w.x - aspect / 2) / zoom + 0.8 * pan) * 8) % 2
+    rows = np.floor((w.y - 0.5) / zoom * 8) % 2
+    shade = np.where(cols != rows, np.float32(1.0), np.float32(0.75))
     plaster = _window(w.plaster, -0.8 * pan * w.height, w.width)
-    img = w.wall * (shade.unsqueeze(-1) * plaster)
+    img = w.wall * (shade[..., None] * plaster)
     # A pulsing ring in the middle.
     ring_r = 0.22 + 0.05 * math.sin(3.0 * t)
 
-    def ring(dx: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        band = (torch.sqrt(dx * dx + dy * dy) - ring_r).abs() - 0.025
-        return _CYAN, (0.5 - band / w.px).clamp(0, 1)
+    def ring(dx: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        band = np.abs(np.sqrt(dx * dx + dy * dy) - ring_r) - 0.025
+        return _CYAN, np.clip(0.5 - band / w.px, 0, 1)
 
     _stamp(img, aspect / 2, 0.5, ring_r + 0.03, ring)
     # A yellow triangle spinning while it orbits the ring.
@@ -161,23 +167,12 @@ def _indoor(w: _World, t: float) -> torch.Tensor:
     dx0 = _wrap(0.2 + 0.3 * t, aspect)
     dy0 = 0.15 + 0.7 * ((0.23 * t) % 1.0)
 
-    def marble(dx: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def marble(dx: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         veins = _value_noise(dx * 25, dy * 25, seed=4)
         return _mix(_DEEP_BLUE, _PALE, veins), _disc(dx, dy, 0.1, w.px)
 
     _stamp(img, dx0, dy0, 0.1, marble)
     return img
-
-
-_WHITE = torch.tensor([0.95, 0.95, 0.92])
-_SIGN_RED = torch.tensor([0.85, 0.15, 0.12])
-_BROWN = torch.tensor([0.35, 0.25, 0.15])
-_BALL_RED = torch.tensor([0.9, 0.12, 0.1])
-_ORANGE = torch.tensor([1.0, 0.55, 0.1])
-_CYAN = torch.tensor([0.2, 0.85, 0.9])
-_YELLOW = torch.tensor([0.98, 0.88, 0.15])
-_DEEP_BLUE = torch.tensor([0.15, 0.2, 0.7])
-_PALE = torch.tensor([0.9, 0.9, 1.0])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -191,7 +186,7 @@ class _Strip:
 
     top: int
     period: int  # columns per world period
-    pixels: torch.Tensor  # [H - top, period + W + 1, C]
+    pixels: np.ndarray  # [H - top, period + W + 1, C]
 
 
 @dataclass(frozen=True)
@@ -200,10 +195,10 @@ class _World:
     width: int
     px: float  # one pixel, for one-pixel soft edges
     aspect: float
-    x: torch.Tensor  # [1, W] pixel-centre coordinates
-    y: torch.Tensor  # [H, 1]
-    sky: torch.Tensor  # [H, W, 3]
-    wall: torch.Tensor  # [H, W, 3]
+    x: np.ndarray  # [1, W] pixel-centre coordinates
+    y: np.ndarray  # [H, 1]
+    sky: np.ndarray  # [H, W, 3]
+    wall: np.ndarray  # [H, W, 3]
     hills: _Strip  # RGBA
     grass: _Strip  # RGBA
     plaster: _Strip  # [H, ·, 1] brightness
@@ -213,59 +208,59 @@ class _World:
 def _world(height: int, width: int) -> _World:
     px = 1.0 / height
     aspect = width / height
-    x = ((torch.arange(width, dtype=torch.float32) + 0.5) * px).view(1, -1)
-    y = ((torch.arange(height, dtype=torch.float32) + 0.5) * px).view(-1, 1)
+    x = ((np.arange(width, dtype=np.float32) + 0.5) * px).reshape(1, -1)
+    y = ((np.arange(height, dtype=np.float32) + 0.5) * px).reshape(-1, 1)
     period = WORLD_PERIOD * height
     # World x of one period of strip columns; sines make whole cycles per period so the strips tile.
-    wx = ((torch.arange(period, dtype=torch.float32) + 0.5) * px).view(1, -1)
+    wx = ((np.arange(period, dtype=np.float32) + 0.5) * px).reshape(1, -1)
     cycle = 2 * math.pi / WORLD_PERIOD
 
-    def strip(top: int, pixels: torch.Tensor) -> _Strip:
-        return _Strip(top, period, torch.cat([pixels, pixels[:, : width + 1]], dim=1).contiguous())
+    def strip(top: int, pixels: np.ndarray) -> _Strip:
+        return _Strip(top, period, np.concatenate([pixels, pixels[:, : width + 1]], axis=1))
 
-    sky = _mix(_rgb(0.10, 0.25, 0.65), _rgb(0.75, 0.88, 0.95), (y / 0.6).clamp(0, 1))
-    sky = sky.expand(height, width, 3).clone()
-    sky.lerp_(_rgb(1.0, 0.92, 0.6), _disc(x - 0.78 * aspect, y - 0.16, 0.07, 4 * px).unsqueeze(-1))
+    sky = _mix(_rgb(0.10, 0.25, 0.65), _rgb(0.75, 0.88, 0.95), np.clip(y / 0.6, 0, 1))
+    sky = np.broadcast_to(sky, (height, width, 3))
+    sky = _over(sky, _rgb(1.0, 0.92, 0.6), _disc(x - 0.78 * aspect, y - 0.16, 0.07, 4 * px))
 
     top = int(0.44 * height)
     ys = y[top:]
-    ridge = 0.52 - 0.05 * torch.sin(2 * cycle * wx) - 0.025 * torch.sin(5 * cycle * wx + 1.3)
-    rgb = _mix(_rgb(0.22, 0.42, 0.30), _rgb(0.10, 0.28, 0.20), ((ys - ridge) / 0.25).clamp(0, 1))
-    hills = strip(top, torch.cat([rgb, _edge(ys - ridge, px).unsqueeze(-1)], dim=-1))
+    ridge = 0.52 - 0.05 * np.sin(2 * cycle * wx) - 0.025 * np.sin(5 * cycle * wx + 1.3)
+    rgb = _mix(_rgb(0.22, 0.42, 0.30), _rgb(0.10, 0.28, 0.20), np.clip((ys - ridge) / 0.25, 0, 1))
+    hills = strip(top, np.concatenate([rgb, _edge(ys - ridge, px)[..., None]], axis=-1))
 
     top = int(0.68 * height)
     ys = y[top:]
-    line = 0.70 + 0.01 * torch.sin(7 * cycle * wx)
+    line = 0.70 + 0.01 * np.sin(7 * cycle * wx)
     tex = 0.65 * _value_noise(wx * 24, ys * 40, seed=1, period=24 * WORLD_PERIOD)
     tex += 0.35 * _value_noise(wx * 90, ys * 150, seed=2, period=90 * WORLD_PERIOD)
     rgb = _mix(_rgb(0.20, 0.45, 0.12), _rgb(0.55, 0.75, 0.25), tex)
-    grass = strip(top, torch.cat([rgb, _edge(ys - line, px).unsqueeze(-1)], dim=-1))
+    grass = strip(top, np.concatenate([rgb, _edge(ys - line, px)[..., None]], axis=-1))
 
-    wall = _mix(_rgb(0.30, 0.12, 0.45), _rgb(0.95, 0.60, 0.25), ((x / aspect + y) / 2).clamp(0, 1))
+    wall = _mix(_rgb(0.30, 0.12, 0.45), _rgb(0.95, 0.60, 0.25), np.clip((x / aspect + y) / 2, 0, 1))
     plaster = 0.85 + 0.3 * _value_noise(wx * 60, y * 60, seed=3, period=60 * WORLD_PERIOD)
-    return _World(height, width, px, aspect, x, y, sky, wall, hills, grass, strip(0, plaster.unsqueeze(-1)))
+    return _World(height, width, px, aspect, x, y, sky, wall, hills, grass, strip(0, plaster[..., None]))
 
 
-def _window(strip: _Strip, offset: float, width: int) -> torch.Tensor:
+def _window(strip: _Strip, offset: float, width: int) -> np.ndarray:
     """The `[rows, W, C]` view of a strip panned by `offset` pixels (fractions interpolate linearly)."""
     whole = math.floor(offset)
-    start, frac = whole % strip.period, offset - whole
+    start, frac = whole % strip.period, np.float32(offset - whole)
     view = strip.pixels[:, start : start + width + 1]
-    return torch.lerp(view[:, :-1], view[:, 1:], frac)
+    return _lerp(view[:, :-1], view[:, 1:], frac)
 
 
-def _sample_layer(img: torch.Tensor, layer: _Strip, offset: float) -> None:
+def _sample_layer(img: np.ndarray, layer: _Strip, offset: float) -> None:
     rgba = _window(layer, offset * img.shape[0], img.shape[1])
-    img[layer.top :].lerp_(rgba[..., :3], rgba[..., 3:])
+    img[layer.top :] = _over(img[layer.top :], rgba[..., :3], rgba[..., 3])
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Drawing helpers: coverages in [0, 1] with a one-pixel soft edge; lengths in frame heights.
 
-Shade = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+Shade = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
-def _stamp(img: torch.Tensor, cx: float, cy: float, reach: float, shade: Shade) -> None:
+def _stamp(img: np.ndarray, cx: float, cy: float, reach: float, shade: Shade) -> None:
     """Draw a shape centred at (cx, cy) that lies within `reach` of it, touching only its bounding box.
 
     `shade(dx, dy)` gets offsets from the centre (`[1, w]` and `[h, 1]`) and returns (colour, coverage).
@@ -275,10 +270,10 @@ def _stamp(img: torch.Tensor, cx: float, cy: float, reach: float, shade: Shade) 
     y0, y1 = max(0, math.floor((cy - reach) * height) - 1), min(height, math.ceil((cy + reach) * height) + 1)
     if x0 >= x1 or y0 >= y1:
         return
-    dx = ((torch.arange(x0, x1, dtype=torch.float32) + 0.5) / height - cx).view(1, -1)
-    dy = ((torch.arange(y0, y1, dtype=torch.float32) + 0.5) / height - cy).view(-1, 1)
+    dx = ((np.arange(x0, x1, dtype=np.float32) + 0.5) / height - cx).reshape(1, -1)
+    dy = ((np.arange(y0, y1, dtype=np.float32) + 0.5) / height - cy).reshape(-1, 1)
     color, coverage = shade(dx, dy)
-    img[y0:y1, x0:x1].lerp_(color, coverage.unsqueeze(-1))
+    img[y0:y1, x0:x1] = _over(img[y0:y1, x0:x1], color, coverage)
 
 
 def _scene(t: float) -> int:
@@ -297,65 +292,88 @@ def _wrap(pos: float, aspect: float, margin: float = 0.3) -> float:
     return (pos + margin) % span - margin
 
 
-def _rgb(r: float, g: float, b: float) -> torch.Tensor:
-    return torch.tensor([r, g, b])
+def _rgb(r: float, g: float, b: float) -> np.ndarray:
+    return np.array([r, g, b], dtype=np.float32)
 
 
-def _mix(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return torch.lerp(a, b, w.unsqueeze(-1))
+# The shapes' colours.
+_WHITE = _rgb(0.95, 0.95, 0.92)
+_SIGN_RED = _rgb(0.85, 0.15, 0.12)
+_BROWN = _rgb(0.35, 0.25, 0.15)
+_BALL_RED = _rgb(0.9, 0.12, 0.1)
+_ORANGE = _rgb(1.0, 0.55, 0.1)
+_CYAN = _rgb(0.2, 0.85, 0.9)
+_YELLOW = _rgb(0.98, 0.88, 0.15)
+_DEEP_BLUE = _rgb(0.15, 0.2, 0.7)
+_PALE = _rgb(0.9, 0.9, 1.0)
 
 
-def _edge(sdf: torch.Tensor, px: float) -> torch.Tensor:
+def _lerp(a: np.ndarray, b: np.ndarray, w: np.ndarray | np.float32) -> np.ndarray:
+    return a + (b - a) * w
+
+
+def _mix(a: np.ndarray, b: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Colour a where w = 0 to colour b where w = 1; w is [..., H, W], the result [..., H, W, 3]."""
+    return _lerp(a, b, w[..., None])
+
+
+def _over(img: np.ndarray, color: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    return _lerp(img, color, alpha[..., None])
+
+
+def _edge(sdf: np.ndarray, px: float) -> np.ndarray:
     # Covered where sdf > 0 (below a line).
-    return (0.5 + sdf / px).clamp(0, 1)
+    return np.clip(0.5 + sdf / px, 0, 1)
 
 
-def _disc(dx: torch.Tensor, dy: torch.Tensor, r: float, soft: float) -> torch.Tensor:
-    return (0.5 - (torch.sqrt(dx * dx + dy * dy) - r) / soft).clamp(0, 1)
+def _disc(dx: np.ndarray, dy: np.ndarray, r: float, soft: float) -> np.ndarray:
+    return np.clip(0.5 - (np.sqrt(dx * dx + dy * dy) - r) / soft, 0, 1)
 
 
-def _box(dx: torch.Tensor, dy: torch.Tensor, hw: float, hh: float, angle: float, px: float) -> torch.Tensor:
+def _box(dx: np.ndarray, dy: np.ndarray, hw: float, hh: float, angle: float, px: float) -> np.ndarray:
     c, s = math.cos(angle), math.sin(angle)
-    u, v = (c * dx + s * dy).abs() - hw, (c * dy - s * dx).abs() - hh
-    outside = torch.sqrt(u.clamp(min=0) ** 2 + v.clamp(min=0) ** 2) + torch.maximum(u, v).clamp(max=0)
-    return (0.5 - outside / px).clamp(0, 1)
+    u, v = np.abs(c * dx + s * dy) - hw, np.abs(c * dy - s * dx) - hh
+    outside = np.sqrt(np.maximum(u, 0) ** 2 + np.maximum(v, 0) ** 2) + np.minimum(np.maximum(u, v), 0)
+    return np.clip(0.5 - outside / px, 0, 1)
 
 
-def _triangle(dx: torch.Tensor, dy: torch.Tensor, r: float, angle: float, px: float) -> torch.Tensor:
+def _triangle(dx: np.ndarray, dy: np.ndarray, r: float, angle: float, px: float) -> np.ndarray:
     # Equilateral triangle with inradius r/2: inside all three edge half-planes.
-    edges = [
-        dx * math.cos(a) + dy * math.sin(a) - r / 2 for a in (angle + 2 * math.pi * k / 3 for k in range(3))
-    ]
-    return (0.5 - torch.maximum(torch.maximum(edges[0], edges[1]), edges[2]) / px).clamp(0, 1)
+    angles = [angle + 2 * math.pi * k / 3 for k in range(3)]
+    dist = np.maximum.reduce([dx * math.cos(a) + dy * math.sin(a) - r / 2 for a in angles])
+    return np.clip(0.5 - dist / px, 0, 1)
 
 
-def _hash(ix: torch.Tensor, iy: torch.Tensor, seed: int) -> torch.Tensor:
-    # Integer hash of lattice points → [0, 1); int64 arithmetic is exact and the same everywhere.
+def _hash(ix: np.ndarray, iy: np.ndarray, seed: int) -> np.ndarray:
+    # Integer hash of lattice points → [0, 1); int64 arithmetic (wrapping) is exact and the same everywhere.
     h = (ix * 374761393 + iy * 668265263 + seed * 2147483647) & 0x7FFFFFFF
     h = ((h ^ (h >> 13)) * 1274126177) & 0x7FFFFFFF
     h = h ^ (h >> 16)
-    return (h & 0xFFFF).float() / 65536.0
+    return (h & 0xFFFF).astype(np.float32) / 65536.0
 
 
-def _value_noise(u: torch.Tensor, v: torch.Tensor, seed: int, period: int | None = None) -> torch.Tensor:
+def _value_noise(u: np.ndarray, v: np.ndarray, seed: int, period: int | None = None) -> np.ndarray:
     """Smooth lattice noise in [0, 1] on the grid of column coordinates `u` [1, W] × row coordinates `v`
     [H, 1], as [H, W]; it tiles along u every `period` lattice cells if given.
 
     Separable coordinates let it hash only the lattice and interpolate columns, then rows.
     """
     u, v = u.reshape(-1), v.reshape(-1)
-    iu, iv = torch.floor(u), torch.floor(v)
+    iu, iv = np.floor(u), np.floor(v)
     fu, fv = u - iu, v - iv
     fu, fv = fu * fu * (3 - 2 * fu), fv * fv * (3 - 2 * fv)  # smoothstep
+    iu, iv = iu.astype(np.int64), iv.astype(np.int64)
     u0, v0 = int(iu.min()), int(iv.min())
-    lattice_u = torch.arange(u0, int(iu.max()) + 2)
-    lattice_v = torch.arange(v0, int(iv.max()) + 2)
+    lattice_u = np.arange(u0, int(iu.max()) + 2, dtype=np.int64)
+    lattice_v = np.arange(v0, int(iv.max()) + 2, dtype=np.int64)
     if period is not None:
         lattice_u = lattice_u % period
-    lattice = _hash(lattice_u.view(1, -1), lattice_v.view(-1, 1), seed)  # [rows, cols] of lattice points
-    iu, iv = iu.long() - u0, iv.long() - v0
-    cols = torch.lerp(lattice[:, iu], lattice[:, iu + 1], fu)  # [lattice rows, W]
-    return torch.lerp(cols[iv], cols[iv + 1], fv.view(-1, 1))
+    lattice = _hash(
+        lattice_u.reshape(1, -1), lattice_v.reshape(-1, 1), seed
+    )  # [rows, cols] of lattice points
+    iu, iv = iu - u0, iv - v0
+    cols = _lerp(lattice[:, iu], lattice[:, iu + 1], fu)  # [lattice rows, W]
+    return _lerp(cols[iv], cols[iv + 1], fv.reshape(-1, 1))
 
 
 def _check(num_frames: int, height: int, width: int, fps: float) -> None:
