@@ -36,6 +36,14 @@ import torch
 
 LFS_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin", ".model")
 
+# The architectures of the tiny files `streamdiffusionv2_files` serves (to load them end to end):
+# the DiTs' own config.json files are served too; the others need these constructor arguments.
+TINY_CONFIGS = {
+    "vae": {"dim": 4, "num_res_blocks": 1},  # WanVAEConfig; real: dim 96, 2 residual blocks
+    "taehv": {"encoder_width": 16, "decoder_widths": (64, 32, 16, 16)},  # TAEHVConfig; real: 64, 256…
+    "umt5": "inferred from the checkpoint (vocab 512, dim 48, 3 layers)",
+}
+
 
 def git_blob_id(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()

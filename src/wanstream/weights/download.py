@@ -17,6 +17,7 @@ Only this module downloads; everything else reports missing files with the comma
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -436,7 +437,7 @@ def _fetch(store: Store, rf: RemoteFile, progress: Progress, command: str) -> in
                     headers=headers,
                     expected_size=rf.size,
                     displayed_filename=rf.relpath,
-                    tqdm_class=partial(_TaskBar, progress, task),  # type: ignore[arg-type]
+                    **_progress_kwargs(http_get, progress, task),
                 )
             except Exception as exc:
                 raw.flush()
@@ -479,6 +480,13 @@ def _prune_empty_dirs(folder: Path, *, stop: Path) -> None:
         except OSError:  # not empty
             return
         folder = folder.parent
+
+
+def _progress_kwargs(http_get: Any, progress: Progress, task: TaskID) -> dict[str, Any]:
+    """How this huggingface_hub's `http_get` takes a progress bar (`tqdm_class` is the newer way)."""
+    if "tqdm_class" in inspect.signature(http_get).parameters:
+        return {"tqdm_class": partial(_TaskBar, progress, task)}
+    return {"_tqdm_bar": _TaskBar(progress, task)}
 
 
 class _TaskBar:
