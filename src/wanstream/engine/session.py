@@ -135,6 +135,7 @@ class StreamSession:
         self.codecs = Codecs.create(c, s)
         self.controller = NoiseController(s.noise_scale, s.noise_controller)
         self._pending = _Pending(first_index=self.frames_in)
+        self._in_flight: deque[ChunkEvent] = deque()
         self._restart_stream()
 
     def _restart_stream(self) -> None:
@@ -155,36 +156,44 @@ class StreamSession:
     # ----------------------------------------------------------------------------------------------
     # Live control
     # ----------------------------------------------------------------------------------------------
-    def update(self, update: SettingsUpdate | dict[str, Any]) -> None:
-        """Apply a validated change; a rejected one raises and leaves the session as it was."""
+    def update(self, update: SettingsUpdate | dict[str, Any]) -> torch.Tensor:
+        """Apply a validated change; a rejected one raises and leaves the session as it was.
+
+        Most fields apply from the next chunk. Fields in `REBUILD_FIELDS`, and a different number of
+        steps, restart the stream: chunks still in flight come out first (returned here, in the old
+        settings) and pending input frames carry over.
+        """
         if isinstance(update, dict):
             update = SettingsUpdate.model_validate(update)
         new = self.settings.updated(update)
         changed = {k for k in update.model_fields_set if getattr(new, k) != getattr(self.settings, k)}
         if not changed:
-            return
-        if new.mode == "text" and self.components.text_encoder is None and self.prompt.embedding is None:
-            raise SessionError("text mode needs prompts")
+            return self._empty_output()
+        if new.mode == "text" and self.prompt.embedding is None:
+            raise SessionError("text mode needs prompts: set them before switching")
         old = self.settings
-        self.settings = new
         steps_count_changed = len(new.denoising_steps) != len(old.denoising_steps)
-        if changed & REBUILD_FIELDS or (steps_count_changed and new.batching == "stream"):
+        restart = bool(changed & REBUILD_FIELDS) or steps_count_changed
+        drained = self._drain_lanes() if restart else self._empty_output()
+        self.settings = new
+        if restart:
+            pending = self._pending
             self._build()
-            return
+            self._pending = pending
+            if (new.height, new.width) != (old.height, old.width) and pending.frames:
+                resized = F.interpolate(
+                    torch.stack(pending.frames), size=(new.height, new.width), mode="bilinear", antialias=True
+                )
+                pending.frames = list(resized)
+            return drained
         if "seed" in changed and self._noise_override is None:
             self.rng = SeededNoise(new.seed)
             self.denoiser.rng = self.rng
         if "steps" in changed:
-            if steps_count_changed:
-                self.denoiser.reset(list(new.denoising_steps))
-                self.codecs.reset()
-                self.controller.reset()
-                self._stream_chunks = 0
-                self._next_position = 0
-            else:
-                self._retarget_steps(list(new.denoising_steps))
+            self._retarget_steps(list(new.denoising_steps))
         self.controller.initial = new.noise_scale
         self.controller.enabled = new.noise_controller
+        return drained
 
     def _retarget_steps(self, steps: list[int]) -> None:
         """Same number of steps, new values: lanes keep their chunks and move to the new timesteps."""
@@ -404,6 +413,8 @@ class StreamSession:
 
     def _drain_lanes(self) -> torch.Tensor:
         """Stream batch: run flush calls (pure-noise input) until every real chunk has come out."""
+        if self.denoiser.batching != "stream" or self._stream_chunks == 0:
+            return self._empty_output()
         outputs = []
         while any(e.kind != "flush" for e in self._in_flight):
             c, s = self.components, self.settings

@@ -1,0 +1,91 @@
+"""Tiny random-weight components: the whole pipeline, real code paths, in seconds on any CPU.
+
+Nothing here is a stand-in for the engine: the demo runs the same DiT, KV cache, autoencoders, text
+encoder and tokenizer code as the real model, only with tiny widths and random weights (the output is
+coloured noise shaped by the input — every interface labels it as such).
+"""
+
+from __future__ import annotations
+
+import string
+
+import torch
+
+DEMO_LABEL = "demo model (tiny, RANDOM WEIGHTS — not the real StreamDiffusionV2; run `wanstream download`)"
+DEMO_TEXT_LEN = 64  # tokens per prompt in the demo (the real model uses 512)
+
+
+def demo_tokenizer():  # -> transformers.PreTrainedTokenizerFast
+    """A small Unigram tokenizer in the umT5 conventions (pad 0, </s> 1, unk 2, '▁' word boundaries)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = " ".join(
+        [
+            "a an the of in on with and at by to from is are cat dog city night neon light sky sea forest",
+            "robot painting style cyberpunk anime watercolor oil portrait landscape street rain snow fire",
+            "glowing golden dark bright soft detailed photorealistic cinematic futuristic ancient grass",
+        ]
+    ).split(" ")
+    chars = string.ascii_lowercase + string.ascii_uppercase + string.digits + string.punctuation
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [(f"▁{w}", -2.0 - i * 0.01) for i, w in enumerate(words)]
+    vocab += [("▁", -3.0)] + [(c, -5.0) for c in chars] + [(f"▁{c}", -5.5) for c in chars]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def _randomize(module: torch.nn.Module, seed: int) -> None:
+    """Seeded random weights everywhere (official inits zero some layers, e.g. the DiT head)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.dim() >= 2:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=gen) / fan_in**0.5)
+            elif name.endswith(("weight", "gamma")):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+
+
+def demo_components(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
+    """Every network of the pipeline at toy size with seeded random weights (no files, no download)."""
+    from wanstream.engine.components import Components
+    from wanstream.models.dit import WanConfig, WanDiT
+    from wanstream.models.tae import TAEHV, TAEHVConfig
+    from wanstream.models.text import PromptTokenizer, TextEncoder, UMT5Config, UMT5Encoder
+    from wanstream.models.vae import WanVAE, WanVAEConfig
+
+    device = torch.device(device)
+    tokenizer = PromptTokenizer(demo_tokenizer(), text_len=DEMO_TEXT_LEN)
+    t5 = UMT5Encoder(
+        UMT5Config(
+            vocab=len(tokenizer.tokenizer), dim=64, dim_attn=64, dim_ffn=128, num_heads=2, num_layers=2
+        )
+    )
+    dit = WanDiT(
+        WanConfig(
+            dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_len=DEMO_TEXT_LEN, text_dim=64, freq_dim=64
+        )
+    )
+    vae = WanVAE(WanVAEConfig(dim=8, num_res_blocks=1))
+    tae = TAEHV(TAEHVConfig.taew2_1(width_divisor=8))
+    for i, module in enumerate((t5, dit, vae, tae)):
+        _randomize(module, seed + i)
+        module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return Components(
+        dit=dit,
+        device=device,
+        dtype=dtype,
+        wan_vae=vae,
+        taehv=tae,
+        text_encoder=TextEncoder(t5, tokenizer),
+        label=DEMO_LABEL,
+    )

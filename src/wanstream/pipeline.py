@@ -1,0 +1,91 @@
+"""`Pipeline`: load the networks once, open as many stream sessions as you like.
+
+from wanstream import Pipeline
+pipe = Pipeline.load()                       # the real model from `wanstream download`
+# pipe = Pipeline.demo()                     # tiny random weights: the whole path, no download
+session = pipe.session(height=480, width=832, prompts=["a watercolor painting of a city at night"])
+out = session.push(frames)                   # uint8 [T, H, W, 3] in, uint8 frames out as they are ready
+out = torch.cat([out, session.flush()])      # end of input: drain what is still in flight
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from wanstream.engine.components import Components
+from wanstream.engine.prompts import WeightedPrompt
+from wanstream.engine.session import StreamSession
+from wanstream.engine.settings import StreamSettings
+
+Progress = Callable[[str], None]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Pipeline:
+    def __init__(self, components: Components) -> None:
+        self.components = components
+
+    @property
+    def label(self) -> str:
+        return self.components.label
+
+    @property
+    def is_demo(self) -> bool:
+        from wanstream.demo import DEMO_LABEL
+
+        return self.components.label == DEMO_LABEL
+
+    @classmethod
+    def demo(
+        cls, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32, seed: int = 0
+    ) -> Pipeline:
+        """Tiny random-weight networks: exercises every code path in seconds. Output is not meaningful."""
+        from wanstream.demo import demo_components
+
+        return cls(demo_components(device or "cpu", dtype, seed))
+
+    @classmethod
+    def load(
+        cls,
+        models_dir: str | Path | None = None,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+        text_encoder: str = "auto",
+        taehv: bool = True,
+        progress: Progress | None = None,
+    ) -> Pipeline:
+        """The real StreamDiffusionV2 1.3B pipeline from local files (fails fast, naming the download
+        command, when files are missing; never downloads)."""
+        from wanstream.weights.pipeline import load_components
+
+        return cls(
+            load_components(
+                models_dir,
+                device=torch.device(device) if device is not None else default_device(),
+                dtype=dtype,
+                text_encoder=text_encoder,
+                taehv=taehv,
+                progress=progress,
+            )
+        )
+
+    def session(
+        self,
+        settings: StreamSettings | None = None,
+        *,
+        prompts: Sequence[WeightedPrompt | str] | None = None,
+        **overrides: Any,
+    ) -> StreamSession:
+        """A new stream. `overrides` are StreamSettings fields (validated), e.g. height=512, steps=(700,)."""
+        base = settings or StreamSettings()
+        if overrides:
+            base = StreamSettings.model_validate({**base.model_dump(), **overrides})
+        return StreamSession(self.components, base, prompts=prompts)

@@ -1,0 +1,11 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wanstream import Pipeline
+
+
+@pytest.fixture(scope="session")
+def demo_pipeline() -> Pipeline:
+    return Pipeline.demo()
