@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import gc
+import itertools
 import os
 
 import pytest
 import torch
 from pydantic import ValidationError
 
+from support.clips import moving_clip
 from wanstream import Pipeline
 from wanstream.engine.prompts import Transition, WeightedPrompt
 from wanstream.engine.settings import SettingsUpdate, StreamSettings
-
-from support.clips import moving_clip
 
 SMALL = dict(height=32, width=48)
 
@@ -46,7 +46,7 @@ def test_output_has_exactly_as_many_frames_as_input(
     assert out.shape == (frames, 32, 48, 3) and out.dtype == torch.uint8
     ranges = [e.output_frames for e in session.events if e.kind == "input"]
     assert ranges[0][0] == 0 and ranges[-1][1] == frames
-    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # contiguous, in order
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))  # contiguous, in order
 
 
 def test_stream_batch_lags_n_minus_1_chunks_and_no_batch_none(demo_pipeline: Pipeline) -> None:
