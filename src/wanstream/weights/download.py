@@ -128,12 +128,16 @@ def download(
 
     if hub_offline():
         missing = [s for s in statuses if not s.present]
-        if missing or verify:
+        if missing:
             names = "\n".join(f"  - {s.artifact.local_relpath()} ({s.artifact.repo_id})" for s in missing)
-            what = f"these files are missing:\n{names}" if missing else "files cannot be verified."
             raise OfflineError(
-                f"HF_HUB_OFFLINE is set, so nothing can be downloaded, and in {store.root} {what}\n"
-                f"Unset HF_HUB_OFFLINE and run:\n  {command}"
+                f"HF_HUB_OFFLINE is set, so nothing can be downloaded, but these files are missing "
+                f"in {store.root}:\n{names}\nUnset HF_HUB_OFFLINE and run:\n  {command}"
+            )
+        if verify:
+            raise OfflineError(
+                f"HF_HUB_OFFLINE is set: files cannot be verified against the hub. Unset "
+                f"HF_HUB_OFFLINE and run:\n  {command} --verify"
             )
         report.unverified = [s.artifact.local_relpath() for s in statuses if s.state == "present"]
         console.print(

@@ -15,6 +15,7 @@ whose hash differs. Only hashes read off the official repos' file pages are pinn
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -57,8 +58,8 @@ class Artifact:
 
     @property
     def folder(self) -> str:
-        """The repo folder of a folder artifact ("google/umt5-xxl")."""
-        return self.path[:-2] if self.is_folder else self.path.rsplit("/", 1)[0] if "/" in self.path else ""
+        """The repo folder of a folder artifact ("google/umt5-xxl"); "" for a single file."""
+        return self.path[:-2] if self.is_folder else ""
 
     def matches(self, repo_path: str) -> bool:
         """Whether a file of the repo belongs to this artifact."""
@@ -248,7 +249,7 @@ class Selection:
         if self.pipeline != DEFAULT_PIPELINE:
             parts += ["--pipeline", self.pipeline]
         if models_dir:
-            parts += ["--models-dir", _shell_quote(models_dir)]
+            parts += ["--models-dir", shlex.quote(models_dir)]
         if self.text_encoder != DEFAULT_TEXT_ENCODER:
             parts += ["--text-encoder", self.text_encoder]
         for flag, on in (
@@ -264,10 +265,10 @@ class Selection:
 def selection_for(artifacts: Iterable[Artifact], pipeline: str = DEFAULT_PIPELINE) -> Selection:
     """The smallest `Selection` that includes every artifact given (for "run this command" hints)."""
     arts = list(artifacts)
-    roles_te = [a.variant for a in arts if a.role == "text_encoder"]
+    encoders = [a.variant for a in arts if a.role == "text_encoder"]
     return Selection(
         pipeline=pipeline,
-        text_encoder=roles_te[0] if roles_te else DEFAULT_TEXT_ENCODER,  # type: ignore[arg-type]
+        text_encoder=encoders[0] if encoders else DEFAULT_TEXT_ENCODER,  # type: ignore[arg-type]
         taehv=any(a.option == "--with-taehv" for a in arts),
         with_14b=any(a.option == "--with-14b" for a in arts),
         vace=any(a.option == "--with-vace" for a in arts),
@@ -284,12 +285,6 @@ def find_artifact(path: str) -> tuple[Pipeline, Artifact] | None:
     # A bare "config.json" or "model.pt" is ambiguous; "wan_causal_dmd_v2v/model.pt" is not.
     hits = [(p, a) for p, a in singles if norm == a.path or norm.endswith("/" + a.path)]
     return hits[0] if len(hits) == 1 else None
-
-
-def _shell_quote(text: str) -> str:
-    import shlex
-
-    return shlex.quote(text)
 
 
 def human_bytes(n: int | float | None) -> str:

@@ -33,6 +33,7 @@ from wanstream.weights.registry import (
     TextEncoder,
     get_pipeline,
     human_bytes,
+    selection_for,
 )
 
 ENV_MODELS_DIR = "WANSTREAM_MODELS_DIR"
@@ -198,9 +199,6 @@ class MissingWeightsError(FileNotFoundError):
         self.missing = missing
         self.command = command
 
-    def __str__(self) -> str:
-        return str(self.args[0])
-
 
 def resolve_pipeline_files(
     pipeline: str = DEFAULT_PIPELINE,
@@ -263,8 +261,6 @@ def resolve_pipeline_files(
 
 def download_command(artifacts: list[Artifact], models_dir: Path, pipeline: str = DEFAULT_PIPELINE) -> str:
     """The `wanstream download …` command that fetches `artifacts` into `models_dir`."""
-    from wanstream.weights.registry import selection_for
-
     return selection_for(artifacts, pipeline).command(models_dir_flag(models_dir))
 
 
