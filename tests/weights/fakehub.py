@@ -12,7 +12,7 @@ ask for:
 * `HEAD|GET /cdn/<sha256>` — the blob, with `Accept-Ranges`, `Content-Length`, `Range` → 206.
 
 Faults to script: cut a body once mid-file (`cut_once`), then refuse further GETs (`fail_after_cut`),
-serve corrupted bytes under the right hash (`corrupt`), gate a repo behind a token (`gated`), forget
+serve corrupted bytes under the right hash (`corrupt`), ignore Range headers (`ignore_range`), gate a repo behind a token (`gated`), forget
 a repo. Every request is logged in `requests`.
 
 `populate_streamdiffusionv2(hub, golden_dir)` fills the hub with tiny but real, loadable files in
@@ -106,6 +106,7 @@ class FakeHub:
         self.cut_once: set[str] = set()  # repo paths ("owner/name/path") whose next body is cut
         self.fail_after_cut = False  # once a body was cut, GETs of that blob answer 500
         self.corrupt: set[str] = set()  # repo paths served with one flipped byte
+        self.ignore_range = False  # answer Range requests with the whole file (200), like some proxies
         self._cut_done: set[str] = set()  # sha256 of blobs already cut
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -262,7 +263,7 @@ class _Handler(BaseHTTPRequestHandler):
         if method == "GET" and fake.fail_after_cut and digest in fake._cut_done:
             return self._error(500, "Internal Error")
         start, status = 0, 200
-        if method == "GET" and (rng := self.headers.get("Range")):
+        if method == "GET" and (rng := self.headers.get("Range")) and not fake.ignore_range:
             m = re.fullmatch(r"bytes=(\d+)-", rng.strip())
             if not m or int(m.group(1)) > len(content):
                 return self._error(416, "Range Not Satisfiable")

@@ -148,6 +148,19 @@ def test_an_interrupted_run_leaves_a_partial_file_that_the_next_run_continues(
     assert partial_files(models_dir) == []
 
 
+def test_a_server_that_ignores_range_restarts_the_file_cleanly(hub: FakeHub, models_dir: Path) -> None:
+    hub.cut_once.add("/".join(GENERATOR))
+    hub.fail_after_cut = True
+    with pytest.raises(DownloadError):
+        run(models_dir)
+    hub.fail_after_cut, hub.ignore_range = False, True
+    run(models_dir)  # the partial bytes are dropped and the whole body is hashed again
+    last = hub.blob_gets(*GENERATOR)[-1]
+    assert "range" in last.headers and last.status == 200
+    final = models_dir / "StreamDiffusionV2/wan_causal_dmd_v2v/model.pt"
+    assert final.read_bytes() == hub.file(*GENERATOR).content
+
+
 def test_a_corrupted_download_is_deleted_and_never_installed(hub: FakeHub, models_dir: Path) -> None:
     hub.corrupt.add("/".join(VAE))
     with pytest.raises(IntegrityError, match=r"Wan2\.1_VAE\.pth.*SHA-256") as err:
