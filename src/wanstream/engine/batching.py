@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 
 from wanstream.engine.rng import NoiseSource
-from wanstream.models.dit import CrossKV, WanDiT
+from wanstream.models.dit import CrossKV, StreamExtension, WanDiT
 from wanstream.models.kv_cache import KVCache
 from wanstream.models.scheduler import FlowMatchScheduler
 
@@ -109,13 +109,18 @@ class Denoiser:
         return torch.stack([torch.as_tensor(v, dtype=torch.long).to(device) for v in values])
 
     def _forward(
-        self, x: torch.Tensor, timesteps: Sequence[int | torch.Tensor], starts: list[int], cross: CrossKV
+        self,
+        x: torch.Tensor,
+        timesteps: Sequence[int | torch.Tensor],
+        starts: list[int],
+        cross: CrossKV,
+        extension: StreamExtension | None = None,
     ) -> torch.Tensor:
         """One DiT call: x [B, F, C, h, w] at per-lane timesteps and start tokens → x0 (same shape)."""
         B, F = x.shape[:2]
         plan = self.cache.plan(starts, F)
         t = self._timesteps(timesteps, x.device)[:, None].expand(B, F)
-        flow = self.dit.forward_stream(x, t, cross, self.cache, plan)
+        flow = self.dit.forward_stream(x, t, cross, self.cache, plan, extension)
         x0 = self.scheduler.flow_to_x0(flow.flatten(0, 1), x.flatten(0, 1), t.flatten(0, 1)).unflatten(
             0, (B, F)
         )
@@ -126,27 +131,41 @@ class Denoiser:
         return x0
 
     def _denoise_sequential(
-        self, noisy: torch.Tensor, steps: Sequence[int | torch.Tensor], start: int, cross: CrossKV, chunk: int
+        self,
+        noisy: torch.Tensor,
+        steps: Sequence[int | torch.Tensor],
+        start: int,
+        cross: CrossKV,
+        chunk: int,
+        extension: StreamExtension | None = None,
     ) -> torch.Tensor:
         """All steps of one chunk at batch 1, re-noising between steps."""
         F = noisy.shape[1]
         x = noisy
         for i, t in enumerate(steps):
-            x0 = self._forward(x, [t], [start], cross)
+            x0 = self._forward(x, [t], [start], cross, extension)
             if i < len(steps) - 1:
                 eps = self.rng.randn(
                     x0.flatten(0, 1).shape, chunk=chunk, draw=1 + i, device=x0.device, dtype=x0.dtype
                 )
                 x = self.scheduler.add_noise(x0.flatten(0, 1), eps, float(steps[i + 1])).unflatten(0, (1, F))
         if self.cache_context == "clean":
-            # Scope / Self-Forcing: rewrite this chunk's cache entries from the clean output at t = 0.
+            # Scope / Self-Forcing: rewrite this chunk's cache entries from the clean output at t = 0
+            # (Scope runs this pass without VACE: the extension is not passed).
             self._forward(x0, [0], [start], cross)
         return x0
 
     # ----------------------------------------------------------------------------------------------
-    def first_chunk(self, noisy: torch.Tensor, start: int, cross: CrossKV, chunk: int = 0) -> torch.Tensor:
+    def first_chunk(
+        self,
+        noisy: torch.Tensor,
+        start: int,
+        cross: CrossKV,
+        chunk: int = 0,
+        extension: StreamExtension | None = None,
+    ) -> torch.Tensor:
         """The reference's `prepare`: every step on the (2-latent) first chunk at batch 1 → its x0."""
-        x0 = self._denoise_sequential(noisy, self.steps, start, cross, chunk)
+        x0 = self._denoise_sequential(noisy, self.steps, start, cross, chunk, extension)
         if self.batching == "stream":
             N = self.num_steps
             self.cache.broadcast_lane0()
@@ -166,6 +185,7 @@ class Denoiser:
         first_step: int | torch.Tensor | None,
         cross: CrossKV,
         chunk: int,
+        extension: StreamExtension | None = None,
     ) -> torch.Tensor | None:
         """Denoise one later chunk (noisy [1, 1, C, h, w]) whose first step is `first_step`.
 
@@ -176,7 +196,7 @@ class Denoiser:
             if first_step is not None:
                 self._first_step = first_step
             first = self._first_step if self._first_step is not None else self.steps[0]
-            return self._denoise_sequential(noisy, [first, *self.steps[1:]], start, cross, chunk)
+            return self._denoise_sequential(noisy, [first, *self.steps[1:]], start, cross, chunk, extension)
         lanes = self._lanes
         if lanes is None:
             raise RuntimeError("stream batch: the first chunk has not been denoised yet")
@@ -186,7 +206,7 @@ class Denoiser:
         lanes.chunks = [chunk, *lanes.chunks[:-1]]
         if first_step is not None:
             lanes.timesteps[0] = first_step
-        x0 = self._forward(lanes.hidden, lanes.timesteps, lanes.starts, cross)
+        x0 = self._forward(lanes.hidden, lanes.timesteps, lanes.starts, cross, extension)
         hidden = x0.clone()
         for i in range(N - 1):
             eps = self.rng.randn(

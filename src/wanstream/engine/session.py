@@ -20,7 +20,7 @@ import copy
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,7 @@ from wanstream.engine.prompts import (
 )
 from wanstream.engine.rng import NoiseSource, SeededNoise
 from wanstream.engine.settings import REBUILD_FIELDS, SettingsUpdate, StreamSettings
-from wanstream.models.dit import CrossKV
+from wanstream.models.dit import CrossKV, StreamExtension
 from wanstream.models.kv_cache import KVCache, KVCacheConfig
 
 OutputFormat = Literal["uint8", "float"]
@@ -80,6 +80,18 @@ class SessionError(RuntimeError):
     pass
 
 
+class ChunkConditioner(Protocol):
+    """Extra per-chunk conditioning (e.g. VACE control video), chunked like the main input.
+
+    The session asks for the DiT extension of each chunk it denoises (`None`: unconditioned) and resets
+    the conditioner whenever the stream restarts.
+    """
+
+    def extension_for(self, event: ChunkEvent) -> StreamExtension | None: ...
+
+    def reset(self) -> None: ...
+
+
 class StreamSession:
     def __init__(
         self,
@@ -106,6 +118,7 @@ class StreamSession:
         self.frames_out = 0
         self._trim_next = 0  # padding frames in the chunk being flushed (trimmed from its output)
         self._chunk_counter = 0  # monotonic: keys the noise of every chunk ever processed
+        self.conditioner: ChunkConditioner | None = None
         self._build()
         if prompts is not None:
             self.set_prompts(prompts)
@@ -143,6 +156,8 @@ class StreamSession:
         self.denoiser.reset(list(self.settings.denoising_steps))
         self.codecs.reset()
         self.controller.reset()
+        if getattr(self, "conditioner", None) is not None:
+            self.conditioner.reset()
         self._stream_chunks = 0  # chunks since the stream (re)started
         self._next_position = 0  # latent frame index of the next chunk
         self._in_flight: deque[ChunkEvent] = deque()  # stream batch: chunks inside the lanes
@@ -388,12 +403,13 @@ class StreamSession:
         )
         self._trim_next = 0
         self.events.append(event)
+        extension = self.conditioner.extension_for(event) if self.conditioner is not None else None
         if self._stream_chunks == 0:
-            x0 = self.denoiser.first_chunk(noisy, position * L, cross, chunk=k)
+            x0 = self.denoiser.first_chunk(noisy, position * L, cross, chunk=k, extension=extension)
             finished: ChunkEvent | None = event
         else:
             self._in_flight.append(event)
-            x0 = self.denoiser.chunk(noisy, position * L, first_step, cross, chunk=k)
+            x0 = self.denoiser.chunk(noisy, position * L, first_step, cross, chunk=k, extension=extension)
             finished = self._in_flight.popleft() if x0 is not None else None
         self._stream_chunks += 1
         if finished is None or x0 is None:

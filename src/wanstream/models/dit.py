@@ -186,6 +186,24 @@ def gate(y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return (y.unflatten(1, (G, -1)) * g).flatten(1, 2)
 
 
+class StreamExtension:
+    """Hooks into `WanDiT.forward_stream` for conditioning modules (VACE): the base class does nothing.
+
+    `begin` sees the patch-embedded chunk tokens [B, S, dim], the per-frame modulation e0 [B, F, 6, dim]
+    and the token grid (f, h, w) before the first block; `after_block` may add to the hidden state after
+    block `layer`. `time_sinusoid` replaces the timestep embedding's sinusoid.
+    """
+
+    def time_sinusoid(self, freq_dim: int, t: torch.Tensor) -> torch.Tensor:
+        return sinusoid(freq_dim, t)
+
+    def begin(self, dit: WanDiT, tokens: torch.Tensor, e0: torch.Tensor, grid: tuple[int, int, int]) -> None:
+        return None
+
+    def after_block(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        return h
+
+
 @dataclass
 class CrossKV:
     """Text keys/values of every layer for one conditioning: [1, heads, text_len, head_dim] each."""
@@ -302,10 +320,12 @@ class WanDiT(nn.Module):
         self.rope = Rope(cfg.head_dim)
 
     # --- shared pieces -----------------------------------------------------------------------------
-    def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed_time(
+        self, t: torch.Tensor, embed: Callable[[int, torch.Tensor], torch.Tensor] = sinusoid
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """t [B, G] raw timesteps → e [B, G, dim] and e0 [B, G, 6, dim]."""
         dtype = self.patch_embedding.weight.dtype
-        e = self.time_embedding(sinusoid(self.config.freq_dim, t.flatten()).to(dtype))
+        e = self.time_embedding(embed(self.config.freq_dim, t.flatten()).to(dtype))
         e0 = self.time_projection(e).unflatten(1, (6, self.config.dim))
         return e.unflatten(0, t.shape), e0.unflatten(0, t.shape)
 
@@ -394,19 +414,25 @@ class WanDiT(nn.Module):
         cross: CrossKV,
         cache: KVCache,
         plan: CallPlan,
+        extension: StreamExtension | None = None,
     ) -> torch.Tensor:
         """One chunk per lane: x [B, F, C, h, w] noisy latents, t [B, F] timesteps → flow, same shape.
 
         Keys and values of the chunk are written into `cache` (as `plan` says) before attention; the
-        chunk attends itself bidirectionally and everything cached, with no mask.
+        chunk attends itself bidirectionally and everything cached, with no mask. An `extension`
+        (e.g. VACE) may add to the hidden state after any block.
         """
         tokens, grid = self.patchify(x.transpose(1, 2))
-        e, e0 = self.embed_time(t)
+        e, e0 = self.embed_time(t, extension.time_sinusoid if extension is not None else sinusoid)
+        if extension is not None:
+            extension.begin(self, tokens, e0, grid)
         cos, sin = self.rope.freqs(plan.rope_start, *grid)
         h = tokens
         for layer, block in enumerate(self.blocks):
             attend = partial(_attend_cached, cache=cache, layer=layer, plan=plan, cos=cos, sin=sin)
             h = block(h, e0, attend, cross.k[layer], cross.v[layer])
+            if extension is not None:
+                h = extension.after_block(layer, h)
         out = self.head(h, e)
         return self.unpatchify(out, grid).transpose(1, 2)
 
