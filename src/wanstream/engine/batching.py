@@ -151,8 +151,8 @@ class Denoiser:
                 x = self.scheduler.add_noise(x0.flatten(0, 1), eps, float(steps[i + 1])).unflatten(0, (1, F))
         if self.cache_context == "clean":
             # Scope / Self-Forcing: rewrite this chunk's cache entries from the clean output at t = 0
-            # (Scope runs this pass without VACE: the extension is not passed).
-            self._forward(x0, [0], [start], cross)
+            # (Scope runs this pass without VACE hints: the extension decides what it keeps).
+            self._forward(x0, [0], [start], cross, extension.clean_pass() if extension is not None else None)
         return x0
 
     # ----------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -25,5 +25,7 @@ class Components:
     wan_vae: torch.nn.Module | None = None  # wanstream.models.vae.WanVAE
     taehv: torch.nn.Module | None = None  # wanstream.models.tae.TAEHV
     text_encoder: TextEncoderLike | None = None
+    vace: torch.nn.Module | None = None  # wanstream.models.vace (optional conditioning module)
+    loras: Any = None  # wanstream.engine.lora.LoraManager (adapters on the DiT), when any are loaded
     scheduler: FlowMatchScheduler = field(default_factory=FlowMatchScheduler)
     label: str = ""  # e.g. "StreamDiffusionV2 1.3B" or "demo (random weights)"

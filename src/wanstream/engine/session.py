@@ -186,6 +186,8 @@ class StreamSession:
             return self._empty_output()
         if new.mode == "text" and self.prompt.embedding is None:
             raise SessionError("text mode needs prompts: set them before switching")
+        if self.conditioner is not None and new.batching == "stream":
+            raise SessionError("per-chunk conditioning (VACE) is attached: batching must stay 'none'")
         old = self.settings
         steps_count_changed = len(new.denoising_steps) != len(old.denoising_steps)
         restart = bool(changed & REBUILD_FIELDS) or steps_count_changed
@@ -216,6 +218,14 @@ class StreamSession:
         lanes = self.denoiser._lanes
         if lanes is not None:
             lanes.timesteps = [lanes.timesteps[0], *steps[1:]]
+
+    def attach(self, conditioner: ChunkConditioner | None) -> None:
+        """Attach (or detach, with None) per-chunk conditioning such as VACE."""
+        if conditioner is not None and self.settings.batching == "stream":
+            raise SessionError("per-chunk conditioning (VACE) runs chunk by chunk: use batching 'none'")
+        self.conditioner = conditioner
+        if conditioner is not None:
+            conditioner.reset()
 
     def set_prompts(
         self,

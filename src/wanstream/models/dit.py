@@ -203,6 +203,10 @@ class StreamExtension:
     def after_block(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         return h
 
+    def clean_pass(self) -> StreamExtension | None:
+        """The extension for the t = 0 cache-rewrite pass (`cache_context="clean"`); None: plain DiT."""
+        return None
+
 
 @dataclass
 class CrossKV:
