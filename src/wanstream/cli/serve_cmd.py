@@ -1,0 +1,131 @@
+"""`wanstream serve`: the real-time WebRTC server (studio, REST and WebSocket control, metrics)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+TOKEN_ENV = "WANSTREAM_TOKEN"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="run the real-time server (WebRTC in/out, live control, studio)",
+        description=(
+            "Serve real-time video diffusion over WebRTC: a client sends a camera or file stream (or nothing, "
+            "in text mode) and gets the generated stream back, with live prompt/seed/steps/noise control over "
+            "a data channel, REST (/docs) or a WebSocket. Binds to 127.0.0.1 unless told otherwise; any other "
+            f"address needs a token (--token or ${TOKEN_ENV})."
+        ),
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--demo", action="store_true", help="tiny random-weight model: no download, runs on a CPU")
+    p.add_argument(
+        "--models-dir", type=Path, metavar="DIR", help="downloaded weights (see `wanstream models`)"
+    )
+    p.add_argument("--device", help="torch device, e.g. cuda:0 or cpu (default: CUDA when available)")
+    p.add_argument(
+        "--max-sessions",
+        type=int,
+        default=1,
+        metavar="N",
+        help="concurrent streams (default: 1, one GPU session)",
+    )
+    p.add_argument("--token", help=f"access token required on every request (or ${TOKEN_ENV})")
+    p.add_argument(
+        "--media-dir", type=Path, metavar="DIR", help="server-side videos for headless sessions/uploads"
+    )
+    p.add_argument(
+        "--recordings-dir", type=Path, metavar="DIR", help="keep recordings here (default: temporary)"
+    )
+    p.add_argument(
+        "--max-upload-mb", type=int, default=512, metavar="MB", help="upload size limit in MiB (default: 512)"
+    )
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="allow this browser origin (repeatable)",
+    )
+    p.add_argument(
+        "--ice-server",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="STUN/TURN URL for clients beyond the LAN",
+    )
+    p.add_argument(
+        "--ice-timeout",
+        type=float,
+        default=20.0,
+        metavar="S",
+        help="tear down peers not connected by then (20)",
+    )
+    p.add_argument("--height", type=int, help="default output height for new streams (multiple of 16)")
+    p.add_argument("--width", type=int, help="default output width for new streams (multiple of 16)")
+    p.add_argument("--no-preload", action="store_true", help="load the model on POST /api/v1/model/load only")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from wanstream.engine.settings import SettingsUpdate
+    from wanstream.server.config import MiB, ServerConfig
+    from wanstream.server.security import SecurityError, check_bind
+
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+    try:
+        check_bind(args.host, token)  # before anything slow: an unsafe bind fails at once
+    except SecurityError as exc:
+        print(f"wanstream serve: {exc}", file=sys.stderr)
+        return 2
+    overrides = {k: v for k, v in (("height", args.height), ("width", args.width)) if v is not None}
+    try:
+        SettingsUpdate.model_validate(overrides)
+    except ValidationError as exc:
+        print(f"wanstream serve: {exc}", file=sys.stderr)
+        return 2
+    for folder, flag in ((args.media_dir, "--media-dir"), (args.models_dir, "--models-dir")):
+        if folder is not None and not folder.is_dir():
+            print(f"wanstream serve: {flag} {folder} is not a folder", file=sys.stderr)
+            return 2
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        token=token,
+        max_sessions=args.max_sessions,
+        demo=args.demo,
+        models_dir=args.models_dir,
+        device=args.device,
+        preload=not args.no_preload,
+        media_dir=args.media_dir,
+        recordings_dir=args.recordings_dir,
+        cors_origins=tuple(args.cors_origin),
+        ice_servers=tuple(args.ice_server),
+        max_upload_bytes=args.max_upload_mb * MiB,
+        ice_timeout_s=args.ice_timeout,
+        settings_overrides=overrides,
+    )
+
+    import uvicorn
+
+    from wanstream.server.app import create_app
+
+    try:
+        app = create_app(config)
+    except (SecurityError, ValueError) as exc:
+        print(f"wanstream serve: {exc}", file=sys.stderr)
+        return 2
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(
+        f"wanstream serve: http://{shown}:{args.port}  (API docs: /docs, metrics: /metrics)", file=sys.stderr
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, ws="auto")
+    return 0

@@ -1,0 +1,583 @@
+"""REST routes (`/api/v1/...`), `/health`, `/metrics` and the session WebSocket.
+
+Errors are JSON `{"detail": "..."}` with the status saying who must act: 400 bad request (SDP, names),
+401 token, 404 unknown session, 409 busy / already, 413 too large, 415 not a video, 422 invalid values
+(with the validation messages), 503 model not loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Query, Request, Response, WebSocket, WebSocketDisconnect
+from fastapi.responses import FileResponse, PlainTextResponse
+from pydantic import ValidationError
+
+from wanstream.engine.settings import SettingsUpdate, StreamSettings
+from wanstream.media.video import VideoError, probe_video
+from wanstream.server import metrics
+from wanstream.server.model import ModelBusy, ModelManager
+from wanstream.server.recording import encode_jpeg
+from wanstream.server.schemas import (
+    Control,
+    ControlAck,
+    HeadlessRequest,
+    IcePatch,
+    LoadRequest,
+    ModelStatus,
+    OfferAnswer,
+    OfferRequest,
+    RecordingInfo,
+    RecordingRequest,
+    SessionCreated,
+    describe_validation,
+    validation_details,
+)
+from wanstream.server.security import (
+    VIDEO_SUFFIXES,
+    SecurityError,
+    check_video_name,
+    resolve_media_path,
+    sniff_video,
+)
+from wanstream.server.sessions import Busy, NotReady, Recording, Session, SessionManager, SessionNotFound
+from wanstream.server.signaling import (
+    SignalingError,
+    add_candidates,
+    answer_offer,
+    check_offer,
+    submit_control,
+)
+from wanstream.server.sources import FileSource
+from wanstream.server.worker import ControlRejected
+
+router = APIRouter()
+v1 = APIRouter(prefix="/api/v1")
+
+
+def _manager(request: Request | WebSocket) -> SessionManager:
+    return request.app.state.sessions
+
+
+def _model(request: Request) -> ModelManager:
+    return request.app.state.model
+
+
+def _session(request: Request | WebSocket, session_id: str) -> Session:
+    try:
+        return _manager(request).get(session_id)
+    except SessionNotFound:
+        raise HTTPException(404, f"no session {session_id!r} (it may have ended)") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Health, metrics, model
+
+
+@router.get("/health", tags=["status"])
+async def health(request: Request) -> dict[str, Any]:
+    manager = _manager(request)
+    return {
+        "status": "ok",
+        "model": _model(request).status().state,
+        "sessions": len(manager.sessions),
+        "max_sessions": manager.config.max_sessions,
+    }
+
+
+@router.get("/metrics", tags=["status"], response_class=PlainTextResponse)
+async def prometheus(request: Request) -> Response:
+    text = metrics.render(_manager(request), _model(request))
+    return Response(text, media_type=metrics.CONTENT_TYPE)
+
+
+@v1.get("/model", tags=["model"])
+async def model_status(request: Request) -> ModelStatus:
+    return _model(request).status()
+
+
+@v1.post("/model/load", tags=["model"], status_code=202)
+async def model_load(request: Request, body: LoadRequest) -> ModelStatus:
+    """Start loading in the background (returns at once); poll GET /api/v1/model for progress."""
+    if _manager(request).sessions:
+        raise HTTPException(409, "streams are running: stop them before loading another model")
+    models_dir = Path(body.models_dir).expanduser() if body.models_dir else None
+    if models_dir is not None and not models_dir.is_dir():
+        raise HTTPException(400, f"models_dir {body.models_dir!r} is not a folder on the server")
+    try:
+        _model(request).start_load(demo=body.demo, models_dir=models_dir)
+    except ModelBusy as exc:
+        raise HTTPException(409, str(exc)) from None
+    return _model(request).status()
+
+
+@v1.get("/settings/schema", tags=["model"])
+async def settings_schema(request: Request) -> dict[str, Any]:
+    """The JSON schema of stream settings (with descriptions for tooltips) and this server's defaults."""
+    defaults: dict[str, Any] | None = None
+    if _model(request).pipeline is not None:
+        defaults = _manager(request).resolve_settings(None).model_dump(mode="json")
+    return {
+        "schema": StreamSettings.model_json_schema(),
+        "control": Control.model_json_schema(),
+        "defaults": defaults,
+    }
+
+
+@v1.get("/debug/resources", tags=["status"])
+async def debug_resources() -> dict[str, Any]:
+    """Threads, asyncio tasks, memory, file handles and GPU memory (what a leak would show)."""
+    return metrics.resources()
+
+
+# ----------------------------------------------------------------------------------------------------
+# WebRTC
+
+
+@v1.get("/webrtc/ice-servers", tags=["webrtc"])
+async def ice_servers(request: Request) -> dict[str, Any]:
+    return {"iceServers": [{"urls": u} for u in _manager(request).config.ice_servers]}
+
+
+@v1.post("/webrtc/offer", tags=["webrtc"], responses={409: {"description": "busy"}})
+async def webrtc_offer(request: Request, body: OfferRequest) -> OfferAnswer:
+    """Start a stream: SDP offer in, SDP answer out (with all server candidates); data channel `parameters`."""
+    manager = _manager(request)
+    settings = _settings(manager, body.settings)
+    try:
+        check_offer(body.sdp, settings.mode)
+    except SignalingError as exc:
+        raise HTTPException(400, str(exc)) from None
+    session = _reserve(manager, "webrtc")
+    try:
+        return await answer_offer(manager, session, body, settings)
+    except BaseException as exc:
+        await manager.close(session.id, f"signalling failed: {exc}", "error")
+        raise _http_error(exc) from None
+
+
+@v1.patch("/webrtc/offer/{session_id}", tags=["webrtc"], status_code=204)
+async def webrtc_candidates(request: Request, session_id: str, body: IcePatch) -> Response:
+    """Trickle ICE: the client's candidates, as they are found."""
+    session = _session(request, session_id)
+    try:
+        await add_candidates(session, body.candidates)
+    except SignalingError as exc:
+        raise HTTPException(400, str(exc)) from None
+    return Response(status_code=204)
+
+
+@v1.delete("/webrtc/offer/{session_id}", tags=["webrtc"], status_code=204)
+async def webrtc_close(request: Request, session_id: str) -> Response:
+    return await delete_session(request, session_id)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sessions (WebRTC and headless)
+
+
+@v1.get("/sessions", tags=["sessions"])
+async def list_sessions(request: Request) -> list[dict[str, Any]]:
+    return [_describe(s) for s in _manager(request).sessions.values()]
+
+
+@v1.post("/sessions", tags=["sessions"], status_code=201, responses={409: {"description": "busy"}})
+async def start_headless(request: Request, body: HeadlessRequest) -> SessionCreated:
+    """A stream without WebRTC: from a video in the media folder, or text mode. Fetch frames from
+    `/sessions/{id}/frame.jpg`, record, control, then DELETE."""
+    manager = _manager(request)
+    source_path = None
+    if body.source == "file":
+        assert body.file is not None
+        try:
+            source_path = resolve_media_path(manager.config.media_dir, body.file)
+            check_video_name(body.file)
+        except SecurityError as exc:
+            raise HTTPException(400, str(exc)) from None
+        if not source_path.is_file():
+            raise HTTPException(
+                404, f"no video {body.file!r} in the media folder (GET /api/v1/media lists them)"
+            )
+    mode = "video" if body.source == "file" else "text"
+    requested = body.settings.model_dump(exclude_unset=True) if body.settings is not None else {}
+    if requested.setdefault("mode", mode) != mode:
+        raise HTTPException(
+            422, f"source {body.source!r} needs settings.mode {mode!r}, not {requested['mode']!r}"
+        )
+    settings = _settings(manager, SettingsUpdate.model_validate(requested))
+    session = _reserve(manager, "headless")
+    try:
+        if source_path is not None:
+            source = await asyncio.to_thread(
+                FileSource, source_path, session.feed, loop=body.loop, name=session.id
+            )
+            session.source, session.source_label = source, body.file or ""
+        else:
+            session.source_label = "text"
+        await manager.start_worker(session, settings, body.prompts)
+        if session.source is not None:
+            session.source.start()
+            session.spawn(_watch_source(manager, session), "source-watch")
+    except BaseException as exc:
+        await manager.close(session.id, f"start failed: {exc}", "error")
+        raise _http_error(exc) from None
+    return SessionCreated(session_id=session.id)
+
+
+@v1.get("/sessions/{session_id}", tags=["sessions"])
+async def session_status(request: Request, session_id: str) -> dict[str, Any]:
+    return _describe(_session(request, session_id), details=True)
+
+
+@v1.delete("/sessions/{session_id}", tags=["sessions"], status_code=204)
+async def delete_session(request: Request, session_id: str) -> Response:
+    session = _session(request, session_id)
+    await _manager(request).close(session.id, "stopped by the client (DELETE)", "deleted")
+    return Response(status_code=204)
+
+
+@v1.post("/sessions/{session_id}/close", tags=["sessions"], status_code=204)
+async def close_session(request: Request, session_id: str) -> Response:
+    """The same as DELETE, for `navigator.sendBeacon` when a tab closes."""
+    return await delete_session(request, session_id)
+
+
+@v1.post("/sessions/{session_id}/control", tags=["sessions"], responses={422: {"description": "rejected"}})
+async def control(request: Request, session_id: str) -> ControlAck:
+    """The data channel's live updates over REST: validated, applied between chunks, acknowledged."""
+    session = _session(request, session_id)
+    raw = await request.body()
+    try:
+        message = Control.model_validate_json(raw)
+    except ValidationError as exc:
+        raise HTTPException(
+            422, {"error": describe_validation(exc), "details": validation_details(exc)}
+        ) from None
+    if session.worker is None:
+        raise HTTPException(409, "the session has not started yet")
+    try:
+        return await asyncio.wrap_future(session.worker.control(message))
+    except ControlRejected as exc:
+        raise HTTPException(422, {"error": str(exc), "details": exc.details}) from None
+
+
+@v1.get("/sessions/{session_id}/events", tags=["sessions"])
+async def session_events(
+    request: Request, session_id: str, since: Annotated[int, Query(ge=-1)] = -1
+) -> list[dict[str, Any]]:
+    """The event log: one row per generated chunk (prompt in force, frames, timesteps, noise) and per
+    applied update; `since` = the last `seq` seen."""
+    session = _session(request, session_id)
+    return session.worker.event_log(since) if session.worker is not None else []
+
+
+@v1.get("/sessions/{session_id}/frame.jpg", tags=["sessions"], response_class=Response)
+async def latest_frame(
+    request: Request, session_id: str, quality: Annotated[int, Query(ge=1, le=100)] = 85
+) -> Response:
+    """The most recent generated frame as JPEG (503 until the first one, and right after a restart)."""
+    session = _session(request, session_id)
+    frame = session.worker.latest() if session.worker is not None else None
+    if frame is None:
+        raise HTTPException(503, "no frame yet", headers={"Retry-After": "1"})
+    data = await asyncio.to_thread(encode_jpeg, frame.image, quality)
+    headers = {
+        "Cache-Control": "no-store",
+        "X-Wanstream-Chunk": str(frame.chunk),
+        "X-Wanstream-Epoch": str(frame.epoch),
+    }
+    return Response(data, media_type="image/jpeg", headers=headers)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Recording
+
+
+@v1.post("/sessions/{session_id}/recording/start", tags=["recording"], status_code=201)
+async def recording_start(
+    request: Request, session_id: str, body: RecordingRequest | None = None
+) -> RecordingInfo:
+    session = _session(request, session_id)
+    try:
+        recording = _manager(request).start_recording(session, body.include_input if body else False)
+    except ValueError as exc:
+        raise HTTPException(409, str(exc)) from None
+    return _recording_info(session.id, recording)
+
+
+@v1.post("/sessions/{session_id}/recording/stop", tags=["recording"])
+async def recording_stop(request: Request, session_id: str) -> RecordingInfo:
+    session = _session(request, session_id)
+    try:
+        recording = await _manager(request).stop_recording(session)
+    except ValueError as exc:
+        raise HTTPException(409, str(exc)) from None
+    return _recording_info(session.id, recording)
+
+
+@v1.get("/sessions/{session_id}/recording", tags=["recording"])
+async def recording_status(request: Request, session_id: str) -> RecordingInfo:
+    recording = _manager(request).recording_for(session_id)
+    if recording is None:
+        raise HTTPException(404, f"no recording for session {session_id!r}")
+    return _recording_info(session_id, recording)
+
+
+@v1.get("/sessions/{session_id}/recording/{which}.mp4", tags=["recording"], response_class=FileResponse)
+async def recording_download(request: Request, session_id: str, which: str) -> FileResponse:
+    """Download the recorded output (`output.mp4`) or input (`input.mp4`) once recording has stopped."""
+    recording = _manager(request).recording_for(session_id)
+    if recording is None:
+        raise HTTPException(404, f"no recording for session {session_id!r}")
+    if which not in ("output", "input"):
+        raise HTTPException(404, "recordings are output.mp4 and input.mp4")
+    if recording.stopped is None:
+        raise HTTPException(409, "still recording: POST .../recording/stop first")
+    path = recording.output_path if which == "output" else recording.input_path
+    if path is None or not path.is_file():
+        raise HTTPException(
+            404, f"no {which} recording (nothing was recorded, or the input was not included)"
+        )
+    return FileResponse(path, media_type="video/mp4", filename=f"wanstream-{session_id}-{which}.mp4")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Media folder
+
+
+@v1.get("/media", tags=["media"])
+async def list_media(request: Request) -> list[dict[str, Any]]:
+    root = _manager(request).config.media_dir
+    if root is None:
+        return []
+    base = root.resolve()
+    found = []
+    for path in sorted(base.rglob("*")):
+        rel = path.relative_to(base).as_posix()
+        hidden = any(part.startswith(".") for part in Path(rel).parts)
+        if path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES and not hidden:
+            found.append({"name": rel, "bytes": path.stat().st_size})
+    return found
+
+
+@v1.put("/media/{name:path}", tags=["media"], status_code=201)
+async def upload_media(
+    request: Request, name: str, overwrite: Annotated[bool, Query()] = False
+) -> dict[str, Any]:
+    """Upload a video into the media folder: the raw file as the request body (`Content-Type: video/*`)."""
+    config = _manager(request).config
+    try:
+        target = resolve_media_path(config.media_dir, name)
+        check_video_name(name)
+    except SecurityError as exc:
+        raise HTTPException(400, str(exc)) from None
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type and not (content_type.startswith("video/") or content_type == "application/octet-stream"):
+        raise HTTPException(415, f"uploads must be videos (Content-Type video/*), got {content_type!r}")
+    limit = config.max_upload_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"the file is {int(declared)} bytes; uploads are limited to {limit} bytes")
+    if target.exists() and not overwrite:
+        raise HTTPException(409, f"{name!r} already exists (add ?overwrite=true to replace it)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.upload")
+    size = 0
+    head = b""
+    try:
+        with open(tmp, "wb") as f:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise HTTPException(413, f"the file is larger than the upload limit ({limit} bytes)")
+                if len(head) < 16:
+                    head += chunk[: 16 - len(head)]
+                    if len(head) >= 16 and sniff_video(head) is None:
+                        raise HTTPException(
+                            415, f"{name!r} is not a video file (unknown container signature)"
+                        )
+                f.write(chunk)
+        if size == 0:
+            raise HTTPException(400, "the upload is empty")
+        if sniff_video(head) is None:
+            raise HTTPException(415, f"{name!r} is not a video file (unknown container signature)")
+        try:
+            info = await asyncio.to_thread(probe_video, tmp)
+        except VideoError:
+            raise HTTPException(
+                415, f"{name!r} is not a readable video (no decodable video stream)"
+            ) from None
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"name": name, "bytes": size, "width": info.width, "height": info.height, "fps": info.fps}
+
+
+# ----------------------------------------------------------------------------------------------------
+# WebSocket: live control and status for scripts
+
+
+@v1.websocket("/sessions/{session_id}/ws")
+async def session_socket(websocket: WebSocket, session_id: str) -> None:
+    """Send the same JSON as the data channel, get acks/errors back; a status message every second."""
+    manager = _manager(websocket)
+    session = manager.sessions.get(session_id)
+    await websocket.accept()  # accept first: closing before it would read as a refused handshake (403)
+    if session is None:
+        await websocket.close(code=4404, reason="no such session")
+        return
+    loop = asyncio.get_running_loop()
+    outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=64)
+
+    def reply(body: dict[str, Any]) -> None:
+        with contextlib.suppress(asyncio.QueueFull):
+            outbox.put_nowait(body)
+
+    async def sender() -> None:
+        while True:
+            try:
+                body = await asyncio.wait_for(outbox.get(), 1.0)
+            except TimeoutError:
+                body = {"type": "status", **_describe(session)}
+            await websocket.send_text(json.dumps(body))
+
+    send_task = asyncio.create_task(sender())
+    try:
+        while session.state != "closed":
+            receive = asyncio.create_task(websocket.receive_text())
+            closed = asyncio.create_task(session.closed.wait())
+            done, pending = await asyncio.wait({receive, closed}, return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+            if receive not in done:
+                break
+            submit_control(session, receive.result(), reply, loop)
+    except WebSocketDisconnect:
+        pass
+    finally:
+        send_task.cancel()
+        await asyncio.gather(send_task, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await websocket.send_text(json.dumps({"type": "stream_stopped", "reason": session.close_reason}))
+            await websocket.close()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _settings(manager: SessionManager, update: SettingsUpdate | None) -> StreamSettings:
+    """A new stream's settings: 503 without a model, 422 with the reason when the values do not fit."""
+    status = manager.model.status()
+    if manager.model.pipeline is None:
+        detail = (
+            f" ({status.stage})"
+            if status.state == "loading"
+            else (f": {status.error}" if status.error else "")
+        )
+        raise HTTPException(
+            503,
+            f"the model is {status.state.replace('_', ' ')}{detail}; see GET /api/v1/model",
+            headers={"Retry-After": "5"},
+        )
+    try:
+        return manager.resolve_settings(update)
+    except ValidationError as exc:
+        raise HTTPException(
+            422, {"error": describe_validation(exc), "details": validation_details(exc)}
+        ) from None
+
+
+def _reserve(manager: SessionManager, kind: Any) -> Session:
+    try:
+        return manager.reserve(kind)
+    except Busy as exc:
+        raise HTTPException(409, str(exc)) from None
+    except NotReady as exc:
+        raise HTTPException(503, str(exc), headers={"Retry-After": "5"}) from None
+
+
+def _http_error(exc: BaseException) -> BaseException:
+    if isinstance(exc, HTTPException):
+        return exc
+    if isinstance(exc, SignalingError | SecurityError):
+        return HTTPException(400, str(exc))
+    if isinstance(exc, ValidationError):
+        return HTTPException(422, {"error": describe_validation(exc), "details": validation_details(exc)})
+    if isinstance(exc, VideoError):
+        return HTTPException(415, str(exc))
+    if isinstance(exc, ValueError):
+        return HTTPException(422, str(exc))
+    if isinstance(exc, Exception):
+        return HTTPException(500, f"the stream could not start: {type(exc).__name__}: {exc}")
+    return exc  # CancelledError, KeyboardInterrupt: let them through
+
+
+async def _watch_source(manager: SessionManager, session: Session) -> None:
+    """End a headless session when its (non-looping) file is done and its frames have come out."""
+    source = session.source
+    assert source is not None
+    while not (source.finished or source.error):
+        await asyncio.sleep(0.25)
+    await asyncio.sleep(2.0)  # let the last chunks through
+    reason = f"the source ended: {source.error}" if source.error else "the source file ended"
+    await manager.close(session.id, reason, "source_ended")
+
+
+def _describe(session: Session, details: bool = False) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "session_id": session.id,
+        "kind": session.kind,
+        "state": session.state,
+        "source": session.source_label or ("webrtc" if session.kind == "webrtc" else ""),
+        "created": session.created,
+        "age_s": round(time.time() - session.created, 3),
+        "recording": session.recording is not None and session.recording.stopped is None,
+    }
+    if session.peer is not None:
+        info["connection"] = session.peer.connectionState
+    if session.worker is not None:
+        stats = session.worker.stats()
+        info["stats"] = {k: v for k, v in vars(stats).items() if k not in ("settings", "prompts")}
+        info["settings"] = stats.settings
+        info["prompts"] = stats.prompts
+    out = session.output
+    if out is not None:
+        info["output"] = {
+            "sent": out.sent,
+            "resent": out.resent,
+            "queue": out.depth(),
+            "dropped_overflow": out.dropped_overflow,
+            "dropped_stale": out.dropped_stale,
+            "latency_p50": out.latency.quantile(0.5),
+            "latency_p90": out.latency.quantile(0.9),
+            "fps": out.send_rate.rate(),
+        }
+        if details:
+            info["output"]["sent_log"] = [list(x) for x in out.sent_log]
+    info["rtt"] = session.rtt
+    return info
+
+
+def _recording_info(session_id: str, recording: Recording) -> RecordingInfo:
+    base = f"/api/v1/sessions/{session_id}/recording"
+    return RecordingInfo(
+        session_id=session_id,
+        state="recording" if recording.stopped is None else "stopped",
+        output_frames=recording.output.written,
+        input_frames=recording.input.written if recording.input is not None else None,
+        dropped_frames=recording.output.dropped
+        + (recording.input.dropped if recording.input is not None else 0),
+        output_url=f"{base}/output.mp4",
+        input_url=f"{base}/input.mp4" if recording.input is not None else None,
+    )
+
+
+router.include_router(v1)

@@ -1,0 +1,99 @@
+"""The FastAPI app: routes, the security guard, the studio's static files, start-up and shutdown.
+
+    app = create_app(ServerConfig(demo=True))
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+
+Shutdown closes every session (peers, worker threads, recordings) before the process exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
+
+from wanstream import __version__
+from wanstream.server.api import router
+from wanstream.server.config import ServerConfig
+from wanstream.server.model import ModelManager
+from wanstream.server.security import RequestGuard, check_bind
+from wanstream.server.sessions import SessionManager
+
+log = logging.getLogger("wanstream.server")
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+_PLACEHOLDER = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>wanstream</title>
+<style>body{background:#111;color:#ddd;font:16px/1.5 system-ui,sans-serif;max-width:40em;margin:4em auto}
+code{color:#9cf}</style></head><body>
+<h1>wanstream server</h1>
+<p>The studio (the browser interface) is not built into this install.</p>
+<p>The server is running: the API is documented at <a href="/docs"><code>/docs</code></a>,
+its status is at <a href="/health"><code>/health</code></a> and <a href="/metrics"><code>/metrics</code></a>.</p>
+</body></html>
+"""
+
+
+def create_app(config: ServerConfig, *, model: ModelManager | None = None) -> FastAPI:
+    """The server app. Raises `SecurityError` for an unsafe configuration (non-local bind, no token)."""
+    check_bind(config.host, config.token)
+    if config.max_sessions < 1:
+        raise ValueError(f"max_sessions must be at least 1, got {config.max_sessions}")
+    if config.media_dir is not None and not config.media_dir.is_dir():
+        raise ValueError(f"the media folder {config.media_dir} does not exist")
+    model = model or ModelManager(demo=config.demo, models_dir=config.models_dir, device=config.device)
+    own_recordings = config.recordings_dir is None
+    recordings_dir = config.recordings_dir or Path(tempfile.mkdtemp(prefix="wanstream-recordings-"))
+    sessions = SessionManager(config, model, recordings_dir)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if config.preload and model.status().state == "not_loaded":
+            model.start_load()
+        try:
+            yield
+        finally:
+            await sessions.close_all("the server is shutting down")
+            if own_recordings:
+                shutil.rmtree(recordings_dir, ignore_errors=True)
+
+    app = FastAPI(
+        title="wanstream",
+        version=__version__,
+        summary="Real-time video diffusion (StreamDiffusionV2 on Wan2.1): WebRTC streaming and control.",
+        lifespan=lifespan,
+    )
+    app.state.config = config
+    app.state.model = model
+    app.state.sessions = sessions
+    app.include_router(router)
+
+    if (STATIC_DIR / "index.html").is_file():
+        app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="studio")
+    else:
+
+        @app.get("/", include_in_schema=False)
+        async def placeholder() -> HTMLResponse:
+            return HTMLResponse(_PLACEHOLDER)
+
+    # Added last = outermost: CORS answers preflights (which carry no token) before the guard runs.
+    app.add_middleware(
+        RequestGuard, token=config.token, bind_host=config.host, cors_origins=config.cors_origins
+    )
+    if config.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.cors_origins),
+            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "X-Wanstream-Token"],
+        )
+    return app

@@ -1,0 +1,32 @@
+"""The server's configuration: one frozen dataclass built by `wanstream serve` (or by tests)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: str | None = None  # required when `host` is not a loopback address
+    max_sessions: int = 1  # concurrent streams (one GPU session by default)
+    demo: bool = False  # tiny random-weight model: no download, runs on a CPU
+    models_dir: Path | None = None
+    device: str | None = None  # None: CUDA when available, else CPU
+    preload: bool = True  # load the model at start-up (else on POST /api/v1/model/load)
+    media_dir: Path | None = None  # server-side videos for headless sessions and uploads
+    recordings_dir: Path | None = None  # None: a private temp folder removed at shutdown
+    cors_origins: tuple[str, ...] = ()  # closed by default
+    ice_servers: tuple[str, ...] = ()  # e.g. "stun:stun.l.google.com:19302"; none: host candidates only
+    max_upload_bytes: int = 512 * MiB
+    ice_timeout_s: float = 20.0  # a peer that has not connected by then is torn down
+    disconnect_grace_s: float = 5.0  # how long a "disconnected" peer may take to come back
+    input_queue_frames: int = 32  # bounded: old frames are dropped, never waited for
+    output_queue_frames: int = 12  # bounded: about 3 chunks
+    text_fps: float = 16.0  # text mode plays at Wan's native content rate
+    control_queue: int = 32  # pending live updates per session
+    settings_overrides: dict[str, object] = field(default_factory=dict)  # defaults for new sessions

@@ -1,0 +1,105 @@
+"""The loaded pipeline: loaded once per process on a background thread, with its progress on show."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from wanstream.server.schemas import ModelStatus
+
+if TYPE_CHECKING:
+    from wanstream.pipeline import Pipeline
+
+log = logging.getLogger("wanstream.server")
+
+
+class ModelBusy(RuntimeError):
+    pass
+
+
+class ModelManager:
+    """State machine not_loaded → loading → loaded | error; thread-safe status reads."""
+
+    def __init__(self, *, demo: bool, models_dir: Path | None, device: str | None) -> None:
+        self.demo = demo
+        self.models_dir = models_dir
+        self.device = device
+        self._lock = threading.Lock()
+        self._state = "not_loaded"
+        self._stage = ""
+        self._progress: float | None = 0.0  # None while loading: the loader reports stages, not fractions
+        self._error: str | None = None
+        self._started: float | None = None
+        self._finished: float | None = None
+        self._pipeline: Pipeline | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def pipeline(self) -> Pipeline | None:
+        return self._pipeline
+
+    def status(self) -> ModelStatus:
+        with self._lock:
+            pipeline = self._pipeline
+            elapsed = None
+            if self._started is not None:
+                elapsed = (self._finished or time.monotonic()) - self._started
+            return ModelStatus(
+                state=self._state,  # type: ignore[arg-type]
+                stage=self._stage,
+                progress=self._progress,
+                label=pipeline.label if pipeline is not None else "",
+                device=str(pipeline.components.device) if pipeline is not None else (self.device or ""),
+                error=self._error,
+                elapsed_s=None if elapsed is None else round(elapsed, 3),
+            )
+
+    def start_load(self, *, demo: bool | None = None, models_dir: Path | None = None) -> None:
+        """Begin loading in the background (returns at once); a second call while loading is refused."""
+        with self._lock:
+            if self._state == "loading":
+                raise ModelBusy("the model is already loading; poll GET /api/v1/model")
+            if demo is not None:
+                self.demo = demo
+            if models_dir is not None:
+                self.models_dir = models_dir
+            self._state, self._stage, self._progress, self._error = "loading", "starting", None, None
+            self._started, self._finished = time.monotonic(), None
+            self._pipeline = None
+            self._thread = threading.Thread(target=self._load, name="wanstream-model-load", daemon=True)
+            self._thread.start()
+
+    def wait(self, timeout: float | None = None) -> ModelStatus:
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        return self.status()
+
+    def _set_stage(self, stage: str) -> None:
+        with self._lock:
+            self._stage = stage
+
+    def _load(self) -> None:
+        try:
+            from wanstream.pipeline import Pipeline
+
+            if self.demo:
+                self._set_stage("building the demo model (tiny, random weights)")
+                pipeline = Pipeline.demo(device=self.device)
+            else:
+                self._set_stage("loading weights")
+                pipeline = Pipeline.load(self.models_dir, device=self.device, progress=self._set_stage)
+        except Exception as exc:
+            log.exception("model load failed")
+            with self._lock:
+                self._state, self._error = "error", f"{type(exc).__name__}: {exc}"
+                self._finished = time.monotonic()
+            return
+        with self._lock:
+            self._pipeline = pipeline
+            self._state, self._stage, self._progress = "loaded", "ready", 1.0
+            self._finished = time.monotonic()
+        log.info("model loaded: %s", pipeline.label)

@@ -1,0 +1,143 @@
+"""MP4 recording off the hot path, and JPEG snapshots.
+
+The worker hands frames to a `Recorder` (a queue put, no copy, no encoding); a writer thread encodes
+them with PyAV (H.264, yuv420p) at their real times (variable frame rate, millisecond time base), so a
+recording plays back at the speed it was made. When the writer falls behind, frames are dropped and
+counted rather than slowing the stream. The file is written under a hidden name and renamed into place
+when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import threading
+from collections.abc import Sequence
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+
+from wanstream.server.worker import OutputFrame, SourceFrame
+
+log = logging.getLogger("wanstream.server")
+
+TIME_BASE = Fraction(1, 1000)
+_STOP = object()
+
+
+class Recorder:
+    """One MP4 file fed from any thread; `close()` finishes it (blocking: call it off the event loop)."""
+
+    def __init__(self, path: Path, *, name: str, queue_frames: int = 240) -> None:
+        self.path = path
+        self._tmp = path.with_name(f".{path.name}.part")
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_frames)
+        self.written = 0
+        self.dropped = 0
+        self.error: str | None = None
+        self._start: float | None = None
+        self._thread = threading.Thread(target=self._run, name=f"wanstream-recorder-{name}", daemon=True)
+        self._thread.start()
+
+    # FrameSink for the generated stream
+    def put(self, frames: Sequence[OutputFrame]) -> None:
+        for frame in frames:
+            self.put_frame(frame.image, frame.made)
+
+    def flush(self, epoch: int) -> None:
+        """A restart does not unmake what was recorded."""
+
+    def put_frame(self, image: SourceFrame, at: float) -> None:
+        try:
+            self._queue.put_nowait((image, at))
+        except queue.Full:
+            self.dropped += 1
+
+    def close(self, timeout: float = 30.0) -> Path | None:
+        """Finish the file; returns its path, or None when nothing was recorded (or writing failed)."""
+        with contextlib.suppress(queue.Full):
+            self._queue.put(_STOP, timeout=timeout)
+        self._thread.join(timeout)
+        return self.path if self.written and self.error is None and self.path.exists() else None
+
+    def _run(self) -> None:
+        container: av.container.OutputContainer | None = None
+        stream: av.video.stream.VideoStream | None = None
+        last_pts = -1
+        try:
+            while True:
+                item = self._queue.get()
+                if item is _STOP:
+                    break
+                image, at = item  # type: ignore[misc]
+                frame = _as_video_frame(image)
+                if container is None:
+                    container, stream = self._open(frame.width, frame.height)
+                    self._start = at
+                assert stream is not None and self._start is not None
+                frame = frame.reformat(width=stream.width, height=stream.height, format="yuv420p")
+                pts = max(round((at - self._start) * 1000), last_pts + 1)
+                last_pts = pts
+                frame.pts, frame.time_base = pts, TIME_BASE
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+                self.written += 1
+            if container is not None and stream is not None:
+                for packet in stream.encode(None):
+                    container.mux(packet)
+                container.close()
+                container = None
+                os.replace(self._tmp, self.path)
+        except Exception as exc:
+            self.error = f"recording failed: {exc}"
+            log.warning("%s: %s", self.path, self.error)
+        finally:
+            if container is not None:
+                with contextlib.suppress(Exception):
+                    container.close()
+            self._tmp.unlink(missing_ok=True)
+            # Unblock producers that raced with the stop and drop what they queued.
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    self._queue.get_nowait()
+
+    def _open(
+        self, width: int, height: int
+    ) -> tuple[av.container.OutputContainer, av.video.stream.VideoStream]:
+        container = av.open(str(self._tmp), "w", format="mp4")
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height = width + width % 2, height + height % 2
+        stream.pix_fmt = "yuv420p"
+        stream.time_base = TIME_BASE
+        stream.codec_context.time_base = TIME_BASE
+        stream.options = {"preset": "veryfast", "crf": "20"}
+        return container, stream
+
+
+def _as_video_frame(image: SourceFrame) -> av.VideoFrame:
+    if isinstance(image, av.VideoFrame):
+        return image
+    if isinstance(image, torch.Tensor):
+        image = image.cpu().numpy()
+    return av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+
+
+def encode_jpeg(image: np.ndarray, quality: int = 85) -> bytes:
+    """An RGB uint8 [H, W, 3] image as JPEG bytes (quality 1-100, as in image editors)."""
+    if not 1 <= quality <= 100:
+        raise ValueError(f"quality must be in [1, 100], got {quality}")
+    height, width = image.shape[0], image.shape[1]
+    codec = av.CodecContext.create("mjpeg", "w")
+    codec.width, codec.height = width + width % 2, height + height % 2
+    codec.pix_fmt = "yuvj420p"
+    codec.time_base = Fraction(1, 1)
+    codec.qmin = codec.qmax = round(2 + (100 - quality) * 29 / 99)  # JPEG qscale: 2 (best) … 31
+    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+    frame = frame.reformat(width=codec.width, height=codec.height, format="yuvj420p")
+    packets = [*codec.encode(frame), *codec.encode(None)]
+    return b"".join(bytes(p) for p in packets)

@@ -1,0 +1,196 @@
+"""Request and response bodies. Live updates reuse the engine's own pydantic models, so the server, the
+CLI and timelines accept and reject exactly the same values with the same messages."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from wanstream.engine.prompts import Transition, WeightedPrompt
+from wanstream.engine.settings import SettingsUpdate
+
+MAX_PROMPTS = 8
+MAX_SDP_CHARS = 64 * 1024
+
+
+def _text_to_prompt(value: Any) -> Any:
+    return {"text": value} if isinstance(value, str) else value
+
+
+# A prompt is "text" or {"text": ..., "weight": ...}; both are validated by the engine's WeightedPrompt.
+Prompt = Annotated[WeightedPrompt, BeforeValidator(_text_to_prompt)]
+
+
+class Control(SettingsUpdate):
+    """One live update (data channel `parameters`, `POST /api/v1/sessions/{id}/control`, WebSocket).
+
+    Every `SettingsUpdate` field may be given at the top level (seed, steps, noise_scale,
+    noise_controller, resolution, encoder/decoder, ...), plus prompts, a transition, reset and pause.
+    The whole message is validated before anything is applied: a rejected one changes nothing.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str | int | None = Field(None, description="Echoed in the ack or error, to match replies.")
+    prompts: list[Prompt] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_PROMPTS,
+        description="The new prompts: strings or {text, weight} (weights are normalised).",
+    )
+    transition: Transition | None = Field(
+        None, description="Blend into the new prompts over `steps` chunks (needs `prompts`)."
+    )
+    switch: Literal["cut", "refresh"] | None = Field(
+        None,
+        description="Without a transition: 'cut' restarts the stream (no old-prompt frame is shown after "
+        "it), 'refresh' keeps the cache. Default: the session's prompt_switch setting.",
+    )
+    reset: bool = Field(
+        False, description="Restart the stream (hard cut): caches cleared, stale frames flushed."
+    )
+    paused: bool | None = Field(None, description="Pause or resume processing.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Control:
+        if self.transition is not None and self.prompts is None:
+            raise ValueError("a transition needs prompts to transition to")
+        if self.switch is not None and self.prompts is None:
+            raise ValueError("'switch' applies to a prompt change: give 'prompts' too")
+        return self
+
+    def settings_update(self) -> SettingsUpdate | None:
+        fields = self.model_fields_set & set(SettingsUpdate.model_fields)
+        if not fields:
+            return None
+        return SettingsUpdate.model_validate({k: getattr(self, k) for k in fields})
+
+
+class ControlAck(BaseModel):
+    type: Literal["ack"] = "ack"
+    id: str | int | None = None
+    applied: list[str] = Field(description="The keys that were applied.")
+    restarted: bool = Field(description="The stream restarted: frames made before this update were dropped.")
+    epoch: int = Field(description="Increments on every restart; frames of older epochs are never sent.")
+    next_chunk: int = Field(description="Index of the first chunk made under this update.")
+
+
+class ErrorBody(BaseModel):
+    type: Literal["error"] = "error"
+    id: str | int | None = None
+    error: str
+    details: list[dict[str, Any]] = Field(default_factory=list)
+
+
+def validation_details(exc: ValidationError) -> list[dict[str, Any]]:
+    return [
+        {"loc": ".".join(str(p) for p in e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()
+    ]
+
+
+def describe_validation(exc: ValidationError) -> str:
+    parts = []
+    for e in exc.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        parts.append(f"{loc}: {e['msg']}" if loc else e["msg"])
+    return "; ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sessions
+
+
+class StreamRequest(BaseModel):
+    """What a new stream starts with (server defaults for everything not given)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    settings: SettingsUpdate | None = Field(None, description="Overrides of the server's default settings.")
+    prompts: list[Prompt] | None = Field(
+        None, min_length=1, max_length=MAX_PROMPTS, description="Initial prompts (default: the server's)."
+    )
+
+
+class OfferRequest(StreamRequest):
+    sdp: str = Field(..., min_length=1, max_length=MAX_SDP_CHARS)
+    type: Literal["offer"] = "offer"
+
+
+class OfferAnswer(BaseModel):
+    sdp: str
+    type: Literal["answer"] = "answer"
+    session_id: str
+
+
+class IceCandidate(BaseModel):
+    candidate: str = Field(
+        ..., max_length=1024, description="'candidate:...' line; empty = end of candidates"
+    )
+    sdpMid: str | None = None
+    sdpMLineIndex: int | None = Field(None, ge=0, le=16)
+
+
+class IcePatch(BaseModel):
+    candidates: list[IceCandidate] = Field(..., max_length=64)
+
+
+class HeadlessRequest(StreamRequest):
+    source: Literal["file", "text"] = Field(
+        ..., description="'file': restyle a video from the media folder; 'text': generate from prompts."
+    )
+    file: str | None = Field(None, description="Name of the video inside the media folder (source 'file').")
+    loop: bool = Field(True, description="Restart the file at its end.")
+
+    @model_validator(mode="after")
+    def _file_given(self) -> HeadlessRequest:
+        if self.source == "file" and not self.file:
+            raise ValueError("source 'file' needs 'file': the name of a video in the media folder")
+        if self.source == "text" and self.file:
+            raise ValueError("source 'text' takes no 'file'")
+        return self
+
+
+class SessionCreated(BaseModel):
+    session_id: str
+
+
+class RecordingRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_input: bool = Field(False, description="Also record the input stream (a second MP4).")
+
+
+class RecordingInfo(BaseModel):
+    session_id: str
+    state: Literal["recording", "stopped"]
+    output_frames: int
+    input_frames: int | None = None
+    dropped_frames: int
+    output_url: str
+    input_url: str | None = None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model
+
+
+class LoadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    demo: bool | None = Field(
+        None, description="Load the tiny random-weight demo model (default: the server's)."
+    )
+    models_dir: str | None = Field(
+        None, description="Folder with the downloaded weights (default: the server's)."
+    )
+
+
+class ModelStatus(BaseModel):
+    state: Literal["not_loaded", "loading", "loaded", "error"]
+    stage: str = ""
+    progress: float | None = Field(
+        0.0, ge=0.0, le=1.0, description="0 before, 1 when loaded, null while loading (see `stage`)."
+    )
+    label: str = ""
+    device: str = ""
+    error: str | None = None
+    elapsed_s: float | None = None

@@ -1,0 +1,332 @@
+"""Stream sessions: capacity (one GPU session by default), start-up, and complete teardown.
+
+A session is one engine worker plus what feeds and drains it: a WebRTC peer (client track in,
+generated track out, `parameters` data channel) or a headless source (a server-side file, or nothing in
+text mode). Every way a session ends — the client leaves, ICE fails or never completes, a fatal engine
+error, DELETE, server shutdown — goes through `SessionManager.close`, which stops the source, the worker
+thread, the tracks, the peer and any recording, waits for them, and only then frees the slot (so the GPU
+memory of one session is gone before the next one starts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import logging
+import secrets
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from wanstream.engine.prompts import WeightedPrompt
+from wanstream.engine.settings import SettingsUpdate, StreamSettings
+from wanstream.server.config import ServerConfig
+from wanstream.server.model import ModelManager
+from wanstream.server.recording import Recorder
+from wanstream.server.sources import FileSource
+from wanstream.server.tracks import PacedOutputTrack
+from wanstream.server.worker import EngineWorker, SourceFrame, WorkerStats
+
+if TYPE_CHECKING:
+    from aiortc import RTCDataChannel, RTCPeerConnection
+
+log = logging.getLogger("wanstream.server")
+
+DEFAULT_PROMPT = "a cinematic oil painting, vivid colours, soft light, highly detailed"
+# The demo model's default stream: small and with the tiny autoencoder, so it runs in real time on a CPU
+# (its Wan VAE at 480×832 would make about one frame every two seconds there).
+DEMO_SETTINGS = StreamSettings(height=256, width=256, encoder="taehv", decoder="taehv")
+SessionKind = Literal["webrtc", "headless"]
+# How a session ended (a label of wanstream_sessions_ended_total).
+Outcome = Literal["client", "deleted", "ice_timeout", "ice_failed", "source_ended", "error", "shutdown"]
+
+
+class Busy(RuntimeError):
+    """All session slots are taken (HTTP 409)."""
+
+
+class NotReady(RuntimeError):
+    """The model is not loaded (HTTP 503)."""
+
+
+class SessionNotFound(KeyError):
+    pass
+
+
+@dataclass
+class Recording:
+    output: Recorder
+    input: Recorder | None
+    started: float = field(default_factory=time.time)
+    stopped: float | None = None
+    output_path: Path | None = None
+    input_path: Path | None = None
+
+
+@dataclass
+class Session:
+    id: str
+    kind: SessionKind
+    created: float = field(default_factory=time.time)
+    state: Literal["starting", "running", "closing", "closed"] = "starting"
+    close_reason: str | None = None
+    worker: EngineWorker | None = None
+    peer: RTCPeerConnection | None = None
+    channel: RTCDataChannel | None = None
+    output: PacedOutputTrack | None = None
+    source: FileSource | None = None
+    source_label: str = ""
+    recording: Recording | None = None
+    rtt: float | None = None  # network round trip from RTCP reports (seconds)
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def feed(self, frame: SourceFrame, arrived: float) -> None:
+        """A source frame in (any thread): to the worker, and to the input recording if one runs."""
+        if self.worker is not None:
+            self.worker.feed(frame, arrived)
+        recording = self.recording
+        if recording is not None and recording.input is not None and recording.stopped is None:
+            recording.input.put_frame(frame, arrived)
+
+    def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro, name=f"wanstream-{name}-{self.id}")
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+
+@dataclass
+class Totals:
+    """Counters of sessions that have ended (live sessions add theirs on top)."""
+
+    sessions: Counter[str] = field(default_factory=Counter)  # by how they ended
+    rejected_busy: int = 0
+    frames_received: int = 0
+    frames_made: int = 0
+    frames_sent: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)
+
+
+class SessionManager:
+    def __init__(self, config: ServerConfig, model: ModelManager, recordings_dir: Path) -> None:
+        self.config = config
+        self.model = model
+        self.recordings_dir = recordings_dir
+        self.sessions: dict[str, Session] = {}
+        self.totals = Totals()
+        self.finished_recordings: dict[str, Recording] = {}  # kept for download after the session ends
+
+    # -- capacity ------------------------------------------------------------------------------------
+    def reserve(self, kind: SessionKind) -> Session:
+        """Take a slot now (no await between the check and the insert, so two offers cannot both win)."""
+        if len(self.sessions) >= self.config.max_sessions:
+            self.totals.rejected_busy += 1
+            n = self.config.max_sessions
+            raise Busy(
+                f"the server is busy: {n} stream{'s' if n > 1 else ''} already running "
+                f"(--max-sessions {n}); try again when it ends"
+            )
+        status = self.model.status()
+        if status.state != "loaded" or self.model.pipeline is None:
+            detail = f" ({status.stage})" if status.state == "loading" else ""
+            hint = f": {status.error}" if status.error else ""
+            raise NotReady(
+                f"the model is {status.state.replace('_', ' ')}{detail}{hint}; see GET /api/v1/model"
+            )
+        session = Session(id=secrets.token_urlsafe(9), kind=kind)
+        self.sessions[session.id] = session
+        return session
+
+    def get(self, session_id: str) -> Session:
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise SessionNotFound(session_id)
+        return session
+
+    # -- start-up ------------------------------------------------------------------------------------
+    def resolve_settings(self, update: SettingsUpdate | None) -> StreamSettings:
+        """Server defaults (the pipeline's, then the command line's) with the request's overrides."""
+        pipeline = self.model.pipeline
+        base = DEMO_SETTINGS if pipeline is not None and pipeline.is_demo else StreamSettings()
+        if self.config.settings_overrides:
+            base = base.updated(SettingsUpdate.model_validate(self.config.settings_overrides))
+        return base.updated(update) if update is not None else base
+
+    async def start_worker(
+        self, session: Session, settings: StreamSettings, prompts: list[WeightedPrompt] | None
+    ) -> EngineWorker:
+        """Build the engine session on its own thread and wait (without blocking the loop) until it runs."""
+        pipeline = self.model.pipeline
+        assert pipeline is not None
+        if prompts is None:
+            prompts = [WeightedPrompt(text=DEFAULT_PROMPT)]
+        loop = asyncio.get_running_loop()
+
+        def fatal(reason: str) -> None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(
+                    lambda: session.spawn(self.close(session.id, f"engine error: {reason}", "error"), "close")
+                )
+
+        worker = EngineWorker(
+            lambda: pipeline.session(settings, prompts=prompts),
+            name=session.id,
+            input_frames=self.config.input_queue_frames,
+            control_queue=self.config.control_queue,
+            text_fps=self.config.text_fps,
+            on_fatal=fatal,
+        )
+        session.worker = worker
+        await asyncio.wrap_future(worker.start())
+        session.state = "running"
+        return worker
+
+    # -- teardown ------------------------------------------------------------------------------------
+    async def close(self, session_id: str, reason: str, outcome: Outcome) -> None:
+        session = self.sessions.get(session_id)
+        if session is None or session.state in ("closing", "closed"):
+            if session is not None:
+                await session.closed.wait()
+            return
+        session.state = "closing"
+        session.close_reason = reason
+        log.info("closing session %s: %s", session_id, reason)
+        try:
+            await self._teardown(session)
+        finally:
+            self._account(session, outcome)
+            self.sessions.pop(session_id, None)
+            session.state = "closed"
+            session.closed.set()
+            release_memory()
+
+    async def _teardown(self, session: Session) -> None:
+        current = asyncio.current_task()
+        tasks = [t for t in session.tasks if t is not current]
+        for task in tasks:
+            task.cancel()
+        if session.source is not None:
+            session.source.stop()
+        if session.worker is not None:
+            session.worker.stop()
+        if session.channel is not None and session.channel.readyState == "open":
+            with contextlib.suppress(Exception):
+                session.channel.send(json.dumps({"type": "stream_stopped", "reason": session.close_reason}))
+        if session.output is not None:
+            session.output.stop()
+        if session.peer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(session.peer.close(), 10)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if session.source is not None:
+            await asyncio.to_thread(session.source.join, 10)
+        if session.worker is not None:
+            done = await asyncio.to_thread(session.worker.join, 30)
+            if not done:
+                log.error("session %s: the engine thread did not stop within 30 s", session.id)
+        if session.recording is not None:
+            await self.stop_recording(session)
+        session.channel = None
+        session.peer = None
+
+    def _account(self, session: Session, outcome: Outcome) -> None:
+        t = self.totals
+        t.sessions[outcome] += 1
+        if session.worker is not None:
+            s = session.worker.stats()
+            t.frames_received += s.frames_received
+            t.frames_made += s.frames_made
+            t.dropped.update(dropped_counts(s, session.output))
+        if session.output is not None:
+            t.frames_sent += session.output.sent
+
+    async def close_all(self, reason: str) -> None:
+        await asyncio.gather(*(self.close(sid, reason, "shutdown") for sid in list(self.sessions)))
+
+    # -- recording -----------------------------------------------------------------------------------
+    def start_recording(self, session: Session, include_input: bool) -> Recording:
+        if session.recording is not None and session.recording.stopped is None:
+            raise ValueError("this session is already recording; stop it first")
+        if session.worker is None:
+            raise ValueError("the session has not started yet")
+        self.recordings_dir.mkdir(parents=True, exist_ok=True)
+        stem = f"{session.id}-{time.strftime('%Y%m%d-%H%M%S')}"
+        output = Recorder(self.recordings_dir / f"{stem}-output.mp4", name=f"{session.id}-out")
+        source = None
+        if include_input:
+            source = Recorder(self.recordings_dir / f"{stem}-input.mp4", name=f"{session.id}-in")
+        recording = Recording(output=output, input=source)
+        session.recording = recording
+        session.worker.add_sink(output)
+        return recording
+
+    async def stop_recording(self, session: Session) -> Recording:
+        recording = session.recording
+        if recording is None:
+            raise ValueError("this session is not recording")
+        if recording.stopped is None:
+            recording.stopped = time.time()
+            if session.worker is not None:
+                session.worker.remove_sink(recording.output)
+            recording.output_path = await asyncio.to_thread(recording.output.close)
+            if recording.input is not None:
+                recording.input_path = await asyncio.to_thread(recording.input.close)
+            self._keep_recording(session.id, recording)
+        return recording
+
+    def recording_for(self, session_id: str) -> Recording | None:
+        session = self.sessions.get(session_id)
+        if session is not None and session.recording is not None:
+            return session.recording
+        return self.finished_recordings.get(session_id)
+
+    def _keep_recording(self, session_id: str, recording: Recording, keep: int = 16) -> None:
+        self.finished_recordings[session_id] = recording
+        while len(self.finished_recordings) > keep:
+            oldest = next(iter(self.finished_recordings))
+            old = self.finished_recordings.pop(oldest)
+            for path in (old.output_path, old.input_path):
+                if path is not None:
+                    path.unlink(missing_ok=True)
+
+
+def dropped_counts(stats: WorkerStats, output: PacedOutputTrack | None) -> dict[str, int]:
+    counts = {
+        "sampled": stats.dropped_sampled,
+        "input_overflow": stats.dropped_input_overflow,
+        "discarded": stats.dropped_discarded,
+        "stale": stats.dropped_stale,
+    }
+    if output is not None:
+        counts["stale"] += output.dropped_stale
+        counts["output_overflow"] = output.dropped_overflow
+    return counts
+
+
+def release_memory() -> None:
+    """Hand a finished session's memory back: CUDA's cache, and glibc's free heap pages (the codec
+    and frame buffers of a stream are freed by many threads, and glibc keeps such pages otherwise, so a
+    server that runs for days would creep up by about a megabyte per session)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018 (glibc only)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC = _load_libc()
