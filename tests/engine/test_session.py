@@ -10,10 +10,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from support.clips import moving_clip
 from wanstream import Pipeline
 from wanstream.engine.prompts import Transition, WeightedPrompt
 from wanstream.engine.settings import SettingsUpdate, StreamSettings
+
+from support.clips import moving_clip
 
 SMALL = dict(height=32, width=48)
 

@@ -23,9 +23,10 @@ from typing import Literal
 
 import torch
 
+from wanstream.engine.graphs import StepGraphs
 from wanstream.engine.rng import NoiseSource
 from wanstream.models.dit import CrossKV, StreamExtension, WanDiT
-from wanstream.models.kv_cache import KVCache
+from wanstream.models.kv_cache import CallPlan, KVCache
 from wanstream.models.scheduler import FlowMatchScheduler
 
 Batching = Literal["none", "stream"]
@@ -67,6 +68,8 @@ class Denoiser:
     on_call: list = field(default_factory=list)  # callbacks(DiTCall) for tracing; empty in production
     _lanes: _Lanes | None = None
     _first_step: int | torch.Tensor | None = None  # no batch: the controlled first step persists
+    _steps_dev: torch.Tensor | None = None
+    graphs: StepGraphs | None = None
 
     def __post_init__(self) -> None:
         self.validate(self.steps, self.batching, self.cache_context, self.cache.config.lanes)
@@ -100,13 +103,26 @@ class Denoiser:
         self.cache.reset(total_steps=self.passes_per_chunk)
         self._lanes = None
         self._first_step = None
+        self._steps_dev = None
 
     # ----------------------------------------------------------------------------------------------
     def _timesteps(self, values: Sequence[int | torch.Tensor], device: torch.device) -> torch.Tensor:
-        """Per-lane timesteps as a device int64 tensor; controlled steps may already be device scalars."""
-        if all(isinstance(v, int) for v in values):
-            return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
-        return torch.stack([torch.as_tensor(v, dtype=torch.long).to(device) for v in values])
+        """Per-lane timesteps as a device int64 tensor, built without a host→device copy per call.
+
+        Step values live on the device since `reset`; controlled first steps already are device scalars.
+        """
+        if self._steps_dev is None or self._steps_dev.device != device:
+            self._steps_dev = torch.tensor([*self.steps, 0], dtype=torch.long).to(device)
+        known = {int(t): i for i, t in enumerate([*self.steps, 0])}
+        parts = []
+        for v in values:
+            if isinstance(v, torch.Tensor):
+                parts.append(v.reshape(1).to(device=device, dtype=torch.long))
+            elif v in known:
+                parts.append(self._steps_dev[known[v] : known[v] + 1])
+            else:  # a value set by hand that is not in the list (rare): one small upload
+                parts.append(torch.tensor([v], dtype=torch.long).to(device))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _forward(
         self,
@@ -119,16 +135,35 @@ class Denoiser:
         """One DiT call: x [B, F, C, h, w] at per-lane timesteps and start tokens → x0 (same shape)."""
         B, F = x.shape[:2]
         plan = self.cache.plan(starts, F)
-        t = self._timesteps(timesteps, x.device)[:, None].expand(B, F)
-        flow = self.dit.forward_stream(x, t, cross, self.cache, plan, extension)
-        x0 = self.scheduler.flow_to_x0(flow.flatten(0, 1), x.flatten(0, 1), t.flatten(0, 1)).unflatten(
-            0, (B, F)
-        )
+        t = self._timesteps(timesteps, x.device)[:, None].expand(B, F).contiguous()
+        if self.graphs is not None and extension is None and StepGraphs.eligible(x, plan):
+            x0, flow = self.graphs(x, t, cross, plan)
+        else:
+            x0, flow = self._step(x, t, cross, plan, extension)
         if self.on_call:
             call = DiTCall([int(v) for v in t[:, 0].tolist()], list(starts), F, x, flow, x0)
             for callback in self.on_call:
                 callback(call)
         return x0
+
+    def _step(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        cross: CrossKV,
+        plan: CallPlan,
+        extension: StreamExtension | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The device work of one call (what a CUDA graph captures): DiT forward, then flow → x0."""
+        flow = self.dit.forward_stream(x, t, cross, self.cache, plan, extension)
+        x0 = self.scheduler.flow_to_x0(flow.flatten(0, 1), x.flatten(0, 1), t.flatten(0, 1)).unflatten(
+            0, x.shape[:2]
+        )
+        return x0, flow
+
+    def use_cuda_graphs(self, enabled: bool = True) -> None:
+        """Replay captured CUDA graphs for steady-state calls (CUDA only; warm-up calls stay eager)."""
+        self.graphs = StepGraphs(self.cache, self._step) if enabled else None
 
     def _denoise_sequential(
         self,
@@ -217,12 +252,22 @@ class Denoiser:
         lanes.processed += 1
         return x0[N - 1 :] if lanes.processed >= N else None
 
+    def retarget(self, steps: Sequence[int]) -> None:
+        """New step values, same count: lanes keep their chunks and move to the new timesteps."""
+        if len(steps) != self.num_steps:
+            raise ValueError("retarget keeps the number of steps; a different count needs reset()")
+        self.steps = list(steps)
+        self._steps_dev = None
+        if self._lanes is not None:
+            self._lanes.timesteps = [self._lanes.timesteps[0], *self.steps[1:]]
+
     def state(self) -> dict[str, object]:
         """Lane contents and the persistent first step (the cache has its own `state()`)."""
         return {"steps": list(self.steps), "lanes": self._lanes, "first_step": self._first_step}
 
     def load_state(self, state: dict[str, object]) -> None:
         self.steps = list(state["steps"])  # type: ignore[arg-type]
+        self._steps_dev = None
         self._lanes = state["lanes"]  # type: ignore[assignment]
         self._first_step = state["first_step"]  # type: ignore[assignment]
 

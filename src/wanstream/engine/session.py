@@ -207,17 +207,10 @@ class StreamSession:
             self.rng = SeededNoise(new.seed)
             self.denoiser.rng = self.rng
         if "steps" in changed:
-            self._retarget_steps(list(new.denoising_steps))
+            self.denoiser.retarget(new.denoising_steps)
         self.controller.initial = new.noise_scale
         self.controller.enabled = new.noise_controller
         return drained
-
-    def _retarget_steps(self, steps: list[int]) -> None:
-        """Same number of steps, new values: lanes keep their chunks and move to the new timesteps."""
-        self.denoiser.steps = steps
-        lanes = self.denoiser._lanes
-        if lanes is not None:
-            lanes.timesteps = [lanes.timesteps[0], *steps[1:]]
 
     def attach(self, conditioner: ChunkConditioner | None) -> None:
         """Attach (or detach, with None) per-chunk conditioning such as VACE."""

@@ -17,11 +17,11 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from wanstream.models.attention import attention
@@ -227,10 +227,35 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
         self.norm_k = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
 
+        self._fused: tuple[torch.Tensor, torch.Tensor] | None = None  # see `fuse_qkv`
+
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k (normalised), v as [B, S, H, D]."""
         shape = (*x.shape[:2], self.num_heads, self.head_dim)
-        return self.norm_q(self.q(x)).view(shape), self.norm_k(self.k(x)).view(shape), self.v(x).view(shape)
+        if self._fused is not None:
+            q, k, v = F.linear(x, *self._fused).chunk(3, dim=-1)
+        else:
+            q, k, v = self.q(x), self.k(x), self.v(x)
+        return self.norm_q(q).view(shape), self.norm_k(k).view(shape), v.view(shape)
+
+    def fuse_qkv(self) -> bool:
+        """One [3·dim, dim] GEMM instead of three: q/k/v weights become views of one fused tensor.
+
+        The state dict is unchanged (the views keep their names), and in-place weight edits (a merged
+        LoRA) reach the fused tensor. Layers replaced by adapters (runtime LoRA) keep three GEMMs.
+        """
+        layers = (self.q, self.k, self.v)
+        if any(type(m) is not nn.Linear for m in layers) or layers[0].weight.is_meta:
+            self._fused = None
+            return False
+        if self._fused is None:
+            weight = torch.cat([m.weight.detach() for m in layers])
+            bias = torch.cat([m.bias.detach() for m in layers])
+            for m, w, b in zip(layers, weight.chunk(3), bias.chunk(3)):
+                m.weight = nn.Parameter(w, requires_grad=False)
+                m.bias = nn.Parameter(b, requires_grad=False)
+            self._fused = (weight, bias)
+        return True
 
     def out(self, y: torch.Tensor) -> torch.Tensor:
         """[B, H, S, D] → projected [B, S, dim]."""
@@ -282,9 +307,22 @@ class WanBlock(nn.Module):
         `attend(q, k, v)` ([B, S, H, D] each) runs RoPE and self-attention for the chosen forward
         (full clip, or against the KV cache) and returns [B, H, S, D].
         """
-        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation[:, None] + e0).chunk(6, dim=2)
-        q, k, v = self.self_attn.qkv(modulate(self.norm1(x), shift1, scale1))
-        x = x + gate(self.self_attn.out(attend(q, k, v)), gate1)
+        q, k, v = self.attention_inputs(x, e0)
+        return self.attention_outputs(x, attend(q, k, v), e0, cross_k, cross_v)
+
+    def attention_inputs(
+        self, x: torch.Tensor, e0: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """First half of the block: modulated LayerNorm → q, k (RMS-normalised, not yet roped), v."""
+        shift1, scale1 = (self.modulation[:, None] + e0).chunk(6, dim=2)[:2]
+        return self.self_attn.qkv(modulate(self.norm1(x), shift1, scale1))
+
+    def attention_outputs(
+        self, x: torch.Tensor, y: torch.Tensor, e0: torch.Tensor, cross_k: torch.Tensor, cross_v: torch.Tensor
+    ) -> torch.Tensor:
+        """Second half: the gated self-attention output y [B, H, S, D], cross-attention, the gated FFN."""
+        _, _, gate1, shift2, scale2, gate2 = (self.modulation[:, None] + e0).chunk(6, dim=2)
+        x = x + gate(self.self_attn.out(y), gate1)
         x = x + self.cross_attn(self.norm3(x), cross_k, cross_v)
         return x + gate(self.ffn(modulate(self.norm2(x), shift2, scale2)), gate2)
 
@@ -431,28 +469,48 @@ class WanDiT(nn.Module):
         if extension is not None:
             extension.begin(self, tokens, e0, grid)
         cos, sin = self.rope.freqs(plan.rope_start, *grid)
+        first_half, second_half = self._halves
         h = tokens
         for layer, block in enumerate(self.blocks):
-            attend = partial(_attend_cached, cache=cache, layer=layer, plan=plan, cos=cos, sin=sin)
-            h = block(h, e0, attend, cross.k[layer], cross.v[layer])
+            q, k, v = first_half(block, h, e0, cos, sin)
+            # The chunk's keys/values go into the cache before attention; the chunk attends the cache.
+            k_all, v_all = cache.update(layer, k, v, plan)
+            y = attention(q.transpose(1, 2), k_all, v_all, plan.mask)
+            h = second_half(block, h, y, e0, cross.k[layer], cross.v[layer])
             if extension is not None:
                 h = extension.after_block(layer, h)
         out = self.head(h, e)
         return self.unpatchify(out, grid).transpose(1, 2)
 
+    # --- speed ---------------------------------------------------------------------------------------
+    _halves: tuple[Callable[..., Any], Callable[..., Any]]
 
-def _attend_cached(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    cache: KVCache,
-    layer: int,
-    plan: CallPlan,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
+    def optimize(self, *, compile: bool = True, fuse_qkv: bool = True) -> WanDiT:
+        """Fuse q/k/v GEMMs and compile the two halves of a block once, reused by every layer (regional
+        compilation: one compile instead of thirty). The KV-cache update and attention stay outside the
+        compiled regions: they are already few large kernels, and the whole step is CUDA-graphed anyway."""
+        if fuse_qkv:
+            for block in self.blocks:
+                block.self_attn.fuse_qkv()
+        if compile:
+            self._halves = (
+                torch.compile(_first_half, dynamic=False),
+                torch.compile(_second_half, dynamic=False),
+            )
+        return self
+
+
+def _first_half(
+    block: WanBlock, x: torch.Tensor, e0: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v = block.attention_inputs(x, e0)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def _second_half(
+    block: WanBlock, x: torch.Tensor, y: torch.Tensor, e0: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor
 ) -> torch.Tensor:
-    """Rope the chunk, write its K/V into the cache, attend over the cache (chunk included)."""
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    k_all, v_all = cache.update(layer, k, v, plan)
-    return attention(q.transpose(1, 2), k_all, v_all, plan.mask)
+    return block.attention_outputs(x, y, e0, ck, cv)
+
+
+WanDiT._halves = (_first_half, _second_half)

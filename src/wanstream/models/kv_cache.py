@@ -149,6 +149,8 @@ class KVCache(nn.Module):
         self.register_buffer("_lane_index", torch.arange(c.lanes, device=device), persistent=False)
         self.register_buffer("_frame_offsets", torch.arange(c.frame_tokens, device=device), persistent=False)
         self.host = _HostState()
+        self._staging: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._staged_event: torch.cuda.Event | None = None
         # Set to a list to record every adaptive-sink evaluation (layer, similarities, fired); tests only.
         self.sink_log: list[tuple[int, torch.Tensor, torch.Tensor]] | None = None
         self.reset(total_steps)
@@ -256,8 +258,8 @@ class KVCache(nn.Module):
                 lane.global_end = end
                 valid.append(local_end)
             rows.append(row)
+        table = self._upload(rows)
         device = self.k.device
-        table = torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True)
         mask = None
         if len(set(valid)) > 1:
             mask = (torch.arange(max(valid)) < torch.tensor(valid)[:, None]).view(B, 1, 1, -1).to(device)
@@ -272,6 +274,28 @@ class KVCache(nn.Module):
             table=table,
             mask=mask,
         )
+
+    def _upload(self, rows: list[list[int]]) -> torch.Tensor:
+        """The plan table on the device, through a pinned staging buffer (a pageable copy would sync).
+
+        Always the same device buffer (views of it), so a captured CUDA graph reads each call's plan.
+        """
+        B, cols = len(rows), len(rows[0])
+        host = torch.tensor(rows, dtype=torch.long)
+        if self.k.device.type != "cuda":
+            return host
+        key = (B, cols)
+        if key not in self._staging:
+            self._staging[key] = (torch.empty(B, cols, dtype=torch.long).pin_memory(), host.to(self.k.device))
+        pinned, device = self._staging[key]
+        # The previous call's copy out of `pinned` must be done before we overwrite it.
+        if self._staged_event is not None:
+            self._staged_event.synchronize()
+        pinned.copy_(host)
+        device.copy_(pinned, non_blocking=True)
+        self._staged_event = torch.cuda.Event()
+        self._staged_event.record()
+        return device
 
     def _fifo_slot(self, frame: int) -> int:
         c = self.config

@@ -55,11 +55,17 @@ class FlowMatchScheduler:
     # --- arithmetic ------------------------------------------------------------------------------
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
         """(1 − σ)·x0 + σ·noise, σ per leading-dim sample (float32 math, result in noise's dtype)."""
+        if not isinstance(t, torch.Tensor):
+            # A host timestep: σ as a Python float (the float32 table value), no device tensor to make.
+            s = self.sigma_of(t)
+            return (x0.float() * (1 - s) + noise.float() * s).type_as(noise)
         sigma = self._sigma_for(t, x0)
         return ((1 - sigma) * x0 + sigma * noise).type_as(noise)
 
     def flow_to_x0(self, flow: torch.Tensor, xt: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
         """x0 = x_t − σ·flow, computed in float64 (the reference's precision), returned in flow's dtype."""
+        if not isinstance(t, torch.Tensor):
+            return (xt.double() - self.sigma_of(t) * flow.double()).to(flow.dtype)
         sigma = self._sigma_for(t, flow, f64=True)
         return (xt.double() - sigma * flow.double()).to(flow.dtype)
 

@@ -44,6 +44,7 @@ def load_taehv(
     else:
         name = source or str(checkpoint)
         sd = as_state_dict(read_checkpoint(checkpoint), name)
+    config = config or infer_config(sd)
     model = build_on_meta(lambda: TAEHV(config))
     sd = trim_tgrow_weights(model, sd)
     return load_into(model, sd, name, dtype=dtype, device=device).eval().requires_grad_(False)
@@ -62,3 +63,23 @@ def trim_tgrow_weights(model: TAEHV, sd: StateDict) -> StateDict:
             sd[key] = sd[key][-want[0] :]
         # Anything else that differs is reported with every other mismatch by the strict check.
     return sd
+
+
+def infer_config(sd: StateDict) -> TAEHVConfig:
+    """taew2_1's layout with the channel widths read off the weights (the real file gives the real
+    widths); anything else that does not fit is reported by the strict load."""
+    try:
+        encoder = int(sd["encoder.0.weight"].shape[0])
+        memblock = sorted(
+            (int(k.split(".")[1]), int(v.shape[0]))
+            for k, v in sd.items()
+            if k.startswith("decoder.") and k.endswith(".conv.0.weight")
+        )
+        widths = list(dict.fromkeys(w for _, w in memblock))
+        last = max(int(k.split(".")[1]) for k in sd if k.startswith("decoder."))
+        widths.append(int(sd[f"decoder.{last}.weight"].shape[1]))
+    except (KeyError, ValueError, IndexError):
+        return TAEHVConfig()
+    if len(widths) != 4:
+        return TAEHVConfig()
+    return TAEHVConfig(encoder_width=encoder, decoder_widths=tuple(widths))  # type: ignore[arg-type]

@@ -30,12 +30,28 @@ def load_wan_vae(
     Raises `CheckpointError` naming the file (or `source`) and the offending keys when the checkpoint is
     unreadable, not a state dict, or does not fit the config exactly.
     """
-    config = config or WanVAEConfig()
     if isinstance(checkpoint, Mapping):
         name = source or "<state dict>"
         sd = as_state_dict(checkpoint, name)
     else:
         name = source or str(checkpoint)
         sd = as_state_dict(read_checkpoint(checkpoint), name)
+    config = config or infer_config(sd)
     model = build_on_meta(lambda: WanVAE(config))
     return load_into(model, sd, name, dtype=dtype, device=device).eval().requires_grad_(False)
+
+
+def infer_config(sd: Mapping[str, torch.Tensor]) -> WanVAEConfig:
+    """The real config, with base width and residual blocks read off the weights when they differ
+    (small test checkpoints); anything else that does not fit is reported by the strict load."""
+    default = WanVAEConfig()
+    try:
+        dim = int(sd["encoder.conv1.weight"].shape[0])
+        stages = len(default.dim_mult)
+        entries = len({int(k.split(".")[2]) for k in sd if k.startswith("encoder.downsamples.")})
+        blocks, extra = divmod(entries - (stages - 1), stages)
+    except (KeyError, ValueError, IndexError):
+        return default
+    if extra or blocks < 1:
+        return default
+    return WanVAEConfig(dim=dim, num_res_blocks=blocks)

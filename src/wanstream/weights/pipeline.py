@@ -1,0 +1,98 @@
+"""Local files → the loaded networks of a pipeline (`Components`). Never downloads.
+
+Missing files raise `MissingWeightsError`, whose message lists them and gives the exact
+`wanstream download ...` command.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from wanstream.engine.components import Components
+from wanstream.models.dit import WanConfig
+from wanstream.weights.dit import load_dit
+from wanstream.weights.store import Store, resolve_pipeline_files
+from wanstream.weights.text import load_text_encoder
+from wanstream.weights.vae import load_wan_vae
+
+Progress = Callable[[str], None]
+
+
+def _fp8_capable(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def load_components(
+    models_dir: str | Path | None = None,
+    *,
+    device: torch.device,
+    dtype: torch.dtype = torch.bfloat16,
+    text_encoder: str = "auto",
+    taehv: bool = True,
+    vace: bool = False,
+    model_size: str = "1.3b",
+    progress: Progress | None = None,
+) -> Components:
+    """Load the StreamDiffusionV2 networks onto `device`.
+
+    TAEHV is loaded when `taehv` and its file is present (it is optional); VACE only when asked.
+    An fp8 text encoder keeps its fp8 weights on GPUs that compute in fp8 (upcast per layer).
+    """
+    say = progress or (lambda _msg: None)
+    files = resolve_pipeline_files(
+        models_dir=models_dir,
+        model_size=model_size,
+        text_encoder=text_encoder,
+        vace=vace,  # type: ignore[arg-type]
+    )
+    say("Loading diffusion model…")
+    config = WanConfig.from_json(files.config)
+    dit = load_dit(files.generator, config, dtype=dtype, device=device)
+    say("Loading text encoder…")
+    keep_fp8 = files.text_encoder_format == "fp8" and _fp8_capable(device)
+    text = load_text_encoder(
+        files.text_encoder,
+        files.tokenizer,
+        dtype=dtype,
+        device=device,
+        weight_dtype=torch.float8_e4m3fn if keep_fp8 else None,
+        text_len=config.text_len,
+    )
+    say("Loading VAE…")
+    vae = load_wan_vae(files.vae, dtype=dtype, device=device)
+    tae = None
+    if taehv:
+        store = Store(files.models_dir)
+        status = next((store.status(a) for a in _artifacts_with_role("taehv")), None)
+        if status is not None and status.present:
+            from wanstream.weights.tae import load_taehv
+
+            say("Loading TAEHV…")
+            tae = load_taehv(
+                status.path, dtype=torch.float16 if device.type == "cuda" else dtype, device=device
+            )
+    vace_module = None
+    if vace and files.vace is not None:
+        from wanstream.weights.vace import load_vace  # type: ignore[import-not-found]
+
+        say("Loading VACE…")
+        vace_module = load_vace(files.vace, dit, dtype=dtype, device=device)
+    return Components(
+        dit=dit,
+        device=device,
+        dtype=dtype,
+        wan_vae=vae,
+        taehv=tae,
+        text_encoder=text,
+        vace=vace_module,
+        label=f"StreamDiffusionV2 {model_size.upper()} ({files.models_dir})",
+    )
+
+
+def _artifacts_with_role(role: str) -> list:
+    from wanstream.weights.registry import DEFAULT_PIPELINE, get_pipeline
+
+    return [a for a in get_pipeline(DEFAULT_PIPELINE).artifacts if a.role == role]
