@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import copy
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -119,6 +120,8 @@ class StreamSession:
         self._trim_next = 0  # padding frames in the chunk being flushed (trimmed from its output)
         self._chunk_counter = 0  # monotonic: keys the noise of every chunk ever processed
         self.conditioner: ChunkConditioner | None = None
+        # Optional instrumentation (the benchmark's CUDA-event timer): stage name → context manager.
+        self.stage_timer: Callable[[str], AbstractContextManager[Any]] | None = None
         self._build()
         if prompts is not None:
             self.set_prompts(prompts)
@@ -349,7 +352,8 @@ class StreamSession:
         first = self._stream_chunks == 0
         noise = self.controller.first_chunk(frames) if first else self.controller.next_chunk(frames)
         self.controller.enabled = self.settings.noise_controller
-        latents = self.codecs.encode(frames.to(c.dtype))  # [1, F, 16, h, w]
+        with self._stage("encode"):
+            latents = self.codecs.encode(frames.to(c.dtype))  # [1, F, 16, h, w]
         k = self._chunk_counter
         eps = self.rng.randn(latents.shape, chunk=k, draw=0, device=latents.device, dtype=latents.dtype)
         # The reference mixes with Python floats: 1 − s is formed in float64, then cast.
@@ -408,11 +412,13 @@ class StreamSession:
         self.events.append(event)
         extension = self.conditioner.extension_for(event) if self.conditioner is not None else None
         if self._stream_chunks == 0:
-            x0 = self.denoiser.first_chunk(noisy, position * L, cross, chunk=k, extension=extension)
+            with self._stage("dit"):
+                x0 = self.denoiser.first_chunk(noisy, position * L, cross, chunk=k, extension=extension)
             finished: ChunkEvent | None = event
         else:
             self._in_flight.append(event)
-            x0 = self.denoiser.chunk(noisy, position * L, first_step, cross, chunk=k, extension=extension)
+            with self._stage("dit"):
+                x0 = self.denoiser.chunk(noisy, position * L, first_step, cross, chunk=k, extension=extension)
             finished = self._in_flight.popleft() if x0 is not None else None
         self._stream_chunks += 1
         if finished is None or x0 is None:
@@ -420,7 +426,8 @@ class StreamSession:
         return self._decode(x0, finished)
 
     def _decode(self, x0: torch.Tensor, event: ChunkEvent) -> torch.Tensor:
-        frames = self.codecs.decode(x0)  # [1, T, 3, H, W] in [-1, 1]
+        with self._stage("decode"):
+            frames = self.codecs.decode(x0)  # [1, T, 3, H, W] in [-1, 1]
         if event.kind == "flush":
             return self._empty_output()  # a flush chunk carries no input: its output is thrown away
         if event.trim:
@@ -461,6 +468,9 @@ class StreamSession:
         if not outputs:
             return self._empty_output()
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    def _stage(self, name: str) -> AbstractContextManager[Any]:
+        return self.stage_timer(name) if self.stage_timer is not None else nullcontext()
 
     # ----------------------------------------------------------------------------------------------
     # Snapshots: capture the whole stream state and resume from it later

@@ -207,7 +207,25 @@ class CausalConv3d(nn.Conv3d):
         else:
             x = F.pad(x, (0, 0, 0, 0, self.context, 0))
         cache.store(self.slot, x[:, :, -self.context :])
+        if self.as_conv2d:
+            return self._conv2d_sum(x)
         return super().forward(x)
+
+    # Set by `WanVAE.optimize`: run the (kt, kh, kw) kernel as kt 2-D convs over time-shifted frames,
+    # summed. Same arithmetic (another summation order); 2-D convs on channels-last frames are among
+    # the most tuned kernels on GPUs, 3-D ones less so.
+    as_conv2d = False
+
+    def _conv2d_sum(self, x: torch.Tensor) -> torch.Tensor:
+        B, T = x.shape[0], x.shape[2] - self.context
+        out = None
+        for dt in range(self.kernel_size[0]):
+            frames = frames_as_batch(x[:, :, dt : dt + T])
+            y = F.conv2d(
+                frames, self.weight[:, :, dt], self.bias if dt == 0 else None, padding=self.padding[1:]
+            )
+            out = y if out is None else out.add_(y)
+        return batch_as_frames(out, B)
 
 
 class RMSNorm(nn.Module):
@@ -411,6 +429,23 @@ class WanVAE(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.conv2.weight.dtype
 
+    def optimize(self, *, channels_last: bool = True, conv2d: bool = False) -> WanVAE:
+        """GPU layout choices: channels-last weights (activations follow from the input) and, optionally,
+        3-D convs run as sums of 2-D convs. Both keep the arithmetic (up to summation order)."""
+        if channels_last:
+            for m in self.modules():
+                if isinstance(m, nn.Conv3d):
+                    m.to(memory_format=torch.channels_last_3d)
+                elif isinstance(m, nn.Conv2d):
+                    m.to(memory_format=torch.channels_last)
+            self.channels_last = True
+        for m in self.modules():
+            if isinstance(m, CausalConv3d):
+                m.as_conv2d = conv2d and m.kernel_size[1:] != (1, 1)
+        return self
+
+    channels_last = False  # set by `optimize`: inputs are laid out channels-last on entry
+
     @property
     def device(self) -> torch.device:
         return self.conv2.weight.device
@@ -456,6 +491,8 @@ class WanVAE(nn.Module):
         First call of a session: 1 + 4k frames (frame 0 is encoded alone). Later calls: 4k frames.
         """
         x = self._check_frames(frames, state)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         n = self.config.time_stride
         if state.started:
             chunks = [x[:, :, i : i + n] for i in range(0, x.shape[2], n)]
@@ -477,6 +514,8 @@ class WanVAE(nn.Module):
         First call of a session: latent 0 → 1 frame, each further latent → 4. Later calls: 4 frames per latent.
         """
         z = self.denormalize(self._check_latents(z, state))
+        if self.channels_last:
+            z = z.contiguous(memory_format=torch.channels_last_3d)
         if not state.started:
             state.begin(self.decoder.num_slots, (z.shape[0], z.shape[3], z.shape[4]))
         out = []

@@ -1,0 +1,409 @@
+"""`wanstream bench`: full-size networks with random weights (no download) on the GPU.
+
+Random weights do not change the work: every configuration runs the real DiT, cache, VAE and TAEHV
+code at full size. The text encoder is not built (a random [1, 512, 4096] conditioning stands in);
+prompt encoding happens once per prompt, outside the per-frame loop.
+
+Measured per configuration (mode, resolution, steps, codecs):
+* steady-state FPS: output frames / wall time over the steady window (chunks after warm-up, each
+  chunk's output copied to the CPU, so nothing is left queued on the GPU);
+* chunk latency p50/p90: wall time of one 4-frame chunk, input upload to output on the CPU;
+* encode / DiT / decode split: CUDA events around each stage (medians);
+* time to first frame: a fresh stream (warm compile caches), 5th input frame available → first output
+  frame on the CPU;
+* peak GPU memory; DiT TFLOP/s against a bf16 matmul measured in the same process.
+
+DiT FLOPs per call (2 per multiply-add), d = dim, f = ffn, T = text tokens, per layer and query token:
+12·d² (q, k, v, o, cross q, cross o) + 4·d·f (FFN) + 4·T·d (cross attention), plus 4·Lk·d of
+self-attention per query token over Lk attended tokens; plus the patch embedding and head. Text K/V
+projections are per prompt (cached) and not counted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from wanstream.engine.components import Components
+from wanstream.engine.session import StreamSession
+from wanstream.engine.settings import DEFAULT_STEPS, StreamSettings
+from wanstream.models.dit import WanConfig, WanDiT
+
+STEP_LISTS = {1: (700,), 2: (700, 500), 3: (700, 500, 400), 4: (700, 500, 400, 200)}
+CODECS = {"wan": ("wan", "wan"), "taehv": ("taehv", "taehv"), "fast": ("wan", "taehv")}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    batching: str  # "stream" | "none"
+    height: int
+    width: int
+    steps: int
+    codecs: str  # "wan" (both ways), "taehv" (both ways), "fast" (Wan encoder + TAEHV decoder)
+
+    @property
+    def name(self) -> str:
+        mode = "batch" if self.batching == "stream" else "nobatch"
+        return f"{mode},{self.height}x{self.width},{self.steps},{self.codecs}"
+
+    @classmethod
+    def parse(cls, text: str) -> BenchConfig:
+        """`mode,HxW,steps,codecs`: mode batch|nobatch, codecs wan|taehv|fast."""
+        try:
+            mode, res, steps, codecs = (p.strip() for p in text.split(","))
+            h, w = (int(v) for v in res.lower().split("x"))
+            if mode not in ("batch", "nobatch") or codecs not in CODECS or int(steps) not in STEP_LISTS:
+                raise ValueError
+        except ValueError:
+            raise ValueError(
+                f"bad config {text!r}: expected mode,HxW,steps,codecs e.g. batch,480x832,2,wan "
+                "(mode batch|nobatch, steps 1-4, codecs wan|taehv|fast)"
+            ) from None
+        return cls("stream" if mode == "batch" else "none", h, w, int(steps), codecs)
+
+    def settings(self) -> StreamSettings:
+        encoder, decoder = CODECS[self.codecs]
+        return StreamSettings(
+            height=self.height,
+            width=self.width,
+            steps=STEP_LISTS[self.steps],
+            batching=self.batching,  # type: ignore[arg-type]
+            encoder=encoder,  # type: ignore[arg-type]
+            decoder=decoder,  # type: ignore[arg-type]
+        )
+
+
+DEFAULT_CONFIGS = [
+    BenchConfig(b, h, w, s, c)
+    for (h, w) in ((480, 832), (512, 512))
+    for b in ("stream", "none")
+    for s in (1, 2, 3, 4)
+    for c in ("wan", "taehv", "fast")
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# Random full-size networks
+# ------------------------------------------------------------------------------------------------
+def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Seeded random weights on the module's own device: N(0, 1/fan_in) matrices, norms ~1, small biases."""
+    with torch.no_grad():
+        for i, (name, p) in enumerate(module.named_parameters()):
+            gen = torch.Generator(device=p.device).manual_seed(seed * 100_003 + i)
+            if p.dim() >= 2:
+                p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=gen)
+            elif name.endswith(("weight", "gamma")):
+                p.normal_(1.0, 0.1, generator=gen)
+            else:
+                p.normal_(0.0, 0.05, generator=gen)
+    return module
+
+
+def _on_device(factory: Any, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    with torch.device("meta"):
+        module = factory()
+    return module.to_empty(device=device).to(dtype).eval().requires_grad_(False)
+
+
+def random_components(
+    device: torch.device, dtype: torch.dtype = torch.bfloat16, tiny: bool = False
+) -> Components:
+    from wanstream.models.tae import TAEHV, TAEHVConfig
+    from wanstream.models.vae import WanVAE, WanVAEConfig
+
+    if tiny:
+        dit_cfg = WanConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_len=64, text_dim=64)
+        vae_cfg, tae_cfg = WanVAEConfig(dim=8, num_res_blocks=1), TAEHVConfig.taew2_1(width_divisor=8)
+    else:
+        dit_cfg, vae_cfg, tae_cfg = WanConfig.t2v_1_3b(), WanVAEConfig(), TAEHVConfig()
+    dit = randomize_(_on_device(lambda: WanDiT(dit_cfg), device, dtype), 1)
+    vae = randomize_(_on_device(lambda: WanVAE(vae_cfg), device, dtype), 2)
+    tae_dtype = torch.float16 if device.type == "cuda" else dtype
+    tae = randomize_(_on_device(lambda: TAEHV(tae_cfg), device, tae_dtype), 3)
+    label = (
+        "tiny random weights"
+        if tiny
+        else "full-size 1.3B, RANDOM WEIGHTS (no download; compute is identical)"
+    )
+    return Components(dit=dit, device=device, dtype=dtype, wan_vae=vae, taehv=tae, label=label)
+
+
+# ------------------------------------------------------------------------------------------------
+# Measuring
+# ------------------------------------------------------------------------------------------------
+class StageTimer:
+    """CUDA-event intervals per named stage (host clock on CPU); read after a synchronize."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: dict[str, list[tuple[Any, Any]]] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = self._stamp()
+        yield
+        self.marks.setdefault(name, []).append((start, self._stamp()))
+
+    def _stamp(self) -> Any:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def take_ms(self) -> dict[str, list[float]]:
+        """Milliseconds per interval, then forget them (call after a synchronize)."""
+        out = {}
+        for name, pairs in self.marks.items():
+            if self.cuda:
+                out[name] = [a.elapsed_time(b) for a, b in pairs]
+            else:
+                out[name] = [(b - a) * 1000 for a, b in pairs]
+        self.marks.clear()
+        return out
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_tflops(device: torch.device, n: int = 8192, iters: int = 20) -> float:
+    """Dense bf16 matmul throughput on random data (the same-machine ceiling the DiT is compared to)."""
+    if device.type != "cuda":
+        return float("nan")
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * n**3 * iters / (start.elapsed_time(end) / 1000) / 1e12
+
+
+def dit_flops(cfg: WanConfig, lanes: int, query_tokens: int, key_tokens: int) -> float:
+    d, f, T = cfg.dim, cfg.ffn_dim, cfg.text_len
+    per_token_layer = 2 * (6 * d * d + 2 * d * f + 2 * T * d)  # 12d² + 4df + 4Td
+    attention = 4 * key_tokens * d
+    embed_head = 2 * (cfg.in_dim * 4 * d + d * cfg.out_dim * 4)
+    return lanes * query_tokens * (cfg.num_layers * (per_token_layer + attention) + embed_head)
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    k = (len(values) - 1) * q
+    lo, hi = math.floor(k), math.ceil(k)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+@dataclass
+class Result:
+    config: str
+    fps: float
+    chunk_ms_p50: float
+    chunk_ms_p90: float
+    encode_ms_p50: float
+    dit_ms_p50: float
+    decode_ms_p50: float
+    ttff_ms: float
+    first_chunk_cold_ms: float
+    peak_mem_gib: float
+    dit_tflops: float
+    dit_fraction_of_matmul_peak: float
+    chunks_measured: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def bench_config(
+    components: Components,
+    cfg: BenchConfig,
+    *,
+    chunks: int = 30,
+    warm_chunks: int = 4,
+    graphs: bool = True,
+    matmul_peak: float = float("nan"),
+) -> Result:
+    device = components.device
+    settings = cfg.settings()
+    session = StreamSession(components, settings, output="uint8")
+    if graphs and device.type == "cuda":
+        session.denoiser.use_cuda_graphs()
+    text = torch.randn(
+        1, 512 if components.dit.config.text_len == 512 else 16, components.dit.config.text_dim
+    )
+    session.set_prompt_embeddings(text.to(device, components.dtype))
+    timer = StageTimer(device)
+    session.stage_timer = timer
+    total = 5 + 4 * (warm_chunks + chunks)
+    frames = (torch.rand(total, cfg.height, cfg.width, 3) * 255).to(torch.uint8)
+    if device.type == "cuda":
+        frames = frames.pin_memory()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def run(block: torch.Tensor) -> int:
+        out = session.push(block)
+        return int(out.cpu().shape[0])  # materialise on the CPU: the honest end of a chunk
+
+    start = time.perf_counter()
+    run(frames[:5])
+    first_chunk_cold = (time.perf_counter() - start) * 1000
+    pos = 5
+    for _ in range(warm_chunks):
+        run(frames[pos : pos + 4])
+        pos += 4
+    synchronize(device)
+    timer.take_ms()
+    chunk_ms, produced = [], 0
+    window_start = time.perf_counter()
+    for _ in range(chunks):
+        t0 = time.perf_counter()
+        produced += run(frames[pos : pos + 4])
+        chunk_ms.append((time.perf_counter() - t0) * 1000)
+        pos += 4
+    window = time.perf_counter() - window_start
+    synchronize(device)
+    stages = timer.take_ms()
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    # Time to first frame on a fresh stream, compile caches warm.
+    session.reset()
+    synchronize(device)
+    t0 = time.perf_counter()
+    run(frames[:5])
+    ttff = (time.perf_counter() - t0) * 1000
+    dit_cfg = components.dit.config
+    lanes = settings.denoising_steps.__len__() if cfg.batching == "stream" else 1
+    L = settings.frame_tokens
+    per_chunk_flops = (
+        dit_flops(dit_cfg, lanes, L, L * settings.kv_cache_frames)
+        if cfg.batching == "stream"
+        else cfg.steps * dit_flops(dit_cfg, 1, L, L * settings.kv_cache_frames)
+    )
+    dit_p50 = statistics.median(stages.get("dit", [float("nan")]))
+    tflops = per_chunk_flops / (dit_p50 / 1000) / 1e12
+    return Result(
+        config=cfg.name,
+        fps=produced / window,
+        chunk_ms_p50=_pct(chunk_ms, 0.5),
+        chunk_ms_p90=_pct(chunk_ms, 0.9),
+        encode_ms_p50=statistics.median(stages.get("encode", [float("nan")])),
+        dit_ms_p50=dit_p50,
+        decode_ms_p50=statistics.median(stages.get("decode", [float("nan")])),
+        ttff_ms=ttff,
+        first_chunk_cold_ms=first_chunk_cold,
+        peak_mem_gib=peak,
+        dit_tflops=tflops,
+        dit_fraction_of_matmul_peak=tflops / matmul_peak if matmul_peak == matmul_peak else float("nan"),
+        chunks_measured=chunks,
+    )
+
+
+def print_table(results: list[Result], console: Any = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="wanstream bench (steady state)")
+    for col in (
+        "config",
+        "FPS",
+        "chunk p50/p90 ms",
+        "enc / DiT / dec ms",
+        "TTFF ms",
+        "peak GiB",
+        "DiT TFLOP/s",
+    ):
+        table.add_column(col, justify="right" if col != "config" else "left")
+    for r in results:
+        table.add_row(
+            r.config,
+            f"{r.fps:.2f}",
+            f"{r.chunk_ms_p50:.1f} / {r.chunk_ms_p90:.1f}",
+            f"{r.encode_ms_p50:.1f} / {r.dit_ms_p50:.1f} / {r.decode_ms_p50:.1f}",
+            f"{r.ttff_ms:.0f}",
+            f"{r.peak_mem_gib:.1f}",
+            f"{r.dit_tflops:.0f} ({100 * r.dit_fraction_of_matmul_peak:.0f}%)",
+        )
+    (console or Console()).print(table)
+
+
+def run_bench(
+    configs: list[BenchConfig],
+    *,
+    device: torch.device,
+    tiny: bool = False,
+    chunks: int = 30,
+    warm_chunks: int = 4,
+    compile: bool = True,
+    graphs: bool = True,
+    json_path: str | None = None,
+) -> list[Result]:
+    from rich.console import Console
+
+    console = Console()
+    process_start = _process_start_time()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+    components = random_components(device, dtype, tiny=tiny)
+    console.print(f"[bold]{components.label}[/bold] on {device}")
+    if compile and device.type == "cuda":
+        components.dit.optimize()
+    peak = matmul_tflops(device)
+    if peak == peak:
+        console.print(f"bf16 matmul (8192³, random data): {peak:.0f} TFLOP/s")
+    results = []
+    for i, cfg in enumerate(configs):
+        result = bench_config(
+            components, cfg, chunks=chunks, warm_chunks=warm_chunks, graphs=graphs, matmul_peak=peak
+        )
+        if i == 0:
+            result.extra["cold_start_s"] = time.time() - process_start  # process start → first config done
+        results.append(result)
+        console.print(
+            f"{cfg.name}: {result.fps:.2f} FPS, chunk {result.chunk_ms_p50:.1f} ms, enc/DiT/dec "
+            f"{result.encode_ms_p50:.1f}/{result.dit_ms_p50:.1f}/{result.decode_ms_p50:.1f} ms"
+        )
+    print_table(results, console)
+    if json_path:
+        payload = {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__,
+            "matmul_tflops": peak,
+            "compile": compile,
+            "cuda_graphs": graphs,
+            "weights": components.label,
+            "results": [asdict(r) for r in results],
+        }
+        with open(json_path, "w") as f:
+            json.dump(payload, f, indent=1)
+    return results
+
+
+def _process_start_time() -> float:
+    """Wall-clock time this process started (Linux /proc), for cold-start figures."""
+    try:
+        with open(f"/proc/{os.getpid()}/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, StopIteration, IndexError):
+        return time.time()
+
+
+__all__ = ["DEFAULT_CONFIGS", "DEFAULT_STEPS", "BenchConfig", "Result", "random_components", "run_bench"]

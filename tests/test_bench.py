@@ -1,0 +1,45 @@
+"""`wanstream bench` cannot rot: a tiny CPU run through the CLI produces every figure."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from wanstream.bench import BenchConfig, dit_flops
+from wanstream.cli.main import main
+from wanstream.models.dit import WanConfig
+
+
+def test_bench_cli_tiny_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    rc = main(
+        ["bench", "--tiny", "--device", "cpu", "--configs", "batch,32x32,2,fast;nobatch,32x32,1,taehv",
+         "--chunks", "2", "--warm-chunks", "1", "--json", str(out)]
+    )  # fmt: skip
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert [r["config"] for r in data["results"]] == ["batch,32x32,2,fast", "nobatch,32x32,1,taehv"]
+    for r in data["results"]:
+        assert r["fps"] > 0 and r["chunk_ms_p50"] > 0 and r["ttff_ms"] > 0
+        assert all(r[k] > 0 for k in ("encode_ms_p50", "dit_ms_p50", "decode_ms_p50"))
+    assert "RANDOM" in data["weights"] or "random" in data["weights"]
+
+
+def test_config_syntax_and_errors() -> None:
+    cfg = BenchConfig.parse("batch,480x832,2,wan")
+    assert (cfg.batching, cfg.height, cfg.width, cfg.steps, cfg.codecs) == ("stream", 480, 832, 2, "wan")
+    for bad in ("batch,480x832,2", "sometimes,480x832,2,wan", "batch,480x832,9,wan", "batch,480x832,2,jpeg"):
+        try:
+            BenchConfig.parse(bad)
+        except ValueError as exc:
+            assert "mode,HxW,steps,codecs" in str(exc)
+        else:
+            raise AssertionError(bad)
+
+
+def test_dit_flop_formula_matches_the_reference_count() -> None:
+    # wan_models.md §1.7: 1.3B, one 1560-token frame, window 6 → 4.049 TFLOP dense + 0.4486 per attended frame.
+    cfg = WanConfig.t2v_1_3b()
+    flops = dit_flops(cfg, 1, 1560, 6 * 1560)
+    assert math.isclose(flops / 1e12, 4.049 + 6 * 0.4486, rel_tol=0.01)
