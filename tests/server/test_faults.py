@@ -11,7 +11,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from server.harness import ServerProcess, leaks, resources, settled_resources, wait_sessions
@@ -324,61 +323,64 @@ def test_model_reload_refused_while_streaming(
 # Tokens on a non-local bind (their own servers, no model needed)
 
 
-def test_non_local_bind_without_token_refuses_to_start(tmp_path: Path) -> None:
+def test_non_local_bind_without_token_refuses_to_start(capsys: pytest.CaptureFixture[str]) -> None:
     from wanstream.cli.main import main
 
     for host in ("0.0.0.0", "192.168.1.20", "::"):
         assert main(["serve", "--host", host]) == 2
+        assert f"refusing to listen on {host} without a token" in capsys.readouterr().err
     assert main(["serve", "--host", "0.0.0.0", "--token", "short"]) == 2
+    assert "too short" in capsys.readouterr().err
 
 
-def test_token_checked_on_every_request(tmp_path: Path) -> None:
-    import websockets
+def test_token_checked_on_every_request() -> None:
+    """The real app configured for a non-local bind: every HTTP route, the signalling and the WebSocket
+    need the token (checked before anything else); with it, requests reach the routes."""
+    from starlette.testclient import TestClient
+    from starlette.websockets import WebSocketDisconnect
 
-    server = ServerProcess(
-        "--no-preload", log_path=tmp_path / "token-server.log", token="s3cret-token-xyz", host="0.0.0.0"
-    )
-    try:
-        server.wait_ready(model=False)
-        url = server.url
-        assert httpx.get(f"{url}/health").status_code == 401
+    from wanstream.server import ServerConfig, create_app
+
+    token = "s3cret-token-xyz"
+    app = create_app(ServerConfig(host="0.0.0.0", token=token, preload=False))
+    good = {"Authorization": f"Bearer {token}"}
+    with TestClient(app, base_url="http://192.168.1.20:8000") as c:
+        requests = [
+            ("GET", "/health", None),
+            ("GET", "/metrics", None),
+            ("GET", "/docs", None),
+            ("GET", "/openapi.json", None),
+            ("GET", "/", None),
+            ("GET", "/api/v1/model", None),
+            ("POST", "/api/v1/model/load", {"demo": True}),
+            ("POST", "/api/v1/webrtc/offer", {"sdp": "v=0", "type": "offer"}),
+            ("PATCH", "/api/v1/webrtc/offer/x", {"candidates": []}),
+            ("DELETE", "/api/v1/webrtc/offer/x", None),
+            ("POST", "/api/v1/sessions", {"source": "text"}),
+            ("POST", "/api/v1/sessions/x/control", {"seed": 1}),
+            ("GET", "/api/v1/sessions/x/frame.jpg", None),
+            ("PUT", "/api/v1/media/a.mp4", None),
+        ]
+        for method, path, body in requests:
+            for headers in ({}, {"Authorization": "Bearer wrong-token-123"}, {"X-Wanstream-Token": "nope"}):
+                response = c.request(method, path, json=body, headers=headers)
+                assert response.status_code == 401, (method, path, headers, response.status_code)
+                assert "token" in response.json()["detail"]
+        assert c.get("/health", headers=good).status_code == 200
+        assert c.get("/health", headers={"X-Wanstream-Token": token}).status_code == 200
+        # With the token the offer reaches the route (no model loaded here: 503, not 401).
         assert (
-            httpx.get(f"{url}/health", headers={"Authorization": "Bearer wrong-token-123"}).status_code == 401
-        )
-        assert httpx.get(f"{url}/metrics").status_code == 401
-        assert httpx.get(f"{url}/docs").status_code == 401
-        assert httpx.get(f"{url}/").status_code == 401
-        assert (
-            httpx.post(f"{url}/api/v1/webrtc/offer", json={"sdp": "v=0", "type": "offer"}).status_code == 401
-        )
-        assert httpx.patch(f"{url}/api/v1/webrtc/offer/x", json={"candidates": []}).status_code == 401
-        assert httpx.post(f"{url}/api/v1/sessions", json={"source": "text"}).status_code == 401
-        ok = httpx.get(f"{url}/health", headers=server.headers)
-        assert ok.status_code == 200
-        assert httpx.get(f"{url}/health", headers={"X-Wanstream-Token": server.token}).status_code == 200
-        via_query = httpx.get(f"{url}/health", params={"token": server.token})
-        assert via_query.status_code == 200 and "wanstream_token" in via_query.headers["set-cookie"]
-        assert "HttpOnly" in via_query.headers["set-cookie"]
-        assert httpx.get(f"{url}/health", cookies={"wanstream_token": server.token}).status_code == 200
-        # With the token the offer reaches the server (which has no model loaded: 503, not 401).
-        assert (
-            httpx.post(
-                f"{url}/api/v1/webrtc/offer", json={"sdp": "v=0", "type": "offer"}, headers=server.headers
-            ).status_code
+            c.post("/api/v1/webrtc/offer", json={"sdp": "v=0", "type": "offer"}, headers=good).status_code
             == 503
         )
-
-        async def socket() -> None:
-            ws_url = url.replace("http", "ws") + "/api/v1/sessions/none/ws"
-            with pytest.raises(websockets.InvalidStatus) as refused:
-                async with websockets.connect(ws_url):
-                    pass
-            assert refused.value.response.status_code == 403
-            async with websockets.connect(ws_url, additional_headers=server.headers) as ws:
-                with pytest.raises(websockets.ConnectionClosed) as closed:
-                    await ws.recv()
-                assert closed.value.rcvd.code == 4404  # past the guard: the session does not exist
-
-        asyncio.run(socket())
-    finally:
-        assert server.stop() == 0, server.log()
+        via_query = c.get("/health", params={"token": token})
+        assert via_query.status_code == 200 and "HttpOnly" in via_query.headers["set-cookie"]
+        assert c.get("/api/v1/model").status_code == 200  # the cookie the query set
+        c.cookies.clear()
+        with pytest.raises(WebSocketDisconnect) as refused, c.websocket_connect("/api/v1/sessions/none/ws"):
+            pass
+        assert refused.value.code == 1008
+        with c.websocket_connect("/api/v1/sessions/none/ws", headers=good) as ws:
+            with pytest.raises(WebSocketDisconnect) as closed:
+                ws.receive_text()
+            assert closed.value.code == 4404  # past the guard: the session does not exist

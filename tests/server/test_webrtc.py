@@ -42,7 +42,7 @@ def test_stream_prompt_switch_and_clean_teardown(server: ServerProcess) -> None:
             assert {(w, h) for _, w, h in client.frames} == {(width, height)}
 
             ack = await client.send({"id": "switch", "prompts": [SECOND], "switch": "cut"})
-            assert ack["type"] == "ack" and ack["restarted"] is True, ack
+            assert ack["type"] == "ack" and ack["restarted"] is True and ack["flushed"] is True, ack
             received = len(client.frames)
             await client.wait_frames(received + 12)
 
@@ -137,7 +137,7 @@ def test_text_mode_is_send_only(server: ServerProcess) -> None:
             events = (await http.get(f"/api/v1/sessions/{session_id}/events")).json()
             assert {e["kind"] for e in events if e["type"] == "chunk"} == {"text"}
             ack = await client.send({"id": "p", "prompts": [SECOND], "transition": {"steps": 2}})
-            assert ack["type"] == "ack" and ack["restarted"] is False
+            assert ack["type"] == "ack" and ack["restarted"] is False and ack["flushed"] is False
             # A transition keeps the stream (no restart, no flush) and blends over the next chunks.
             received = len(client.frames)
             await client.wait_frames(received + 12)

@@ -71,7 +71,11 @@ class ControlAck(BaseModel):
     type: Literal["ack"] = "ack"
     id: str | int | None = None
     applied: list[str] = Field(description="The keys that were applied.")
-    restarted: bool = Field(description="The stream restarted: frames made before this update were dropped.")
+    restarted: bool = Field(description="The stream restarted (caches cleared) with this update.")
+    flushed: bool = Field(
+        description="A cut (reset, or a prompt change that restarted the stream): frames made before it "
+        "were dropped and none of them will be sent."
+    )
     epoch: int = Field(description="Increments on every restart; frames of older epochs are never sent.")
     next_chunk: int = Field(description="Index of the first chunk made under this update.")
 

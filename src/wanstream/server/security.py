@@ -192,14 +192,18 @@ def resolve_media_path(root: Path | None, name: str) -> Path:
     if not name or len(name) > 1024 or "\x00" in name or "\\" in name:
         raise SecurityError(f"invalid media name {name!r}: use a relative name such as 'clip.mp4'")
     pure = PurePosixPath(name)
-    if pure.is_absolute() or any(not _SAFE_PART.match(part) or part in (".", "..") for part in pure.parts):
+    if (
+        pure.is_absolute()
+        or not pure.parts
+        or any(not _SAFE_PART.match(part) or part in (".", "..") for part in pure.parts)
+    ):
         raise SecurityError(
             f"invalid media name {name!r}: use a relative name inside the media folder such as 'clip.mp4' "
             "(letters, digits, space and ._+- only; no '..' and no absolute paths)"
         )
     base = root.resolve()
     path = (base / pure).resolve()
-    if not path.is_relative_to(base):
+    if not path.is_relative_to(base) or path == base:
         raise SecurityError(f"{name!r} points outside the media folder")
     return path
 

@@ -89,6 +89,7 @@ class InputBuffer:
         self.overflow = 0  # dropped because the buffer was full (the worker was busy or paused)
         self.sampled_out = 0  # dropped by uniform sampling (the model is slower than the source)
         self.discarded = 0  # dropped on purpose (pause, resume)
+        self.rate = RateMeter(60)  # frames per second arriving from the source
 
     def put(self, frame: SourceFrame, arrived: float) -> None:
         with self._cond:
@@ -96,6 +97,7 @@ class InputBuffer:
                 self.overflow += 1
             self._items.append((frame, arrived))
             self.received += 1
+            self.rate.add(arrived, 1)
             self._cond.notify()
 
     def take(self, n: int, timeout: float) -> list[tuple[SourceFrame, float]] | None:
@@ -216,7 +218,7 @@ class WorkerStats:
     dropped_discarded: int
     dropped_stale: int
     input_queue: int
-    input_fps: float | None
+    input_fps: float | None  # frames per second arriving from the source
     output_fps: float | None  # rate frames leave the engine (pacing uses it)
     pipeline_fps: float | None  # frames per second of engine compute time
     chunk_latency_p50: float | None
@@ -291,7 +293,6 @@ class EngineWorker:
         self.paused = False
         self.epoch = 0
         self._c = _Counters()
-        self._input_rate = RateMeter()
         self._output_rate = RateMeter()
         self._chunk_latency = Window(256)
         self._engine_latency = Window(256)
@@ -377,7 +378,7 @@ class EngineWorker:
             dropped_discarded=self.input.discarded,
             dropped_stale=c.dropped_stale,
             input_queue=len(self.input),
-            input_fps=self._input_rate.rate(),
+            input_fps=self.input.rate.rate(),
             output_fps=self._output_rate.rate(),
             pipeline_fps=made / busy if busy > 0 and made else None,
             chunk_latency_p50=self._chunk_latency.quantile(0.5),
@@ -465,7 +466,6 @@ class EngineWorker:
             images = [resize_frames(im, s.height, s.width) for im in images]
         batch = torch.stack(images)
         arrivals = [t for _, t in picked]
-        self._input_rate.add(arrivals[-1], len(arrivals))
         self._run_chunk(
             session, lambda: session.push(batch), first_input=session.frames_in, arrivals=arrivals
         )
@@ -487,23 +487,29 @@ class EngineWorker:
         out = call()
         images = out.cpu().numpy() if out.shape[0] else None  # the one host sync per chunk
         took = time.perf_counter() - start
-        made_at = time.monotonic()
-        count = 0 if images is None else images.shape[0]
-        frames = self._tag(session, images, before, made_at) if images is not None else []
+        count = self._emit(session, images, before)
         with self._lock:
             c = self._c
             c.frames_pushed += len(arrivals)
-            c.frames_made += count
             c.chunks += 1
             c.compute.append((took, count if first_input is None else len(arrivals)))
         self._chunk_latency.add(took)
-        if frames:
-            self._output_rate.add(made_at, count)
-            self._latest = frames[-1]
-            for sink in self._sinks:
-                sink.put(frames)
         self._prune_arrivals(session)
         return count
+
+    def _emit(self, session: StreamSession, images: np.ndarray | None, before: int) -> int:
+        """Tag frames the engine just made (output indices from `before`) and hand them to the sinks."""
+        if images is None or images.shape[0] == 0:
+            return 0
+        made_at = time.monotonic()
+        frames = self._tag(session, images, before, made_at)
+        with self._lock:
+            self._c.frames_made += len(frames)
+        self._output_rate.add(made_at, len(frames))
+        self._latest = frames[-1]
+        for sink in self._sinks:
+            sink.put(frames)
+        return len(frames)
 
     def _tag(
         self, session: StreamSession, images: np.ndarray, before: int, made_at: float
@@ -613,9 +619,12 @@ class EngineWorker:
             raise ControlRejected("this model has no text encoder loaded, so prompts cannot change")
         if new_settings.mode == "text" and prompts is None and session.prompt.embedding is None:
             raise ControlRejected("text mode needs prompts: send 'prompts' with the mode change")
+        before = session.frames_out
+        drained = None
         try:
             if update is not None:
-                session.update(update)
+                # A restarting settings change lets chunks still in flight out first (old settings).
+                drained = session.update(update)
             if prompts is not None:
                 session.set_prompts(prompts, transition=message.transition, switch=message.switch)
             if message.reset:
@@ -630,12 +639,17 @@ class EngineWorker:
             self._text_clock = 0.0
             self._output_rate.clear()
         restarted = _at_stream_start(session)
-        if restarted:
+        # A reset or a prompt change that restarted the stream is a cut: nothing made before it may be
+        # shown after it. A settings restart only changes how the stream continues: its drained frames go out.
+        flushed = message.reset or (prompts is not None and restarted)
+        if flushed:
             self.epoch += 1
             self._latest = None
             for sink in self._sinks:
                 sink.flush(self.epoch)
             self._output_rate.clear()
+        elif drained is not None and drained.shape[0]:
+            self._emit(session, drained.cpu().numpy(), before)
         next_chunk = session.events[-1].chunk + 1 if session.events else 0
         self._publish()
         self._append_events(
@@ -646,13 +660,19 @@ class EngineWorker:
                     "applied": applied,
                     "prompt": [list(p) for p in session.prompt.describe()],
                     "restarted": restarted,
+                    "flushed": flushed,
                     "epoch": self.epoch,
                     "next_chunk": next_chunk,
                 }
             ]
         )
         return ControlAck(
-            id=message.id, applied=applied, restarted=restarted, epoch=self.epoch, next_chunk=next_chunk
+            id=message.id,
+            applied=applied,
+            restarted=restarted,
+            flushed=flushed,
+            epoch=self.epoch,
+            next_chunk=next_chunk,
         )
 
     def _publish(self) -> None:
