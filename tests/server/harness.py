@@ -140,3 +140,11 @@ async def wait_sessions(c: httpx.AsyncClient, count: int, timeout: float = 20.0)
             return sessions
         assert time.monotonic() < deadline, f"expected {count} sessions, have {sessions}"
         await asyncio.sleep(0.05)
+
+
+def describe(r: dict[str, Any]) -> str:
+    """One line of resource figures (for the reliability report: run the tests with -s)."""
+    return (
+        f"threads {r['threads']} (+{r['executor_threads']} executor), tasks {r['tasks']}, "
+        f"open files {r['open_fds']}, RSS {r['rss_bytes'] / 2**20:.0f} MiB"
+    )

@@ -148,3 +148,23 @@ def _ended(c: httpx.Client, outcome: str) -> float:
         rf'^wanstream_sessions_ended_total\{{outcome="{outcome}"\}} (\S+)$', c.get("/metrics").text, re.M
     )
     return float(match.group(1)) if match else 0.0
+
+
+def test_forgotten_headless_session_is_stopped() -> None:
+    """A script that starts a session and goes away does not hold the GPU slot forever."""
+    from starlette.testclient import TestClient
+
+    from wanstream.server import ServerConfig, create_app
+
+    app = create_app(
+        ServerConfig(demo=True, headless_idle_s=1.0, settings_overrides={"height": 64, "width": 64})
+    )
+    with TestClient(app, base_url="http://127.0.0.1:8000") as c:
+        app.state.model.wait(60)
+        sid = c.post("/api/v1/sessions", json={"source": "text", "prompts": ["a"]}).json()["session_id"]
+        for _ in range(3):  # requests about it keep it alive
+            time.sleep(0.6)
+            assert c.get(f"/api/v1/sessions/{sid}").status_code == 200
+        time.sleep(2.0)
+        assert c.get(f"/api/v1/sessions/{sid}").status_code == 404
+        assert _ended(c, "idle") == 1.0  # type: ignore[arg-type]

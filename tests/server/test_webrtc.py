@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from server.harness import ServerProcess, leaks, resources, settled_resources, wait_sessions
+from server.harness import ServerProcess, describe, leaks, resources, settled_resources, wait_sessions
 from server.rtc_client import RtcClient, SyntheticCamera
 
 FIRST = "a watercolor painting of a quiet harbour"
@@ -69,6 +69,7 @@ def test_stream_prompt_switch_and_clean_teardown(server: ServerProcess) -> None:
     asyncio.run(run())
     with server.client() as c:
         after = settled_resources(c, baseline)
+    print(f"\nacceptance: before {describe(baseline)}\n            after  {describe(after)}")
     assert leaks(baseline, after) == [], (baseline, after)
 
 

@@ -66,6 +66,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="S",
         help="tear down peers not connected by then (20)",
     )
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="stop a headless session after this long without a request about it (300)",
+    )
     p.add_argument("--height", type=int, help="default output height for new streams (multiple of 16)")
     p.add_argument("--width", type=int, help="default output width for new streams (multiple of 16)")
     p.add_argument("--no-preload", action="store_true", help="load the model on POST /api/v1/model/load only")
@@ -111,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         ice_servers=tuple(args.ice_server),
         max_upload_bytes=args.max_upload_mb * MiB,
         ice_timeout_s=args.ice_timeout,
+        headless_idle_s=args.idle_timeout,
         settings_overrides=overrides,
     )
 

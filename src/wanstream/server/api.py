@@ -72,9 +72,11 @@ def _model(request: Request) -> ModelManager:
 
 def _session(request: Request | WebSocket, session_id: str) -> Session:
     try:
-        return _manager(request).get(session_id)
+        session = _manager(request).get(session_id)
     except SessionNotFound:
         raise HTTPException(404, f"no session {session_id!r} (it may have ended)") from None
+    session.touched = time.monotonic()  # headless sessions live while someone talks to them
+    return session
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -225,6 +227,7 @@ async def start_headless(request: Request, body: HeadlessRequest) -> SessionCrea
         if session.source is not None:
             session.source.start()
             session.spawn(_watch_source(manager, session), "source-watch")
+        session.spawn(_idle_watchdog(manager, session), "idle-watch")
     except BaseException as exc:
         await manager.close(session.id, f"start failed: {exc}", "error")
         raise _http_error(exc) from None
@@ -445,6 +448,7 @@ async def session_socket(websocket: WebSocket, session_id: str) -> None:
             try:
                 body = await asyncio.wait_for(outbox.get(), 1.0)
             except TimeoutError:
+                session.touched = time.monotonic()  # an open socket is someone watching
                 body = {"type": "status", **_describe(session)}
             await websocket.send_text(json.dumps(body))
 
@@ -529,6 +533,17 @@ async def _watch_source(manager: SessionManager, session: Session) -> None:
     await asyncio.sleep(2.0)  # let the last chunks through
     reason = f"the source ended: {source.error}" if source.error else "the source file ended"
     await manager.close(session.id, reason, "source_ended")
+
+
+async def _idle_watchdog(manager: SessionManager, session: Session) -> None:
+    """End a headless session nobody has asked about for `headless_idle_s` (its script went away)."""
+    limit = manager.config.headless_idle_s
+    while True:
+        idle = time.monotonic() - session.touched
+        if idle >= limit:
+            await manager.close(session.id, f"no request for this headless session in {limit:g} s", "idle")
+            return
+        await asyncio.sleep(min(limit - idle + 0.05, 5.0))
 
 
 def _describe(session: Session, details: bool = False) -> dict[str, Any]:

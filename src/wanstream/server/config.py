@@ -25,6 +25,7 @@ class ServerConfig:
     max_upload_bytes: int = 512 * MiB
     ice_timeout_s: float = 20.0  # a peer that has not connected by then is torn down
     disconnect_grace_s: float = 5.0  # how long a "disconnected" peer may take to come back
+    headless_idle_s: float = 300.0  # a headless session nobody asks about for this long is stopped
     input_queue_frames: int = 32  # bounded: old frames are dropped, never waited for
     output_queue_frames: int = 12  # bounded: about 3 chunks
     text_fps: float = 16.0  # text mode plays at Wan's native content rate

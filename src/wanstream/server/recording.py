@@ -14,6 +14,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -53,6 +54,9 @@ class Recorder:
         """A restart does not unmake what was recorded."""
 
     def put_frame(self, image: SourceFrame, at: float) -> None:
+        if self.error is not None:
+            self.dropped += 1
+            return
         try:
             self._queue.put_nowait((image, at))
         except queue.Full:
@@ -60,9 +64,14 @@ class Recorder:
 
     def close(self, timeout: float = 30.0) -> Path | None:
         """Finish the file; returns its path, or None when nothing was recorded (or writing failed)."""
-        with contextlib.suppress(queue.Full):
-            self._queue.put(_STOP, timeout=timeout)
-        self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            try:
+                self._queue.put(_STOP, timeout=0.1)
+                break
+            except queue.Full:
+                continue
+        self._thread.join(max(0.0, deadline - time.monotonic()))
         return self.path if self.written and self.error is None and self.path.exists() else None
 
     def _run(self) -> None:

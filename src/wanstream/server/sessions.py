@@ -44,7 +44,9 @@ DEFAULT_PROMPT = "a cinematic oil painting, vivid colours, soft light, highly de
 DEMO_SETTINGS = StreamSettings(height=256, width=256, encoder="taehv", decoder="taehv")
 SessionKind = Literal["webrtc", "headless"]
 # How a session ended (a label of wanstream_sessions_ended_total).
-Outcome = Literal["client", "deleted", "ice_timeout", "ice_failed", "source_ended", "error", "shutdown"]
+Outcome = Literal[
+    "client", "deleted", "ice_timeout", "ice_failed", "idle", "source_ended", "error", "shutdown"
+]
 
 
 class Busy(RuntimeError):
@@ -84,6 +86,7 @@ class Session:
     source_label: str = ""
     recording: Recording | None = None
     rtt: float | None = None  # network round trip from RTCP reports (seconds)
+    touched: float = field(default_factory=time.monotonic)  # last API request about it (headless idle)
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -302,10 +305,9 @@ def dropped_counts(stats: WorkerStats, output: PacedOutputTrack | None) -> dict[
         "sampled": stats.dropped_sampled,
         "input_overflow": stats.dropped_input_overflow,
         "discarded": stats.dropped_discarded,
-        "stale": stats.dropped_stale,
     }
     if output is not None:
-        counts["stale"] += output.dropped_stale
+        counts["stale"] = output.dropped_stale
         counts["output_overflow"] = output.dropped_overflow
     return counts
 

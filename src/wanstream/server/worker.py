@@ -216,7 +216,6 @@ class WorkerStats:
     dropped_input_overflow: int
     dropped_sampled: int
     dropped_discarded: int
-    dropped_stale: int
     input_queue: int
     input_fps: float | None  # frames per second arriving from the source
     output_fps: float | None  # rate frames leave the engine (pacing uses it)
@@ -239,7 +238,6 @@ class WorkerStats:
 class _Counters:
     frames_pushed: int = 0
     frames_made: int = 0
-    dropped_stale: int = 0
     controls_applied: int = 0
     controls_rejected: int = 0
     chunks: int = 0
@@ -316,10 +314,6 @@ class EngineWorker:
             self._thread.join(timeout)
         return not self._thread.is_alive()
 
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
     # -- thread-safe entry points --------------------------------------------------------------------
     def feed(self, frame: SourceFrame, arrived: float | None = None) -> None:
         """A source frame (never blocks; when the buffer is full the oldest frame is dropped)."""
@@ -376,7 +370,6 @@ class EngineWorker:
             dropped_input_overflow=self.input.overflow,
             dropped_sampled=self.input.sampled_out,
             dropped_discarded=self.input.discarded,
-            dropped_stale=c.dropped_stale,
             input_queue=len(self.input),
             input_fps=self.input.rate.rate(),
             output_fps=self._output_rate.rate(),
@@ -394,11 +387,6 @@ class EngineWorker:
             prompts=snap["prompts"],
             error=self.error,
         )
-
-    def note_stale(self, count: int) -> None:
-        """A sink dropped `count` frames of an old epoch."""
-        with self._lock:
-            self._c.dropped_stale += count
 
     # -- the thread ----------------------------------------------------------------------------------
     def _main(self) -> None:
