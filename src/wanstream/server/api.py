@@ -110,11 +110,8 @@ async def model_load(request: Request, body: LoadRequest) -> ModelStatus:
     """Start loading in the background (returns at once); poll GET /api/v1/model for progress."""
     if _manager(request).sessions:
         raise HTTPException(409, "streams are running: stop them before loading another model")
-    models_dir = Path(body.models_dir).expanduser() if body.models_dir else None
-    if models_dir is not None and not models_dir.is_dir():
-        raise HTTPException(400, f"models_dir {body.models_dir!r} is not a folder on the server")
     try:
-        _model(request).start_load(demo=body.demo, models_dir=models_dir)
+        _model(request).start_load(demo=body.demo)
     except ModelBusy as exc:
         raise HTTPException(409, str(exc)) from None
     return _model(request).status()

@@ -60,15 +60,13 @@ class ModelManager:
                 elapsed_s=None if elapsed is None else round(elapsed, 3),
             )
 
-    def start_load(self, *, demo: bool | None = None, models_dir: Path | None = None) -> None:
+    def start_load(self, *, demo: bool | None = None) -> None:
         """Begin loading in the background (returns at once); a second call while loading is refused."""
         with self._lock:
             if self._state == "loading":
                 raise ModelBusy("the model is already loading; poll GET /api/v1/model")
             if demo is not None:
                 self.demo = demo
-            if models_dir is not None:
-                self.models_dir = models_dir
             self._state, self._stage, self._progress, self._error = "loading", "starting", None, None
             self._started, self._finished = time.monotonic(), None
             self._pipeline = None

@@ -181,10 +181,9 @@ class RecordingInfo(BaseModel):
 class LoadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     demo: bool | None = Field(
-        None, description="Load the tiny random-weight demo model (default: the server's)."
-    )
-    models_dir: str | None = Field(
-        None, description="Folder with the downloaded weights (default: the server's)."
+        None,
+        description="true: the tiny random-weight demo model; false: the real weights from the server's "
+        "--models-dir (a client never names server paths). Default: what the server started with.",
     )
 
 
