@@ -31,7 +31,14 @@ from wanstream.server.security import (
     sniff_video,
 )
 from wanstream.server.tracks import PacedOutputTrack
-from wanstream.server.worker import InputBuffer, OutputFrame, RateMeter, center_crop, uniform_indices
+from wanstream.server.worker import (
+    InputBuffer,
+    OutputFrame,
+    RateMeter,
+    center_crop,
+    missing_codec,
+    uniform_indices,
+)
 
 # ----------------------------------------------------------------------------------------------------
 # Binding, tokens, origins
@@ -140,6 +147,22 @@ def test_control_messages() -> None:
                 {"noise_scale": 1.5}, {"bogus": 1}, {"prompts": ["x"] * 9}):  # fmt: skip
         with pytest.raises(ValidationError):
             Control.model_validate(bad)
+
+
+def test_settings_that_need_an_autoencoder_the_server_lacks() -> None:
+    from types import SimpleNamespace
+
+    from wanstream.engine.settings import StreamSettings
+
+    only_tae = SimpleNamespace(wan_vae=None, taehv=object())
+    assert missing_codec(only_tae, StreamSettings(encoder="taehv", decoder="taehv")) is None
+    problem = missing_codec(only_tae, StreamSettings(encoder="taehv", decoder="wan"))
+    assert problem == "the decoder 'wan' is not loaded on this server; use decoder 'taehv'"
+    only_wan = SimpleNamespace(wan_vae=object(), taehv=None)
+    assert "encoder 'taehv'" in missing_codec(only_wan, StreamSettings(encoder="taehv", decoder="wan"))
+    assert (
+        missing_codec(only_wan, StreamSettings(mode="text", encoder="taehv", decoder="wan")) is None
+    )  # no input
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
+import torch
 from fastapi import APIRouter, HTTPException, Query, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse, PlainTextResponse
 from pydantic import ValidationError
@@ -47,7 +48,14 @@ from wanstream.server.security import (
     resolve_media_path,
     sniff_video,
 )
-from wanstream.server.sessions import Busy, NotReady, Recording, Session, SessionManager, SessionNotFound
+from wanstream.server.sessions import (
+    Busy,
+    NotReady,
+    Recording,
+    Session,
+    SessionManager,
+    SessionNotFound,
+)
 from wanstream.server.signaling import (
     SignalingError,
     add_candidates,
@@ -56,7 +64,7 @@ from wanstream.server.signaling import (
     submit_control,
 )
 from wanstream.server.sources import FileSource
-from wanstream.server.worker import ControlRejected
+from wanstream.server.worker import ControlRejected, missing_codec
 
 router = APIRouter()
 v1 = APIRouter(prefix="/api/v1")
@@ -489,11 +497,15 @@ def _settings(manager: SessionManager, update: SettingsUpdate | None) -> StreamS
             headers={"Retry-After": "5"},
         )
     try:
-        return manager.resolve_settings(update)
+        settings = manager.resolve_settings(update)
     except ValidationError as exc:
         raise HTTPException(
             422, {"error": describe_validation(exc), "details": validation_details(exc)}
         ) from None
+    problem = missing_codec(manager.model.pipeline.components, settings)
+    if problem is not None:
+        raise HTTPException(422, problem)
+    return settings
 
 
 def _reserve(manager: SessionManager, kind: Any) -> Session:
@@ -516,6 +528,10 @@ def _http_error(exc: BaseException) -> BaseException:
         return HTTPException(415, str(exc))
     if isinstance(exc, ValueError):
         return HTTPException(422, str(exc))
+    if isinstance(exc, torch.OutOfMemoryError):
+        return HTTPException(
+            503, f"not enough GPU memory for this stream (try a smaller resolution or fewer sessions): {exc}"
+        )
     if isinstance(exc, Exception):
         return HTTPException(500, f"the stream could not start: {type(exc).__name__}: {exc}")
     return exc  # CancelledError, KeyboardInterrupt: let them through

@@ -35,7 +35,9 @@ from wanstream.media.video import resize_frames
 from wanstream.server.schemas import Control, ControlAck, describe_validation, validation_details
 
 if TYPE_CHECKING:
+    from wanstream.engine.components import Components
     from wanstream.engine.session import StreamSession
+    from wanstream.engine.settings import StreamSettings
 
 log = logging.getLogger("wanstream.server")
 
@@ -603,6 +605,10 @@ class EngineWorker:
                 new_settings = session.settings.updated(update)
             except ValidationError as exc:
                 raise ControlRejected(describe_validation(exc), validation_details(exc)) from None
+        # Checked here because the engine rebuilds before it finds a missing autoencoder.
+        problem = missing_codec(session.components, new_settings)
+        if problem is not None:
+            raise ControlRejected(problem)
         if prompts is not None and session.components.text_encoder is None:
             raise ControlRejected("this model has no text encoder loaded, so prompts cannot change")
         if new_settings.mode == "text" and prompts is None and session.prompt.embedding is None:
@@ -683,6 +689,20 @@ class EngineWorker:
         for _, future in pending:
             if not future.done():
                 future.set_exception(ControlRejected(reason))
+
+
+def missing_codec(components: Components, settings: StreamSettings) -> str | None:
+    """Why `settings` cannot run on these components (an autoencoder that is not loaded), or None."""
+    loaded = {"wan": components.wan_vae is not None, "taehv": components.taehv is not None}
+    roles = [("decoder", settings.decoder)] + (
+        [("encoder", settings.encoder)] if settings.mode == "video" else []
+    )
+    for role, codec in roles:
+        if not loaded[codec]:
+            other = "taehv" if codec == "wan" else "wan"
+            hint = f"; use {role} '{other}'" if loaded[other] else ""
+            return f"the {role} '{codec}' is not loaded on this server{hint}"
+    return None
 
 
 # TODO(engine): public `StreamSession.frames_needed` / `at_stream_start` would replace these two reads of
