@@ -311,3 +311,26 @@ def test_jpeg_snapshot() -> None:
     assert len(encode_jpeg(image, quality=5)) < len(data)
     with pytest.raises(ValueError):
         encode_jpeg(image, quality=0)
+
+
+def test_offer_checks_read_each_video_section() -> None:
+    from wanstream.server.signaling import SignalingError, check_offer
+
+    sends = [
+        "v=0\nm=video 9 x\na=sendrecv\n",
+        "v=0\nm=video 9 x\n",
+        "v=0\nm=audio 9 x\na=recvonly\nm=video 9 x\n",
+    ]
+    for sdp in sends:
+        check_offer(sdp, "video")
+    receives_only = [
+        "v=0\nm=audio 9 x\na=sendrecv\nm=video 9 x\na=recvonly\n",
+        "v=0\nm=video 9 x\na=recvonly\nm=audio 9 x\na=sendrecv\n",
+        "v=0\na=recvonly\nm=video 9 x\n",  # session-level direction
+    ]
+    for sdp in receives_only:
+        with pytest.raises(SignalingError, match="sends none"):
+            check_offer(sdp, "video")
+        check_offer(sdp, "text")  # text mode only sends
+    with pytest.raises(SignalingError, match="no video section"):
+        check_offer("v=0\nm=audio 9 x\n", "text")

@@ -43,25 +43,40 @@ class SignalingError(ValueError):
     """A bad offer or candidate (HTTP 400); the message says what is wrong."""
 
 
+DIRECTIONS = ("sendrecv", "sendonly", "recvonly", "inactive")
+
+
 def check_offer(sdp: str, mode: str) -> None:
     """Cheap checks before aiortc parses the offer, so typical mistakes get a plain answer."""
     if not sdp.lstrip().startswith("v=0"):
         raise SignalingError("the offer is not an SDP description (it must start with 'v=0')")
-    lines = [line.strip() for line in sdp.splitlines()]
-    video = [line for line in lines if line.startswith("m=video")]
+    session_direction, sections = _media_directions(sdp)
+    video = [d or session_direction for kind, d in sections if kind == "video"]
     if not video:
         raise SignalingError(
             "the offer has no video section: add a video transceiver (sendrecv, or recvonly)"
         )
-    if (
-        mode == "video"
-        and any(line in ("a=recvonly", "a=inactive") for line in lines)
-        and not any(line in ("a=sendrecv", "a=sendonly") for line in lines)
-    ):
+    if mode == "video" and not any(d in ("sendrecv", "sendonly") for d in video):
         raise SignalingError(
             "this stream restyles input video, but the offer sends none: add the camera/file track "
             "(sendrecv), or start a text-mode stream (settings.mode = 'text')"
         )
+
+
+def _media_directions(sdp: str) -> tuple[str, list[tuple[str, str | None]]]:
+    """The session-level direction (default sendrecv) and (kind, direction or None) per m-section."""
+    session_direction = "sendrecv"
+    sections: list[tuple[str, str | None]] = []
+    for raw in sdp.splitlines():
+        line = raw.strip()
+        if line.startswith("m="):
+            sections.append((line[2:].split(" ", 1)[0], None))
+        elif line.startswith("a=") and line[2:] in DIRECTIONS:
+            if sections:
+                sections[-1] = (sections[-1][0], line[2:])
+            else:
+                session_direction = line[2:]
+    return session_direction, sections
 
 
 async def answer_offer(
