@@ -132,9 +132,61 @@ def attention_backends() -> dict:
     return out
 
 
+def dit_profile(c, H=480, W=832, lanes=2) -> dict:
+    """Top CUDA kernels of one steady-state stream-batch DiT call (compiled, not graphed)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from wanstream.engine.session import StreamSession
+    from wanstream.engine.settings import StreamSettings
+
+    c.optimize()
+    steps = (700, 500, 400, 200)[:lanes]
+    s = StreamSession(c, StreamSettings(height=H, width=W, steps=steps, decoder="taehv", encoder="taehv"))
+    s.set_prompt_embeddings(torch.randn(1, 512, 4096, device="cuda", dtype=torch.bfloat16))
+    frames = (torch.rand(5 + 4 * 12, H, W, 3) * 255).to(torch.uint8).pin_memory()
+    s.push(frames[:5])
+    for i in range(10):
+        s.push(frames[5 + 4 * i : 9 + 4 * i]).cpu()
+    torch.cuda.synchronize()
+    den = s.denoiser
+    lanes_state = den._lanes
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            den._forward(lanes_state.hidden, lanes_state.timesteps, lanes_state.starts, s._cross_kv())
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=70)
+    print(table, flush=True)
+    return {"table": table}
+
+
+def gelu_epilogue() -> dict:
+    """Which GELU does cuBLASLt's epilogue compute? Compare in float32 with the tanh and erf forms."""
+    x = torch.randn(4096, 1536, device="cuda")
+    lin = torch.nn.Linear(1536, 2048).cuda()
+    ep = torch._addmm_activation(lin.bias, x, lin.weight.t(), use_gelu=True)
+    pre = lin(x)
+    d_tanh = (ep - F.gelu(pre, approximate="tanh")).abs().max().item()
+    d_erf = (ep - F.gelu(pre)).abs().max().item()
+    print(f"gelu epilogue: max|diff| vs tanh {d_tanh:.2e}, vs erf {d_erf:.2e}", flush=True)
+    return {"vs_tanh": d_tanh, "vs_erf": d_erf}
+
+
 if __name__ == "__main__":
     torch.backends.cudnn.benchmark = True
+    what = sys.argv[2].split(",") if len(sys.argv) > 2 else ["attn", "tae", "vae", "dit"]
     c = random_components(torch.device("cuda"), torch.bfloat16)
-    results = {"attention": attention_backends(), "taehv": taehv(c), "wan_vae": vae_variants(c)}
+    sections = {
+        "attn": lambda: attention_backends(),
+        "tae": lambda: taehv(c),
+        "vae": lambda: vae_variants(c),
+        "dit": lambda: dit_profile(c),
+    }
+    results = {}
+    for name in what:
+        try:
+            results[name] = sections[name]()
+        except Exception as exc:  # one failing section must not hide the others
+            print(f"section {name} failed: {type(exc).__name__}: {exc}", flush=True)
     if len(sys.argv) > 1:
-        json.dump(results, open(sys.argv[1], "w"), indent=1)
+        with open(sys.argv[1], "w") as f:
+            json.dump(results, f, indent=1, default=str)

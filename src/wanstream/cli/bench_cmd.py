@@ -19,13 +19,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="';'-separated configs, or 'all' for every combination (default: %(default)s)",
     )
     p.add_argument("--chunks", type=int, default=30, help="steady-state chunks per config (default 30)")
-    p.add_argument("--warm-chunks", type=int, default=4, help="chunks before measuring (default 4)")
+    p.add_argument("--warm-chunks", type=int, default=8, help="chunks before measuring (default 8)")
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     p.add_argument(
         "--tiny", action="store_true", help="tiny networks (a CPU smoke test of the benchmark itself)"
     )
     p.add_argument("--no-compile", action="store_true", help="run the DiT eagerly (no torch.compile)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="do not replay CUDA graphs")
+    p.add_argument(
+        "--vae-layout",
+        choices=["default", "channels_last", "conv2d"],
+        default="channels_last",
+        help="Wan VAE layout: default (NCDHW), channels_last, or conv2d (3-D convs as 2-D sums)",
+    )
     p.add_argument("--json", dest="json_path", default=None, help="also write the results to this JSON file")
     p.set_defaults(handler=run)
 
@@ -57,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         warm_chunks=args.warm_chunks,
         compile=not args.no_compile,
         graphs=not args.no_cuda_graphs,
+        vae_layout=args.vae_layout,
         json_path=args.json_path,
     )
     return 0

@@ -29,3 +29,18 @@ class Components:
     loras: Any = None  # wanstream.engine.lora.LoraManager (adapters on the DiT), when any are loaded
     scheduler: FlowMatchScheduler = field(default_factory=FlowMatchScheduler)
     label: str = ""  # e.g. "StreamDiffusionV2 1.3B" or "demo (random weights)"
+    optimized: bool = (
+        False  # set by `optimize()`: sessions compile their cache bookkeeping and use CUDA graphs
+    )
+
+    def optimize(self, *, compile: bool = True, vae_channels_last: bool = True) -> Components:
+        """GPU speed-ups that keep the arithmetic: fused q/k/v and regional compilation of the DiT blocks,
+        channels-last VAE convolutions; sessions created afterwards replay CUDA graphs. First calls of
+        each shape compile (seconds to a minute; cached on disk for later processes)."""
+        if self.device.type != "cuda":
+            return self
+        self.dit.optimize(compile=compile)
+        if vae_channels_last and self.wan_vae is not None:
+            self.wan_vae.optimize(channels_last=True)  # type: ignore[operator]
+        self.optimized = compile
+        return self

@@ -146,8 +146,12 @@ class StreamSession:
             eviction=s.eviction,
         )
         cache = KVCache(cache_cfg, dtype=c.dtype, device=c.device)
+        if c.optimized:
+            cache.compile()
         self.rng: NoiseSource = self._noise_override or SeededNoise(s.seed)
         self.denoiser = Denoiser(c.dit, c.scheduler, cache, self.rng, steps, s.batching, s.cache_context)
+        if c.optimized and c.device.type == "cuda":
+            self.denoiser.use_cuda_graphs()
         self.codecs = Codecs.create(c, s)
         self.controller = NoiseController(s.noise_scale, s.noise_controller)
         self._pending = _Pending(first_index=self.frames_in)

@@ -147,9 +147,14 @@ class KVCache(nn.Module):
             "qlen", torch.zeros(qshape[:2], dtype=torch.long, device=device), persistent=False
         )
         self.register_buffer("_lane_index", torch.arange(c.lanes, device=device), persistent=False)
+        # Mean key/value of each sink slot (+ a spare row that absorbs writes to non-sink slots).
+        sinks = (c.num_layers, c.lanes, c.num_sink + 1, c.num_heads * c.head_dim)
+        self.register_buffer("sink_k", torch.zeros(sinks, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("sink_v", torch.zeros(sinks, dtype=dtype, device=device), persistent=False)
         self.register_buffer("_frame_offsets", torch.arange(c.frame_tokens, device=device), persistent=False)
         self.host = _HostState()
         self._staging: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._track = track  # `compile()` swaps in a compiled version
         self._staged_event: torch.cuda.Event | None = None
         # Set to a list to record every adaptive-sink evaluation (layer, similarities, fired); tests only.
         self.sink_log: list[tuple[int, torch.Tensor, torch.Tensor]] | None = None
@@ -162,6 +167,8 @@ class KVCache(nn.Module):
         """Empty the cache for a new session (also resets the eviction queues, unlike the reference)."""
         self.k.zero_()
         self.v.zero_()
+        self.sink_k.zero_()
+        self.sink_v.zero_()
         self.queue.zero_()
         self.qhead.zero_()
         self.qlen.zero_()
@@ -180,6 +187,8 @@ class KVCache(nn.Module):
         """Copy lane 0 (cache, queues, bookkeeping) to every lane: the switch to stream batch."""
         self.k[:, 1:] = self.k[:, :1]
         self.v[:, 1:] = self.v[:, :1]
+        self.sink_k[:, 1:] = self.sink_k[:, :1]
+        self.sink_v[:, 1:] = self.sink_v[:, :1]
         self.queue[:, 1:] = self.queue[:, :1]
         self.qhead[:, 1:] = self.qhead[:, :1]
         self.qlen[:, 1:] = self.qlen[:, :1]
@@ -315,83 +324,50 @@ class KVCache(nn.Module):
         Returned tensors are views [B, H, max_valid, D] into the cache; `plan.mask` masks per-lane
         lengths when they differ.
         """
-        B, L = plan.lanes, self.config.frame_tokens
+        c, B, L = self.config, plan.lanes, self.config.frame_tokens
         kc, vc = self.k[layer], self.v[layer]
-        table = plan.table
-        slots = table[:, _NCOLS:]
-        if plan.sink_check:
-            self._adaptive_sink(layer, kc[:B], vc[:B], k_new, v_new)
-        if plan.any_full:
-            head_end = self._pop_head(layer, table[:, _FULL].bool(), table[:, _POP].bool())
-            full_slots = (head_end // L - plan.frames)[:, None] + torch.arange(plan.frames, device=kc.device)
-            slots = torch.where(table[:, _FULL, None].bool(), full_slots, slots)
-        if plan.any_append:
-            self._append(layer, table[:, _APPEND].bool(), table[:, _APPEND_VALUE])
+        k_new, v_new = k_new.to(kc.dtype), v_new.to(vc.dtype)
+        means = None
+        if c.adaptive_sink:
+            # Per-frame means of the new keys/values: compared with the sinks now, and they become a
+            # sink's cached mean if this write lands in a sink slot (so sinks are never re-read).
+            means = tuple(t.unflatten(1, (plan.frames, L)).mean(2).flatten(2) for t in (k_new, v_new))
+        slots, sim, fired = self._track(
+            plan.table,
+            means,
+            self.sink_k[layer, :B],
+            self.sink_v[layer, :B],
+            self.queue[layer, :B],
+            self.qhead[layer, :B],
+            self.qlen[layer, :B],
+            num_sink=c.num_sink,
+            frame_tokens=L,
+            frames=plan.frames,
+            threshold=c.sink_threshold,
+            sink_check=plan.sink_check,
+            any_full=plan.any_full,
+            any_append=plan.any_append,
+        )
+        if self.sink_log is not None and sim is not None:
+            self.sink_log.append((layer, sim.detach().clone(), fired.detach().clone()))
         pos = (slots[:, :, None] * L + self._frame_offsets).reshape(B, plan.tokens)
-        lanes = self._lane_index[:B, None]
-        # Advanced indices around a slice put the indexed dims first: kc[lanes, :, pos] is [B, n, H, D].
-        kc[lanes, :, pos] = k_new.to(kc.dtype)
-        vc[lanes, :, pos] = v_new.to(vc.dtype)
+        for b in range(B):  # a row copy per lane ([H, n, D] rows of D); B is the lane count (≤ 8)
+            kc[b].index_copy_(1, pos[b], k_new[b].transpose(0, 1))
+            vc[b].index_copy_(1, pos[b], v_new[b].transpose(0, 1))
         return kc[:B, :, : plan.max_valid], vc[:B, :, : plan.max_valid]
 
-    def _adaptive_sink(
-        self, layer: int, kc: torch.Tensor, vc: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
-    ) -> None:
-        """Push the least similar sink slot to the queue front when its similarity is below threshold."""
-        c = self.config
-        B, S, L = kc.shape[0], c.num_sink, c.frame_tokens
-        # Mean over each sink slot's tokens, heads*head_dim flattened (the reference's layout).
-        k_sink = kc[:, :, : S * L].unflatten(2, (S, L)).mean(3).permute(0, 2, 1, 3).flatten(2)
-        v_sink = vc[:, :, : S * L].unflatten(2, (S, L)).mean(3).permute(0, 2, 1, 3).flatten(2)
-        k_mean = k_new.to(kc.dtype).mean(1).flatten(1)[:, None]
-        v_mean = v_new.to(vc.dtype).mean(1).flatten(1)[:, None]
-        # QUIRK 3: a never-written sink slot is all zeros, cosine 0, so it "needs refreshing".
-        sim = (F.cosine_similarity(k_sink, k_mean, dim=-1) + F.cosine_similarity(v_sink, v_mean, dim=-1)) / 2
-        low, argmin = sim.min(dim=1)
-        qlen = self.qlen[layer, :B]
-        trigger = (low < c.sink_threshold) & (qlen < c.queue_capacity)
-        if self.sink_log is not None:
-            self.sink_log.append((layer, sim.detach().clone(), trigger.detach().clone()))
-        head = self.qhead[layer, :B]
-        new_head = torch.where(trigger, (head - 1) % c.queue_capacity, head)
-        queue = self.queue[layer, :B]
-        current = queue.gather(1, new_head[:, None])[:, 0]
-        queue.scatter_(1, new_head[:, None], torch.where(trigger, (argmin + 1) * L, current)[:, None])
-        self.qhead[layer, :B] = new_head
-        self.qlen[layer, :B] = qlen + trigger.long()
-
-    def _pop_head(self, layer: int, full: torch.Tensor, pop: torch.Tensor) -> torch.Tensor:
-        """The queue head (a slot end offset) of each lane; pops it where asked, re-queueing ring slots."""
-        c = self.config
-        B, Q = full.shape[0], c.queue_capacity
-        queue, head, qlen = self.queue[layer, :B], self.qhead[layer, :B], self.qlen[layer, :B]
-        head_end = queue.gather(1, head[:, None])[:, 0]
-        popping = full & pop
-        new_head = torch.where(popping, (head + 1) % Q, head)
-        new_len = qlen - popping.long()
-        # A popped ring slot goes to the back of the queue; a popped sink slot is consumed.
-        requeue = popping & (head_end > c.num_sink * c.frame_tokens)
-        tail = (new_head + new_len) % Q
-        current = queue.gather(1, tail[:, None])[:, 0]
-        queue.scatter_(1, tail[:, None], torch.where(requeue, head_end, current)[:, None])
-        self.qhead[layer, :B] = new_head
-        self.qlen[layer, :B] = new_len + requeue.long()
-        return head_end
-
-    def _append(self, layer: int, append: torch.Tensor, value: torch.Tensor) -> None:
-        c = self.config
-        B = append.shape[0]
-        queue, head, qlen = self.queue[layer, :B], self.qhead[layer, :B], self.qlen[layer, :B]
-        append = append & (qlen < c.queue_capacity)
-        tail = (head + qlen) % c.queue_capacity
-        current = queue.gather(1, tail[:, None])[:, 0]
-        queue.scatter_(1, tail[:, None], torch.where(append, value, current)[:, None])
-        self.qlen[layer, :B] = qlen + append.long()
+    def compile(self) -> KVCache:
+        """Fuse the per-layer bookkeeping (sink check, queue pops and pushes) into a few kernels instead of
+        dozens of tiny ones. One compile serves every layer (the layer's views are arguments)."""
+        self._track = torch.compile(track, dynamic=False)
+        return self
 
     def state(self) -> dict[str, object]:
         """Everything needed to resume this cache later (tensors are copied by the caller if needed)."""
         return {
-            "buffers": {n: getattr(self, n) for n in ("k", "v", "queue", "qhead", "qlen")},
+            "buffers": {
+                n: getattr(self, n) for n in ("k", "v", "sink_k", "sink_v", "queue", "qhead", "qlen")
+            },
             "host": self.host,
         }
 
@@ -411,3 +387,73 @@ class KVCache(nn.Module):
     def bookkeeping(self, lane: int) -> dict[str, int]:
         s = self.host.lanes[lane]
         return {"global_end_index": s.global_end, "local_end_index": s.local_end}
+
+
+def track(
+    table: torch.Tensor,
+    means: tuple[torch.Tensor, torch.Tensor] | None,
+    sink_k: torch.Tensor,
+    sink_v: torch.Tensor,
+    queue: torch.Tensor,
+    qhead: torch.Tensor,
+    qlen: torch.Tensor,
+    *,
+    num_sink: int,
+    frame_tokens: int,
+    frames: int,
+    threshold: float,
+    sink_check: bool,
+    any_full: bool,
+    any_append: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """One layer's ring bookkeeping for one call, on the device. Returns the slot of every written
+    frame [B, frames] (and, when the adaptive sink ran, its similarities [B, S] and which lanes fired).
+
+    The tensors are this layer's views (lanes [0, B)); they are updated in place. Order as the
+    reference: the sink check may push a sink slot to the queue front, then a full lane takes (and maybe
+    pops) the queue head, then filling lanes append the slot one chunk ahead.
+    """
+    S, L, Q = num_sink, frame_tokens, queue.shape[1]
+    slots = table[:, _NCOLS:]
+    sim = fired = None
+    if sink_check and means is not None:
+        # QUIRK 3: a never-written sink slot is all zeros, cosine 0, so it "needs refreshing".
+        k_mean, v_mean = means
+        sim = (
+            F.cosine_similarity(sink_k[:, :S], k_mean, dim=-1)
+            + F.cosine_similarity(sink_v[:, :S], v_mean, dim=-1)
+        ) / 2
+        low, argmin = sim.min(dim=1)
+        fired = (low < threshold) & (qlen < Q)
+        # Push (argmin + 1)·L to the queue front (QUIRK 4: pushes pile up; one is consumed per pop).
+        new_head = torch.where(fired, (qhead - 1) % Q, qhead)
+        current = queue.gather(1, new_head[:, None])[:, 0]
+        queue.scatter_(1, new_head[:, None], torch.where(fired, (argmin + 1) * L, current)[:, None])
+        qhead.copy_(new_head)
+        qlen.add_(fired.long())
+    if any_full:
+        full, popping = table[:, _FULL].bool(), (table[:, _FULL] & table[:, _POP]).bool()
+        head_end = queue.gather(1, qhead[:, None])[:, 0]
+        new_head = torch.where(popping, (qhead + 1) % Q, qhead)
+        new_len = qlen - popping.long()
+        # A popped ring slot goes to the back of the queue; a popped sink slot is consumed.
+        requeue = popping & (head_end > S * L)
+        tail = (new_head + new_len) % Q
+        current = queue.gather(1, tail[:, None])[:, 0]
+        queue.scatter_(1, tail[:, None], torch.where(requeue, head_end, current)[:, None])
+        qhead.copy_(new_head)
+        qlen.copy_(new_len + requeue.long())
+        full_slots = (head_end // L - frames)[:, None] + torch.arange(frames, device=table.device)
+        slots = torch.where(full[:, None], full_slots, slots)
+    if any_append:
+        append = table[:, _APPEND].bool() & (qlen < Q)
+        tail = (qhead + qlen) % Q
+        current = queue.gather(1, tail[:, None])[:, 0]
+        queue.scatter_(1, tail[:, None], torch.where(append, table[:, _APPEND_VALUE], current)[:, None])
+        qlen.add_(append.long())
+    if means is not None:
+        # Frames written into sink slots leave their means behind (others land in the spare row S).
+        rows = torch.where(slots < S, slots, S)[:, :, None].expand(-1, -1, means[0].shape[-1])
+        sink_k.scatter_(1, rows, means[0])
+        sink_v.scatter_(1, rows, means[1])
+    return slots, sim, fired

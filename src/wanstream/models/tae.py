@@ -179,7 +179,7 @@ class TPool(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, t, c, h, w = x.shape
-        return self.conv(x.reshape(n * t // self.stride, self.stride * c, h, w)).view(
+        return self.conv(x.reshape(n * t // self.stride, self.stride * c, h, w)).reshape(
             n, t // self.stride, c, h, w
         )
 
@@ -194,7 +194,7 @@ class TGrow(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, t, c, h, w = x.shape
-        return self.conv(x.flatten(0, 1)).view(n, t * self.stride, c, h, w)
+        return self.conv(x.flatten(0, 1)).reshape(n, t * self.stride, c, h, w)
 
 
 def build_encoder(cfg: TAEHVConfig) -> nn.Sequential:
