@@ -24,10 +24,10 @@ def write_chunks(cache: KVCache, starts_per_call: list[int], frames: list[int]) 
     written = []
     for i, (start, f) in enumerate(zip(starts_per_call, frames)):
         plan = cache.plan([start], f)
-        before = cache.k[0, 0, 0].clone()
+        before = cache.k[0, 0, :, 0].clone()
         k = torch.full((1, f * 2, 1, 2), float(i + 1))
         cache.update(0, k, k, plan)
-        changed = (cache.k[0, 0, 0] != before).any(-1).nonzero().flatten().tolist()
+        changed = (cache.k[0, 0, :, 0] != before).any(-1).nonzero().flatten().tolist()
         written.append(sorted({t // 2 for t in changed}))
     return written
 

@@ -276,10 +276,13 @@ def test_bad_checkpoints_name_the_file_and_keys(tmp_path: Path, tiny_sd: dict) -
         load_wan_vae(path, TINY)
 
     torch.save(tiny_sd, path)
+    # Without a config the width is read off the weights (like the text encoder's loader) ...
+    assert load_wan_vae(path, dtype=torch.float32).config == TINY
+    # ... but an explicit config is enforced.
     with pytest.raises(
         CheckpointError, match=r"Wan2\.1_VAE\.pth.*wrong shapes: encoder\.conv1\.weight \(file \(4, "
     ):
-        load_wan_vae(path)  # a tiny file against the full-size default config
+        load_wan_vae(path, WanVAEConfig())  # a tiny file against the full-size config
 
     torch.save([1, 2, 3], path)
     with pytest.raises(CheckpointError, match=r"Wan2\.1_VAE\.pth: not a state dict"):

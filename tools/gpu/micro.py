@@ -42,9 +42,9 @@ def vae_variants(c, H=480, W=832) -> dict:
     z2 = torch.randn(1, 16, 2, H // 8, W // 8, device="cuda", dtype=torch.bfloat16)
     z1 = torch.randn(1, 16, 1, H // 8, W // 8, device="cuda", dtype=torch.bfloat16)
     variants = [
-        ("default", dict(channels_last=False, conv2d=False)),
+        ("default", dict(channels_last=False)),
         ("channels_last", dict(channels_last=True)),
-        ("channels_last+conv2d", dict(channels_last=True, conv2d=True)),
+        ("channels_last+stack", dict(channels_last=True, conv2d="stack")),
     ]
     ref_enc = ref_dec = None
     for name, kw in variants:
@@ -180,6 +180,7 @@ if __name__ == "__main__":
         "tae": lambda: taehv(c),
         "vae": lambda: vae_variants(c),
         "dit": lambda: dit_profile(c),
+        "gelu": gelu_epilogue,
     }
     results = {}
     for name in what:

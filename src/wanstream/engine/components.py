@@ -39,6 +39,10 @@ class Components:
         each shape compile (seconds to a minute; cached on disk for later processes)."""
         if self.device.type != "cuda":
             return self
+        import torch._dynamo
+
+        # Every (lanes, frames, cache phase) signature compiles once; allow all of them.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.dit.optimize(compile=compile)
         if vae_channels_last and self.wan_vae is not None:
             self.wan_vae.optimize(channels_last=True)  # type: ignore[operator]

@@ -1,7 +1,7 @@
 """StreamDiffusionV2's rolling self-attention KV cache, preallocated, batched over lanes.
 
-Layout: one buffer per layer of shape [lanes, heads, num_frames * L, head_dim] for keys (stored after
-RoPE, never re-rotated) and one for values; L is the number of tokens in one latent frame. A *slot* is
+Layout: one buffer per layer of shape [lanes, num_frames * L, heads, head_dim] for keys (stored after
+RoPE, never re-rotated) and one for values, token-major so a chunk's write is one contiguous block; L is the number of tokens in one latent frame. A *slot* is
 one latent frame of tokens. A *lane* is one independent stream of the batched forward: one lane per
 denoising step in stream batch, a single lane otherwise.
 
@@ -135,7 +135,8 @@ class KVCache(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        shape = (c.num_layers, c.lanes, c.num_heads, c.capacity, c.head_dim)
+        # Token-major: a chunk's keys are one contiguous block per lane; attention reads the transpose.
+        shape = (c.num_layers, c.lanes, c.capacity, c.num_heads, c.head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         qshape = (c.num_layers, c.lanes, c.queue_capacity)
@@ -321,8 +322,8 @@ class KVCache(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this call's roped keys and values ([B, n, H, D]) and return the K/V to attend.
 
-        Returned tensors are views [B, H, max_valid, D] into the cache; `plan.mask` masks per-lane
-        lengths when they differ.
+        Returned tensors are views [B, H, max_valid, D] into the cache (transposed, not copied);
+        `plan.mask` masks per-lane lengths when they differ.
         """
         c, B, L = self.config, plan.lanes, self.config.frame_tokens
         kc, vc = self.k[layer], self.v[layer]
@@ -351,10 +352,11 @@ class KVCache(nn.Module):
         if self.sink_log is not None and sim is not None:
             self.sink_log.append((layer, sim.detach().clone(), fired.detach().clone()))
         pos = (slots[:, :, None] * L + self._frame_offsets).reshape(B, plan.tokens)
-        for b in range(B):  # a row copy per lane ([H, n, D] rows of D); B is the lane count (≤ 8)
-            kc[b].index_copy_(1, pos[b], k_new[b].transpose(0, 1))
-            vc[b].index_copy_(1, pos[b], v_new[b].transpose(0, 1))
-        return kc[:B, :, : plan.max_valid], vc[:B, :, : plan.max_valid]
+        for b in range(B):  # whole token rows (heads × head_dim) per lane; B is the lane count (≤ 8)
+            kc[b].index_copy_(0, pos[b], k_new[b])
+            vc[b].index_copy_(0, pos[b], v_new[b])
+        n = plan.max_valid
+        return kc[:B, :n].transpose(1, 2), vc[:B, :n].transpose(1, 2)
 
     def compile(self) -> KVCache:
         """Fuse the per-layer bookkeeping (sink check, queue pops and pushes) into a few kernels instead of

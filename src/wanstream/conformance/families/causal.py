@@ -152,5 +152,5 @@ def run(case: GoldenCase, report: CaseReport, options: RunOptions) -> None:
         for kv in ("k", "v"):
             name = f"final_kv_cache/{layer}/{kv}"
             if name in case.tensors:
-                ours = getattr(cache, kv)[layer][: case.tensor(name).shape[0]].transpose(1, 2)
+                ours = getattr(cache, kv)[layer][: case.tensor(name).shape[0]]  # [lanes, tokens, H, D]
                 report.compare(name, ours, case.tensor(name), bound)
