@@ -1,0 +1,350 @@
+"""`wanstream generate`: an input video (or the built-in clip, or text alone) and prompts → an MP4.
+
+A thin layer over `wanstream.generate`: parse flags into a `GenerateRequest`, validate it (`plan`) before
+any model loads, load the real model (or, with --demo and no weights, the tiny random one), run it with a
+progress bar and print the summary. Exit codes: 0 done, 2 bad input, 1 runtime failure (missing weights
+included), 130 Ctrl-C (the frames generated so far are kept as a valid MP4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.markup import escape
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from wanstream.generate import GeneratePlan, GenerateResult
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "generate",
+        help="restyle a video file (or make one from text) with a prompt or a Scope timeline",
+        description=(
+            "Offline video-to-video (or text-to-video) generation. Without INPUT_VIDEO it restyles the built-in "
+            "sample clip. Prompts come from a Scope timeline (v2.0/v2.1 export or workflow) or --prompt; a "
+            "timeline's settings apply unless given here. The output follows the input's resolution (rounded to "
+            "a multiple of 16) and frame rate, one output frame per input frame. See docs/generate.md."
+        ),
+    )
+    p.add_argument(
+        "input", nargs="?", type=Path, metavar="INPUT_VIDEO", help="video to restyle (any common format)"
+    )
+    prompts = p.add_mutually_exclusive_group()
+    prompts.add_argument("--timeline", type=Path, metavar="FILE", help="Scope timeline or workflow JSON")
+    prompts.add_argument(
+        "--prompt",
+        action="append",
+        metavar="TEXT[:WEIGHT]",
+        help="prompt; repeat for a weighted blend, e.g. --prompt 'a cat:2' --prompt 'a tiger:1'",
+    )
+    p.add_argument(
+        "-o", "--output", type=Path, default=Path("output.mp4"), help="MP4 to write (default: %(default)s)"
+    )
+    p.add_argument("--seed", type=int, help="random seed (same seed + input + prompts = same video)")
+    p.add_argument("--steps", metavar="T1,T2,…", help="descending denoising timesteps, e.g. 700,500")
+    p.add_argument("--noise-scale", type=float, metavar="S", help="how much of the input becomes noise (0-1)")
+    p.add_argument(
+        "--noise-controller",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="lower the noise when the input moves fast (default: on, or the timeline's setting)",
+    )
+    p.add_argument(
+        "--vae",
+        choices=["wan", "taehv"],
+        default="wan",
+        help="encoder and decoder: the Wan VAE, or TAEHV (fast; needs `wanstream download --with-taehv`)",
+    )
+    p.add_argument("--height", type=int, metavar="H", help="output height (a multiple of 16)")
+    p.add_argument("--width", type=int, metavar="W", help="output width (a multiple of 16)")
+    p.add_argument(
+        "--batching",
+        choices=["auto", "stream", "none"],
+        default="auto",
+        help="stream batch (steps as lanes: fastest) or none; auto: stream unless there is one step",
+    )
+    p.add_argument("--mode", choices=["video", "text"], help="video (restyle input) or text (prompts alone)")
+    p.add_argument(
+        "--frames",
+        type=int,
+        metavar="N",
+        help="length in text mode and for the built-in clip; at most N frames of an input video",
+    )
+    p.add_argument(
+        "--fps",
+        type=float,
+        metavar="F",
+        help="output frame rate (an input video is resampled to it by timestamps)",
+    )
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help="without downloaded weights, run the tiny RANDOM-WEIGHT model (the whole pipeline, no download)",
+    )
+    p.add_argument("--stats-json", type=Path, metavar="FILE", help="also write the run's statistics as JSON")
+    p.add_argument("--device", help="torch device, e.g. cuda:0 or cpu (default: CUDA when available)")
+    p.add_argument(
+        "--models-dir", type=Path, metavar="DIR", help="downloaded weights (see `wanstream models`)"
+    )
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from wanstream.generate import GenerateError
+    from wanstream.timeline import TimelineError
+
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    out = Console(highlight=False, soft_wrap=True)
+    try:
+        request = _request(args)
+        device = _device(args.device)
+        missing = _missing_weights(args)
+        use_demo = missing is not None and args.demo
+        job = _plan(request, use_demo)
+    except (GenerateError, TimelineError, ValueError) as exc:
+        err.print(f"[red]error:[/] {escape(_plain(exc))}")
+        return 2
+    if missing is not None and not use_demo:
+        err.print(f"[red]error:[/] the model weights are not downloaded.\n{escape(str(missing))}")
+        err.print("Or run the whole pipeline on a tiny RANDOM-WEIGHT model (no download): add --demo")
+        return 1
+    if use_demo:
+        err.print(
+            f"[yellow]The real model's weights are not downloaded[/] (get them with: {escape(missing.command)}).\n"
+            "[bold yellow]Running the DEMO model instead: tiny, RANDOM WEIGHTS — the output is coloured noise "
+            "shaped by the input, not StreamDiffusionV2.[/]"
+        )
+    _show_plan(err, job)
+
+    with _cpu_threads(device):
+        try:
+            pipeline, load_s = _load(err, args, device, use_demo)
+        except Exception as exc:
+            err.print(f"[red]error:[/] loading the model failed: {escape(_plain(exc))}")
+            return 1
+        return _run(err, out, job, pipeline, load_s)
+
+
+def _request(args: argparse.Namespace) -> Any:
+    from pydantic import ValidationError
+
+    from wanstream.generate import GenerateError, GenerateRequest, parse_prompt, parse_steps
+
+    if args.models_dir is not None and args.models_dir.exists() and not args.models_dir.is_dir():
+        raise GenerateError(f"--models-dir {args.models_dir} is not a folder")
+    fields = {
+        "input": args.input,
+        "output": args.output,
+        "timeline": args.timeline,
+        "prompts": tuple(parse_prompt(p) for p in args.prompt) if args.prompt else None,
+        "mode": args.mode,
+        "seed": args.seed,
+        "steps": parse_steps(args.steps) if args.steps is not None else None,
+        "noise_scale": args.noise_scale,
+        "noise_controller": args.noise_controller,
+        "vae": args.vae,
+        "height": args.height,
+        "width": args.width,
+        "batching": args.batching,
+        "frames": args.frames,
+        "fps": args.fps,
+        "stats_json": args.stats_json,
+    }
+    try:
+        return GenerateRequest(**fields)
+    except ValidationError as exc:
+        problems = [
+            f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}" for e in exc.errors()
+        ]
+        raise GenerateError("; ".join(problems)) from None
+
+
+def _device(name: str | None) -> Any:
+    import torch
+
+    from wanstream.generate import GenerateError
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise GenerateError(f"--device {name!r}: not a torch device (e.g. cuda, cuda:1, cpu)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GenerateError(f"--device {name}: CUDA is not available here")
+    return device
+
+
+def _missing_weights(args: argparse.Namespace) -> Any:
+    """The real model's MissingWeightsError, or None when its files are present.
+
+    TAEHV is optional for the model but needed for --vae taehv: missing alone, it is an error even with
+    --demo (the real model is there; only the download of TAEHV is needed)."""
+    from wanstream.generate import GenerateError
+    from wanstream.weights.store import MissingWeightsError, resolve_pipeline_files
+
+    try:
+        resolve_pipeline_files(models_dir=args.models_dir)
+    except MissingWeightsError as exc:
+        return exc
+    if args.vae == "taehv":
+        try:
+            resolve_pipeline_files(models_dir=args.models_dir, taehv=True)
+        except MissingWeightsError as exc:
+            raise GenerateError(f"--vae taehv needs the TAEHV weights.\n{exc}") from None
+    return None
+
+
+def _plan(request: Any, demo: bool) -> GeneratePlan:
+    from wanstream.generate import plan
+
+    return plan(request, demo=demo)
+
+
+def _show_plan(err: Console, job: GeneratePlan) -> None:
+    s, src = job.settings, job.source
+    frames = f"{src.frames} frames" if src.frames is not None else "every frame"
+    controller = "on" if s.noise_controller else "off"
+    noise = "" if s.mode == "text" else f", noise {s.noise_scale:g} (controller {controller})"
+    steps = ",".join(map(str, s.denoising_steps))
+    lines = [
+        f"input:    {src.describe()}",
+        f"output:   {job.output} ({s.height}×{s.width}, {src.fps:g} fps, {frames})",
+        f"settings: {s.mode} mode, seed {s.seed}, steps {steps}{noise}, batching {s.batching}, "
+        f"vae {s.decoder}",
+    ]
+    segments = job.timeline.segments
+    if len(segments) > 1:
+        lines.append(f"prompts:  {len(segments)} timeline segments ({job.timeline.source})")
+    else:
+        lines.append(f"prompt:   {' + '.join(p.text for p in segments[0].prompts)}")
+    for line in lines:
+        err.print(line, markup=False)
+    for note in job.notes:
+        err.print(f"[cyan]note:[/] {escape(note)}")
+
+
+def _load(err: Console, args: argparse.Namespace, device: Any, demo: bool) -> tuple[Any, float]:
+    from wanstream.pipeline import Pipeline
+
+    start = time.perf_counter()
+    if demo:
+        pipeline = Pipeline.demo(device=device)
+    else:
+        pipeline = Pipeline.load(
+            args.models_dir, device=device, taehv=args.vae == "taehv", progress=lambda msg: err.print(msg)
+        )
+    load_s = time.perf_counter() - start
+    err.print(f"model:    {pipeline.label} on {device} (loaded in {load_s:.1f} s)")
+    return pipeline, load_s
+
+
+def _run(err: Console, out: Console, job: GeneratePlan, pipeline: Any, load_s: float) -> int:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from wanstream.generate import GenerateProgress, GenerationInterrupted, run
+    from wanstream.media.video import VideoError
+
+    columns = (
+        TextColumn("generating"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("frames  {task.fields[fps]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    try:
+        with Progress(*columns, console=err) as bar:
+            task = bar.add_task("generate", total=job.source.frames, fps="")
+
+            def on_progress(p: GenerateProgress) -> None:
+                fps = p.frames / p.elapsed_s if p.elapsed_s > 0 else 0.0
+                bar.update(task, completed=p.frames, fps=f"{fps:.1f} fps")
+
+            result = run(job, pipeline, on_progress=on_progress, load_s=load_s)
+    except GenerationInterrupted as exc:
+        partial = exc.result
+        if partial.output is not None:
+            err.print(
+                f"[yellow]interrupted:[/] kept the {partial.stats.frames} frames generated so far in "
+                f"{escape(str(partial.output))} (a valid MP4)"
+            )
+        else:
+            err.print("[yellow]interrupted[/] before the first frame: no output written")
+        _summary(out, partial)
+        return 130
+    except VideoError as exc:  # the input turned out unreadable part-way (e.g. truncated)
+        err.print(f"[red]error:[/] {escape(str(exc))} (no output written)")
+        return 2
+    except Exception as exc:
+        traceback.print_exc()
+        err.print(f"[red]error:[/] generation failed: {escape(_plain(exc))} (no output written)")
+        return 1
+    _summary(out, result)
+    return 0
+
+
+def _summary(out: Console, result: GenerateResult) -> None:
+    s, job = result.stats, result.plan
+    label = "  [bold yellow](DEMO MODEL, RANDOM WEIGHTS)[/]" if job.demo else ""
+    where = escape(str(result.output)) if result.output is not None else "(nothing written)"
+    out.print(
+        f"[green]wrote[/] {where}: {s.frames} frames, {job.settings.height}×{job.settings.width} at "
+        f"{job.source.fps:g} fps{label}"
+    )
+    for line in s.summary_lines():
+        out.print(f"  {line}", markup=False)
+    if len(job.timeline.segments) > 1:
+        out.print("  prompt switches (a new prompt applies from the chunk containing its first frame):")
+        for switch in result.switches:
+            out.print(f"    {switch.describe()}", markup=False)
+    for note in result.notes[len(job.notes) :]:
+        out.print(f"  [cyan]note:[/] {escape(note)}")
+    if job.stats_json is not None:
+        out.print(f"  stats: {job.stats_json}", markup=False)
+
+
+@contextlib.contextmanager
+def _cpu_threads(device: Any) -> Iterator[None]:
+    """On a CPU, leave one core to video decoding/encoding: torch's intra-op threads spin at their barriers,
+    and one of them losing its core to the media path stalls every parallel op."""
+    import torch
+
+    before = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, min(before, (os.cpu_count() or 1) - 1)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _plain(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from wanstream.cli.main import main
+
+    sys.exit(main(["generate", *sys.argv[1:]]))
