@@ -374,10 +374,8 @@ def test_token_checked_on_every_request() -> None:
         assert c.get("/health", headers=good).status_code == 200
         assert c.get("/health", headers={"X-Wanstream-Token": token}).status_code == 200
         # With the token the offer reaches the route (no model loaded here: 503, not 401).
-        assert (
-            c.post("/api/v1/webrtc/offer", json={"sdp": "v=0", "type": "offer"}, headers=good).status_code
-            == 503
-        )
+        response = c.post("/api/v1/webrtc/offer", json={"sdp": "v=0", "type": "offer"}, headers=good)
+        assert response.status_code == 503 and "no model is loaded" in response.json()["detail"]
         via_query = c.get("/health", params={"token": token})
         assert via_query.status_code == 200 and "HttpOnly" in via_query.headers["set-cookie"]
         assert c.get("/api/v1/model").status_code == 200  # the cookie the query set

@@ -484,18 +484,8 @@ async def session_socket(websocket: WebSocket, session_id: str) -> None:
 
 def _settings(manager: SessionManager, update: SettingsUpdate | None) -> StreamSettings:
     """A new stream's settings: 503 without a model, 422 with the reason when the values do not fit."""
-    status = manager.model.status()
     if manager.model.pipeline is None:
-        detail = (
-            f" ({status.stage})"
-            if status.state == "loading"
-            else (f": {status.error}" if status.error else "")
-        )
-        raise HTTPException(
-            503,
-            f"the model is {status.state.replace('_', ' ')}{detail}; see GET /api/v1/model",
-            headers={"Retry-After": "5"},
-        )
+        raise HTTPException(503, manager.model.not_ready_reason(), headers={"Retry-After": "5"})
     try:
         settings = manager.resolve_settings(update)
     except ValidationError as exc:

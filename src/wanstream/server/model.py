@@ -60,6 +60,15 @@ class ModelManager:
                 elapsed_s=None if elapsed is None else round(elapsed, 3),
             )
 
+    def not_ready_reason(self) -> str:
+        """Why no stream can start yet, in words (for 503 answers)."""
+        status = self.status()
+        if status.state == "loading":
+            return f"the model is still loading ({status.stage}); poll GET /api/v1/model"
+        if status.state == "error":
+            return f"the model failed to load: {status.error}"
+        return "no model is loaded: POST /api/v1/model/load"
+
     def start_load(self, *, demo: bool | None = None) -> None:
         """Begin loading in the background (returns at once); a second call while loading is refused."""
         with self._lock:

@@ -136,13 +136,8 @@ class SessionManager:
                 f"the server is busy: {n} stream{'s' if n > 1 else ''} already running "
                 f"(--max-sessions {n}); try again when it ends"
             )
-        status = self.model.status()
-        if status.state != "loaded" or self.model.pipeline is None:
-            detail = f" ({status.stage})" if status.state == "loading" else ""
-            hint = f": {status.error}" if status.error else ""
-            raise NotReady(
-                f"the model is {status.state.replace('_', ' ')}{detail}{hint}; see GET /api/v1/model"
-            )
+        if self.model.pipeline is None:
+            raise NotReady(self.model.not_ready_reason())
         session = Session(id=secrets.token_urlsafe(9), kind=kind)
         self.sessions[session.id] = session
         return session
