@@ -171,6 +171,57 @@ def gelu_epilogue() -> dict:
     return {"vs_tanh": d_tanh, "vs_erf": d_erf}
 
 
+def overlap(c, H=480, W=832) -> dict:
+    """Could the VAE run beside the DiT? Time a DiT step (graph replay), a Wan VAE decode and an encode
+    alone, then the DiT step and the decode (and the encode) launched together on two streams."""
+    from wanstream.engine.session import StreamSession
+    from wanstream.engine.settings import StreamSettings
+
+    if not c.optimized:
+        c.optimize()
+    s = StreamSession(c, StreamSettings(height=H, width=W, steps=(700, 500)))
+    s.set_prompt_embeddings(torch.randn(1, 512, 4096, device="cuda", dtype=torch.bfloat16))
+    frames = (torch.rand(5 + 4 * 12, H, W, 3) * 255).to(torch.uint8).pin_memory()
+    s.push(frames[:5])
+    for i in range(10):
+        s.push(frames[5 + 4 * i : 9 + 4 * i]).cpu()
+    den, lanes = s.denoiser, s.denoiser._lanes
+    cross = s._cross_kv()
+    vae = c.wan_vae
+    es, ds = VAEEncodeState(), VAEDecodeState()
+    f5 = torch.rand(1, 3, 5, H, W, device="cuda", dtype=torch.bfloat16) * 2 - 1
+    f4 = torch.rand(1, 3, 4, H, W, device="cuda", dtype=torch.bfloat16) * 2 - 1
+    z2 = torch.randn(1, 16, 2, H // 8, W // 8, device="cuda", dtype=torch.bfloat16)
+    z1 = torch.randn(1, 16, 1, H // 8, W // 8, device="cuda", dtype=torch.bfloat16)
+    vae.stream_encode(f5, es)
+    vae.stream_decode(z2, ds)
+    dit = lambda: den._forward(lanes.hidden, lanes.timesteps, lanes.starts, cross)  # noqa: E731
+    dec = lambda: vae.stream_decode(z1, ds)  # noqa: E731
+    enc = lambda: vae.stream_encode(f4, es)  # noqa: E731
+    t_dit, t_dec, t_enc = timed(dit), timed(dec), timed(enc)
+    side = torch.cuda.Stream()
+
+    def together(*others):
+        def run():
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for fn in others:
+                    fn()
+            dit()
+            torch.cuda.current_stream().wait_stream(side)
+
+        return run
+
+    t_dit_dec = timed(together(dec))
+    t_all = timed(together(enc, dec))
+    print(
+        f"overlap: DiT {t_dit:.1f} ms, decode {t_dec:.1f}, encode {t_enc:.1f}; DiT‖decode {t_dit_dec:.1f} "
+        f"(serial {t_dit + t_dec:.1f}); DiT‖(encode+decode) {t_all:.1f} (serial {t_dit + t_dec + t_enc:.1f})",
+        flush=True,
+    )
+    return {"dit": t_dit, "decode": t_dec, "encode": t_enc, "dit_decode": t_dit_dec, "all": t_all}
+
+
 if __name__ == "__main__":
     torch.backends.cudnn.benchmark = True
     what = sys.argv[2].split(",") if len(sys.argv) > 2 else ["attn", "tae", "vae", "dit"]
@@ -181,6 +232,7 @@ if __name__ == "__main__":
         "vae": lambda: vae_variants(c),
         "dit": lambda: dit_profile(c),
         "gelu": gelu_epilogue,
+        "overlap": lambda: overlap(c),
     }
     results = {}
     for name in what:

@@ -129,8 +129,11 @@ class StreamSession:
     # ----------------------------------------------------------------------------------------------
     # Construction and reset
     # ----------------------------------------------------------------------------------------------
-    def _build(self) -> None:
-        s, c = self.settings, self.components
+    def _build(self, settings: StreamSettings | None = None) -> None:
+        """(Re)create the per-stream machinery for `settings`. Everything that can fail (a missing
+        autoencoder, out of memory) happens before anything is replaced, so a failed rebuild leaves the
+        session as it was."""
+        s, c = settings or self.settings, self.components
         steps = list(s.denoising_steps)
         cfg = c.dit.config
         lanes = len(steps) if s.batching == "stream" else 1
@@ -145,14 +148,23 @@ class StreamSession:
             lanes=lanes,
             eviction=s.eviction,
         )
-        cache = KVCache(cache_cfg, dtype=c.dtype, device=c.device)
+        codecs = Codecs.create(c, s)
+        try:
+            cache = KVCache(cache_cfg, dtype=c.dtype, device=c.device)
+        except torch.OutOfMemoryError as exc:
+            raise SessionError(
+                f"not enough GPU memory for a {s.height}x{s.width} cache of {s.kv_cache_frames} frames × "
+                f"{lanes} lane(s); try fewer steps, batching 'none' or a smaller size ({exc})"
+            ) from exc
         if c.optimized:
             cache.compile()
-        self.rng: NoiseSource = self._noise_override or SeededNoise(s.seed)
-        self.denoiser = Denoiser(c.dit, c.scheduler, cache, self.rng, steps, s.batching, s.cache_context)
+        rng: NoiseSource = self._noise_override or SeededNoise(s.seed)
+        denoiser = Denoiser(c.dit, c.scheduler, cache, rng, steps, s.batching, s.cache_context)
         if c.optimized and c.device.type == "cuda":
-            self.denoiser.use_cuda_graphs()
-        self.codecs = Codecs.create(c, s)
+            denoiser.use_cuda_graphs()
+        # Nothing above touched the session: install.
+        self.settings = s
+        self.rng, self.denoiser, self.codecs = rng, denoiser, codecs
         self.controller = NoiseController(s.noise_scale, s.noise_controller)
         self._pending = _Pending(first_index=self.frames_in)
         self._in_flight: deque[ChunkEvent] = deque()
@@ -198,11 +210,12 @@ class StreamSession:
         old = self.settings
         steps_count_changed = len(new.denoising_steps) != len(old.denoising_steps)
         restart = bool(changed & REBUILD_FIELDS) or steps_count_changed
+        if restart:
+            Codecs.create(self.components, new)  # fails early (missing autoencoder) before any drain
         drained = self._drain_lanes() if restart else self._empty_output()
-        self.settings = new
         if restart:
             pending = self._pending
-            self._build()
+            self._build(new)
             self._pending = pending
             if (new.height, new.width) != (old.height, old.width) and pending.frames:
                 resized = F.interpolate(
@@ -210,6 +223,7 @@ class StreamSession:
                 )
                 pending.frames = list(resized)
             return drained
+        self.settings = new
         if "seed" in changed and self._noise_override is None:
             self.rng = SeededNoise(new.seed)
             self.denoiser.rng = self.rng
@@ -295,6 +309,21 @@ class StreamSession:
     @property
     def _needed(self) -> int:
         return 5 if self._stream_chunks == 0 else 4
+
+    @property
+    def frames_needed(self) -> int:
+        """Input frames still missing before `push` can run the next chunk (5 at a stream start, then 4)."""
+        return max(self._needed - len(self._pending.frames), 0)
+
+    @property
+    def at_stream_start(self) -> bool:
+        """True until the first chunk of the current stream has run (after creation, reset or a cut)."""
+        return self._stream_chunks == 0
+
+    @property
+    def pending_frames(self) -> int:
+        """Input frames buffered but not yet part of a chunk."""
+        return len(self._pending.frames)
 
     def push(self, frames: torch.Tensor) -> torch.Tensor:
         """Feed input frames [T, H, W, 3] (uint8, or float in [0, 1]); returns the output ready now."""
