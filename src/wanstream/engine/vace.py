@@ -119,7 +119,7 @@ def _check_range(x: torch.Tensor, what: str, lo: float = 0.0, hi: float = 1.0) -
     low, high = torch.aminmax(x.detach().float())
     if not (lo <= float(low) and float(high) <= hi):  # one sync, at input time
         raise VaceInputError(
-            f"{what}: values must lie in [{lo}, {hi}], got [{float(low):.3g}, {float(high):.3g}]"
+            f"{what}: values must lie in [{lo:g}, {hi:g}], got [{float(low):.3g}, {float(high):.3g}]"
         )
 
 
@@ -337,6 +337,7 @@ class VaceConditioner:
         self._text: tuple[tuple[int, int], CrossKV] | None = None
         self._chunks = 0  # chunks since the stream (re)started
         self._encodes = 0
+        self._trim_next = 0  # flush: padding frames of the next chunk, cut from its output
 
     # --- inputs ----------------------------------------------------------------------------------
     def push_control(self, frames: torch.Tensor, masks: torch.Tensor | None = None) -> None:
@@ -404,15 +405,15 @@ class VaceConditioner:
         return self._concat(outputs)
 
     def flush(self) -> torch.Tensor:
-        """End of the control video: pad its last partial chunk with its last frame, generate it, trim
-        the padding off, and end the stream (the next frames start a new one)."""
+        """End of the control video: pad its last partial chunk with its last frame, generate it (the
+        padding cut from the output), and end the stream (the next frames start a new one)."""
         self._check_driving()
         out = self.session._empty_output()
         if self._control:
             pad = self.frames_needed - len(self._control)
             self._control.extend([self._control[-1]] * pad)
+            self._trim_next = pad
             out = self.session.generate(1)
-            out = out[: out.shape[0] - pad]
         self.session.reset()
         return out
 
@@ -426,6 +427,8 @@ class VaceConditioner:
     def extension_for(self, event: ChunkEvent) -> VaceExtension:
         s = self.session.settings
         stream_start = event.stream_start
+        if self._trim_next:
+            event.trim, self._trim_next = self._trim_next, 0  # the session cuts them from the output
         if stream_start:
             self._chunks = 0
         needed = self.frames_needed
