@@ -31,9 +31,21 @@ from wanstream.media.sample import sample_clip
 from wanstream.media.video import Frame, VideoWriter, read_video
 from wanstream.timeline import Timeline, load_timeline
 
+from support.models_dir import write_tiny_models_dir
+
 EXAMPLES = sorted((Path(__file__).parents[1] / "examples").glob("timeline-*.json"))
 H, W, FPS, FRAMES = 64, 96, 16, 49
 PROMPTS = ("a red fox in the snow", "a neon city at night", "a watercolor forest")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """As the CLI does on a CPU: torch's spinning intra-op threads stall badly when another process (or the
+    video encoder) takes one of their cores; one thread keeps these runs fast on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -620,3 +632,24 @@ def test_cli_ctrl_c_exits_130_with_a_partial_mp4(
     frames = decoded(out)
     assert 5 <= frames.shape[0] < FRAMES and frames.shape[1:] == (H, W, 3)
     assert leftovers(tmp_path) == []
+
+
+def test_cli_uses_downloaded_weights_when_present(
+    tmp_path: Path, clip_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The real loader path (a tiny models folder in the download layout); --demo only stands in when
+    the weights are missing."""
+    root = write_tiny_models_dir(tmp_path / "models")
+    out, stats = tmp_path / "o.mp4", tmp_path / "s.json"
+    argv = ["generate", str(clip_path), "--models-dir", str(root), "--vae", "taehv", "--frames", "13"]
+    assert main([*argv, "--demo", "-o", str(out), "--stats-json", str(stats)]) == 0
+    captured = capsys.readouterr()
+    assert "RANDOM" not in captured.err + captured.out
+    data = json.loads(stats.read_text())
+    assert data["demo"] is False and data["model"].startswith("StreamDiffusionV2")
+    assert data["frames"] == 13 and decoded(out).shape == (13, H, W, 3)
+
+    (root / "Autoencoders" / "taew2_1.pth").unlink()  # --vae taehv without TAEHV: say how to get it
+    assert main([*argv, "-o", str(tmp_path / "o2.mp4")]) == 1
+    assert "--with-taehv" in capsys.readouterr().err
+    assert not (tmp_path / "o2.mp4").exists()

@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -59,6 +59,9 @@ from wanstream.media.video import (
     round_size,
 )
 from wanstream.timeline import TIME_EPS, Timeline, TimelineError, load_timeline
+
+if TYPE_CHECKING:
+    from wanstream.pipeline import Pipeline
 
 # Used when neither a timeline nor prompts are given (the built-in clip is an outdoor and an indoor scene).
 DEFAULT_PROMPT = (
@@ -574,7 +577,7 @@ ProgressCallback = Callable[[GenerateProgress], None]
 
 
 def generate(
-    request: GenerateRequest, pipeline: Any, *, on_progress: ProgressCallback | None = None
+    request: GenerateRequest, pipeline: Pipeline, *, on_progress: ProgressCallback | None = None
 ) -> GenerateResult:
     """Plan and run in one call (`pipeline`: a loaded `wanstream.Pipeline`)."""
     return run(plan(request, demo=pipeline.is_demo), pipeline, on_progress=on_progress)
@@ -582,7 +585,7 @@ def generate(
 
 def run(
     job: GeneratePlan,
-    pipeline: Any,
+    pipeline: Pipeline,
     *,
     on_progress: ProgressCallback | None = None,
     load_s: float | None = None,
@@ -604,7 +607,7 @@ class _Call:
 
 
 class _Runner:
-    def __init__(self, job: GeneratePlan, pipeline: Any, on_progress: ProgressCallback | None) -> None:
+    def __init__(self, job: GeneratePlan, pipeline: Pipeline, on_progress: ProgressCallback | None) -> None:
         self.job = job
         self.pipeline = pipeline
         self.on_progress = on_progress

@@ -111,12 +111,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         request = _request(args)
         device = _device(args.device)
-        missing = _missing_weights(args)
+        missing, missing_taehv = _missing_weights(args)
         use_demo = missing is not None and args.demo
         job = _plan(request, use_demo)
     except (GenerateError, TimelineError, ValueError) as exc:
         err.print(f"[red]error:[/] {escape(_plain(exc))}")
         return 2
+    if missing_taehv is not None:
+        err.print(f"[red]error:[/] --vae taehv needs the TAEHV weights.\n{escape(str(missing_taehv))}")
+        return 1
     if missing is not None and not use_demo:
         err.print(f"[red]error:[/] the model weights are not downloaded.\n{escape(str(missing))}")
         err.print("Or run the whole pipeline on a tiny RANDOM-WEIGHT model (no download): add --demo")
@@ -188,24 +191,23 @@ def _device(name: str | None) -> Any:
     return device
 
 
-def _missing_weights(args: argparse.Namespace) -> Any:
-    """The real model's MissingWeightsError, or None when its files are present.
+def _missing_weights(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(the real model's MissingWeightsError or None, TAEHV's for --vae taehv or None).
 
-    TAEHV is optional for the model but needed for --vae taehv: missing alone, it is an error even with
-    --demo (the real model is there; only the download of TAEHV is needed)."""
-    from wanstream.generate import GenerateError
+    TAEHV is optional for the model but needed for --vae taehv; when only it is missing, --demo does not
+    stand in (the real model is there: only TAEHV needs downloading)."""
     from wanstream.weights.store import MissingWeightsError, resolve_pipeline_files
 
     try:
         resolve_pipeline_files(models_dir=args.models_dir)
     except MissingWeightsError as exc:
-        return exc
+        return exc, None
     if args.vae == "taehv":
         try:
             resolve_pipeline_files(models_dir=args.models_dir, taehv=True)
         except MissingWeightsError as exc:
-            raise GenerateError(f"--vae taehv needs the TAEHV weights.\n{exc}") from None
-    return None
+            return None, exc
+    return None, None
 
 
 def _plan(request: Any, demo: bool) -> GeneratePlan:
