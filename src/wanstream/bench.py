@@ -365,11 +365,17 @@ def run_bench(
 
     console = Console()
     process_start = _process_start_time()
+
+    def mark(label: str) -> None:  # where start-up time goes
+        console.print(f"[dim][{time.time() - process_start:6.1f} s] {label}[/dim]")
+
+    mark("modules imported")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
     components = random_components(device, dtype, tiny=tiny)
+    mark("networks built")
     console.print(f"[bold]{components.label}[/bold] on {device}")
     if compile and device.type == "cuda":
         components.optimize(vae_channels_last=False)
@@ -379,6 +385,7 @@ def run_bench(
             conv2d={"conv2d": "sum", "stacked": "stack"}.get(vae_layout),
             compile=vae_layout == "compiled",
         )
+    mark("optimised")
     peak = matmul_tflops(device)
     if peak == peak:
         console.print(f"bf16 matmul (8192³, random data): {peak:.0f} TFLOP/s")

@@ -222,6 +222,46 @@ def overlap(c, H=480, W=832) -> dict:
     return {"dit": t_dit, "decode": t_dec, "encode": t_enc, "dit_decode": t_dit_dec, "all": t_all}
 
 
+def vae_profile(c, H=480, W=832) -> dict:
+    """Where the Wan VAE's time goes (conv vs everything else), then a whole-encoder/decoder compile."""
+    from torch.profiler import ProfilerActivity, profile
+
+    vae = c.wan_vae
+    vae.optimize(channels_last=True)
+    es, ds = VAEEncodeState(), VAEDecodeState()
+    f5 = torch.rand(1, 3, 5, H, W, device="cuda", dtype=torch.bfloat16) * 2 - 1
+    f4 = torch.rand(1, 3, 4, H, W, device="cuda", dtype=torch.bfloat16) * 2 - 1
+    z2 = torch.randn(1, 16, 2, H // 8, W // 8, device="cuda", dtype=torch.bfloat16)
+    z1 = torch.randn(1, 16, 1, H // 8, W // 8, device="cuda", dtype=torch.bfloat16)
+    vae.stream_encode(f5, es)
+    vae.stream_decode(z2, ds)
+    for _ in range(3):
+        vae.stream_encode(f4, es)
+        vae.stream_decode(z1, ds)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        vae.stream_encode(f4, es)
+        vae.stream_decode(z1, ds)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70), flush=True)
+    out = {}
+    for name, module in (("encoder", vae.encoder), ("decoder", vae.decoder)):
+        module.forward = torch.compile(module.forward, dynamic=False)
+    t0 = time.perf_counter()
+    es, ds = VAEEncodeState(), VAEDecodeState()
+    vae.stream_encode(f5, es)
+    vae.stream_decode(z2, ds)
+    for _ in range(2):
+        vae.stream_encode(f4, es)
+        vae.stream_decode(z1, ds)
+    torch.cuda.synchronize()
+    out["compile_s"] = time.perf_counter() - t0
+    out["encode_ms"] = timed(lambda: vae.stream_encode(f4, es))
+    out["decode_ms"] = timed(lambda: vae.stream_decode(z1, ds))
+    print(f"whole compiled VAE: encode {out['encode_ms']:.1f} ms decode {out['decode_ms']:.1f} ms (compile {out['compile_s']:.0f} s)", flush=True)
+    return out
+
+
 if __name__ == "__main__":
     torch.backends.cudnn.benchmark = True
     what = sys.argv[2].split(",") if len(sys.argv) > 2 else ["attn", "tae", "vae", "dit"]
@@ -233,6 +273,7 @@ if __name__ == "__main__":
         "dit": lambda: dit_profile(c),
         "gelu": gelu_epilogue,
         "overlap": lambda: overlap(c),
+        "vaeprof": lambda: vae_profile(c),
     }
     results = {}
     for name in what:
