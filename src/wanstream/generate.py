@@ -187,7 +187,7 @@ def plan(request: GenerateRequest, *, demo: bool = False) -> GeneratePlan:
     else:
         mode = ts.input_mode or "video"
 
-    source = _source(request, mode, timeline, demo, notes)
+    source = _source(request, mode, demo, notes)
     height, width = _resolution(request, source, timeline, demo, notes)
     source, length_from = _with_length(source, request, timeline, demo, height, width)
     if demo and source.kind != "file":
@@ -225,9 +225,7 @@ def _timeline(request: GenerateRequest, notes: list[str]) -> Timeline:
     return Timeline.constant([DEFAULT_PROMPT])
 
 
-def _source(
-    request: GenerateRequest, mode: Mode, timeline: Timeline, demo: bool, notes: list[str]
-) -> InputSource:
+def _source(request: GenerateRequest, mode: Mode, demo: bool, notes: list[str]) -> InputSource:
     if mode == "text":
         return InputSource("text", 0, 0, request.fps or TEXT_FPS, None)
     if request.input is None:
@@ -241,9 +239,11 @@ def _source(
         raise GenerateError(str(exc)) from None
     if info.has_audio:
         notes.append(f"{path}: the audio track is dropped (the output has video only)")
-    resample = request.fps is not None and not math.isclose(request.fps, info.fps, rel_tol=1e-6)
+    # --fps always resamples (a constant-rate input at its own rate comes out frame for frame; a variable-rate
+    # one becomes constant-rate with its real timing).
+    resample = request.fps is not None
     frames = info.frame_count
-    if resample and info.duration:
+    if request.fps is not None and info.duration:
         frames = max(1, round(info.duration * request.fps))  # an estimate, for the progress bar
     if request.frames is not None:
         frames = min(frames, request.frames) if frames is not None else None
