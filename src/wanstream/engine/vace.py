@@ -258,7 +258,7 @@ class WanVaceEncoder:
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class _Control:
-    frame: torch.Tensor  # [C, H, W] in [-1, 1], C = 1 or 3
+    frame: torch.Tensor  # [3, H, W] in [-1, 1] (grey maps repeated)
     mask: torch.Tensor | None  # [H, W] raw, in [0, 1]
     all_on: bool  # every mask value > 0.5 (True without a mask)
 
@@ -285,6 +285,9 @@ class VaceChunk:
 
 class VaceConditioner:
     """VACE inputs of one `StreamSession` (attach with `session.attach(conditioner)`).
+
+    A chunk takes control frames only when a whole chunk's worth is queued (5, then 4); with fewer it
+    runs on whatever else is set (references, first/last frame) or without hints, and they wait.
 
     `vae_cache="shared"` (Scope with the Wan VAE) runs the inactive and reactive encodes through one
     streaming encoder cache; `"separate"` gives each its own (Scope's TAE path; cleaner continuity).
@@ -408,7 +411,7 @@ class VaceConditioner:
         """End of the control video: pad its last partial chunk with its last frame, generate it (the
         padding cut from the output), and end the stream (the next frames start a new one)."""
         self._check_driving()
-        out = self.session._empty_output()
+        out = self._empty()
         if self._control:
             pad = self.frames_needed - len(self._control)
             self._control.extend([self._control[-1]] * pad)
@@ -685,8 +688,13 @@ class VaceConditioner:
     def _concat(self, outputs: list[torch.Tensor]) -> torch.Tensor:
         outputs = [o for o in outputs if o.shape[0]]
         if not outputs:
-            return self.session._empty_output()
+            return self._empty()
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    def _empty(self) -> torch.Tensor:
+        s = self.session.settings
+        dtype = torch.uint8 if self.session.output == "uint8" else torch.float32
+        return torch.empty((0, s.height, s.width, 3), dtype=dtype, device=self.session.components.device)
 
 
 # ------------------------------------------------------------------------------------------------
