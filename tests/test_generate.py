@@ -315,6 +315,16 @@ def test_variable_frame_rate_switches_by_timestamp(pipe: Pipeline, tmp_path: Pat
     assert [(s.segment, s.frame) for s in result.switches] == [(0, 0), (1, 9)]
     assert result.switches[1].chunk_frames == (9, 13)
     assert any("variable frame rate" in n for n in result.notes)
+    # --fps resamples onto a constant grid: the switch lands on tick 10 (1.0 s at 10 fps).
+    result = generate(
+        GenerateRequest(
+            input=path, timeline=tmp_path / "tl.json", output=tmp_path / "c.mp4", vae="taehv", fps=10
+        ),
+        pipe,
+    )
+    assert result.stats.frames in (16, 17)  # ticks up to 1.5 s + one average frame
+    assert [(s.segment, s.frame) for s in result.switches] == [(0, 0), (1, 10)]
+    assert not any("variable frame rate" in n for n in result.notes)
 
 
 def test_fps_resamples_the_input_by_timestamps(pipe: Pipeline, tmp_path: Path) -> None:
