@@ -233,7 +233,8 @@ def _expected_encodes(case: GoldenCase, chunk: dict[str, Any]) -> list[_Encode]:
     out = []
     encodes = [(j, rec) for j, rec in enumerate(chunk["vae_calls"]) if rec.get("op") == "encode_to_latent"]
     implied: list[torch.Tensor] = []
-    if f"chunks/{k}/vace_input_frames" in case.tensors and chunk.get("mode") == "conditioning":
+    conditioning = "conditioning" in str(chunk.get("mode") or "").split("+")
+    if f"chunks/{k}/vace_input_frames" in case.tensors and conditioning:
         frames = case.tensor(f"chunks/{k}/vace_input_frames")[0]
         name = f"chunks/{k}/vace_input_masks"
         m = (case.tensor(name)[0] > 0.5).float() if name in case.tensors else torch.ones_like(frames[:1])
@@ -375,37 +376,31 @@ def _stream(case: GoldenCase, report: CaseReport, options: RunOptions) -> None:
 
 
 def _feed(case: GoldenCase, chunk: dict[str, Any], cond: VaceConditioner, tmp: Path) -> None:
-    """Give the conditioner what Scope's pipeline got for this chunk."""
+    """Give the conditioner what Scope's pipeline got for this chunk (modes may combine with '+')."""
     k = int(chunk["chunk"])
-    mode = str(chunk.get("mode") or "none")
-    known = {
-        "none",
-        "conditioning",
-        "r2v",
-        "conditioning+refs",
-        "extension:firstframe",
-        "extension:lastframe",
-    }
-    if mode not in known:
-        raise CaseError(f"{case.name}: chunk {k} has mode {mode!r}, which this family does not know")
+    parts = set(str(chunk.get("mode") or "none").split("+"))
+    known = {"none", "conditioning", "r2v", "refs", "extension:firstframe", "extension:lastframe"}
+    if not parts <= known:
+        raise CaseError(
+            f"{case.name}: chunk {k} has mode {chunk.get('mode')!r}, which this family does not know"
+        )
+    extension = [p for p in parts if p.startswith("extension:")]
+    if len(extension) > 1 or (extension and parts & {"r2v", "refs"}):
+        raise CaseError(f"{case.name}: chunk {k} needs two images; the case format names one per chunk")
     scale = chunk.get("vace_context_scale")
     cond.set_scale(1.0 if scale is None else float(scale))
-    if mode.startswith("conditioning"):
-        frames = case.tensor(f"chunks/{k}/vace_input_frames")
-        name = f"chunks/{k}/vace_input_masks"
-        cond.push_control(frames, case.tensor(name) if name in case.tensors else None)
-    if mode == "r2v" or mode.endswith("+refs"):
-        png = tmp / f"ref_{k}.png"
+    frames = f"chunks/{k}/vace_input_frames"
+    if frames in case.tensors:
+        masks = f"chunks/{k}/vace_input_masks"
+        cond.push_control(case.tensor(frames), case.tensor(masks) if masks in case.tensors else None)
+    elif "conditioning" in parts:
+        raise CaseError(f"{case.name}: chunk {k} is a conditioning chunk without {frames}")
+    if parts & {"r2v", "refs"} or extension:
+        png = tmp / f"image_{k}.png"
         _write_png(png, case.tensor(f"chunks/{k}/ref_image_rgb01"))
-        cond.set_reference_images([png])
-    if mode.startswith("extension:"):
-        png = tmp / f"frame_{k}.png"
-        _write_png(png, case.tensor(f"chunks/{k}/ref_image_rgb01"))
-        name = f"chunks/{k}/vace_input_frames"
-        if name in case.tensors:
-            masks = f"chunks/{k}/vace_input_masks"
-            cond.push_control(case.tensor(name), case.tensor(masks) if masks in case.tensors else None)
-        if mode == "extension:firstframe":
+        if extension == ["extension:firstframe"]:
             cond.set_first_frame(png)
-        else:
+        elif extension == ["extension:lastframe"]:
             cond.set_last_frame(png)
+        else:
+            cond.set_reference_images([png])
