@@ -311,8 +311,9 @@ def _summary(out: Console, result: GenerateResult) -> None:
     s, job = result.stats, result.plan
     label = "  [bold yellow](DEMO MODEL, RANDOM WEIGHTS)[/]" if job.demo else ""
     where = escape(str(result.output)) if result.output is not None else "(nothing written)"
+    verb = "[yellow]wrote (interrupted, partial)[/]" if result.interrupted else "[green]wrote[/]"
     out.print(
-        f"[green]wrote[/] {where}: {s.frames} frames, {job.settings.height}×{job.settings.width} at "
+        f"{verb} {where}: {s.frames} frames, {job.settings.height}×{job.settings.width} at "
         f"{job.source.fps:g} fps{label}"
     )
     for line in s.summary_lines():
