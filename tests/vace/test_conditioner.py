@@ -281,6 +281,12 @@ def test_bad_inputs_are_rejected_before_any_work(vace_components: Components, tm
         with pytest.raises(VaceInputError, match=message):
             call()
         assert (s.frames_out, cond.pending_control, len(cond.history), len(spy.calls), cond.scale) == before
+    unprompted = StreamSession(vace_components, s.settings)  # no prompt yet
+    bare = VaceConditioner(unprompted)
+    unprompted.attach(bare)
+    with pytest.raises(VaceInputError, match="prompt"):
+        bare.push(frames_u8(5))
+    assert bare.pending_control == 0
     # The stream goes on exactly as if the bad inputs had never been given.
     after = cond.push(frames_u8(6, seed=1))
     _, cond2, _ = attached(vace_components)

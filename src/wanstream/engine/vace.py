@@ -675,6 +675,10 @@ class VaceConditioner:
     def _check_driving(self) -> None:
         if self.session.conditioner is not self:
             raise VaceInputError("attach the conditioner first: session.attach(conditioner)")
+        if self.session.prompt.embedding is None:
+            raise VaceInputError(
+                "set the prompt first (session.set_prompts): the VACE stream generates from it"
+            )
         if self.session.settings.mode != "text":
             raise VaceInputError(
                 "push() drives text mode (control frames in, generated frames out); in video mode queue "
