@@ -455,6 +455,20 @@ def test_bad_input_videos_are_rejected_naming_the_file(tmp_path: Path, kind: str
     assert not (tmp_path / "o.mp4").exists()
 
 
+def test_a_truncated_input_is_processed_as_far_as_it_decodes(
+    pipe: Pipeline, clip_path: Path, tmp_path: Path
+) -> None:
+    data = clip_path.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) * 2 // 3])  # the index survives (faststart), the last frames do not
+    result = generate(
+        GenerateRequest(input=cut, prompts=("x",), output=tmp_path / "o.mp4", vae="taehv"), pipe
+    )
+    assert 0 < result.stats.frames < FRAMES
+    assert decoded(tmp_path / "o.mp4").shape[0] == result.stats.frames == result.stats.input_frames
+    assert any("truncated" in n for n in result.notes)
+
+
 def test_bad_outputs_and_conflicts(tmp_path: Path, clip_path: Path) -> None:
     with pytest.raises(GenerateError, match="is a folder"):
         plan(GenerateRequest(output=tmp_path))

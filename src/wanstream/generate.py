@@ -679,6 +679,12 @@ class _Runner:
             self._call("flush", lambda: torch.cat([self.session.push(rest), self.session.flush()]))
         else:
             self._call("flush", self.session.flush)
+        source = self.job.source
+        if source.kind == "file" and not source.resample and source.frames and self.fed < source.frames:
+            self.notes.append(
+                f"{source.path}: the file announces {source.frames} frames but only {self.fed} could be "
+                "decoded (a truncated or damaged file?)"
+            )
 
     def _run_text(self) -> None:
         total = self.job.source.frames
