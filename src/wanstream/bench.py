@@ -99,9 +99,12 @@ DEFAULT_CONFIGS = [
 # ------------------------------------------------------------------------------------------------
 def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Seeded random weights on the module's own device: N(0, 1/fan_in) matrices, norms ~1, small biases."""
+    params = list(module.named_parameters())
+    if not params:
+        return module
+    gen = torch.Generator(device=params[0][1].device).manual_seed(seed)
     with torch.no_grad():
-        for i, (name, p) in enumerate(module.named_parameters()):
-            gen = torch.Generator(device=p.device).manual_seed(seed * 100_003 + i)
+        for name, p in params:
             if p.dim() >= 2:
                 p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=gen)
             elif name.endswith(("weight", "gamma")):
@@ -358,7 +361,7 @@ def run_bench(
     warm_chunks: int = 8,
     compile: bool = True,
     graphs: bool = True,
-    vae_layout: str = "channels_last",
+    vae_layout: str = "compiled",
     json_path: str | None = None,
 ) -> list[Result]:
     from rich.console import Console
@@ -378,13 +381,9 @@ def run_bench(
     mark("networks built")
     console.print(f"[bold]{components.label}[/bold] on {device}")
     if compile and device.type == "cuda":
-        components.optimize(vae_channels_last=False)
-    if device.type == "cuda" and vae_layout != "default":
-        components.wan_vae.optimize(  # type: ignore[union-attr]
-            channels_last=True,
-            conv2d={"conv2d": "sum", "stacked": "stack"}.get(vae_layout),
-            compile=vae_layout == "compiled",
-        )
+        components.optimize(vae=vae_layout == "compiled")
+    if device.type == "cuda" and vae_layout == "channels_last":
+        components.wan_vae.optimize(channels_last=True, compile=False)  # type: ignore[union-attr]
     mark("optimised")
     peak = matmul_tflops(device)
     if peak == peak:

@@ -262,6 +262,29 @@ def vae_profile(c, H=480, W=832) -> dict:
     return out
 
 
+def vae_check(c, H=480, W=832) -> dict:
+    """The compiled VAE computes what the eager one does (bf16: rounding-level differences only)."""
+    vae = c.wan_vae
+    f = torch.rand(1, 3, 13, H, W, device="cuda", dtype=torch.bfloat16) * 2 - 1
+    z = torch.randn(1, 16, 4, H // 8, W // 8, device="cuda", dtype=torch.bfloat16)
+
+    def stream() -> tuple[torch.Tensor, torch.Tensor]:
+        es, ds = VAEEncodeState(), VAEDecodeState()
+        enc = torch.cat([vae.stream_encode(f[:, :, :5], es), vae.stream_encode(f[:, :, 5:9], es),
+                         vae.stream_encode(f[:, :, 9:], es)], 2).float()
+        dec = torch.cat([vae.stream_decode(z[:, :, :2], ds), vae.stream_decode(z[:, :, 2:3], ds),
+                         vae.stream_decode(z[:, :, 3:], ds)], 2).float()
+        return enc, dec
+
+    vae.optimize(channels_last=True, compile=False)
+    e0, d0 = stream()
+    vae.optimize(channels_last=True, compile=True)
+    e1, d1 = stream()
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    print(f"compiled VAE vs eager (bf16): encode rel {rel(e1, e0):.2e}, decode rel {rel(d1, d0):.2e}", flush=True)
+    return {"encode_rel": rel(e1, e0), "decode_rel": rel(d1, d0)}
+
+
 if __name__ == "__main__":
     torch.backends.cudnn.benchmark = True
     what = sys.argv[2].split(",") if len(sys.argv) > 2 else ["attn", "tae", "vae", "dit"]
@@ -274,6 +297,7 @@ if __name__ == "__main__":
         "gelu": gelu_epilogue,
         "overlap": lambda: overlap(c),
         "vaeprof": lambda: vae_profile(c),
+        "vaecheck": lambda: vae_check(c),
     }
     results = {}
     for name in what:

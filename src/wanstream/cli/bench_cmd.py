@@ -28,9 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-cuda-graphs", action="store_true", help="do not replay CUDA graphs")
     p.add_argument(
         "--vae-layout",
-        choices=["default", "channels_last", "conv2d"],
-        default="channels_last",
-        help="Wan VAE layout: default (NCDHW), channels_last, or conv2d (3-D convs as 2-D sums)",
+        choices=["default", "channels_last", "compiled"],
+        default="compiled",
+        help="Wan VAE: default (eager NCDHW), channels_last (eager), compiled (channels-last + torch.compile)",
     )
     p.add_argument("--json", dest="json_path", default=None, help="also write the results to this JSON file")
     p.set_defaults(handler=run)

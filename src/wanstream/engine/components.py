@@ -33,10 +33,11 @@ class Components:
         False  # set by `optimize()`: sessions compile their cache bookkeeping and use CUDA graphs
     )
 
-    def optimize(self, *, compile: bool = True, vae_channels_last: bool = True) -> Components:
+    def optimize(self, *, compile: bool = True, vae: bool = True) -> Components:
         """GPU speed-ups that keep the arithmetic: fused q/k/v and regional compilation of the DiT blocks,
-        channels-last VAE convolutions; sessions created afterwards replay CUDA graphs. First calls of
-        each shape compile (seconds to a minute; cached on disk for later processes)."""
+        channels-last and compiled VAE; sessions created afterwards compile their cache bookkeeping and
+        replay CUDA graphs. First calls of each shape compile (tens of seconds; cached on disk, so later
+        processes start quickly)."""
         if self.device.type != "cuda":
             return self
         import torch._dynamo
@@ -44,7 +45,7 @@ class Components:
         # Every (lanes, frames, cache phase) signature compiles once; allow all of them.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.dit.optimize(compile=compile)
-        if vae_channels_last and self.wan_vae is not None:
-            self.wan_vae.optimize(channels_last=True)  # type: ignore[operator]
+        if vae and self.wan_vae is not None:
+            self.wan_vae.optimize(channels_last=True, compile=compile)  # type: ignore[operator]
         self.optimized = compile
         return self

@@ -207,40 +207,7 @@ class CausalConv3d(nn.Conv3d):
         else:
             x = F.pad(x, (0, 0, 0, 0, self.context, 0))
         cache.store(self.slot, x[:, :, -self.context :])
-        if self.as_conv2d == "sum":
-            return self._conv2d_sum(x)
-        if self.as_conv2d == "stack":
-            return self._conv2d_stacked(x)
         return super().forward(x)
-
-    # Set by `WanVAE.optimize`: run the (kt, kh, kw) kernel as kt 2-D convs over time-shifted frames,
-    # summed. Same arithmetic (another summation order); 2-D convs on channels-last frames are among
-    # the most tuned kernels on GPUs, 3-D ones less so.
-    as_conv2d: str | None = None  # None: a 3-D conv; "sum" / "stack": see `_conv2d_sum` / `_conv2d_stacked`
-
-    def _conv2d_sum(self, x: torch.Tensor) -> torch.Tensor:
-        B, T = x.shape[0], x.shape[2] - self.context
-        out = None
-        for dt in range(self.kernel_size[0]):
-            frames = frames_as_batch(x[:, :, dt : dt + T])
-            y = F.conv2d(
-                frames, self.weight[:, :, dt], self.bias if dt == 0 else None, padding=self.padding[1:]
-            )
-            out = y if out is None else out.add_(y)
-        return batch_as_frames(out, B)
-
-    def _conv2d_stacked(self, x: torch.Tensor) -> torch.Tensor:
-        """The (kt, kh, kw) kernel as one 2-D conv over the kt time-shifted frames stacked on channels."""
-        B, T, kt = x.shape[0], x.shape[2] - self.context, self.kernel_size[0]
-        stacked = torch.cat([frames_as_batch(x[:, :, dt : dt + T]) for dt in range(kt)], dim=1)
-        weight = getattr(self, "_stacked_weight", None)
-        if weight is None or weight.dtype != self.weight.dtype or weight.device != self.weight.device:
-            # [Cout, C, kt, kh, kw] → [Cout, kt·C, kh, kw], frame-major like `stacked`.
-            weight = (
-                self.weight.permute(0, 2, 1, 3, 4).flatten(1, 2).contiguous(memory_format=torch.channels_last)
-            )
-            self._stacked_weight = weight
-        return batch_as_frames(F.conv2d(stacked, weight, self.bias, padding=self.padding[1:]), B)
 
 
 class RMSNorm(nn.Module):
@@ -257,15 +224,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x, dim=1) * self.scale * self.gamma
-
-
-def _norm_silu(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
-    return F.silu(norm(x))
-
-
-# The norm → SiLU pair before every causal conv; `WanVAE.optimize(compile=True)` swaps in a compiled
-# version that does it in one pass over the (large, full-resolution) activations instead of five.
-norm_silu = _norm_silu
 
 
 class ResidualBlock(nn.Module):
@@ -285,8 +243,8 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
         norm1, _, conv1, norm2, _, _, conv2 = self.residual
-        h = conv1(norm_silu(norm1, x), cache)
-        h = conv2(norm_silu(norm2, h), cache)
+        h = conv1(F.silu(norm1(x)), cache)
+        h = conv2(F.silu(norm2(h)), cache)
         return h + self.shortcut(x)
 
 
@@ -396,7 +354,7 @@ class Encoder(nn.Module):
         res1, attn, res2 = self.middle
         x = res2(attn(res1(x, cache)), cache)
         norm, _, conv = self.head
-        return conv(norm_silu(norm, x), cache)
+        return conv(F.silu(norm(x)), cache)
 
 
 class Decoder(nn.Module):
@@ -427,7 +385,7 @@ class Decoder(nn.Module):
         for layer in self.upsamples:
             x = layer(x, cache)
         norm, _, conv = self.head
-        return conv(norm_silu(norm, x), cache)
+        return conv(F.silu(norm(x)), cache)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -453,14 +411,12 @@ class WanVAE(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.conv2.weight.dtype
 
-    def optimize(
-        self, *, channels_last: bool = True, conv2d: str | None = None, compile: bool = False
-    ) -> WanVAE:
-        """GPU choices: channels-last weights (activations follow from the input); optionally 3-D convs as
-        sums of 2-D convs; optionally a compiled norm → SiLU. All keep the arithmetic (up to rounding)."""
-        global norm_silu
-        if compile:
-            norm_silu = torch.compile(_norm_silu, dynamic=True)
+    def optimize(self, *, channels_last: bool = True, compile: bool = True) -> WanVAE:
+        """GPU speed-ups that keep the arithmetic (up to rounding): channels-last convolutions, and the
+        encoder and decoder compiled whole for steady-state chunks. Eager, half the VAE's time went to
+        norms, SiLUs, concatenations and cache copies over full-resolution activations; compiled they
+        fuse. A stream's first chunk runs eagerly (it has its own shapes; compiling it too would double
+        the start-up compile for one chunk)."""
         if channels_last:
             for m in self.modules():
                 if isinstance(m, nn.Conv3d):
@@ -468,11 +424,14 @@ class WanVAE(nn.Module):
                 elif isinstance(m, nn.Conv2d):
                     m.to(memory_format=torch.channels_last)
             self.channels_last = True
-        for m in self.modules():
-            if isinstance(m, CausalConv3d):
-                m.as_conv2d = conv2d if m.kernel_size[1:] != (1, 1) else None
+        if compile:
+            self._steady = (
+                torch.compile(self.encoder, dynamic=False),
+                torch.compile(self.decoder, dynamic=False),
+            )
         return self
 
+    _steady: tuple[nn.Module, nn.Module] | None = None  # compiled encoder/decoder (see `optimize`)
     channels_last = False  # set by `optimize`: inputs are laid out channels-last on entry
 
     @property
@@ -532,7 +491,8 @@ class WanVAE(nn.Module):
         for chunk in chunks:
             # conv1 per chunk (the reference runs it once over the call): the same values, but every op sees
             # the same shapes however a stream is cut into calls, so a stream equals the whole clip bit for bit.
-            mu.append(self.conv1(self.encoder(chunk, state))[:, : self.config.z_dim])  # μ; log σ² unused
+            encoder = self._steady[0] if self._steady is not None and state.started else self.encoder
+            mu.append(self.conv1(encoder(chunk, state))[:, : self.config.z_dim])  # μ; log σ² unused
             state.started = True
         return torch.cat(mu, dim=2)
 
@@ -549,7 +509,8 @@ class WanVAE(nn.Module):
             state.begin(self.decoder.num_slots, (z.shape[0], z.shape[3], z.shape[4]))
         out = []
         for i in range(z.shape[2]):  # conv2 per latent, for the same reason as conv1 in stream_encode
-            out.append(self.decoder(self.conv2(z[:, :, i : i + 1]), state))
+            decoder = self._steady[1] if self._steady is not None and state.started else self.decoder
+            out.append(decoder(self.conv2(z[:, :, i : i + 1]), state))
             state.started = True
         video = torch.cat(out, dim=2)
         return video.clamp_(-1.0, 1.0) if clamp else video
