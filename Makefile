@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: setup
-	$(BIN)/python -m wanstream.conformance tests/golden --allow-missing
+	$(BIN)/wanstream generate --demo -o outputs/demo.mp4
 
 conformance: setup
 	$(BIN)/python -m wanstream.conformance tests/golden

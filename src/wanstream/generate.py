@@ -815,11 +815,9 @@ class _Runner:
 
 
 def _next_chunk_frames(session: StreamSession) -> int:
-    """Frames the session's next chunk takes: 5 after a (re)start, else 4.
-
-    Read from the session so the job stays exact across cuts. TODO(engine): a public StreamSession property.
-    """
-    return session._needed
+    """Frames the session's next chunk takes: 5 after a (re)start, else 4 (read from the session so the job
+    stays exact across cuts)."""
+    return session.chunk_frames
 
 
 # ---------------------------------------------------------------------------------------------------------

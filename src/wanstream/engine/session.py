@@ -311,6 +311,11 @@ class StreamSession:
         return 5 if self._stream_chunks == 0 else 4
 
     @property
+    def chunk_frames(self) -> int:
+        """Input frames the next chunk takes in all: 5 at a stream start (after creation, reset or a cut), else 4."""
+        return self._needed
+
+    @property
     def frames_needed(self) -> int:
         """Input frames still missing before `push` can run the next chunk (5 at a stream start, then 4)."""
         return max(self._needed - len(self._pending.frames), 0)

@@ -705,13 +705,12 @@ def missing_codec(components: Components, settings: StreamSettings) -> str | Non
     return None
 
 
-# TODO(engine): public `StreamSession.frames_needed` / `at_stream_start` would replace these two reads of
-# private state; the worker needs them to feed exactly one chunk at a time (no standing input lag) and to
-# know when a control restarted the stream (so stale frames are flushed).
+# The worker feeds exactly one chunk at a time (no standing input lag) and must know when a control
+# restarted the stream (so stale frames are flushed).
 def _frames_wanted(session: StreamSession) -> int:
     """Input frames that complete the session's next chunk (5 at a stream start, else 4)."""
-    return max(1, session._needed - len(session._pending.frames))
+    return max(1, session.frames_needed)
 
 
 def _at_stream_start(session: StreamSession) -> bool:
-    return session._stream_chunks == 0
+    return session.at_stream_start
