@@ -45,3 +45,16 @@ def test_runner_reports_a_corrupted_case(tmp_path: Path, capsys: pytest.CaptureF
     (tmp_path / "sched_tables.safetensors").write_bytes(bytes(data))
     assert main([str(tmp_path)]) == 1
     assert "sha256 mismatch" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["dit_forward", "causal_stream_nobatch", "stream_v2v_batch", "vae_stream"])
+def test_bfloat16_stays_within_the_stated_bound_of_the_float32_goldens(name: str) -> None:
+    import torch
+
+    from wanstream.conformance.runner import BF16_BOUND, RunOptions
+
+    case = next(c for c in CASES if c.name == name)
+    options = RunOptions(dtype=torch.bfloat16, bound_floor=BF16_BOUND, exact_informational=True)
+    outcome = run_case(case, options)
+    worst = max(c.rel_l2 for c in outcome.report.checks if c.rel_l2 is not None)
+    assert outcome.status == "PASS" and worst <= BF16_BOUND, (outcome.message, worst)

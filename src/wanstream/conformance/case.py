@@ -50,6 +50,7 @@ class CaseReport:
 
     case: str
     checks: list[Check] = field(default_factory=list)
+    exact_informational: bool = False  # reduced precision: exact mismatches are reported, not failed
 
     def compare(self, name: str, ours: torch.Tensor, golden: torch.Tensor, bound: float) -> float:
         try:
@@ -68,7 +69,9 @@ class CaseReport:
         else:
             ok = ours == golden
         detail = "exact" if ok else f"ours {_short(ours)} != golden {_short(golden)}"
-        self.checks.append(Check(name, ok, detail))
+        if not ok and self.exact_informational:
+            detail = "(informational in reduced precision) " + detail
+        self.checks.append(Check(name, ok or self.exact_informational, detail))
         return ok
 
     @property
