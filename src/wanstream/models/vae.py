@@ -202,12 +202,14 @@ class CausalConv3d(nn.Conv3d):
         self.slot = -1  # numbered by `number_slots`
 
     def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:  # type: ignore[override]
-        if cache.started:
-            x = torch.cat([cache.read(self.slot), x], dim=2)
-        else:
-            x = F.pad(x, (0, 0, 0, 0, self.context, 0))
-        cache.store(self.slot, x[:, :, -self.context :])
-        return super().forward(x)
+        y, past = self.step(x, cache.read(self.slot) if cache.started else None)
+        cache.store(self.slot, past)
+        return y
+
+    def step(self, x: torch.Tensor, past: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The conv over [past, x] (zero padding without a past) and the new past: its input's last frames."""
+        x = torch.cat([past, x], dim=2) if past is not None else F.pad(x, (0, 0, 0, 0, self.context, 0))
+        return super().forward(x), x[:, :, -self.context :]
 
 
 class RMSNorm(nn.Module):
@@ -240,12 +242,28 @@ class ResidualBlock(nn.Module):
             CausalConv3d(out_dim, out_dim),
         )
         self.shortcut = nn.Conv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+        # A pure function of tensors (the stream state is read and written around it), so one compiled
+        # version serves every residual block (`WanVAE.optimize` swaps it in).
+        self.step = residual_step
 
     def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
-        norm1, _, conv1, norm2, _, _, conv2 = self.residual
-        h = conv1(F.silu(norm1(x)), cache)
-        h = conv2(F.silu(norm2(h)), cache)
-        return h + self.shortcut(x)
+        conv1, conv2 = self.residual[2], self.residual[6]
+        pasts = (cache.read(conv1.slot), cache.read(conv2.slot)) if cache.started else (None, None)
+        y, past1, past2 = self.step(self, x, *pasts)
+        cache.store(conv1.slot, past1)
+        cache.store(conv2.slot, past2)
+        return y
+
+
+
+def residual_step(
+    block: ResidualBlock, x: torch.Tensor, past1: torch.Tensor | None, past2: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """norm → SiLU → causal conv, twice, plus the shortcut; returns the output and both convs' new pasts."""
+    norm1, _, conv1, norm2, _, _, conv2 = block.residual
+    h, new1 = conv1.step(F.silu(norm1(x)), past1)
+    h, new2 = conv2.step(F.silu(norm2(h)), past2)
+    return h + block.shortcut(x), new1, new2
 
 
 class AttentionBlock(nn.Module):
@@ -413,10 +431,9 @@ class WanVAE(nn.Module):
 
     def optimize(self, *, channels_last: bool = True, compile: bool = True) -> WanVAE:
         """GPU speed-ups that keep the arithmetic (up to rounding): channels-last convolutions, and the
-        encoder and decoder compiled whole for steady-state chunks. Eager, half the VAE's time went to
-        norms, SiLUs, concatenations and cache copies over full-resolution activations; compiled they
-        fuse. A stream's first chunk runs eagerly (it has its own shapes; compiling it too would double
-        the start-up compile for one chunk)."""
+        residual blocks compiled (eager, half the VAE's time went to norms, SiLUs, concatenations and
+        cache copies over full-resolution activations; compiled they fuse). One compile, with dynamic
+        shapes, serves every block of both halves, so start-up stays short."""
         if channels_last:
             for m in self.modules():
                 if isinstance(m, nn.Conv3d):
@@ -425,13 +442,12 @@ class WanVAE(nn.Module):
                     m.to(memory_format=torch.channels_last)
             self.channels_last = True
         if compile:
-            self._steady = (
-                torch.compile(self.encoder, dynamic=False),
-                torch.compile(self.decoder, dynamic=False),
-            )
+            compiled = torch.compile(residual_step, dynamic=True)
+            for m in self.modules():
+                if isinstance(m, ResidualBlock):
+                    m.step = compiled
         return self
 
-    _steady: tuple[nn.Module, nn.Module] | None = None  # compiled encoder/decoder (see `optimize`)
     channels_last = False  # set by `optimize`: inputs are laid out channels-last on entry
 
     @property
@@ -491,8 +507,7 @@ class WanVAE(nn.Module):
         for chunk in chunks:
             # conv1 per chunk (the reference runs it once over the call): the same values, but every op sees
             # the same shapes however a stream is cut into calls, so a stream equals the whole clip bit for bit.
-            encoder = self._steady[0] if self._steady is not None and state.started else self.encoder
-            mu.append(self.conv1(encoder(chunk, state))[:, : self.config.z_dim])  # μ; log σ² unused
+            mu.append(self.conv1(self.encoder(chunk, state))[:, : self.config.z_dim])  # μ; log σ² unused
             state.started = True
         return torch.cat(mu, dim=2)
 
@@ -509,8 +524,7 @@ class WanVAE(nn.Module):
             state.begin(self.decoder.num_slots, (z.shape[0], z.shape[3], z.shape[4]))
         out = []
         for i in range(z.shape[2]):  # conv2 per latent, for the same reason as conv1 in stream_encode
-            decoder = self._steady[1] if self._steady is not None and state.started else self.decoder
-            out.append(decoder(self.conv2(z[:, :, i : i + 1]), state))
+            out.append(self.decoder(self.conv2(z[:, :, i : i + 1]), state))
             state.started = True
         video = torch.cat(out, dim=2)
         return video.clamp_(-1.0, 1.0) if clamp else video
