@@ -35,6 +35,7 @@ the time upsampler skips its time conv (1 latent → 1 frame, its slot starts as
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 from collections.abc import Callable, Mapping
@@ -553,8 +554,10 @@ class WanVAE(nn.Module):
         for chunk in chunks:
             # conv1 per chunk (the reference runs it once over the call): the same values, but every op sees
             # the same shapes however a stream is cut into calls, so a stream equals the whole clip bit for bit.
-            encoder = self._encoder_for(chunk, state)
-            mu.append(self.conv1(encoder(chunk, state))[:, : self.config.z_dim])  # μ; log σ² unused
+            if self.channels_last:  # one memory layout for every chunk: compiled graphs are stride-specific
+                chunk = chunk.contiguous(memory_format=torch.channels_last_3d)
+            with _autotune(state.started):
+                mu.append(self.conv1(self._encoder_for(chunk, state)(chunk, state))[:, : self.config.z_dim])
             state.started = True
         return torch.cat(mu, dim=2)
 
@@ -572,7 +575,8 @@ class WanVAE(nn.Module):
         out = []
         for i in range(z.shape[2]):  # conv2 per latent, for the same reason as conv1 in stream_encode
             latent = self.conv2(z[:, :, i : i + 1])
-            out.append(self._decoder_for(latent, state)(latent, state))
+            with _autotune(state.started):
+                out.append(self._decoder_for(latent, state)(latent, state))
             state.started = True
         video = torch.cat(out, dim=2)
         return video.clamp_(-1.0, 1.0) if clamp else video
@@ -621,6 +625,17 @@ class WanVAE(nn.Module):
                 f"this stream's session runs at (batch, height, width) = {state.geometry}, got {geometry}; "
                 "call state.reset() to start a new session"
             )
+
+
+def _autotune(steady: bool) -> contextlib.AbstractContextManager[None]:
+    """cuDNN algorithm search only for steady-state chunks: a stream's first chunk has its own shapes,
+    runs once, and autotuning its convolutions would cost seconds of start-up for milliseconds."""
+    if steady or not torch.backends.cudnn.benchmark:
+        return contextlib.nullcontext()
+    cudnn = torch.backends.cudnn
+    return cudnn.flags(
+        enabled=cudnn.enabled, benchmark=False, deterministic=cudnn.deterministic, allow_tf32=cudnn.allow_tf32
+    )
 
 
 class _CompiledHalves:
