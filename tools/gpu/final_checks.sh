@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# On the device machine, from the repo root (after `source tools/gpu/env.sh`): the GPU conformance runs
+# (float32 and bfloat16), VACE on/off, and a start-up check. Logs and JSON go to $OUT.
+set -o pipefail
+timeout 200 python3 -m wanstream.conformance tests/golden --device cuda > "$OUT/conf_f32.log" 2>&1; tail -1 "$OUT/conf_f32.log"
+timeout 120 python3 -m wanstream.conformance tests/golden-vace --device cuda > "$OUT/conf_vace_f32.log" 2>&1; tail -1 "$OUT/conf_vace_f32.log"
+timeout 200 python3 -m wanstream.conformance tests/golden --device cuda --dtype bfloat16 > "$OUT/conf_bf16.log" 2>&1; tail -1 "$OUT/conf_bf16.log"
+timeout 120 python3 -m wanstream.conformance tests/golden-vace --device cuda --dtype bfloat16 > "$OUT/conf_vace_bf16.log" 2>&1; tail -1 "$OUT/conf_vace_bf16.log"
+python3 - <<'PY' > "$OUT/conf_worst.txt"
+import re, glob
+for f in sorted(glob.glob(__import__("os").environ["OUT"] + "/conf_*.log")):
+    vals = [float(m) for m in re.findall(r"rel_l2 ([0-9.e+-]+)", open(f).read())]
+    print(f.split("/")[-1], "worst rel-L2", max(vals) if vals else None, "checks", len(vals))
+PY
+cat "$OUT/conf_worst.txt"
+timeout 200 python3 -c "
+import json, torch, dataclasses
+from wanstream.engine.vace import bench_vace
+rs = bench_vace(torch.device('cuda'), chunks=15, warm_chunks=4)
+json.dump([dataclasses.asdict(r) for r in rs], open('$OUT/vace.json', 'w'), indent=1)
+for r in rs: print(r)
+" > "$OUT/vace.log" 2>&1; grep -v Warn "$OUT/vace.log" | tail -6
