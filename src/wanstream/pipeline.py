@@ -61,21 +61,25 @@ class Pipeline:
         text_encoder: str = "auto",
         taehv: bool = True,
         progress: Progress | None = None,
+        optimize: bool = True,
     ) -> Pipeline:
         """The real StreamDiffusionV2 1.3B pipeline from local files (fails fast, naming the download
-        command, when files are missing; never downloads)."""
+        command, when files are missing; never downloads). On a GPU, `optimize` (the default) fuses and
+        compiles the networks (`Components.optimize`): the first chunk of each shape compiles, cached on
+        disk for later starts; it does nothing on the CPU."""
         from wanstream.weights.pipeline import load_components
 
-        return cls(
-            load_components(
-                models_dir,
-                device=torch.device(device) if device is not None else default_device(),
-                dtype=dtype,
-                text_encoder=text_encoder,
-                taehv=taehv,
-                progress=progress,
-            )
+        components = load_components(
+            models_dir,
+            device=torch.device(device) if device is not None else default_device(),
+            dtype=dtype,
+            text_encoder=text_encoder,
+            taehv=taehv,
+            progress=progress,
         )
+        if optimize:
+            components.optimize()
+        return cls(components)
 
     def session(
         self,
