@@ -99,6 +99,8 @@ async def health(request: Request) -> dict[str, Any]:
         "model": _model(request).status().state,
         "sessions": len(manager.sessions),
         "max_sessions": manager.config.max_sessions,
+        "instance": request.app.state.instance,  # new on every server start
+        "started": request.app.state.started,
     }
 
 

@@ -9,8 +9,10 @@ Shutdown closes every session (peers, worker threads, recordings) before the pro
 from __future__ import annotations
 
 import logging
+import secrets
 import shutil
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -26,6 +28,7 @@ from wanstream.server.config import ServerConfig
 from wanstream.server.model import ModelManager
 from wanstream.server.security import RequestGuard, check_bind
 from wanstream.server.sessions import SessionManager
+from wanstream.server.timeline_api import router as timeline_router
 
 log = logging.getLogger("wanstream.server")
 
@@ -75,7 +78,11 @@ def create_app(config: ServerConfig, *, model: ModelManager | None = None) -> Fa
     app.state.config = config
     app.state.model = model
     app.state.sessions = sessions
+    # Tells a client that the server restarted (the studio then asks before replacing its saved work).
+    app.state.instance = secrets.token_hex(8)
+    app.state.started = time.time()
     app.include_router(router)
+    app.include_router(timeline_router)
 
     if (STATIC_DIR / "index.html").is_file():
         app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="studio")

@@ -35,6 +35,7 @@ class ModelManager:
         self._stage = ""
         self._progress: float | None = 0.0  # None while loading: the loader reports stages, not fractions
         self._error: str | None = None
+        self._download_command: str | None = None
         self._started: float | None = None
         self._finished: float | None = None
         self._pipeline: Pipeline | None = None
@@ -58,6 +59,9 @@ class ModelManager:
                 device=str(pipeline.components.device) if pipeline is not None else (self.device or ""),
                 error=self._error,
                 elapsed_s=None if elapsed is None else round(elapsed, 3),
+                demo=pipeline.is_demo if pipeline is not None else self.demo,
+                codecs=_codecs(pipeline),
+                download_command=self._download_command,
             )
 
     def not_ready_reason(self) -> str:
@@ -77,6 +81,7 @@ class ModelManager:
             if demo is not None:
                 self.demo = demo
             self._state, self._stage, self._progress, self._error = "loading", "starting", None, None
+            self._download_command = None
             self._started, self._finished = time.monotonic(), None
             self._pipeline = None
             self._thread = threading.Thread(target=self._load, name="wanstream-model-load", daemon=True)
@@ -106,6 +111,7 @@ class ModelManager:
             log.exception("model load failed")
             with self._lock:
                 self._state, self._error = "error", f"{type(exc).__name__}: {exc}"
+                self._download_command = _download_command(exc)
                 self._finished = time.monotonic()
             return
         if pipeline.components.device.type == "cpu":
@@ -115,6 +121,20 @@ class ModelManager:
             self._state, self._stage, self._progress = "loaded", "ready", 1.0
             self._finished = time.monotonic()
         log.info("model loaded: %s", pipeline.label)
+
+
+def _codecs(pipeline: Pipeline | None) -> list[str]:
+    if pipeline is None:
+        return []
+    c = pipeline.components
+    return [name for name, module in (("wan", c.wan_vae), ("taehv", c.taehv)) if module is not None]
+
+
+def _download_command(exc: BaseException) -> str | None:
+    """The `wanstream download ...` command a missing-weights error carries (for the studio to show)."""
+    from wanstream.weights.store import MissingWeightsError
+
+    return exc.command if isinstance(exc, MissingWeightsError) else None
 
 
 def _leave_a_core_for_media() -> None:

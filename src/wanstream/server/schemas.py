@@ -197,3 +197,12 @@ class ModelStatus(BaseModel):
     device: str = ""
     error: str | None = None
     elapsed_s: float | None = None
+    demo: bool = Field(
+        False, description="The tiny random-weight demo model (or, before loading, the default)."
+    )
+    codecs: list[str] = Field(
+        default_factory=list, description="Autoencoders loaded ('wan', 'taehv'): the encoder/decoder choices."
+    )
+    download_command: str | None = Field(
+        None, description="When the load failed for missing weights: the command that fetches them."
+    )
