@@ -61,6 +61,7 @@ def demo_components(device: str | torch.device = "cpu", dtype: torch.dtype = tor
     from wanstream.models.dit import WanConfig, WanDiT
     from wanstream.models.tae import TAEHV, TAEHVConfig
     from wanstream.models.text import PromptTokenizer, TextEncoder, UMT5Config, UMT5Encoder
+    from wanstream.models.vace import VaceModule
     from wanstream.models.vae import WanVAE, WanVAEConfig
 
     device = torch.device(device)
@@ -77,7 +78,8 @@ def demo_components(device: str | torch.device = "cpu", dtype: torch.dtype = tor
     )
     vae = WanVAE(WanVAEConfig(dim=8, num_res_blocks=1))
     tae = TAEHV(TAEHVConfig.taew2_1(width_divisor=8))
-    for i, module in enumerate((t5, dit, vae, tae)):
+    vace = VaceModule(dit.config)  # one VACE block (on layer 0): control video, masks, references
+    for i, module in enumerate((t5, dit, vae, tae, vace)):
         _randomize(module, seed + i)
         module.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return Components(
@@ -87,5 +89,6 @@ def demo_components(device: str | torch.device = "cpu", dtype: torch.dtype = tor
         wan_vae=vae,
         taehv=tae,
         text_encoder=TextEncoder(t5, tokenizer),
+        vace=vace,
         label=DEMO_LABEL,
     )

@@ -30,6 +30,7 @@ Rules (docs/generate.md explains them for users):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -48,6 +49,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from wanstream.engine.prompts import WeightedPrompt
 from wanstream.engine.session import ChunkEvent, StreamSession
 from wanstream.engine.settings import Codec, Mode, StreamSettings
+from wanstream.engine.vace import VaceChunk, VaceInputError
+from wanstream.generate_vace import VaceFeed, VacePlan, check_length, chunks_to_json, plan_vace
 from wanstream.media.sample import SAMPLE_FPS, SAMPLE_FRAMES, SAMPLE_HEIGHT, SAMPLE_WIDTH, iter_sample_clip
 from wanstream.media.video import (
     RESOLUTION_MULTIPLE,
@@ -117,6 +120,22 @@ class GenerateRequest(BaseModel):
         None, gt=0, le=240, description="Output rate; an input video is resampled to it by timestamps."
     )
     stats_json: Path | None = Field(None, description="Also write the run's statistics here (JSON).")
+    # VACE (docs/vace.md): a control video (+ masks), reference images, first/last frame.
+    control_video: Path | None = Field(
+        None,
+        description="VACE control video; without an input video it drives text mode (as Scope routes it).",
+    )
+    mask_video: Path | None = Field(
+        None, description="Masks of the control video (white = generate, black = keep), same size and length."
+    )
+    ref_images: tuple[Path, ...] | None = Field(None, description="VACE reference images (subject / style).")
+    ref_once: bool = Field(False, description="References on the first chunk only (Scope), not every chunk.")
+    first_frame: Path | None = Field(None, description="VACE extension: the video starts from this image.")
+    last_frame: Path | None = Field(None, description="VACE extension: the video ends on this image.")
+    vace_scale: float | None = Field(None, ge=0.0, le=2.0, description="vace_context_scale (default 1).")
+    vace_corrected: bool = Field(
+        False, description="VACE with the corrected numerics instead of Scope's quirks (docs/vace.md)."
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -127,7 +146,7 @@ class GenerateRequest(BaseModel):
 class InputSource:
     """Where frames come from, at the rate they are fed to the engine."""
 
-    kind: Literal["file", "sample", "text"]
+    kind: Literal["file", "sample", "text", "control"]  # control: a VACE control video drives text mode
     height: int  # frames as read (the engine resizes them to the output size)
     width: int
     fps: float  # rate of the frames fed to the engine (= the output's)
@@ -144,6 +163,11 @@ class InputSource:
         if self.kind == "sample":
             return f"the built-in sample clip ({count}, {self.height}×{self.width}, {_num(self.fps)} fps)"
         assert self.info is not None
+        if self.kind == "control":
+            rate = f"{_num(self.info.fps)} fps" + (
+                f", resampled to {_num(self.fps)} fps" if self.resample else ""
+            )
+            return f"text mode steered by the control video {self.path} ({self.info.height}×{self.info.width}, {rate})"
         rate = f"{_num(self.info.fps)} fps"
         if self.resample:
             rate += f", resampled to {_num(self.fps)} fps"
@@ -160,6 +184,7 @@ class GeneratePlan:
     stats_json: Path | None
     demo: bool
     notes: tuple[str, ...]  # what the user should know (rounding, ignored settings, dropped audio…)
+    vace: VacePlan | None = None  # VACE inputs, validated
 
     @property
     def mode(self) -> Mode:
@@ -184,13 +209,21 @@ def plan(request: GenerateRequest, *, demo: bool = False) -> GeneratePlan:
         mode = "video"
         if ts.input_mode == "text":
             notes.append("the timeline's inputMode is 'text', but an input video was given: video mode")
+    elif request.control_video is not None:
+        mode = "text"  # the control video drives generation (Scope routes the input video to VACE)
     else:
         mode = ts.input_mode or "video"
 
     source = _source(request, mode, demo, notes)
+    try:
+        vace = plan_vace(request, timeline, control_is_input=source.kind == "control", notes=notes)
+        if vace is not None:
+            check_length(vace, None if source.frames is None else 1 if source.frames <= 5 else 2)
+    except VaceInputError as exc:
+        raise GenerateError(str(exc)) from None
     height, width = _resolution(request, source, timeline, demo, notes)
     source, length_from = _with_length(source, request, timeline, demo, height, width)
-    if demo and source.kind != "file":
+    if demo and source.kind not in ("file", "control"):
         small = [f"{height}×{width}"] if (request.height, request.width) == (None, None) else []
         small += [f"{source.frames} frames"] if length_from == "default" else []
         if small:
@@ -198,7 +231,7 @@ def plan(request: GenerateRequest, *, demo: bool = False) -> GeneratePlan:
                 f"demo model: small defaults ({', '.join(small)}) so it runs in seconds on a CPU; "
                 "choose with --height/--width/--frames"
             )
-    settings = _settings(request, timeline, mode, height, width)
+    settings = _settings(request, timeline, mode, height, width, vace=vace is not None)
     output, stats_json = _check_outputs(request)
     _note_unreached_segments(timeline, source, notes)
     if mode == "text" and settings.denoising_steps[0] < 1000:
@@ -206,7 +239,7 @@ def plan(request: GenerateRequest, *, demo: bool = False) -> GeneratePlan:
             f"text mode starts from pure noise: a first step of {settings.denoising_steps[0]} (below 1000) "
             "gives washed-out video; try --steps 1000,750"
         )
-    return GeneratePlan(request, settings, timeline, source, output, stats_json, demo, tuple(notes))
+    return GeneratePlan(request, settings, timeline, source, output, stats_json, demo, tuple(notes), vace)
 
 
 def _timeline(request: GenerateRequest, notes: list[str]) -> Timeline:
@@ -226,17 +259,25 @@ def _timeline(request: GenerateRequest, notes: list[str]) -> Timeline:
 
 
 def _source(request: GenerateRequest, mode: Mode, demo: bool, notes: list[str]) -> InputSource:
+    if mode == "text" and request.control_video is not None:
+        # VACE: the control video plays the input's part (frame count, rate and size follow it).
+        return _file_source(request, Path(request.control_video), "control", notes)
     if mode == "text":
         return InputSource("text", 0, 0, request.fps or TEXT_FPS, None)
     if request.input is None:
         h, w = DEMO_SIZE if demo else (SAMPLE_HEIGHT, SAMPLE_WIDTH)
         return InputSource("sample", h, w, request.fps or SAMPLE_FPS, None)
-    path = Path(request.input)
+    return _file_source(request, Path(request.input), "file", notes)
+
+
+def _file_source(
+    request: GenerateRequest, path: Path, kind: Literal["file", "control"], notes: list[str]
+) -> InputSource:
     try:
         with VideoReader(path) as reader:
             info = reader.info
     except VideoError as exc:
-        raise GenerateError(str(exc)) from None
+        raise GenerateError(str(exc) if kind == "file" else f"--control-video: {exc}") from None
     if info.has_audio:
         notes.append(f"{path}: the audio track is dropped (the output has video only)")
     # --fps always resamples (a constant-rate input at its own rate comes out frame for frame; a variable-rate
@@ -248,7 +289,7 @@ def _source(request: GenerateRequest, mode: Mode, demo: bool, notes: list[str]) 
     if request.frames is not None:
         frames = min(frames, request.frames) if frames is not None else None
     return InputSource(
-        "file",
+        kind,
         info.height,
         info.width,
         request.fps or info.fps,
@@ -266,8 +307,11 @@ def _resolution(
     ts = timeline.settings
     timeline_size = (ts.height, ts.width) if ts.height and ts.width else None
     explicit = (request.height, request.width) != (None, None)
-    if source.kind == "file":
-        base, what = (source.height, source.width), "the input video"
+    if source.kind in ("file", "control"):
+        base, what = (
+            (source.height, source.width),
+            f"the {'input' if source.kind == 'file' else 'control'} video",
+        )
         if timeline_size and timeline_size != base and not explicit:
             notes.append(
                 f"the timeline's resolution {timeline_size[0]}×{timeline_size[1]} is not used: the output "
@@ -311,7 +355,7 @@ def _with_length(
 ) -> tuple[InputSource, Literal["file", "frames", "timeline", "default"]]:
     """Text mode and the built-in clip: length from `frames`, else the timeline's end, else the default.
     The clip is rendered at the output size (it is procedural: any size is native)."""
-    if source.kind == "file":
+    if source.kind in ("file", "control"):
         return source, "file"
     if request.frames is not None:
         frames, length_from = request.frames, "frames"
@@ -333,7 +377,7 @@ _FLAGS = {
 
 
 def _settings(
-    request: GenerateRequest, timeline: Timeline, mode: Mode, height: int, width: int
+    request: GenerateRequest, timeline: Timeline, mode: Mode, height: int, width: int, *, vace: bool = False
 ) -> StreamSettings:
     values: dict[str, Any] = timeline.settings.to_update().model_dump(exclude_unset=True)
     values.pop("mode", None)
@@ -348,6 +392,13 @@ def _settings(
     try:
         settings = StreamSettings.model_validate({**values, "batching": "none"})
         batching = request.batching
+        if vace:  # the VACE conditioner runs chunk by chunk
+            if batching == "stream":
+                raise GenerateError(
+                    "--batching stream cannot be used with VACE (--control-video, --ref-image, --first-frame, "
+                    "--last-frame): VACE conditions each chunk as it is denoised; use --batching none or auto"
+                )
+            batching = "none"
         if batching == "auto":  # lanes need ≥ 2 steps to pay off; one step is the same either way
             batching = "none" if len(settings.denoising_steps) == 1 else "stream"
         return StreamSettings.model_validate({**values, "batching": batching})
@@ -367,6 +418,9 @@ def _check_outputs(request: GenerateRequest) -> tuple[Path, Path | None]:
         raise GenerateError(f"output {output}: the output is an H.264 MP4; give a name ending in .mp4")
     if request.input is not None and _same_file(output, Path(request.input)):
         raise GenerateError(f"output {output} is the input video; choose another output name")
+    for flag, given in (("--control-video", request.control_video), ("--mask-video", request.mask_video)):
+        if given is not None and _same_file(output, Path(given)):
+            raise GenerateError(f"output {output} is the {flag} file; choose another output name")
     stats = Path(request.stats_json) if request.stats_json is not None else None
     if stats is not None:
         _check_writable(stats, "stats file")
@@ -394,7 +448,7 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def _note_unreached_segments(timeline: Timeline, source: InputSource, notes: list[str]) -> None:
-    if source.kind == "file":
+    if source.kind in ("file", "control"):
         info = source.info
         end = info.duration if info is not None and info.duration is not None else None
         if end is not None and source.max_frames is not None:
@@ -505,6 +559,7 @@ class GenerateResult:
     dtype: str
     interrupted: bool = False
     notes: list[str] = field(default_factory=list)  # the plan's notes and what the run found
+    vace: list[VaceChunk] = field(default_factory=list)  # with VACE: what each chunk used (mode, scale, ...)
 
     def to_dict(self) -> dict[str, Any]:
         s, p = self.stats, self.plan
@@ -548,6 +603,23 @@ class GenerateResult:
                 for w in self.switches
             ],
             "notes": list(self.notes),
+            **({"vace": self._vace_dict()} if p.vace is not None else {}),
+        }
+
+    def _vace_dict(self) -> dict[str, Any]:
+        v = self.plan.vace
+        assert v is not None
+        return {
+            "inputs": v.describe(),
+            "control_video": str(v.control.path) if v.control is not None else None,
+            "mask_video": str(v.mask.path) if v.mask is not None else None,
+            "ref_images": [str(p) for p in v.references],
+            "ref_once": v.references_once,
+            "first_frame": str(v.first_frame) if v.first_frame is not None else None,
+            "last_frame": str(v.last_frame) if v.last_frame is not None else None,
+            "scale": v.scale,
+            "corrected": v.corrected,
+            "chunks": chunks_to_json(self.vace),
         }
 
     def summary(self) -> str:
@@ -622,19 +694,23 @@ class _Runner:
         self.written = 0
         self.fed = 0  # frames given to the engine (input frames; scheduled output frames in text mode)
         self.first_frame_at: float | None = None
+        self.vace: VaceFeed | None = None
 
     # -- the loop --------------------------------------------------------------------------------------
     def run(self, load_s: float | None) -> GenerateResult:
         job = self.job
         self.t0 = time.perf_counter()
         self.session: StreamSession = self.pipeline.session(job.settings)
+        if job.vace is not None:  # before the output opens: a pipeline without VACE fails here
+            self.vace = VaceFeed(job.vace, self.session, job.source.fps)
         job.output.parent.mkdir(parents=True, exist_ok=True)
         self.writer = VideoWriter(job.output, job.source.fps)
         try:
-            if job.source.kind == "text":
-                self._run_text()
-            else:
-                self._run_video()
+            with self.vace if self.vace is not None else contextlib.nullcontext():
+                if job.source.kind == "text":
+                    self._run_text()
+                else:
+                    self._run_video()
         except KeyboardInterrupt:
             output = self.writer.close()  # keeps every frame written so far
             result = self._result(output, load_s, interrupted=True)
@@ -654,9 +730,11 @@ class _Runner:
         pending: deque[Frame] = deque()
         frames = _frames(self.job.source, self._on_vfr)
         exhausted = False
+        # A last-frame image goes on the video's last chunk: read one frame ahead to know which that is.
+        ahead = 1 if self.job.vace is not None and self.job.vace.last_frame is not None else 0
         while True:
             need = _next_chunk_frames(self.session)
-            while len(pending) < need and not exhausted:
+            while len(pending) < need + ahead and not exhausted:
                 frame = next(frames, None)
                 if frame is None:
                     exhausted = True
@@ -671,14 +749,15 @@ class _Runner:
             if span < need:
                 break  # input ended inside this chunk: flush pads it
             batch = torch.stack([pending.popleft().image for _ in range(need)])
+            last = exhausted and not pending
             self.fed += need
-            self._call("chunk", partial(self.session.push, batch))
+            self._call("chunk", partial(self._push, batch, last), frames=(self.fed - need, self.fed))
         if pending:  # the input ended inside a chunk: flush pads it (and trims its output to these frames)
             rest = torch.stack([f.image for f in pending])
             self.fed += len(pending)
-            self._call("flush", lambda: torch.cat([self.session.push(rest), self.session.flush()]))
+            self._call("flush", partial(self._finish, rest), frames=(self.fed - len(rest), self.fed))
         else:
-            self._call("flush", self.session.flush)
+            self._call("flush", partial(self._finish, None))
         source = self.job.source
         if source.kind == "file" and not source.resample and source.frames and self.fed < source.frames:
             self.notes.append(
@@ -697,8 +776,45 @@ class _Runner:
                 continue
             frames = (self.fed, self.fed + span)
             self.fed += need
-            self._call("chunk", partial(self.session.generate, 1), frames=frames)
+            self._call("chunk", partial(self._generate, self.fed >= total), frames=frames)
         self._call("flush", self.session.flush)
+
+    # -- one chunk, with VACE's inputs queued first ----------------------------------------------------
+    def _push(self, batch: torch.Tensor, last: bool) -> torch.Tensor:
+        """One whole chunk of input frames (of the control video, when it drives text mode)."""
+        vace = self.vace
+        if vace is None:
+            return self.session.push(batch)
+        if last:
+            vace.set_last_frame()
+        if self.job.source.kind == "control":
+            return vace.cond.push(vace.control_frames(batch), vace.masks(batch.shape[0]))
+        vace.push_control(batch.shape[0])
+        return self.session.push(batch)
+
+    def _finish(self, rest: torch.Tensor | None) -> torch.Tensor:
+        """End of input: a last partial chunk (`rest`, padded by the engine, its padding trimmed) and the drain."""
+        vace = self.vace
+        if vace is not None and rest is not None:
+            vace.set_last_frame()
+        if vace is not None and self.job.source.kind == "control":
+            out = (
+                vace.cond.push(vace.control_frames(rest), vace.masks(rest.shape[0]))
+                if rest is not None
+                else None
+            )
+            flushed = vace.cond.flush()
+            return flushed if out is None else torch.cat([out, flushed])
+        if rest is None:
+            return self.session.flush()
+        if vace is not None:  # the control frames of this chunk, padded like its input frames
+            vace.push_control(self.session.chunk_frames, take=rest.shape[0])
+        return torch.cat([self.session.push(rest), self.session.flush()])
+
+    def _generate(self, last: bool) -> torch.Tensor:
+        if last and self.vace is not None:
+            self.vace.set_last_frame()
+        return self.session.generate(1)
 
     # -- prompts ---------------------------------------------------------------------------------------
     def _switch_for(self, times: list[float]) -> bool:
@@ -712,6 +828,8 @@ class _Runner:
         transition = None if first else seg.transition
         self.segment = index
         self._call("drain", lambda: self.session.set_prompts(seg.prompts, transition=transition, drain=True))
+        if self.vace is not None:  # a segment's vace_context_scale applies from the same chunk as its prompt
+            self.vace.set_scale(self.job.vace.scale_for(seg))  # type: ignore[union-attr]
         self.switches.append(
             PromptSwitch(
                 segment=index,
@@ -739,6 +857,8 @@ class _Runner:
         seconds = time.perf_counter() - start
         new = self._new_events(last)
         self.events.extend(new)
+        if self.vace is not None:
+            self.vace.collect(last)
         ran = next((e for e in new if e.kind != "flush"), None)  # the content chunk of this call, if any
         steady = False
         if ran is not None:
@@ -811,6 +931,7 @@ class _Runner:
             dtype=str(c.dtype).removeprefix("torch."),
             interrupted=interrupted,
             notes=self.notes,
+            vace=self.vace.chunks if self.vace is not None else [],
         )
 
 

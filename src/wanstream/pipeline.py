@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -60,13 +60,15 @@ class Pipeline:
         dtype: torch.dtype = torch.bfloat16,
         text_encoder: str = "auto",
         taehv: bool = True,
+        vace: bool | Literal["auto"] = False,
         progress: Progress | None = None,
         optimize: bool = True,
     ) -> Pipeline:
         """The real StreamDiffusionV2 1.3B pipeline from local files (fails fast, naming the download
         command, when files are missing; never downloads). On a GPU, `optimize` (the default) fuses and
         compiles the networks (`Components.optimize`): the first chunk of each shape compiles, cached on
-        disk for later starts; it does nothing on the CPU."""
+        disk for later starts; it does nothing on the CPU. `vace`: also the VACE module (True: its file
+        is required, "auto": when downloaded)."""
         from wanstream.weights.pipeline import load_components
 
         components = load_components(
@@ -75,6 +77,7 @@ class Pipeline:
             dtype=dtype,
             text_encoder=text_encoder,
             taehv=taehv,
+            vace=vace,
             progress=progress,
         )
         if optimize:

@@ -9,6 +9,10 @@ Three forms are read, all into one `Timeline`:
   end_time, prompts, transition_steps?, temporal_interpolation_method?}]`, settings in the main pipeline's
   `params`); a workflow without timeline entries but with top-level `prompts` is one open-ended segment.
 
+VACE strength: `vace_context_scale` (Scope's parameter name; v2 files may spell it `vaceContextScale`), in
+[0, 2], on a segment (while that segment is active) or in the settings (v2 `settings`, a workflow's main
+pipeline `params`: the value while a segment without one is active).
+
 Validation happens at this boundary, before anything heavy: a malformed file gets a `TimelineError` that
 names the file, the field and its position in the file's own spelling (`prompts[2].endTime: must be >
 startTime`). Unknown keys are ignored (Scope exports many).
@@ -40,7 +44,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
 from wanstream.engine.prompts import Interpolation, Transition, WeightedPrompt
@@ -55,6 +59,7 @@ TIME_EPS = 1e-6
 MAX_WEIGHT = 1000.0  # the engine's WeightedPrompt bound
 MAX_TRANSITION = 256  # the engine's Transition bound (chunks)
 MAX_SEED = 2**63 - 1
+MAX_VACE_SCALE = 2.0  # Scope's vace_context_scale range is [0, 2]
 
 
 class TimelineError(ValueError):
@@ -81,6 +86,9 @@ class Segment:
     prompts: tuple[WeightedPrompt, ...]
     transition_steps: int | None = None  # None: the pipeline's default (0 for StreamDiffusionV2: a hard cut)
     interpolation: Interpolation | None = None  # temporal method of the transition; None: pipeline default
+    vace_context_scale: float | None = (
+        None  # VACE strength while this segment is active; None: the base value
+    )
 
     @property
     def transition(self) -> Transition | None:
@@ -116,6 +124,7 @@ class TimelineSettings:
     kv_cache_attention_bias: float | None = None
     loras: tuple[LoraSetting, ...] | None = None  # None when there are none
     lora_merge_strategy: str | None = None
+    vace_context_scale: float | None = None  # Scope's VACE strength in [0, 2] (None: 1.0 or the command line)
 
     def to_update(self) -> SettingsUpdate:
         """The engine settings this timeline sets: seed, steps, noise scale and controller, mode, and
@@ -152,6 +161,12 @@ class Timeline:
                 problems.append((f"segments[{i}].prompts", "must be WeightedPrompt objects"))
             if seg.transition_steps is not None and not 0 <= seg.transition_steps <= MAX_TRANSITION:
                 problems.append((f"segments[{i}].transition_steps", f"must be in [0, {MAX_TRANSITION}]"))
+            if seg.vace_context_scale is not None and not _valid_vace_scale(seg.vace_context_scale):
+                problems.append((f"segments[{i}].vace_context_scale", f"must be in [0, {MAX_VACE_SCALE:g}]"))
+        if self.settings.vace_context_scale is not None and not _valid_vace_scale(
+            self.settings.vace_context_scale
+        ):
+            problems.append(("settings.vace_context_scale", f"must be in [0, {MAX_VACE_SCALE:g}]"))
         if problems:
             raise TimelineError(self.source, problems)
 
@@ -219,6 +234,8 @@ class Timeline:
                 item["transitionSteps"] = s.transition_steps
             if s.interpolation is not None:
                 item["temporalInterpolationMethod"] = s.interpolation
+            if s.vace_context_scale is not None:
+                item["vace_context_scale"] = s.vace_context_scale
             segments.append(item)
         when = (exported_at or datetime.now(UTC)).astimezone(UTC)
         return {
@@ -258,6 +275,7 @@ def _settings_to_scope(s: TimelineSettings) -> dict[str, Any]:
         ("quantization", s.quantization),
         ("kvCacheAttentionBias", s.kv_cache_attention_bias),
         ("loraMergeStrategy", s.lora_merge_strategy),
+        ("vace_context_scale", s.vace_context_scale),
     ]
     out.update({k: v for k, v in pairs if v is not None})
     if s.loras:
@@ -333,6 +351,7 @@ def _from_v2(data: Mapping[str, Any], source: str) -> Timeline:
             _prompts(s.prompts),
             s.transitionSteps,
             s.temporalInterpolationMethod,
+            s.vace_context_scale,
         )
         for s in wire.prompts
     )
@@ -351,6 +370,7 @@ def _from_v2(data: Mapping[str, Any], source: str) -> Timeline:
         kv_cache_attention_bias=st.kvCacheAttentionBias,
         loras=tuple(LoraSetting(lo.path, lo.scale, lo.mergeMode) for lo in st.loras or ()) or None,
         lora_merge_strategy=st.loraMergeStrategy,
+        vace_context_scale=st.vace_context_scale,
     )
     version = f"Scope timeline v{wire.version}" if wire.version else "Scope timeline"
     return Timeline(segments, settings, source=f"{source} ({version})")
@@ -372,6 +392,7 @@ def _from_workflow(data: Mapping[str, Any], source: str) -> Timeline:
                 _prompts(e.prompts),
                 e.transition_steps,
                 e.temporal_interpolation_method,
+                e.vace_context_scale,
             )
             for e in entries
         )
@@ -401,8 +422,13 @@ def _from_workflow(data: Mapping[str, Any], source: str) -> Timeline:
             kv_cache_attention_bias=pp.kv_cache_attention_bias,
             loras=tuple(LoraSetting(lo.filename, lo.weight, lo.merge_mode) for lo in main.loras) or None,
             lora_merge_strategy=main.loras[0].merge_mode if main.loras else None,
+            vace_context_scale=pp.vace_context_scale,
         )
     return Timeline(segments, settings, source=f"{source} (Scope workflow)")
+
+
+def _valid_vace_scale(value: float) -> bool:
+    return 0.0 <= value <= MAX_VACE_SCALE  # False for NaN too
 
 
 def _prompts(items: Sequence[_Prompt]) -> tuple[WeightedPrompt, ...]:
@@ -475,6 +501,9 @@ class _Prompt(_Wire):
 
 
 Seconds = Annotated[float, Field(allow_inf_nan=False)]
+VaceScale = Annotated[float, Field(ge=0, le=MAX_VACE_SCALE, allow_inf_nan=False)]
+# Scope's parameter name; the camelCase spelling of the v2 files' other keys is accepted too.
+_VACE_SCALE_NAMES = AliasChoices("vace_context_scale", "vaceContextScale")
 
 
 class _SegmentV2(_Wire):
@@ -483,6 +512,7 @@ class _SegmentV2(_Wire):
     prompts: list[_Prompt] = Field(min_length=1)
     transitionSteps: int | None = Field(default=None, ge=0, le=MAX_TRANSITION)
     temporalInterpolationMethod: Interpolation | None = None
+    vace_context_scale: VaceScale | None = Field(default=None, validation_alias=_VACE_SCALE_NAMES)
 
 
 class _Resolution(_Wire):
@@ -509,6 +539,7 @@ class _SettingsV2(_Wire):
     kvCacheAttentionBias: float | None = Field(default=None, allow_inf_nan=False)
     loras: list[_LoraV2] | None = None
     loraMergeStrategy: str | None = None
+    vace_context_scale: VaceScale | None = Field(default=None, validation_alias=_VACE_SCALE_NAMES)
 
     check_steps = field_validator("denoisingSteps")(_step_list)
 
@@ -526,6 +557,7 @@ class _Entry(_Wire):
     prompts: list[_Prompt] = Field(min_length=1)
     transition_steps: int | None = Field(default=None, ge=0, le=MAX_TRANSITION)
     temporal_interpolation_method: Interpolation | None = None
+    vace_context_scale: VaceScale | None = None
 
 
 class _WorkflowTimeline(_Wire):
@@ -545,6 +577,7 @@ class _Params(_Wire):
     input_mode: InputMode | None = None
     quantization: str | None = None
     kv_cache_attention_bias: float | None = Field(default=None, allow_inf_nan=False)
+    vace_context_scale: VaceScale | None = None
 
     check_steps = field_validator("denoising_step_list", "denoising_steps")(_step_list)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -32,13 +33,14 @@ def load_components(
     dtype: torch.dtype = torch.bfloat16,
     text_encoder: str = "auto",
     taehv: bool = True,
-    vace: bool = False,
+    vace: bool | Literal["auto"] = False,
     model_size: str = "1.3b",
     progress: Progress | None = None,
 ) -> Components:
     """Load the StreamDiffusionV2 networks onto `device`.
 
-    TAEHV is loaded when `taehv` and its file is present (it is optional); VACE only when asked.
+    TAEHV is loaded when `taehv` and its file is present (it is optional); VACE when asked (`True`: its
+    file must be there), or with `"auto"` when its file is present.
     An fp8 text encoder keeps its fp8 weights on GPUs that compute in fp8 (upcast per layer).
     """
     say = progress or (lambda _msg: None)
@@ -46,7 +48,7 @@ def load_components(
         models_dir=models_dir,
         model_size=model_size,
         text_encoder=text_encoder,
-        vace=vace,  # type: ignore[arg-type]
+        vace=vace is True,
     )
     say("Loading diffusion model…")
     config = WanConfig.from_json(files.config)
@@ -75,11 +77,15 @@ def load_components(
                 status.path, dtype=torch.float16 if device.type == "cuda" else dtype, device=device
             )
     vace_module = None
-    if vace and files.vace is not None:
-        from wanstream.weights.vace import load_vace  # type: ignore[import-not-found]
+    vace_path = files.vace
+    if vace == "auto":
+        status = next((Store(files.models_dir).status(a) for a in _artifacts_with_role("vace")), None)
+        vace_path = status.path if status is not None and status.present else None
+    if vace and vace_path is not None:
+        from wanstream.weights.vace import load_vace
 
         say("Loading VACE…")
-        vace_module = load_vace(files.vace, dit, dtype=dtype, device=device)
+        vace_module = load_vace(vace_path, dit, dtype=dtype, device=device)
     return Components(
         dit=dit,
         device=device,
