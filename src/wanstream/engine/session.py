@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import copy
 from collections import deque
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from wanstream.engine.batching import Denoiser
 from wanstream.engine.codecs import Codecs
 from wanstream.engine.components import Components
+from wanstream.engine.lora import lora_manager
 from wanstream.engine.noise import NoiseController
 from wanstream.engine.prompts import (
     EmbeddingCache,
@@ -39,7 +40,7 @@ from wanstream.engine.prompts import (
     blend,
 )
 from wanstream.engine.rng import NoiseSource, SeededNoise
-from wanstream.engine.settings import REBUILD_FIELDS, SettingsUpdate, StreamSettings
+from wanstream.engine.settings import LORA_FIELDS, REBUILD_FIELDS, SettingsUpdate, StreamSettings
 from wanstream.models.dit import CrossKV, StreamExtension
 from wanstream.models.kv_cache import KVCache, KVCacheConfig
 
@@ -61,6 +62,7 @@ class ChunkEvent:
     _noise_scale: torch.Tensor | float | None
     trim: int = 0  # padding frames at the end of this chunk's input (cut from its output)
     output_frames: tuple[int, int] | None = None  # [start, end) of output frames, once decoded
+    loras: tuple[tuple[str, float, str], ...] = ()  # (path, scale, mode) of the LoRAs this chunk ran with
 
     @property
     def timesteps(self) -> list[int]:
@@ -115,6 +117,7 @@ class StreamSession:
         self.prompt = PromptState()
         self._cross: CrossKV | None = None
         self._cross_version = -1
+        self._lora_seen = (-1, -1)  # the LoRA manager's (version, structure) this stream last ran with
         self.frames_in = 0
         self.frames_out = 0
         self._trim_next = 0  # padding frames in the chunk being flushed (trimmed from its output)
@@ -134,6 +137,7 @@ class StreamSession:
         autoencoder, out of memory) happens before anything is replaced, so a failed rebuild leaves the
         session as it was."""
         s, c = settings or self.settings, self.components
+        self._check_loras(s)
         steps = list(s.denoising_steps)
         cfg = c.dit.config
         lanes = len(steps) if s.batching == "stream" else 1
@@ -210,9 +214,13 @@ class StreamSession:
         old = self.settings
         steps_count_changed = len(new.denoising_steps) != len(old.denoising_steps)
         restart = bool(changed & REBUILD_FIELDS) or steps_count_changed
+        # New LoRAs apply from the next chunk; with lora_switch 'cut' the stream restarts for them.
+        lora_cut = bool(changed & LORA_FIELDS) and new.lora_switch == "cut"
+        if changed & LORA_FIELDS:
+            self._check_loras(new)  # a missing or malformed file raises here, before anything changes
         if restart:
             Codecs.create(self.components, new)  # fails early (missing autoencoder) before any drain
-        drained = self._drain_lanes() if restart else self._empty_output()
+        drained = self._drain_lanes() if restart or lora_cut else self._empty_output()
         if restart:
             pending = self._pending
             self._build(new)
@@ -231,6 +239,8 @@ class StreamSession:
             self.denoiser.retarget(new.denoising_steps)
         self.controller.initial = new.noise_scale
         self.controller.enabled = new.noise_controller
+        if lora_cut:
+            self._restart_stream()
         return drained
 
     def attach(self, conditioner: ChunkConditioner | None) -> None:
@@ -294,6 +304,29 @@ class StreamSession:
         enc = self.components.text_encoder
         assert enc is not None
         return enc.encode(texts).to(self.components.device, self.components.dtype)
+
+    def _check_loras(self, settings: StreamSettings) -> None:
+        """Load and validate the LoRA files of `settings` (cached by the manager); raises LoraError."""
+        if settings.loras:
+            lora_manager(self.components).prepare(settings.loras, settings.lora_mode)
+
+    @contextmanager
+    def _loras_in_force(self) -> Iterator[None]:
+        """This stream's LoRAs on the shared DiT for the whole chunk (other streams wait for the lock)."""
+        manager = self.components.loras
+        if manager is None and not self.settings.loras:
+            yield
+            return
+        manager = lora_manager(self.components)
+        with manager.lock:
+            manager.apply(self.settings.loras, self.settings.lora_mode)
+            version, structure = self._lora_seen
+            if manager.structure != structure and self.denoiser.graphs is not None:
+                self.denoiser.graphs.clear()  # captured graphs read the replaced modules' tensors
+            if manager.version != version:
+                self._cross = None  # text K/V are DiT projections: recomputed, prompts are not re-encoded
+            self._lora_seen = (manager.version, manager.structure)
+            yield
 
     def _cross_kv(self) -> CrossKV:
         if self.prompt.embedding is None:
@@ -424,6 +457,17 @@ class StreamSession:
         noise_scale: torch.Tensor | None,
         first_step: torch.Tensor | None,
     ) -> torch.Tensor:
+        with self._loras_in_force():
+            return self._denoise_and_decode_with_loras(noisy, kind, span, noise_scale, first_step)
+
+    def _denoise_and_decode_with_loras(
+        self,
+        noisy: torch.Tensor,
+        kind: Literal["input", "flush", "text"],
+        span: tuple[int, int],
+        noise_scale: torch.Tensor | None,
+        first_step: torch.Tensor | None,
+    ) -> torch.Tensor:
         self.prompt.advance()  # one transition step per chunk (a no-op otherwise)
         cross = self._cross_kv()
         L = self.settings.frame_tokens
@@ -445,6 +489,7 @@ class StreamSession:
             _steps=steps,
             _noise_scale=noise_scale,
             trim=self._trim_next,
+            loras=self.settings.lora_summary,
         )
         self._trim_next = 0
         self.events.append(event)

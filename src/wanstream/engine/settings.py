@@ -8,7 +8,7 @@ changes: a rejected update leaves the session untouched.
 from __future__ import annotations
 
 from itertools import pairwise
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -18,12 +18,55 @@ Codec = Literal["wan", "taehv"]
 Eviction = Literal["sdv2", "fifo"]
 CacheContext = Literal["last_step", "clean"]
 PromptSwitch = Literal["cut", "refresh"]
+LoraMode = Literal["merged", "runtime"]
 
 # The authors' defaults (StreamDiffusionV2 after their issue #20): 2 steps, noise scale 0.8.
 DEFAULT_STEPS = (700, 500)
 # Text mode starts from pure noise, so the first step must be at t = 1000 (Scope's text default).
 DEFAULT_TEXT_STEPS = (1000, 750)
 MAX_STEPS = 8
+MAX_LORAS = 16
+MAX_LORA_SCALE = 10.0  # Scope's range: -10..10
+# Scope's names for the two LoRA modes (timelines and workflows exported by Scope use them).
+SCOPE_LORA_MODES = {"permanent_merge": "merged", "runtime_peft": "runtime"}
+
+
+def _lora_mode(value: Any) -> Any:
+    return SCOPE_LORA_MODES.get(value, value) if isinstance(value, str) else value
+
+
+class LoraSpec(BaseModel):
+    """One LoRA in force: a file, its strength and how it is applied (docs/lora.md)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: str = Field(
+        ...,
+        min_length=1,
+        max_length=1024,
+        description="The LoRA file: a path, or a name in the LoRA folder (WANSTREAM_LORA_DIR). The server "
+        "accepts only names inside its LoRA folder (GET /api/v1/loras).",
+    )
+    scale: float = Field(
+        1.0,
+        ge=-MAX_LORA_SCALE,
+        le=MAX_LORA_SCALE,
+        allow_inf_nan=False,
+        description="Strength, -10..10 (0: no effect). The weight change is scale · alpha/rank · B·A.",
+    )
+    mode: LoraMode | None = Field(
+        None,
+        description="'merged': folded into the weights (no per-frame cost; a scale change re-merges); "
+        "'runtime': adapters in the forward (scale changes are instant; some per-frame cost). "
+        "None: the settings' lora_mode.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, data: Any) -> Any:
+        return {"path": data} if isinstance(data, str) else data  # "style.safetensors" = scale 1
+
+    _scope_mode = field_validator("mode", mode="before")(_lora_mode)
 
 
 class StreamSettings(BaseModel):
@@ -71,6 +114,32 @@ class StreamSettings(BaseModel):
         "refresh",
         description="A prompt change without transition: 'refresh' keeps the cache, 'cut' resets it.",
     )
+    loras: tuple[LoraSpec, ...] = Field(
+        (),
+        max_length=MAX_LORAS,
+        description="LoRAs applied to the DiT, each with its scale (and mode); [] for none.",
+    )
+    lora_mode: LoraMode = Field(
+        "merged",
+        description="How LoRAs without their own mode apply: 'merged' (zero per-frame cost) or 'runtime' "
+        "(instant scale changes, some per-frame cost).",
+    )
+    lora_switch: PromptSwitch = Field(
+        "refresh",
+        description="A LoRA change: 'refresh' keeps the cache (the new style settles in over a few chunks), "
+        "'cut' restarts the stream (Scope's manage_cache).",
+    )
+
+    _scope_mode = field_validator("lora_mode", mode="before")(_lora_mode)
+
+    @field_validator("loras")
+    @classmethod
+    def _distinct_loras(cls, v: tuple[LoraSpec, ...]) -> tuple[LoraSpec, ...]:
+        seen = [lo.path for lo in v]
+        twice = sorted({p for p in seen if seen.count(p) > 1})
+        if twice:
+            raise ValueError(f"LoRA listed twice: {', '.join(twice)} (give each file once, with one scale)")
+        return v
 
     @field_validator("height", "width")
     @classmethod
@@ -121,6 +190,11 @@ class StreamSettings(BaseModel):
         """DiT tokens per latent frame: (H/16)·(W/16)."""
         return (self.height // 16) * (self.width // 16)
 
+    @property
+    def lora_summary(self) -> tuple[tuple[str, float, LoraMode], ...]:
+        """(path, scale, mode) of each LoRA in force, modes resolved (for event logs and stats)."""
+        return tuple((lo.path, lo.scale, lo.mode or self.lora_mode) for lo in self.loras)
+
     def updated(self, update: SettingsUpdate) -> StreamSettings:
         """A new validated settings object with the update applied (raises, leaving self intact)."""
         changes = update.model_dump(exclude_unset=True)
@@ -143,6 +217,8 @@ REBUILD_FIELDS = frozenset(
         "cache_context",
     }
 )
+# Changing these changes the DiT's weights from the next chunk (a restart too when lora_switch is 'cut').
+LORA_FIELDS = frozenset({"loras", "lora_mode"})
 
 
 class SettingsUpdate(BaseModel):
@@ -167,3 +243,8 @@ class SettingsUpdate(BaseModel):
     cache_context: CacheContext | None = None
     rope_reset_frame: int | None = None
     prompt_switch: PromptSwitch | None = None
+    loras: tuple[LoraSpec, ...] | None = Field(None, max_length=MAX_LORAS)
+    lora_mode: LoraMode | None = None
+    lora_switch: PromptSwitch | None = None
+
+    _scope_mode = field_validator("lora_mode", mode="before")(_lora_mode)

@@ -1,0 +1,243 @@
+"""LoRAs on the shared DiT: which are in force, at what scale, merged into the weights or run as adapters.
+
+The DiT is shared by every session of a pipeline, so its LoRA state belongs to the components
+(`components.loras`, one `LoraManager`). Each session asks for its own set (`StreamSettings.loras`)
+before each chunk, under the manager's lock: `apply()` is a no-op when the set is already in force.
+
+Two modes, per LoRA:
+
+* **merged** — ΔW = Σ scale · alpha/rank · B·A is folded into the layer's weight, in place (so fused
+  q/k/v tensors, compiled code and captured CUDA graphs see it): zero per-frame cost. The first merge
+  into a layer keeps a copy of its original weight (on the CPU by default); every (re-)merge starts from
+  that copy in float32 and rounds once, so scale changes never accumulate error, and unmerging copies it
+  back: the original weights, bit for bit, in any dtype.
+* **runtime** — the layer becomes a `LoraLinear` that adds the adapters in the forward; their scales
+  sit in a device tensor, so a scale change is one small in-place copy (no recompile, no re-capture).
+  Adding or removing a runtime LoRA replaces modules: `structure` bumps and sessions drop their
+  captured CUDA graphs. Self-attention q/k/v with adapters run as three GEMMs instead of one fused one.
+
+`version` bumps whenever the DiT's function changes; sessions then recompute their cached text
+keys/values (cross-attention projections of the prompt embeddings; the prompts are not re-encoded).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from torch import nn
+
+from wanstream.engine.settings import LoraMode, LoraSpec
+from wanstream.models.lora import LoraLinear, linear_targets, replace_module
+from wanstream.weights.lora import LoraError, LoraPair, LoraWeights, load_lora, resolve_lora_path
+from wanstream.weights.store import ENV_LORA_DIR
+
+if TYPE_CHECKING:
+    from wanstream.engine.components import Components
+
+Backup = Literal["cpu", "device"]
+_CACHED_FILES = 8  # parsed LoRA files kept in memory (switching back to one does not re-read it)
+
+
+@dataclass(frozen=True, eq=False)
+class ActiveLora:
+    name: str  # as the user gave it (the key of the spec)
+    weights: LoraWeights
+    scale: float
+    mode: LoraMode
+
+
+Plan = list[tuple[LoraPair, float]]  # a layer's adapters with their coefficients (scale · alpha/rank)
+
+
+class LoraManager:
+    """Puts a set of LoRAs on a DiT and takes them off again; thread-safe (`lock`)."""
+
+    def __init__(
+        self,
+        dit: nn.Module,
+        *,
+        lora_dir: str | Path | None = None,
+        confine: bool = False,
+        backup: Backup = "cpu",
+    ) -> None:
+        self.dit = dit
+        self.lora_dir = Path(lora_dir).expanduser() if lora_dir else None
+        self.confine = confine  # names must resolve inside lora_dir (the server)
+        self.backup = backup
+        self.lock = threading.RLock()
+        self.version = 0  # bumps when the DiT's function changes (weights, scales or adapters)
+        self.structure = 0  # bumps when modules are replaced (runtime adapters added or removed)
+        self._targets = linear_targets(dit)
+        self._registered: dict[str, LoraWeights] = {}
+        self._files: OrderedDict[tuple[str, int, int], LoraWeights] = OrderedDict()
+        self._in_force: tuple[tuple[str, float, LoraMode], ...] = ()
+        self._merged: dict[str, Plan] = {}  # layer → what is folded into its weight
+        self._runtime: dict[str, Plan] = {}  # layer → its adapters
+        self._backups: dict[str, torch.Tensor] = {}  # layer → original weight
+        self._originals: dict[str, nn.Linear] = {}  # layer → the plain Linear a LoraLinear replaced
+        self._fused: set[str] = set()  # self-attention modules whose q/k/v were fused before adapters
+
+    # -- what is in force ----------------------------------------------------------------------------
+    @property
+    def in_force(self) -> tuple[tuple[str, float, LoraMode], ...]:
+        """(name, scale, mode) of each LoRA on the DiT now."""
+        return self._in_force
+
+    def register(self, name: str, weights: LoraWeights) -> None:
+        """Make in-memory LoRA weights addressable by `name` in specs (tests, benchmarks, Python users)."""
+        with self.lock:
+            unknown = [layer for layer in weights.pairs if layer not in self._targets]
+            if unknown:
+                raise LoraError(f"{name}: layers this model does not have: {', '.join(unknown[:8])}", unknown)
+            self._registered[name] = weights
+
+    def load(self, name: str) -> LoraWeights:
+        """The parsed LoRA a spec's path names (registered, or a file: resolved, read, validated, cached)."""
+        with self.lock:
+            if name in self._registered:
+                return self._registered[name]
+            path = resolve_lora_path(name, self.lora_dir, confine=self.confine)
+            stat = path.stat()
+            key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)  # a rewritten file is read again
+            weights = self._files.get(key)
+            if weights is None:
+                # Confined (the server): messages go back to clients, so name the file as they did.
+                weights = load_lora(path, self._targets, name=name if self.confine else None)
+                self._files[key] = weights
+                while len(self._files) > _CACHED_FILES:
+                    self._files.popitem(last=False)
+            self._files.move_to_end(key)
+            return weights
+
+    def prepare(self, specs: Sequence[LoraSpec], default_mode: LoraMode = "merged") -> list[ActiveLora]:
+        """Load and validate every LoRA of `specs` (raises LoraError; nothing on the DiT changes)."""
+        with self.lock:
+            return [ActiveLora(s.path, self.load(s.path), s.scale, s.mode or default_mode) for s in specs]
+
+    # -- changing the DiT ----------------------------------------------------------------------------
+    def apply(self, specs: Sequence[LoraSpec], default_mode: LoraMode = "merged") -> bool:
+        """Make the DiT carry exactly `specs`; False when it already did. A LoRA that cannot be loaded
+        raises LoraError before anything changes."""
+        wanted = tuple((s.path, float(s.scale), s.mode or default_mode) for s in specs)
+        with self.lock:
+            if wanted == self._in_force:
+                return False
+            active = self.prepare(specs, default_mode)
+            merged: dict[str, Plan] = {}
+            runtime: dict[str, Plan] = {}
+            for lora in active:
+                plans = merged if lora.mode == "merged" else runtime
+                for layer, pair in lora.weights.pairs.items():
+                    plans.setdefault(layer, []).append((pair, lora.scale * pair.factor))
+            with torch.inference_mode(False), torch.no_grad():
+                for layer in [*self._merged, *(k for k in merged if k not in self._merged)]:
+                    self._merge(layer, merged.get(layer, []))
+                restructured = False
+                for layer in [*self._runtime, *(k for k in runtime if k not in self._runtime)]:
+                    restructured |= self._adapt(layer, runtime.get(layer, []))
+                if restructured:
+                    self._refuse_qkv()
+                    self.structure += 1
+            self._in_force = wanted
+            self.version += 1
+            return True
+
+    def clear(self) -> bool:
+        """Take every LoRA off (original weights restored exactly)."""
+        return self.apply(())
+
+    def _merge(self, layer: str, plan: Plan) -> None:
+        if _same(self._merged.get(layer, []), plan, scales=True):
+            return
+        weight = self.dit.get_submodule(layer).weight  # a LoraLinear shares its base layer's weight
+        if layer not in self._backups:
+            where = weight.device if self.backup == "device" else torch.device("cpu")
+            self._backups[layer] = weight.detach().to(where, copy=True)
+        original = self._backups[layer]
+        if not plan:
+            weight.copy_(original)  # bit-exact restore
+            del self._backups[layer], self._merged[layer]
+            return
+        merged = original.to(weight.device, torch.float32, copy=True)  # never in place on the backup
+        for pair, coef in plan:
+            up = pair.up.to(weight.device, torch.float32)
+            merged.addmm_(up, pair.down.to(weight.device, torch.float32), alpha=coef)
+        weight.copy_(merged)  # in place: fused q/k/v views, compiled code and CUDA graphs see it
+        self._merged[layer] = plan
+
+    def _adapt(self, layer: str, plan: Plan) -> bool:
+        """Set a layer's runtime adapters; True when the module was replaced (not just rescaled)."""
+        current = self._runtime.get(layer, [])
+        if _same(current, plan, scales=False):
+            if not _same(current, plan, scales=True):
+                module = self.dit.get_submodule(layer)
+                assert isinstance(module, LoraLinear)
+                module.scales.copy_(_coefficients(plan).to(module.scales.dtype))
+                self._runtime[layer] = plan
+            return False
+        if not plan:
+            replace_module(self.dit, layer, self._originals.pop(layer))
+            del self._runtime[layer]
+            return True
+        base = self._originals.get(layer)
+        if base is None:
+            base = self.dit.get_submodule(layer)
+            assert type(base) is nn.Linear, f"{layer} is a {type(base).__name__}, not a plain nn.Linear"
+            self._note_fused(layer)
+            self._originals[layer] = base
+        device, dtype = base.weight.device, base.weight.dtype
+        down = torch.cat([pair.down.to(device, dtype) for pair, _ in plan])
+        up = torch.cat([pair.up.to(device, dtype) for pair, _ in plan], dim=1)
+        scales = _coefficients(plan).to(device, dtype)
+        replace_module(self.dit, layer, LoraLinear(base, down, up, scales))
+        self._runtime[layer] = plan
+        return True
+
+    def _note_fused(self, layer: str) -> None:
+        parent, _, child = layer.rpartition(".")
+        module = self.dit.get_submodule(parent) if parent else None
+        if child in ("q", "k", "v") and getattr(module, "_fused", None) is not None:
+            self._fused.add(parent)
+
+    def _refuse_qkv(self) -> None:
+        """Self-attention that had fused q/k/v: unfused while an adapter sits on q, k or v, fused again
+        (over the current, possibly merged, weights) once none does."""
+        for parent in list(self._fused):
+            if self.dit.get_submodule(parent).fuse_qkv():
+                self._fused.discard(parent)
+
+
+def _same(a: Plan, b: Plan, *, scales: bool) -> bool:
+    return len(a) == len(b) and all(pa is pb and (not scales or ca == cb) for (pa, ca), (pb, cb) in zip(a, b))
+
+
+def _coefficients(plan: Plan) -> torch.Tensor:
+    """One coefficient per rank row: [R] float32 on the CPU."""
+    return torch.cat([torch.full((pair.rank,), coef, dtype=torch.float32) for pair, coef in plan])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The components' manager
+
+
+def lora_manager(components: Components) -> LoraManager:
+    """The components' LoRA manager, created on first use (names looked up in WANSTREAM_LORA_DIR)."""
+    if components.loras is None:
+        components.loras = LoraManager(components.dit, lora_dir=os.environ.get(ENV_LORA_DIR) or None)
+    return components.loras
+
+
+def configure_loras(components: Components, *, lora_dir: Path | None, confine: bool) -> LoraManager:
+    """Set where LoRA names are looked up, and whether they must stay inside that folder (the server)."""
+    manager = lora_manager(components)
+    with manager.lock:
+        manager.lora_dir = Path(lora_dir).expanduser() if lora_dir is not None else None
+        manager.confine = confine
+    return manager

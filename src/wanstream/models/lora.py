@@ -1,0 +1,66 @@
+"""Low-rank adapters on the DiT's linear layers (LoRA in "runtime" mode), and the layers they may target.
+
+`LoraLinear` is an `nn.Linear` that shares the wrapped layer's weight and bias (so the state dict keeps
+its names) and adds the adapters' low-rank path:
+
+    y = W x + b + Σ_i c_i · B_i (A_i x),    c_i = scale_i · alpha_i / rank_i
+
+All adapters of a layer are stacked along the rank: `down` [R, in] (the A_i), `up` [out, R] (the B_i)
+and `scales` [R] (c_i repeated over adapter i's rows). The coefficients live in a tensor, so a scale
+change is an in-place copy: compiled code and captured CUDA graphs read the new values with no
+recompile or re-capture. Adding or removing an adapter changes the shapes (a new `LoraLinear`).
+
+Merged LoRAs need nothing here: they are folded into `weight` in place (see `wanstream.engine.lora`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LoraLinear(nn.Linear):
+    def __init__(self, base: nn.Linear, down: torch.Tensor, up: torch.Tensor, scales: torch.Tensor) -> None:
+        nn.Module.__init__(self)  # not nn.Linear.__init__: the parameters are the base layer's own
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        rank = down.shape[0]
+        if down.shape != (rank, self.in_features) or up.shape != (self.out_features, rank):
+            raise ValueError(
+                f"adapter shapes down {tuple(down.shape)} / up {tuple(up.shape)} do not fit a "
+                f"[{self.out_features}, {self.in_features}] layer"
+            )
+        if scales.shape != (rank,):
+            raise ValueError(f"scales must be [{rank}] (one per rank row), got {tuple(scales.shape)}")
+        # Not persistent: the state dict stays the base model's.
+        self.register_buffer("down", down, persistent=False)
+        self.register_buffer("up", up, persistent=False)
+        self.register_buffer("scales", scales, persistent=False)
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(x, self.down) * self.scales, self.up)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, lora_rank={self.rank}"
+
+
+def linear_targets(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Every linear layer a LoRA may target: module name → weight shape (out, in)."""
+    return {
+        name: (m.out_features, m.in_features) for name, m in model.named_modules() if isinstance(m, nn.Linear)
+    }
+
+
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put `new` at `name` (e.g. 'blocks.3.ffn.0') in place of what is there; returns the old module."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    old = getattr(parent, child)
+    setattr(parent, child, new)  # an existing key keeps its place (nn.Sequential order is unchanged)
+    return old
