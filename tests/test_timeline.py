@@ -207,6 +207,7 @@ def test_engine_settings_from_a_timeline() -> None:
         "noise_controller": False,
         "mode": "video",
         "prompt_switch": "refresh",  # manageCache false: prompt changes keep the cache
+        "lora_switch": "refresh",  # ... and so do LoRA scale changes
     }
     assert TimelineSettings(manage_cache=True).to_update().prompt_switch == "cut"
     assert TimelineSettings().to_update().model_dump(exclude_unset=True) == {}

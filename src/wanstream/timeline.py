@@ -48,7 +48,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticCustomError
 
 from wanstream.engine.prompts import Interpolation, Transition, WeightedPrompt
-from wanstream.engine.settings import MAX_STEPS, Mode, SettingsUpdate
+from wanstream.engine.settings import MAX_LORA_SCALE, MAX_STEPS, LoraSpec, Mode, SettingsUpdate
 
 InputMode = Mode  # Scope's inputMode: "text" or "video"
 
@@ -129,17 +129,22 @@ class TimelineSettings:
     def to_update(self) -> SettingsUpdate:
         """The engine settings this timeline sets: seed, steps, noise scale and controller, mode, and
         `prompt_switch` from manageCache (Scope resets the cache on a plain prompt change only with cache
-        management on: True → "cut", False → "refresh"). Resolution is left out: the caller chooses between
-        the input video's and this one and rounds it to a multiple of 16."""
+        management on: True → "cut", False → "refresh"; its LoRA scale changes likewise, so `lora_switch`
+        follows it too), and the LoRAs with their merge strategy. Resolution is left out: the caller chooses
+        between the input video's and this one and rounds it to a multiple of 16."""
+        switch = None if self.manage_cache is None else ("cut" if self.manage_cache else "refresh")
         fields = {
             "seed": self.seed,
             "steps": self.denoising_steps,
             "noise_scale": self.noise_scale,
             "noise_controller": self.noise_controller,
             "mode": self.input_mode,
-            "prompt_switch": None
-            if self.manage_cache is None
-            else ("cut" if self.manage_cache else "refresh"),
+            "prompt_switch": switch,
+            "lora_switch": switch,
+            "loras": tuple(LoraSpec(path=lo.path, scale=lo.scale, mode=lo.merge_mode) for lo in self.loras)
+            if self.loras
+            else None,
+            "lora_mode": self.lora_merge_strategy,
         }
         return SettingsUpdate(**{k: v for k, v in fields.items() if v is not None})
 
@@ -520,10 +525,17 @@ class _Resolution(_Wire):
     width: int = Field(ge=1)
 
 
+# Scope's merge strategies, and this engine's names for them (engine.settings maps one onto the other).
+LoraModeName = Literal["permanent_merge", "runtime_peft", "merged", "runtime"]
+LoraScale = Annotated[float, Field(ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE, allow_inf_nan=False)]
+
+
 class _LoraV2(_Wire):
     path: str
-    scale: float = Field(default=1.0, allow_inf_nan=False)
-    mergeMode: str | None = None
+    scale: LoraScale = 1.0
+    mergeMode: LoraModeName | None = None
+
+    check_path = field_validator("path")(_not_blank)
 
 
 class _SettingsV2(_Wire):
@@ -538,7 +550,7 @@ class _SettingsV2(_Wire):
     quantization: str | None = None
     kvCacheAttentionBias: float | None = Field(default=None, allow_inf_nan=False)
     loras: list[_LoraV2] | None = None
-    loraMergeStrategy: str | None = None
+    loraMergeStrategy: LoraModeName | None = None
     vace_context_scale: VaceScale | None = Field(default=None, validation_alias=_VACE_SCALE_NAMES)
 
     check_steps = field_validator("denoisingSteps")(_step_list)
@@ -584,8 +596,10 @@ class _Params(_Wire):
 
 class _LoraW(_Wire):
     filename: str
-    weight: float = Field(default=1.0, allow_inf_nan=False)
-    merge_mode: str | None = None
+    weight: LoraScale = 1.0
+    merge_mode: LoraModeName | None = None
+
+    check_filename = field_validator("filename")(_not_blank)
 
 
 class _Pipeline(_Wire):
