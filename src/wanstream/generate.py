@@ -48,7 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from wanstream.engine.prompts import WeightedPrompt
 from wanstream.engine.session import ChunkEvent, StreamSession
-from wanstream.engine.settings import Codec, Mode, StreamSettings
+from wanstream.engine.settings import Codec, LoraMode, LoraSpec, Mode, StreamSettings
 from wanstream.engine.vace import VaceChunk, VaceInputError
 from wanstream.generate_vace import VaceFeed, VacePlan, check_length, chunks_to_json, plan_vace
 from wanstream.media.sample import SAMPLE_FPS, SAMPLE_FRAMES, SAMPLE_HEIGHT, SAMPLE_WIDTH, iter_sample_clip
@@ -62,6 +62,8 @@ from wanstream.media.video import (
     round_size,
 )
 from wanstream.timeline import TIME_EPS, Timeline, TimelineError, load_timeline
+from wanstream.weights.lora import LoraError, resolve_lora_path
+from wanstream.weights.store import ENV_LORA_DIR
 
 if TYPE_CHECKING:
     from wanstream.pipeline import Pipeline
@@ -120,6 +122,10 @@ class GenerateRequest(BaseModel):
         None, gt=0, le=240, description="Output rate; an input video is resampled to it by timestamps."
     )
     stats_json: Path | None = Field(None, description="Also write the run's statistics here (JSON).")
+    loras: tuple[LoraSpec, ...] | None = Field(
+        None, description="LoRAs to apply (path, scale, mode; docs/lora.md); None: the timeline's, if any."
+    )
+    lora_mode: LoraMode | None = Field(None, description="Mode of LoRAs that give none (default 'merged').")
     # VACE (docs/vace.md): a control video (+ masks), reference images, first/last frame.
     control_video: Path | None = Field(
         None,
@@ -232,6 +238,7 @@ def plan(request: GenerateRequest, *, demo: bool = False) -> GeneratePlan:
                 "choose with --height/--width/--frames"
             )
     settings = _settings(request, timeline, mode, height, width, vace=vace is not None)
+    _check_lora_files(settings)
     output, stats_json = _check_outputs(request)
     _note_unreached_segments(timeline, source, notes)
     if mode == "text" and settings.denoising_steps[0] < 1000:
@@ -386,6 +393,8 @@ def _settings(
         "steps": request.steps,
         "noise_scale": request.noise_scale,
         "noise_controller": request.noise_controller,
+        "loras": request.loras,
+        "lora_mode": request.lora_mode,
     }
     values.update({k: v for k, v in given.items() if v is not None})
     values.update(height=height, width=width, mode=mode, encoder=request.vae, decoder=request.vae)
@@ -409,6 +418,17 @@ def _settings(
             msg = err["msg"].removeprefix("Value error, ")
             problems.append(f"{name} ({_FLAGS[name]}): {msg}" if name in _FLAGS else f"{name}: {msg}")
         raise GenerateError("invalid settings: " + "; ".join(problems)) from None
+
+
+def _check_lora_files(settings: StreamSettings) -> None:
+    """Every LoRA file exists (looked up as the engine will: the path, else in WANSTREAM_LORA_DIR); their
+    contents are checked against the model when the session starts, before the output is opened."""
+    folder = os.environ.get(ENV_LORA_DIR)
+    for lora in settings.loras:
+        try:
+            resolve_lora_path(lora.path, Path(folder).expanduser() if folder else None, confine=False)
+        except LoraError as exc:
+            raise GenerateError(f"--lora: {exc}") from None
 
 
 def _check_outputs(request: GenerateRequest) -> tuple[Path, Path | None]:
@@ -700,7 +720,10 @@ class _Runner:
     def run(self, load_s: float | None) -> GenerateResult:
         job = self.job
         self.t0 = time.perf_counter()
-        self.session: StreamSession = self.pipeline.session(job.settings)
+        try:
+            self.session: StreamSession = self.pipeline.session(job.settings)
+        except LoraError as exc:  # a LoRA that does not fit this model: bad input, nothing written
+            raise GenerateError(str(exc)) from None
         if job.vace is not None:  # before the output opens: a pipeline without VACE fails here
             self.vace = VaceFeed(job.vace, self.session, job.source.fps)
         job.output.parent.mkdir(parents=True, exist_ok=True)
@@ -1020,6 +1043,21 @@ def parse_prompt(spec: str) -> WeightedPrompt:
     except ValidationError as exc:
         reason = exc.errors()[0]["msg"].removeprefix("Value error, ")
         raise GenerateError(f"prompt {spec!r}: {reason}") from None
+
+
+_LORA_SCALE = re.compile(r"^(?P<path>.+):(?P<scale>[-+]?(?:\d+(?:\.\d*)?|\.\d+))$")
+
+
+def parse_lora(spec: str) -> LoraSpec:
+    """`FILE` or `FILE:SCALE` (a trailing `:NUMBER`, possibly negative, is the scale; default 1)."""
+    match = _LORA_SCALE.match(spec)
+    try:
+        if match:
+            return LoraSpec(path=match["path"], scale=float(match["scale"]))
+        return LoraSpec(path=spec)
+    except ValidationError as exc:
+        reason = exc.errors()[0]["msg"].removeprefix("Value error, ")
+        raise GenerateError(f"--lora {spec!r}: {reason}") from None
 
 
 def parse_steps(spec: str) -> tuple[int, ...]:

@@ -194,6 +194,7 @@ def parse_lora(
 ) -> LoraWeights:
     """Map a LoRA state dict onto the model's layers; raises LoraError naming every offending key."""
     dotted, flat = layer_aliases(targets)
+    blocks = len({name.split(".")[1] for name in targets if name.startswith("blocks.")})
     parts: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     naming: set[str] = set()
     problems: list[tuple[str, str]] = []  # (key, what is wrong)
@@ -210,7 +211,7 @@ def parse_lora(
         kohya = next((p for p in _KOHYA_PREFIXES if module.startswith(p)), None)
         layer = flat.get(module[len(kohya) :]) if kohya else dotted.get(module)
         if layer is None:
-            problems.append((key, "matches no linear layer of this model"))
+            problems.append((key, _unmatched(module, blocks)))
             continue
         naming.add("kohya" if kohya else "wan" if module == layer else "diffusers")
         slot = parts.setdefault(layer, {})
@@ -230,6 +231,15 @@ def parse_lora(
     order = {name: i for i, name in enumerate(targets)}
     pairs = dict(sorted(pairs.items(), key=lambda kv: order[kv[0]]))
     return LoraWeights(source, pairs, tuple(sorted(naming)))
+
+
+def _unmatched(module: str, blocks: int) -> str:
+    found = re.search(r"blocks[._](\d+)[._]", module)
+    if found and int(found[1]) >= blocks:
+        return f"matches no layer: this model has {blocks} blocks (a LoRA for a larger model, e.g. 14B?)"
+    if re.match(r"(lora_te|text_encoder|te_|lora_te\d)", module):
+        return "adapts a text encoder; only the DiT takes LoRAs here"
+    return "matches no linear layer of this model"
 
 
 def _pair(
