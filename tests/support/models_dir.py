@@ -11,7 +11,9 @@ from safetensors.torch import save_file
 from wanstream.demo import demo_components
 
 
-def write_tiny_models_dir(root: Path, *, text_encoder: str = "bf16", taehv: bool = True) -> Path:
+def write_tiny_models_dir(
+    root: Path, *, text_encoder: str = "bf16", taehv: bool = True, vace: bool = False
+) -> Path:
     """The `wanstream download` layout (<root>/<repo>/<path>), filled from the demo networks."""
     c = demo_components()
     cfg = c.dit.config
@@ -53,4 +55,10 @@ def write_tiny_models_dir(root: Path, *, text_encoder: str = "bf16", taehv: bool
     if taehv:
         (root / "Autoencoders").mkdir()
         torch.save(c.taehv.state_dict(), root / "Autoencoders" / "taew2_1.pth")
+    if vace:  # Kijai's VACE-only file: every key vace_blocks.* or vace_patch_embedding.*, bf16
+        (root / "WanVideo_comfy").mkdir(exist_ok=True)
+        save_file(
+            {k: v.to(torch.bfloat16).contiguous() for k, v in c.vace.state_dict().items()},
+            str(root / "WanVideo_comfy" / "Wan2_1-VACE_module_1_3B_bf16.safetensors"),
+        )
     return root

@@ -93,11 +93,55 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="without downloaded weights, run the tiny RANDOM-WEIGHT model (the whole pipeline, no download)",
     )
     p.add_argument("--stats-json", type=Path, metavar="FILE", help="also write the run's statistics as JSON")
+    _add_vace_flags(p)
     p.add_argument("--device", help="torch device, e.g. cuda:0 or cpu (default: CUDA when available)")
     p.add_argument(
         "--models-dir", type=Path, metavar="DIR", help="downloaded weights (see `wanstream models`)"
     )
     p.set_defaults(handler=run)
+
+
+def _add_vace_flags(p: argparse.ArgumentParser) -> None:
+    vace = p.add_argument_group(
+        "VACE (control video, masks, reference images; needs `wanstream download --with-vace`, see docs/vace.md)"
+    )
+    vace.add_argument(
+        "--control-video",
+        type=Path,
+        metavar="FILE",
+        help="control video (depth, pose, edges, or frames to inpaint); without INPUT_VIDEO it drives text mode",
+    )
+    vace.add_argument(
+        "--mask-video",
+        type=Path,
+        metavar="FILE",
+        help="masks for the control video, same size and length: white = generate, black = keep",
+    )
+    vace.add_argument(
+        "--ref-image",
+        type=Path,
+        action="append",
+        metavar="FILE",
+        help="reference image (subject / style); repeat for up to 4",
+    )
+    vace.add_argument(
+        "--ref-once",
+        action="store_true",
+        help="references condition the first chunk only (Scope's behaviour) instead of every chunk",
+    )
+    vace.add_argument("--first-frame", type=Path, metavar="FILE", help="the video starts from this image")
+    vace.add_argument("--last-frame", type=Path, metavar="FILE", help="the video ends on this image")
+    vace.add_argument(
+        "--vace-scale",
+        type=float,
+        metavar="S",
+        help="VACE strength, vace_context_scale in [0, 2] (default 1)",
+    )
+    vace.add_argument(
+        "--vace-corrected",
+        action="store_true",
+        help="corrected numerics instead of Scope's quirks (then --vace-scale 0 equals a run without VACE)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -111,14 +155,16 @@ def run(args: argparse.Namespace) -> int:
     try:
         request = _request(args)
         device = _device(args.device)
-        missing, missing_taehv = _missing_weights(args)
+        missing, missing_part = _missing_weights(args)
         use_demo = missing is not None and args.demo
         job = _plan(request, use_demo)
     except (GenerateError, TimelineError, ValueError) as exc:
         err.print(f"[red]error:[/] {escape(_plain(exc))}")
         return 2
-    if missing_taehv is not None:
-        err.print(f"[red]error:[/] --vae taehv needs the TAEHV weights.\n{escape(str(missing_taehv))}")
+    if missing_part is not None:
+        roles = {a.role for a in missing_part.missing}
+        needs = [text for role, text in _OPTIONAL_PARTS.items() if role in roles]
+        err.print(f"[red]error:[/] {' and '.join(needs)}.\n{escape(str(missing_part))}")
         return 1
     if missing is not None and not use_demo:
         err.print(f"[red]error:[/] the model weights are not downloaded.\n{escape(str(missing))}")
@@ -165,6 +211,14 @@ def _request(args: argparse.Namespace) -> Any:
         "frames": args.frames,
         "fps": args.fps,
         "stats_json": args.stats_json,
+        "control_video": args.control_video,
+        "mask_video": args.mask_video,
+        "ref_images": tuple(args.ref_image) if args.ref_image else None,
+        "ref_once": args.ref_once,
+        "first_frame": args.first_frame,
+        "last_frame": args.last_frame,
+        "vace_scale": args.vace_scale,
+        "vace_corrected": args.vace_corrected,
     }
     try:
         return GenerateRequest(**fields)
@@ -192,22 +246,32 @@ def _device(name: str | None) -> Any:
 
 
 def _missing_weights(args: argparse.Namespace) -> tuple[Any, Any]:
-    """(the real model's MissingWeightsError or None, TAEHV's for --vae taehv or None).
+    """(the real model's MissingWeightsError or None, an optional part's: TAEHV's for --vae taehv, the VACE
+    module's for VACE inputs, or None).
 
-    TAEHV is optional for the model but needed for --vae taehv; when only it is missing, --demo does not
-    stand in (the real model is there: only TAEHV needs downloading)."""
+    TAEHV and VACE are optional for the model but needed for --vae taehv and VACE inputs; when only they are
+    missing, --demo does not stand in (the real model is there: only they need downloading)."""
     from wanstream.weights.store import MissingWeightsError, resolve_pipeline_files
 
     try:
         resolve_pipeline_files(models_dir=args.models_dir)
     except MissingWeightsError as exc:
         return exc, None
-    if args.vae == "taehv":
-        try:
-            resolve_pipeline_files(models_dir=args.models_dir, taehv=True)
-        except MissingWeightsError as exc:
-            return None, exc
+    try:
+        resolve_pipeline_files(models_dir=args.models_dir, taehv=args.vae == "taehv", vace=_wants_vace(args))
+    except MissingWeightsError as exc:
+        return None, exc
     return None, None
+
+
+_OPTIONAL_PARTS = {
+    "taehv": "--vae taehv needs the TAEHV weights",
+    "vace": "VACE (--control-video, --mask-video, --ref-image, --first-frame, --last-frame) needs the VACE module",
+}
+
+
+def _wants_vace(args: argparse.Namespace) -> bool:
+    return any((args.control_video, args.mask_video, args.ref_image, args.first_frame, args.last_frame))
 
 
 def _plan(request: Any, demo: bool) -> GeneratePlan:
@@ -233,6 +297,8 @@ def _show_plan(err: Console, job: GeneratePlan) -> None:
         lines.append(f"prompts:  {len(segments)} timeline segments ({job.timeline.source})")
     else:
         lines.append(f"prompt:   {' + '.join(p.text for p in segments[0].prompts)}")
+    if job.vace is not None:
+        lines.append(f"vace:     {job.vace.describe()}")
     for line in lines:
         err.print(line, markup=False)
     for note in job.notes:
@@ -247,7 +313,11 @@ def _load(err: Console, args: argparse.Namespace, device: Any, demo: bool) -> tu
         pipeline = Pipeline.demo(device=device)
     else:
         pipeline = Pipeline.load(
-            args.models_dir, device=device, taehv=args.vae == "taehv", progress=lambda msg: err.print(msg)
+            args.models_dir,
+            device=device,
+            taehv=args.vae == "taehv",
+            vace=_wants_vace(args),
+            progress=lambda msg: err.print(msg),
         )
     load_s = time.perf_counter() - start
     err.print(f"model:    {pipeline.label} on {device} (loaded in {load_s:.1f} s)")
@@ -322,10 +392,24 @@ def _summary(out: Console, result: GenerateResult) -> None:
         out.print("  prompt switches (a new prompt applies from the chunk containing its first frame):")
         for switch in result.switches:
             out.print(f"    {switch.describe()}", markup=False)
+    if job.vace is not None:
+        out.print(f"  {_vace_summary(result)}", markup=False)
     for note in result.notes[len(job.notes) :]:
         out.print(f"  [cyan]note:[/] {escape(note)}")
     if job.stats_json is not None:
         out.print(f"  stats: {job.stats_json}", markup=False)
+
+
+def _vace_summary(result: GenerateResult) -> str:
+    """e.g. 'vace: conditioning ×11, extension:lastframe ×1; scale 1 from chunk 0, 0.5 from chunk 6'."""
+    from collections import Counter
+
+    from wanstream.generate_vace import scale_changes
+
+    modes = Counter(c.mode for c in result.vace)
+    used = ", ".join(f"{mode} ×{n}" for mode, n in modes.items()) or "no chunk"
+    scales = ", ".join(f"{scale:g} from chunk {chunk}" for chunk, scale in scale_changes(result.vace))
+    return f"vace: {used}; scale {scales or '-'}"
 
 
 @contextlib.contextmanager
