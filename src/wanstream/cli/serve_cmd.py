@@ -43,6 +43,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--recordings-dir", type=Path, metavar="DIR", help="keep recordings here (default: temporary)"
     )
     p.add_argument(
+        "--lora-dir",
+        type=Path,
+        metavar="DIR",
+        help="LoRA files clients may apply by name (default: $WANSTREAM_LORA_DIR; none when unset)",
+    )
+    p.add_argument(
         "--max-upload-mb", type=int, default=512, metavar="MB", help="upload size limit in MiB (default: 512)"
     )
     p.add_argument(
@@ -86,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
     from wanstream.engine.settings import SettingsUpdate
     from wanstream.server.config import MiB, ServerConfig
     from wanstream.server.security import SecurityError, check_bind
+    from wanstream.weights.store import ENV_LORA_DIR
 
     token = args.token or os.environ.get(TOKEN_ENV) or None
     try:
@@ -99,7 +106,11 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"wanstream serve: {exc}", file=sys.stderr)
         return 2
-    for folder, flag in ((args.media_dir, "--media-dir"), (args.models_dir, "--models-dir")):
+    env_lora_dir = os.environ.get(ENV_LORA_DIR)
+    lora_dir = args.lora_dir or (Path(env_lora_dir) if env_lora_dir else None)
+    lora_flag = "--lora-dir" if args.lora_dir else ENV_LORA_DIR
+    folders = ((args.media_dir, "--media-dir"), (args.models_dir, "--models-dir"), (lora_dir, lora_flag))
+    for folder, flag in folders:
         if folder is not None and not folder.is_dir():
             print(f"wanstream serve: {flag} {folder} is not a folder", file=sys.stderr)
             return 2
@@ -113,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         preload=not args.no_preload,
         media_dir=args.media_dir,
+        lora_dir=lora_dir.expanduser() if lora_dir is not None else None,
         recordings_dir=args.recordings_dir,
         cors_origins=tuple(args.cors_origin),
         ice_servers=tuple(args.ice_server),

@@ -65,6 +65,8 @@ from wanstream.server.signaling import (
 )
 from wanstream.server.sources import FileSource
 from wanstream.server.worker import ControlRejected, missing_codec
+from wanstream.weights.lora import LoraError, resolve_lora_path
+from wanstream.weights.store import lora_files
 
 router = APIRouter()
 v1 = APIRouter(prefix="/api/v1")
@@ -377,6 +379,24 @@ async def list_media(request: Request) -> list[dict[str, Any]]:
     return found
 
 
+@v1.get("/loras", tags=["media"])
+async def list_loras(request: Request) -> list[dict[str, Any]]:
+    """LoRA files in the server's LoRA folder (--lora-dir): the names `loras[].path` accepts."""
+    root = _manager(request).config.lora_dir
+    if root is None:
+        return []
+    base, files = lora_files(root)
+    assert base is not None
+    found = []
+    inside = base.resolve()
+    for path in files:
+        rel = path.relative_to(base).as_posix()
+        hidden = any(part.startswith(".") for part in Path(rel).parts)
+        if not hidden and path.resolve().is_relative_to(inside):  # links out of the folder are not offered
+            found.append({"name": rel, "bytes": path.stat().st_size})
+    return found
+
+
 @v1.put("/media/{name:path}", tags=["media"], status_code=201)
 async def upload_media(
     request: Request, name: str, overwrite: Annotated[bool, Query()] = False
@@ -497,6 +517,11 @@ def _settings(manager: SessionManager, update: SettingsUpdate | None) -> StreamS
     problem = missing_codec(manager.model.pipeline.components, settings)
     if problem is not None:
         raise HTTPException(422, problem)
+    for lora in settings.loras:  # names only: nothing outside the LoRA folder is opened (contents: at start)
+        try:
+            resolve_lora_path(lora.path, manager.config.lora_dir, confine=True)
+        except LoraError as exc:
+            raise HTTPException(422, f"loras: {exc}") from None
     return settings
 
 

@@ -19,6 +19,7 @@ class ServerConfig:
     device: str | None = None  # None: CUDA when available, else CPU
     preload: bool = True  # load the model at start-up (else on POST /api/v1/model/load)
     media_dir: Path | None = None  # server-side videos for headless sessions and uploads
+    lora_dir: Path | None = None  # LoRA files clients may name (nothing outside it is ever opened)
     recordings_dir: Path | None = None  # None: a private temp folder removed at shutdown
     cors_origins: tuple[str, ...] = ()  # closed by default
     ice_servers: tuple[str, ...] = ()  # e.g. "stun:stun.l.google.com:19302"; none: host candidates only

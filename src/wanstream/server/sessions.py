@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from wanstream.engine.lora import configure_loras
 from wanstream.engine.prompts import WeightedPrompt
 from wanstream.engine.settings import SettingsUpdate, StreamSettings
 from wanstream.server.config import ServerConfig
@@ -163,6 +164,8 @@ class SessionManager:
         """Build the engine session on its own thread and wait (without blocking the loop) until it runs."""
         pipeline = self.model.pipeline
         assert pipeline is not None
+        # Clients name LoRAs: only files inside the server's LoRA folder may be opened.
+        configure_loras(pipeline.components, lora_dir=self.config.lora_dir, confine=True)
         if prompts is None:
             prompts = [WeightedPrompt(text=DEFAULT_PROMPT)]
         loop = asyncio.get_running_loop()

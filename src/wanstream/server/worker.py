@@ -564,6 +564,7 @@ class EngineWorker:
                     "position": ev.position,
                     "timesteps": ev.timesteps,
                     "noise_scale": ev.noise_scale,
+                    "loras": [list(lo) for lo in ev.loras],
                 }
             )
         self._append_events(rows)
