@@ -55,8 +55,12 @@ def _randomize(module: torch.nn.Module, seed: int) -> None:
                 p.copy_(0.05 * torch.randn(p.shape, generator=gen))
 
 
-def demo_components(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
-    """Every network of the pipeline at toy size with seeded random weights (no files, no download)."""
+def demo_components(
+    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0, num_layers: int = 2
+):
+    """Every network of the pipeline at toy size with seeded random weights (no files, no download).
+
+    `num_layers`: DiT depth (a multi-GPU ring needs at least one block per rank)."""
     from wanstream.engine.components import Components
     from wanstream.models.dit import WanConfig, WanDiT
     from wanstream.models.tae import TAEHV, TAEHVConfig
@@ -73,7 +77,13 @@ def demo_components(device: str | torch.device = "cpu", dtype: torch.dtype = tor
     )
     dit = WanDiT(
         WanConfig(
-            dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_len=DEMO_TEXT_LEN, text_dim=64, freq_dim=64
+            dim=64,
+            ffn_dim=128,
+            num_heads=2,
+            num_layers=num_layers,
+            text_len=DEMO_TEXT_LEN,
+            text_dim=64,
+            freq_dim=64,
         )
     )
     vae = WanVAE(WanVAEConfig(dim=8, num_res_blocks=1))

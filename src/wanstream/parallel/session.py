@@ -1,0 +1,426 @@
+"""`ParallelSession`: a `StreamSession` whose DiT runs as a ring of ranks, one GPU each.
+
+Everything a session does on its own (input frames, the noise controller, prompts and transitions,
+events, settings) runs unchanged on rank 0; only the denoising differs: `RingDenoiser` sends each chunk
+into the ring and the last rank decodes the finished chunks and sends their frames back. Output comes
+out in the same order with the same values as the single-process stream batch (exactly, on a CPU in
+float32), later: a chunk's frames arrive about N·R chunks after its input instead of N − 1
+(N steps, R ranks). `push()` returns whatever has arrived; `flush()` waits for the rest.
+
+Prompt changes travel with the batches: a new conditioning's embedded text is attached to the next
+batch and every rank keeps it (with its text K/V) under a version number that the lanes refer to.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from wanstream.engine.codecs import Codecs
+from wanstream.engine.noise import NoiseController
+from wanstream.engine.prompts import WeightedPrompt
+from wanstream.engine.rng import SeededNoise
+from wanstream.engine.session import ChunkConditioner, ChunkEvent, SessionError, StreamSession, _Pending
+from wanstream.engine.settings import StreamSettings
+from wanstream.parallel.ring import RingError
+from wanstream.parallel.schedule import RingSchedule
+from wanstream.parallel.stage import Lane, cache_config
+
+if TYPE_CHECKING:
+    from wanstream.parallel.launch import Ring
+
+
+def check_settings(settings: StreamSettings) -> None:
+    """What a ring can run (raises SessionError with the reason)."""
+    if settings.batching != "stream" and len(settings.denoising_steps) > 1:
+        raise SessionError(
+            "a multi-GPU ring runs stream batch (the steps of consecutive chunks as lanes); "
+            "batching 'none' with several steps is single-GPU only"
+        )
+    if settings.loras:
+        raise SessionError(
+            "LoRAs are not supported on a multi-GPU ring yet (they change every rank's blocks)"
+        )
+
+
+class RingDenoiser:
+    """Rank 0's side of the ring for one stream: what `Denoiser` is to a single-process session."""
+
+    batching = "stream"
+    cache_context = "last_step"
+    graphs = None
+
+    def __init__(self, ring: Ring, settings: StreamSettings, rng: SeededNoise) -> None:
+        self.ring, self.link, self.stage = ring, ring.link, ring.stage
+        self.settings = settings
+        self.steps = list(settings.denoising_steps)
+        self.rng = rng
+        self.closed = False
+        self._new_schedule()
+        self.seq = 0  # batches sent (ring-wide message order)
+        self.outstanding: set[int] = set()  # batches whose lanes have not come back yet
+        self.returns: dict[int, torch.Tensor] = {}
+        self.batch_seq: dict[int, int] = {}  # ring batch m → its message seq
+        self.frames: deque[tuple[int, torch.Tensor]] = deque()  # (chunk, decoded frames) in order
+        self.expected_frames = 0
+        self.contexts: list[tuple[int, torch.Tensor]] = []  # new conditionings for the next batch
+        self._steps_dev: torch.Tensor | None = None
+        ring.claim(self)
+
+    def _new_schedule(self) -> None:
+        cfg = self.ring.components.dit.config
+        cache = cache_config(self.settings, 0, cfg.num_heads, cfg.head_dim)
+        self.schedule = RingSchedule(self.ring.world, self.steps, cache)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.steps)
+
+    @property
+    def lag(self) -> int:
+        """Chunks between a chunk's input and its output (the single-process engine: N − 1)."""
+        return self.schedule.lag
+
+    # ----------------------------------------------------------------------------------------------
+    def reset(self, steps: Sequence[int] | None = None) -> None:
+        """Forget the stream: what is in flight finishes and is dropped; the next chunk starts a stream."""
+        self.quiesce()
+        self.frames.clear()
+        self.returns.clear()
+        self.batch_seq.clear()
+        if steps is not None:
+            if len(steps) != self.num_steps:
+                raise SessionError("a different number of steps needs a rebuild (the lanes change)")
+            self.steps = list(steps)
+            self._steps_dev = None
+        self._new_schedule()
+
+    def retarget(self, steps: Sequence[int]) -> None:
+        if len(steps) != self.num_steps:
+            raise ValueError("retarget keeps the number of steps; a different count needs reset()")
+        self.steps = list(steps)
+        self._steps_dev = None
+        self.schedule.retarget(self.steps)
+
+    def add_context(self, version: int, context: torch.Tensor) -> None:
+        self.stage.add_context(version, context)
+        self.contexts.append((version, context))
+
+    # ----------------------------------------------------------------------------------------------
+    def first_chunk(self, noisy: torch.Tensor, start: int, version: int, chunk: int) -> None:
+        """The stream's first chunk: its N steps one after the other, one trip around the ring each."""
+        self._check()
+        frames = noisy.shape[1]
+        lanes = self.schedule.first_chunk(chunk, start, frames, self.rng.seed, version)
+        x = noisy
+        for i, lane in enumerate(lanes):
+            last = i == len(lanes) - 1
+            seq = self._send([lane], x, [self.steps[i]], frames, first=True, reset=i == 0, broadcast=last)
+            x = self._await_return(seq)
+
+    def chunk(
+        self,
+        noisy: torch.Tensor,
+        start: int,
+        first_step: int | torch.Tensor | None,
+        version: int,
+        chunk: int,
+        decode: bool,
+    ) -> None:
+        """Send chunk `chunk` into the ring (batch m = its index in the stream)."""
+        self._check()
+        m = self.schedule.call(chunk, start, first_step, self.rng.seed, version, decode)
+        plan = self.schedule.batch(m)
+        R = self.ring.world
+        returned = self._await_return(self.batch_seq.pop(m - R)) if m - R >= 1 else None
+        zeros = torch.zeros_like(noisy)
+        parts = []
+        for j, source in enumerate(plan.sources):
+            if source == "noisy":
+                parts.append(noisy)
+            elif source == "return":
+                assert returned is not None
+                parts.append(returned[j - 1 : j])
+            else:
+                parts.append(zeros)
+        x = torch.cat(parts)
+        self.batch_seq[m] = self._send(
+            plan.lanes, x, plan.timesteps, 1, steady=all(lane.live for lane in plan.lanes)
+        )
+
+    def _send(
+        self,
+        lanes: list[Lane],
+        x: torch.Tensor,
+        timesteps: Sequence[int | torch.Tensor],
+        frames: int,
+        *,
+        first: bool = False,
+        reset: bool = False,
+        broadcast: bool = False,
+        steady: bool = False,
+    ) -> int:
+        B = x.shape[0]
+        t = self._timesteps(timesteps, x.device)[:, None].expand(B, frames).contiguous()
+        if reset:
+            self.stage.reset()
+        clock = self.ring.clock
+        with clock.batch(steady and not first), clock("dit"):
+            tokens, e, e0 = self.stage.embed(x, t)
+            h = self.stage.blocks(tokens, e0, lanes, frames)
+        if broadcast:
+            self.stage.cache.broadcast_lane0()  # type: ignore[union-attr]
+        seq, self.seq = self.seq, self.seq + 1
+        contexts, self.contexts = self.contexts, []
+        header = {
+            "kind": "batch",
+            "seq": seq,
+            "frames": frames,
+            "lanes": [lane.to_json() for lane in lanes],
+            "contexts": [v for v, _ in contexts],
+            "first": first,
+            "reset": reset,
+            "broadcast": broadcast,
+        }
+        with self._guarded():
+            self.link.send(1, header, [*(c for _, c in contexts), x, t, h, e0, e])
+        self.outstanding.add(seq)
+        self.expected_frames += sum(lane.decode for lane in lanes)
+        return seq
+
+    def _timesteps(self, values: Sequence[int | torch.Tensor], device: torch.device) -> torch.Tensor:
+        """Per-lane timesteps as a device int64 tensor without a host→device copy per batch."""
+        if self._steps_dev is None or self._steps_dev.device != device:
+            self._steps_dev = torch.tensor([*self.steps, 0], dtype=torch.long).to(device)
+        known = {int(t): i for i, t in enumerate([*self.steps, 0])}
+        parts = []
+        for v in values:
+            if isinstance(v, torch.Tensor):
+                parts.append(v.reshape(1).to(device=device, dtype=torch.long))
+            elif v in known:
+                parts.append(self._steps_dev[known[v] : known[v] + 1])
+            else:
+                parts.append(torch.tensor([v], dtype=torch.long).to(device))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    # ----------------------------------------------------------------------------------------------
+    # What comes back from the last rank, in its send order: lanes ("return"), then frames
+    # ----------------------------------------------------------------------------------------------
+    def _pump(self, until: Callable[[], bool] | None) -> None:
+        """Read the last rank's messages: until `until()` holds, or (None) only what has arrived."""
+        last, box = self.ring.world - 1, self.link.mailbox
+        while until is None or not until():
+            with self._guarded():
+                if until is None:
+                    header = box.poll(last)
+                    if header is None:
+                        return
+                else:
+                    header = box.take(last, self.link.timeout, "the ring's output")
+                kind = header["kind"]
+                tensors = self.link.recv_tensors(last, header, f"{kind} message", host_wait=kind == "frames")
+            if kind == "return":
+                self.outstanding.discard(header["seq"])
+                self.returns[header["seq"]] = tensors[0]
+            elif kind == "frames":
+                self.expected_frames -= 1
+                self.frames.append((header["chunk"], tensors[0]))
+            else:
+                raise self.ring.fail(f"ring protocol error: unexpected {kind!r} message from the last rank")
+
+    def _await_return(self, seq: int) -> torch.Tensor:
+        self._pump(lambda: seq in self.returns)
+        return self.returns.pop(seq)
+
+    def poll_frames(self) -> list[tuple[int, torch.Tensor]]:
+        """Decoded chunks that have arrived (never waits)."""
+        self._pump(None)
+        out = list(self.frames)
+        self.frames.clear()
+        return out
+
+    def wait_frames(self) -> tuple[int, torch.Tensor]:
+        """The next decoded chunk (waits for it; one must be on its way)."""
+        if not self.frames and self.expected_frames <= 0:
+            raise RingError("waiting for frames that no batch will produce (ring schedule error)")
+        self._pump(lambda: bool(self.frames))
+        return self.frames.popleft()
+
+    def quiesce(self) -> None:
+        """Wait until nothing is in flight (frames that arrive are kept)."""
+        if self.ring.broken is not None:
+            return
+        self._pump(lambda: not self.outstanding and self.expected_frames <= 0)
+
+    def _check(self) -> None:
+        if self.closed:
+            raise SessionError("this session's ring now serves a newer session")
+        self.ring.ensure_ok()
+
+    @contextmanager
+    def _guarded(self) -> Iterator[None]:
+        """Any transport failure inside takes the ring down with a clear reason."""
+        try:
+            yield
+        except RingError:
+            raise
+        except (RuntimeError, OSError) as exc:
+            self.ring.check_alive()  # a dead rank explains it best
+            raise self.ring.fail(f"rank 0: ring communication failed: {exc}") from exc
+
+
+class ParallelSession(StreamSession):
+    """A stream on a `Ring` (create it with `ring.session(...)`); the `StreamSession` API."""
+
+    denoiser: RingDenoiser  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        ring: Ring,
+        settings: StreamSettings | None = None,
+        *,
+        prompts: Sequence[WeightedPrompt | str] | None = None,
+        output: Literal["uint8", "float"] = "uint8",
+        event_log_size: int = 2048,
+    ) -> None:
+        self.ring = ring
+        self._sent_prompt: int | None = None  # the prompt version whose text K/V the ring has
+        self._ring_version = 0
+        super().__init__(
+            ring.components, settings, prompts=prompts, output=output, event_log_size=event_log_size
+        )
+
+    # ----------------------------------------------------------------------------------------------
+    def _build(self, settings: StreamSettings | None = None) -> None:
+        s, c = settings or self.settings, self.components
+        check_settings(s)
+        codecs = Codecs.create(c, s)  # rank 0 encodes; its decoder object is unused (the last rank decodes)
+        old: RingDenoiser | None = getattr(self, "denoiser", None)
+        if old is not None:
+            old.quiesce()
+        self.ring.configure(s.model_copy(update={"batching": "stream"}))
+        rng = SeededNoise(s.seed)
+        denoiser = RingDenoiser(self.ring, s, rng)
+        self.settings = s
+        self.rng, self.denoiser, self.codecs = rng, denoiser, codecs
+        self.controller = NoiseController(s.noise_scale, s.noise_controller)
+        self._pending = _Pending(first_index=self.frames_in)
+        self._in_flight: deque[ChunkEvent] = deque()
+        self._restart_stream()
+
+    def _check_loras(self, settings: StreamSettings) -> None:
+        check_settings(settings)
+
+    def attach(self, conditioner: ChunkConditioner | None) -> None:
+        if conditioner is not None:
+            raise SessionError("per-chunk conditioning (VACE) runs chunk by chunk on one GPU, not on a ring")
+
+    def snapshot(self) -> dict[str, Any]:
+        raise SessionError("snapshots are not available on a multi-GPU ring (its state is spread over ranks)")
+
+    def restore(self, snap: dict[str, Any]) -> None:
+        raise SessionError("snapshots are not available on a multi-GPU ring (its state is spread over ranks)")
+
+    def _stage(self, name: str) -> AbstractContextManager[Any]:
+        stack = ExitStack()
+        if name == "encode":
+            stack.enter_context(self.ring.clock.before_batch("encode"))  # rank 0's share, for the rebalancer
+        stack.enter_context(self.stage_timer(name) if self.stage_timer is not None else nullcontext())
+        return stack
+
+    # ----------------------------------------------------------------------------------------------
+    def _conditioning(self) -> int:
+        """The ring's version of the conditioning in force (a new one travels with the next batch)."""
+        if self.prompt.embedding is None:
+            raise SessionError("no prompt set: call set_prompts() first")
+        if self._sent_prompt != self.prompt.version:
+            self._ring_version = self.ring.next_version()
+            context = self.components.dit.embed_text(self.prompt.embedding)
+            self.denoiser.add_context(self._ring_version, context)
+            self._sent_prompt = self.prompt.version
+        return self._ring_version
+
+    def _denoise_and_decode(
+        self,
+        noisy: torch.Tensor,
+        kind: Literal["input", "flush", "text"],
+        span: tuple[int, int],
+        noise_scale: torch.Tensor | None,
+        first_step: torch.Tensor | None,
+    ) -> torch.Tensor:
+        self.prompt.advance()  # one transition step per chunk (a no-op otherwise)
+        version = self._conditioning()
+        L = self.settings.frame_tokens
+        k = self._chunk_counter
+        self._chunk_counter += 1
+        position = self._position(noisy.shape[1])
+        steps: list[int | torch.Tensor] = list(self.denoiser.steps)
+        if first_step is not None:
+            steps[0] = first_step
+        event = ChunkEvent(
+            chunk=k,
+            kind=kind,
+            input_frames=span,
+            prompt=self.prompt.describe(),
+            transition_left=self.prompt.transition_left,
+            stream_start=self._stream_chunks == 0,
+            position=position,
+            _steps=steps,
+            _noise_scale=noise_scale,
+            trim=self._trim_next,
+        )
+        self._trim_next = 0
+        self.events.append(event)
+        self._in_flight.append(event)
+        if self._stream_chunks == 0:
+            self.denoiser.first_chunk(noisy, position * L, version, chunk=k)
+            self._stream_chunks += 1
+            return self._concat([self._emit(*self.denoiser.wait_frames())])  # the first frames at once
+        self.denoiser.chunk(noisy, position * L, first_step, version, chunk=k, decode=kind != "flush")
+        self._stream_chunks += 1
+        return self._concat([self._emit(chunk, frames) for chunk, frames in self.denoiser.poll_frames()])
+
+    def _emit(self, chunk: int, frames: torch.Tensor) -> torch.Tensor:
+        """Frames [1, T, 3, H, W] decoded by the last rank → the output of the oldest chunk in flight."""
+        event = self._in_flight.popleft()
+        if event.chunk != chunk:
+            raise self.ring.fail(
+                f"ring order error: frames of chunk {chunk} arrived, chunk {event.chunk} was due"
+            )
+        if event.trim:
+            frames = frames[:, : frames.shape[1] - event.trim]
+        out = self._format(frames[0])
+        event.output_frames = (self.frames_out, self.frames_out + out.shape[0])
+        self.frames_out += out.shape[0]
+        return out
+
+    def _drain_lanes(self) -> torch.Tensor:
+        """Flush chunks until every real chunk has come out. The ring needs (N − 1)·R of them where one
+        process needs N − 1; the prompt state and chunk counter are left as one process leaves them."""
+        if self._stream_chunks == 0 or all(e.kind == "flush" for e in self._in_flight):
+            return self._empty_output()
+        single = self.denoiser.num_steps - 1 if self._stream_chunks >= 2 else 0
+        saved = None
+        outputs = []
+        for i in range(self.denoiser.lag):
+            if i == single:
+                saved = (copy.deepcopy(self.prompt.__dict__), self._chunk_counter)
+            c, s = self.components, self.settings
+            shape = (1, 1, c.dit.config.in_dim, s.height // 8, s.width // 8)
+            noisy = self.rng.randn(shape, chunk=self._chunk_counter, draw=0, device=c.device, dtype=c.dtype)
+            outputs.append(
+                self._denoise_and_decode(noisy, "flush", (self.frames_in, self.frames_in), None, None)
+            )
+        if saved is None:
+            saved = (copy.deepcopy(self.prompt.__dict__), self._chunk_counter)
+        while any(e.kind != "flush" for e in self._in_flight):
+            outputs.append(self._emit(*self.denoiser.wait_frames()))
+        self.prompt.__dict__.update(saved[0])
+        self._chunk_counter = saved[1]
+        self._sent_prompt = None  # the restored prompt state gets a fresh ring version
+        return self._concat(outputs)
