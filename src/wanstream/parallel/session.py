@@ -400,15 +400,42 @@ class ParallelSession(StreamSession):
         return out
 
     def _drain_lanes(self) -> torch.Tensor:
-        """Flush chunks until every real chunk has come out. The ring needs (N − 1)·R of them where one
-        process needs N − 1; the prompt state and chunk counter are left as one process leaves them."""
-        if self._stream_chunks == 0 or all(e.kind == "flush" for e in self._in_flight):
+        """End of input (or a draining cut): every real chunk in flight comes out."""
+        if self._stream_chunks == 0:
             return self._empty_output()
-        single = self.denoiser.num_steps - 1 if self._stream_chunks >= 2 else 0
+        real = sum(e.kind != "flush" for e in self._in_flight)
+        # One process runs N − 1 flush chunks when something is in flight (its prompt state and chunk
+        # counter advance by that much); the ring needs (N − 1)·R of them.
+        single = self.denoiser.num_steps - 1 if real else 0
+        return self._finish(real, single)
+
+    def reset(self, *, drain: bool = False) -> torch.Tensor:
+        """Restart the stream (hard cut). Without `drain`, the chunks one process would have finished by
+        now still come out (the ring holds more chunks in flight, not different ones); the rest are
+        dropped, as in one process."""
+        if drain:
+            out = self._drain_lanes()
+        else:
+            real = sum(e.kind != "flush" for e in self._in_flight)
+            held = min(
+                self.denoiser.num_steps - 1, max(self._stream_chunks - 1, 0)
+            )  # in flight in one process
+            out = self._finish(real - held, 0)
+        self._restart_stream()
+        return out
+
+    def _finish(self, due: int, single_flush: int) -> torch.Tensor:
+        """Emit the oldest `due` real chunks in flight, running flush chunks (pure noise, output dropped)
+        until they are through; then leave the prompt state and chunk counter as one process leaves them
+        after `single_flush` flush chunks."""
+        if due <= 0:
+            return self._empty_output()
+        real_left = sum(e.kind != "flush" for e in self._in_flight) - due
+        flush = max(0, self.denoiser.lag - real_left)  # the last due chunk needs `lag` chunks behind it
         saved = None
         outputs = []
-        for i in range(self.denoiser.lag):
-            if i == single:
+        for i in range(flush):
+            if i == single_flush:
                 saved = (copy.deepcopy(self.prompt.__dict__), self._chunk_counter)
             c, s = self.components, self.settings
             shape = (1, 1, c.dit.config.in_dim, s.height // 8, s.width // 8)
@@ -418,7 +445,7 @@ class ParallelSession(StreamSession):
             )
         if saved is None:
             saved = (copy.deepcopy(self.prompt.__dict__), self._chunk_counter)
-        while any(e.kind != "flush" for e in self._in_flight):
+        while sum(e.kind != "flush" for e in self._in_flight) > real_left:
             outputs.append(self._emit(*self.denoiser.wait_frames()))
         self.prompt.__dict__.update(saved[0])
         self._chunk_counter = saved[1]
