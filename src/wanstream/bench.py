@@ -11,7 +11,10 @@ Measured per configuration (mode, resolution, steps, codecs):
 * encode / DiT / decode split: CUDA events around each stage (medians);
 * time to first frame: a fresh stream (warm compile caches), 5th input frame available → first output
   frame on the CPU;
-* peak GPU memory; DiT TFLOP/s against a bf16 matmul measured in the same process.
+* peak GPU memory; DiT TFLOP/s against a bf16 matmul measured in the same process;
+* with `lora_rank`: each configuration again with a random LoRA of that rank on every attention and FFN
+  linear of the DiT, merged and/or as runtime adapters (same process, same inputs), plus the time a
+  scale change takes (`extra.lora_rescale_ms`: a re-merge, or an in-place copy of the adapters' scales).
 
 DiT FLOPs per call (2 per multiply-add), d = dim, f = ffn, T = text tokens, per layer and query token:
 12·d² (q, k, v, o, cross q, cross o) + 4·d·f (FFN) + 4·T·d (cross attention), plus 4·Lk·d of
@@ -33,9 +36,12 @@ from typing import Any
 import torch
 
 from wanstream.engine.components import Components
+from wanstream.engine.lora import lora_manager
 from wanstream.engine.session import StreamSession
-from wanstream.engine.settings import DEFAULT_STEPS, StreamSettings
+from wanstream.engine.settings import DEFAULT_STEPS, LoraMode, LoraSpec, StreamSettings
 from wanstream.models.dit import WanConfig, WanDiT
+from wanstream.models.lora import linear_targets
+from wanstream.weights.lora import LoraPair, LoraWeights
 
 STEP_LISTS = {1: (700,), 2: (700, 500), 3: (700, 500, 400), 4: (700, 500, 400, 200)}
 CODECS = {"wan": ("wan", "wan"), "taehv": ("taehv", "taehv"), "fast": ("wan", "taehv")}
@@ -142,6 +148,22 @@ def random_components(
         else "full-size 1.3B, RANDOM WEIGHTS (no download; compute is identical)"
     )
     return Components(dit=dit, device=device, dtype=dtype, wan_vae=vae, taehv=tae, label=label)
+
+
+# What style LoRAs train: every attention projection (self and cross) and both FFN linears of each block.
+_LORA_LAYERS = (*(f"{attn}.{p}" for attn in ("self_attn", "cross_attn") for p in "qkvo"), "ffn.0", "ffn.2")
+
+
+def random_lora(dit: WanDiT, rank: int, seed: int = 0) -> LoraWeights:
+    """A rank-`rank` LoRA on every attention and FFN linear of every block. Small up weights (as trained LoRAs have) keep the outputs in range; the work does not depend on them."""
+    gen = torch.Generator().manual_seed(seed)
+    pairs = {}
+    for name, (out_f, in_f) in linear_targets(dit).items():
+        if name.startswith("blocks.") and name.split(".", 2)[2] in _LORA_LAYERS:
+            down = torch.randn(rank, in_f, generator=gen) / math.sqrt(in_f)
+            up = torch.randn(out_f, rank, generator=gen) * (0.01 / math.sqrt(rank))
+            pairs[name] = LoraPair(down.to(torch.bfloat16), up.to(torch.bfloat16), alpha=float(rank))
+    return LoraWeights(f"random rank-{rank} LoRA", pairs, ("wan",))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -255,9 +277,14 @@ def bench_config(
     warm_chunks: int = 8,
     graphs: bool = True,
     matmul_peak: float = float("nan"),
+    loras: tuple[LoraSpec, ...] = (),
+    label: str = "",
 ) -> Result:
+    """One configuration's figures; `loras` run on top (named `cfg.name + label` in the results)."""
     device = components.device
     settings = cfg.settings()
+    if loras:
+        settings = StreamSettings.model_validate({**settings.model_dump(), "loras": loras})
     session = StreamSession(components, settings, output="uint8")
     if device.type == "cuda":
         session.denoiser.use_cuda_graphs(graphs)
@@ -305,6 +332,16 @@ def bench_config(
     synchronize(device)
     stages = timer.take_ms()
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    extra: dict[str, Any] = {}
+    if loras:  # what a live scale change costs: a re-merge, or a copy into the adapters' scales
+        manager = lora_manager(components)
+        halved = [lo.model_copy(update={"scale": lo.scale / 2}) for lo in loras]
+        synchronize(device)
+        t0 = time.perf_counter()
+        manager.apply(halved, settings.lora_mode)
+        synchronize(device)
+        extra["lora_rescale_ms"] = (time.perf_counter() - t0) * 1000
+        manager.apply(loras, settings.lora_mode)
     # Time to first frame on a fresh stream, compile caches warm.
     session.reset()
     synchronize(device)
@@ -322,7 +359,7 @@ def bench_config(
     dit_p50 = statistics.median(stages.get("dit", [float("nan")]))
     tflops = per_chunk_flops / (dit_p50 / 1000) / 1e12
     return Result(
-        config=cfg.name,
+        config=cfg.name + label,
         fps=produced / window,
         chunk_ms_p50=_pct(chunk_ms, 0.5),
         chunk_ms_p90=_pct(chunk_ms, 0.9),
@@ -337,7 +374,7 @@ def bench_config(
         chunks_measured=chunks,
         chunk_ms_max=max(chunk_ms),
         first_frame_at=first_frame_at,
-        extra={"first_chunk_stage_ms": first_chunk_stages},
+        extra={"first_chunk_stage_ms": first_chunk_stages, **extra},
     )
 
 
@@ -380,6 +417,8 @@ def run_bench(
     graphs: bool = True,
     vae_layout: str = "compiled",
     json_path: str | None = None,
+    lora_rank: int | None = None,
+    lora_modes: tuple[str, ...] = ("none", "merged", "runtime"),
 ) -> list[Result]:
     from rich.console import Console
 
@@ -402,23 +441,42 @@ def run_bench(
     if device.type == "cuda" and vae_layout == "channels_last":
         components.wan_vae.optimize(channels_last=True, compile=False)  # type: ignore[union-attr]
     mark("optimised")
+    variants: list[tuple[str, tuple[LoraSpec, ...]]] = [("", ())]
+    if lora_rank:
+        weights = random_lora(components.dit, lora_rank)
+        lora_manager(components).register("bench-lora", weights)
+        console.print(weights.describe())
+        variants = [
+            ("", ()) if mode == "none" else (f"+lora{lora_rank}-{mode}", (_bench_lora(mode),))
+            for mode in lora_modes
+        ]
     peak = matmul_tflops(device)
     if peak == peak:
         console.print(f"bf16 matmul (8192³, random data): {peak:.0f} TFLOP/s")
     results = []
-    for i, cfg in enumerate(configs):
+    runs = [(cfg, label, loras) for cfg in configs for label, loras in variants]
+    for i, (cfg, label, loras) in enumerate(runs):
         result = bench_config(
-            components, cfg, chunks=chunks, warm_chunks=warm_chunks, graphs=graphs, matmul_peak=peak
+            components,
+            cfg,
+            chunks=chunks,
+            warm_chunks=warm_chunks,
+            graphs=graphs,
+            matmul_peak=peak,
+            loras=loras,
+            label=label,
         )
         if i == 0:  # process start → first output frame on the CPU (model build and compile included)
             result.extra["cold_start_s"] = result.first_frame_at - process_start
         results.append(result)
+        rescale = result.extra.get("lora_rescale_ms")
         console.print(
-            f"{cfg.name}: {result.fps:.2f} FPS, chunk p50 {result.chunk_ms_p50:.1f} max {result.chunk_ms_max:.1f} ms, "
+            f"{result.config}: {result.fps:.2f} FPS, chunk p50 {result.chunk_ms_p50:.1f} max {result.chunk_ms_max:.1f} ms, "
             f"enc/DiT/dec {result.encode_ms_p50:.1f}/{result.dit_ms_p50:.1f}/{result.decode_ms_p50:.1f} ms, "
             f"TTFF {result.ttff_ms:.0f} ms, first chunk cold {result.first_chunk_cold_ms / 1000:.1f} s, "
             f"peak {result.peak_mem_gib:.1f} GiB, DiT {result.dit_tflops:.0f} TFLOP/s"
             + (f", cold start {result.extra['cold_start_s']:.1f} s" if "cold_start_s" in result.extra else "")
+            + (f", LoRA scale change {rescale:.1f} ms" if rescale is not None else "")
         )
     print_table(results, console)
     if json_path:
@@ -435,6 +493,13 @@ def run_bench(
         with open(json_path, "w") as f:
             json.dump(payload, f, indent=1)
     return results
+
+
+def _bench_lora(mode: str) -> LoraSpec:
+    if mode not in ("merged", "runtime"):
+        raise ValueError(f"LoRA mode {mode!r}: use none, merged or runtime")
+    lora_mode: LoraMode = "merged" if mode == "merged" else "runtime"
+    return LoraSpec(path="bench-lora", scale=1.0, mode=lora_mode)
 
 
 def _process_start_time() -> float:

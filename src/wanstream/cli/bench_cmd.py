@@ -33,6 +33,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="Wan VAE: default (eager NCDHW), channels_last (eager), compiled (channels-last + torch.compile)",
     )
     p.add_argument("--json", dest="json_path", default=None, help="also write the results to this JSON file")
+    p.add_argument(
+        "--lora-rank",
+        type=int,
+        metavar="R",
+        help="also run each config with a random rank-R LoRA on every attention/FFN linear (docs/lora.md)",
+    )
+    p.add_argument(
+        "--lora-mode",
+        default="none,merged,runtime",
+        metavar="MODES",
+        help="with --lora-rank: comma-separated variants among none, merged, runtime (default: %(default)s)",
+    )
     p.set_defaults(handler=run)
 
 
@@ -47,6 +59,11 @@ def run(args: argparse.Namespace) -> int:
             if args.configs == "all"
             else [BenchConfig.parse(c) for c in args.configs.split(";") if c.strip()]
         )
+        lora_modes = tuple(m.strip() for m in args.lora_mode.split(",") if m.strip())
+        if args.lora_rank is not None and args.lora_rank < 1:
+            raise ValueError(f"--lora-rank {args.lora_rank}: give a rank of at least 1")
+        if not lora_modes or any(m not in ("none", "merged", "runtime") for m in lora_modes):
+            raise ValueError(f"--lora-mode {args.lora_mode!r}: comma-separated none, merged, runtime")
     except ValueError as exc:
         print(f"error: {exc}")
         return 2
@@ -65,5 +82,7 @@ def run(args: argparse.Namespace) -> int:
         graphs=not args.no_cuda_graphs,
         vae_layout=args.vae_layout,
         json_path=args.json_path,
+        lora_rank=args.lora_rank,
+        lora_modes=lora_modes,
     )
     return 0

@@ -93,6 +93,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="without downloaded weights, run the tiny RANDOM-WEIGHT model (the whole pipeline, no download)",
     )
     p.add_argument("--stats-json", type=Path, metavar="FILE", help="also write the run's statistics as JSON")
+    p.add_argument(
+        "--lora",
+        action="append",
+        metavar="FILE[:SCALE]",
+        help="apply a Wan2.1-1.3B LoRA (a path, or a name in WANSTREAM_LORA_DIR) at SCALE (-10..10, default 1); "
+        "repeat for several (docs/lora.md)",
+    )
+    p.add_argument(
+        "--lora-mode",
+        choices=["merged", "runtime"],
+        help="merged: folded into the weights, no per-frame cost (default); runtime: adapters in the forward",
+    )
     _add_vace_flags(p)
     p.add_argument("--device", help="torch device, e.g. cuda:0 or cpu (default: CUDA when available)")
     p.add_argument(
@@ -190,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
 def _request(args: argparse.Namespace) -> Any:
     from pydantic import ValidationError
 
-    from wanstream.generate import GenerateError, GenerateRequest, parse_prompt, parse_steps
+    from wanstream.generate import GenerateError, GenerateRequest, parse_lora, parse_prompt, parse_steps
 
     if args.models_dir is not None and args.models_dir.exists() and not args.models_dir.is_dir():
         raise GenerateError(f"--models-dir {args.models_dir} is not a folder")
@@ -211,6 +223,8 @@ def _request(args: argparse.Namespace) -> Any:
         "frames": args.frames,
         "fps": args.fps,
         "stats_json": args.stats_json,
+        "loras": tuple(parse_lora(spec) for spec in args.lora) if args.lora else None,
+        "lora_mode": args.lora_mode,
         "control_video": args.control_video,
         "mask_video": args.mask_video,
         "ref_images": tuple(args.ref_image) if args.ref_image else None,
@@ -299,6 +313,8 @@ def _show_plan(err: Console, job: GeneratePlan) -> None:
         lines.append(f"prompt:   {' + '.join(p.text for p in segments[0].prompts)}")
     if job.vace is not None:
         lines.append(f"vace:     {job.vace.describe()}")
+    for path, scale, mode in s.lora_summary:
+        lines.append(f"lora:     {path} at scale {scale:g} ({mode})")
     for line in lines:
         err.print(line, markup=False)
     for note in job.notes:
@@ -334,7 +350,7 @@ def _run(err: Console, out: Console, job: GeneratePlan, pipeline: Any, load_s: f
         TimeRemainingColumn,
     )
 
-    from wanstream.generate import GenerateProgress, GenerationInterrupted, run
+    from wanstream.generate import GenerateError, GenerateProgress, GenerationInterrupted, run
     from wanstream.media.video import VideoError
 
     columns = (
@@ -367,6 +383,9 @@ def _run(err: Console, out: Console, job: GeneratePlan, pipeline: Any, load_s: f
         _summary(out, partial)
         return 130
     except VideoError as exc:  # the input turned out unreadable part-way (e.g. truncated)
+        err.print(f"[red]error:[/] {escape(str(exc))} (no output written)")
+        return 2
+    except GenerateError as exc:  # found once the model is there (a LoRA that does not fit it)
         err.print(f"[red]error:[/] {escape(str(exc))} (no output written)")
         return 2
     except Exception as exc:
