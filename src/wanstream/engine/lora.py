@@ -227,11 +227,15 @@ def _coefficients(plan: Plan) -> torch.Tensor:
 # The components' manager
 
 
+_CREATING = threading.Lock()  # two streams starting at once get the same manager
+
+
 def lora_manager(components: Components) -> LoraManager:
     """The components' LoRA manager, created on first use (names looked up in WANSTREAM_LORA_DIR)."""
-    if components.loras is None:
-        components.loras = LoraManager(components.dit, lora_dir=os.environ.get(ENV_LORA_DIR) or None)
-    return components.loras
+    with _CREATING:
+        if components.loras is None:
+            components.loras = LoraManager(components.dit, lora_dir=os.environ.get(ENV_LORA_DIR) or None)
+        return components.loras
 
 
 def configure_loras(components: Components, *, lora_dir: Path | None, confine: bool) -> LoraManager:
