@@ -19,7 +19,8 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -165,11 +166,14 @@ class Ring:
         timeout_s: float = 60.0,
         startup_timeout_s: float = 900.0,
         cpu_threads: int = 1,
+        rebalance_after: int | None = None,
     ) -> Ring:
         """Spawn ranks 1..world−1, build every rank's networks and connect them.
 
         `device` "cuda": one GPU per rank (NCCL); "cpu": CPU processes (gloo), for tests and demos.
-        `timeout_s` bounds every wait inside a stream; `startup_timeout_s` the model loading."""
+        `timeout_s` bounds every wait inside a stream; `startup_timeout_s` the model loading.
+        `rebalance_after`: once this many steady batches are measured, move blocks between ranks to
+        balance their measured times (once per ring; see `rebalance.py`)."""
         if world < 2:
             raise ValueError("a ring needs at least 2 ranks (one GPU runs the single-process engine)")
         if device not in ("cuda", "cpu"):
@@ -190,6 +194,7 @@ class Ring:
         )
         ring = object.__new__(cls)
         ring._init(source, world, device, blocks, timeout_s, startup_timeout_s, cpu_threads)
+        ring.rebalance_after = rebalance_after
         return ring
 
     def _init(
@@ -209,6 +214,8 @@ class Ring:
         self.timeout_s = timeout_s
         self.broken: str | None = None
         self.active: RingDenoiser | None = None
+        self.rebalance_after: int | None = None
+        self.rebalanced = False
         self._version = 0
         self._lock = threading.Lock()
         port = _free_port()
@@ -293,16 +300,37 @@ class Ring:
             self.active.closed = True
         self.active = denoiser
 
+    def rebalance(self, layout: Sequence[Sequence[int]] | None = None) -> Layout:
+        """Move blocks between ranks: to `layout`, or to the balanced one from measured stage times."""
+        from wanstream.parallel.rebalance import rebalance
+
+        self.rebalanced = True
+        return rebalance(self, layout)
+
     def configure(self, settings: StreamSettings) -> None:
         """Every rank (re)allocates its stream state for `settings`; returns when all have."""
         self.ensure_ok()
         self.stage.configure(settings)
-        self.link.send(1, {"kind": "configure", "settings": settings.model_dump(mode="json")})
-        header, _ = self.link.recv(self.world - 1, "configure acknowledgement")
+        with self.guarded():
+            self.link.send(1, {"kind": "configure", "settings": settings.model_dump(mode="json")})
+            header, _ = self.link.recv(self.world - 1, "configure acknowledgement")
         if header.get("kind") != "ack":
             raise self.fail(f"ring protocol error: expected an acknowledgement, got {header.get('kind')!r}")
 
     # ----------------------------------------------------------------------------------------------
+    @contextmanager
+    def guarded(self) -> Iterator[None]:
+        """Ring communication: any failure or timeout inside takes the ring down with a clear reason."""
+        try:
+            yield
+        except RingError as exc:
+            if self.broken is None:
+                raise self.fail(str(exc)) from exc
+            raise
+        except (RuntimeError, OSError) as exc:
+            self.check_alive()  # a dead rank explains it best
+            raise self.fail(f"rank 0: ring communication failed: {exc}") from exc
+
     def ensure_ok(self) -> None:
         if self.broken is not None:
             raise RingError(f"the ring is down: {self.broken}")

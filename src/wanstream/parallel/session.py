@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import copy
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -152,6 +152,9 @@ class RingDenoiser:
         self.batch_seq[m] = self._send(
             plan.lanes, x, plan.timesteps, 1, steady=all(lane.live for lane in plan.lanes)
         )
+        ring = self.ring
+        if ring.rebalance_after and not ring.rebalanced and len(ring.clock.batches) >= ring.rebalance_after:
+            ring.rebalance()  # once: drains what is in flight, moves blocks, the stream goes on
 
     def _send(
         self,
@@ -262,16 +265,8 @@ class RingDenoiser:
             raise SessionError("this session's ring now serves a newer session")
         self.ring.ensure_ok()
 
-    @contextmanager
-    def _guarded(self) -> Iterator[None]:
-        """Any transport failure inside takes the ring down with a clear reason."""
-        try:
-            yield
-        except RingError:
-            raise
-        except (RuntimeError, OSError) as exc:
-            self.ring.check_alive()  # a dead rank explains it best
-            raise self.ring.fail(f"rank 0: ring communication failed: {exc}") from exc
+    def _guarded(self) -> AbstractContextManager[None]:
+        return self.ring.guarded()
 
 
 class ParallelSession(StreamSession):

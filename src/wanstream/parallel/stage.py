@@ -81,6 +81,8 @@ class Stage:
         self, dit: WanDiT, start: int, stop: int, *, first: bool, last: bool, compiled: bool = False
     ):
         self.dit, self.start, self.stop = dit, start, stop
+        owned = dit.blocks[start].modulation
+        self.device, self.dtype = owned.device, owned.dtype  # fixed even when blocks move
         self.first, self.last = first, last
         self.compiled = compiled  # compile the cache bookkeeping (GPU, optimized components)
         self.cache: KVCache | None = None
@@ -92,10 +94,6 @@ class Stage:
         self.keep_versions = 64
 
     # ----------------------------------------------------------------------------------------------
-    @property
-    def device(self) -> torch.device:
-        return self.dit.blocks[self.start].modulation.device
-
     @property
     def layers(self) -> range:
         return range(self.start, self.stop)
@@ -112,10 +110,6 @@ class Stage:
         if self.compiled:
             cache.compile()
         self.cache, self.settings = cache, settings
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.dit.blocks[self.start].modulation.dtype
 
     def reset(self) -> None:
         assert self.cache is not None and self.settings is not None

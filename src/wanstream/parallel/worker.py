@@ -126,8 +126,9 @@ class Worker:
 
                 if not self.last:
                     self.link.send(self.next, header)  # everyone starts moving blocks at once
-                self.layout = [tuple(r) for r in header["layout"]]
-                migrate(self.stage, self.layout, self.rank, self.link)
+                new = [(int(a), int(b)) for a, b in header["layout"]]
+                migrate(self.stage, self.layout, new, self.rank, self.link)
+                self.layout = new
                 self.clock.clear()
                 if self.last:
                     self.link.send(0, {"kind": "ack", "of": "relayout"})
