@@ -13,8 +13,8 @@ import json
 import os
 import secrets
 import time
-from pathlib import Path
-from typing import Annotated, Any
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Any, Literal
 
 import torch
 from fastapi import APIRouter, HTTPException, Query, Request, Response, WebSocket, WebSocketDisconnect
@@ -22,6 +22,7 @@ from fastapi.responses import FileResponse, PlainTextResponse
 from pydantic import ValidationError
 
 from wanstream.engine.settings import SettingsUpdate, StreamSettings
+from wanstream.engine.vace import VaceInputError, read_image
 from wanstream.media.video import VideoError, probe_video
 from wanstream.server import metrics
 from wanstream.server.model import ModelBusy, ModelManager
@@ -38,14 +39,18 @@ from wanstream.server.schemas import (
     RecordingInfo,
     RecordingRequest,
     SessionCreated,
+    StreamRequest,
     describe_validation,
     validation_details,
 )
 from wanstream.server.security import (
+    IMAGE_SUFFIXES,
+    MAX_IMAGE_BYTES,
     VIDEO_SUFFIXES,
     SecurityError,
     check_video_name,
     resolve_media_path,
+    sniff_image,
     sniff_video,
 )
 from wanstream.server.sessions import (
@@ -64,6 +69,8 @@ from wanstream.server.signaling import (
     submit_control,
 )
 from wanstream.server.sources import FileSource
+from wanstream.server.vace import VaceRefused, VaceSetup
+from wanstream.server.vace import prepare as prepare_vace
 from wanstream.server.worker import ControlRejected, missing_codec
 from wanstream.weights.lora import LoraError, resolve_lora_path
 from wanstream.weights.store import lora_files
@@ -166,7 +173,10 @@ async def webrtc_offer(request: Request, body: OfferRequest) -> OfferAnswer:
         check_offer(body.sdp, settings.mode)
     except SignalingError as exc:
         raise HTTPException(400, str(exc)) from None
+    requested = body.settings.model_dump(exclude_unset=True) if body.settings is not None else {}
+    settings, vace = _vace(manager, body, settings, requested)
     session = _reserve(manager, "webrtc")
+    session.vace = vace
     try:
         return await answer_offer(manager, session, body, settings)
     except BaseException as exc:
@@ -223,7 +233,9 @@ async def start_headless(request: Request, body: HeadlessRequest) -> SessionCrea
             422, f"source {body.source!r} needs settings.mode {mode!r}, not {requested['mode']!r}"
         )
     settings = _settings(manager, SettingsUpdate.model_validate(requested))
+    settings, vace = _vace(manager, body, settings, requested)
     session = _reserve(manager, "headless")
+    session.vace = vace
     try:
         if source_path is not None:
             source = await asyncio.to_thread(
@@ -365,17 +377,24 @@ async def recording_download(request: Request, session_id: str, which: str) -> F
 
 
 @v1.get("/media", tags=["media"])
-async def list_media(request: Request) -> list[dict[str, Any]]:
+async def list_media(
+    request: Request, kind: Annotated[Literal["video", "image", "all"], Query()] = "video"
+) -> list[dict[str, Any]]:
+    """Files of the media folder: videos (headless sources, VACE control), or images (VACE references)."""
     root = _manager(request).config.media_dir
     if root is None:
         return []
+    suffixes = {"video": VIDEO_SUFFIXES, "image": IMAGE_SUFFIXES, "all": VIDEO_SUFFIXES | IMAGE_SUFFIXES}[
+        kind
+    ]
     base = root.resolve()
     found = []
     for path in sorted(base.rglob("*")):
         rel = path.relative_to(base).as_posix()
         hidden = any(part.startswith(".") for part in Path(rel).parts)
-        if path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES and not hidden:
-            found.append({"name": rel, "bytes": path.stat().st_size})
+        if path.is_file() and path.suffix.lower() in suffixes and not hidden:
+            what = "image" if path.suffix.lower() in IMAGE_SUFFIXES else "video"
+            found.append({"name": rel, "bytes": path.stat().st_size, "kind": what})
     return found
 
 
@@ -401,17 +420,26 @@ async def list_loras(request: Request) -> list[dict[str, Any]]:
 async def upload_media(
     request: Request, name: str, overwrite: Annotated[bool, Query()] = False
 ) -> dict[str, Any]:
-    """Upload a video into the media folder: the raw file as the request body (`Content-Type: video/*`)."""
+    """Upload a video (`Content-Type: video/*`) or a VACE reference image (PNG / JPEG / WebP, `image/*`, at
+    most 32 MiB) into the media folder: the raw file as the request body."""
     config = _manager(request).config
+    image = PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES
     try:
         target = resolve_media_path(config.media_dir, name)
-        check_video_name(name)
+        if not image:
+            check_video_name(name)
     except SecurityError as exc:
-        raise HTTPException(400, str(exc)) from None
+        raise HTTPException(
+            400, f"{exc} (or, for an image, one of {', '.join(sorted(IMAGE_SUFFIXES))})"
+        ) from None
+    kind = "image" if image else "video"
+    sniff = sniff_image if image else sniff_video
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type and not (content_type.startswith("video/") or content_type == "application/octet-stream"):
-        raise HTTPException(415, f"uploads must be videos (Content-Type video/*), got {content_type!r}")
-    limit = config.max_upload_bytes
+    if content_type and not (
+        content_type.startswith(f"{kind}/") or content_type == "application/octet-stream"
+    ):
+        raise HTTPException(415, f"{name!r} must be sent as {kind}/* (by its name), got {content_type!r}")
+    limit = min(config.max_upload_bytes, MAX_IMAGE_BYTES) if image else config.max_upload_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise HTTPException(413, f"the file is {int(declared)} bytes; uploads are limited to {limit} bytes")
@@ -429,25 +457,29 @@ async def upload_media(
                     raise HTTPException(413, f"the file is larger than the upload limit ({limit} bytes)")
                 if len(head) < 16:
                     head += chunk[: 16 - len(head)]
-                    if len(head) >= 16 and sniff_video(head) is None:
-                        raise HTTPException(
-                            415, f"{name!r} is not a video file (unknown container signature)"
-                        )
+                    if len(head) >= 16 and sniff(head) is None:
+                        raise HTTPException(415, f"{name!r} is not a {kind} file (unknown signature)")
                 f.write(chunk)
         if size == 0:
             raise HTTPException(400, "the upload is empty")
-        if sniff_video(head) is None:
-            raise HTTPException(415, f"{name!r} is not a video file (unknown container signature)")
+        if sniff(head) is None:
+            raise HTTPException(415, f"{name!r} is not a {kind} file (unknown signature)")
         try:
-            info = await asyncio.to_thread(probe_video, tmp)
-        except VideoError:
-            raise HTTPException(
-                415, f"{name!r} is not a readable video (no decodable video stream)"
-            ) from None
+            described = await asyncio.to_thread(_probe_upload, tmp, image)
+        except (VideoError, VaceInputError):
+            raise HTTPException(415, f"{name!r} is not a readable {kind} (it does not decode)") from None
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
-    return {"name": name, "bytes": size, "width": info.width, "height": info.height, "fps": info.fps}
+    return {"name": name, "bytes": size, "kind": kind, **described}
+
+
+def _probe_upload(path: Path, image: bool) -> dict[str, Any]:
+    if image:
+        height, width = read_image(path).shape[:2]
+        return {"width": width, "height": height}
+    info = probe_video(path)
+    return {"width": info.width, "height": info.height, "fps": info.fps}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -525,6 +557,18 @@ def _settings(manager: SessionManager, update: SettingsUpdate | None) -> StreamS
     return settings
 
 
+def _vace(
+    manager: SessionManager, body: StreamRequest, settings: StreamSettings, requested: dict[str, Any]
+) -> tuple[StreamSettings, VaceSetup | None]:
+    """A new stream's engine settings and VACE setup (reference images read now): 4xx/503 with the reason."""
+    pipeline = manager.model.pipeline
+    assert pipeline is not None  # _settings checked
+    try:
+        return prepare_vace(body.vace, settings, requested, pipeline.components, manager.config.media_dir)
+    except VaceRefused as exc:
+        raise HTTPException(exc.status, str(exc)) from None
+
+
 def _reserve(manager: SessionManager, kind: Any) -> Session:
     try:
         return manager.reserve(kind)
@@ -590,9 +634,10 @@ def _describe(session: Session, details: bool = False) -> dict[str, Any]:
         info["connection"] = session.peer.connectionState
     if session.worker is not None:
         stats = session.worker.stats()
-        info["stats"] = {k: v for k, v in vars(stats).items() if k not in ("settings", "prompts")}
+        info["stats"] = {k: v for k, v in vars(stats).items() if k not in ("settings", "prompts", "vace")}
         info["settings"] = stats.settings
         info["prompts"] = stats.prompts
+        info["vace"] = stats.vace
     out = session.output
     if out is not None:
         info["output"] = {

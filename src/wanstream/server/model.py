@@ -62,6 +62,7 @@ class ModelManager:
                 demo=pipeline.is_demo if pipeline is not None else self.demo,
                 codecs=_codecs(pipeline),
                 download_command=self._download_command,
+                vace=pipeline is not None and pipeline.components.vace is not None,
             )
 
     def not_ready_reason(self) -> str:
@@ -106,7 +107,10 @@ class ModelManager:
                 pipeline = Pipeline.demo(device=self.device)
             else:
                 self._set_stage("loading weights")
-                pipeline = Pipeline.load(self.models_dir, device=self.device, progress=self._set_stage)
+                # VACE when its file is downloaded (Scope's vace_enabled defaults on): sessions opt in.
+                pipeline = Pipeline.load(
+                    self.models_dir, device=self.device, vace="auto", progress=self._set_stage
+                )
         except Exception as exc:
             log.exception("model load failed")
             with self._lock:

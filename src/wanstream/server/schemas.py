@@ -9,6 +9,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from wanstream.engine.prompts import Transition, WeightedPrompt
 from wanstream.engine.settings import SettingsUpdate
+from wanstream.server.vace import MAX_REFERENCES, VaceOptions
 
 MAX_PROMPTS = 8
 MAX_SDP_CHARS = 64 * 1024
@@ -51,6 +52,21 @@ class Control(SettingsUpdate):
         False, description="Restart the stream (hard cut): caches cleared, stale frames flushed."
     )
     paused: bool | None = Field(None, description="Pause or resume processing.")
+    # VACE (streams started with "vace"): Scope's parameter names.
+    vace_context_scale: float | None = Field(
+        None, ge=0.0, le=2.0, description="VACE strength from the next chunk (0-2; 0 still computes hints)."
+    )
+    vace_ref_images: list[str] | None = Field(
+        None,
+        max_length=MAX_REFERENCES,
+        description="Reference images by media-folder name (replacing the current ones; [] clears them).",
+    )
+    first_frame_image: str | None = Field(
+        None, description="VACE extension: the next chunk starts from this media-folder image."
+    )
+    last_frame_image: str | None = Field(
+        None, description="VACE extension: the next chunk ends on this media-folder image."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Control:
@@ -58,13 +74,26 @@ class Control(SettingsUpdate):
             raise ValueError("a transition needs prompts to transition to")
         if self.switch is not None and self.prompts is None:
             raise ValueError("'switch' applies to a prompt change: give 'prompts' too")
+        if self.first_frame_image is not None and self.last_frame_image is not None:
+            raise ValueError(
+                "first_frame_image and last_frame_image on one chunk need 8 frames; StreamDiffusionV2's hold 4: "
+                "send them in separate updates"
+            )
         return self
+
+    def vace_fields(self) -> set[str]:
+        return self.model_fields_set & VACE_CONTROL_FIELDS
 
     def settings_update(self) -> SettingsUpdate | None:
         fields = self.model_fields_set & set(SettingsUpdate.model_fields)
         if not fields:
             return None
         return SettingsUpdate.model_validate({k: getattr(self, k) for k in fields})
+
+
+VACE_CONTROL_FIELDS = frozenset(
+    {"vace_context_scale", "vace_ref_images", "first_frame_image", "last_frame_image"}
+)
 
 
 class ControlAck(BaseModel):
@@ -113,6 +142,10 @@ class StreamRequest(BaseModel):
     settings: SettingsUpdate | None = Field(None, description="Overrides of the server's default settings.")
     prompts: list[Prompt] | None = Field(
         None, min_length=1, max_length=MAX_PROMPTS, description="Initial prompts (default: the server's)."
+    )
+    vace: VaceOptions | None = Field(
+        None,
+        description="VACE conditioning (control from the input video, reference images); see docs/vace.md.",
     )
 
 
@@ -206,3 +239,4 @@ class ModelStatus(BaseModel):
     download_command: str | None = Field(
         None, description="When the load failed for missing weights: the command that fetches them."
     )
+    vace: bool = Field(False, description='The VACE module is loaded: streams may start with "vace".')

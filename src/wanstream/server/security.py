@@ -9,7 +9,8 @@
   origin is refused (this also stops other sites from driving a local server), and on a loopback bind
   the `Host` header must name a loopback host (no DNS rebinding).
 * Client-given media names are resolved inside the media folder or rejected (`resolve_media_path`);
-  uploads are limited in size and must look like a video container (`sniff_video`).
+  uploads are limited in size and must look like a video container (`sniff_video`) or, for VACE's reference
+  images, a PNG / JPEG / WebP image (`sniff_image`, at most `MAX_IMAGE_BYTES`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ TOKEN_HEADER = "x-wanstream-token"
 TOKEN_COOKIE = "wanstream_token"
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi"})
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})  # VACE reference / first / last frames
+MAX_IMAGE_BYTES = 32 * 1024 * 1024
 _SAFE_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+-]{0,127}$")
 
 
@@ -213,6 +216,24 @@ def check_video_name(name: str) -> None:
     if suffix not in VIDEO_SUFFIXES:
         allowed = ", ".join(sorted(VIDEO_SUFFIXES))
         raise SecurityError(f"{name!r} is not a video file name: use one of {allowed}")
+
+
+def check_image_name(name: str) -> None:
+    suffix = PurePosixPath(name).suffix.lower()
+    if suffix not in IMAGE_SUFFIXES:
+        allowed = ", ".join(sorted(IMAGE_SUFFIXES))
+        raise SecurityError(f"{name!r} is not an image file name: use one of {allowed}")
+
+
+def sniff_image(head: bytes) -> str | None:
+    """The image format a file's first bytes announce ('png', 'jpeg', 'webp'), or None."""
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if len(head) >= 12 and head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "webp"
+    return None
 
 
 def sniff_video(head: bytes) -> str | None:

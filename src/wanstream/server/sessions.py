@@ -32,10 +32,13 @@ from wanstream.server.model import ModelManager
 from wanstream.server.recording import Recorder
 from wanstream.server.sources import FileSource
 from wanstream.server.tracks import PacedOutputTrack
+from wanstream.server.vace import VaceSetup
 from wanstream.server.worker import EngineWorker, SourceFrame, WorkerStats
 
 if TYPE_CHECKING:
     from aiortc import RTCDataChannel, RTCPeerConnection
+
+    from wanstream.engine.session import StreamSession
 
 log = logging.getLogger("wanstream.server")
 
@@ -85,6 +88,7 @@ class Session:
     output: PacedOutputTrack | None = None
     source: FileSource | None = None
     source_label: str = ""
+    vace: VaceSetup | None = None  # set before the worker starts: VACE attached, input routed as control
     recording: Recording | None = None
     rtt: float | None = None  # network round trip from RTCP reports (seconds)
     touched: float = field(default_factory=time.monotonic)  # last API request about it (headless idle)
@@ -176,9 +180,18 @@ class SessionManager:
                     lambda: session.spawn(self.close(session.id, f"engine error: {reason}", "error"), "close")
                 )
 
+        vace = session.vace
+
+        def make_session() -> StreamSession:
+            engine = pipeline.session(settings, prompts=prompts)
+            if vace is not None:
+                vace.attach(engine)
+            return engine
+
         worker = EngineWorker(
-            lambda: pipeline.session(settings, prompts=prompts),
+            make_session,
             name=session.id,
+            vace=vace,
             input_frames=self.config.input_queue_frames,
             control_queue=self.config.control_queue,
             text_fps=self.config.text_fps,

@@ -31,8 +31,10 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
+from wanstream.engine.vace import VaceConditioner
 from wanstream.media.video import resize_frames
 from wanstream.server.schemas import Control, ControlAck, describe_validation, validation_details
+from wanstream.server.vace import VaceRefused, VaceSetup, chunk_fields
 
 if TYPE_CHECKING:
     from wanstream.engine.components import Components
@@ -234,6 +236,7 @@ class WorkerStats:
     settings: dict[str, Any]
     prompts: list[tuple[str, float]]
     error: str | None
+    vace: dict[str, Any] | None = None  # VACE streams: scale, input routed as control, queued control frames
 
 
 @dataclass
@@ -263,6 +266,7 @@ class EngineWorker:
         text_fps: float = 16.0,
         on_fatal: Callable[[str], None] | None = None,
         event_log_size: int = 512,
+        vace: VaceSetup | None = None,
     ) -> None:
         self.name = name
         self.input = InputBuffer(input_frames)
@@ -300,6 +304,7 @@ class EngineWorker:
         self._arrivals_floor = 0
         self._logged_chunk = -1
         self._text_clock = 0.0  # text mode: content time already generated, on the monotonic clock
+        self.vace = vace  # VACE streams: how the conditioner is fed (the input may be its control)
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def start(self) -> concurrent.futures.Future[None]:
@@ -388,6 +393,7 @@ class EngineWorker:
             settings=snap["settings"],
             prompts=snap["prompts"],
             error=self.error,
+            vace=snap.get("vace"),
         )
 
     # -- the thread ----------------------------------------------------------------------------------
@@ -432,11 +438,14 @@ class EngineWorker:
             self._wake.wait(0.05)
             self._wake.clear()
             return
-        if session.settings.mode == "video":
+        if session.settings.mode == "video" or self._input_is_control(session):
             picked = self.input.take(_frames_wanted(session), timeout=0.05)
             if picked is None:
                 return
-            self._run_video_chunk(session, picked)
+            if session.settings.mode == "video":
+                self._run_video_chunk(session, picked)
+            else:
+                self._run_control_chunk(session, picked)
             return
         # Text mode: generate up to half a second of content ahead of the wall clock, then wait.
         now = time.monotonic()
@@ -459,6 +468,20 @@ class EngineWorker:
         self._run_chunk(
             session, lambda: session.push(batch), first_input=session.frames_in, arrivals=arrivals
         )
+
+    def _input_is_control(self, session: StreamSession) -> bool:
+        """VACE with the input routed to it (Scope's vace_use_input_video): text mode steered by the input."""
+        return self.vace is not None and self.vace.route_input and session.settings.mode == "text"
+
+    def _run_control_chunk(self, session: StreamSession, picked: list[tuple[SourceFrame, float]]) -> None:
+        """The input frames as one chunk of VACE control frames; the chunk is generated from noise."""
+        cond = _vace_of(session)
+        assert cond is not None
+        s = session.settings
+        batch = torch.stack(
+            [resize_frames(center_crop(to_rgb(f), s.height, s.width), s.height, s.width) for f, _ in picked]
+        )
+        self._run_chunk(session, lambda: cond.push(batch), first_input=None, arrivals=[t for _, t in picked])
 
     def _run_chunk(
         self,
@@ -547,6 +570,8 @@ class EngineWorker:
         self._arrivals_floor = max(self._arrivals_floor, floor)
 
     def _log_chunks(self, events: list[Any]) -> None:
+        cond = _vace_of(self.session) if self.session is not None else None
+        recent = {c.chunk: c for c in cond.history} if cond is not None else {}
         rows = []
         for ev in events:
             self._logged_chunk = max(self._logged_chunk, ev.chunk)
@@ -564,6 +589,7 @@ class EngineWorker:
                     "position": ev.position,
                     "timesteps": ev.timesteps,
                     "noise_scale": ev.noise_scale,
+                    **chunk_fields(cond, ev.chunk, recent),
                     "loras": [list(lo) for lo in ev.loras],
                 }
             )
@@ -614,9 +640,12 @@ class EngineWorker:
             raise ControlRejected("this model has no text encoder loaded, so prompts cannot change")
         if new_settings.mode == "text" and prompts is None and session.prompt.embedding is None:
             raise ControlRejected("text mode needs prompts: send 'prompts' with the mode change")
+        vace_change = self._vace_change(session, message, new_settings)
         before = session.frames_out
         drained = None
         try:
+            if vace_change is not None:
+                vace_change()  # first: its one possible refusal (an extension frame pending) changes nothing
             if update is not None:
                 # A restarting settings change lets chunks still in flight out first (old settings).
                 drained = session.update(update)
@@ -670,16 +699,56 @@ class EngineWorker:
             next_chunk=next_chunk,
         )
 
+    def _vace_change(
+        self, session: StreamSession, message: Control, new_settings: StreamSettings
+    ) -> Callable[[], None] | None:
+        """Validate a message's VACE fields (images read now); returns how to apply them, or None."""
+        cond = _vace_of(session)
+        if cond is not None and new_settings.batching == "stream":
+            raise ControlRejected("VACE runs chunk by chunk: batching must stay 'none'")
+        fields = message.vace_fields()
+        if not fields:
+            return None
+        if cond is None or self.vace is None:
+            raise ControlRejected(
+                f'{", ".join(sorted(fields))}: this stream runs without VACE (start it with "vace": {{}})'
+            )
+        setup = self.vace
+        try:
+            refs = None
+            if message.vace_ref_images is not None:
+                refs = [setup.read_image(n, "vace_ref_images") for n in message.vace_ref_images]
+            first = message.first_frame_image
+            last = message.last_frame_image
+            first_image = setup.read_image(first, "first_frame_image") if first is not None else None
+            last_image = setup.read_image(last, "last_frame_image") if last is not None else None
+        except VaceRefused as exc:
+            raise ControlRejected(str(exc)) from None
+
+        def apply() -> None:
+            if first_image is not None:
+                cond.set_first_frame(first_image)
+            if last_image is not None:
+                cond.set_last_frame(last_image)
+            if message.vace_context_scale is not None:
+                cond.set_scale(message.vace_context_scale)
+            if refs is not None:
+                cond.set_reference_images(refs or None, persist=setup.persist_refs)
+
+        return apply
+
     def _publish(self) -> None:
         session = self.session
         assert session is not None
         s = session.settings
+        cond = _vace_of(session)
         snapshot = {
             "settings": s.model_dump(mode="json"),
             "prompts": [list(p) for p in session.prompt.describe()],
             "mode": s.mode,
             "height": s.height,
             "width": s.width,
+            "vace": self.vace.describe(cond) if self.vace is not None else None,
         }
         with self._lock:
             self._snapshot = snapshot
@@ -711,6 +780,11 @@ def missing_codec(components: Components, settings: StreamSettings) -> str | Non
 def _frames_wanted(session: StreamSession) -> int:
     """Input frames that complete the session's next chunk (5 at a stream start, else 4)."""
     return max(1, session.frames_needed)
+
+
+def _vace_of(session: StreamSession) -> VaceConditioner | None:
+    cond = session.conditioner
+    return cond if isinstance(cond, VaceConditioner) else None
 
 
 def _at_stream_start(session: StreamSession) -> bool:
