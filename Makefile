@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.wanstream-installed
 
-.PHONY: setup demo test lint conformance clean
+.PHONY: setup demo test lint browsers conformance clean
 
 setup: $(STAMP)
 
@@ -28,7 +28,11 @@ lint: setup
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
 
-test: setup lint
+# The studio's browser tests need Chromium (and Firefox): installed here when missing, where possible.
+browsers:
+	@tools/ensure_browser.sh
+
+test: setup lint browsers
 	@# pytest exits 5 when it collects no test: treat that as a failure, not a pass.
 	$(BIN)/python -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc

@@ -19,8 +19,9 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.types import Scope
 
 from wanstream import __version__
 from wanstream.server.api import router
@@ -44,6 +45,16 @@ code{color:#9cf}</style></head><body>
 its status is at <a href="/health"><code>/health</code></a> and <a href="/metrics"><code>/metrics</code></a>.</p>
 </body></html>
 """
+
+
+class StudioFiles(StaticFiles):
+    """The studio's files, revalidated on every load (a 304 when unchanged), so a page never mixes the
+    scripts of an old install with a new server."""
+
+    async def get_response(self, path: str, scope: Scope) -> Response:
+        response = await super().get_response(path, scope)
+        response.headers["Cache-Control"] = "no-cache"
+        return response
 
 
 def create_app(config: ServerConfig, *, model: ModelManager | None = None) -> FastAPI:
@@ -87,7 +98,7 @@ def create_app(config: ServerConfig, *, model: ModelManager | None = None) -> Fa
     app.include_router(timeline_router)
 
     if (STATIC_DIR / "index.html").is_file():
-        app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="studio")
+        app.mount("/", StudioFiles(directory=STATIC_DIR, html=True), name="studio")
     else:
 
         @app.get("/", include_in_schema=False)
