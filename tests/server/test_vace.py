@@ -224,3 +224,18 @@ def test_webrtc_camera_routed_as_control_and_scale_on_the_data_channel(server: S
             await wait_sessions(http, 0)
 
     asyncio.run(run())
+
+
+def test_no_vace_flag_leaves_the_module_out() -> None:
+    """`wanstream serve --no-vace` (ServerConfig.vace=False): no VACE module, and the status says so."""
+    import torch
+
+    from wanstream.server.model import ModelManager
+
+    threads = torch.get_num_threads()  # a CPU load leaves a core to the media path: restore it after
+    manager = ModelManager(demo=True, models_dir=None, device="cpu", vace=False)
+    manager.start_load()
+    status = manager.wait(60)
+    torch.set_num_threads(threads)
+    assert status.state == "loaded" and status.vace is False
+    assert manager.pipeline is not None and manager.pipeline.components.vace is None

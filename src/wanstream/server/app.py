@@ -66,7 +66,9 @@ def create_app(config: ServerConfig, *, model: ModelManager | None = None) -> Fa
         raise ValueError(f"the media folder {config.media_dir} does not exist")
     if config.lora_dir is not None and not config.lora_dir.is_dir():
         raise ValueError(f"the LoRA folder {config.lora_dir} does not exist")
-    model = model or ModelManager(demo=config.demo, models_dir=config.models_dir, device=config.device)
+    model = model or ModelManager(
+        demo=config.demo, models_dir=config.models_dir, device=config.device, vace=config.vace
+    )
     own_recordings = config.recordings_dir is None
     recordings_dir = config.recordings_dir or Path(tempfile.mkdtemp(prefix="wanstream-recordings-"))
     sessions = SessionManager(config, model, recordings_dir)

@@ -16,6 +16,7 @@ class ServerConfig:
     max_sessions: int = 1  # concurrent streams (one GPU session by default)
     demo: bool = False  # tiny random-weight model: no download, runs on a CPU
     models_dir: Path | None = None
+    vace: bool = True  # load the VACE module when it is downloaded (streams opt in with "vace")
     device: str | None = None  # None: CUDA when available, else CPU
     preload: bool = True  # load the model at start-up (else on POST /api/v1/model/load)
     media_dir: Path | None = None  # server-side videos for headless sessions and uploads

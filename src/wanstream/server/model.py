@@ -26,8 +26,9 @@ class ModelBusy(RuntimeError):
 class ModelManager:
     """State machine not_loaded → loading → loaded | error; thread-safe status reads."""
 
-    def __init__(self, *, demo: bool, models_dir: Path | None, device: str | None) -> None:
+    def __init__(self, *, demo: bool, models_dir: Path | None, device: str | None, vace: bool = True) -> None:
         self.demo = demo
+        self.vace = vace  # load the VACE module with the real weights when it is downloaded
         self.models_dir = models_dir
         self.device = device
         self._lock = threading.Lock()
@@ -105,11 +106,16 @@ class ModelManager:
             if self.demo:
                 self._set_stage("building the demo model (tiny, random weights)")
                 pipeline = Pipeline.demo(device=self.device)
+                if not self.vace:
+                    pipeline.components.vace = None
             else:
                 self._set_stage("loading weights")
                 # VACE when its file is downloaded (Scope's vace_enabled defaults on): sessions opt in.
                 pipeline = Pipeline.load(
-                    self.models_dir, device=self.device, vace="auto", progress=self._set_stage
+                    self.models_dir,
+                    device=self.device,
+                    vace="auto" if self.vace else False,
+                    progress=self._set_stage,
                 )
         except Exception as exc:
             log.exception("model load failed")
