@@ -178,6 +178,7 @@ class PlaywrightDriver(DriverBase):
 
     def screenshot(self, path: Path, selector: str | None = None) -> None:
         self.page.mouse.move(0, 0)  # no hover tooltip over the picture
+        self.page.evaluate("scrollTo(0, 0)")  # the sticky header at the top of a full-page picture
         if selector:
             self.page.locator(selector).screenshot(path=str(path))
         else:

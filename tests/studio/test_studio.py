@@ -298,6 +298,42 @@ def test_video_file_input(
     stop_stream(d, server)
 
 
+def test_vace_and_lora_controls(chromium: DriverBase, server: ServerProcess, artifacts: Path) -> None:
+    d = chromium
+    open_studio(d, server)
+    d.wait(
+        "!!document.querySelector('[aria-label=\"VACE on\"]')", 10, "the VACE controls (the demo has VACE)"
+    )
+    d.click('[aria-label="VACE on"]')
+    d.fill("#height", "128")  # VACE doubles the demo's work on a CPU: a smaller stream keeps the test short
+    d.fill("#width", "128")
+    d.click("#start")
+    d.wait("window.studio.running", 30, "the VACE stream to start")
+    vace = session(server, d)["vace"]
+    assert vace is not None and vace["input_as_control"], vace  # the camera steers, as Scope
+
+    d.fill('[aria-label="VACE scale"]', "0.5")
+    d.wait(
+        "document.getElementById('settings-msg').textContent === '✓ VACE scale applied'", 10, "the scale ack"
+    )
+    d.wait(
+        f"fetch('/api/v1/sessions/{session(server, d)['session_id']}').then(r => r.json()).then(s => s.vace.context_scale === 0.5)",
+        10,
+        "the server's VACE scale",
+    )
+
+    # A LoRA the server does not have: its refusal shows where the user typed the name.
+    d.click("text=+ LoRA")
+    d.fill('[aria-label="LoRA file"]', "no-such-style.safetensors")
+    d.wait("document.getElementById('settings-msg').textContent.startsWith('✗')", 10, "the LoRA refusal")
+    assert "lora" in d.text("#settings-msg").lower()
+    assert d.js("document.querySelector('[aria-label=\"LoRA file\"]').value") == "no-such-style.safetensors"
+    assert session(server, d)["settings"]["loras"] == []  # nothing changed
+    d.screenshot(artifacts / "chromium-vace-lora.png")
+    stop_stream(d, server)
+    assert d.errors == [], f"errors in the page: {d.errors}"
+
+
 def test_work_survives_reload_and_a_restart_asks_first(
     chromium: DriverBase, server: ServerProcess, artifacts: Path
 ) -> None:

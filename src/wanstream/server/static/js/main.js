@@ -6,6 +6,7 @@ import { FrameCounter, Stream } from "./stream.js";
 import * as store from "./store.js";
 import { LiveRecorder } from "./timeline.js";
 import { $, ask, el, installTooltips, isTyping, say } from "./ui.js";
+import { vaceOffer } from "./panels/extensions.js";
 import * as inputPanel from "./panels/input.js";
 import * as modelPanel from "./panels/model.js";
 import * as promptPanel from "./panels/prompts.js";
@@ -146,7 +147,9 @@ async function startStream() {
       onState: (s) => renderConnection(s),
       onStopped: (reason) => stopStream(reason, { remote: true }),
     });
-    await app.stream.start({ track, settings: offerSettings(), prompts: app.state.prompts });
+    const vace = vaceOffer(app);
+    await app.stream.start({ track, settings: offerSettings(), prompts: app.state.prompts, vace });
+    app.vaceStarted = Boolean(vace);
   } catch (err) {
     if (app.stream) await app.stream.stop("start failed");
     app.stream = null;

@@ -21,6 +21,7 @@ export function freshState() {
     loop: false,
     recordInput: false,
     recordPrompts: false,
+    vace: { enabled: false, use_input_video: true, context_scale: 1, ref_images: [] },
     savedAt: 0,
   };
 }

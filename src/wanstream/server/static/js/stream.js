@@ -18,8 +18,9 @@ export class Stream {
     this.closed = false;
   }
 
-  // input: a MediaStreamTrack to send, or null for text mode. Resolves once the answer is applied.
-  async start({ track, settings, prompts }) {
+  // track: the MediaStreamTrack to send, or null (text mode); vace: VACE start options or undefined.
+  // Resolves once the answer is applied.
+  async start({ track, settings, prompts, vace }) {
     const ice = await api("/api/v1/webrtc/ice-servers");
     const pc = new RTCPeerConnection({ iceServers: ice.iceServers || [] });
     this.pc = pc;
@@ -44,7 +45,7 @@ export class Stream {
     await gathered(pc, 2500);
     const answer = await api("/api/v1/webrtc/offer", {
       method: "POST",
-      json: { sdp: withoutMdns(pc.localDescription.sdp), type: "offer", settings, prompts },
+      json: { sdp: withoutMdns(pc.localDescription.sdp), type: "offer", settings, prompts, vace },
     });
     this.sessionId = answer.session_id;
     await pc.setRemoteDescription({ type: "answer", sdp: answer.sdp });
