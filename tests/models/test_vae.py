@@ -325,3 +325,48 @@ def test_config_from_reference_constructor_args() -> None:
         WanVAEConfig.from_dict({**args, "attn_scales": [0.5]})
     with pytest.raises(ValueError, match="unknown Wan VAE config keys: bogus"):
         WanVAEConfig.from_dict({**args, "bogus": 1})
+
+
+# --- compiled halves: which calls may use them --------------------------------------------------------
+class _Recording(torch.nn.Module):
+    """Stands in for a compiled encoder/decoder: runs the eager module and records each call's input shape."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner, self.calls = inner, []
+
+    def forward(self, x: torch.Tensor, state: object) -> torch.Tensor:
+        self.calls.append(tuple(x.shape))
+        return self.inner(x, state)
+
+
+def test_a_streams_first_call_never_uses_the_compiled_halves() -> None:
+    """After a reset, the first call's second part (frames 1-4, latent 1) must stay eager: its caches come from
+    the eager first part, and a compiled graph guarded on steady-state caches would recompile (seconds of
+    time to first frame on every stream start)."""
+    from wanstream.models.vae import _CompiledHalves
+
+    torch.manual_seed(0)
+    vae = WanVAE(TINY).eval().requires_grad_(False)
+    reference = WanVAE(TINY).eval().requires_grad_(False)
+    reference.load_state_dict(vae.state_dict())
+    enc, dec = _Recording(vae.encoder), _Recording(vae.decoder)
+    vae._compiled = _CompiledHalves(enc, dec, background=False)
+    clip = _video(3, 13)
+    for _ in range(2):  # a stream, a reset, the same stream again
+        enc.calls.clear()
+        dec.calls.clear()
+        state, ref_state = VAEEncodeState(), VAEEncodeState()
+        first = vae.stream_encode(clip[:, :, :5], state)
+        assert enc.calls == []
+        torch.testing.assert_close(first, reference.stream_encode(clip[:, :, :5], ref_state), rtol=0, atol=0)
+        later = vae.stream_encode(clip[:, :, 5:9], state)
+        assert enc.calls == [(1, 3, 4, 16, 24)]
+        torch.testing.assert_close(later, reference.stream_encode(clip[:, :, 5:9], ref_state), rtol=0, atol=0)
+        dstate, ref_dstate = VAEDecodeState(), VAEDecodeState()
+        z = torch.randn(1, 16, 3, 2, 3)
+        frames = vae.stream_decode(z[:, :, :2], dstate)
+        assert dec.calls == []
+        torch.testing.assert_close(frames, reference.stream_decode(z[:, :, :2], ref_dstate), rtol=0, atol=0)
+        vae.stream_decode(z[:, :, 2:], dstate)
+        assert len(dec.calls) == 1

@@ -35,7 +35,6 @@ the time upsampler skips its time conv (1 latent → 1 frame, its slot starts as
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import threading
 from collections.abc import Callable, Mapping
@@ -462,14 +461,17 @@ class WanVAE(nn.Module):
         """Block until every background compile started so far has finished (tests, benchmarks)."""
         return self._compiled.wait(timeout) if self._compiled is not None else True
 
-    def _encoder_for(self, x: torch.Tensor, state: VAEEncodeState) -> nn.Module:
-        if self._compiled is None or not state.started:
-            return self.encoder  # a stream's first frames: their own shapes, run eagerly
+    # A stream's whole first call runs eagerly, its second part included (frames 1-4 after frame 0, latent 1
+    # after latent 0): its caches come fresh out of the eager first part, with other shapes and strides than
+    # the compiled graphs were guarded on, and dynamo would recompile on every stream start (~2 s measured).
+    def _encoder_for(self, x: torch.Tensor, steady: bool) -> nn.Module:
+        if self._compiled is None or not steady:
+            return self.encoder
         compiled = self._compiled.get("encoder", x, lambda: self._warm_encoder(x))
         return self.encoder if compiled is None else compiled
 
-    def _decoder_for(self, z: torch.Tensor, state: VAEDecodeState) -> nn.Module:
-        if self._compiled is None or not state.started:
+    def _decoder_for(self, z: torch.Tensor, steady: bool) -> nn.Module:
+        if self._compiled is None or not steady:
             return self.decoder
         compiled = self._compiled.get("decoder", z, lambda: self._warm_decoder(z))
         return self.decoder if compiled is None else compiled
@@ -545,7 +547,8 @@ class WanVAE(nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         n = self.config.time_stride
-        if state.started:
+        steady = state.started
+        if steady:
             chunks = [x[:, :, i : i + n] for i in range(0, x.shape[2], n)]
         else:
             chunks = [x[:, :, :1]] + [x[:, :, i : i + n] for i in range(1, x.shape[2], n)]
@@ -556,8 +559,7 @@ class WanVAE(nn.Module):
             # the same shapes however a stream is cut into calls, so a stream equals the whole clip bit for bit.
             if self.channels_last:  # one memory layout for every chunk: compiled graphs are stride-specific
                 chunk = chunk.contiguous(memory_format=torch.channels_last_3d)
-            with _autotune(state.started):
-                mu.append(self.conv1(self._encoder_for(chunk, state)(chunk, state))[:, : self.config.z_dim])
+            mu.append(self.conv1(self._encoder_for(chunk, steady)(chunk, state))[:, : self.config.z_dim])
             state.started = True
         return torch.cat(mu, dim=2)
 
@@ -570,13 +572,13 @@ class WanVAE(nn.Module):
         z = self.denormalize(self._check_latents(z, state))
         if self.channels_last:
             z = z.contiguous(memory_format=torch.channels_last_3d)
-        if not state.started:
+        steady = state.started
+        if not steady:
             state.begin(self.decoder.num_slots, (z.shape[0], z.shape[3], z.shape[4]))
         out = []
         for i in range(z.shape[2]):  # conv2 per latent, for the same reason as conv1 in stream_encode
             latent = self.conv2(z[:, :, i : i + 1])
-            with _autotune(state.started):
-                out.append(self._decoder_for(latent, state)(latent, state))
+            out.append(self._decoder_for(latent, steady)(latent, state))
             state.started = True
         video = torch.cat(out, dim=2)
         return video.clamp_(-1.0, 1.0) if clamp else video
@@ -625,17 +627,6 @@ class WanVAE(nn.Module):
                 f"this stream's session runs at (batch, height, width) = {state.geometry}, got {geometry}; "
                 "call state.reset() to start a new session"
             )
-
-
-def _autotune(steady: bool) -> contextlib.AbstractContextManager[None]:
-    """cuDNN algorithm search only for steady-state chunks: a stream's first chunk has its own shapes,
-    runs once, and autotuning its convolutions would cost seconds of start-up for milliseconds."""
-    if steady or not torch.backends.cudnn.benchmark:
-        return contextlib.nullcontext()
-    cudnn = torch.backends.cudnn
-    return cudnn.flags(
-        enabled=cudnn.enabled, benchmark=False, deterministic=cudnn.deterministic, allow_tf32=cudnn.allow_tf32
-    )
 
 
 class _CompiledHalves:
