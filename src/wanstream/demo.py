@@ -56,11 +56,16 @@ def _randomize(module: torch.nn.Module, seed: int) -> None:
 
 
 def demo_components(
-    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0, num_layers: int = 2
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    num_layers: int = 2,
+    text_encoder: bool = True,
 ):
     """Every network of the pipeline at toy size with seeded random weights (no files, no download).
 
-    `num_layers`: DiT depth (a multi-GPU ring needs at least one block per rank)."""
+    `num_layers`: DiT depth (a multi-GPU ring needs at least one block per rank). `text_encoder=False`
+    skips the text encoder and its tokenizer (ranks that never encode prompts); other weights are the same."""
     from wanstream.engine.components import Components
     from wanstream.models.dit import WanConfig, WanDiT
     from wanstream.models.tae import TAEHV, TAEHVConfig
@@ -69,11 +74,15 @@ def demo_components(
     from wanstream.models.vae import WanVAE, WanVAEConfig
 
     device = torch.device(device)
-    tokenizer = PromptTokenizer(demo_tokenizer(), text_len=DEMO_TEXT_LEN)
-    t5 = UMT5Encoder(
-        UMT5Config(
-            vocab=len(tokenizer.tokenizer), dim=64, dim_attn=64, dim_ffn=128, num_heads=2, num_layers=2
+    tokenizer = PromptTokenizer(demo_tokenizer(), text_len=DEMO_TEXT_LEN) if text_encoder else None
+    t5 = (
+        UMT5Encoder(
+            UMT5Config(
+                vocab=len(tokenizer.tokenizer), dim=64, dim_attn=64, dim_ffn=128, num_heads=2, num_layers=2
+            )
         )
+        if tokenizer is not None
+        else None
     )
     dit = WanDiT(
         WanConfig(
@@ -90,6 +99,8 @@ def demo_components(
     tae = TAEHV(TAEHVConfig.taew2_1(width_divisor=8))
     vace = VaceModule(dit.config)  # one VACE block (on layer 0): control video, masks, references
     for i, module in enumerate((t5, dit, vae, tae, vace)):
+        if module is None:
+            continue
         _randomize(module, seed + i)
         module.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return Components(
@@ -98,7 +109,7 @@ def demo_components(
         dtype=dtype,
         wan_vae=vae,
         taehv=tae,
-        text_encoder=TextEncoder(t5, tokenizer),
+        text_encoder=TextEncoder(t5, tokenizer) if t5 is not None and tokenizer is not None else None,
         vace=vace,
         label=DEMO_LABEL,
     )

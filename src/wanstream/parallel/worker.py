@@ -106,8 +106,11 @@ class Worker:
         store.set(f"ready/{rank}", "1")
 
     def _alive(self) -> None:
-        if os.getppid() != self.parent_pid:
-            raise _ParentGone()
+        """Rank 0 (the process that started the ring) still runs; else this rank has no purpose."""
+        try:
+            os.kill(self.parent_pid, 0)
+        except ProcessLookupError:
+            raise _ParentGone() from None
 
     def run(self) -> None:
         while True:
