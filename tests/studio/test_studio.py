@@ -334,6 +334,36 @@ def test_vace_and_lora_controls(chromium: DriverBase, server: ServerProcess, art
     assert d.errors == [], f"errors in the page: {d.errors}"
 
 
+def test_missing_weights_show_the_download_command_and_the_demo_loads(
+    chromium: DriverBase, artifacts: Path, tmp_path: Path
+) -> None:
+    empty = tmp_path / "models"
+    empty.mkdir()
+    server = ServerProcess("--models-dir", str(empty), log_path=tmp_path / "server.log")
+    d = chromium
+    try:
+        server.wait_ready(model=False)
+        d.goto(f"{server.url}/")
+        d.wait("document.getElementById('model-state').textContent === 'failed'", 30, "the failed load")
+        command = d.text("#download-command")
+        assert command.startswith("wanstream download") and str(empty) in command
+        assert d.js("!document.getElementById('model-download').hidden")
+        assert d.js("document.getElementById('height').value") == "480"  # the schema's defaults meanwhile
+        d.click("#start")
+        d.wait(
+            "document.getElementById('stage-note').textContent.includes('No model is loaded')", 5, "the hint"
+        )
+        d.screenshot(artifacts / "chromium-missing-weights.png")
+        d.click("#load-demo")
+        d.wait("document.getElementById('model-state').textContent === 'ready'", 60, "the demo model")
+        d.wait("document.getElementById('height').value === '256'", 10, "the demo's defaults")
+        assert d.js("document.getElementById('model-download').hidden")
+        assert d.errors == [], f"errors in the page: {d.errors}"
+    finally:
+        d.goto("about:blank")
+        assert server.stop() == 0, server.log()
+
+
 def test_work_survives_reload_and_a_restart_asks_first(
     chromium: DriverBase, server: ServerProcess, artifacts: Path
 ) -> None:

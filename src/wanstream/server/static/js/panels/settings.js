@@ -104,10 +104,17 @@ export function checkSteps(steps) {
   return null;
 }
 
+function schemaDefaults(schema) {
+  const out = {};
+  for (const [key, prop] of Object.entries(schema?.properties || {})) if ("default" in prop) out[key] = prop.default;
+  return out;
+}
+
 export async function refreshDefaults(app) {
   try {
     const schema = await api("/api/v1/settings/schema");
-    app.defaults = schema.defaults;
+    // Before a model is loaded the server has no stream defaults yet: its settings schema's own defaults.
+    app.defaults = schema.defaults || schemaDefaults(schema.schema);
     app.schema = schema;
   } catch {
     // the server is away: the panel keeps what it shows
