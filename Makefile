@@ -30,7 +30,7 @@ lint: setup
 
 # The studio's browser tests need Chromium (and Firefox): installed here when missing, where possible.
 browsers:
-	@tools/ensure_browser.sh
+	@bash tools/ensure_browser.sh
 
 test: setup lint browsers
 	@# pytest exits 5 when it collects no test: treat that as a failure, not a pass.
