@@ -221,7 +221,11 @@ def test_live_prompts_become_a_timeline_that_generate_replays(
     d.js("new Promise(r => setTimeout(r, 700))")
     d.fill("#transition-steps", "2")
     d.fill("#transition-method", "slerp")
-    apply_prompt(d, "a white owl in the snow, soft light")
+    d.fill("#prompt-list textarea", "a white owl in the snow, soft light")
+    d.press("Control+Enter")  # the shortcut, typed in the prompt
+    d.wait(
+        "document.getElementById('prompt-msg').textContent.includes('blending over 2 chunks')", 20, "the ack"
+    )
     d.js("new Promise(r => setTimeout(r, 700))")
     d.click("#timeline-live")
     d.wait(
@@ -230,6 +234,15 @@ def test_live_prompts_become_a_timeline_that_generate_replays(
         "the recording",
     )
     d.screenshot(artifacts / "chromium-live-timeline.png")
+
+    # Space pauses and resumes (with the focus on the page, not in a field).
+    d.click("#stage")
+    d.press("Space")
+    d.wait("document.getElementById('pause').textContent.includes('Resume')", 10, "the pause")
+    assert session(server, d)["stats"]["paused"] is True
+    d.press("Space")
+    d.wait("document.getElementById('pause').textContent.includes('Pause')", 10, "the resume")
+    assert session(server, d)["stats"]["paused"] is False
     stop_stream(d, server)
 
     filename, data = d.download("#timeline-export")

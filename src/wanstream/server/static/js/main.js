@@ -386,7 +386,9 @@ function onKey(e) {
   }
   if (isTyping(e.target) || e.ctrlKey || e.metaKey || e.altKey) return;
   if (e.key === " ") {
+    if (e.target instanceof HTMLInputElement) return; // Space ticks a checkbox, picks a radio
     e.preventDefault();
+    if (e.target instanceof HTMLButtonElement) e.target.blur(); // so the key does not also press it
     togglePause();
   } else if (e.key === "R" && e.shiftKey) {
     resetStream();

@@ -78,7 +78,11 @@ export function formatTime(seconds) {
   return `${m}:${(s - m * 60).toFixed(1).padStart(4, "0")}`;
 }
 
+const NOT_TEXT = new Set(["checkbox", "radio", "button", "submit", "reset", "range", "file", "color"]);
+
+// Keys go to the field when the user is typing in it (text, numbers, a select's type-ahead).
 export function isTyping(target) {
-  return target instanceof HTMLElement &&
-    (target.isContentEditable || ["INPUT", "TEXTAREA", "SELECT"].includes(target.tagName));
+  if (!(target instanceof HTMLElement)) return false;
+  if (target.isContentEditable || target.tagName === "TEXTAREA" || target.tagName === "SELECT") return true;
+  return target.tagName === "INPUT" && !NOT_TEXT.has(target.type);
 }

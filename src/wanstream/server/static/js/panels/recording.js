@@ -47,10 +47,13 @@ export async function stop(app) {
   clearInterval(clock);
   $("record-time").textContent = "";
   let info = null;
+  const base = `/api/v1/sessions/${app.stream.sessionId}/recording`;
   try {
-    info = await api(`/api/v1/sessions/${app.stream.sessionId}/recording/stop`, { method: "POST" });
+    info = await api(`${base}/stop`, { method: "POST" });
   } catch (err) {
-    say("record-msg", `✗ ${err.message}`, "bad");
+    // A stream that already ended has had its recording finished by the server: fetch what it kept.
+    info = await api(base).catch(() => null);
+    if (!info) say("record-msg", `✗ ${err.message}`, "bad");
   }
   if (ownsRecorder) {
     ownsRecorder = false;
