@@ -232,7 +232,7 @@ class Ring:
         self.rebalance_after: int | None = None
         self.rebalanced = False
         self._version = 0
-        self._lock = threading.Lock()
+        self.lock = threading.RLock()  # one ring operation at a time (sessions may run on threads)
         port = _free_port()
         self.store = dist.TCPStore(
             "127.0.0.1",
@@ -309,6 +309,10 @@ class Ring:
 
     def claim(self, denoiser: RingDenoiser) -> None:
         """`denoiser` now owns the ring; the previous one finishes what it has in flight first."""
+        with self.lock:
+            self._claim(denoiser)
+
+    def _claim(self, denoiser: RingDenoiser) -> None:
         self.ensure_ok()
         if self.active is not None and self.active is not denoiser:
             self.active.quiesce()
@@ -319,18 +323,31 @@ class Ring:
         """Move blocks between ranks: to `layout`, or to the balanced one from measured stage times."""
         from wanstream.parallel.rebalance import rebalance
 
-        self.rebalanced = True
-        return rebalance(self, layout)
+        with self.lock:
+            self.rebalanced = True
+            return rebalance(self, layout)
 
     def configure(self, settings: StreamSettings) -> None:
         """Every rank (re)allocates its stream state for `settings`; returns when all have."""
+        with self.lock:
+            self._configure(settings)
+
+    def _configure(self, settings: StreamSettings) -> None:
         self.ensure_ok()
+        self.quiesce()
         self.stage.configure(settings)
         with self.guarded():
             self.link.send(1, {"kind": "configure", "settings": settings.model_dump(mode="json")})
             header, _ = self.link.recv(self.world - 1, "configure acknowledgement")
         if header.get("kind") != "ack":
             raise self.fail(f"ring protocol error: expected an acknowledgement, got {header.get('kind')!r}")
+
+    def quiesce(self) -> None:
+        """Let the stream in flight come back before a control message (the last rank answers rank 0
+        in order: an answer must not be read where a batch's lanes are due)."""
+        with self.lock:
+            if self.active is not None:
+                self.active.quiesce()
 
     # ----------------------------------------------------------------------------------------------
     @contextmanager
@@ -385,13 +402,16 @@ class Ring:
 
     def close(self) -> None:
         """Stop the workers and release the process group (idempotent)."""
+        with self.lock:
+            self._close()
+
+    def _close(self) -> None:
         if Ring._active is not self:
             return
         graceful = self.broken is None and dist.is_initialized() and hasattr(self, "link")
         if graceful:
             try:
-                if self.active is not None:
-                    self.active.quiesce()
+                self.quiesce()
                 self.link.send(1, {"kind": "stop"})
                 self.link.flush()
             except RingError:

@@ -52,6 +52,7 @@ def balanced_counts(counts: Sequence[int], dit_ms: Sequence[float], total_ms: Se
 
 def measure(ring: Ring) -> list[list[float]]:
     """[rank, blocks, DiT ms, total ms, batches] of every rank (medians over its recent steady batches)."""
+    ring.quiesce()
     stats = [ring.clock.report(0, ring.stage.stop - ring.stage.start)]
     with ring.guarded():
         ring.link.send(1, {"kind": "measure", "stats": stats})
@@ -65,8 +66,7 @@ def rebalance(ring: Ring, layout: Sequence[Sequence[int]] | None = None) -> Layo
     Runs between batches: what is in flight comes back first (and is kept), then every rank moves its
     blocks at once."""
     ring.ensure_ok()
-    if ring.active is not None:
-        ring.active.quiesce()
+    ring.quiesce()
     if layout is None:
         stats = measure(ring)
         if any(row[4] == 0 for row in stats):

@@ -14,6 +14,7 @@ batch and every rank keeps it (with its text K/V) under a version number that th
 from __future__ import annotations
 
 import copy
+import functools
 from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack, nullcontext
@@ -33,6 +34,17 @@ from wanstream.parallel.stage import Lane, cache_config
 
 if TYPE_CHECKING:
     from wanstream.parallel.launch import Ring
+
+
+def _locked(method: Callable[..., Any]) -> Callable[..., Any]:
+    """One ring operation at a time per process (a server runs sessions on worker threads)."""
+
+    @functools.wraps(method)
+    def wrapper(self: RingDenoiser, *args: Any, **kwargs: Any) -> Any:
+        with self.ring.lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 def check_settings(settings: StreamSettings) -> None:
@@ -87,6 +99,7 @@ class RingDenoiser:
         return self.schedule.lag
 
     # ----------------------------------------------------------------------------------------------
+    @_locked
     def reset(self, steps: Sequence[int] | None = None) -> None:
         """Forget the stream: what is in flight finishes and is dropped; the next chunk starts a stream."""
         self.quiesce()
@@ -112,6 +125,7 @@ class RingDenoiser:
         self.contexts.append((version, context))
 
     # ----------------------------------------------------------------------------------------------
+    @_locked
     def first_chunk(self, noisy: torch.Tensor, start: int, version: int, chunk: int) -> None:
         """The stream's first chunk: its N steps one after the other, one trip around the ring each."""
         self._check()
@@ -123,6 +137,7 @@ class RingDenoiser:
             seq = self._send([lane], x, [self.steps[i]], frames, first=True, reset=i == 0, broadcast=last)
             x = self._await_return(seq)
 
+    @_locked
     def chunk(
         self,
         noisy: torch.Tensor,
@@ -240,6 +255,7 @@ class RingDenoiser:
         self._pump(lambda: seq in self.returns)
         return self.returns.pop(seq)
 
+    @_locked
     def poll_frames(self) -> list[tuple[int, torch.Tensor]]:
         """Decoded chunks that have arrived (never waits)."""
         self._pump(None)
@@ -247,6 +263,7 @@ class RingDenoiser:
         self.frames.clear()
         return out
 
+    @_locked
     def wait_frames(self) -> tuple[int, torch.Tensor]:
         """The next decoded chunk (waits for it; one must be on its way)."""
         if not self.frames and self.expected_frames <= 0:
@@ -254,6 +271,7 @@ class RingDenoiser:
         self._pump(lambda: bool(self.frames))
         return self.frames.popleft()
 
+    @_locked
     def quiesce(self) -> None:
         """Wait until nothing is in flight (frames that arrive are kept)."""
         if self.ring.broken is not None:

@@ -1,0 +1,81 @@
+"""Failures end a ring stream with a clear error on rank 0 within a bounded time, never a hang."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from wanstream.parallel import ModelSource, Ring, RingError
+
+from support.clips import moving_clip
+from support.ringcheck import on_ring
+
+
+def _push_until_error(session, clip: torch.Tensor) -> tuple[RingError, float]:
+    start = time.monotonic()
+    with pytest.raises(RingError) as info:
+        for i in range(0, clip.shape[0], 4):
+            session.push(clip[i : i + 4])
+    return info.value, time.monotonic() - start
+
+
+def test_a_killed_rank_ends_the_stream_at_once_with_its_name(one_thread) -> None:
+    ring = Ring.start(ModelSource("demo", num_layers=3), 3, device="cpu", timeout_s=30)
+    try:
+        session = on_ring(ring, steps=(700, 500))
+        session.push(moving_clip(13))
+        os.kill(ring.procs[0].pid, signal.SIGKILL)  # rank 1, mid-stream
+        error, waited = _push_until_error(session, moving_clip(40))
+        assert "rank 1" in str(error) and "SIGKILL" in str(error)
+        assert waited < 5  # noticed by the liveness checks, not a timeout
+        with pytest.raises(RingError, match="rank 1"):  # the session stays failed, with the same reason
+            session.push(moving_clip(4))
+        with pytest.raises(RingError, match="ring is down"):
+            ring.session(prompts=["x"])
+    finally:
+        start = time.monotonic()
+        ring.close()
+        assert time.monotonic() - start < 10
+    assert all(p.exitcode is not None for p in ring.procs)  # no process left behind
+
+
+def test_a_stalled_rank_times_out(one_thread) -> None:
+    ring = Ring.start(ModelSource("demo"), 2, device="cpu", timeout_s=2)
+    try:
+        session = on_ring(ring, steps=(700, 500))
+        session.push(moving_clip(9))
+        os.kill(ring.procs[0].pid, signal.SIGSTOP)  # alive but silent
+        error, waited = _push_until_error(session, moving_clip(40))
+        assert "no message from rank 1 for 2 s" in str(error)
+        assert 2 <= waited < 8
+    finally:
+        ring.close()  # kills the stopped process too
+    assert all(p.exitcode is not None for p in ring.procs)
+
+
+def test_an_exception_on_a_rank_is_reported_by_rank_0(one_thread) -> None:
+    ring = Ring.start(ModelSource("demo"), 2, device="cpu", timeout_s=30)
+    try:
+        session = on_ring(ring, steps=(700, 500))
+        session.push(moving_clip(5))
+        ring.link.send(1, {"kind": "no-such-message"})  # rank 1 raises on it
+        error, _ = _push_until_error(session, moving_clip(40))
+        assert "rank 1 (last rank) failed" in str(error) and "no-such-message" in str(error)
+    finally:
+        ring.close()
+
+
+def test_bad_rings_are_refused_before_any_process_starts() -> None:
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 64:
+        with pytest.raises(RingError, match="needs 64 CUDA GPUs, this machine has"):
+            Ring.start(ModelSource("demo"), 64, device="cuda")
+    with pytest.raises(ValueError, match="at least 2 ranks"):
+        Ring.start(ModelSource("demo"), 1, device="cpu")
+    with pytest.raises(ValueError, match="cannot be split over 3 ranks"):
+        Ring.start(ModelSource("demo"), 3, device="cpu")  # the demo DiT has 2 blocks
+    with pytest.raises(ValueError, match="must cover"):
+        Ring.start(ModelSource("demo", num_layers=4), 2, device="cpu", layout=[(0, 1), (1, 3)])
