@@ -29,12 +29,13 @@ def default_device() -> torch.device:
 
 
 class Pipeline:
-    def __init__(self, components: Components) -> None:
-        self.components = components
+    def __init__(self, components: Components, ring: Any = None) -> None:
+        self.components = components  # with a ring: rank 0's share of the networks
+        self.ring = ring  # wanstream.parallel.Ring when the DiT runs over several GPUs
 
     @property
     def label(self) -> str:
-        return self.components.label
+        return self.ring.label if self.ring is not None else self.components.label
 
     @property
     def is_demo(self) -> bool:
@@ -84,6 +85,39 @@ class Pipeline:
             components.optimize()
         return cls(components)
 
+    @classmethod
+    def parallel(
+        cls,
+        gpus: int,
+        *,
+        demo: bool = False,
+        models_dir: str | Path | None = None,
+        device: Literal["cuda", "cpu"] = "cuda",
+        optimize: bool = True,
+        timeout_s: float = 60.0,
+        rebalance_after: int | None = None,
+    ) -> Pipeline:
+        """One stream over `gpus` GPUs: the DiT's blocks split into a ring of processes, one per GPU
+        (docs/multigpu.md). `device="cpu"`: CPU processes over gloo (tests, no GPU needed). `demo`: the
+        tiny random-weight model (with at least one block per rank). Call `close()` when done."""
+        from wanstream.parallel import ModelSource, Ring
+
+        if demo:
+            source = ModelSource("demo", num_layers=max(2, gpus))
+        else:
+            dtype = "bfloat16" if device == "cuda" else "float32"
+            models = str(models_dir) if models_dir is not None else None
+            source = ModelSource(
+                "files", models_dir=models, dtype=dtype, optimize=optimize and device == "cuda"
+            )
+        ring = Ring.start(source, gpus, device=device, timeout_s=timeout_s, rebalance_after=rebalance_after)
+        return cls(ring.components, ring=ring)
+
+    def close(self) -> None:
+        """Stop a multi-GPU ring's processes (nothing to do for one GPU)."""
+        if self.ring is not None:
+            self.ring.close()
+
     def session(
         self,
         settings: StreamSettings | None = None,
@@ -95,4 +129,6 @@ class Pipeline:
         base = settings or StreamSettings()
         if overrides:
             base = StreamSettings.model_validate({**base.model_dump(), **overrides})
+        if self.ring is not None:
+            return self.ring.session(base, prompts=prompts)
         return StreamSession(self.components, base, prompts=prompts)

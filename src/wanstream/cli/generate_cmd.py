@@ -108,6 +108,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_vace_flags(p)
     p.add_argument("--device", help="torch device, e.g. cuda:0 or cpu (default: CUDA when available)")
     p.add_argument(
+        "--gpus",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split the DiT over GPUs 0..N-1 (pipeline parallel, docs/multigpu.md); with --device cpu, N CPU "
+        "processes (a test of the multi-GPU path)",
+    )
+    p.add_argument(
         "--models-dir", type=Path, metavar="DIR", help="downloaded weights (see `wanstream models`)"
     )
     p.set_defaults(handler=run)
@@ -167,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         request = _request(args)
         device = _device(args.device)
+        _check_gpus(args, device)
         missing, missing_part = _missing_weights(args)
         use_demo = missing is not None and args.demo
         job = _plan(request, use_demo)
@@ -196,7 +205,10 @@ def run(args: argparse.Namespace) -> int:
         except Exception as exc:
             err.print(f"[red]error:[/] loading the model failed: {escape(_plain(exc))}")
             return 1
-        return _run(err, out, job, pipeline, load_s)
+        try:
+            return _run(err, out, job, pipeline, load_s)
+        finally:
+            pipeline.close()  # a multi-GPU ring's processes
 
 
 def _request(args: argparse.Namespace) -> Any:
@@ -321,11 +333,35 @@ def _show_plan(err: Console, job: GeneratePlan) -> None:
         err.print(f"[cyan]note:[/] {escape(note)}")
 
 
+def _check_gpus(args: argparse.Namespace, device: Any) -> None:
+    """--gpus N: a ring of N processes, one per GPU (or CPU processes with --device cpu)."""
+    import torch
+
+    from wanstream.generate import GenerateError
+
+    if args.gpus < 1:
+        raise GenerateError(f"--gpus {args.gpus}: give a number of GPUs, 1 or more")
+    if args.gpus == 1:
+        return
+    explicit_cpu = args.device is not None and device.type == "cpu"
+    if not explicit_cpu and torch.cuda.device_count() < args.gpus:
+        raise GenerateError(
+            f"--gpus {args.gpus}: this machine has {torch.cuda.device_count()} CUDA GPU(s); "
+            "use fewer, or --device cpu to run the multi-GPU path on CPU processes"
+        )
+    if _wants_vace(args):
+        raise GenerateError("VACE runs chunk by chunk on one GPU: drop --gpus or the VACE inputs")
+    if args.lora:
+        raise GenerateError("LoRAs are not supported with --gpus yet")
+
+
 def _load(err: Console, args: argparse.Namespace, device: Any, demo: bool) -> tuple[Any, float]:
     from wanstream.pipeline import Pipeline
 
     start = time.perf_counter()
-    if demo:
+    if args.gpus > 1:
+        pipeline = Pipeline.parallel(args.gpus, demo=demo, models_dir=args.models_dir, device=device.type)
+    elif demo:
         pipeline = Pipeline.demo(device=device)
     else:
         pipeline = Pipeline.load(
