@@ -29,6 +29,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", help="torch device, e.g. cuda:0 or cpu (default: CUDA when available)")
     p.add_argument(
+        "--gpus",
+        type=int,
+        default=1,
+        metavar="N",
+        help="one stream over GPUs 0..N-1 (pipeline parallel, docs/multigpu.md; needs --max-sessions 1); "
+        "with --device cpu, N CPU processes",
+    )
+    p.add_argument(
         "--max-sessions",
         type=int,
         default=1,
@@ -105,6 +113,10 @@ def run(args: argparse.Namespace) -> int:
     except SecurityError as exc:
         print(f"wanstream serve: {exc}", file=sys.stderr)
         return 2
+    problem = _gpus_problem(args)
+    if problem:
+        print(f"wanstream serve: {problem}", file=sys.stderr)
+        return 2
     overrides = {k: v for k, v in (("height", args.height), ("width", args.width)) if v is not None}
     try:
         SettingsUpdate.model_validate(overrides)
@@ -128,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         models_dir=args.models_dir,
         vace=not args.no_vace,
         device=args.device,
+        gpus=args.gpus,
         preload=not args.no_preload,
         media_dir=args.media_dir,
         lora_dir=lora_dir.expanduser() if lora_dir is not None else None,
@@ -155,3 +168,21 @@ def run(args: argparse.Namespace) -> int:
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, ws="auto")
     return 0
+
+
+def _gpus_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with --gpus, in words (None: fine)."""
+    if args.gpus < 1:
+        return f"--gpus {args.gpus}: give a number of GPUs, 1 or more"
+    if args.gpus == 1:
+        return None
+    if args.max_sessions != 1:
+        return f"--gpus {args.gpus} runs one stream over the GPUs: use --max-sessions 1"
+    import torch
+
+    if args.device != "cpu" and torch.cuda.device_count() < args.gpus:
+        return (
+            f"--gpus {args.gpus}: this machine has {torch.cuda.device_count()} CUDA GPU(s); use fewer, "
+            "or --device cpu to run the multi-GPU path on CPU processes"
+        )
+    return None

@@ -66,8 +66,14 @@ def create_app(config: ServerConfig, *, model: ModelManager | None = None) -> Fa
         raise ValueError(f"the media folder {config.media_dir} does not exist")
     if config.lora_dir is not None and not config.lora_dir.is_dir():
         raise ValueError(f"the LoRA folder {config.lora_dir} does not exist")
+    if config.gpus > 1 and config.max_sessions != 1:
+        raise ValueError(f"--gpus {config.gpus} runs one stream over the GPUs: max_sessions must be 1")
     model = model or ModelManager(
-        demo=config.demo, models_dir=config.models_dir, device=config.device, vace=config.vace
+        demo=config.demo,
+        models_dir=config.models_dir,
+        device=config.device,
+        vace=config.vace,
+        gpus=config.gpus,
     )
     own_recordings = config.recordings_dir is None
     recordings_dir = config.recordings_dir or Path(tempfile.mkdtemp(prefix="wanstream-recordings-"))
@@ -81,6 +87,7 @@ def create_app(config: ServerConfig, *, model: ModelManager | None = None) -> Fa
             yield
         finally:
             await sessions.close_all("the server is shutting down")
+            model.close()  # a multi-GPU ring's processes (nothing for one GPU)
             if own_recordings:
                 shutil.rmtree(recordings_dir, ignore_errors=True)
 

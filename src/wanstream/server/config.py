@@ -18,6 +18,7 @@ class ServerConfig:
     models_dir: Path | None = None
     vace: bool = True  # load the VACE module when it is downloaded (streams opt in with "vace")
     device: str | None = None  # None: CUDA when available, else CPU
+    gpus: int = 1  # > 1: one stream over GPUs 0..N-1, DiT blocks in a ring (docs/multigpu.md)
     preload: bool = True  # load the model at start-up (else on POST /api/v1/model/load)
     media_dir: Path | None = None  # server-side videos for headless sessions and uploads
     lora_dir: Path | None = None  # LoRA files clients may name (nothing outside it is ever opened)

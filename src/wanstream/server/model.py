@@ -26,8 +26,11 @@ class ModelBusy(RuntimeError):
 class ModelManager:
     """State machine not_loaded → loading → loaded | error; thread-safe status reads."""
 
-    def __init__(self, *, demo: bool, models_dir: Path | None, device: str | None, vace: bool = True) -> None:
+    def __init__(
+        self, *, demo: bool, models_dir: Path | None, device: str | None, vace: bool = True, gpus: int = 1
+    ) -> None:
         self.demo = demo
+        self.gpus = gpus  # > 1: the DiT over a ring of GPUs (one stream at a time)
         self.vace = vace  # load the VACE module with the real weights when it is downloaded
         self.models_dir = models_dir
         self.device = device
@@ -85,9 +88,17 @@ class ModelManager:
             self._state, self._stage, self._progress, self._error = "loading", "starting", None, None
             self._download_command = None
             self._started, self._finished = time.monotonic(), None
-            self._pipeline = None
+            previous, self._pipeline = self._pipeline, None
+            if previous is not None:
+                previous.close()  # a multi-GPU ring stops its processes (one ring per process)
             self._thread = threading.Thread(target=self._load, name="wanstream-model-load", daemon=True)
             self._thread.start()
+
+    def close(self) -> None:
+        """Release the model's processes (a multi-GPU ring); the server calls this at shutdown."""
+        pipeline = self._pipeline
+        if pipeline is not None:
+            pipeline.close()
 
     def wait(self, timeout: float | None = None) -> ModelStatus:
         thread = self._thread
@@ -103,7 +114,15 @@ class ModelManager:
         try:
             from wanstream.pipeline import Pipeline
 
-            if self.demo:
+            if self.gpus > 1:
+                self._set_stage(f"starting {self.gpus} GPU processes and loading their parts of the model")
+                pipeline = Pipeline.parallel(
+                    self.gpus,
+                    demo=self.demo,
+                    models_dir=self.models_dir,
+                    device="cpu" if self.device == "cpu" else "cuda",
+                )
+            elif self.demo:
                 self._set_stage("building the demo model (tiny, random weights)")
                 pipeline = Pipeline.demo(device=self.device)
                 if not self.vace:
