@@ -217,6 +217,11 @@ def plan(request: GenerateRequest, *, demo: bool = False) -> GeneratePlan:
             notes.append("the timeline's inputMode is 'text', but an input video was given: video mode")
     elif request.control_video is not None:
         mode = "text"  # the control video drives generation (Scope routes the input video to VACE)
+        if ts.input_mode == "video":
+            notes.append(
+                "the timeline's inputMode is 'video', but the control video drives text mode (give an input "
+                "video to restyle it, with the control video steering it)"
+            )
     else:
         mode = ts.input_mode or "video"
 
