@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+DEFAULT_CONFIGS_ARG = "batch,480x832,2,wan;batch,480x832,2,fast;batch,480x832,2,taehv;nobatch,512x512,1,taehv"
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -15,8 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--configs",
-        default="batch,480x832,2,wan;batch,480x832,2,fast;batch,480x832,2,taehv;nobatch,512x512,1,taehv",
-        help="';'-separated configs, or 'all' for every combination (default: %(default)s)",
+        default=DEFAULT_CONFIGS_ARG,
+        help="';'-separated configs, or 'all' for every combination (default: %(default)s; with --gpus: "
+        "batch at 480x832 and 512x512, 1-4 steps, wan)",
     )
     p.add_argument("--chunks", type=int, default=30, help="steady-state chunks per config (default 30)")
     p.add_argument("--warm-chunks", type=int, default=8, help="chunks before measuring (default 8)")
@@ -45,6 +48,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="MODES",
         help="with --lora-rank: comma-separated variants among none, merged, runtime (default: %(default)s)",
     )
+    p.add_argument(
+        "--gpus",
+        type=int,
+        default=1,
+        metavar="N",
+        help="one stream over GPUs 0..N-1 (pipeline parallel), compared with one GPU: FPS and scaling "
+        "efficiency (docs/multigpu.md); with --device cpu and --tiny, a smoke test on CPU processes",
+    )
+    p.add_argument(
+        "--rebalance", action="store_true", help="with --gpus: also measure after the block rebalancer"
+    )
+    p.add_argument("--no-baseline", action="store_true", help="with --gpus: skip the one-GPU comparison runs")
     p.set_defaults(handler=run)
 
 
@@ -68,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}")
         return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.gpus != 1:
+        return _run_gpus(args, configs, device)
     if device.type == "cpu" and not args.tiny:
         print(
             "note: no GPU — full-size networks on the CPU take minutes per chunk; use --tiny for a smoke test"
@@ -84,5 +101,40 @@ def run(args: argparse.Namespace) -> int:
         json_path=args.json_path,
         lora_rank=args.lora_rank,
         lora_modes=lora_modes,
+    )
+    return 0
+
+
+def _run_gpus(args: argparse.Namespace, configs: list, device: object) -> int:
+    import torch
+
+    from wanstream.bench import BenchConfig
+    from wanstream.parallel.bench import RING_CONFIGS, run_parallel_bench
+
+    if args.gpus < 2:
+        print(f"error: --gpus {args.gpus}: a ring needs 2 or more (one GPU is the plain benchmark)")
+        return 2
+    if args.device != "cpu" and torch.cuda.device_count() < args.gpus:
+        print(
+            f"error: --gpus {args.gpus}: this machine has {torch.cuda.device_count()} CUDA GPU(s); use fewer, "
+            "or --device cpu --tiny for a smoke test on CPU processes"
+        )
+        return 2
+    if args.lora_rank is not None:
+        print("error: --lora-rank is not supported with --gpus (a ring does not run LoRAs yet)")
+        return 2
+    if args.configs == DEFAULT_CONFIGS_ARG:
+        configs = [BenchConfig.parse(c) for c in RING_CONFIGS.split(";")]
+    run_parallel_bench(
+        configs,
+        gpus=args.gpus,
+        device="cpu" if args.device == "cpu" else "cuda",
+        tiny=args.tiny,
+        chunks=args.chunks,
+        warm_chunks=args.warm_chunks,
+        compile=not args.no_compile,
+        baseline=not args.no_baseline,
+        rebalance=args.rebalance,
+        json_path=args.json_path,
     )
     return 0

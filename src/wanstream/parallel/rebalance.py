@@ -51,9 +51,10 @@ def balanced_counts(counts: Sequence[int], dit_ms: Sequence[float], total_ms: Se
 
 
 def measure(ring: Ring) -> list[list[float]]:
-    """[rank, blocks, DiT ms, total ms, batches] of every rank (medians over its recent steady batches)."""
+    """[rank, blocks, DiT ms, total ms, batches, peak GiB] of every rank (times: medians over its recent
+    steady batches; memory: NaN on a CPU)."""
     ring.quiesce()
-    stats = [ring.clock.report(0, ring.stage.stop - ring.stage.start)]
+    stats = [[*ring.clock.report(0, ring.stage.stop - ring.stage.start), ring.clock.peak_gib(ring.device)]]
     with ring.guarded():
         ring.link.send(1, {"kind": "measure", "stats": stats})
         header, _ = ring.link.recv(ring.world - 1, "measurements")

@@ -74,6 +74,9 @@ class StageClock:
             return [rank, blocks, 0.0, 0.0, 0]
         return [rank, blocks, statistics.median(dit), statistics.median(total), len(dit)]
 
+    def peak_gib(self, device: torch.device) -> float:
+        return torch.cuda.max_memory_allocated(device) / 2**30 if self.cuda else float("nan")
+
     def clear(self) -> None:
         self.batches.clear()
         self._carry = []

@@ -122,7 +122,8 @@ class Worker:
                 self.configure(StreamSettings.model_validate(header["settings"]))
                 self.forward_or_ack(header)
             elif kind == "measure":
-                header["stats"].append(self.clock.report(self.rank, self.stage.stop - self.stage.start))
+                report = self.clock.report(self.rank, self.stage.stop - self.stage.start)
+                header["stats"].append([*report, self.clock.peak_gib(self.device)])
                 self.forward_or_ack(header)
             elif kind == "relayout":
                 from wanstream.parallel.rebalance import migrate
