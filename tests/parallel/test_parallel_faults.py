@@ -44,7 +44,7 @@ def test_a_killed_rank_ends_the_stream_at_once_with_its_name(one_thread) -> None
 
 
 def test_a_stalled_rank_times_out(one_thread) -> None:
-    ring = Ring.start(ModelSource("demo"), 2, device="cpu", timeout_s=2)
+    ring = Ring.start(ModelSource("demo"), 2, device="cpu", timeout_s=2, warmup_timeout_s=2)
     try:
         session = on_ring(ring, steps=(700, 500))
         session.push(moving_clip(9))

@@ -182,11 +182,15 @@ class Ring:
         startup_timeout_s: float = 900.0,
         cpu_threads: int = 1,
         rebalance_after: int | None = None,
+        warmup_timeout_s: float | None = None,
     ) -> Ring:
         """Spawn ranks 1..world−1, build every rank's networks and connect them.
 
         `device` "cuda": one GPU per rank (NCCL); "cpu": CPU processes (gloo), for tests and demos.
-        `timeout_s` bounds every wait inside a stream; `startup_timeout_s` the model loading.
+        `timeout_s` bounds every wait inside a stream (a dead rank is noticed at once regardless: this
+        is for a rank that hangs); `startup_timeout_s` the model loading; `warmup_timeout_s` (default:
+        the startup one) the waits of a stream's first batches, where ranks may compile their blocks for
+        new shapes (optimized GPU runs).
         `rebalance_after`: once this many steady batches are measured, move blocks between ranks to
         balance their measured times (once per ring; see `rebalance.py`)."""
         if world < 2:
@@ -210,6 +214,9 @@ class Ring:
         ring = object.__new__(cls)
         ring._init(source, world, device, blocks, timeout_s, startup_timeout_s, cpu_threads)
         ring.rebalance_after = rebalance_after
+        ring.warmup_timeout_s = max(
+            timeout_s, startup_timeout_s if warmup_timeout_s is None else warmup_timeout_s
+        )
         return ring
 
     def _init(
@@ -227,6 +234,7 @@ class Ring:
         self.source, self.world, self.device_type = source, world, device_type
         self.layout = layout
         self.timeout_s = timeout_s
+        self.warmup_timeout_s = max(timeout_s, startup_timeout_s)  # see `start`
         self.broken: str | None = None
         self.active: RingDenoiser | None = None
         self.rebalance_after: int | None = None

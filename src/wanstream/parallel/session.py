@@ -239,7 +239,7 @@ class RingDenoiser:
                     if header is None:
                         return
                 else:
-                    header = box.take(last, self.link.timeout, "the ring's output")
+                    header = box.take(last, self._timeout(), "the ring's output")
                 kind = header["kind"]
                 tensors = self.link.recv_tensors(last, header, f"{kind} message", host_wait=kind == "frames")
             if kind == "return":
@@ -250,6 +250,11 @@ class RingDenoiser:
                 self.frames.append((header["chunk"], tensors[0]))
             else:
                 raise self.ring.fail(f"ring protocol error: unexpected {kind!r} message from the last rank")
+
+    def _timeout(self) -> float:
+        """The first batches of a stream meet new shapes (compiled ranks compile them): a long wait."""
+        warm = self.num_steps * self.ring.world + self.settings.kv_cache_frames + 2
+        return self.ring.warmup_timeout_s if self.seq < self.num_steps + warm else self.link.timeout
 
     def _await_return(self, seq: int) -> torch.Tensor:
         self._pump(lambda: seq in self.returns)
