@@ -30,7 +30,7 @@ import torch.distributed as dist
 from wanstream.engine.components import Components
 from wanstream.parallel.layout import Layout, check_layout, split_blocks
 from wanstream.parallel.ring import Link, Mailbox, RingError
-from wanstream.parallel.stage import Stage, keep_blocks
+from wanstream.parallel.stage import Absent, Stage, keep_blocks
 from wanstream.parallel.timing import StageClock
 
 if TYPE_CHECKING:
@@ -89,6 +89,11 @@ class ModelSource:
         if not (first or last):
             c.wan_vae = c.taehv = None
         keep_blocks(c.dit, *block_range, first=first, last=last)
+        if c.wan_vae is not None:  # rank 0 only encodes, the last rank only decodes (TAEHV, ~10 MB, stays)
+            if first:
+                c.wan_vae.decoder = Absent("the Wan VAE decoder (on the last rank)")
+            if last:
+                c.wan_vae.encoder = Absent("the Wan VAE encoder (on rank 0)")
         c.dit.to(device)  # files: workers load on the CPU; only what they keep moves
         if self.optimize and device.type == "cuda":
             _optimize(c, range(*block_range), vae=first or last)
