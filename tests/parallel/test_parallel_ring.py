@@ -103,7 +103,11 @@ def test_what_a_ring_cannot_run_is_refused_clearly(ring: Ring) -> None:
         session.snapshot()
     with pytest.raises(SessionError, match="LoRA"):
         session.update({"loras": ["style.safetensors"]})
-    assert session.push(moving_clip(5)).shape[0] == 5  # still usable after the refusals
+    assert session.push(moving_clip(13)).shape[0] == 5
+    with pytest.raises(SessionError, match="stream batch"):
+        session.update({"batching": "none"})  # refused before the stream is drained or rebuilt
+    assert session.settings.batching == "stream" and not session.at_stream_start
+    assert session.push(moving_clip(4)).shape[0] == 0  # still streaming, the lanes intact
     # batching 'none' with one step is the same computation as one lane: accepted
     assert on_ring(ring, batching="none", steps=(700,)).push(moving_clip(5)).shape[0] == 5
 

@@ -27,7 +27,7 @@ from wanstream.engine.noise import NoiseController
 from wanstream.engine.prompts import WeightedPrompt
 from wanstream.engine.rng import SeededNoise
 from wanstream.engine.session import ChunkConditioner, ChunkEvent, SessionError, StreamSession, _Pending
-from wanstream.engine.settings import StreamSettings
+from wanstream.engine.settings import SettingsUpdate, StreamSettings
 from wanstream.parallel.ring import RingError
 from wanstream.parallel.schedule import RingSchedule
 from wanstream.parallel.stage import Lane, cache_config
@@ -330,6 +330,13 @@ class ParallelSession(StreamSession):
         self._pending = _Pending(first_index=self.frames_in)
         self._in_flight: deque[ChunkEvent] = deque()
         self._restart_stream()
+
+    def update(self, update: SettingsUpdate | dict[str, Any]) -> torch.Tensor:
+        """`StreamSession.update`, refusing what a ring cannot run before anything changes."""
+        if isinstance(update, dict):
+            update = SettingsUpdate.model_validate(update)
+        check_settings(self.settings.updated(update))
+        return super().update(update)
 
     def _check_loras(self, settings: StreamSettings) -> None:
         check_settings(settings)
