@@ -32,6 +32,19 @@ def test_two_ranks_one_block_each_match_one_process(ring: Ring, components) -> N
         assert got.shape == (37, 32, 48, 3) and torch.equal(got, expected)
 
 
+def test_long_stream_through_cache_eviction_and_rope_resets(ring: Ring, components) -> None:
+    """Positions restart every few chunks (rope_reset_frame 8) while the full cache evicts (adaptive sink
+    on): still the same output."""
+    clip = moving_clip(81)
+    settings = dict(seed=4, steps=(700, 500), rope_reset_frame=8)
+    expected = stream(reference(components, **settings), clip)
+    session = on_ring(ring, **settings)
+    got = stream(session, clip)
+    assert torch.equal(got, expected)
+    positions = [e.position for e in session.events if e.kind == "input"]
+    assert positions.count(5) >= 3  # restarted at kv_cache_frames − 1 several times
+
+
 def test_prompt_changes_mid_stream_on_two_ranks(ring: Ring, components) -> None:
     clip = moving_clip(57)
     expected = prompt_changes(reference(components, seed=8, steps=(700, 500)), clip)
