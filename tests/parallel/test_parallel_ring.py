@@ -39,12 +39,12 @@ def test_output_equals_the_single_process_engine(ring: Ring, components, steps) 
 
 
 def test_prompt_changes_mid_stream_travel_through_the_ring(ring: Ring, components) -> None:
-    clip = moving_clip(57)
+    clip = moving_clip(81)
     expected = prompt_changes(reference(components, seed=5, steps=(700, 500, 400)), clip)
     session = on_ring(ring, seed=5, steps=(700, 500, 400))
     got = prompt_changes(session, clip)
     # The hard cut drops the N − 1 = 2 chunks in flight in one process, and on the ring the same ones.
-    assert sum(o.shape[0] for o in got) == sum(o.shape[0] for o in expected) == 57 - 8
+    assert sum(o.shape[0] for o in got) == sum(o.shape[0] for o in expected) == 81 - 8
     assert torch.equal(flat(got), flat(expected))
     # The transition ran on the ring: blended prompts were in force for some chunks.
     assert any(len(e.prompt) == 2 and e.transition_left for e in session.events)

@@ -46,7 +46,7 @@ def test_long_stream_through_cache_eviction_and_rope_resets(ring: Ring, componen
 
 
 def test_prompt_changes_mid_stream_on_two_ranks(ring: Ring, components) -> None:
-    clip = moving_clip(57)
+    clip = moving_clip(81)
     expected = prompt_changes(reference(components, seed=8, steps=(700, 500)), clip)
     got = prompt_changes(on_ring(ring, seed=8, steps=(700, 500)), clip)
     assert sum(o.shape[0] for o in got) == sum(o.shape[0] for o in expected)

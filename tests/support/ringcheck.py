@@ -36,7 +36,7 @@ def flat(outputs: list[torch.Tensor]) -> torch.Tensor:
 
 
 def prompt_changes(session, clip: torch.Tensor) -> list[torch.Tensor]:
-    """Prompt changes mid-stream: a refresh (cache kept), a 4-chunk blended transition, a hard cut."""
+    """Prompt changes mid-stream: a refresh (cache kept), a 12-chunk blended transition, a hard cut."""
     outs: list[torch.Tensor] = []
 
     def push(a: int, b: int) -> None:
@@ -45,13 +45,13 @@ def prompt_changes(session, clip: torch.Tensor) -> list[torch.Tensor]:
     push(0, 13)
     outs.append(session.set_prompts(["a blue whale"]))
     push(13, 25)
-    transition = Transition(steps=4)
+    transition = Transition(steps=12)  # more prompt versions in flight than a rank keeps: evictions
     outs.append(
         session.set_prompts([WeightedPrompt(text="a cat", weight=2), "neon city"], transition=transition)
     )
-    push(25, 45)
+    push(25, 69)
     outs.append(session.set_prompts(["a dog"], switch="cut"))
-    push(45, 57)
+    push(69, 81)
     outs.append(session.flush())
     return outs
 

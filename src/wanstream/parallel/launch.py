@@ -281,7 +281,12 @@ class Ring:
             )
             self.components = source.build(device, layout[0], first=True, last=False)
             self.stage = Stage(
-                self.components.dit, *layout[0], first=True, last=False, compiled=self.components.optimized
+                self.components.dit,
+                *layout[0],
+                first=True,
+                last=False,
+                ranks=world,
+                compiled=self.components.optimized,
             )
             self.link = Link(Mailbox(self.store, 0, self.check_alive), device, timeout_s)
             self.clock = StageClock(device)

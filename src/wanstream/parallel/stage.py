@@ -78,9 +78,18 @@ class Stage:
     """Blocks [start, stop) of `dit` (other blocks may be absent), with this rank's stream state."""
 
     def __init__(
-        self, dit: WanDiT, start: int, stop: int, *, first: bool, last: bool, compiled: bool = False
+        self,
+        dit: WanDiT,
+        start: int,
+        stop: int,
+        *,
+        first: bool,
+        last: bool,
+        ranks: int,
+        compiled: bool = False,
     ):
         self.dit, self.start, self.stop = dit, start, stop
+        self.ranks = ranks
         owned = dit.blocks[start].modulation
         self.device, self.dtype = owned.device, owned.dtype  # fixed even when blocks move
         self.first, self.last = first, last
@@ -88,10 +97,12 @@ class Stage:
         self.cache: KVCache | None = None
         self.settings: StreamSettings | None = None
         # Conditioning versions: the embedded text context (kept for blocks that move here) and the
-        # text K/V of this rank's blocks. Old versions are dropped once no lane can refer to them.
+        # text K/V of this rank's blocks. Lanes in flight refer to the versions of the last N·R + 1
+        # single-process calls at most (one new version per call, e.g. during a transition), so keeping
+        # a few more than that never drops one still needed.
         self.contexts: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._cross: dict[int, CrossKV] = {}
-        self.keep_versions = 64
+        self.keep_versions = 8 * ranks + 4
 
     # ----------------------------------------------------------------------------------------------
     @property
@@ -110,6 +121,8 @@ class Stage:
         if self.compiled:
             cache.compile()
         self.cache, self.settings = cache, settings
+        self.keep_versions = len(settings.denoising_steps) * self.ranks + 4
+        self._forget_old_versions()
 
     def reset(self) -> None:
         assert self.cache is not None and self.settings is not None
@@ -118,6 +131,9 @@ class Stage:
     def add_context(self, version: int, context: torch.Tensor) -> None:
         """A new conditioning: the embedded text [1, text_len, dim] (text K/V are made on first use)."""
         self.contexts[version] = context
+        self._forget_old_versions()
+
+    def _forget_old_versions(self) -> None:
         while len(self.contexts) > self.keep_versions:
             old, _ = self.contexts.popitem(last=False)
             self._cross.pop(old, None)

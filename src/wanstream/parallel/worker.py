@@ -98,6 +98,7 @@ class Worker:
             *layout[rank],
             first=False,
             last=self.last,
+            ranks=world,
             compiled=self.components.optimized,
         )
         self.link = Link(Mailbox(store, rank, self._alive), self.device, timeout_s)
