@@ -61,11 +61,11 @@ def _window(session: Any, frames: torch.Tensor, pos: int, chunks: int) -> tuple[
 
 def bench_ring_config(
     ring: Ring, cfg: BenchConfig, *, chunks: int, warm_chunks: int, rebalance: bool
-) -> RingResult | None:
+) -> RingResult:
     settings = cfg.settings()
     if settings.batching != "stream":
         if len(settings.denoising_steps) > 1:
-            return None
+            raise ValueError(f"{cfg.name}: a ring runs stream batch (nobatch only with one step)")
         settings = settings.model_copy(update={"batching": "stream"})  # one step: the same single lane
     c = ring.components
     lag = len(settings.denoising_steps) * ring.world
@@ -143,6 +143,13 @@ def run_parallel_bench(
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
+    runnable = [c for c in configs if c.batching == "stream" or c.steps == 1]
+    for cfg in configs:
+        if cfg not in runnable:
+            console.print(
+                f"{cfg.name}: skipped (a ring runs stream batch; nobatch with several steps is one GPU)"
+            )
+    configs = runnable
     one_gpu: dict[str, float] = {}
     if baseline:  # the single-process engine on GPU 0 first, freed before the ring starts
         components = random_components(
@@ -164,11 +171,6 @@ def run_parallel_bench(
         console.print(f"[bold]{ring.label}[/bold]")
         for cfg in configs:
             result = bench_ring_config(ring, cfg, chunks=chunks, warm_chunks=warm_chunks, rebalance=rebalance)
-            if result is None:
-                console.print(
-                    f"{cfg.name}: skipped (a ring runs stream batch; nobatch with several steps is one GPU)"
-                )
-                continue
             base = one_gpu.get(cfg.name, float("nan"))
             result.fps_one_gpu, result.efficiency = base, result.fps / (gpus * base) if base else float("nan")
             results.append(result)
