@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from wanstream.engine.components import Components
 from wanstream.parallel.layout import Layout, check_layout, split_blocks
-from wanstream.parallel.ring import Link, Mailbox, RingError
+from wanstream.parallel.ring import Link, Mailbox, RingError, join_groups
 from wanstream.parallel.stage import Absent, Stage, keep_blocks
 from wanstream.parallel.timing import StageClock
 
@@ -279,6 +279,7 @@ class Ring:
                 world_size=world,
                 timeout=datetime.timedelta(seconds=max(timeout_s, 60.0)),
             )
+            back = join_groups(world)  # collective: right after the init, as every rank does
             self.components = source.build(device, layout[0], first=True, last=False)
             self.stage = Stage(
                 self.components.dit,
@@ -288,7 +289,7 @@ class Ring:
                 ranks=world,
                 compiled=self.components.optimized,
             )
-            self.link = Link(Mailbox(self.store, 0, self.check_alive), device, timeout_s)
+            self.link = Link(Mailbox(self.store, 0, self.check_alive), device, timeout_s, world, back)
             self.clock = StageClock(device)
             self._wait_keys("ready", startup_timeout_s, "load the model")
         except BaseException:

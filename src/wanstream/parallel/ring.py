@@ -88,20 +88,31 @@ class Mailbox:
 
 
 class Link:
-    """Headers plus tensors to and from the neighbours of one rank."""
+    """Headers plus tensors to and from the neighbours of one rank.
+
+    Tensors from the last rank back to rank 0 travel in their own process group (`back`): NCCL runs a
+    communicator's operations in order on one stream, so with two ranks a batch going 0 → 1 and lanes
+    coming back 1 → 0 on the same communicator could each wait for the other."""
 
     def __init__(
         self,
         mailbox: Mailbox,
         device: torch.device,
         timeout: float,
+        world: int,
+        back: Any = None,
         max_outstanding: int = 16,
     ) -> None:
         self.mailbox = mailbox
         self.device = device
         self.timeout = timeout
+        self.world = world
+        self.back = back
         self.max_outstanding = max_outstanding
         self._outstanding: deque[tuple[Any, torch.Tensor]] = deque()
+
+    def _group(self, src: int, dst: int) -> Any:
+        return self.back if (src, dst) == (self.world - 1, 0) else None
 
     @property
     def rank(self) -> int:
@@ -111,10 +122,13 @@ class Link:
         """Post the tensors (asynchronously) and the header that announces them."""
         header = dict(header)
         header["tensors"] = [[list(t.shape), str(t.dtype)] for t in tensors]
+        # The header goes first: NCCL creates a pair's communicator at its first send, blocking until the
+        # receiver joins, and the receiver only posts its receives once it has read the header.
+        self.mailbox.post(dst, header)
         for t in tensors:
             t = t.contiguous()
-            self._outstanding.append((dist.isend(t, dst), t))  # keep the tensor alive until sent
-        self.mailbox.post(dst, header)
+            work = dist.isend(t, dst, group=self._group(self.rank, dst))
+            self._outstanding.append((work, t))  # keep the tensor alive until sent
         self._retire()
 
     def _retire(self) -> None:
@@ -154,7 +168,7 @@ class Link:
         out = []
         for shape, dtype in header.get("tensors", []):
             buf = torch.empty(shape, dtype=_DTYPES[dtype], device=self.device)
-            work = dist.irecv(buf, src)
+            work = dist.irecv(buf, src, group=self._group(src, self.rank))
             if self.device.type == "cuda" and not host_wait:
                 work.wait()  # the current stream waits for the data; the host goes on
             else:
@@ -178,6 +192,11 @@ class Link:
         except RuntimeError as exc:
             self.mailbox.alive()  # prefer "rank N died" over gloo's socket message
             raise RingError(f"rank {self.rank}: {what} failed: {exc}") from exc
+
+
+def join_groups(world: int) -> Any:
+    """Collective, on every rank after `init_process_group`: the group for tensors last rank → rank 0."""
+    return dist.new_group(ranks=[0, world - 1])
 
 
 def _done(work: Any) -> bool:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from wanstream.engine.rng import SeededNoise
 from wanstream.engine.settings import StreamSettings
 from wanstream.parallel.layout import Layout
-from wanstream.parallel.ring import Link, Mailbox, RingError
+from wanstream.parallel.ring import Link, Mailbox, RingError, join_groups
 from wanstream.parallel.stage import Lane, Stage
 from wanstream.parallel.timing import StageClock
 
@@ -91,6 +91,7 @@ class Worker:
             world_size=world,
             timeout=datetime.timedelta(seconds=max(timeout_s, 60.0)),
         )
+        back = join_groups(world)
         self.components = source.build(self.device, layout[rank], first=False, last=self.last)
         self.layout = layout
         self.stage = Stage(
@@ -101,7 +102,7 @@ class Worker:
             ranks=world,
             compiled=self.components.optimized,
         )
-        self.link = Link(Mailbox(store, rank, self._alive), self.device, timeout_s)
+        self.link = Link(Mailbox(store, rank, self._alive), self.device, timeout_s, world, back)
         self.decoder: Any = None
         self.clock = StageClock(self.device)
         store.set(f"ready/{rank}", "1")
