@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -27,6 +29,31 @@ def test_a_server_streams_from_a_ring_and_stops_its_processes(tmp_path: Path) ->
                 assert time.monotonic() < deadline, f"no frames from the ring:\n{server.log()}"
                 time.sleep(0.1)
             assert c.delete(f"/api/v1/sessions/{sid}").status_code == 204
+
+            # A rank dies between streams: the next stream fails with its name, the model reports the
+            # ring down (new streams are refused with the reason), and reloading starts a new ring.
+            ranks = [pid for pid in _descendants(server.proc.pid) if _parent(pid) != server.proc.pid]
+            assert ranks, "rank 1 runs under the server's fork server"
+            os.kill(ranks[0], signal.SIGKILL)
+            c.post("/api/v1/sessions", json={"source": "text", "prompts": ["x"]})
+            deadline = time.monotonic() + 30
+            while (model := c.get("/api/v1/model").json())["state"] != "error":
+                assert time.monotonic() < deadline, f"the ring failure was not reported:\n{server.log()}"
+                time.sleep(0.1)
+            assert "ring is down" in model["error"] and "rank 1" in model["error"]
+            refused = c.post("/api/v1/sessions", json={"source": "text", "prompts": ["x"]})
+            assert refused.status_code == 503 and "ring is down" in refused.text
+            while c.get("/api/v1/sessions").json():  # the failed stream closes itself
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            assert c.post("/api/v1/model/load", json={"demo": True}).status_code == 202
+            server.wait_ready(timeout=60)
+            sid = c.post("/api/v1/sessions", json={"source": "text", "prompts": ["x"]}).json()["session_id"]
+            while c.get(f"/api/v1/sessions/{sid}").json()["stats"]["frames_made"] < 5:
+                assert time.monotonic() < deadline + 60, f"no frames from the new ring:\n{server.log()}"
+                time.sleep(0.1)
+            assert c.delete(f"/api/v1/sessions/{sid}").status_code == 204
+            workers = _descendants(server.proc.pid)
     finally:
         code = server.stop()
     assert code == 0, server.log()
@@ -54,6 +81,11 @@ def _stat(pid: int) -> list[str] | None:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
+
+
+def _parent(pid: int) -> int | None:
+    stat = _stat(pid)
+    return None if stat is None else int(stat[1])
 
 
 def _running(pid: int) -> bool:

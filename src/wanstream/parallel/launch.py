@@ -13,6 +13,7 @@ writes it to the store before exiting, and that message is what rank 0 reports. 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import signal
@@ -272,6 +273,9 @@ class Ring:
             device = device_for(device_type, 0)
             if device.type == "cuda":
                 torch.cuda.set_device(device)
+                # A hung NCCL transfer past the group's timeout aborts its communicators and fails the
+                # wait, instead of the watchdog killing this process (which may be a server).
+                os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
             dist.init_process_group(
                 "nccl" if device.type == "cuda" else "gloo",
                 store=dist.PrefixStore("pg", self.store),
@@ -437,7 +441,13 @@ class Ring:
                 graceful = False
         self._stop_workers(graceful=graceful)
         if dist.is_initialized():
-            dist.destroy_process_group()
+            if not graceful and self.device_type == "cuda":
+                with contextlib.suppress(Exception):  # NCCL operations may wait on a dead peer: abort them
+                    from torch.distributed.distributed_c10d import _abort_process_group
+
+                    _abort_process_group()
+            if dist.is_initialized():
+                dist.destroy_process_group()
         Ring._active = None
         self.broken = self.broken or "closed"
 

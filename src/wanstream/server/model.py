@@ -47,7 +47,10 @@ class ModelManager:
 
     @property
     def pipeline(self) -> Pipeline | None:
-        return self._pipeline
+        pipeline = self._pipeline
+        if pipeline is not None and _ring_down(pipeline):
+            return None  # a multi-GPU ring that lost a rank serves nothing until the model is reloaded
+        return pipeline
 
     def status(self) -> ModelStatus:
         with self._lock:
@@ -55,13 +58,14 @@ class ModelManager:
             elapsed = None
             if self._started is not None:
                 elapsed = (self._finished or time.monotonic()) - self._started
+            down = _ring_down(pipeline) if pipeline is not None else None
             return ModelStatus(
-                state=self._state,  # type: ignore[arg-type]
+                state="error" if down else self._state,  # type: ignore[arg-type]
                 stage=self._stage,
                 progress=self._progress,
                 label=pipeline.label if pipeline is not None else "",
                 device=str(pipeline.components.device) if pipeline is not None else (self.device or ""),
-                error=self._error,
+                error=down or self._error,
                 elapsed_s=None if elapsed is None else round(elapsed, 3),
                 demo=pipeline.is_demo if pipeline is not None else self.demo,
                 codecs=_codecs(pipeline),
@@ -150,6 +154,14 @@ class ModelManager:
             self._state, self._stage, self._progress = "loaded", "ready", 1.0
             self._finished = time.monotonic()
         log.info("model loaded: %s", pipeline.label)
+
+
+def _ring_down(pipeline: Pipeline) -> str | None:
+    """Why a multi-GPU ring cannot serve any more (a rank died or hung), or None."""
+    ring = pipeline.ring
+    if ring is None or ring.broken is None:
+        return None
+    return f"the multi-GPU ring is down: {ring.broken}; reload the model (POST /api/v1/model/load)"
 
 
 def _codecs(pipeline: Pipeline | None) -> list[str]:
