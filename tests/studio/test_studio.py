@@ -361,7 +361,8 @@ def test_missing_weights_show_the_download_command_and_the_demo_loads(
         command = d.text("#download-command")
         assert command.startswith("wanstream download") and str(empty) in command
         assert d.js("!document.getElementById('model-download').hidden")
-        assert d.js("document.getElementById('height').value") == "480"  # the schema's defaults meanwhile
+        # The schema's defaults meanwhile (the page's built-in ones show until the schema has arrived).
+        d.wait("document.getElementById('height').value === '480'", 10, "the schema's defaults")
         d.click("#start")
         d.wait(
             "document.getElementById('stage-note').textContent.includes('No model is loaded')", 5, "the hint"
