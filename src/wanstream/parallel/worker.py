@@ -104,6 +104,7 @@ class Worker:
         )
         self.link = Link(Mailbox(store, rank, self._alive), self.device, timeout_s, world, back)
         self.decoder: Any = None
+        self._noise_source, self._noise_seed = SeededNoise(0), 0
         self.clock = StageClock(self.device)
         store.set(f"ready/{rank}", "1")
 
@@ -211,6 +212,12 @@ class Worker:
                     out = self.decoder(x0[j : j + 1])
                 self.link.send(0, {"kind": "frames", "chunk": lane.chunk, "seq": header["seq"]}, [out])
 
+    def _noise(self, seed: int) -> SeededNoise:
+        """One noise source per seed (its generators are reused; a seed change makes a new one)."""
+        if self._noise_seed != seed:
+            self._noise_source, self._noise_seed = SeededNoise(seed), seed
+        return self._noise_source
+
     def renoise(self, x0: torch.Tensor, lanes: list[Lane], first: bool) -> torch.Tensor:
         """Each lane's x0 re-noised to its next step, as the single-process `Denoiser` does it."""
         scheduler = self.components.scheduler
@@ -218,14 +225,14 @@ class Worker:
             lane = lanes[0]
             if lane.renoise is None:
                 return x0
-            eps = SeededNoise(lane.seed).randn(
+            eps = self._noise(lane.seed).randn(
                 x0.flatten(0, 1).shape, chunk=lane.chunk, draw=1 + lane.step, device=x0.device, dtype=x0.dtype
             )
             return scheduler.add_noise(x0.flatten(0, 1), eps, float(lane.renoise)).unflatten(0, x0.shape[:2])
         hidden = x0.clone()
         for i, lane in enumerate(lanes):
             if lane.live and lane.renoise is not None:
-                eps = SeededNoise(lane.seed).randn(
+                eps = self._noise(lane.seed).randn(
                     x0[i : i + 1].shape, chunk=lane.chunk, draw=1 + i, device=x0.device, dtype=x0.dtype
                 )
                 hidden[i : i + 1] = scheduler.add_noise(x0[i : i + 1], eps, float(lane.renoise))
