@@ -460,6 +460,37 @@ class StreamSession:
         with self._loras_in_force():
             return self._denoise_and_decode_with_loras(noisy, kind, span, noise_scale, first_step)
 
+    def _open_event(
+        self,
+        latent_frames: int,
+        kind: Literal["input", "flush", "text"],
+        span: tuple[int, int],
+        noise_scale: torch.Tensor | None,
+        first_step: torch.Tensor | None,
+    ) -> ChunkEvent:
+        """Number the next chunk, place it in RoPE positions and log it (before any denoising)."""
+        k = self._chunk_counter
+        self._chunk_counter += 1
+        steps: list[int | torch.Tensor] = list(self.denoiser.steps)
+        if first_step is not None:
+            steps[0] = first_step
+        event = ChunkEvent(
+            chunk=k,
+            kind=kind,
+            input_frames=span,
+            prompt=self.prompt.describe(),
+            transition_left=self.prompt.transition_left,
+            stream_start=self._stream_chunks == 0,
+            position=self._position(latent_frames),
+            _steps=steps,
+            _noise_scale=noise_scale,
+            trim=self._trim_next,
+            loras=self.settings.lora_summary,
+        )
+        self._trim_next = 0
+        self.events.append(event)
+        return event
+
     def _denoise_and_decode_with_loras(
         self,
         noisy: torch.Tensor,
@@ -471,28 +502,8 @@ class StreamSession:
         self.prompt.advance()  # one transition step per chunk (a no-op otherwise)
         cross = self._cross_kv()
         L = self.settings.frame_tokens
-        k = self._chunk_counter
-        self._chunk_counter += 1
-        F_lat = noisy.shape[1]
-        position = self._position(F_lat)
-        steps: list[int | torch.Tensor] = list(self.denoiser.steps)
-        if first_step is not None:
-            steps[0] = first_step
-        event = ChunkEvent(
-            chunk=k,
-            kind=kind,
-            input_frames=span,
-            prompt=self.prompt.describe(),
-            transition_left=self.prompt.transition_left,
-            stream_start=self._stream_chunks == 0,
-            position=position,
-            _steps=steps,
-            _noise_scale=noise_scale,
-            trim=self._trim_next,
-            loras=self.settings.lora_summary,
-        )
-        self._trim_next = 0
-        self.events.append(event)
+        event = self._open_event(noisy.shape[1], kind, span, noise_scale, first_step)
+        k, position = event.chunk, event.position
         extension = self.conditioner.extension_for(event) if self.conditioner is not None else None
         if self._stream_chunks == 0:
             with self._stage("dit"):

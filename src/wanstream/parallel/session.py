@@ -381,26 +381,8 @@ class ParallelSession(StreamSession):
         self.prompt.advance()  # one transition step per chunk (a no-op otherwise)
         version = self._conditioning()
         L = self.settings.frame_tokens
-        k = self._chunk_counter
-        self._chunk_counter += 1
-        position = self._position(noisy.shape[1])
-        steps: list[int | torch.Tensor] = list(self.denoiser.steps)
-        if first_step is not None:
-            steps[0] = first_step
-        event = ChunkEvent(
-            chunk=k,
-            kind=kind,
-            input_frames=span,
-            prompt=self.prompt.describe(),
-            transition_left=self.prompt.transition_left,
-            stream_start=self._stream_chunks == 0,
-            position=position,
-            _steps=steps,
-            _noise_scale=noise_scale,
-            trim=self._trim_next,
-        )
-        self._trim_next = 0
-        self.events.append(event)
+        event = self._open_event(noisy.shape[1], kind, span, noise_scale, first_step)
+        k, position = event.chunk, event.position
         self._in_flight.append(event)
         if self._stream_chunks == 0:
             self.denoiser.first_chunk(noisy, position * L, version, chunk=k)
