@@ -452,10 +452,11 @@ def test_work_survives_reload_and_a_restart_asks_first(
     d.reload()
     d.wait("document.getElementById('dialog').open", 10, "the restart question after a reload")
     d.click("#discard-work")
-    d.wait(
+    d.wait(  # the discarded prompt gone from the state, and the list rendered from the new state
+        f"window.studio.state.prompts[0].text !== {json.dumps(mine)} && "
         "document.querySelector('#prompt-list textarea').value === window.studio.state.prompts[0].text",
         5,
-        "a render",
+        "the discard and its render",
     )
     assert d.js("document.querySelector('#prompt-list textarea').value") != mine
     assert d.js("window.studio.state.timeline") is None
