@@ -204,15 +204,22 @@ function showStageError(text) {
   note.textContent = text;
 }
 
+// Bumped when a pause change is sent and when it is answered: a status poll that overlapped either is
+// stale (it may have read the server before the change) and must not undo the change on screen.
+let pauseChanges = 0;
+
 async function togglePause() {
   if (!app.running) return;
   const paused = !app.paused;
+  pauseChanges++;
   try {
     await app.stream.control({ paused });
     app.paused = paused;
     renderHeader();
   } catch (err) {
     showStageError(`Pause failed: ${err.message}`);
+  } finally {
+    pauseChanges++;
   }
 }
 
@@ -254,6 +261,7 @@ async function pollStream() {
   fps.textContent = `${shown.toFixed(1)} fps`;
   if (shown > 0) $("stage-note").hidden = true;
   try {
+    const changesBefore = pauseChanges;
     const status = await app.stream.status();
     if (!status) return;
     const out = status.output || {};
@@ -265,8 +273,10 @@ async function pollStream() {
     } else {
       latency.textContent = app.mode() === "text" ? "text mode" : "latency —";
     }
-    app.paused = Boolean(stats.paused);
-    renderHeader();
+    if (pauseChanges === changesBefore && app.running) {
+      app.paused = Boolean(stats.paused);
+      renderHeader();
+    }
   } catch {
     // the next poll tries again; a stream that ended says so through its data channel
   }
@@ -314,7 +324,8 @@ async function watchServer() {
   const chip = $("server-chip");
   chip.className = `chip ${health.model === "loaded" ? "ok" : health.model === "error" ? "bad" : "warn"}`;
   chip.textContent = `${location.host} · ${health.sessions}/${health.max_sessions} streams`;
-  if (!previous || previous.model !== health.model || health.model === "loading" || !app.model) {
+  // Also when the model shown disagrees with the server's (a late answer may have overwritten a newer state).
+  if (!previous || previous.model !== health.model || health.model === "loading" || app.model?.state !== health.model) {
     await modelPanel.refresh(app);
   }
 }
