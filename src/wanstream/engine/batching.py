@@ -56,6 +56,36 @@ class _Lanes:
     processed: int = 0
 
 
+class DeviceSteps:
+    """Per-lane timesteps as a device int64 tensor, built without a host→device copy per call.
+
+    The step list (and 0) is uploaded once per list and sliced from there; controlled first steps already are
+    device scalars. Shared by the single-process `Denoiser` and the multi-GPU ring.
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[int, int] = {}
+        self._tensor: torch.Tensor | None = None
+
+    def __call__(
+        self, values: Sequence[int | torch.Tensor], steps: Sequence[int], device: torch.device
+    ) -> torch.Tensor:
+        listed = [*steps, 0]
+        if self._tensor is None or self._tensor.device != device or list(self._known) != listed:
+            self._known = {int(t): i for i, t in enumerate(listed)}
+            self._tensor = torch.tensor(listed, dtype=torch.long).to(device)
+        parts = []
+        for v in values:
+            if isinstance(v, torch.Tensor):
+                parts.append(v.reshape(1).to(device=device, dtype=torch.long))
+            elif v in self._known:
+                i = self._known[v]
+                parts.append(self._tensor[i : i + 1])
+            else:  # a value set by hand that is not in the list (rare): one small upload
+                parts.append(torch.tensor([v], dtype=torch.long).to(device))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 @dataclass
 class Denoiser:
     dit: WanDiT
@@ -68,7 +98,7 @@ class Denoiser:
     on_call: list = field(default_factory=list)  # callbacks(DiTCall) for tracing; empty in production
     _lanes: _Lanes | None = None
     _first_step: int | torch.Tensor | None = None  # no batch: the controlled first step persists
-    _steps_dev: torch.Tensor | None = None
+    _timesteps: DeviceSteps = field(default_factory=DeviceSteps)
     graphs: StepGraphs | None = None
 
     def __post_init__(self) -> None:
@@ -103,26 +133,8 @@ class Denoiser:
         self.cache.reset(total_steps=self.passes_per_chunk)
         self._lanes = None
         self._first_step = None
-        self._steps_dev = None
 
     # ----------------------------------------------------------------------------------------------
-    def _timesteps(self, values: Sequence[int | torch.Tensor], device: torch.device) -> torch.Tensor:
-        """Per-lane timesteps as a device int64 tensor, built without a host→device copy per call.
-
-        Step values live on the device since `reset`; controlled first steps already are device scalars.
-        """
-        if self._steps_dev is None or self._steps_dev.device != device:
-            self._steps_dev = torch.tensor([*self.steps, 0], dtype=torch.long).to(device)
-        known = {int(t): i for i, t in enumerate([*self.steps, 0])}
-        parts = []
-        for v in values:
-            if isinstance(v, torch.Tensor):
-                parts.append(v.reshape(1).to(device=device, dtype=torch.long))
-            elif v in known:
-                parts.append(self._steps_dev[known[v] : known[v] + 1])
-            else:  # a value set by hand that is not in the list (rare): one small upload
-                parts.append(torch.tensor([v], dtype=torch.long).to(device))
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _forward(
         self,
@@ -135,7 +147,7 @@ class Denoiser:
         """One DiT call: x [B, F, C, h, w] at per-lane timesteps and start tokens → x0 (same shape)."""
         B, F = x.shape[:2]
         plan = self.cache.plan(starts, F)
-        t = self._timesteps(timesteps, x.device)[:, None].expand(B, F).contiguous()
+        t = self._timesteps(timesteps, self.steps, x.device)[:, None].expand(B, F).contiguous()
         if self.graphs is not None and extension is None and StepGraphs.eligible(x, plan):
             x0, flow = self.graphs(x, t, cross, plan)
         else:
@@ -257,7 +269,6 @@ class Denoiser:
         if len(steps) != self.num_steps:
             raise ValueError("retarget keeps the number of steps; a different count needs reset()")
         self.steps = list(steps)
-        self._steps_dev = None
         if self._lanes is not None:
             self._lanes.timesteps = [self._lanes.timesteps[0], *self.steps[1:]]
 
@@ -267,7 +278,6 @@ class Denoiser:
 
     def load_state(self, state: dict[str, object]) -> None:
         self.steps = list(state["steps"])  # type: ignore[arg-type]
-        self._steps_dev = None
         self._lanes = state["lanes"]  # type: ignore[assignment]
         self._first_step = state["first_step"]  # type: ignore[assignment]
 

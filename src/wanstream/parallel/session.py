@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from wanstream.engine.batching import DeviceSteps
 from wanstream.engine.codecs import Codecs
 from wanstream.engine.noise import NoiseController
 from wanstream.engine.prompts import WeightedPrompt
@@ -81,7 +82,7 @@ class RingDenoiser:
         self.frames: deque[tuple[int, torch.Tensor]] = deque()  # (chunk, decoded frames) in order
         self.expected_frames = 0
         self.contexts: list[tuple[int, torch.Tensor]] = []  # new conditionings for the next batch
-        self._steps_dev: torch.Tensor | None = None
+        self._timesteps = DeviceSteps()
         ring.claim(self)
 
     def _new_schedule(self) -> None:
@@ -110,14 +111,12 @@ class RingDenoiser:
             if len(steps) != self.num_steps:
                 raise SessionError("a different number of steps needs a rebuild (the lanes change)")
             self.steps = list(steps)
-            self._steps_dev = None
         self._new_schedule()
 
     def retarget(self, steps: Sequence[int]) -> None:
         if len(steps) != self.num_steps:
             raise ValueError("retarget keeps the number of steps; a different count needs reset()")
         self.steps = list(steps)
-        self._steps_dev = None
         self.schedule.retarget(self.steps)
 
     def add_context(self, version: int, context: torch.Tensor) -> None:
@@ -184,7 +183,7 @@ class RingDenoiser:
         steady: bool = False,
     ) -> int:
         B = x.shape[0]
-        t = self._timesteps(timesteps, x.device)[:, None].expand(B, frames).contiguous()
+        t = self._timesteps(timesteps, self.steps, x.device)[:, None].expand(B, frames).contiguous()
         if reset:
             self.stage.reset()
         clock = self.ring.clock
@@ -210,21 +209,6 @@ class RingDenoiser:
         self.outstanding.add(seq)
         self.expected_frames += sum(lane.decode for lane in lanes)
         return seq
-
-    def _timesteps(self, values: Sequence[int | torch.Tensor], device: torch.device) -> torch.Tensor:
-        """Per-lane timesteps as a device int64 tensor without a host→device copy per batch."""
-        if self._steps_dev is None or self._steps_dev.device != device:
-            self._steps_dev = torch.tensor([*self.steps, 0], dtype=torch.long).to(device)
-        known = {int(t): i for i, t in enumerate([*self.steps, 0])}
-        parts = []
-        for v in values:
-            if isinstance(v, torch.Tensor):
-                parts.append(v.reshape(1).to(device=device, dtype=torch.long))
-            elif v in known:
-                parts.append(self._steps_dev[known[v] : known[v] + 1])
-            else:
-                parts.append(torch.tensor([v], dtype=torch.long).to(device))
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     # ----------------------------------------------------------------------------------------------
     # What comes back from the last rank, in its send order: lanes ("return"), then frames
