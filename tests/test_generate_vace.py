@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import av
 import pytest
 import torch
 
@@ -17,6 +16,7 @@ from wanstream.media.sample import sample_clip
 from wanstream.media.video import VideoWriter, read_video
 from wanstream.weights.store import MissingWeightsError
 
+from support.clips import write_png
 from support.models_dir import write_tiny_models_dir
 
 H, W, FPS, FRAMES = 64, 96, 16, 21  # 21 frames = 5 chunks (5 + 4 × 4)
@@ -38,18 +38,6 @@ def pipe() -> Pipeline:
 def write_video(path: Path, frames: torch.Tensor, fps: float = FPS) -> Path:
     with VideoWriter(path, fps) as out:
         out.write(frames)
-    return path
-
-
-def write_png(path: Path, image: torch.Tensor) -> Path:
-    array = image.contiguous().numpy()
-    with av.open(str(path), "w", format="image2") as container:
-        stream = container.add_stream("png")
-        stream.width, stream.height, stream.pix_fmt = array.shape[1], array.shape[0], "rgb24"
-        for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
-            container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
     return path
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 
@@ -19,3 +21,18 @@ def moving_clip(frames: int, height: int = 32, width: int = 48, seed: int = 0) -
         img[4:12, x : x + 8] = torch.tensor([1.0, 0.2, 0.1])
         out.append(img)
     return (torch.stack(out) * 255).round().to(torch.uint8)
+
+
+def write_png(path: Path, image: torch.Tensor) -> Path:
+    """An 8-bit RGB PNG of a uint8 [H, W, 3] image (written with PyAV, as users' reference images would be)."""
+    import av
+
+    array = image.contiguous().numpy()
+    with av.open(str(path), "w", format="image2") as container:
+        stream = container.add_stream("png")
+        stream.width, stream.height, stream.pix_fmt = array.shape[1], array.shape[0], "rgb24"
+        for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
+            container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path

@@ -23,6 +23,8 @@ from wanstream.engine.vace import (
 )
 from wanstream.models.vae import VAEEncodeState
 
+from support.clips import write_png
+
 H, W = 32, 48
 
 
@@ -139,20 +141,6 @@ def test_scale_changes_on_the_fly_from_the_next_chunk(vace_components: Component
     cond.set_scale(2.0)
     cond.push(clip[9:])
     assert [c.scale for c in cond.history] == [1.0, 0.25, 2.0]
-
-
-def write_png(path: Path, image: torch.Tensor) -> Path:
-    import av
-
-    array = image.contiguous().numpy()
-    with av.open(str(path), "w", format="image2") as container:
-        stream = container.add_stream("png")
-        stream.width, stream.height, stream.pix_fmt = array.shape[1], array.shape[0], "rgb24"
-        for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
-            container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
 
 
 def test_a_reference_image_changes_the_output_and_is_encoded_once(vace_components, tmp_path: Path) -> None:
