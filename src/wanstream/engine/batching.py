@@ -148,7 +148,7 @@ class Denoiser:
         B, F = x.shape[:2]
         plan = self.cache.plan(starts, F)
         t = self._timesteps(timesteps, self.steps, x.device)[:, None].expand(B, F).contiguous()
-        if self.graphs is not None and extension is None and StepGraphs.eligible(x, plan):
+        if self.graphs is not None and extension is None and self.graphs.eligible(x, plan):
             x0, flow = self.graphs(x, t, cross, plan)
         else:
             x0, flow = self._step(x, t, cross, plan, extension)

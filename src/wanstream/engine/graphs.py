@@ -5,47 +5,72 @@ never the bottleneck. What may differ between calls lives in fixed device buffer
 reads: the noisy input and timesteps (copied in), the cache plan (the cache's own staging buffer),
 the text K/V (copied in when the prompt changes) and the KV cache itself.
 
-Capturing runs the step twice to warm up (compiling, autotuning), which would advance the cache's
-device state; the cache is saved before and restored after, so capturing is invisible.
+A capture is prepared and made safely:
+* Warm-up runs the step twice on the very stream that will capture, so compiling, autotuning and every
+  first use of a cuBLAS/cuDNN handle, plan or workspace on that stream happen before recording, never inside
+  it. Warming up advances the cache's device state: the cache is saved before and restored after.
+* Recording waits for other threads' GPU work to stop (`fastpath.GATE`): a compile warming up on another
+  thread invalidates a capture. If such work is running, capturing is deferred and this call runs the
+  compiled step directly; a later call captures.
+* Recording uses CUDA's thread-local capture mode: another thread's allocation (the caching allocator is
+  capture-aware) does not invalidate it.
+* If capturing fails anyway, that signature runs the compiled step without a graph from then on, with one
+  warning naming the cause (counted in `fastpath.FALLBACKS`: `/metrics`, `bench --json`). The output is the
+  same; only the launch overhead returns.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from wanstream.models.dit import CrossKV
+from wanstream.models.fastpath import FALLBACKS, GATE, is_out_of_memory
 from wanstream.models.kv_cache import CallPlan, KVCache
 
 Step = Callable[[torch.Tensor, torch.Tensor, CrossKV, CallPlan], tuple[torch.Tensor, torch.Tensor]]
+Outputs = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
 class _Captured:
-    graph: torch.cuda.CUDAGraph
+    graph: Any  # torch.cuda.CUDAGraph (anything with .replay())
     x: torch.Tensor
     t: torch.Tensor
-    outputs: tuple[torch.Tensor, torch.Tensor]
+    outputs: Outputs
+
+
+@dataclass
+class GraphStats:
+    captured: int = 0  # signatures captured
+    replays: int = 0
+    deferred: int = 0  # calls run without a graph because another thread was compiling
+    failed: int = 0  # signatures whose capture failed (they run without a graph)
 
 
 class StepGraphs:
+    device_type = "cuda"
+    capture_wait_s = 0.5  # longest wait for other threads' chunks before deferring a capture
+
     def __init__(self, cache: KVCache, step: Step) -> None:
         self.cache = cache
         self.step = step
+        self.stats = GraphStats()
         self._graphs: dict[tuple, _Captured] = {}
-        self._pool = None
+        self._warm: set[tuple] = set()
+        self._failed: set[tuple] = set()
+        self._pool: Any = None
+        self._stream: Any = None
         self._cross: CrossKV | None = None  # static copies of the text K/V the graphs read
         self._cross_source: CrossKV | None = None
 
-    @staticmethod
-    def eligible(x: torch.Tensor, plan: CallPlan) -> bool:
-        return x.is_cuda and plan.mask is None and plan.table.is_cuda
+    def eligible(self, x: torch.Tensor, plan: CallPlan) -> bool:
+        return x.device.type == self.device_type and plan.mask is None and plan.table.device == x.device
 
-    def __call__(
-        self, x: torch.Tensor, t: torch.Tensor, cross: CrossKV, plan: CallPlan
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cross: CrossKV, plan: CallPlan) -> Outputs:
         self._load_cross(cross)
         key = (
             tuple(x.shape),
@@ -58,11 +83,14 @@ class StepGraphs:
             plan.table.data_ptr(),
         )
         captured = self._graphs.get(key)
+        if captured is None and key not in self._failed:
+            captured = self._try_capture(key, x, t, plan)
         if captured is None:
-            captured = self._graphs[key] = self._capture(x, t, plan)
+            return self.step(x, t, self._cross, plan)  # type: ignore[arg-type]
         captured.x.copy_(x)
         captured.t.copy_(t)
         captured.graph.replay()
+        self.stats.replays += 1
         x0, flow = captured.outputs
         return x0.clone(), flow.clone()  # the next replay overwrites the static outputs
 
@@ -78,29 +106,73 @@ class StepGraphs:
                 dst.copy_(src)
         self._cross_source = cross
 
-    def _capture(self, x: torch.Tensor, t: torch.Tensor, plan: CallPlan) -> _Captured:
+    def _try_capture(self, key: tuple, x: torch.Tensor, t: torch.Tensor, plan: CallPlan) -> _Captured | None:
         assert self._cross is not None
+        cross = self._cross
         saved = {name: buf.clone() for name, buf in self.cache.state()["buffers"].items()}
         static_x, static_t = x.clone(), t.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        try:
+            if key not in self._warm:
+                self._warm_up(lambda: self.step(static_x, static_t, cross, plan))
+                self._warm.add(key)
+                self._restore(saved)
+            with GATE.capture(self.capture_wait_s) as granted:
+                if not granted:
+                    self.stats.deferred += 1
+                    return None
+                graph, outputs = self._record(lambda: self.step(static_x, static_t, cross, plan))
+        except Exception as exc:
+            self._restore(saved)
+            if is_out_of_memory(exc):
+                raise
+            self._failed.add(key)
+            self.stats.failed += 1
+            if not self._graphs:
+                self._pool = None  # start the next capture from a clean pool
+            FALLBACKS.record(
+                "cuda_graph",
+                f"DiT step capture (lanes×frames {tuple(x.shape[:2])}, cache {plan.max_valid} tokens)",
+                exc,
+                "the compiled step without a CUDA graph",
+            )
+            return None
+        self._restore(saved)  # recording runs no kernels, but keep the state explicit
+        self.stats.captured += 1
+        captured = self._graphs[key] = _Captured(graph, static_x, static_t, outputs)
+        return captured
+
+    # --- the device side (CPU tests replace these two) ------------------------------------------------
+    def _warm_up(self, run: Callable[[], Outputs]) -> None:
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        self._stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._stream):
             for _ in range(2):
-                self.step(static_x, static_t, self._cross, plan)
-        torch.cuda.current_stream().wait_stream(side)
-        self._restore(saved)
+                run()
+        torch.cuda.current_stream().wait_stream(self._stream)
+
+    def _record(self, run: Callable[[], Outputs]) -> tuple[Any, Outputs]:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            outputs = self.step(static_x, static_t, self._cross, plan)
-        self._restore(saved)  # capture does not run kernels, but be explicit about the state
-        return _Captured(graph, static_x, static_t, outputs)
+        previous = torch.cuda.current_stream()
+        try:
+            with torch.cuda.graph(
+                graph, pool=self._pool, stream=self._stream, capture_error_mode="thread_local"
+            ):
+                outputs = run()
+        finally:
+            # torch.cuda.graph leaves its capture stream current when ending the capture raises.
+            torch.cuda.set_stream(previous)
+        return graph, outputs
 
     def _restore(self, saved: dict[str, torch.Tensor]) -> None:
         for name, tensor in saved.items():
             getattr(self.cache, name).copy_(tensor)
 
     def clear(self) -> None:
+        """Drop every captured graph and its memory pool (new modules, a new prompt shape, closing)."""
         self._graphs.clear()
+        self._warm.clear()
+        self._pool = None
         self._cross = self._cross_source = None

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wanstream.models.attention import attention
+from wanstream.models.fastpath import CompiledOrEager
 from wanstream.models.kv_cache import CallPlan, KVCache
 
 
@@ -501,10 +502,14 @@ class WanDiT(nn.Module):
         if fuse_qkv:
             for block in self.blocks:
                 block.self_attn.fuse_qkv()
-        if compile:
+        if compile:  # a failed compile falls back to the eager halves (counted in fastpath.FALLBACKS)
             self._halves = (
-                torch.compile(_first_half, dynamic=False),
-                torch.compile(_second_half, dynamic=False),
+                CompiledOrEager(
+                    torch.compile(_first_half, dynamic=False), _first_half, "DiT block, first half"
+                ),
+                CompiledOrEager(
+                    torch.compile(_second_half, dynamic=False), _second_half, "DiT block, second half"
+                ),
             )
         return self
 

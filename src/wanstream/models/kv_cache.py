@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wanstream.models.fastpath import CompiledOrEager
+
 Eviction = Literal["sdv2", "fifo"]
 
 
@@ -292,9 +294,10 @@ class KVCache(nn.Module):
         """
         B, cols = len(rows), len(rows[0])
         host = torch.tensor(rows, dtype=torch.long)
-        if self.k.device.type != "cuda":
-            return host
         key = (B, cols)
+        if self.k.device.type != "cuda":  # the same buffer on every device: a captured step reads it
+            table = self._staging.setdefault(key, (host, host.clone()))[1]
+            return table.copy_(host)
         if key not in self._staging:
             self._staging[key] = (torch.empty(B, cols, dtype=torch.long).pin_memory(), host.to(self.k.device))
         pinned, device = self._staging[key]
@@ -361,7 +364,7 @@ class KVCache(nn.Module):
     def compile(self) -> KVCache:
         """Fuse the per-layer bookkeeping (sink check, queue pops and pushes) into a few kernels instead of
         dozens of tiny ones. One compile serves every layer (the layer's views are arguments)."""
-        self._track = torch.compile(track, dynamic=False)
+        self._track = CompiledOrEager(torch.compile(track, dynamic=False), track, "KV-cache bookkeeping")
         return self
 
     def state(self) -> dict[str, object]:

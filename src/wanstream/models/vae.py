@@ -45,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wanstream.models.fastpath import FALLBACKS, GATE, CompiledOrEager
+
 # Per-channel latent statistics of Wan2.1's VAE (identical in Wan2.1, StreamDiffusionV2 and diffusers).
 WAN_LATENT_MEAN = (
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -449,8 +451,8 @@ class WanVAE(nn.Module):
             self.channels_last = True
         if compile:
             self._compiled = _CompiledHalves(
-                torch.compile(self.encoder, dynamic=False),
-                torch.compile(self.decoder, dynamic=False),
+                CompiledOrEager(torch.compile(self.encoder, dynamic=False), self.encoder, "Wan VAE encoder"),
+                CompiledOrEager(torch.compile(self.decoder, dynamic=False), self.decoder, "Wan VAE decoder"),
                 background,
             )
         return self
@@ -464,13 +466,13 @@ class WanVAE(nn.Module):
     # A stream's whole first call runs eagerly, its second part included (frames 1-4 after frame 0, latent 1
     # after latent 0): its caches come fresh out of the eager first part, with other shapes and strides than
     # the compiled graphs were guarded on, and dynamo would recompile on every stream start (~2 s measured).
-    def _encoder_for(self, x: torch.Tensor, steady: bool) -> nn.Module:
+    def _encoder_for(self, x: torch.Tensor, steady: bool) -> Callable[..., torch.Tensor]:
         if self._compiled is None or not steady:
             return self.encoder
         compiled = self._compiled.get("encoder", x, lambda: self._warm_encoder(x))
         return self.encoder if compiled is None else compiled
 
-    def _decoder_for(self, z: torch.Tensor, steady: bool) -> nn.Module:
+    def _decoder_for(self, z: torch.Tensor, steady: bool) -> Callable[..., torch.Tensor]:
         if self._compiled is None or not steady:
             return self.decoder
         compiled = self._compiled.get("decoder", z, lambda: self._warm_decoder(z))
@@ -632,7 +634,7 @@ class WanVAE(nn.Module):
 class _CompiledHalves:
     """The compiled encoder and decoder, and which input shapes they are ready for."""
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, background: bool) -> None:
+    def __init__(self, encoder: CompiledOrEager, decoder: CompiledOrEager, background: bool) -> None:
         self.halves = (encoder, decoder)
         self.background = background
         self._ready: set[tuple] = set()
@@ -640,7 +642,7 @@ class _CompiledHalves:
         self._lock = threading.Lock()
         self.errors: list[BaseException] = []
 
-    def get(self, half: str, x: torch.Tensor, warm: Callable[[], None]) -> nn.Module | None:
+    def get(self, half: str, x: torch.Tensor, warm: Callable[[], None]) -> CompiledOrEager | None:
         """The compiled half if it is ready for `x`'s shape (None: use the eager one for now)."""
         key = (half, tuple(x.shape), x.dtype, x.device)
         module = self.halves[0 if half == "encoder" else 1]
@@ -659,14 +661,17 @@ class _CompiledHalves:
         return None
 
     def _run(self, key: tuple, warm: Callable[[], None]) -> None:
+        # Compiling launches kernels, loads modules and synchronises the device: never while another thread
+        # captures a CUDA graph (the gate defers such captures until this is done).
         try:
-            with torch.inference_mode():
+            with GATE.background(), torch.inference_mode():
                 warm()
-            if key[3].type == "cuda":
-                torch.cuda.synchronize(key[3])
+                if key[3].type == "cuda":
+                    torch.cuda.synchronize(key[3])
             self._ready.add(key)
-        except BaseException as exc:  # a failed compile leaves the eager path in use
+        except Exception as exc:  # the eager path stays in use
             self.errors.append(exc)
+            FALLBACKS.record("compile", f"Wan VAE {key[0]} warm-up", exc, "the eager VAE")
 
     def wait(self, timeout: float | None = None) -> bool:
         for thread in list(self._started.values()):

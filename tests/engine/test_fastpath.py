@@ -1,0 +1,319 @@
+"""The optimised path's guards on the CPU: a failed CUDA-graph capture or compile falls back to a correct,
+slower path (same output, one warning, counted), and captures never run beside another thread's GPU work.
+
+The device side of `StepGraphs` (warm-up on the capture stream, recording) is replaced by a stand-in that
+records the step as a closure and replays it by running it: the engine's bookkeeping around it — keys, static
+buffers, cache save/restore, deferral, fallback — is the code that runs on the GPU."""
+
+from __future__ import annotations
+
+import threading
+import time
+import warnings
+
+import pytest
+import torch
+
+from wanstream import Pipeline
+from wanstream.engine.graphs import StepGraphs
+from wanstream.models.fastpath import FALLBACKS, GATE, CaptureGate, CompiledOrEager
+
+from support.clips import moving_clip
+
+SMALL = dict(height=32, width=48)
+
+
+class _Replay:
+    """A 'graph' that replays by running the recorded step into the static outputs."""
+
+    def __init__(self, run, outputs) -> None:
+        self.run, self.outputs = run, outputs
+
+    def replay(self) -> None:
+        for dst, src in zip(self.outputs, self.run()):
+            dst.copy_(src)
+
+
+class CpuGraphs(StepGraphs):
+    device_type = "cpu"
+    fail_with: BaseException | None = None
+
+    def _warm_up(self, run) -> None:
+        for _ in range(2):
+            run()
+
+    def _record(self, run):
+        if self.fail_with is not None:
+            raise self.fail_with
+        outputs = tuple(o.clone() for o in run())
+        return _Replay(run, outputs), outputs
+
+
+class FailingGraphs(CpuGraphs):
+    fail_with = RuntimeError(
+        "CUDA error: operation failed due to a previous error during capture (cudaErrorStreamCaptureInvalidated)"
+    )
+
+
+def _stream(pipe: Pipeline, graphs_cls: type[StepGraphs] | None, batching: str, steps=(700, 500)):
+    session = pipe.session(prompts=["a red fox"], batching=batching, steps=steps, seed=5, **SMALL)
+    if graphs_cls is not None:
+        d = session.denoiser
+        d.graphs = graphs_cls(d.cache, d._step)
+    return session
+
+
+def _run(session, clip: torch.Tensor) -> torch.Tensor:
+    outs = [session.push(clip[i : i + 4]) for i in range(0, clip.shape[0], 4)]
+    outs.append(session.flush())
+    return torch.cat(outs)
+
+
+@pytest.fixture(autouse=True)
+def _clean_fallbacks():
+    FALLBACKS.clear()
+    yield
+    FALLBACKS.clear()
+
+
+@pytest.mark.parametrize("batching", ["stream", "none"])
+def test_replayed_steps_equal_the_eager_path(demo_pipeline: Pipeline, batching: str) -> None:
+    clip = moving_clip(61)  # long enough for the cache to fill: later chunks replay earlier captures
+    eager = _run(_stream(demo_pipeline, None, batching), clip)
+    session = _stream(demo_pipeline, CpuGraphs, batching)
+    assert torch.equal(_run(session, clip), eager)
+    stats = session.denoiser.graphs.stats
+    assert stats.captured >= 1 and stats.replays > stats.captured and stats.failed == 0
+    assert FALLBACKS.total() == 0
+
+
+@pytest.mark.parametrize("batching", ["stream", "none"])
+def test_a_failed_capture_falls_back_with_one_warning_and_the_same_output(
+    demo_pipeline: Pipeline, batching: str
+) -> None:
+    clip = moving_clip(25)
+    eager = _run(_stream(demo_pipeline, None, batching), clip)
+    session = _stream(demo_pipeline, FailingGraphs, batching)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = _run(session, clip)
+    assert torch.equal(out, eager)  # the cache state the failed attempt touched was restored
+    stats = session.denoiser.graphs.stats
+    assert stats.failed >= 1 and stats.replays == 0 and stats.captured == 0
+    assert FALLBACKS.snapshot()["counts"] == {"cuda_graph": stats.failed}
+    assert "cudaErrorStreamCaptureInvalidated" in FALLBACKS.snapshot()["last"]["cuda_graph"]
+    ours = [w for w in caught if "cuda_graph failed" in str(w.message)]
+    assert len(ours) == 1, [str(w.message) for w in caught]  # one warning, however many signatures fail
+    assert "stream continues" in str(ours[0].message)
+
+
+def test_a_failed_signature_is_not_captured_again(demo_pipeline: Pipeline) -> None:
+    session = _stream(demo_pipeline, FailingGraphs, "none", steps=(700,))
+    clip = moving_clip(21)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _run(session, clip)
+        failed = session.denoiser.graphs.stats.failed
+        _run(session, clip)  # a second stream through the same signatures
+    assert session.denoiser.graphs.stats.failed == failed
+
+
+def test_out_of_memory_in_capture_is_not_hidden(demo_pipeline: Pipeline) -> None:
+    class OomGraphs(CpuGraphs):
+        fail_with = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    session = _stream(demo_pipeline, OomGraphs, "none")
+    with pytest.raises(torch.OutOfMemoryError):
+        _run(session, moving_clip(13))
+    assert FALLBACKS.total() == 0
+
+
+def test_capture_is_deferred_while_another_thread_compiles(demo_pipeline: Pipeline) -> None:
+    clip = moving_clip(25)
+    eager = _run(_stream(demo_pipeline, None, "stream"), clip)
+    session = _stream(demo_pipeline, CpuGraphs, "stream")
+    inside, release = threading.Event(), threading.Event()
+
+    def compile_thread() -> None:
+        with GATE.background():
+            inside.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=compile_thread)
+    thread.start()
+    inside.wait(5)
+    try:
+        first = [session.push(clip[i : i + 4]) for i in range(0, 16, 4)]
+        stats = session.denoiser.graphs.stats
+        assert stats.deferred >= 1 and stats.captured == 0  # ran uncaptured, did not wait
+    finally:
+        release.set()
+        thread.join(5)
+    rest = [session.push(clip[i : i + 4]) for i in range(16, 25, 4)] + [session.flush()]
+    assert session.denoiser.graphs.stats.captured >= 1  # captured once the compile was done
+    assert torch.equal(torch.cat(first + rest), eager)
+
+
+# --- the gate itself ------------------------------------------------------------------------------------
+
+
+def _in_thread(fn) -> threading.Thread:
+    thread = threading.Thread(target=fn, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_gate_capture_waits_for_other_threads_work_and_holds_new_work_back() -> None:
+    gate = CaptureGate()
+    order: list[str] = []
+    in_work, leave_work = threading.Event(), threading.Event()
+
+    def worker() -> None:
+        with gate.work():
+            in_work.set()
+            leave_work.wait(5)
+            order.append("work ends")
+
+    t = _in_thread(worker)
+    in_work.wait(5)
+    threading.Timer(0.2, leave_work.set).start()
+    with gate.capture(max_wait=5) as granted:
+        order.append("capture")
+        late_entered = threading.Event()
+
+        def late() -> None:
+            with gate.work():
+                late_entered.set()
+
+        t2 = _in_thread(late)
+        assert not late_entered.wait(0.3)  # new work waits while recording
+    assert granted and order == ["work ends", "capture"]
+    assert late_entered.wait(5)
+    t.join(5)
+    t2.join(5)
+    assert gate.busy() == {"work": 0, "background": 0}
+
+
+def test_gate_defers_instead_of_waiting_for_background_work_or_a_second_capturer() -> None:
+    gate = CaptureGate()
+    inside, release = threading.Event(), threading.Event()
+
+    def background() -> None:
+        with gate.background():
+            inside.set()
+            release.wait(5)
+
+    t = _in_thread(background)
+    inside.wait(5)
+    start = time.monotonic()
+    with gate.capture(max_wait=5) as granted:
+        assert not granted
+    assert time.monotonic() - start < 1.0
+    release.set()
+    t.join(5)
+
+    holding, done = threading.Event(), threading.Event()
+
+    def capturer() -> None:
+        with gate.capture() as ok:
+            assert ok
+            holding.set()
+            done.wait(5)
+
+    t = _in_thread(capturer)
+    holding.wait(5)
+    with gate.capture() as granted:
+        assert not granted  # one capture at a time: the second runs uncaptured
+    done.set()
+    t.join(5)
+
+
+def test_gate_capture_gives_up_after_max_wait_and_lets_work_resume() -> None:
+    gate = CaptureGate()
+    in_work, leave = threading.Event(), threading.Event()
+
+    def worker() -> None:
+        with gate.work():
+            in_work.set()
+            leave.wait(5)
+
+    t = _in_thread(worker)
+    in_work.wait(5)
+    with gate.capture(max_wait=0.1) as granted:
+        assert not granted
+    with gate.work():  # nothing left blocked
+        pass
+    leave.set()
+    t.join(5)
+
+
+def test_nested_holds_on_one_thread_never_wait_for_a_pending_capture() -> None:
+    gate = CaptureGate()
+    in_work, nested_done = threading.Event(), threading.Event()
+
+    def worker() -> None:
+        with gate.work():
+            in_work.set()
+            time.sleep(0.1)  # a capture is now pending on the main thread
+            with gate.work():  # e.g. update() calling reset()
+                nested_done.set()
+
+    t = _in_thread(worker)
+    in_work.wait(5)
+    with gate.capture(max_wait=5) as granted:
+        assert granted and nested_done.is_set()
+    t.join(5)
+
+
+# --- compile fallback -----------------------------------------------------------------------------------
+
+
+def test_a_failed_compile_runs_the_eager_function_with_one_warning() -> None:
+    calls = {"compiled": 0}
+
+    def compiled(x):
+        calls["compiled"] += 1
+        raise RuntimeError("BackendCompilerFailed: inductor raised LoweringException")
+
+    def eager(x):
+        return x * 2
+
+    fn = CompiledOrEager(compiled, eager, "test block")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert torch.equal(fn(torch.ones(3)), torch.full((3,), 2.0))
+        assert torch.equal(fn(torch.ones(3)), torch.full((3,), 2.0))
+    assert calls["compiled"] == 1  # not retried on every call
+    assert FALLBACKS.snapshot()["counts"] == {"compile": 1}
+    assert len([w for w in caught if "compile failed in test block" in str(w.message)]) == 1
+
+
+def test_out_of_memory_in_a_compiled_call_propagates() -> None:
+    def compiled(x):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    fn = CompiledOrEager(compiled, lambda x: x, "test block")
+    with pytest.raises(torch.OutOfMemoryError):
+        fn(torch.ones(1))
+    assert not fn.failed and FALLBACKS.total() == 0
+
+
+def test_vae_background_compile_failure_is_recorded_and_the_eager_vae_keeps_working() -> None:
+    from wanstream.models.vae import _CompiledHalves
+
+    def broken(*args):
+        raise RuntimeError("triton compile error")
+
+    halves = _CompiledHalves(
+        CompiledOrEager(broken, broken, "enc"), CompiledOrEager(broken, broken, "dec"), background=True
+    )
+    x = torch.zeros(1, 3, 4, 16, 16)
+
+    def warm() -> None:
+        halves.halves[0](x)
+
+    assert halves.get("encoder", x, warm) is None  # eager for now, compiling in the background
+    assert halves.wait(10)
+    assert halves.get("encoder", x, warm) is None  # still eager: the compile failed
+    assert FALLBACKS.snapshot()["counts"].get("compile", 0) >= 1
+    assert GATE.busy() == {"work": 0, "background": 0}
