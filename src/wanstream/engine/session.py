@@ -17,6 +17,7 @@ frame (kv_cache_frames − 1) and grows again — positions stay bounded, so a s
 from __future__ import annotations
 
 import copy
+import functools
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -30,6 +31,7 @@ from wanstream.engine.batching import Denoiser
 from wanstream.engine.codecs import Codecs
 from wanstream.engine.components import Components
 from wanstream.engine.lora import lora_manager
+from wanstream.engine.memory import out_of_memory_message, release_device_memory
 from wanstream.engine.noise import NoiseController
 from wanstream.engine.prompts import (
     EmbeddingCache,
@@ -42,6 +44,7 @@ from wanstream.engine.prompts import (
 from wanstream.engine.rng import NoiseSource, SeededNoise
 from wanstream.engine.settings import LORA_FIELDS, REBUILD_FIELDS, SettingsUpdate, StreamSettings
 from wanstream.models.dit import CrossKV, StreamExtension
+from wanstream.models.fastpath import GATE
 from wanstream.models.kv_cache import KVCache, KVCacheConfig
 
 OutputFormat = Literal["uint8", "float"]
@@ -95,6 +98,35 @@ class ChunkConditioner(Protocol):
     def reset(self) -> None: ...
 
 
+class StreamOutOfMemory(SessionError):
+    """The device ran out of memory mid-stream: this session is closed and its memory released."""
+
+
+def _gpu_work(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Marks a public call that runs chunks on the device.
+
+    * Another thread's CUDA-graph capture waits for it to end (and it waits for that capture), so the capture
+      never sees this thread's work (models.fastpath).
+    * Out of memory ends this session only: it is closed, its memory released, and `StreamOutOfMemory` says
+      how much was asked for and what to lower. (Its state is half-way through a chunk: it cannot go on.)
+    """
+
+    @functools.wraps(method)
+    def wrapper(self: StreamSession, *args: Any, **kwargs: Any) -> Any:
+        if self.closed is not None:
+            raise SessionError(f"this session is closed ({self.closed}); start a new one")
+        with GATE.work():
+            try:
+                return method(self, *args, **kwargs)
+            except torch.OutOfMemoryError as exc:
+                text = str(exc)
+            # Outside the handler: the traceback (and the tensors its frames hold) is gone.
+            message = self._close_after_oom(text)
+        raise StreamOutOfMemory(message)
+
+    return wrapper
+
+
 class StreamSession:
     def __init__(
         self,
@@ -107,6 +139,7 @@ class StreamSession:
         event_log_size: int = 2048,
     ) -> None:
         self.components = components
+        self.closed: str | None = None  # why, once close() ran
         self.settings = settings or StreamSettings()
         self.output = output
         self.events: deque[ChunkEvent] = deque(maxlen=event_log_size)
@@ -185,6 +218,7 @@ class StreamSession:
         self._next_position = 0  # latent frame index of the next chunk
         self._in_flight: deque[ChunkEvent] = deque()  # stream batch: chunks inside the lanes
 
+    @_gpu_work
     def reset(self, *, drain: bool = False) -> torch.Tensor:
         """Restart the stream (hard cut). With `drain`, chunks still inside the lanes come out first."""
         out = self._drain_lanes() if drain else self._empty_output()
@@ -194,6 +228,7 @@ class StreamSession:
     # ----------------------------------------------------------------------------------------------
     # Live control
     # ----------------------------------------------------------------------------------------------
+    @_gpu_work
     def update(self, update: SettingsUpdate | dict[str, Any]) -> torch.Tensor:
         """Apply a validated change; a rejected one raises and leaves the session as it was.
 
@@ -363,6 +398,7 @@ class StreamSession:
         """Input frames buffered but not yet part of a chunk."""
         return len(self._pending.frames)
 
+    @_gpu_work
     def push(self, frames: torch.Tensor) -> torch.Tensor:
         """Feed input frames [T, H, W, 3] (uint8, or float in [0, 1]); returns the output ready now."""
         if self.settings.mode != "video":
@@ -375,6 +411,7 @@ class StreamSession:
             outputs.append(self._process_video_chunk(self._needed))
         return self._concat(outputs)
 
+    @_gpu_work
     def flush(self) -> torch.Tensor:
         """End of input: process the last partial chunk (padded, output trimmed) and drain the lanes."""
         outputs = []
@@ -388,6 +425,7 @@ class StreamSession:
         self._restart_stream()  # input ended: whatever comes next is a new stream
         return self._concat(outputs)
 
+    @_gpu_work
     def generate(self, chunks: int = 1) -> torch.Tensor:
         """Text mode: the next `chunks` chunks of video generated from the prompts alone."""
         if self.settings.mode != "text":
@@ -565,6 +603,32 @@ class StreamSession:
 
     def _stage(self, name: str) -> AbstractContextManager[Any]:
         return self.stage_timer(name) if self.stage_timer is not None else nullcontext()
+
+    # ----------------------------------------------------------------------------------------------
+    # Closing
+    # ----------------------------------------------------------------------------------------------
+    def close(self, reason: str = "closed") -> None:
+        """Drop every per-stream buffer (KV cache, captured graphs and their pool, codec states, pending input).
+        The session refuses further work; the shared models stay loaded."""
+        if self.closed is not None:
+            return
+        self.closed = reason
+        if self.denoiser.graphs is not None:
+            self.denoiser.graphs.clear()
+        self.denoiser.graphs = None
+        self.denoiser.cache = None  # type: ignore[assignment]
+        self.denoiser._lanes = None
+        self.codecs.reset()
+        if self.conditioner is not None:
+            self.conditioner.reset()
+        self._pending.frames.clear()
+        self._in_flight.clear()
+        self._cross = None
+
+    def _close_after_oom(self, error_text: str) -> str:
+        self.close("out of GPU memory")
+        release_device_memory(self.components.device)
+        return out_of_memory_message(error_text, self.components.device, self.settings)
 
     # ----------------------------------------------------------------------------------------------
     # Snapshots: capture the whole stream state and resume from it later
