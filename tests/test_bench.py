@@ -43,3 +43,19 @@ def test_dit_flop_formula_matches_the_reference_count() -> None:
     cfg = WanConfig.t2v_1_3b()
     flops = dit_flops(cfg, 1, 1560, 6 * 1560)
     assert math.isclose(flops / 1e12, 4.049 + 6 * 0.4486, rel_tol=0.01)
+
+
+def test_bench_live_changes_scenario_runs_every_phase(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    rc = main(
+        ["bench", "--tiny", "--device", "cpu", "--configs", "batch,32x32,2,wan", "--chunks", "1",
+         "--warm-chunks", "1", "--live-changes", "--json", str(out)]
+    )  # fmt: skip
+    assert rc == 0
+    data = json.loads(out.read_text())
+    live = data["live_changes"]
+    assert list(live["phases"]) == ["start", "prompt_change", "hard_cut", "steps_2", "steps_3", "steps_1"]
+    assert live["all_phases_produced_frames"]
+    assert live["phases"]["hard_cut"]["frames"] == 5 + 4 * 5 - 4  # 5-frame first chunk, then 2-step lag of 1
+    assert live["ttff_after_reset_ms"] == live["phases"]["hard_cut"]["chunk_ms"][0] > 0
+    assert data["fallbacks"] == {"counts": {}, "last": {}}

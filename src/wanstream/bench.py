@@ -40,6 +40,7 @@ from wanstream.engine.lora import lora_manager
 from wanstream.engine.session import StreamSession
 from wanstream.engine.settings import DEFAULT_STEPS, LoraMode, LoraSpec, StreamSettings
 from wanstream.models.dit import WanConfig, WanDiT
+from wanstream.models.fastpath import FALLBACKS
 from wanstream.models.lora import linear_targets
 from wanstream.weights.lora import LoraPair, LoraWeights
 
@@ -342,6 +343,8 @@ def bench_config(
         synchronize(device)
         extra["lora_rescale_ms"] = (time.perf_counter() - t0) * 1000
         manager.apply(loras, settings.lora_mode)
+    if session.denoiser.graphs is not None:
+        extra["cuda_graphs"] = asdict(session.denoiser.graphs.stats)
     # Time to first frame on a fresh stream, compile caches warm.
     session.reset()
     synchronize(device)
@@ -419,6 +422,7 @@ def run_bench(
     json_path: str | None = None,
     lora_rank: int | None = None,
     lora_modes: tuple[str, ...] = ("none", "merged", "runtime"),
+    live_changes: bool = False,
 ) -> list[Result]:
     from rich.console import Console
 
@@ -479,6 +483,12 @@ def run_bench(
             + (f", LoRA scale change {rescale:.1f} ms" if rescale is not None else "")
         )
     print_table(results, console)
+    live = bench_live_changes(components, configs[0], console) if live_changes else None
+    fallbacks = FALLBACKS.snapshot()
+    console.print(
+        f"optimisation fallbacks: {sum(fallbacks['counts'].values())}"
+        + (f" {fallbacks['counts']} — last: {fallbacks['last']}" if fallbacks["counts"] else "")
+    )
     if json_path:
         payload = {
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -488,11 +498,67 @@ def run_bench(
             "cuda_graphs": graphs,
             "vae_layout": vae_layout,
             "weights": components.label,
+            "fallbacks": FALLBACKS.snapshot(),
             "results": [asdict(r) for r in results],
+            "live_changes": live,
         }
         with open(json_path, "w") as f:
             json.dump(payload, f, indent=1)
     return results
+
+
+def bench_live_changes(components: Components, cfg: BenchConfig, console: Any = None) -> dict[str, Any]:
+    """One stream through what a performer does live, each phase timed per chunk (wall, output on the CPU):
+    steady chunks, a prompt change, a hard cut (reset) with its time to first frame, and denoising steps
+    changed live 2 → 3 → 1 (a different lane count: new shapes, new graphs). Checks that every phase keeps
+    producing frames; the figures show what each change costs."""
+    device = components.device
+    session = StreamSession(components, cfg.settings(), output="uint8")
+    text_dim, text_len = components.dit.config.text_dim, components.dit.config.text_len
+    frames = (torch.rand(5 + 4 * 12, cfg.height, cfg.width, 3) * 255).to(torch.uint8)
+
+    def prompt(seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(1, text_len, text_dim, generator=g).to(device, components.dtype)
+
+    def chunks(n: int, first: bool = False) -> dict[str, Any]:
+        times, made = [], 0
+        for i in range(n):
+            block = frames[:5] if first and i == 0 else frames[5 + 4 * (i % 12) : 9 + 4 * (i % 12)]
+            t0 = time.perf_counter()
+            made += int(session.push(block).cpu().shape[0])
+            times.append(round((time.perf_counter() - t0) * 1000, 1))
+        return {"chunk_ms": times, "frames": made}
+
+    phases: dict[str, Any] = {}
+    session.set_prompt_embeddings(prompt(1))
+    phases["start"] = chunks(12, first=True)
+    session.set_prompt_embeddings(prompt(2))
+    phases["prompt_change"] = chunks(6)
+    session.reset()
+    phases["hard_cut"] = chunks(6, first=True)  # its first chunk's time is the TTFF after a reset
+    for steps in ((700, 500), (700, 500, 400), (700,)):
+        session.update({"steps": list(steps)})
+        phases[f"steps_{len(steps)}"] = chunks(10)
+    synchronize(device)
+    steady = statistics.median(phases["start"]["chunk_ms"][4:])
+    summary = {
+        "config": cfg.name,
+        "steady_chunk_ms": steady,
+        "ttff_after_reset_ms": phases["hard_cut"]["chunk_ms"][0],
+        "worst_chunk_ms": {k: max(v["chunk_ms"]) for k, v in phases.items()},
+        "all_phases_produced_frames": all(v["frames"] > 0 for v in phases.values()),
+        "phases": phases,
+    }
+    if session.denoiser.graphs is not None:
+        summary["cuda_graphs"] = asdict(session.denoiser.graphs.stats)
+    if console is not None:
+        console.print(
+            f"live changes ({cfg.name}): steady {steady:.1f} ms/chunk, TTFF after reset "
+            f"{summary['ttff_after_reset_ms']:.0f} ms, worst per phase {summary['worst_chunk_ms']}, "
+            f"frames in every phase: {summary['all_phases_produced_frames']}"
+        )
+    return summary
 
 
 def _bench_lora(mode: str) -> LoraSpec:

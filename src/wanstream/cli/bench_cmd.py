@@ -49,6 +49,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="with --lora-rank: comma-separated variants among none, merged, runtime (default: %(default)s)",
     )
     p.add_argument(
+        "--live-changes",
+        action="store_true",
+        help="after the configs, one stream of the first config through a prompt change, a hard cut and "
+        "steps changed live 2 -> 3 -> 1, timed per chunk",
+    )
+    p.add_argument(
         "--gpus",
         type=int,
         default=1,
@@ -101,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         json_path=args.json_path,
         lora_rank=args.lora_rank,
         lora_modes=lora_modes,
+        live_changes=args.live_changes,
     )
     return 0
 

@@ -726,6 +726,7 @@ def bench_vace(
     steps: tuple[int, ...] = (1000, 750),
     chunks: int = 20,
     warm_chunks: int = 4,
+    optimize: bool = False,
 ) -> list[VaceBenchResult]:
     """FPS and peak memory of a text-mode stream (Scope's VACE setup: no batching, t = 0 cache pass,
     FIFO cache) without and with VACE, full-size random weights (`tiny`: toy sizes, for a CPU test).
@@ -739,6 +740,8 @@ def bench_vace(
     device = torch.device(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     components = random_components(device, dtype, tiny=tiny)
+    if optimize:  # the product's path: compiled DiT blocks and VAE, CUDA graphs where a call allows them
+        components.optimize()
     results = [
         _bench_one(components, h, w, steps, chunks, warm_chunks, None, StageTimer, synchronize)
         for h, w in resolutions

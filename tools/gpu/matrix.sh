@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# The GPU acceptance matrix of the optimised path (compile + CUDA graphs), in two device calls of <= 10 minutes,
+# back to back on the same machine (part B needs the compile cache part A left). From the repo root, with `.whl`
+# and `ref-carry` carried:
+#   source tools/gpu/env.sh && bash tools/gpu/matrix.sh A     # empty compile cache: every config in ONE process,
+#                                                             # then the reference at 480x832, 1-4 steps
+#   source tools/gpu/env.sh && bash tools/gpu/matrix.sh B     # warm cache, each run in a NEW process: 1 and 4
+#                                                             # steps x codecs x batch/no batch, LoRA none/merged/
+#                                                             # runtime, VACE on/off, live changes, a real OOM
+# Each part leaves two files in $OUT: summary_<part>.json (every JSON the runs wrote, plus exit codes and crash
+# lines) and log_<part>.txt (all logs). Exit codes: a crash shows as a non-zero "rc" beside its run.
+set -o pipefail
+export COLUMNS=200
+PART=${1:?usage: matrix.sh A|B}
+W=/tmp/matrix-$PART; rm -rf "$W"; mkdir -p "$W"
+B="python3 -m wanstream.cli.main bench"
+stamp() { echo "[$(date +%T)] $*" | tee -a "$W/steps.txt"; }
+run() {  # run NAME TIMEOUT CMD...: log to $W/NAME.log, exit code to $W/NAME.rc
+  local name=$1 limit=$2; shift 2
+  stamp "$name"
+  local t0=$(date +%s)
+  timeout "$limit" "$@" > "$W/$name.log" 2>&1; local rc=$?
+  echo "$rc $(( $(date +%s) - t0 ))" > "$W/$name.rc"
+  grep -E "FPS|fallbacks|live changes|Error|error:|Traceback|ok\"" "$W/$name.log" | grep -v "^ " | tail -8
+  echo "  rc=$rc"
+}
+case $PART in
+A)
+  rm -rf "$TORCHINDUCTOR_CACHE_DIR"
+  # Every config, one process, from an empty cache; grouped so each shape compiles once.
+  run all_cold 420 $B --configs all --chunks 10 --warm-chunks 2 --json "$W/all_cold.json"
+  run reference 170 bash ref-carry/run_reference.sh matrix \
+    --configs "batch,480x832,1,wan;batch,480x832,2,wan;batch,480x832,3,wan;batch,480x832,4,wan" \
+    --chunks 30 --warm-chunks 3 --steady-from 10
+  cp "$OUT"/results_matrix.json "$W/reference.json" 2>/dev/null; rm -f "$OUT"/*_matrix.*
+  ;;
+B)
+  # The crash this matrix exists for: the default config's second start, warm cache (its cold start ran in A).
+  run warm_start_2step 120 $B --configs "batch,480x832,2,wan" --chunks 30 --warm-chunks 8 --json "$W/warm_start_2step.json"
+  for steps in 1 4; do
+    for codec in wan fast taehv; do
+      for mode in batch nobatch; do
+        extra=(); [ "$steps$codec$mode" = "1wanbatch" ] && extra=(--live-changes)
+        run "warm_${mode}_${steps}_${codec}" 90 $B --configs "$mode,480x832,$steps,$codec" --chunks 12 \
+          --warm-chunks 3 "${extra[@]}" --json "$W/warm_${mode}_${steps}_${codec}.json"
+      done
+    done
+  done
+  run lora 150 $B --configs "batch,480x832,2,wan" --chunks 20 --warm-chunks 4 --lora-rank 32 --json "$W/lora.json"
+  run oom 120 python3 tools/gpu/oom_check.py "$W/oom.json"
+  run vace 150 python3 -c "
+import json, torch, dataclasses
+from wanstream.engine.vace import bench_vace
+from wanstream.models.fastpath import FALLBACKS
+rs = bench_vace(torch.device('cuda'), resolutions=((480, 832),), chunks=10, warm_chunks=3, optimize=True)
+json.dump({'results': [dataclasses.asdict(r) for r in rs], 'fallbacks': FALLBACKS.snapshot()}, open('$W/vace.json', 'w'), indent=1)
+for r in rs: print(r)
+print('fallbacks', FALLBACKS.snapshot())
+"
+  ;;
+esac
+python3 - "$W" "$PART" <<'PY'
+import glob, json, os, re, sys
+w, part = sys.argv[1], sys.argv[2]
+summary = {"part": part, "steps": open(f"{w}/steps.txt").read().splitlines(), "runs": {}}
+for rc_file in sorted(glob.glob(f"{w}/*.rc")):
+    name = os.path.basename(rc_file)[:-3]
+    rc, secs = open(rc_file).read().split()
+    log = open(f"{w}/{name}.log", errors="replace").read()
+    entry = {"rc": int(rc), "seconds": float(secs),
+             "crash_lines": [l for l in log.splitlines() if re.search(r"Error|Traceback|CUDA error|capture", l)][:12]}
+    if os.path.exists(f"{w}/{name}.json"):
+        try:
+            entry["json"] = json.load(open(f"{w}/{name}.json"))
+        except ValueError as exc:
+            entry["json_error"] = str(exc)
+    summary["runs"][name] = entry
+out = os.environ["OUT"]
+json.dump(summary, open(f"{out}/summary_{part}.json", "w"), indent=1)
+with open(f"{out}/log_{part}.txt", "w") as f:
+    for log in sorted(glob.glob(f"{w}/*.log")):
+        f.write(f"\n===== {os.path.basename(log)} =====\n" + open(log, errors="replace").read()[-60000:])
+print("runs:", {k: v["rc"] for k, v in summary["runs"].items()})
+PY
