@@ -57,6 +57,15 @@ json.dump({'results': [dataclasses.asdict(r) for r in rs], 'fallbacks': FALLBACK
 for r in rs: print(r)
 print('fallbacks', FALLBACKS.snapshot())
 "
+  # Confirms the cause: the same warm start with the capture gate switched off (in this process only). Expect
+  # the capture to be invalidated again — now caught: a fallback counted instead of a crash.
+  run confirm_without_gate 90 python3 -c "
+import contextlib, sys
+from wanstream.models import fastpath
+fastpath.CaptureGate.capture = lambda self, max_wait=0.5: contextlib.nullcontext(True)
+from wanstream.cli.main import main
+sys.exit(main(['bench', '--configs', 'batch,480x832,2,wan', '--chunks', '10', '--warm-chunks', '3', '--json', '$W/confirm_without_gate.json']))
+"
   ;;
 esac
 python3 - "$W" "$PART" <<'PY'
