@@ -44,6 +44,11 @@ class Components:
 
         # Every (lanes, frames, cache phase) signature compiles once; allow all of them.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        # "Is FX tracing?" is one process-global flag: while the VAE compiles on its background thread, a
+        # compiled DiT call on the stream's thread would otherwise raise "Detected that you are using FX to
+        # symbolically trace a dynamo-optimized function" (seen on an H100 at a frame-size change). We never
+        # FX-trace compiled code ourselves, so such a call just runs eagerly that once.
+        torch._dynamo.config.error_on_nested_fx_trace = False
         self.dit.optimize(compile=compile)
         if vae and self.wan_vae is not None:
             self.wan_vae.optimize(channels_last=True, compile=compile)  # type: ignore[operator]

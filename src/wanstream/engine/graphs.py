@@ -127,8 +127,9 @@ class StepGraphs:
                 raise
             self._failed.add(key)
             self.stats.failed += 1
-            if not self._graphs:
-                self._pool = None  # start the next capture from a clean pool
+            # Later captures start on a new pool and stream: a broken capture can leave the allocator routing
+            # the old stream's allocations to the old pool ("already recording to mempool", seen on an H100).
+            self._pool = self._stream = None
             FALLBACKS.record(
                 "cuda_graph",
                 f"DiT step capture (lanes×frames {tuple(x.shape[:2])}, cache {plan.max_valid} tokens)",

@@ -149,6 +149,12 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
 
 
+def _capturing() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 class CompiledOrEager:
     """Calls a `torch.compile`d function; if compiling (or its first run) fails, records the failure once
     and calls the eager function from then on. Same arguments, same results up to rounding."""
@@ -163,8 +169,8 @@ class CompiledOrEager:
         try:
             return self.compiled(*args, **kwargs)
         except Exception as exc:
-            if is_out_of_memory(exc):
-                raise
+            if is_out_of_memory(exc) or _capturing():
+                raise  # out of memory is not a compile failure; a capture's failure is the capture's to handle
             self.failed = True
             FALLBACKS.record("compile", self.where, exc, "the eager code")
             return self.eager(*args, **kwargs)

@@ -653,8 +653,10 @@ class _CompiledHalves:
             return module
         with self._lock:
             if key not in self._started and not self.errors:
+                # Not a daemon: a process that ends mid-compile waits for it (a daemon compile thread
+                # torn down at exit aborted the process, seen on an H100).
                 thread = threading.Thread(
-                    target=self._run, args=(key, warm), daemon=True, name=f"compile-{half}"
+                    target=self._run, args=(key, warm), daemon=False, name=f"compile-{half}"
                 )
                 self._started[key] = thread
                 thread.start()
