@@ -136,7 +136,7 @@ def test_files_that_do_not_fit_the_1_3b_model_are_refused(hub: FakeHub, library:
     hub.add_file(REPO, "wan14b.safetensors", lora_bytes(dim=5120))
     hub.add_file(REPO, "notalora.safetensors", _safetensors_bytes({"model.weight": torch.zeros(3, 3)}))
     hub.add_file(REPO, "page.safetensors", b"<!doctype html><html>Sign in</html>", lfs=True)
-    with pytest.raises(LoraLibraryError, match="(?s)does not fit Wan2.1-T2V-1.3B.*shape mismatch"):
+    with pytest.raises(LoraLibraryError, match=r"(?s)does not fit Wan2\.1-T2V-1\.3B.*shape mismatch"):
         library.add(f"hf://{REPO}/wan14b.safetensors")
     with pytest.raises(LoraLibraryError, match="does not fit"):
         library.add(f"hf://{REPO}/notalora.safetensors")
@@ -157,7 +157,9 @@ def test_name_collisions(hub: FakeHub, library: LoraLibrary) -> None:
     again = library.add(f"hf://{REPO}/a/ink.safetensors")  # the same file: nothing to do
     assert again.sha256 == first.sha256
     assert not any(r.method == "GET" and "/cdn/" in r.path for r in hub.requests[gets:])
-    with pytest.raises(LoraLibraryError, match="already in .*from hf://someone/wan-loras/a/ink.safetensors"):
+    with pytest.raises(
+        LoraLibraryError, match=r"already in .*from hf://someone/wan-loras/a/ink\.safetensors"
+    ):
         library.add(f"hf://{REPO}/b/ink.safetensors")
     assert (library.root / "ink.safetensors").read_bytes() == hub.file(REPO, "a/ink.safetensors").content
     other = library.add(f"hf://{REPO}/b/ink.safetensors", name="ink-b.safetensors")
