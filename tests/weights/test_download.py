@@ -340,7 +340,9 @@ def test_the_prompt_extender_comes_with_its_flag(hub: FakeHub, models_dir: Path,
     for f in tiny.iterdir():
         hub.add_file("Qwen/Qwen2.5-1.5B-Instruct", f.name, f.read_bytes())
     hub.add_file("Qwen/Qwen2.5-1.5B-Instruct", "LICENSE", b"Apache-2.0")
-    with pytest.raises(MissingWeightsError, match=r"(?s)Download them with:.*wanstream download .*--with-prompt-extender"):
+    with pytest.raises(
+        MissingWeightsError, match=r"(?s)Download them with:.*wanstream download .*--with-prompt-extender"
+    ):
         resolve_prompt_extender(models_dir=models_dir)
     report, _ = run(models_dir, Selection(prompt_extender=True))
     folder = resolve_prompt_extender(models_dir=models_dir)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from wanstream.prompting.extend import DEFAULT_TIMEOUT_S
 
@@ -63,10 +64,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
-def build_from_args(args: argparse.Namespace, *, cache: bool = True):  # -> PromptExtender
+def build_from_args(
+    args: argparse.Namespace, *, cache: bool = True, tokenizer: Any = None
+):  # -> PromptExtender
+    """The extender the flags describe; `tokenizer`: the pipeline's, when it is not the downloaded umT5 one."""
     from wanstream.prompting.backends import build_extender
 
     return build_extender(
+        tokenizer=tokenizer,
         models_dir=args.models_dir,
         url=args.extender_url,
         model=args.extender_model,

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from wanstream.models.text import PromptTokenizer
 from wanstream.prompting.extend import (
     DEFAULT_TIMEOUT_S,
     ExtendCancelled,
@@ -238,16 +239,19 @@ def build_extender(
     device: str = "auto",
     cache: bool | str | Path = True,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    tokenizer: PromptTokenizer | None = None,
 ) -> PromptExtender:
     """The local extender from the models folder, or (with `url`) an endpoint's; the umT5 tokenizer of the
-    pipeline counts tokens. Raises `MissingWeightsError` (saying the download command) when a file is
-    missing; loads nothing heavy (the local model loads at its first use)."""
+    pipeline (or `tokenizer`: the one the running pipeline uses) counts tokens. Raises `MissingWeightsError`
+    (saying the download command) when a file is missing; loads nothing heavy (the local model loads at its
+    first use)."""
     from wanstream.weights.registry import get_pipeline
     from wanstream.weights.store import DEFAULT_PIPELINE, require_artifacts, resolve_prompt_extender
     from wanstream.weights.text import load_tokenizer
 
-    tokenizer_artifact = get_pipeline(DEFAULT_PIPELINE).artifact("tokenizer")
-    tokenizer_dir = require_artifacts([tokenizer_artifact], models_dir=models_dir)[0].path
+    if tokenizer is None:
+        tokenizer_artifact = get_pipeline(DEFAULT_PIPELINE).artifact("tokenizer")
+        tokenizer = load_tokenizer(require_artifacts([tokenizer_artifact], models_dir=models_dir)[0].path)
     backend: LocalBackend | OpenAIBackend
     if url:
         backend = OpenAIBackend(
@@ -256,6 +260,4 @@ def build_extender(
     else:
         backend = LocalBackend(resolve_prompt_extender(models_dir=models_dir), device=device)
     store = None if cache is False else PromptCache(default_cache_dir() if cache is True else Path(cache))
-    return PromptExtender(
-        backend, umt5_counter(load_tokenizer(tokenizer_dir)), cache=store, timeout_s=timeout_s
-    )
+    return PromptExtender(backend, umt5_counter(tokenizer), cache=store, timeout_s=timeout_s)
