@@ -17,9 +17,8 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from wanstream.models.text import PromptTokenizer
 from wanstream.prompting.extend import (
     DEFAULT_TIMEOUT_S,
     ExtendCancelled,
@@ -31,6 +30,9 @@ from wanstream.prompting.extend import (
     default_cache_dir,
     umt5_counter,
 )
+
+if TYPE_CHECKING:
+    from wanstream.models.text import PromptTokenizer
 
 ENV_EXTENDER_KEY = "WANSTREAM_EXTENDER_API_KEY"
 DEFAULT_ENDPOINT_MODEL = "gpt-4o-mini"

@@ -22,9 +22,10 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from wanstream.models.text import PromptTokenizer, clean_prompt
+if TYPE_CHECKING:  # torch stays unimported until a model is used (the CLI's parser imports this module)
+    from wanstream.models.text import PromptTokenizer
 
 MAX_PROMPT_CHARS = 4000  # input: a prompt to extend is a sentence or a paragraph, never a document
 UMT5_LIMIT = 512  # the text encoder's context (tokens, </s> included): more is cut off by the pipeline
@@ -156,6 +157,7 @@ def default_cache_dir() -> Path:
 
 def umt5_counter(tokenizer: PromptTokenizer) -> Callable[[str], int]:
     """How many umT5 tokens the pipeline's tokenizer makes of a text (</s> included, before its cut)."""
+    from wanstream.models.text import clean_prompt
 
     def count(text: str) -> int:
         return len(tokenizer.tokenizer(clean_prompt(text), add_special_tokens=True)["input_ids"])

@@ -173,6 +173,15 @@ def wan_1_3b_targets() -> dict[str, tuple[int, int]]:
     return linear_targets(build_on_meta(lambda: WanDiT(WanConfig.t2v_1_3b())))
 
 
+def read_provenance(path: Path) -> dict[str, Any] | None:
+    """What `<file>.source.json` records about a LoRA file (None when it was not added by link)."""
+    try:
+        data = json.loads(path.with_name(path.name + SIDECAR).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 class LoraLibrary:
     """The LoRA folder as a library. `targets`: the model LoRAs must fit (default Wan2.1-T2V-1.3B)."""
 
@@ -211,11 +220,7 @@ class LoraLibrary:
         return found
 
     def provenance(self, path: Path) -> dict[str, Any] | None:
-        try:
-            data = json.loads(path.with_name(path.name + SIDECAR).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        return data if isinstance(data, dict) else None
+        return read_provenance(path)
 
     def remove(self, name: str) -> None:
         """Delete a LoRA (and its provenance) from the folder; the name is confined to the folder."""
