@@ -80,7 +80,7 @@ function make(current) {
   const hide = () => { box.replaceChildren(); box.hidden = true; };
 
   const button = el("button", {
-    class: "small",
+    class: "small extend-button",
     "data-tip": "Extend this prompt into a detailed paragraph (subject, motion, style, camera, light). You see and edit the result before it is used.",
     onclick: run,
   }, "Extend");

@@ -104,5 +104,5 @@ function row(app, prompt, index, count) {
   });
   return el("div", { class: "prompt-row" }, text,
     el("span", { class: "weight" }, "weight", slider, number),
-    el("span", { class: "row-actions" }, extend.button, remove), extend.box);
+    remove, extend.button, extend.box);
 }

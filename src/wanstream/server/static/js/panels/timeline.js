@@ -327,7 +327,7 @@ function renderEditor(app) {
       use: (value) => { p.text = value; text.value = value; app.save(); renderTrack(app); },
     });
     return el("div", { class: "prompt-row" }, text, el("span", { class: "weight" }, "weight", weight),
-      el("span", { class: "row-actions" }, extend.button, remove), extend.box);
+      remove, extend.button, extend.box);
   }));
 }
 
