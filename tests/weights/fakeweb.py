@@ -1,8 +1,10 @@
 """A loopback web server for LoRA downloads: plain file links and CivitAI's public API (127.0.0.1 only).
 
-* `GET /files/<name>` — the bytes of `files[name]`, with `Accept-Ranges` and `Range: bytes=N-` → 206;
-  `cut_once` names files whose next body stops half-way (the connection is shut), `ignore_range` answers
-  ranges with the whole file, `disposition[name]` adds a `Content-Disposition` file name.
+* `GET /files/<name>` — the bytes of `files[name]`, with `Accept-Ranges`, an `ETag` (the content's SHA-256),
+  and `Range: bytes=N-` → 206 (unless `If-Range` names another ETag: then the whole file, 200);
+  `cut_once` names files whose next body stops half-way (the connection is shut), after which
+  `fail_after_cut` makes their GETs answer 500; `ignore_range` answers ranges with the whole file;
+  `disposition[name]` adds a `Content-Disposition` file name.
 * `GET /api/v1/model-versions/<id>` — `versions[id]` as JSON (CivitAI's model-version record).
 * `GET /api/download/models/<id>` — 302 to `/files/<versions[id]["files"][0]["name"]>`; with `token` set, a
   request without `Authorization: Bearer <token>` gets 401.
@@ -12,6 +14,7 @@ Every request is logged in `requests` as (method, path, headers).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import socket
@@ -27,6 +30,8 @@ class FakeWeb:
         self.versions: dict[str, dict[str, Any]] = {}
         self.disposition: dict[str, str] = {}
         self.cut_once: set[str] = set()
+        self.fail_after_cut = False
+        self._cut_done: set[str] = set()
         self.ignore_range = False
         self.token: str | None = None
         self.requests: list[tuple[str, str, dict[str, str]]] = []
@@ -100,11 +105,15 @@ class _Handler(BaseHTTPRequestHandler):
         content = fake.files.get(name)
         if content is None:
             return self._send(404, b"no such file", {})
-        headers = {"Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
+        if fake.fail_after_cut and name in fake._cut_done:
+            return self._send(500, b"Internal Error", {})
+        etag = '"' + hashlib.sha256(content).hexdigest() + '"'
+        headers = {"Accept-Ranges": "bytes", "Content-Type": "application/octet-stream", "ETag": etag}
         if name in fake.disposition:
             headers["Content-Disposition"] = f'attachment; filename="{fake.disposition[name]}"'
         start, status = 0, 200
-        if (rng := self.headers.get("Range")) and not fake.ignore_range:
+        if_range = self.headers.get("If-Range")
+        if (rng := self.headers.get("Range")) and not fake.ignore_range and if_range in (None, etag):
             m = re.fullmatch(r"bytes=(\d+)-", rng.strip())
             if not m or int(m.group(1)) >= len(content):
                 return self._send(416, b"", {"Content-Range": f"bytes */{len(content)}"})
@@ -113,6 +122,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = content[start:]
         if name in fake.cut_once and len(body) > 1:
             fake.cut_once.discard(name)
+            fake._cut_done.add(name)
             self.send_response(status)
             for k, v in {**headers, "Content-Length": str(len(body))}.items():
                 self.send_header(k, v)

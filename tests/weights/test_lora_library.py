@@ -239,6 +239,25 @@ def test_plain_links_resume_and_are_size_limited(web: FakeWeb, tmp_path: Path) -
     assert not any(p.is_file() for p in (tmp_path / "small").rglob("*"))
 
 
+def test_a_partial_file_of_a_changed_link_is_not_resumed(web: FakeWeb, library: LoraLibrary) -> None:
+    web.files["style.safetensors"] = lora_bytes(layers=16, seed=1)
+    web.cut_once.add("style.safetensors")
+    web.fail_after_cut = True
+    with pytest.raises(DownloadError, match="partial file is kept"):
+        library.add(web.file_url("style.safetensors"))
+    assert (library.root / ".partial" / "style.safetensors.part").stat().st_size > 0
+    new = lora_bytes(layers=16, seed=2)  # the link now serves another file
+    web.files["style.safetensors"] = new
+    web.fail_after_cut = False
+    record = library.add(web.file_url("style.safetensors"))
+    last = web.gets("style.safetensors")[-1]
+    assert last["if-range"].startswith('"') and last["range"].startswith(
+        "bytes="
+    )  # resumed only if unchanged
+    assert (library.root / "style.safetensors").read_bytes() == new
+    assert record.sha256 == hashlib.sha256(new).hexdigest()
+
+
 def test_a_cancelled_add_keeps_its_partial_file(web: FakeWeb, library: LoraLibrary) -> None:
     web.files["style.safetensors"] = lora_bytes()
     cancel = threading.Event()

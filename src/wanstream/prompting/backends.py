@@ -75,7 +75,7 @@ class LocalBackend:
                 tokenizer = AutoTokenizer.from_pretrained(str(self.folder), local_files_only=True)
                 model = AutoModelForCausalLM.from_pretrained(
                     str(self.folder), local_files_only=True, dtype=dtype
-                )
+                ).to(device)
             except Exception as exc:
                 raise ExtendError(
                     f"{self.folder}: cannot load the prompt extender ({type(exc).__name__}: {exc}). "
@@ -86,7 +86,7 @@ class LocalBackend:
                     f"{self.folder}: the tokenizer has no chat template (not an instruct model)"
                 )
             self._tokenizer = tokenizer
-            self._model = model.to(device).eval().requires_grad_(False)
+            self._model = model.eval().requires_grad_(False)
             self.device = device
 
     def _pick_device(self) -> str:
@@ -135,7 +135,9 @@ class LocalBackend:
                 **_SAMPLING,
                 top_k=0,
                 stopping_criteria=StoppingCriteriaList([_Bounds()]),
-                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                pad_token_id=tokenizer.eos_token_id
+                if tokenizer.pad_token_id is None
+                else tokenizer.pad_token_id,
             )
         if stopped and stopped[0] == "cancel":
             raise ExtendCancelled("prompt extension cancelled")

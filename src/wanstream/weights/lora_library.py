@@ -323,14 +323,12 @@ class LoraLibrary:
         meta = part.with_name(part.name + ".json")
         identity = {"url": remote.url, "size": remote.size, "sha256": remote.sha256}
         part.parent.mkdir(parents=True, exist_ok=True)
-        if part.is_file():
-            try:
-                same = json.loads(meta.read_text()) == identity
-            except (OSError, ValueError):
-                same = False
-            if not same or (remote.size is not None and part.stat().st_size > remote.size):
-                part.unlink()
-        meta.write_text(json.dumps(identity))
+        kept = _read_json(meta)  # the partial file's identity, plus the validator of its first response
+        same = {k: v for k, v in kept.items() if k != "validator"} == identity
+        if part.is_file() and (not same or (remote.size is not None and part.stat().st_size > remote.size)):
+            part.unlink()
+        if not part.is_file() or not same:
+            _write_json(meta, identity)
         for attempt in range(3):  # a dropped connection is resumed in the same run
             try:
                 self._stream(remote, part, on_progress, cancel)
@@ -366,9 +364,14 @@ class LoraLibrary:
         have = part.stat().st_size if part.is_file() else 0
         if remote.size is not None and have == remote.size:
             return  # complete from an earlier run
+        meta = part.with_name(part.name + ".json")
         headers = dict(remote.headers)
         if have:
             headers["Range"] = f"bytes={have}-"
+            # Only the version the partial file started from (else the server sends it whole: a 200).
+            validator = _read_json(meta).get("validator")
+            if validator:
+                headers["If-Range"] = validator
         timeout = httpx.Timeout(60.0, connect=15.0)
         with (
             httpx.Client(follow_redirects=True, timeout=timeout) as client,
@@ -382,6 +385,9 @@ class LoraLibrary:
                 raise _Incomplete(_http_problem(response, remote))
             elif response.status_code not in (200, 206):
                 raise LoraLibraryError(_http_problem(response, remote))
+            if not have:  # what this version of the file is called, for a later resume
+                validator = response.headers.get("ETag") or response.headers.get("Last-Modified")
+                _write_json(meta, {**_read_json(meta), "validator": validator})
             length = response.headers.get("Content-Length")
             total = have + int(length) if length and length.isdigit() else remote.size
             if total is not None and total > self.max_bytes:
@@ -583,6 +589,14 @@ def _sha256(path: Path) -> str:
 def _unlink_partial(part: Path) -> None:
     part.unlink(missing_ok=True)
     part.with_name(part.name + ".json").unlink(missing_ok=True)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
