@@ -220,8 +220,14 @@ class PromptExtender:
             text, truncated = self._run(prompt, seed, deadline, cancel)
         tokens = self.count_tokens(text)
         if self.cache is not None:
-            self.cache.put(key, {"prompt": prompt, "model": self.model, "seed": seed, "text": text,
-                                 "truncated": truncated})  # fmt: skip
+            record = {
+                "prompt": prompt,
+                "model": self.model,
+                "seed": seed,
+                "text": text,
+                "truncated": truncated,
+            }
+            self.cache.put(key, record)
         return Extension(prompt, text, self.model, seed, tokens, truncated, False, time.monotonic() - start)
 
     def _run(self, prompt: str, seed: int, deadline: float, cancel: threading.Event) -> tuple[str, bool]:

@@ -33,8 +33,12 @@ MAX_KEPT = 32  # finished jobs remembered
 class AddLora(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    source: str = Field(..., min_length=1, max_length=2048, description="hf://owner/repo/file.safetensors, "
-                        "civitai:MODEL_VERSION_ID or an https:// link")  # fmt: skip
+    source: str = Field(
+        ...,
+        min_length=1,
+        max_length=2048,
+        description="hf://owner/repo/file.safetensors, civitai:ID or https://…",
+    )
     name: str | None = Field(None, max_length=128, description="The file name to keep it under.")
 
 

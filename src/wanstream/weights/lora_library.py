@@ -38,7 +38,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from wanstream.weights.download import DownloadError, IntegrityError, hub_endpoint, hub_offline
+from wanstream.weights.download import DownloadError, IntegrityError, hub_call, hub_endpoint, hub_offline
 from wanstream.weights.lora import LoraError, parse_lora
 
 MAX_LORA_BYTES = 2 * 1024**3  # a rank-128 LoRA on every linear of the 1.3B DiT is ~0.6 GB
@@ -86,8 +86,8 @@ def parse_source(text: str) -> LoraSource:
         parts = [p for p in rest.split("/") if p]
         if len(parts) < 3 or any(p in (".", "..") for p in parts):
             raise LoraLibraryError(f"{text!r}: expected hf://owner/repo/path/to/file.safetensors")
-        return LoraSource("hf", text, repo_id="/".join(parts[:2]), repo_path="/".join(parts[2:]),
-                          revision=revision or "main")  # fmt: skip
+        repo_id, repo_path = "/".join(parts[:2]), "/".join(parts[2:])
+        return LoraSource("hf", text, repo_id=repo_id, repo_path=repo_path, revision=revision or "main")
     civitai = re.fullmatch(r"civitai:(\d{1,12})", text)
     if civitai is None:
         civitai = re.search(
@@ -445,25 +445,30 @@ def _resolve_hf(src: LoraSource) -> _Remote:
     from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
     from huggingface_hub.utils import build_hf_headers
 
-    from wanstream.weights.download import _hub_call
     from wanstream.weights.registry import Artifact
 
     if hub_offline():
         raise LoraLibraryError("HF_HUB_OFFLINE is set: nothing can be downloaded from the hub")
-    artifact = Artifact(key="lora", role="lora", repo_id=src.repo_id, path=src.repo_path, approx_bytes=0,
-                        description="LoRA", revision=src.revision)  # fmt: skip
+    # The download module's error wording (gated repo, not found, no network) takes an artifact.
+    artifact = Artifact(
+        key="lora",
+        role="lora",
+        repo_id=src.repo_id,
+        path=src.repo_path,
+        approx_bytes=0,
+        description="LoRA",
+        revision=src.revision,
+    )
     endpoint = hub_endpoint()
     api = HfApi(endpoint=endpoint)
-    info = _hub_call(
-        artifact, lambda: api.model_info(src.repo_id, revision=src.revision, files_metadata=True)
-    )
+    info = hub_call(artifact, lambda: api.model_info(src.repo_id, revision=src.revision, files_metadata=True))
     sibling = next((s for s in info.siblings or [] if s.rfilename == src.repo_path), None)
     if sibling is None:
         raise LoraLibraryError(f"{src.repo_id} has no file {src.repo_path} at {src.revision}")
     size = sibling.lfs.size if sibling.lfs else sibling.size
     sha256 = sibling.lfs.sha256 if sibling.lfs else None
     url = hf_hub_url(src.repo_id, src.repo_path, revision=info.sha, endpoint=endpoint)
-    meta = _hub_call(artifact, lambda: get_hf_file_metadata(url, endpoint=endpoint))
+    meta = hub_call(artifact, lambda: get_hf_file_metadata(url, endpoint=endpoint))
     headers = build_hf_headers()
     if urlparse(meta.location).netloc != urlparse(url).netloc:
         headers.pop("authorization", None)  # never send the token to a CDN
