@@ -74,7 +74,7 @@ class LocalBackend:
             try:
                 tokenizer = AutoTokenizer.from_pretrained(str(self.folder), local_files_only=True)
                 model = AutoModelForCausalLM.from_pretrained(
-                    str(self.folder), local_files_only=True, dtype=dtype
+                    str(self.folder), local_files_only=True, **_dtype_kwarg(dtype)
                 ).to(device)
             except Exception as exc:
                 raise ExtendError(
@@ -144,6 +144,14 @@ class LocalBackend:
         if stopped:
             raise ExtendTimeout("the prompt extender ran out of time; try again, or raise the timeout")
         return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def _dtype_kwarg(dtype: Any) -> dict[str, Any]:
+    """`dtype=` (transformers >= 4.56), `torch_dtype=` before it (the range pyproject allows)."""
+    import transformers
+    from packaging.version import Version
+
+    return {"dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype": dtype}
 
 
 class OpenAIBackend:
