@@ -4,7 +4,7 @@
   and `Range: bytes=N-` → 206 (unless `If-Range` names another ETag: then the whole file, 200);
   `cut_once` names files whose next body stops half-way (the connection is shut), after which
   `fail_after_cut` makes their GETs answer 500; `ignore_range` answers ranges with the whole file;
-  `disposition[name]` adds a `Content-Disposition` file name.
+  `disposition[name]` adds a `Content-Disposition` file name; `hold` (an Event) delays every file until set.
 * `GET /api/v1/model-versions/<id>` — `versions[id]` as JSON (CivitAI's model-version record).
 * `GET /api/download/models/<id>` — 302 to `/files/<versions[id]["files"][0]["name"]>`; with `token` set, a
   request without `Authorization: Bearer <token>` gets 401.
@@ -31,6 +31,7 @@ class FakeWeb:
         self.disposition: dict[str, str] = {}
         self.cut_once: set[str] = set()
         self.fail_after_cut = False
+        self.hold: threading.Event | None = None  # file bodies wait for it (a download in progress)
         self._cut_done: set[str] = set()
         self.ignore_range = False
         self.token: str | None = None
@@ -61,6 +62,8 @@ class FakeWeb:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self.hold is not None:
+            self.hold.set()
         assert self._server is not None
         self._server.shutdown()
         self._server.server_close()
@@ -105,6 +108,8 @@ class _Handler(BaseHTTPRequestHandler):
         content = fake.files.get(name)
         if content is None:
             return self._send(404, b"no such file", {})
+        if fake.hold is not None:
+            fake.hold.wait(30)
         if fake.fail_after_cut and name in fake._cut_done:
             return self._send(500, b"Internal Error", {})
         etag = '"' + hashlib.sha256(content).hexdigest() + '"'

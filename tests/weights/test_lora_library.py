@@ -93,6 +93,22 @@ def test_an_hf_link_is_downloaded_verified_checked_and_recorded(hub: FakeHub, li
     assert entry["provenance"]["added"].endswith("+00:00")
 
 
+def test_gated_repos_take_hf_token_and_offline_mode_downloads_nothing(
+    hub: FakeHub, library: LoraLibrary, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub.add_file(REPO, "ink.safetensors", lora_bytes())
+    hub.repos[REPO].gated = True
+    with pytest.raises(DownloadError, match="HF_TOKEN"):
+        library.add(f"hf://{REPO}/ink.safetensors")
+    monkeypatch.setenv("HF_TOKEN", FakeHub.GOOD_TOKEN)
+    assert library.add(f"hf://{REPO}/ink.safetensors").verified_against == "hub"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    before = len(hub.requests)
+    with pytest.raises(LoraLibraryError, match="HF_HUB_OFFLINE"):
+        library.add(f"hf://{REPO}/ink.safetensors", name="again.safetensors")
+    assert len(hub.requests) == before
+
+
 def test_a_dropped_connection_resumes_with_a_range_request(hub: FakeHub, library: LoraLibrary) -> None:
     data = lora_bytes(layers=16)
     hub.add_file(REPO, "big.safetensors", data)

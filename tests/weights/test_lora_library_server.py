@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -92,6 +93,23 @@ def test_bad_requests_are_refused_before_any_download(
     assert client.delete("/api/v1/loras/../outside.safetensors").status_code != 204
     assert client.delete("/api/v1/loras/%2E%2E%2Foutside.safetensors").status_code == 422
     assert outside.read_bytes() == b"keep"
+
+
+def test_a_job_can_be_cancelled(client: httpx.Client, web: FakeWeb, tmp_path: Path) -> None:
+    web.files["slow.safetensors"] = lora_bytes()
+    web.hold = threading.Event()  # the server sits on the download until released
+    job_id = client.post("/api/v1/loras", json={"source": web.file_url("slow.safetensors")}).json()["id"]
+    deadline = time.monotonic() + 30
+    while not web.gets("slow.safetensors"):
+        assert time.monotonic() < deadline, "the download never started"
+        time.sleep(0.02)
+    assert client.get(f"/api/v1/loras/jobs/{job_id}").json()["state"] == "running"
+    assert client.delete(f"/api/v1/loras/jobs/{job_id}").status_code == 204
+    web.hold.set()
+    job = wait_job(client, job_id)
+    assert job["state"] == "cancelled" and "cancelled" in job["error"]
+    assert not (tmp_path / "loras" / "slow.safetensors").exists()
+    assert client.delete("/api/v1/loras/jobs/nope").status_code == 404
 
 
 def test_a_file_that_does_not_fit_fails_its_job(client: httpx.Client, web: FakeWeb) -> None:
