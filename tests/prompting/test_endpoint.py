@@ -63,3 +63,15 @@ def test_a_stalled_endpoint_times_out(models_dir: Path) -> None:
         extender = build_extender(models_dir=models_dir, url=api.url, cache=False, timeout_s=0.5)
         with pytest.raises(ExtendTimeout):
             extender.extend("a fox")
+
+
+def test_a_cached_text_that_does_not_fit_this_tokenizer_is_asked_again(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    with FakeOpenAI([GOOD]) as api:
+        extender = build_extender(models_dir=models_dir, url=api.url, cache=tmp_path / "c")
+        cache = extender.cache
+        # An entry written by a run whose tokenizer counted fewer tokens (e.g. the demo model's).
+        cache.put(cache.key("a fox", extender.model, 0, 512), {"text": LONG, "prompt": "a fox"})
+        ext = extender.extend("a fox")
+    assert not ext.cached and ext.text == GOOD and len(api.requests) == 1

@@ -209,11 +209,11 @@ class PromptExtender:
         if not 0 <= seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {seed}")
         key = self.cache.key(prompt, self.model, seed, self.limit) if self.cache is not None else ""
-        if self.cache is not None and (hit := self.cache.get(key)) is not None:
-            text = hit["text"]
-            return Extension(
-                prompt, text, self.model, seed, self.count_tokens(text), bool(hit.get("truncated")), True, 0.0
-            )
+        hit = self.cache.get(key) if self.cache is not None else None
+        # (A hit counted by another tokenizer, e.g. the demo model's, is used only if it fits this one.)
+        if hit is not None and (tokens := self.count_tokens(hit["text"])) <= self.limit:
+            truncated = bool(hit.get("truncated"))
+            return Extension(prompt, hit["text"], self.model, seed, tokens, truncated, True, 0.0)
         deadline = start + (self.timeout_s if timeout_s is None else timeout_s)
         cancel = cancel or threading.Event()
         with self._lock:  # a model answers one chat at a time; a waiting caller's clock runs meanwhile
