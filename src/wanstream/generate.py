@@ -191,6 +191,8 @@ class GeneratePlan:
     demo: bool
     notes: tuple[str, ...]  # what the user should know (rounding, ignored settings, dropped audio…)
     vace: VacePlan | None = None  # VACE inputs, validated
+    # With --extend-prompts: what each prompt was extended into (the timeline already holds the extended texts).
+    extended_prompts: tuple[dict[str, Any], ...] = ()
 
     @property
     def mode(self) -> Mode:
@@ -629,6 +631,7 @@ class GenerateResult:
             ],
             "notes": list(self.notes),
             **({"vace": self._vace_dict()} if p.vace is not None else {}),
+            **({"extended_prompts": list(p.extended_prompts)} if p.extended_prompts else {}),
         }
 
     def _vace_dict(self) -> dict[str, Any]:

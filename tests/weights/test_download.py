@@ -19,7 +19,12 @@ from wanstream.weights.dit import load_dit
 from wanstream.weights.download import DownloadError, IntegrityError, OfflineError, download
 from wanstream.weights.loaders import read_checkpoint
 from wanstream.weights.registry import Selection
-from wanstream.weights.store import MissingWeightsError, Store, resolve_pipeline_files
+from wanstream.weights.store import (
+    MissingWeightsError,
+    Store,
+    resolve_pipeline_files,
+    resolve_prompt_extender,
+)
 
 SDV2 = "jerryfeng/StreamDiffusionV2"
 WAN = "Wan-AI/Wan2.1-T2V-1.3B"
@@ -324,3 +329,24 @@ def test_records_say_what_each_file_was_verified_against(hub: FakeHub, models_di
     assert record["sha256"] == hub.file(*GENERATOR).sha256
     small = json.loads((models_dir / ".wanstream/records/Wan2.1-T2V-1.3B/config.json.json").read_text())
     assert small["git_oid"] == hub.file(WAN, "config.json").blob_id and small["sha256"] is None
+
+
+def test_the_prompt_extender_comes_with_its_flag(hub: FakeHub, models_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from support.tiny_instruct import write_tiny_instruct
+
+    tiny = write_tiny_instruct(tmp_path / "tiny")
+    for f in tiny.iterdir():
+        hub.add_file("Qwen/Qwen2.5-1.5B-Instruct", f.name, f.read_bytes())
+    hub.add_file("Qwen/Qwen2.5-1.5B-Instruct", "LICENSE", b"Apache-2.0")
+    with pytest.raises(
+        MissingWeightsError, match=r"(?s)Download them with:.*wanstream download .*--with-prompt-extender"
+    ):
+        resolve_prompt_extender(models_dir=models_dir)
+    report, _ = run(models_dir, Selection(prompt_extender=True))
+    folder = resolve_prompt_extender(models_dir=models_dir)
+    assert folder == models_dir / "Qwen2.5-1.5B-Instruct"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in tiny.iterdir())  # no LICENSE
+    assert {f"Qwen2.5-1.5B-Instruct/{p.name}" for p in tiny.iterdir()} <= set(report.downloaded)
+    assert AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True).config.hidden_size == 32

@@ -36,6 +36,7 @@ def test_registry_entries_are_complete_and_use_the_real_repos() -> None:
         "Wan-AI/Wan2.1-T2V-14B",
         "Kijai/WanVideo_comfy",
         "lightx2v/Autoencoders",
+        "Qwen/Qwen2.5-1.5B-Instruct",  # the prompt extender (--with-prompt-extender)
     }
     for a in SDV2.artifacts:
         assert a.approx_bytes > 0 and a.description and a.role
@@ -65,6 +66,14 @@ def test_selections_follow_the_download_flags() -> None:
     )
     with pytest.raises(ValueError, match="text encoder"):
         Selection(text_encoder="fp16")  # type: ignore[arg-type]
+    extender = Selection(prompt_extender=True)
+    extra = {a.path for a in extender.artifacts() if a.role == "prompt_extender"}
+    assert extra == {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                     "tokenizer_config.json", "vocab.json", "merges.txt"}  # fmt: skip
+    assert {a.key for a in extender.artifacts() if a.role != "prompt_extender"} == default
+    assert extender.command() == "wanstream download --with-prompt-extender"
+    sizes = sum(a.approx_bytes for a in extender.artifacts() if a.role == "prompt_extender")
+    assert 3.0e9 < sizes < 3.2e9  # Qwen2.5-1.5B-Instruct in bf16
 
 
 def test_folder_artifacts_match_only_their_folder() -> None:

@@ -42,6 +42,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--with-taehv", action="store_true", help="also the TAEHV tiny autoencoder (23 MB)")
     p.add_argument("--with-14b", action="store_true", help="also the 14B generator and its config")
     p.add_argument("--with-vace", action="store_true", help="also the 1.3B VACE module")
+    p.add_argument(
+        "--with-prompt-extender",
+        action="store_true",
+        help="also Qwen2.5-1.5B-Instruct for `wanstream extend` / --extend-prompts (3.1 GB, docs/prompts.md)",
+    )
     p.add_argument("--dry-run", action="store_true", help="list what would be downloaded, then stop")
     p.add_argument(
         "--verify",
@@ -62,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         taehv=args.with_taehv,
         with_14b=args.with_14b,
         vace=args.with_vace,
+        prompt_extender=args.with_prompt_extender,
     )
     try:
         download(

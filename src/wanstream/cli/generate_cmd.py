@@ -106,6 +106,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="merged: folded into the weights, no per-frame cost (default); runtime: adapters in the forward",
     )
     _add_vace_flags(p)
+    _add_extend_flags(p)
     p.add_argument("--device", help="torch device, e.g. cuda:0 or cpu (default: CUDA when available)")
     p.add_argument(
         "--gpus",
@@ -164,6 +165,18 @@ def _add_vace_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_extend_flags(p: argparse.ArgumentParser) -> None:
+    from wanstream.cli.extend_cmd import add_extender_flags
+
+    p.add_argument(
+        "--extend-prompts",
+        action="store_true",
+        help="extend every prompt (each timeline segment's) into a detailed paragraph first, once, with the "
+        "run's seed; cached, and written into --stats-json (docs/prompts.md)",
+    )
+    add_extender_flags(p)
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -197,6 +210,12 @@ def run(args: argparse.Namespace) -> int:
             "[bold yellow]Running the DEMO model instead: tiny, RANDOM WEIGHTS — the output is coloured noise "
             "shaped by the input, not StreamDiffusionV2.[/]"
         )
+    if args.extend_prompts:
+        try:
+            job = _extend_prompts(err, args, job)
+        except Exception as exc:
+            err.print(f"[red]error:[/] {escape(_plain(exc))}")
+            return 1
     _show_plan(err, job)
 
     with _cpu_threads(device):
@@ -304,6 +323,34 @@ def _plan(request: Any, demo: bool) -> GeneratePlan:
     from wanstream.generate import plan
 
     return plan(request, demo=demo)
+
+
+def _extend_prompts(err: Console, args: argparse.Namespace, job: GeneratePlan) -> GeneratePlan:
+    """The plan with every prompt extended (before the video model loads, so the two never share memory)."""
+    import dataclasses
+
+    from wanstream.cli.extend_cmd import build_from_args
+    from wanstream.prompting.timeline import extend_timeline
+    from wanstream.weights.store import MissingWeightsError
+
+    tokenizer = None
+    if job.demo:  # the demo model encodes prompts with its own small tokenizer: count with that one
+        from wanstream.demo import demo_tokenizer
+        from wanstream.models.text import PromptTokenizer
+
+        tokenizer = PromptTokenizer(demo_tokenizer())
+    try:
+        extender = build_from_args(args, tokenizer=tokenizer)
+    except MissingWeightsError as exc:
+        raise RuntimeError(f"--extend-prompts: the prompt extender is not downloaded.\n{exc}") from None
+
+    def shown(ext: Any) -> None:
+        source = "cached" if ext.cached else f"{ext.seconds:.1f} s"
+        err.print(f"extended: {ext.prompt!r} → {ext.umt5_tokens} tokens ({source})", markup=False)
+
+    with err.status(f"extending prompts with {extender.model}"):
+        timeline, records = extend_timeline(job.timeline, extender, seed=job.settings.seed, on_extended=shown)
+    return dataclasses.replace(job, timeline=timeline, extended_prompts=records)
 
 
 def _show_plan(err: Console, job: GeneratePlan) -> None:

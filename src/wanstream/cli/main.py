@@ -9,7 +9,7 @@ import sys
 from wanstream import __version__
 
 # Subcommand modules, in the order `--help` lists them.
-COMMANDS = ("download", "models", "generate", "serve", "bench")
+COMMANDS = ("download", "models", "generate", "extend", "serve", "bench", "lora")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -96,6 +96,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="do not load the VACE module even when it is downloaded (saves ~1.5 GB of GPU memory)",
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    from wanstream.cli.extend_cmd import add_extender_flags
+
+    add_extender_flags(p)  # for POST /api/v1/prompts/extend and the studio's Extend buttons
     p.set_defaults(handler=run)
 
 
@@ -156,9 +159,18 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from wanstream.server.app import create_app
+    from wanstream.server.prompts_api import default_factory
 
+    extender = default_factory(
+        config.models_dir,
+        config.demo,
+        url=args.extender_url,
+        model=args.extender_model,
+        device=args.extender_device,
+        timeout_s=args.extender_timeout,
+    )
     try:
-        app = create_app(config)
+        app = create_app(config, extender=extender)
     except (SecurityError, ValueError) as exc:
         print(f"wanstream serve: {exc}", file=sys.stderr)
         return 2

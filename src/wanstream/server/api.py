@@ -73,6 +73,7 @@ from wanstream.server.vace import VaceRefused, VaceSetup
 from wanstream.server.vace import prepare as prepare_vace
 from wanstream.server.worker import ControlRejected, missing_codec
 from wanstream.weights.lora import LoraError, resolve_lora_path
+from wanstream.weights.lora_library import read_provenance
 from wanstream.weights.store import lora_files
 
 router = APIRouter()
@@ -400,7 +401,8 @@ async def list_media(
 
 @v1.get("/loras", tags=["media"])
 async def list_loras(request: Request) -> list[dict[str, Any]]:
-    """LoRA files in the server's LoRA folder (--lora-dir): the names `loras[].path` accepts."""
+    """LoRA files in the server's LoRA folder (--lora-dir): the names `loras[].path` accepts, each with where
+    it came from when it was added by link (`provenance`: source, sha256, date, trigger words; else null)."""
     root = _manager(request).config.lora_dir
     if root is None:
         return []
@@ -412,7 +414,7 @@ async def list_loras(request: Request) -> list[dict[str, Any]]:
         rel = path.relative_to(base).as_posix()
         hidden = any(part.startswith(".") for part in Path(rel).parts)
         if not hidden and path.resolve().is_relative_to(inside):  # links out of the folder are not offered
-            found.append({"name": rel, "bytes": path.stat().st_size})
+            found.append({"name": rel, "bytes": path.stat().st_size, "provenance": read_provenance(path)})
     return found
 
 

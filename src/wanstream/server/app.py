@@ -26,7 +26,11 @@ from starlette.types import Scope
 from wanstream import __version__
 from wanstream.server.api import router
 from wanstream.server.config import ServerConfig
+from wanstream.server.loras_api import LoraJobs
+from wanstream.server.loras_api import router as loras_router
 from wanstream.server.model import ModelManager
+from wanstream.server.prompts_api import ExtenderFactory, ExtenderHolder, default_factory
+from wanstream.server.prompts_api import router as prompts_router
 from wanstream.server.security import RequestGuard, check_bind
 from wanstream.server.sessions import SessionManager
 from wanstream.server.timeline_api import router as timeline_router
@@ -57,8 +61,11 @@ class StudioFiles(StaticFiles):
         return response
 
 
-def create_app(config: ServerConfig, *, model: ModelManager | None = None) -> FastAPI:
-    """The server app. Raises `SecurityError` for an unsafe configuration (non-local bind, no token)."""
+def create_app(
+    config: ServerConfig, *, model: ModelManager | None = None, extender: ExtenderFactory | None = None
+) -> FastAPI:
+    """The server app. Raises `SecurityError` for an unsafe configuration (non-local bind, no token).
+    `extender` builds the prompt extender at its first use (default: the local model of the models folder)."""
     check_bind(config.host, config.token)
     if config.max_sessions < 1:
         raise ValueError(f"max_sessions must be at least 1, got {config.max_sessions}")
@@ -103,8 +110,12 @@ def create_app(config: ServerConfig, *, model: ModelManager | None = None) -> Fa
     # Tells a client that the server restarted (the studio then asks before replacing its saved work).
     app.state.instance = secrets.token_hex(8)
     app.state.started = time.time()
+    app.state.prompt_extender = ExtenderHolder(extender or default_factory(config.models_dir, config.demo))
+    app.state.lora_jobs = LoraJobs()
     app.include_router(router)
     app.include_router(timeline_router)
+    app.include_router(prompts_router)
+    app.include_router(loras_router)
 
     if (STATIC_DIR / "index.html").is_file():
         app.mount("/", StudioFiles(directory=STATIC_DIR, html=True), name="studio")

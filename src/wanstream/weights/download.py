@@ -184,7 +184,7 @@ def list_remote_files(artifacts: list[Artifact]) -> list[RemoteFile]:
     for a in artifacts:
         key = (a.repo_id, a.revision)
         if key not in infos:
-            infos[key] = _hub_call(
+            infos[key] = hub_call(
                 a, lambda a=a: api.model_info(a.repo_id, revision=a.revision, files_metadata=True)
             )
         info = infos[key]
@@ -208,7 +208,7 @@ def list_remote_files(artifacts: list[Artifact]) -> list[RemoteFile]:
     return files
 
 
-def _hub_call(artifact: Artifact, call: Any) -> Any:
+def hub_call(artifact: Artifact, call: Any) -> Any:
     """Run a hub request, turning its errors into `DownloadError`s that say what to do."""
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -420,7 +420,7 @@ def _fetch(store: Store, rf: RemoteFile, progress: Progress, command: str) -> in
         digest.update_from(part, resume)
     endpoint = hub_endpoint()
     url = hf_hub_url(rf.artifact.repo_id, rf.repo_path, revision=rf.revision, endpoint=endpoint)
-    meta = _hub_call(rf.artifact, lambda: get_hf_file_metadata(url, endpoint=endpoint))
+    meta = hub_call(rf.artifact, lambda: get_hf_file_metadata(url, endpoint=endpoint))
     if meta.size is not None and meta.size != rf.size:
         raise DownloadError(
             f"{rf.relpath}: the hub lists {rf.size} bytes but serves {meta.size}; try again later"

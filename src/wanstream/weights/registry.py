@@ -96,6 +96,30 @@ _WAN_14B = "Wan-AI/Wan2.1-T2V-14B"
 _KIJAI = "Kijai/WanVideo_comfy"
 # Scope mirrors TAEHV here (upstream: github.com/madebyollin/taehv, not on the hub under that name).
 _AUTOENCODERS = "lightx2v/Autoencoders"
+# The prompt extender (`wanstream extend`, docs/prompts.md): a 1.5B instruct model, ~3.1 GB in bf16, small
+# enough to sit next to the 1.3B pipeline on one GPU (or to run on the CPU).
+PROMPT_EXTENDER_REPO = "Qwen/Qwen2.5-1.5B-Instruct"
+_EXTENDER_FILES = (  # (path in the repo, approximate size): what transformers needs to load it
+    ("config.json", 660),
+    ("generation_config.json", 242),
+    ("model.safetensors", int(3.09 * GB)),
+    ("tokenizer.json", int(7.03 * MB)),
+    ("tokenizer_config.json", 7_300),
+    ("vocab.json", int(2.78 * MB)),
+    ("merges.txt", int(1.67 * MB)),
+)
+PROMPT_EXTENDER_ARTIFACTS = tuple(
+    Artifact(
+        key=f"prompt_extender:{path}",
+        role="prompt_extender",
+        option="--with-prompt-extender",
+        repo_id=PROMPT_EXTENDER_REPO,
+        path=path,
+        approx_bytes=size,
+        description=f"Qwen2.5-1.5B-Instruct prompt extender ({path})",
+    )
+    for path, size in _EXTENDER_FILES
+)
 
 STREAMDIFFUSIONV2 = Pipeline(
     name="streamdiffusionv2",
@@ -196,6 +220,7 @@ STREAMDIFFUSIONV2 = Pipeline(
             approx_bytes=int(1.5 * GB),
             description="VACE conditioning module for the 1.3B DiT, bf16",
         ),
+        *PROMPT_EXTENDER_ARTIFACTS,
     ),
 )
 
@@ -220,6 +245,7 @@ class Selection:
     taehv: bool = False
     with_14b: bool = False
     vace: bool = False
+    prompt_extender: bool = False
 
     def __post_init__(self) -> None:
         get_pipeline(self.pipeline)
@@ -237,6 +263,8 @@ class Selection:
                 keep = self.with_14b
             elif a.option == "--with-vace":
                 keep = self.vace
+            elif a.option == "--with-prompt-extender":
+                keep = self.prompt_extender
             else:
                 keep = a.option is None
             if keep:
@@ -256,6 +284,7 @@ class Selection:
             ("--with-taehv", self.taehv),
             ("--with-14b", self.with_14b),
             ("--with-vace", self.vace),
+            ("--with-prompt-extender", self.prompt_extender),
         ):
             if on:
                 parts.append(flag)
@@ -272,6 +301,7 @@ def selection_for(artifacts: Iterable[Artifact], pipeline: str = DEFAULT_PIPELIN
         taehv=any(a.option == "--with-taehv" for a in arts),
         with_14b=any(a.option == "--with-14b" for a in arts),
         vace=any(a.option == "--with-vace" for a in arts),
+        prompt_extender=any(a.option == "--with-prompt-extender" for a in arts),
     )
 
 

@@ -259,6 +259,28 @@ def resolve_pipeline_files(
     )
 
 
+def require_artifacts(
+    artifacts: list[Artifact], *, models_dir: str | Path | None = None, pipeline: str = DEFAULT_PIPELINE
+) -> list[ArtifactStatus]:
+    """The statuses of `artifacts`, all present; else `MissingWeightsError` with the command that fetches
+    them. Never downloads."""
+    store = Store(models_dir)
+    statuses = [store.status(a) for a in artifacts]
+    missing = [s for s in statuses if not s.present]
+    if missing:
+        raise _missing_error(store, pipeline, artifacts, missing)
+    return statuses
+
+
+def resolve_prompt_extender(
+    pipeline: str = DEFAULT_PIPELINE, *, models_dir: str | Path | None = None
+) -> Path:
+    """The local folder of the prompt extender's instruct model (`MissingWeightsError` naming
+    `wanstream download --with-prompt-extender` when a file of it is missing)."""
+    wanted = [a for a in get_pipeline(pipeline).artifacts if a.role == "prompt_extender"]
+    return require_artifacts(wanted, models_dir=models_dir, pipeline=pipeline)[0].path.parent
+
+
 def download_command(artifacts: list[Artifact], models_dir: Path, pipeline: str = DEFAULT_PIPELINE) -> str:
     """The `wanstream download …` command that fetches `artifacts` into `models_dir`."""
     return selection_for(artifacts, pipeline).command(models_dir_flag(models_dir))

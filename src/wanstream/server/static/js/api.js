@@ -21,8 +21,9 @@ export function describeError(status, body) {
   return `the server answered HTTP ${status}`;
 }
 
-export async function api(path, { method = "GET", json, body, headers = {}, timeout = 30000 } = {}) {
-  const init = { method, headers: { ...headers }, signal: AbortSignal.timeout(timeout) };
+export async function api(path, { method = "GET", json, body, headers = {}, timeout = 30000, signal } = {}) {
+  const deadline = AbortSignal.timeout(timeout);
+  const init = { method, headers: { ...headers }, signal: signal ? AbortSignal.any([deadline, signal]) : deadline };
   if (json !== undefined) {
     init.body = JSON.stringify(json);
     init.headers["Content-Type"] = "application/json";
@@ -33,7 +34,8 @@ export async function api(path, { method = "GET", json, body, headers = {}, time
   try {
     response = await fetch(path, init);
   } catch (err) {
-    const why = err.name === "TimeoutError" ? "no answer in time" : "the server cannot be reached";
+    const why = err.name === "TimeoutError" ? "no answer in time"
+      : err.name === "AbortError" ? "cancelled" : "the server cannot be reached";
     throw new ApiError(0, `${why} (${method} ${path})`, null);
   }
   const type = response.headers.get("content-type") || "";

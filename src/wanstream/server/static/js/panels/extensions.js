@@ -8,6 +8,8 @@ import { $, el, say } from "../ui.js";
 let draft = []; // LoRA rows shown: [{path, scale}]
 let dirty = false; // the rows hold an edit the stream does not have (pending, or refused)
 let loraNames = null; // GET /api/v1/loras
+let loraInfo = new Map(); // name → provenance (where it came from, trigger words), for files added by link
+const adder = { source: "", job: null, note: "", kind: "info", added: null }; // the "add from a link" box
 let images = null; // reference images in the media folder (GET /api/v1/media)
 
 export function init() {}
@@ -26,7 +28,11 @@ function loraBlock(app) {
   if (loraNames === null) {
     loraNames = [];
     api("/api/v1/loras", { timeout: 5000 })
-      .then((found) => { loraNames = found.map((x) => x.name); render(app); })
+      .then((found) => {
+        loraNames = found.map((x) => x.name);
+        loraInfo = new Map(found.filter((x) => x.provenance).map((x) => [x.name, x.provenance]));
+        render(app);
+      })
       .catch(() => {});
   }
   // The rows follow the stream's LoRAs, except while the user's edit is pending or was refused (then the
@@ -60,7 +66,10 @@ function loraBlock(app) {
       class: "small", "aria-label": "remove LoRA", "data-tip": "Remove this LoRA.",
       onclick: () => { draft.splice(i, 1); send(); },
     }, "✕");
-    return el("div", { class: "prompt-row" }, path, el("span", { class: "weight" }, "scale", slider, number), remove);
+    const info = loraInfo.get(lora.path.trim());
+    const words = info?.trigger_words?.length
+      ? el("span", { class: "hint lora-words" }, `trigger words: ${info.trigger_words.join(", ")}`) : null;
+    return el("div", { class: "prompt-row" }, path, el("span", { class: "weight" }, "scale", slider, number), remove, words);
   });
   const add = el("button", {
     class: "small", "data-tip": "Add a LoRA (it applies once it has a file name).",
@@ -68,9 +77,81 @@ function loraBlock(app) {
   }, "+ LoRA");
   const hint = loraNames.length ? null
     : el("span", { class: "hint" }, " none on the server (start it with --lora-dir DIR)");
-  const names = el("datalist", { id: "lora-names" }, loraNames.map((n) => el("option", { value: n })));
+  const names = el("datalist", { id: "lora-names" }, loraNames.map((n) => el("option", { value: n }, describe(n))));
   return el("div", { class: "group", "data-tip": "LoRA adapters on the diffusion model, each with its strength." },
-    el("div", { class: "group-title" }, "LoRAs"), ...rows, el("div", {}, add, hint), names);
+    el("div", { class: "group-title" }, "LoRAs"), ...rows, el("div", {}, add, hint), names, linkAdder(app, () => {
+      draft.push({ path: adder.added, scale: 1 });
+      adder.added = null;
+      send();
+    }));
+}
+
+function describe(name) {
+  const p = loraInfo.get(name);
+  if (!p) return name;
+  const words = p.trigger_words?.length ? ` · trigger: ${p.trigger_words.join(", ")}` : "";
+  return `${name} · from ${p.source}${words}`;
+}
+
+// Add a LoRA to the server's folder from a link (POST /api/v1/loras), with progress; then "Use it" picks it.
+function linkAdder(app, useAdded) {
+  const source = el("input", {
+    type: "text", value: adder.source, placeholder: "hf://owner/repo/file.safetensors, civitai:ID or https://…",
+    "aria-label": "LoRA link",
+    "data-tip": "Paste a Hugging Face (hf://owner/repo/file.safetensors), CivitAI (civitai:MODEL_VERSION_ID) or https link: the server downloads it, checks it fits the model, and records where it came from.",
+  });
+  source.addEventListener("input", () => { adder.source = source.value; });
+  const start = el("button", {
+    class: "small", disabled: !!adder.job, onclick: () => addFromLink(app),
+    "data-tip": "Download this LoRA into the server's LoRA folder.",
+  }, "Add from link");
+  const cancel = adder.job ? el("button", {
+    class: "small", onclick: () => api(`/api/v1/loras/jobs/${adder.job}`, { method: "DELETE" }).catch(() => {}),
+  }, "Cancel") : null;
+  const use = adder.added ? el("button", {
+    class: "small primary", onclick: useAdded, "data-tip": "Add this LoRA to the stream's LoRAs (scale 1).",
+  }, `Use ${adder.added}`) : null;
+  const note = el("p", { class: `msg ${adder.kind}`, role: "status", "aria-label": "LoRA download status" }, adder.note);
+  return el("div", {}, el("div", { class: "lora-add" }, source, start, cancel), note, use);
+}
+
+async function addFromLink(app) {
+  const text = adder.source.trim();
+  if (!text) return;
+  Object.assign(adder, { note: "Starting the download…", kind: "info", added: null });
+  try {
+    const job = await api("/api/v1/loras", { method: "POST", json: { source: text }, timeout: 30000 });
+    adder.job = job.id;
+    render(app);
+    await follow(app, job.id);
+  } catch (err) {
+    Object.assign(adder, { job: null, note: `✗ ${err.message}`, kind: "bad" });
+    render(app);
+  }
+}
+
+async function follow(app, id) {
+  for (;;) {
+    await new Promise((resolve) => setTimeout(resolve, 400));
+    const job = await api(`/api/v1/loras/jobs/${id}`, { timeout: 10000 });
+    if (job.state === "running") {
+      const total = job.total ? ` of ${(job.total / 1e6).toFixed(1)} MB` : "";
+      adder.note = `Downloading: ${(job.bytes / 1e6).toFixed(1)} MB${total}`;
+      render(app);
+      continue;
+    }
+    adder.job = null;
+    if (job.state === "done") {
+      const words = job.lora.trigger_words?.length ? `; trigger words: ${job.lora.trigger_words.join(", ")}` : "";
+      Object.assign(adder, { source: "", added: job.lora.name, kind: "ok",
+        note: `✓ ${job.lora.name} added (${job.lora.layers} layers, sha256 ${job.lora.sha256.slice(0, 12)}…${words})` });
+      loraNames = null; // list the folder again
+    } else {
+      Object.assign(adder, { note: `✗ ${job.error || job.state}`, kind: "bad" });
+    }
+    render(app);
+    return;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 // Prompts: weighted texts (blended by weight), a transition, and Apply; shows whether the stream has them.
 
+import { extendButton } from "../extend.js";
 import { $, el } from "../ui.js";
 
 const MAX_PROMPTS = 8;
@@ -96,6 +97,12 @@ function row(app, prompt, index, count) {
       render(app);
     },
   }, "✕");
+  const extend = extendButton(prompt, {
+    label: `prompt ${index + 1}`,
+    get: () => prompt.text,
+    use: (value) => { prompt.text = value; text.value = value; changed(); },
+  });
   return el("div", { class: "prompt-row" }, text,
-    el("span", { class: "weight" }, "weight", slider, number), remove);
+    el("span", { class: "weight" }, "weight", slider, number),
+    remove, extend.button, extend.box);
 }

@@ -3,6 +3,7 @@
 // live stream, and live capture of the prompts a performer applies.
 
 import { api } from "../api.js";
+import { extendButton } from "../extend.js";
 import * as model from "../timeline.js";
 import { $, el, formatTime, say } from "../ui.js";
 
@@ -320,7 +321,13 @@ function renderEditor(app) {
       class: "small", disabled: s.prompts.length <= 1, "data-tip": "Remove this prompt from the segment.",
       onclick: () => { s.prompts.splice(i, 1); editorFor = null; app.save(); render(app); },
     }, "✕");
-    return el("div", { class: "prompt-row" }, text, el("span", { class: "weight" }, "weight", weight), remove);
+    const extend = extendButton(p, {
+      label: `segment prompt ${i + 1}`,
+      get: () => p.text,
+      use: (value) => { p.text = value; text.value = value; app.save(); renderTrack(app); },
+    });
+    return el("div", { class: "prompt-row" }, text, el("span", { class: "weight" }, "weight", weight),
+      remove, extend.button, extend.box);
   }));
 }
 
