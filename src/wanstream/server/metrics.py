@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from wanstream.models.fastpath import FALLBACKS
 from wanstream.server.model import ModelManager
 from wanstream.server.sessions import SessionManager, dropped_counts
 
@@ -173,6 +174,13 @@ def render(manager: SessionManager, model: ModelManager) -> str:
         res["threads"] + res["executor_threads"],
     )  # fmt: skip
     m.add("wanstream_process_open_fds", "gauge", "Open file descriptors.", res["open_fds"])
+    fallbacks = FALLBACKS.snapshot()["counts"]
+    for kind in sorted({"compile", "cuda_graph", *fallbacks}):
+        m.add(
+            "wanstream_optimisation_fallbacks_total", "counter",
+            "Optimisations that failed and were replaced by the slower, correct path (compile, cuda_graph).",
+            fallbacks.get(kind, 0), kind=kind,
+        )  # fmt: skip
     if torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info()
         m.add(
