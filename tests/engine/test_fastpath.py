@@ -16,6 +16,7 @@ import torch
 
 from wanstream import Pipeline
 from wanstream.engine.graphs import StepGraphs
+from wanstream.engine.session import StreamOutOfMemory
 from wanstream.models.fastpath import FALLBACKS, GATE, CaptureGate, CompiledOrEager
 
 from support.clips import moving_clip
@@ -123,7 +124,7 @@ def test_out_of_memory_in_capture_is_not_hidden(demo_pipeline: Pipeline) -> None
         fail_with = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     session = _stream(demo_pipeline, OomGraphs, "none")
-    with pytest.raises(torch.OutOfMemoryError):
+    with pytest.raises(StreamOutOfMemory, match=r"2\.00 GiB"):  # reaches the session's out-of-memory handling
         _run(session, moving_clip(13))
     assert FALLBACKS.total() == 0
 
