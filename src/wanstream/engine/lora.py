@@ -158,19 +158,26 @@ class LoraManager:
             return
         weight = self.dit.get_submodule(layer).weight  # a LoraLinear shares its base layer's weight
         if layer not in self._backups:
-            where = weight.device if self.backup == "device" else torch.device("cpu")
-            self._backups[layer] = weight.detach().to(where, copy=True)
+            self._backups[layer] = self._backup(weight)
         original = self._backups[layer]
         if not plan:
-            weight.copy_(original)  # bit-exact restore
+            weight.copy_(original, non_blocking=True)  # bit-exact restore
             del self._backups[layer], self._merged[layer]
             return
-        merged = original.to(weight.device, torch.float32, copy=True)  # never in place on the backup
+        # Never in place on the backup. From pinned memory the copy is asynchronous: a re-merge of every layer
+        # (a live scale change) measured 1.0 s from pageable host memory on an H100.
+        merged = original.to(weight.device, torch.float32, copy=True, non_blocking=True)
         for pair, coef in plan:
             up = pair.up.to(weight.device, torch.float32)
             merged.addmm_(up, pair.down.to(weight.device, torch.float32), alpha=coef)
         weight.copy_(merged)  # in place: fused q/k/v views, compiled code and CUDA graphs see it
         self._merged[layer] = plan
+
+    def _backup(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.backup == "device":
+            return weight.detach().clone()
+        host = weight.detach().to("cpu", copy=True)
+        return host.pin_memory() if weight.is_cuda else host
 
     def _adapt(self, layer: str, plan: Plan) -> bool:
         """Set a layer's runtime adapters; True when the module was replaced (not just rescaled)."""
