@@ -34,7 +34,7 @@ def out_of_memory_message(error_text: str, device: torch.device, settings: Strea
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         held = torch.cuda.memory_allocated(device)
-        have = f"; now {_gib(free)} of {_gib(total)} free, {_gib(held)} held by the loaded models"
+        have = f"; now {_gib(free)} of {_gib(total)} free, {_gib(held)} held by this process"
     steps = len(settings.denoising_steps)
     lower = [
         "a smaller size"
