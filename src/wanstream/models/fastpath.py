@@ -22,6 +22,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 
 class CaptureGate:
     """Capture vs. other threads' GPU work, as a small reader/writer lock keyed by thread.
@@ -146,12 +148,10 @@ FALLBACKS = FallbackLog()
 
 def is_out_of_memory(exc: BaseException) -> bool:
     """Out of memory is not a failed optimisation: the slower path would run out too. Let it through."""
-    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError))
 
 
 def _capturing() -> bool:
-    import torch
-
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
