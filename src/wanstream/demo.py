@@ -96,7 +96,11 @@ def demo_components(
         )
     )
     vae = WanVAE(WanVAEConfig(dim=8, num_res_blocks=1))
-    tae = TAEHV(TAEHVConfig.taew2_1(width_divisor=8))
+    # TAEHV at 1/32 of its widths (2-8 channels): the demo's default codec (generate --demo, serve --demo),
+    # so the demo stays interactive at the input's own size on a CPU — about 8 fps at 640×360 on one
+    # core. The Wan VAE cannot: its 3-D convolutions at full resolution take seconds a chunk even this
+    # narrow (PyTorch's CPU path for them is slow at few channels); it stays for --vae wan.
+    tae = TAEHV(TAEHVConfig.taew2_1(width_divisor=32))
     vace = VaceModule(dit.config)  # one VACE block (on layer 0): control video, masks, references
     for i, module in enumerate((t5, dit, vae, tae, vace)):
         if module is None:
