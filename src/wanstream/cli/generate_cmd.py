@@ -446,10 +446,10 @@ PROGRESS_EVERY_S = 5.0
 class ProgressLines:
     """Progress for a log rather than a terminal: one line every `every_s` seconds (frames, FPS, ETA)."""
 
-    def __init__(self, console: Console, every_s: float = PROGRESS_EVERY_S) -> None:
+    def __init__(self, console: Console, every_s: float | None = None) -> None:
         self.console = console
-        self.every_s = every_s
-        self.next_at = every_s
+        self.every_s = PROGRESS_EVERY_S if every_s is None else every_s
+        self.next_at = self.every_s
 
     def __call__(self, p: GenerateProgress) -> None:
         if p.elapsed_s < self.next_at:
