@@ -120,6 +120,26 @@ def test_demo_speed_at_640x360_and_160x96_in_cpu_time() -> None:
         assert out / (cpu_s / 2) >= min_fps, f"{width}×{height}: {out / (cpu_s / 2):.1f} fps on two cores"
 
 
+def test_the_fast_demo_codec_still_shows_the_input_shaped_noise() -> None:
+    """TAEHV at 1/32 width is still a picture, not a flat colour: many colours, changing with the input over
+    time and with the seed (unit-gain random weights left it one dark red, whatever the input)."""
+    import torch
+
+    from wanstream import Pipeline
+
+    clip = sample_clip(25, 96, 160, FPS)
+    outs = []
+    for seed in (1, 2):
+        s = Pipeline.demo().session(
+            width=160, height=96, encoder="taehv", decoder="taehv", seed=seed, prompts="x"
+        )
+        outs.append(torch.cat([s.push(clip), s.flush()]).float())
+    first, other_seed = outs
+    assert len(first[12].reshape(-1, 3).unique(dim=0)) > 1000
+    assert (first[5] - first[20]).abs().mean() > 20  # the input moves and has a scene cut
+    assert (first - other_seed).abs().mean() > 20
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Around a run: width×height, "1 frame", Ctrl-C before a frame, overwriting, damaged input, stats
 

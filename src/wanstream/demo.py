@@ -41,14 +41,15 @@ def demo_tokenizer():  # -> transformers.PreTrainedTokenizerFast
     )
 
 
-def _randomize(module: torch.nn.Module, seed: int) -> None:
-    """Seeded random weights everywhere (official inits zero some layers, e.g. the DiT head)."""
+def _randomize(module: torch.nn.Module, seed: int, gain: float = 1.0) -> None:
+    """Seeded random weights everywhere (official inits zero some layers, e.g. the DiT head). `gain` scales
+    the matrices: √2 (He) keeps a deep ReLU network's activations from dying out layer by layer."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
             if p.dim() >= 2:
                 fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=gen) / fan_in**0.5)
+                p.copy_(gain * torch.randn(p.shape, generator=gen) / fan_in**0.5)
             elif name.endswith(("weight", "gamma")):
                 p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
             else:
@@ -105,7 +106,8 @@ def demo_components(
     for i, module in enumerate((t5, dit, vae, tae, vace)):
         if module is None:
             continue
-        _randomize(module, seed + i)
+        # TAEHV is ReLUs all the way: at 2-8 channels a unit gain leaves its output a near-constant colour.
+        _randomize(module, seed + i, gain=2**0.5 if module is tae else 1.0)
         module.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return Components(
         dit=dit,

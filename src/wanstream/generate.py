@@ -84,7 +84,6 @@ DEMO_FRAMES = 49
 # scales larger inputs down to fit: its DiT's attention grows with the square of the pixel count, and
 # at 1280×720 it would fall to about 1 fps on two cores.
 DEMO_MAX_PIXELS = 832 * 480
-DEMO_SIZE_LIMIT = "832×480 pixels or fewer"
 
 Batching = Literal["auto", "stream", "none"]
 
@@ -387,7 +386,7 @@ def _resolution(
         small = round_size(max(1, math.floor(base[0] * scale)), max(1, math.floor(base[1] * scale)))
         notes.append(
             f"demo model: {what} is {base[1]}×{base[0]}; the demo runs at {small.width}×{small.height} "
-            f"(it keeps to {DEMO_SIZE_LIMIT} so it stays interactive on a CPU; --width/--height to choose)"
+            "(it keeps to 832×480 pixels or fewer so it stays interactive on a CPU; --width/--height to choose)"
         )
         return small.height, small.width
     size = round_size(*base)
