@@ -93,7 +93,7 @@ def test_the_demo_scales_a_large_input_down_and_says_so(tmp_path: Path) -> None:
     large = write_clip(tmp_path / "1920x1080.mp4", 2, 1080, 1920)
     job = plan(GenerateRequest(input=large, output=tmp_path / "o.mp4"), demo=True)
     w, h = job.settings.width, job.settings.height
-    assert w * h <= DEMO_MAX_PIXELS * 1.05 and abs(w / h - 16 / 9) < 0.05
+    assert (w, h) == (832, 464) and w * h <= DEMO_MAX_PIXELS
     assert any(f"the input video is 1920×1080; the demo runs at {w}×{h}" in n for n in job.notes)
     assert (plan(GenerateRequest(input=large, output=tmp_path / "o.mp4")).settings.width) == 1920
     given = plan(GenerateRequest(input=large, output=tmp_path / "o.mp4", width=1280, height=720), demo=True)

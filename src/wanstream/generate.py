@@ -383,12 +383,12 @@ def _resolution(
         return h, w
     if demo and source.kind in ("file", "control") and base[0] * base[1] > DEMO_MAX_PIXELS:
         scale = (DEMO_MAX_PIXELS / (base[0] * base[1])) ** 0.5
-        small = round_size(max(1, math.floor(base[0] * scale)), max(1, math.floor(base[1] * scale)))
+        h, w = (max(16, math.floor(side * scale / 16) * 16) for side in base)  # down: never over the limit
         notes.append(
-            f"demo model: {what} is {base[1]}×{base[0]}; the demo runs at {small.width}×{small.height} "
+            f"demo model: {what} is {base[1]}×{base[0]}; the demo runs at {w}×{h} "
             "(it keeps to 832×480 pixels or fewer so it stays interactive on a CPU; --width/--height to choose)"
         )
-        return small.height, small.width
+        return h, w
     size = round_size(*base)
     if size.rounded:
         notes.append(f"{what}: {size.describe()}")
