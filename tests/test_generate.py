@@ -55,7 +55,7 @@ def pipe() -> Pipeline:
 
 @pytest.fixture(scope="module")
 def clip_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """49 frames at 64×96, 16 fps: the sample clip's moving shapes, written with our own writer."""
+    """49 frames at 96×64 (width×height), 16 fps: the sample clip's moving shapes, written with our own writer."""
     path = tmp_path_factory.mktemp("input") / "shapes.mp4"
     with VideoWriter(path, FPS) as out:
         out.write(sample_clip(FRAMES, H, W, FPS))
@@ -123,7 +123,7 @@ def test_timeline_run_keeps_frames_and_size_and_switches_at_the_boundary_chunks(
         assert float(container.streams.video[0].average_rate) == FPS
     # The timeline's settings apply (seed 7, its steps); its 480×832 resolution does not (the input's does).
     assert result.plan.settings.seed == 7 and result.plan.settings.denoising_steps == (700, 500)
-    assert any("480×832 is not used" in n for n in result.notes)
+    assert any("832×480 is not used" in n for n in result.notes)
 
     # The engine's event log: each chunk is conditioned on the segment active at its last input frame.
     events = input_events(result)
@@ -255,7 +255,7 @@ def test_text_mode_follows_the_timeline_in_output_frames(pipe: Pipeline, tmp_pat
     assert result.plan.settings.batching == "none"  # auto: one step → no lanes
     # Demo model: its small size instead of the timeline's 480×832, and it says so.
     assert (result.plan.settings.height, result.plan.settings.width) == DEMO_SIZE
-    assert any("instead of the timeline's 480×832" in n for n in result.notes)
+    assert any("instead of the timeline's 832×480" in n for n in result.notes)
     assert [(s.segment, s.frame, s.chunk_frames) for s in result.switches] == [
         (0, 0, (0, 5)),
         (1, 16, (13, 17)),
@@ -377,7 +377,7 @@ def test_resolution_follows_the_input_rounded_to_16(tmp_path: Path) -> None:
         out.write(sample_clip(3, 70, 100))
     job = plan(GenerateRequest(input=path, output=tmp_path / "o.mp4"))
     assert (job.settings.height, job.settings.width) == (64, 96)
-    assert any("70×100 rounded to 64×96" in n for n in job.notes)
+    assert any("100×70 rounded to 96×64" in n for n in job.notes)
     # One side given: the other keeps the input's aspect ratio.
     job = plan(GenerateRequest(input=path, output=tmp_path / "o.mp4", height=128))
     assert (job.settings.height, job.settings.width) == (128, 176)
@@ -412,7 +412,7 @@ def test_text_mode_resolution_and_the_built_in_clip(tmp_path: Path) -> None:
     for mode in ("video", "text"):
         job = plan(GenerateRequest(mode=mode, timeline=sized, output=out))
         assert (job.settings.height, job.settings.width) == (256, 448), mode
-        assert any("250×450 rounded to 256×448" in n for n in job.notes)
+        assert any("450×250 rounded to 448×256" in n for n in job.notes)
         job = plan(GenerateRequest(mode=mode, timeline=sized, output=out), demo=True)
         assert (job.settings.height, job.settings.width) == DEMO_SIZE
 

@@ -41,14 +41,15 @@ def demo_tokenizer():  # -> transformers.PreTrainedTokenizerFast
     )
 
 
-def _randomize(module: torch.nn.Module, seed: int) -> None:
-    """Seeded random weights everywhere (official inits zero some layers, e.g. the DiT head)."""
+def _randomize(module: torch.nn.Module, seed: int, gain: float = 1.0) -> None:
+    """Seeded random weights everywhere (official inits zero some layers, e.g. the DiT head). `gain` scales
+    the matrices: √2 (He) keeps a deep ReLU network's activations from dying out layer by layer."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
             if p.dim() >= 2:
                 fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=gen) / fan_in**0.5)
+                p.copy_(gain * torch.randn(p.shape, generator=gen) / fan_in**0.5)
             elif name.endswith(("weight", "gamma")):
                 p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
             else:
@@ -96,12 +97,17 @@ def demo_components(
         )
     )
     vae = WanVAE(WanVAEConfig(dim=8, num_res_blocks=1))
-    tae = TAEHV(TAEHVConfig.taew2_1(width_divisor=8))
+    # TAEHV at 1/32 of its widths (2-8 channels): the demo's default codec (generate --demo, serve --demo),
+    # so the demo stays interactive at the input's own size on a CPU — about 8 fps at 640×360 on one
+    # core. The Wan VAE cannot: its 3-D convolutions at full resolution take seconds a chunk even this
+    # narrow (PyTorch's CPU path for them is slow at few channels); it stays for --vae wan.
+    tae = TAEHV(TAEHVConfig.taew2_1(width_divisor=32))
     vace = VaceModule(dit.config)  # one VACE block (on layer 0): control video, masks, references
     for i, module in enumerate((t5, dit, vae, tae, vace)):
         if module is None:
             continue
-        _randomize(module, seed + i)
+        # TAEHV is ReLUs all the way: at 2-8 channels a unit gain leaves its output a near-constant colour.
+        _randomize(module, seed + i, gain=2**0.5 if module is tae else 1.0)
         module.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return Components(
         dit=dit,

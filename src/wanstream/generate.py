@@ -60,6 +60,7 @@ from wanstream.media.video import (
     VideoReader,
     VideoWriter,
     round_size,
+    stored_frames,
 )
 from wanstream.timeline import TIME_EPS, Timeline, TimelineError, load_timeline
 from wanstream.weights.lora import LoraError, resolve_lora_path
@@ -79,6 +80,10 @@ TEXT_SIZE = (480, 832)  # the model's training size: text mode without a timelin
 # (3 s at 16 fps, with one of the clip's scene cuts) so the whole job takes seconds.
 DEMO_SIZE = (96, 160)
 DEMO_FRAMES = 49
+# The demo follows an input video's size up to this many pixels (832×480, the real model's size) and
+# scales larger inputs down to fit: its DiT's attention grows with the square of the pixel count, and
+# at 1280×720 it would fall to about 1 fps on two cores.
+DEMO_MAX_PIXELS = 832 * 480
 
 Batching = Literal["auto", "stream", "none"]
 
@@ -111,7 +116,11 @@ class GenerateRequest(BaseModel):
     )
     noise_scale: float | None = Field(None, ge=0.0, le=1.0)
     noise_controller: bool | None = None
-    vae: Codec = Field("wan", description="Encoder and decoder: the Wan VAE, or TAEHV (fast).")
+    vae: Codec | None = Field(
+        None,
+        description="Encoder and decoder: the Wan VAE, or TAEHV (fast). None: the Wan VAE, except with the "
+        "demo model (TAEHV: the tiny Wan VAE's 3-D convolutions are slow at full size on a CPU).",
+    )
     height: int | None = Field(None, ge=1)
     width: int | None = Field(None, ge=1)
     batching: Batching = Field("auto", description="'auto': stream batch, or none for a single step.")
@@ -163,21 +172,21 @@ class InputSource:
     max_frames: int | None = None
 
     def describe(self) -> str:
-        count = f"{self.frames} frames" if self.frames is not None else "frames"
+        count = frames_text(self.frames) if self.frames is not None else "frames"
         if self.kind == "text":
             return f"text mode: {count} at {_num(self.fps)} fps"
         if self.kind == "sample":
-            return f"the built-in sample clip ({count}, {self.height}×{self.width}, {_num(self.fps)} fps)"
+            return f"the built-in sample clip ({count}, {self.width}×{self.height}, {_num(self.fps)} fps)"
         assert self.info is not None
         if self.kind == "control":
             rate = f"{_num(self.info.fps)} fps" + (
                 f", resampled to {_num(self.fps)} fps" if self.resample else ""
             )
-            return f"text mode steered by the control video {self.path} ({self.info.height}×{self.info.width}, {rate})"
+            return f"text mode steered by the control video {self.path} ({self.info.width}×{self.info.height}, {rate})"
         rate = f"{_num(self.info.fps)} fps"
         if self.resample:
             rate += f", resampled to {_num(self.fps)} fps"
-        return f"{self.path} ({self.info.height}×{self.info.width}, {rate}, {self.info.codec})"
+        return f"{self.path} ({self.info.width}×{self.info.height}, {rate}, {self.info.codec})"
 
 
 @dataclass(frozen=True)
@@ -237,14 +246,22 @@ def plan(request: GenerateRequest, *, demo: bool = False) -> GeneratePlan:
     height, width = _resolution(request, source, timeline, demo, notes)
     source, length_from = _with_length(source, request, timeline, demo, height, width)
     if demo and source.kind not in ("file", "control"):
-        small = [f"{height}×{width}"] if (request.height, request.width) == (None, None) else []
-        small += [f"{source.frames} frames"] if length_from == "default" else []
+        # (a timeline's size replaced by the demo's has its own note)
+        sized = (request.height, request.width) != (None, None) or bool(ts.height and ts.width)
+        small = [] if sized else [f"{width}×{height}"]
+        small += [frames_text(source.frames)] if length_from == "default" else []
         if small:
             notes.append(
                 f"demo model: small defaults ({', '.join(small)}) so it runs in seconds on a CPU; "
-                "choose with --height/--width/--frames"
+                "choose with --width/--height/--frames"
             )
-    settings = _settings(request, timeline, mode, height, width, vace=vace is not None)
+    vae = request.vae or ("taehv" if demo else "wan")
+    if demo and request.vae is None and mode == "video":
+        notes.append(
+            "demo model: the TAEHV encoder and decoder (the tiny Wan VAE's 3-D convolutions are slow at full "
+            "size on a CPU; --vae wan to use it)"
+        )
+    settings = _settings(request, timeline, mode, height, width, vae, vace=vace is not None)
     _check_lora_files(settings)
     output, stats_json = _check_outputs(request)
     _note_unreached_segments(timeline, source, notes)
@@ -300,6 +317,14 @@ def _file_source(
     frames = info.frame_count
     if request.fps is not None and info.duration:
         frames = max(1, round(info.duration * request.fps))  # an estimate, for the progress bar
+    if info.frame_count and not resample:
+        stored = stored_frames(path)
+        if stored < info.frame_count:
+            notes.append(
+                f"{path}: the file announces {info.frame_count} frames but holds only {stored} (a truncated "
+                f"or damaged file?): the output will have at most {frames_text(stored)}"
+            )
+            frames = stored
     if request.frames is not None:
         frames = min(frames, request.frames) if frames is not None else None
     return InputSource(
@@ -328,7 +353,7 @@ def _resolution(
         )
         if timeline_size and timeline_size != base and not explicit:
             notes.append(
-                f"the timeline's resolution {timeline_size[0]}×{timeline_size[1]} is not used: the output "
+                f"the timeline's resolution {timeline_size[1]}×{timeline_size[0]} is not used: the output "
                 f"follows {what} (give --height/--width to choose)"
             )
     else:  # nothing to follow: text mode, or the procedural clip (it renders at any size)
@@ -337,8 +362,8 @@ def _resolution(
         )
         if timeline_size and demo and not explicit:
             notes.append(
-                f"demo model: {default[0]}×{default[1]} instead of the timeline's "
-                f"{timeline_size[0]}×{timeline_size[1]} (give --height/--width to choose)"
+                f"demo model: {default[1]}×{default[0]} instead of the timeline's "
+                f"{timeline_size[1]}×{timeline_size[0]} (give --width/--height to choose)"
             )
             base, what = default, "the demo size"
         elif timeline_size:
@@ -356,7 +381,15 @@ def _resolution(
         else:
             w = request.width  # type: ignore[assignment]
             h = _round16(w * base[0] / base[1])
-        notes.append(f"resolution {h}×{w} (the other side keeps the aspect ratio of {what})")
+        notes.append(f"resolution {w}×{h} (the other side keeps the aspect ratio of {what})")
+        return h, w
+    if demo and source.kind in ("file", "control") and base[0] * base[1] > DEMO_MAX_PIXELS:
+        scale = (DEMO_MAX_PIXELS / (base[0] * base[1])) ** 0.5
+        h, w = (max(16, math.floor(side * scale / 16) * 16) for side in base)  # down: never over the limit
+        notes.append(
+            f"demo model: {what} is {base[1]}×{base[0]}; the demo runs at {w}×{h} "
+            "(it keeps to 832×480 pixels or fewer so it stays interactive on a CPU; --width/--height to choose)"
+        )
         return h, w
     size = round_size(*base)
     if size.rounded:
@@ -391,7 +424,14 @@ _FLAGS = {
 
 
 def _settings(
-    request: GenerateRequest, timeline: Timeline, mode: Mode, height: int, width: int, *, vace: bool = False
+    request: GenerateRequest,
+    timeline: Timeline,
+    mode: Mode,
+    height: int,
+    width: int,
+    vae: Codec,
+    *,
+    vace: bool = False,
 ) -> StreamSettings:
     values: dict[str, Any] = timeline.settings.to_update().model_dump(exclude_unset=True)
     values.pop("mode", None)
@@ -404,7 +444,7 @@ def _settings(
         "lora_mode": request.lora_mode,
     }
     values.update({k: v for k, v in given.items() if v is not None})
-    values.update(height=height, width=width, mode=mode, encoder=request.vae, decoder=request.vae)
+    values.update(height=height, width=width, mode=mode, encoder=vae, decoder=vae)
     try:
         settings = StreamSettings.model_validate({**values, "batching": "none"})
         batching = request.batching
@@ -557,7 +597,9 @@ class GenerateStats:
         return self.frames / self.wall_s if self.wall_s > 0 else None
 
     def summary_lines(self) -> list[str]:
-        lines = [f"{self.frames} frames in {self.wall_s:.2f} s ({_fmt(self.overall_fps, '.1f')} fps overall)"]
+        lines = [
+            f"{frames_text(self.frames)} in {self.wall_s:.2f} s ({_fmt(self.overall_fps, '.1f')} fps overall)"
+        ]
         if self.steady_fps is not None:
             lines.append(
                 f"steady state: {self.steady_fps:.2f} fps over {self.steady_chunks} chunks; "
@@ -614,7 +656,7 @@ class GenerateResult:
             "steady_state_chunks": s.steady_chunks,
             "chunk_latency_p50_ms": _round(s.chunk_latency_p50_ms),
             "chunk_latency_p90_ms": _round(s.chunk_latency_p90_ms),
-            "settings": p.settings.model_dump(mode="json"),
+            "settings": {**p.settings.model_dump(mode="json"), "steps": list(p.settings.denoising_steps)},
             "denoising_steps": list(p.settings.denoising_steps),
             "prompt_switches": [
                 {
@@ -792,7 +834,7 @@ class _Runner:
         source = self.job.source
         if source.kind == "file" and not source.resample and source.frames and self.fed < source.frames:
             self.notes.append(
-                f"{source.path}: the file announces {source.frames} frames but only {self.fed} could be "
+                f"{source.path}: {source.frames} frames expected but only {self.fed} could be "
                 "decoded (a truncated or damaged file?)"
             )
 
@@ -1086,6 +1128,11 @@ def _percentile(sorted_values: Sequence[float], q: float) -> float:
     lo = math.floor(pos)
     hi = min(lo + 1, len(sorted_values) - 1)
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def frames_text(n: int) -> str:
+    """'1 frame', '49 frames'."""
+    return f"{n} frame" if n == 1 else f"{n} frames"
 
 
 def _num(x: float) -> str:

@@ -122,7 +122,7 @@ class Pipeline:
         self,
         settings: StreamSettings | None = None,
         *,
-        prompts: Sequence[WeightedPrompt | str] | None = None,
+        prompts: Sequence[WeightedPrompt | str] | WeightedPrompt | str | None = None,
         **overrides: Any,
     ) -> StreamSession:
         """A new stream. `overrides` are StreamSettings fields (validated), e.g. height=512, steps=(700,)."""

@@ -345,10 +345,10 @@ def test_resize_is_antialiased() -> None:
 def test_round_size_to_multiples_of_16() -> None:
     same = round_size(480, 832)
     assert (same.height, same.width, same.rounded) == (480, 832, False)
-    assert same.describe() == "resolution 480×832"
+    assert same.describe() == "resolution 832×480"
     hd = round_size(1080, 1920)
     assert (hd.height, hd.width, hd.rounded) == (1088, 1920, True)
-    assert hd.describe() == "resolution 1080×1920 rounded to 1088×1920 (a multiple of 16)"
+    assert hd.describe() == "resolution 1920×1080 rounded to 1920×1088 (a multiple of 16)"
     assert (round_size(33, 47).height, round_size(33, 47).width) == (32, 48)
     assert (round_size(5, 7).height, round_size(5, 7).width) == (16, 16)  # never below one multiple
     assert round_size(24, 40).height == 32 and round_size(24, 40).width == 48  # halves round up

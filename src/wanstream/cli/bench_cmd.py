@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 
 DEFAULT_CONFIGS_ARG = "batch,480x832,2,wan;batch,480x832,2,fast;batch,480x832,2,taehv;nobatch,512x512,1,taehv"
+# --tiny is a smoke test of the benchmark itself: the same four kinds of config at a small size and a few
+# chunks, so it ends in seconds on a laptop CPU (the tiny Wan VAE alone takes ~10 s a chunk at 480x832).
+TINY_CONFIGS_ARG = "batch,48x48,2,wan;batch,48x48,2,fast;batch,48x48,2,taehv;nobatch,48x48,1,taehv"
+TINY_CHUNKS, TINY_WARM_CHUNKS = 2, 1
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,11 +25,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="';'-separated configs, or 'all' for every combination (default: %(default)s; with --gpus: "
         "batch at 480x832 and 512x512, 1-4 steps, wan)",
     )
-    p.add_argument("--chunks", type=int, default=30, help="steady-state chunks per config (default 30)")
-    p.add_argument("--warm-chunks", type=int, default=8, help="chunks before measuring (default 8)")
+    p.add_argument(
+        "--chunks", type=int, help=f"steady-state chunks per config (default 30; {TINY_CHUNKS} with --tiny)"
+    )
+    p.add_argument(
+        "--warm-chunks", type=int, help=f"chunks before measuring (default 8; {TINY_WARM_CHUNKS} with --tiny)"
+    )
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     p.add_argument(
-        "--tiny", action="store_true", help="tiny networks (a CPU smoke test of the benchmark itself)"
+        "--tiny",
+        action="store_true",
+        help="tiny networks, small frames and few chunks: a CPU smoke test of the benchmark itself (seconds)",
     )
     p.add_argument("--no-compile", action="store_true", help="run the DiT eagerly (no torch.compile)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="do not replay CUDA graphs")
@@ -74,6 +84,18 @@ def run(args: argparse.Namespace) -> int:
 
     from wanstream.bench import DEFAULT_CONFIGS, BenchConfig, run_bench
 
+    if args.tiny and args.gpus == 1:
+        if args.configs == DEFAULT_CONFIGS_ARG:
+            args.configs = TINY_CONFIGS_ARG
+        args.chunks = TINY_CHUNKS if args.chunks is None else args.chunks
+        args.warm_chunks = TINY_WARM_CHUNKS if args.warm_chunks is None else args.warm_chunks
+        print(
+            f"tiny smoke test: {len(args.configs.split(';'))} config(s) ({args.configs}), "
+            f"{args.warm_chunks} warm-up + {args.chunks} measured chunks each; the figures test the "
+            "benchmark, not a model"
+        )
+    args.chunks = 30 if args.chunks is None else args.chunks
+    args.warm_chunks = 8 if args.warm_chunks is None else args.warm_chunks
     try:
         configs = (
             DEFAULT_CONFIGS

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from wanstream.weights.registry import (
     DEFAULT_PIPELINE,
@@ -16,6 +17,9 @@ from wanstream.weights.registry import (
     TEXT_ENCODERS,
     Selection,
 )
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,7 +34,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "HF_HUB_OFFLINE are respected."
         ),
     )
-    p.add_argument("--pipeline", default=DEFAULT_PIPELINE, choices=sorted(PIPELINES))
+    p.add_argument(
+        "--pipeline",
+        default=DEFAULT_PIPELINE,
+        choices=sorted(PIPELINES),
+        help="which model's files (default: %(default)s; `wanstream models --pipeline NAME` lists them)",
+    )
     p.add_argument("--models-dir", metavar="DIR", help="where model files go")
     p.add_argument(
         "--text-encoder",
@@ -47,7 +56,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also Qwen2.5-1.5B-Instruct for `wanstream extend` / --extend-prompts (3.1 GB, docs/prompts.md)",
     )
-    p.add_argument("--dry-run", action="store_true", help="list what would be downloaded, then stop")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list what would be downloaded (from the registry of known files: no network needed), then stop",
+    )
     p.add_argument(
         "--verify",
         action="store_true",
@@ -69,10 +82,11 @@ def run(args: argparse.Namespace) -> int:
         vace=args.with_vace,
         prompt_extender=args.with_prompt_extender,
     )
+    if args.dry_run:
+        _dry_run(Console(), selection, args.models_dir)
+        return 0
     try:
-        download(
-            selection, models_dir=args.models_dir, console=Console(), dry_run=args.dry_run, verify=args.verify
-        )
+        download(selection, models_dir=args.models_dir, console=Console(), verify=args.verify)
     except DownloadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -80,3 +94,38 @@ def run(args: argparse.Namespace) -> int:
         print("Partial downloads are kept; run the same command again to resume.", file=sys.stderr)
         raise
     return 0
+
+
+def _dry_run(console: Console, selection: Selection, models_dir: str | None) -> None:
+    """What a download would do, from the registry and the files on disk alone (the hub is not asked, so
+    it works offline): sizes on disk are exact, sizes still to fetch are the registry's estimates."""
+    from wanstream.weights.registry import human_bytes
+    from wanstream.weights.store import Store
+
+    store = Store(models_dir)
+    console.print(f"Dry run: nothing is downloaded and the hub is not contacted. Models folder: {store.root}")
+    to_fetch = 0
+    for status in store.statuses(selection):
+        a = status.artifact
+        if status.state == "verified":
+            size, action = human_bytes(status.bytes_present), "present and verified: skipped"
+        elif status.state == "present":
+            size = human_bytes(status.bytes_present)
+            action = "present, not verified yet: hashed against the hub, fetched again only if it differs"
+        else:
+            size = f"~{human_bytes(a.approx_bytes)} (estimate)"
+            to_fetch += a.approx_bytes - status.partial_bytes
+            action = (
+                f"partial ({human_bytes(status.partial_bytes)} so far): resumed"
+                if status.state == "partial"
+                else "to download"
+            )
+        console.print(
+            f"  {a.local_relpath()}  {size}  from {a.repo_id}: {action}", markup=False, soft_wrap=True
+        )
+    if to_fetch:
+        console.print(
+            f"About {human_bytes(to_fetch)} to download (exact sizes come from the hub when it runs)."
+        )
+    else:
+        console.print("Nothing to download: every file is present.")

@@ -23,7 +23,7 @@ from rich.markup import escape
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from wanstream.generate import GeneratePlan, GenerateResult
+    from wanstream.generate import GeneratePlan, GenerateProgress, GenerateResult
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -63,11 +63,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--vae",
         choices=["wan", "taehv"],
-        default="wan",
-        help="encoder and decoder: the Wan VAE, or TAEHV (fast; needs `wanstream download --with-taehv`)",
+        help="encoder and decoder: the Wan VAE (default), or TAEHV (fast; needs `wanstream download "
+        "--with-taehv`); the demo model defaults to TAEHV",
     )
-    p.add_argument("--height", type=int, metavar="H", help="output height (a multiple of 16)")
     p.add_argument("--width", type=int, metavar="W", help="output width (a multiple of 16)")
+    p.add_argument("--height", type=int, metavar="H", help="output height (a multiple of 16)")
     p.add_argument(
         "--batching",
         choices=["auto", "stream", "none"],
@@ -354,14 +354,16 @@ def _extend_prompts(err: Console, args: argparse.Namespace, job: GeneratePlan) -
 
 
 def _show_plan(err: Console, job: GeneratePlan) -> None:
+    from wanstream.generate import frames_text
+
     s, src = job.settings, job.source
-    frames = f"{src.frames} frames" if src.frames is not None else "every frame"
+    frames = frames_text(src.frames) if src.frames is not None else "every frame"
     controller = "on" if s.noise_controller else "off"
     noise = "" if s.mode == "text" else f", noise {s.noise_scale:g} (controller {controller})"
     steps = ",".join(map(str, s.denoising_steps))
     lines = [
         f"input:    {src.describe()}",
-        f"output:   {job.output} ({s.height}×{s.width}, {src.fps:g} fps, {frames})",
+        f"output:   {job.output} ({s.width}×{s.height}, {src.fps:g} fps, {frames})",
         f"settings: {s.mode} mode, seed {s.seed}, steps {steps}{noise}, batching {s.batching}, "
         f"vae {s.decoder}",
     ]
@@ -378,6 +380,9 @@ def _show_plan(err: Console, job: GeneratePlan) -> None:
         err.print(line, markup=False)
     for note in job.notes:
         err.print(f"[cyan]note:[/] {escape(note)}")
+    for path, what in ((job.output, "output"), (job.stats_json, "stats file")):
+        if path is not None and path.is_file():
+            err.print(f"[yellow]note:[/] the {what} {escape(str(path))} exists: this run replaces it")
 
 
 def _check_gpus(args: argparse.Namespace, device: Any) -> None:
@@ -433,7 +438,7 @@ def _run(err: Console, out: Console, job: GeneratePlan, pipeline: Any, load_s: f
         TimeRemainingColumn,
     )
 
-    from wanstream.generate import GenerateError, GenerateProgress, GenerationInterrupted, run
+    from wanstream.generate import GenerateError, GenerationInterrupted, run
     from wanstream.media.video import VideoError
 
     columns = (
@@ -446,14 +451,17 @@ def _run(err: Console, out: Console, job: GeneratePlan, pipeline: Any, load_s: f
         TimeRemainingColumn(),
     )
     try:
-        with Progress(*columns, console=err) as bar:
-            task = bar.add_task("generate", total=job.source.frames, fps="")
+        if err.is_terminal:
+            with Progress(*columns, console=err) as bar:
+                task = bar.add_task("generate", total=job.source.frames, fps="")
 
-            def on_progress(p: GenerateProgress) -> None:
-                fps = p.frames / p.elapsed_s if p.elapsed_s > 0 else 0.0
-                bar.update(task, completed=p.frames, fps=f"{fps:.1f} fps")
+                def on_progress(p: GenerateProgress) -> None:
+                    fps = p.frames / p.elapsed_s if p.elapsed_s > 0 else 0.0
+                    bar.update(task, completed=p.frames, fps=f"{fps:.1f} fps")
 
-            result = run(job, pipeline, on_progress=on_progress, load_s=load_s)
+                result = run(job, pipeline, on_progress=on_progress, load_s=load_s)
+        else:  # a log file, CI, nohup: a plain line every few seconds instead of a bar
+            result = run(job, pipeline, on_progress=ProgressLines(err), load_s=load_s)
     except GenerationInterrupted as exc:
         partial = exc.result
         if partial.output is not None:
@@ -461,9 +469,9 @@ def _run(err: Console, out: Console, job: GeneratePlan, pipeline: Any, load_s: f
                 f"[yellow]interrupted:[/] kept the {partial.stats.frames} frames generated so far in "
                 f"{escape(str(partial.output))} (a valid MP4)"
             )
+            _summary(out, partial)
         else:
             err.print("[yellow]interrupted[/] before the first frame: no output written")
-        _summary(out, partial)
         return 130
     except VideoError as exc:  # the input turned out unreadable part-way (e.g. truncated)
         err.print(f"[red]error:[/] {escape(str(exc))} (no output written)")
@@ -479,13 +487,51 @@ def _run(err: Console, out: Console, job: GeneratePlan, pipeline: Any, load_s: f
     return 0
 
 
+PROGRESS_EVERY_S = 5.0
+
+
+class ProgressLines:
+    """Progress for a log rather than a terminal: one line every `every_s` seconds (frames, FPS, ETA)."""
+
+    def __init__(self, console: Console, every_s: float | None = None) -> None:
+        self.console = console
+        self.every_s = PROGRESS_EVERY_S if every_s is None else every_s
+        self.next_at = self.every_s
+
+    def __call__(self, p: GenerateProgress) -> None:
+        if p.elapsed_s < self.next_at:
+            return
+        self.next_at = p.elapsed_s + self.every_s
+        fps = p.frames / p.elapsed_s if p.elapsed_s > 0 else 0.0
+        done = (
+            f"{p.frames}/{p.total} frames ({100 * p.frames / p.total:.0f}%)"
+            if p.total
+            else f"{p.frames} frames"
+        )
+        eta = ""
+        if p.total and fps > 0:
+            eta = f", ETA {_clock(max(p.total - p.frames, 0) / fps)}"
+        self.console.print(
+            f"generating: {done}, {fps:.1f} fps, {_clock(p.elapsed_s)} elapsed{eta}", markup=False
+        )
+
+
+def _clock(seconds: float) -> str:
+    """'0:07', '1:02:03'."""
+    m, s = divmod(round(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
 def _summary(out: Console, result: GenerateResult) -> None:
+    from wanstream.generate import frames_text
+
     s, job = result.stats, result.plan
     label = "  [bold yellow](DEMO MODEL, RANDOM WEIGHTS)[/]" if job.demo else ""
     where = escape(str(result.output)) if result.output is not None else "(nothing written)"
     verb = "[yellow]wrote (interrupted, partial)[/]" if result.interrupted else "[green]wrote[/]"
     out.print(
-        f"{verb} {where}: {s.frames} frames, {job.settings.height}×{job.settings.width} at "
+        f"{verb} {where}: {frames_text(s.frames)}, {job.settings.width}×{job.settings.height} at "
         f"{job.source.fps:g} fps{label}"
     )
     for line in s.summary_lines():

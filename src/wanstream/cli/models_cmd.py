@@ -18,7 +18,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "else ~/.cache/wanstream/models) and, when WANSTREAM_LORA_DIR is set, the LoRA files there."
         ),
     )
-    p.add_argument("--pipeline", default=DEFAULT_PIPELINE, choices=sorted(PIPELINES))
+    p.add_argument(
+        "--pipeline",
+        default=DEFAULT_PIPELINE,
+        choices=sorted(PIPELINES),
+        help="which model (default: %(default)s)",
+    )
     p.add_argument("--models-dir", metavar="DIR", help="the models folder to inspect")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=run)
@@ -81,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     console = Console()
+    if not console.is_terminal:  # piped or in a log: full lines, never a path folded mid-word
+        console = Console(width=10_000)
     origin = (
         "--models-dir" if args.models_dir else ENV_MODELS_DIR if os.environ.get(ENV_MODELS_DIR) else "default"
     )
@@ -98,13 +105,20 @@ def run(args: argparse.Namespace) -> int:
             "verified": "[green]verified[/green]",
             "present": "[yellow]present (unverified)[/yellow]",
             "partial": f"[yellow]partial {human_bytes(s.partial_bytes)}[/yellow]",
-            "missing": "[red]missing[/red]" if a.option is None else "[dim]not downloaded[/dim]",
+            "missing": "[red]missing (required)[/red]"
+            if a.option is None
+            else "[dim]not downloaded (optional)[/dim]",
         }[s.state]
         needed = "(always)" if a.option is None else a.option
         if a.role == "text_encoder" and a.variant == DEFAULT_TEXT_ENCODER:
             needed += " (default)"
         table.add_row(a.local_relpath(), size, state, needed)
     console.print(table)
+    console.print(
+        "missing (required): the pipeline cannot run without it; not downloaded (optional): fetched only "
+        "with its download flag.",
+        markup=False,
+    )
     total = sum(s.bytes_present for s in statuses)
     console.print(f"{human_bytes(total)} on disk for this pipeline.")
     if ready:

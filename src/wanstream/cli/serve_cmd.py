@@ -95,7 +95,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="do not load the VACE module even when it is downloaded (saves ~1.5 GB of GPU memory)",
     )
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="how much the server logs (default: %(default)s)",
+    )
     from wanstream.cli.extend_cmd import add_extender_flags
 
     add_extender_flags(p)  # for POST /api/v1/prompts/extend and the studio's Extend buttons
@@ -175,6 +180,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"wanstream serve: {exc}", file=sys.stderr)
         return 2
     shown = f"[{args.host}]" if ":" in args.host else args.host
+    if args.demo:  # the first line says it: everything streamed is the random-weight model's
+        from wanstream.demo import DEMO_LABEL
+
+        print(f"wanstream serve: {DEMO_LABEL}", file=sys.stderr)
     print(
         f"wanstream serve: http://{shown}:{args.port}  (API docs: /docs, metrics: /metrics)", file=sys.stderr
     )

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from wanstream.engine.batching import Denoiser
 from wanstream.engine.codecs import Codecs
 from wanstream.engine.components import Components
+from wanstream.engine.frames import FrameInput, as_frames
 from wanstream.engine.lora import lora_manager
 from wanstream.engine.memory import out_of_memory_message, release_device_memory
 from wanstream.engine.noise import NoiseController
@@ -133,7 +134,7 @@ class StreamSession:
         components: Components,
         settings: StreamSettings | None = None,
         *,
-        prompts: Sequence[WeightedPrompt | str] | None = None,
+        prompts: Sequence[WeightedPrompt | str] | WeightedPrompt | str | None = None,
         noise: NoiseSource | None = None,
         output: OutputFormat = "uint8",
         event_log_size: int = 2048,
@@ -288,7 +289,7 @@ class StreamSession:
 
     def set_prompts(
         self,
-        prompts: Sequence[WeightedPrompt | str],
+        prompts: Sequence[WeightedPrompt | str] | WeightedPrompt | str,
         *,
         transition: Transition | None = None,
         switch: Literal["cut", "refresh"] | None = None,
@@ -296,7 +297,9 @@ class StreamSession:
     ) -> torch.Tensor:
         """Change the conditioning. Without a transition, `switch` (default: the settings') decides between
         a hard cut (caches reset) and a cross-attention refresh (caches kept). Returns any frames a
-        draining cut produced."""
+        draining cut produced. `prompts`: one prompt (a string) or a weighted blend (a list)."""
+        if isinstance(prompts, (str, WeightedPrompt)):
+            prompts = [prompts]
         items = [p if isinstance(p, WeightedPrompt) else WeightedPrompt(text=p) for p in prompts]
         if not items:
             raise SessionError("at least one prompt is needed")
@@ -399,10 +402,16 @@ class StreamSession:
         return len(self._pending.frames)
 
     @_gpu_work
-    def push(self, frames: torch.Tensor) -> torch.Tensor:
-        """Feed input frames [T, H, W, 3] (uint8, or float in [0, 1]); returns the output ready now."""
+    def push(self, frames: FrameInput) -> torch.Tensor:
+        """Feed input frames: [T, H, W, 3] uint8 (or float in [0, 1]) as a torch tensor or a numpy array,
+        one [H, W, 3] frame, a PIL image, or a list of these; any size (resized to the stream's).
+
+        Returns the output ready now: a torch.uint8 tensor [T, height, width, 3] (float [0, 1] when the
+        session's `output` is "float") on the model's device — T is 0 until a chunk completes;
+        `.cpu().numpy()` gives a numpy array."""
         if self.settings.mode != "video":
             raise SessionError("push() feeds input video; this session is in text mode (use generate())")
+        frames = self._as_frames(frames)
         for frame in self._prepare_input(frames):
             self._pending.frames.append(frame)
         self.frames_in += frames.shape[0]
@@ -433,9 +442,14 @@ class StreamSession:
         outputs = [self._process_text_chunk() for _ in range(chunks)]
         return self._concat(outputs)
 
+    @staticmethod
+    def _as_frames(frames: FrameInput) -> torch.Tensor:
+        try:
+            return as_frames(frames)
+        except (TypeError, ValueError) as exc:
+            raise SessionError(str(exc)) from None
+
     def _prepare_input(self, frames: torch.Tensor) -> list[torch.Tensor]:
-        if frames.dim() != 4 or frames.shape[-1] != 3:
-            raise SessionError(f"frames must be [T, H, W, 3], got {tuple(frames.shape)}")
         c, s = self.components, self.settings
         x = frames.to(c.device, non_blocking=True)
         # uint8 → [-1, 1] exactly as the reference (u8 / 127.5 − 1).

@@ -36,9 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from wanstream.engine.frames import FrameInput, as_frames, as_tensor
 from wanstream.models.dit import CrossKV
 from wanstream.models.vace import VACE_IN_DIM, VaceExtension, VaceModule
 from wanstream.models.vae import VAEEncodeState
@@ -52,7 +54,7 @@ SPACE_STRIDE = 8  # pixels per latent along height and width
 TIME_STRIDE = 4  # frames per latent after a stream's first frame
 EXTENSION_FRAMES = 4  # Scope: num_frame_per_block (1 for StreamDiffusionV2) × the VAE's 4 frames per latent
 
-ImageSource = str | Path | torch.Tensor
+ImageSource = str | Path | torch.Tensor | np.ndarray | Any  # Any: a PIL image
 VaeCache = Literal["shared", "separate"]
 
 
@@ -84,9 +86,12 @@ def image_pixels(image: ImageSource) -> torch.Tensor:
 
     From a file the values are u8/255 mapped by (x − 0.5)/0.5, as Scope's loader."""
     what = str(image) if isinstance(image, (str, Path)) else "reference image tensor"
-    x = read_image(image) if isinstance(image, (str, Path)) else image
-    if not isinstance(x, torch.Tensor):
-        raise VaceInputError(f"{what}: expected a path or a tensor, got {type(x).__name__}")
+    try:
+        x = read_image(image) if isinstance(image, (str, Path)) else as_tensor(image)
+    except TypeError:
+        raise VaceInputError(
+            f"{what}: expected a path, a tensor, a numpy array or a PIL image, got {type(image).__name__}"
+        ) from None
     if x.dim() == 2:
         x = x[..., None].expand(-1, -1, 3)
     if x.dim() != 3 or x.shape[-1] not in (1, 3) or min(x.shape[:2]) < 1:
@@ -343,11 +348,11 @@ class VaceConditioner:
         self._trim_next = 0  # flush: padding frames of the next chunk, cut from its output
 
     # --- inputs ----------------------------------------------------------------------------------
-    def push_control(self, frames: torch.Tensor, masks: torch.Tensor | None = None) -> None:
+    def push_control(self, frames: FrameInput, masks: torch.Tensor | None = None) -> None:
         """Queue control frames (and their masks) for the coming chunks.
 
         frames: [T, H, W, C] (C = 3, or 1 for grey maps), uint8 or float in [0, 1] — the main input's
-        layout — or Scope's `vace_input_frames` [1, C, T, H, W] in [-1, 1]. masks: [T, H, W] (or
+        layout, as a tensor, numpy array, PIL image or list of frames — or Scope's `vace_input_frames` [1, C, T, H, W] in [-1, 1]. masks: [T, H, W] (or
         [T, H, W, 1]) uint8 / float in [0, 1], or Scope's [1, 1, T, H, W]; 1 = generate, 0 = keep;
         None means all ones. Frames of another size than the stream's are resized when used.
         """
@@ -361,7 +366,7 @@ class VaceConditioner:
         if images is None:
             self._refs = None
             return
-        if isinstance(images, (str, Path, torch.Tensor)):
+        if isinstance(images, (str, Path, torch.Tensor, np.ndarray)) or hasattr(images, "convert"):
             images = [images]
         if not images:
             raise VaceInputError("set_reference_images needs at least one image (None clears them)")
@@ -396,7 +401,7 @@ class VaceConditioner:
         return 5 if self._chunks == 0 else 4
 
     # --- text mode: control frames in, generated frames out ---------------------------------------
-    def push(self, frames: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+    def push(self, frames: FrameInput, masks: torch.Tensor | None = None) -> torch.Tensor:
         """Text mode (Scope's VACE default): queue control frames and generate every complete chunk.
 
         Returns the generated frames ready now (the session's output format)."""
@@ -577,8 +582,11 @@ class VaceConditioner:
     # --- validation ----------------------------------------------------------------------------------
     def _control_items(self, frames: torch.Tensor, masks: torch.Tensor | None) -> list[_Control]:
         """Validate control frames and masks; → per-frame items on the device ([3, H, W] in [-1, 1])."""
-        if not isinstance(frames, torch.Tensor):
-            raise VaceInputError(f"control frames must be a tensor, got {type(frames).__name__}")
+        if not isinstance(frames, torch.Tensor):  # numpy arrays, PIL images, lists of frames
+            try:
+                frames = as_frames(frames, channels=(1, 3))
+            except (TypeError, ValueError) as exc:
+                raise VaceInputError(f"control frames: {exc}") from None
         device = self.session.components.device
         if frames.dim() == 5:  # Scope's vace_input_frames [1, C, T, H, W] in [-1, 1]
             if frames.shape[0] != 1 or frames.shape[1] not in (1, 3):

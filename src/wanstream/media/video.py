@@ -216,6 +216,19 @@ def probe_video(path: str | os.PathLike[str]) -> VideoInfo:
         return reader.info
 
 
+def stored_frames(path: str | os.PathLike[str]) -> int:
+    """How many frames the file really holds: its first video stream's packets, read without decoding
+    (a truncated file's index can announce frames whose data is gone)."""
+    count = 0
+    try:
+        with av.open(str(path)) as container:
+            for packet in container.demux(container.streams.video[0]):
+                count += packet.size > 0  # the demuxer ends each stream with an empty packet
+    except (av.FFmpegError, OSError, IndexError):
+        pass  # a damaged file ends where its readable data ends
+    return count
+
+
 def read_video(
     path: str | os.PathLike[str], max_frames: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, VideoInfo]:
@@ -292,11 +305,12 @@ class RoundedSize:
         return (self.height, self.width) != (self.source_height, self.source_width)
 
     def describe(self) -> str:
-        """One line for the user, e.g. 'resolution 1080×1920 rounded to 1088×1920 (a multiple of 16)'."""
+        """One line for the user, width×height as video tools print sizes, e.g. 'resolution 1920×1080
+        rounded to 1920×1088 (a multiple of 16)'."""
         if not self.rounded:
-            return f"resolution {self.height}×{self.width}"
+            return f"resolution {self.width}×{self.height}"
         return (
-            f"resolution {self.source_height}×{self.source_width} rounded to {self.height}×{self.width} "
+            f"resolution {self.source_width}×{self.source_height} rounded to {self.width}×{self.height} "
             f"(a multiple of {self.multiple})"
         )
 

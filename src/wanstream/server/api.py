@@ -104,9 +104,11 @@ def _session(request: Request | WebSocket, session_id: str) -> Session:
 @router.get("/health", tags=["status"])
 async def health(request: Request) -> dict[str, Any]:
     manager = _manager(request)
+    model = _model(request).status()
     return {
         "status": "ok",
-        "model": _model(request).status().state,
+        "model": model.state,
+        "demo": model.demo,  # the tiny random-weight demo model (set from start-up, before it loads)
         "sessions": len(manager.sessions),
         "max_sessions": manager.config.max_sessions,
         "instance": request.app.state.instance,  # new on every server start

@@ -21,6 +21,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from starlette.types import Scope
 
 from wanstream import __version__
@@ -98,7 +99,9 @@ def create_app(
             if own_recordings:
                 shutil.rmtree(recordings_dir, ignore_errors=True)
 
-    app = FastAPI(
+    # /docs and /redoc with Swagger UI and ReDoc served from the installed package, not a CDN: the API
+    # docs work on a machine without internet (the assets live under /static-offline-docs).
+    app = FastAPIOffline(
         title="wanstream",
         version=__version__,
         summary="Real-time video diffusion (StreamDiffusionV2 on Wan2.1): WebRTC streaming and control.",

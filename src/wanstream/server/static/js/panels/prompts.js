@@ -90,7 +90,7 @@ function row(app, prompt, index, count) {
     changed();
   });
   const remove = el("button", {
-    class: "small", disabled: count <= 1, "aria-label": "remove prompt", "data-tip": "Remove this prompt.",
+    class: "small", disabled: count <= 1, "aria-label": `remove prompt ${index + 1}`, "data-tip": "Remove this prompt.",
     onclick: () => {
       app.state.prompts.splice(index, 1);
       app.save();

@@ -318,7 +318,8 @@ function renderEditor(app) {
     const weight = el("input", { type: "number", min: "0", max: "1000", step: "0.05", value: p.weight, "aria-label": "weight", "data-tip": "Relative weight of this prompt in the segment." });
     weight.addEventListener("change", () => { p.weight = Math.max(0, Number(weight.value) || 0); app.save(); });
     const remove = el("button", {
-      class: "small", disabled: s.prompts.length <= 1, "data-tip": "Remove this prompt from the segment.",
+      class: "small", disabled: s.prompts.length <= 1, "aria-label": `remove segment prompt ${i + 1}`,
+      "data-tip": "Remove this prompt from the segment.",
       onclick: () => { s.prompts.splice(i, 1); editorFor = null; app.save(); render(app); },
     }, "✕");
     const extend = extendButton(p, {
@@ -326,7 +327,7 @@ function renderEditor(app) {
       get: () => p.text,
       use: (value) => { p.text = value; text.value = value; app.save(); renderTrack(app); },
     });
-    return el("div", { class: "prompt-row" }, text, el("span", { class: "weight" }, "weight", weight),
+    return el("div", { class: "prompt-row" }, text, el("label", { class: "weight" }, "weight", weight),
       remove, extend.button, extend.box);
   }));
 }
@@ -389,7 +390,7 @@ function describeSettings(settings) {
   if (settings.noise_scale != null) parts.push(`noise ${settings.noise_scale}`);
   if (settings.noise_controller != null) parts.push(`controller ${settings.noise_controller ? "on" : "off"}`);
   if (settings.manage_cache != null) parts.push(settings.manage_cache ? "cut on prompt change" : "smooth prompt changes");
-  if (settings.height && settings.width) parts.push(`${settings.height}×${settings.width}`);
+  if (settings.height && settings.width) parts.push(`${settings.width}×${settings.height}`);
   if (settings.input_mode) parts.push(`${settings.input_mode} input`);
   return parts.join(" · ");
 }
