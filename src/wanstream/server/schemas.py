@@ -3,12 +3,24 @@ CLI and timelines accept and reject exactly the same values with the same messag
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
 
 from wanstream.engine.prompts import Transition, WeightedPrompt
 from wanstream.engine.settings import SettingsUpdate
+from wanstream.server.limits import MAX_PROMPT_CHARS
 from wanstream.server.vace import MAX_REFERENCES, VaceOptions
 
 MAX_PROMPTS = 8
@@ -19,8 +31,38 @@ def _text_to_prompt(value: Any) -> Any:
     return {"text": value} if isinstance(value, str) else value
 
 
+def _fits(prompt: WeightedPrompt) -> WeightedPrompt:
+    if len(prompt.text) > MAX_PROMPT_CHARS:
+        raise ValueError(
+            f"the prompt is {len(prompt.text)} characters; at most {MAX_PROMPT_CHARS} are accepted (the model "
+            "reads 512 tokens of it)"
+        )
+    return prompt
+
+
 # A prompt is "text" or {"text": ..., "weight": ...}; both are validated by the engine's WeightedPrompt.
-Prompt = Annotated[WeightedPrompt, BeforeValidator(_text_to_prompt)]
+Prompt = Annotated[WeightedPrompt, BeforeValidator(_text_to_prompt), AfterValidator(_fits)]
+
+
+class StrictBody(BaseModel):
+    """A request body validated as strict JSON: `true` is not the number 1, "5" is not 5, 2.0 is not an int.
+    (Bodies parsed by FastAPI arrive as Python objects: they are validated again from their JSON.)"""
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _strict(cls, data: Any, handler: ModelWrapValidatorHandler[Any], info: ValidationInfo) -> Any:
+        if info.mode == "python" and isinstance(data, dict):
+            try:
+                text = json.dumps(data, allow_nan=False)
+            except (TypeError, ValueError):
+                return handler(data)  # not plain JSON (built in Python): the usual validation
+            return cls.model_validate_json(text, strict=True)
+        return handler(data)
+
+
+def parse_control(raw: str | bytes) -> Control:
+    """A live update from its JSON text, strictly (raises ValidationError)."""
+    return Control.model_validate_json(raw, strict=True)
 
 
 class Control(SettingsUpdate):
@@ -134,7 +176,7 @@ def describe_validation(exc: ValidationError) -> str:
 # Sessions
 
 
-class StreamRequest(BaseModel):
+class StreamRequest(StrictBody):
     """What a new stream starts with (server defaults for everything not given)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -168,7 +210,7 @@ class IceCandidate(BaseModel):
     sdpMLineIndex: int | None = Field(None, ge=0, le=16)
 
 
-class IcePatch(BaseModel):
+class IcePatch(StrictBody):
     candidates: list[IceCandidate] = Field(..., max_length=64)
 
 
@@ -192,7 +234,7 @@ class SessionCreated(BaseModel):
     session_id: str
 
 
-class RecordingRequest(BaseModel):
+class RecordingRequest(StrictBody):
     model_config = ConfigDict(extra="forbid")
     include_input: bool = Field(False, description="Also record the input stream (a second MP4).")
 
@@ -211,7 +253,7 @@ class RecordingInfo(BaseModel):
 # Model
 
 
-class LoadRequest(BaseModel):
+class LoadRequest(StrictBody):
     model_config = ConfigDict(extra="forbid")
     demo: bool | None = Field(
         None,
