@@ -100,6 +100,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="accept trickled ICE candidates with link-local addresses (169.254/16, fe80::/10; refused by "
         "default: cloud metadata services live there)",
     )
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="close connections whose request headers are not complete within this (10)",
+    )
     p.add_argument("--height", type=int, help="default output height for new streams (multiple of 16)")
     p.add_argument("--width", type=int, help="default output width for new streams (multiple of 16)")
     p.add_argument("--no-preload", action="store_true", help="load the model on POST /api/v1/model/load only")
@@ -180,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"wanstream serve: http://{shown}:{args.port}  (API docs: /docs, metrics: /metrics)", file=sys.stderr
     )
-    serve(app, host=args.host, port=args.port, log_level=args.log_level)
+    serve(app, host=args.host, port=args.port, log_level=args.log_level, header_timeout_s=args.header_timeout)
     return 0
 
 

@@ -56,8 +56,15 @@ class ChunkCost:
 
     def estimate(self, settings: StreamSettings) -> float | None:
         """Seconds per chunk for `settings`, or None before anything like it has been measured."""
+        key = _key(settings)
         with self._lock:
-            rate = self._rates.get(_key(settings))
+            rate = self._rates.get(key)
+            if rate is None and key[0] == "-":  # text mode: a video stream's cost (it also encodes) bounds it
+                rate = max(
+                    (r for k, r in self._rates.items() if k[1] == key[1]),
+                    key=lambda r: r.seconds_per_pixel_step,
+                    default=None,
+                )
         if rate is None:
             return None
         pixels = settings.height * settings.width

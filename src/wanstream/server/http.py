@@ -60,9 +60,10 @@ class HeaderDeadlineProtocol(H11Protocol):
         self._cancel_header_deadline()
 
 
-def uvicorn_options() -> dict[str, Any]:
+def uvicorn_options(header_timeout_s: float = HEADER_TIMEOUT_S) -> dict[str, Any]:
+    protocol = type("HeaderDeadlineProtocol", (HeaderDeadlineProtocol,), {"header_timeout": header_timeout_s})
     return {
-        "http": HeaderDeadlineProtocol,
+        "http": protocol,
         "ws": "auto",
         "timeout_keep_alive": KEEP_ALIVE_S,
         "h11_max_incomplete_event_size": MAX_HEADER_BYTES,
@@ -70,6 +71,8 @@ def uvicorn_options() -> dict[str, Any]:
     }
 
 
-def serve(app: Any, *, host: str, port: int, log_level: str) -> None:
+def serve(
+    app: Any, *, host: str, port: int, log_level: str, header_timeout_s: float = HEADER_TIMEOUT_S
+) -> None:
     """Run `app` until SIGINT / SIGTERM (blocking)."""
-    uvicorn.run(app, host=host, port=port, log_level=log_level, **uvicorn_options())
+    uvicorn.run(app, host=host, port=port, log_level=log_level, **uvicorn_options(header_timeout_s))

@@ -29,7 +29,7 @@ KiB = 1024
 MiB = 1024 * KiB
 MAX_JSON_DEPTH = 32  # the deepest real body (a timeline's settings) is 5 levels
 DEFAULT_BODY_BYTES = 64 * KiB
-# Per route (method, path prefix): bodies larger than this get 413 before they are parsed.
+# Per route (method, path: exact, or a prefix when it ends with "/"): larger bodies get 413 unparsed.
 BODY_LIMITS: tuple[tuple[str, str, int], ...] = (
     ("POST", "/api/v1/timeline/", 2 * MiB),  # a timeline file: hours of segments fit in far less
     ("POST", "/api/v1/webrtc/offer", 256 * KiB),  # an SDP (64 KiB at most) + settings and 8 prompts
@@ -58,8 +58,8 @@ def body_limit(method: str, path: str) -> int | None:
     for m, prefix in STREAMED_ROUTES:
         if method == m and path.startswith(prefix):
             return None
-    for m, prefix, limit in BODY_LIMITS:
-        if method == m and path.startswith(prefix):
+    for m, route, limit in BODY_LIMITS:
+        if method == m and (path == route or (route.endswith("/") and path.startswith(route))):
             return limit
     return DEFAULT_BODY_BYTES
 
@@ -191,18 +191,18 @@ def check_image_header(path: Path) -> tuple[int, int]:
     for a file that is not a readable image."""
     from PIL import Image, UnidentifiedImageError
 
+    limits = (
+        f"images are limited to {MAX_IMAGE_PIXELS // 10**6} megapixels and {MAX_IMAGE_SIDE} pixels a side"
+    )
     try:
         with Image.open(path) as image:  # reads the header only
             width, height = image.size
+    except Image.DecompressionBombError:  # Pillow's own check, far above ours: the size is not returned
+        raise LimitExceeded(f"the image is over {2 * Image.MAX_IMAGE_PIXELS} pixels; {limits}") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise ValueError(f"not a readable image ({type(exc).__name__})") from None
-    except Image.DecompressionBombError:
-        width, height = MAX_IMAGE_SIDE + 1, MAX_IMAGE_SIDE + 1
     if width * height > MAX_IMAGE_PIXELS or max(width, height) > MAX_IMAGE_SIDE:
-        raise LimitExceeded(
-            f"the image is {width}×{height}; images are limited to {MAX_IMAGE_PIXELS // 10**6} megapixels "
-            f"and {MAX_IMAGE_SIDE} pixels a side"
-        )
+        raise LimitExceeded(f"the image is {width}×{height}; {limits}")
     return width, height
 
 
