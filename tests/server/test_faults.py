@@ -690,3 +690,77 @@ def test_a_killed_client_frees_its_slot_within_5_s(
     print(f"\nSIGKILLed client: its session was gone {gone:.2f}s later")
     # Consent freshness gives up within 5 s; the teardown then waits for the chunk in flight (demo: < 1 s).
     assert gone < 6.0, gone
+
+
+def test_stopping_a_stream_mid_chunk_frees_everything_within_a_chunk() -> None:
+    """The freeze of issue 18: a slow stream mid-chunk, a second stream starting beside it, then DELETE.
+
+    The event loop never waits for the engine: /health answers within 1 s throughout (the new stream's
+    LoRA set-up waits for the running chunk on its own engine thread). DELETE returns within the chunk in
+    flight + 1 s, and by then the engine thread has ended, its session (the memory) is released and the slot
+    is free; until then the slot still counts (a third stream is refused)."""
+    import threading
+
+    from server.harness import InProcessServer
+    from wanstream.server import ServerConfig, create_app
+
+    config = ServerConfig(demo=True, max_sessions=2, max_chunk_s=120.0)
+    slow = {"height": 480, "width": 832, "steps": [1000, 750, 500, 250], "batching": "none"}
+    with InProcessServer(create_app(config)) as server, server.client() as c:
+        deadline = time.monotonic() + 60
+        while c.get("/health").json()["model"] != "loaded":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        response = c.post("/api/v1/sessions", json={"source": "text", "settings": slow, "prompts": [PROMPT]})
+        assert response.status_code == 201, response.text
+        slow_id = response.json()["session_id"]
+        manager = server.app.state.sessions
+        worker = manager.sessions[slow_id].worker
+        while worker.stats().chunks < 1:
+            time.sleep(0.05)
+        latencies: list[float] = []
+        polling = threading.Event()
+
+        def poll_health() -> None:
+            with server.client() as h:
+                while not polling.is_set():
+                    start = time.monotonic()
+                    assert h.get("/health", timeout=10).status_code == 200
+                    latencies.append(time.monotonic() - start)
+                    time.sleep(0.05)
+
+        poller = threading.Thread(target=poll_health)
+        poller.start()
+        try:
+            small = {"height": 64, "width": 64}
+            response = c.post(
+                "/api/v1/sessions", json={"source": "text", "settings": small, "prompts": [PROMPT]}
+            )
+            assert response.status_code == 201, response.text
+            other_id = response.json()["session_id"]
+            response = c.post("/api/v1/sessions", json={"source": "text", "settings": small})
+            assert response.status_code == 409  # both slots taken
+            while worker.stats().chunks < 2:
+                time.sleep(0.05)
+            time.sleep(0.3)  # into the next chunk
+            started = time.monotonic()
+            assert c.delete(f"/api/v1/sessions/{slow_id}").status_code == 204
+            took = time.monotonic() - started
+        finally:
+            polling.set()
+            poller.join()
+        in_flight = worker._chunk_latency.values[-1]  # the chunk that was running at DELETE
+        names = [t.name for t in threading.enumerate()]
+        assert f"wanstream-engine-{slow_id}" not in names and worker.join(0)
+        assert worker.session is None  # its caches (the memory) went with the thread
+        assert slow_id not in manager.sessions
+        print(
+            f"\nslow stream ({slow['width']}×{slow['height']}, 4 steps): chunk {in_flight:.2f}s; DELETE took "
+            f"{took:.2f}s; /health max {max(latencies):.3f}s over {len(latencies)} polls"
+        )
+        assert took <= in_flight + 1.0, (took, in_flight)
+        assert max(latencies) < 1.0, max(latencies)
+        response = c.post("/api/v1/sessions", json={"source": "text", "settings": small})
+        assert response.status_code == 201  # the slot is free at once
+        for sid in (other_id, response.json()["session_id"]):
+            assert c.delete(f"/api/v1/sessions/{sid}").status_code == 204

@@ -12,9 +12,8 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    ModelWrapValidatorHandler,
+    TypeAdapter,
     ValidationError,
-    ValidationInfo,
     model_validator,
 )
 
@@ -44,20 +43,22 @@ def _fits(prompt: WeightedPrompt) -> WeightedPrompt:
 Prompt = Annotated[WeightedPrompt, BeforeValidator(_text_to_prompt), AfterValidator(_fits)]
 
 
-class StrictBody(BaseModel):
-    """A request body validated as strict JSON: `true` is not the number 1, "5" is not 5, 2.0 is not an int.
-    (Bodies parsed by FastAPI arrive as Python objects: they are validated again from their JSON.)"""
+def strict_json(tp: Any) -> BeforeValidator:
+    """Validate a field as strict JSON: `true` is not the number 1, "5" is not 5, 2.0 is not an int.
+    (FastAPI hands bodies over as Python objects, which pydantic would coerce; they are validated from
+    their JSON text instead. Values built in Python pass through to the usual validation.)"""
+    adapter: TypeAdapter[Any] = TypeAdapter(tp)
 
-    @model_validator(mode="wrap")
-    @classmethod
-    def _strict(cls, data: Any, handler: ModelWrapValidatorHandler[Any], info: ValidationInfo) -> Any:
-        if info.mode == "python" and isinstance(data, dict):
-            try:
-                text = json.dumps(data, allow_nan=False)
-            except (TypeError, ValueError):
-                return handler(data)  # not plain JSON (built in Python): the usual validation
-            return cls.model_validate_json(text, strict=True)
-        return handler(data)
+    def validate(value: Any) -> Any:
+        if not isinstance(value, dict | list | str | int | float | bool):
+            return value
+        try:
+            text = json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError):
+            return value
+        return adapter.validate_json(text, strict=True)
+
+    return BeforeValidator(validate)
 
 
 def parse_control(raw: str | bytes) -> Control:
@@ -176,16 +177,18 @@ def describe_validation(exc: ValidationError) -> str:
 # Sessions
 
 
-class StreamRequest(StrictBody):
+class StreamRequest(BaseModel):
     """What a new stream starts with (server defaults for everything not given)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    settings: SettingsUpdate | None = Field(None, description="Overrides of the server's default settings.")
-    prompts: list[Prompt] | None = Field(
+    settings: Annotated[SettingsUpdate | None, strict_json(SettingsUpdate | None)] = Field(
+        None, description="Overrides of the server's default settings."
+    )
+    prompts: Annotated[list[Prompt] | None, strict_json(list[Prompt] | None)] = Field(
         None, min_length=1, max_length=MAX_PROMPTS, description="Initial prompts (default: the server's)."
     )
-    vace: VaceOptions | None = Field(
+    vace: Annotated[VaceOptions | None, strict_json(VaceOptions | None)] = Field(
         None,
         description="VACE conditioning (control from the input video, reference images); see docs/vace.md.",
     )
@@ -210,7 +213,7 @@ class IceCandidate(BaseModel):
     sdpMLineIndex: int | None = Field(None, ge=0, le=16)
 
 
-class IcePatch(StrictBody):
+class IcePatch(BaseModel):
     candidates: list[IceCandidate] = Field(..., max_length=64)
 
 
@@ -234,7 +237,7 @@ class SessionCreated(BaseModel):
     session_id: str
 
 
-class RecordingRequest(StrictBody):
+class RecordingRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_input: bool = Field(False, description="Also record the input stream (a second MP4).")
 
@@ -253,7 +256,7 @@ class RecordingInfo(BaseModel):
 # Model
 
 
-class LoadRequest(StrictBody):
+class LoadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     demo: bool | None = Field(
         None,
