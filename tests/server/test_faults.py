@@ -764,3 +764,37 @@ def test_stopping_a_stream_mid_chunk_frees_everything_within_a_chunk() -> None:
         assert response.status_code == 201  # the slot is free at once
         for sid in (other_id, response.json()["session_id"]):
             assert c.delete(f"/api/v1/sessions/{sid}").status_code == 204
+
+
+def test_tokens_never_logged_and_half_open_connections_closed(tmp_path: Path) -> None:
+    """A token server (no model): `?token=` is redacted in the access log; a connection whose headers never
+    finish is closed after --header-timeout; a token of spaces refuses to start."""
+    import socket
+
+    from server.harness import TOKEN
+    from wanstream.cli.main import main
+
+    assert main(["serve", "--host", "0.0.0.0", "--token", " " * 8]) == 2
+    server = ServerProcess(
+        "--no-preload", "--header-timeout", "1", log_path=tmp_path / "server.log", token=TOKEN
+    )
+    try:
+        server.wait_ready(model=False)
+        with httpx.Client(base_url=server.url, timeout=10) as c:
+            assert c.get("/health", params={"token": TOKEN}).status_code == 200
+            assert c.get("/api/v1/model", params={"x": "1", "token": TOKEN}).status_code == 200
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+            raw.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")  # never finished
+            start = time.monotonic()
+            assert raw.recv(1024) == b""  # closed by the server, without an answer
+            closed_after = time.monotonic() - start
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as idle:
+            start = time.monotonic()
+            assert idle.recv(1024) == b""  # nothing sent at all
+            idle_closed = time.monotonic() - start
+    finally:
+        assert server.stop() == 0
+    log = server.log_path.read_text()
+    print(f"\nhalf-open connection closed after {closed_after:.2f}s, a silent one after {idle_closed:.2f}s")
+    assert 0.5 < closed_after < 5 and 0.5 < idle_closed < 5
+    assert "token=***" in log and TOKEN not in log, log
