@@ -35,6 +35,7 @@ BODY_LIMITS: tuple[tuple[str, str, int], ...] = (
     ("POST", "/api/v1/webrtc/offer", 256 * KiB),  # an SDP (64 KiB at most) + settings and 8 prompts
     ("POST", "/api/v1/sessions", 256 * KiB),  # a headless start: settings and 8 prompts
 )
+MAX_DRAIN_BYTES = 64 * MiB  # an over-long body up to this is read and dropped before the 413 (else: closed)
 # Uploads stream to disk under their own limit (--max-upload-mb), checked by the route as they arrive.
 STREAMED_ROUTES: tuple[tuple[str, str], ...] = (("PUT", "/api/v1/media/"),)
 
@@ -102,9 +103,9 @@ class BodyLimit:
             return
         declared = _content_length(scope)
         if declared is not None and declared > limit:
-            await _answer(
-                send, 413, f"the request body is {declared} bytes; this route takes at most {limit}"
-            )
+            drained = declared <= MAX_DRAIN_BYTES and await _drain(receive)
+            reason = f"the request body is {declared} bytes; this route takes at most {limit}"
+            await _answer(send, 413, reason, close=not drained)
             return
         chunks: list[bytes] = []
         size = 0
@@ -115,7 +116,9 @@ class BodyLimit:
             body = message.get("body", b"")
             size += len(body)
             if size > limit:
-                await _answer(send, 413, f"the request body is over this route's limit of {limit} bytes")
+                drained = await _drain(receive, size) if message.get("more_body", False) else True
+                reason = f"the request body is over this route's limit of {limit} bytes"
+                await _answer(send, 413, reason, close=not drained)
                 return
             chunks.append(body)
             if not message.get("more_body", False):
@@ -146,13 +149,24 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _answer(send: Send, status: int, reason: str) -> None:
+async def _drain(receive: Receive, read: int = 0) -> bool:
+    """Read and drop the rest of an over-long body (so the client sees the answer instead of a reset);
+    False when more than `MAX_DRAIN_BYTES` would have to be read (then the connection is closed)."""
+    while read <= MAX_DRAIN_BYTES:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return False
+        read += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return True
+    return False
+
+
+async def _answer(send: Send, status: int, reason: str, close: bool = False) -> None:
     body = json.dumps({"detail": reason}).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"connection", b"close"),  # the rest of an over-long body is not read
-    ]
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))  # the rest of the body is not read
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
