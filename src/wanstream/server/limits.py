@@ -42,6 +42,7 @@ STREAMED_ROUTES: tuple[tuple[str, str], ...] = (("PUT", "/api/v1/media/"),)
 # A token covers at most a few characters (umT5's longest pieces are well under 16), so a prompt longer
 # than this can never fit into the encoder's 512 tokens; refused even where no tokenizer is loaded.
 MAX_PROMPT_CHARS = 8192
+MAX_PROMPTS_CHARS = 16384  # all prompts of one message: every event-log row and status repeats them
 MAX_IMAGE_PIXELS = 4096 * 4096  # reference / first / last frames are resized to the stream anyway
 MAX_IMAGE_SIDE = 8192
 

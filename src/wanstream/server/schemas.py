@@ -19,7 +19,7 @@ from pydantic import (
 
 from wanstream.engine.prompts import Transition, WeightedPrompt
 from wanstream.engine.settings import SettingsUpdate
-from wanstream.server.limits import MAX_PROMPT_CHARS
+from wanstream.server.limits import MAX_PROMPT_CHARS, MAX_PROMPTS_CHARS
 from wanstream.server.vace import MAX_REFERENCES, VaceOptions
 
 MAX_PROMPTS = 8
@@ -39,8 +39,19 @@ def _fits(prompt: WeightedPrompt) -> WeightedPrompt:
     return prompt
 
 
+def _all_fit(prompts: list[WeightedPrompt]) -> list[WeightedPrompt]:
+    total = sum(len(p.text) for p in prompts)
+    if total > MAX_PROMPTS_CHARS:
+        raise ValueError(
+            f"the prompts are {total} characters together; at most {MAX_PROMPTS_CHARS} are accepted "
+            "(each stream keeps them in its status and event log)"
+        )
+    return prompts
+
+
 # A prompt is "text" or {"text": ..., "weight": ...}; both are validated by the engine's WeightedPrompt.
 Prompt = Annotated[WeightedPrompt, BeforeValidator(_text_to_prompt), AfterValidator(_fits)]
+Prompts = Annotated[list[Prompt], AfterValidator(_all_fit)]
 
 
 def strict_json(tp: Any) -> BeforeValidator:
@@ -77,7 +88,7 @@ class Control(SettingsUpdate):
     model_config = ConfigDict(extra="forbid")
 
     id: str | int | None = Field(None, description="Echoed in the ack or error, to match replies.")
-    prompts: list[Prompt] | None = Field(
+    prompts: Prompts | None = Field(
         None,
         min_length=1,
         max_length=MAX_PROMPTS,
@@ -185,7 +196,7 @@ class StreamRequest(BaseModel):
     settings: Annotated[SettingsUpdate | None, strict_json(SettingsUpdate | None)] = Field(
         None, description="Overrides of the server's default settings."
     )
-    prompts: Annotated[list[Prompt] | None, strict_json(list[Prompt] | None)] = Field(
+    prompts: Annotated[Prompts | None, strict_json(Prompts | None)] = Field(
         None, min_length=1, max_length=MAX_PROMPTS, description="Initial prompts (default: the server's)."
     )
     vace: Annotated[VaceOptions | None, strict_json(VaceOptions | None)] = Field(

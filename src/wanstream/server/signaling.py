@@ -45,6 +45,7 @@ from wanstream.server.worker import ControlRejected
 log = logging.getLogger("wanstream.server")
 
 MAX_MESSAGE_BYTES = 64 * 1024
+MAX_CHANNEL_BUFFER = 1024 * 1024  # replies queued for a data channel's client before it is closed
 CHANNEL_LABEL = "parameters"
 
 
@@ -259,8 +260,15 @@ def control_reply(future: Any, message_id: str | int | None) -> dict[str, Any]:
 
 
 def _send(channel: Any, body: dict[str, Any]) -> None:
-    if channel.readyState == "open":
-        channel.send(json.dumps(body))
+    if channel.readyState != "open":
+        return
+    if channel.bufferedAmount > MAX_CHANNEL_BUFFER:
+        # A client that sends but never reads its replies: its channel is closed (it sees that), rather
+        # than replies being dropped silently or queued without bound.
+        log.warning("closing a data channel whose client does not read its replies")
+        channel.close()
+        return
+    channel.send(json.dumps(body))
 
 
 async def _ice_watchdog(
