@@ -111,7 +111,7 @@ class Soak:
                 response = await client.offer(settings={"mode": "text", "height": 64, "width": 64})
                 if response.status_code == 409:
                     self.count("client_busy")
-                    await asyncio.sleep(rng.uniform(0.2, 1.0))
+                    await asyncio.sleep(rng.uniform(1.0, 3.0))
                     continue
                 assert response.status_code == 200, response.text
                 answer = response.json()
