@@ -17,7 +17,7 @@ import ipaddress
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -250,14 +250,3 @@ def candidate_problem(host: str, port: int, *, allow_link_local: bool) -> str | 
             "refused unless the server runs with --ice-allow-link-local"
         )
     return None
-
-
-def describe_limits() -> dict[str, Any]:
-    """The request limits, for the docs and the settings schema route."""
-    return {
-        "body_bytes": {"default": DEFAULT_BODY_BYTES, **{f"{m} {p}": n for m, p, n in BODY_LIMITS}},
-        "json_depth": MAX_JSON_DEPTH,
-        "prompt_chars": MAX_PROMPT_CHARS,
-        "image_pixels": MAX_IMAGE_PIXELS,
-        "image_side": MAX_IMAGE_SIDE,
-    }
