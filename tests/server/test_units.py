@@ -399,3 +399,29 @@ def test_tokens_are_redacted_and_must_be_usable() -> None:
         with pytest.raises(SecurityError):
             check_bind("0.0.0.0", bad)
     check_bind("0.0.0.0", "abcdefgh")
+
+
+def test_data_channel_of_a_client_that_never_reads_is_closed() -> None:
+    """Replies queue in the data channel while its client reads nothing: past 1 MiB the channel is closed
+    (the client sees it close) instead of replies piling up or vanishing."""
+    from wanstream.server.signaling import MAX_CHANNEL_BUFFER, _send
+
+    class Channel:
+        readyState = "open"
+        bufferedAmount = 0
+        sent: list[str] = []  # noqa: RUF012
+        closed = False
+
+        def send(self, text: str) -> None:
+            self.sent.append(text)
+            self.bufferedAmount += len(text)
+
+        def close(self) -> None:
+            self.closed = True
+
+    channel = Channel()
+    _send(channel, {"type": "ack", "id": 1})
+    assert len(channel.sent) == 1 and not channel.closed
+    channel.bufferedAmount = MAX_CHANNEL_BUFFER + 1
+    _send(channel, {"type": "ack", "id": 2})
+    assert len(channel.sent) == 1 and channel.closed

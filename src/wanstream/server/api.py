@@ -185,7 +185,7 @@ async def webrtc_offer(request: Request, body: OfferRequest) -> OfferAnswer:
     except SignalingError as exc:
         raise HTTPException(400, str(exc)) from None
     requested = body.settings.model_dump(exclude_unset=True) if body.settings is not None else {}
-    settings, vace = _vace(manager, body, settings, requested)
+    settings, vace = await asyncio.to_thread(_vace, manager, body, settings, requested)  # reads images
     session = _reserve(manager, "webrtc")
     session.vace = vace
     try:
@@ -251,7 +251,7 @@ async def start_headless(request: Request, body: HeadlessRequest) -> SessionCrea
         )
     settings = _settings(manager, SettingsUpdate.model_validate(requested))
     _check_prompts(manager, body)
-    settings, vace = _vace(manager, body, settings, requested)
+    settings, vace = await asyncio.to_thread(_vace, manager, body, settings, requested)  # reads images
     session = _reserve(manager, "headless")
     session.vace = vace
     try:
