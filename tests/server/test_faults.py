@@ -798,3 +798,37 @@ def test_tokens_never_logged_and_half_open_connections_closed(tmp_path: Path) ->
     print(f"\nhalf-open connection closed after {closed_after:.2f}s, a silent one after {idle_closed:.2f}s")
     assert 0.5 < closed_after < 5 and 0.5 < idle_closed < 5
     assert "token=***" in log and TOKEN not in log, log
+
+
+def test_sigterm_ends_a_server_mid_chunk_with_a_socket_open(tmp_path: Path) -> None:
+    """SIGTERM while a slow stream computes and a WebSocket is open: the server exits cleanly, within the
+    graceful-shutdown time (10 s) + the chunk in flight (before: SIGTERM was ignored for minutes)."""
+    import signal
+
+    import websockets
+
+    server = ServerProcess("--demo", "--max-chunk-seconds", "120", log_path=tmp_path / "server.log")
+    server.wait_ready()
+    slow = {"height": 480, "width": 832, "steps": [1000, 750, 500, 250], "batching": "none"}
+    with server.client() as c:
+        response = c.post("/api/v1/sessions", json={"source": "text", "settings": slow})
+        assert response.status_code == 201, response.text
+        sid = response.json()["session_id"]
+        while c.get(f"/api/v1/sessions/{sid}").json()["stats"]["chunks"] < 1:
+            time.sleep(0.1)
+        chunk = c.get(f"/api/v1/sessions/{sid}").json()["stats"]["chunk_latency_p90"]
+
+    async def hold_socket_and_stop() -> float:
+        ws_url = server.url.replace("http", "ws") + f"/api/v1/sessions/{sid}/ws"
+        async with websockets.connect(ws_url) as ws:
+            await asyncio.wait_for(ws.recv(), 10)  # a status message: the socket is live
+            server.proc.send_signal(signal.SIGTERM)
+            start = time.monotonic()
+            while server.proc.poll() is None:
+                assert time.monotonic() - start < 10 + 2 * chunk + 10, "SIGTERM did not end the server"
+                await asyncio.sleep(0.1)
+            return time.monotonic() - start
+
+    took = asyncio.run(hold_socket_and_stop())
+    print(f"\nSIGTERM mid-chunk ({chunk:.2f}s chunks) with a WebSocket open: exited after {took:.2f}s")
+    assert server.stop() == 0, server.log()

@@ -7,8 +7,8 @@ timelines, `{"seed": true}`, a 4096×4096 stream, a binary WebSocket frame and a
 with a link-local candidate, half-open HTTP connections, and streams deleted mid-chunk.
 
 Checks: every answer is the expected one; `/health` answers within 1 s throughout; after the churn the
-server's threads and open files are back to the baseline taken after a warm-up pass, and its RSS is
-within `RSS_BOUND` of it. The full run (30 minutes) is recorded in docs/reliability.md:
+server's threads and open files are back to the baseline taken after a warm-up pass, its RSS is within
+a plateau of it and does not trend up over the second half of the run (the bounds are below). The full run (30 minutes) is recorded in docs/reliability.md:
 
     WANSTREAM_SOAK_S=1800 WANSTREAM_SOAK_REPORT=soak.json pytest tests/server/test_soak.py -s
 """
@@ -22,6 +22,8 @@ import random
 import socket
 import statistics
 import struct
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -39,9 +41,14 @@ from server.rtc_client import RtcClient
 SOAK_S = float(os.environ.get("WANSTREAM_SOAK_S", "60"))
 REPORT = os.environ.get("WANSTREAM_SOAK_REPORT")
 CLIENTS = 10
-RSS_BOUND = (
-    64 * 1024 * 1024
-)  # quiet RSS after the churn vs before it (allocator noise, not per-session growth)
+# RSS, in two bounds. Plateau: the quiet RSS after the churn is within RSS_PLATEAU_MIB of the quiet RSS
+# after the warm-up: glibc keeps the native buffers of up to 4 concurrent streams (codecs, DTLS, frames)
+# for reuse; the 30-minute run settled at +73 MiB within 5 minutes. Trend: over the second half of the
+# run RSS does not rise (median of the last quarter of samples vs the second quarter, RSS_TREND_MIB);
+# the issue's 0.1 MiB per session would be +200 MiB over the ~2,000 sessions of 30 minutes.
+RSS_PLATEAU_MIB = 128
+RSS_TREND_MIB = 32
+TREND_AFTER_S = 600  # the trend is checked on runs of 10 minutes or more (the plateau takes about 5)
 HEALTH_LIMIT_S = 1.0
 WARMUP_S = 10.0
 PROMPTS = ["a watercolour harbour at dawn", "a neon city in the rain", "a forest of glass trees"]
@@ -56,29 +63,45 @@ def _png_bomb() -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
 
 
-class HealthWatch(threading.Thread):
-    """Polls /health four times a second on its own thread; keeps every latency."""
+HEALTH_POLLER = """
+import sys, time, httpx
+with httpx.Client(base_url=sys.argv[1], timeout=10) as c:
+    while True:
+        start = time.monotonic()
+        try:
+            status = c.get("/health").status_code
+        except httpx.HTTPError as exc:
+            status = repr(exc)
+        print(round(time.monotonic() - start, 4), status, flush=True)
+        time.sleep(0.25)
+"""
+
+
+class HealthWatch:
+    """Polls /health four times a second from its own process (so the test's clients, which share this
+    process's interpreter lock, never add to the latencies it measures); keeps every latency."""
 
     def __init__(self, url: str) -> None:
-        super().__init__(name="health-watch", daemon=True)
-        self.url = url
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", HEALTH_POLLER, url], stdout=subprocess.PIPE, text=True
+        )
         self.latencies: list[float] = []
         self.failures: list[str] = []
-        self.done = threading.Event()
+        self._reader = threading.Thread(target=self._read, name="health-watch", daemon=True)
+        self._reader.start()
 
-    def run(self) -> None:
-        with httpx.Client(base_url=self.url, timeout=10) as c:
-            while not self.done.is_set():
-                start = time.monotonic()
-                try:
-                    ok = c.get("/health").status_code == 200
-                except httpx.HTTPError as exc:
-                    ok = False
-                    self.failures.append(repr(exc))
-                self.latencies.append(time.monotonic() - start)
-                if not ok:
-                    self.failures.append("not 200")
-                time.sleep(0.25)
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            latency, status = line.split(maxsplit=1)
+            self.latencies.append(float(latency))
+            if status.strip() != "200":
+                self.failures.append(status.strip())
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self._reader.join(10)
 
 
 class Soak:
@@ -256,11 +279,11 @@ def test_soak(tmp_path: Path) -> None:
         "20",
         log_path=tmp_path / "server.log",
     )
-    health = HealthWatch(server.url)
     samples: list[dict[str, Any]] = []
+    health: HealthWatch | None = None
     try:
         server.wait_ready()
-        health.start()
+        health = HealthWatch(server.url)
 
         async def main() -> tuple[dict[str, Any], dict[str, Any], Soak]:
             async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
@@ -296,8 +319,8 @@ def test_soak(tmp_path: Path) -> None:
         before, after, soak = asyncio.run(main())
         elapsed = time.monotonic() - started
     finally:
-        health.done.set()
-        health.join(15)
+        if health is not None:
+            health.stop()
         code = server.stop()
     assert code == 0, server.log()
     rss = [s["rss_bytes"] / 2**20 for s in samples]
@@ -322,7 +345,15 @@ def test_soak(tmp_path: Path) -> None:
     assert soak.counts.get("client_session", 0) >= CLIENTS  # every client got in at least about once
     assert after["threads"] <= before["threads"], (before, after)
     assert after["open_fds"] <= before["open_fds"], (before, after)
-    assert after["rss_bytes"] - before["rss_bytes"] <= RSS_BOUND, (describe(before), describe(after))
+    assert (after["rss_bytes"] - before["rss_bytes"]) / 2**20 <= RSS_PLATEAU_MIB, (
+        describe(before),
+        describe(after),
+    )
+    if SOAK_S >= TREND_AFTER_S:  # shorter runs end while the allocator is still filling its plateau
+        quarter = len(rss) // 4
+        trend = statistics.median(rss[3 * quarter :]) - statistics.median(rss[quarter : 2 * quarter])
+        print(f"RSS trend over the second half: {trend:+.0f} MiB")
+        assert trend <= RSS_TREND_MIB, rss
 
 
 def _ok_json(response: httpx.Response) -> dict[str, Any]:

@@ -22,6 +22,7 @@ HEADER_TIMEOUT_S = 10.0
 # the moment a client reuses it makes that request fail (seen in the soak with uvicorn's own 5 s).
 KEEP_ALIVE_S = 20.0
 MAX_HEADER_BYTES = 16 * 1024
+GRACEFUL_SHUTDOWN_S = 10.0  # SIGTERM: requests still open after this are cancelled, then sessions close
 MAX_CONNECTIONS = 512  # beyond this uvicorn answers 503 at once instead of queueing work
 
 
@@ -71,6 +72,7 @@ def uvicorn_options(header_timeout_s: float = HEADER_TIMEOUT_S) -> dict[str, Any
         "timeout_keep_alive": KEEP_ALIVE_S,
         "h11_max_incomplete_event_size": MAX_HEADER_BYTES,
         "limit_concurrency": MAX_CONNECTIONS,
+        "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
     }
 
 
