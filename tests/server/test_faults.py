@@ -831,4 +831,6 @@ def test_sigterm_ends_a_server_mid_chunk_with_a_socket_open(tmp_path: Path) -> N
 
     took = asyncio.run(hold_socket_and_stop())
     print(f"\nSIGTERM mid-chunk ({chunk:.2f}s chunks) with a WebSocket open: exited after {took:.2f}s")
-    assert server.stop() == 0, server.log()
+    # uvicorn shuts down, then re-raises the signal: the exit status says SIGTERM ended it
+    assert server.stop() in (0, -signal.SIGTERM), server.log()
+    assert "Application shutdown complete" in server.log_path.read_text()
