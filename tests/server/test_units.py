@@ -425,3 +425,25 @@ def test_data_channel_of_a_client_that_never_reads_is_closed() -> None:
     channel.bufferedAmount = MAX_CHANNEL_BUFFER + 1
     _send(channel, {"type": "ack", "id": 2})
     assert len(channel.sent) == 1 and channel.closed
+
+
+def test_vace_reference_images_are_checked_from_their_header(tmp_path: Path) -> None:
+    """A reference image placed in the media folder by hand is refused from its header too (413), never
+    decoded; a plain corrupt file is a 422 naming the field."""
+    import struct
+    import zlib
+
+    from wanstream.server.vace import VaceRefused, read_media_image
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 9000, 9000, 8, 2, 0, 0, 0)
+    (tmp_path / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+    with pytest.raises(VaceRefused, match="9000×9000") as refused:
+        read_media_image(tmp_path, "bomb.png", "vace.ref_images")
+    assert refused.value.status == 413
+    (tmp_path / "junk.png").write_bytes(b"not an image at all")
+    with pytest.raises(VaceRefused, match=r"vace\.ref_images: 'junk\.png' cannot be read") as junk:
+        read_media_image(tmp_path, "junk.png", "vace.ref_images")
+    assert junk.value.status == 422
