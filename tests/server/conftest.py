@@ -33,6 +33,10 @@ def demo_server(tmp_path_factory: pytest.TempPathFactory, media_dir: Path) -> It
         "1",
         "--ice-timeout",
         "3",
+        # A loaded CI CPU runs the demo's chunks several times slower than an idle one: sizes the tests use
+        # must not be refused as "not real time" (4096×4096 still is: its estimate is in the minutes).
+        "--max-chunk-seconds",
+        "20",
         "--height",
         "128",
         "--width",

@@ -148,3 +148,39 @@ def describe(r: dict[str, Any]) -> str:
         f"threads {r['threads']} (+{r['executor_threads']} executor), tasks {r['tasks']}, "
         f"open files {r['open_fds']}, RSS {r['rss_bytes'] / 2**20:.0f} MiB"
     )
+
+
+class InProcessServer:
+    """The app under uvicorn on a thread of this process (with the server's own HTTP options), for tests
+    that must look inside it: `app.state.sessions` and its workers, `threading.enumerate()`."""
+
+    def __init__(self, app: Any) -> None:
+        import threading
+
+        import uvicorn
+
+        from wanstream.server.http import uvicorn_options
+
+        self.app = app
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, log_level="warning", **uvicorn_options()
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="test-uvicorn", daemon=True)
+
+    def __enter__(self) -> InProcessServer:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(60)
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60, **kwargs)

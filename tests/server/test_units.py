@@ -334,3 +334,116 @@ def test_offer_checks_read_each_video_section() -> None:
         check_offer(sdp, "text")  # text mode only sends
     with pytest.raises(SignalingError, match="no video section"):
         check_offer("v=0\nm=audio 9 x\n", "text")
+
+
+def test_chunk_cost_refuses_what_the_device_cannot_serve() -> None:
+    from wanstream.engine.settings import StreamSettings
+    from wanstream.server.cost import ChunkCost, TooSlow
+
+    cost = ChunkCost(max_chunk_s=2.0, unmeasured_pixels=256 * 256)
+    small = StreamSettings(height=128, width=128, steps=(700, 500), encoder="taehv", decoder="taehv")
+    cost.check(small)  # unmeasured: up to the unmeasured size
+    big = small.model_copy(update={"height": 512, "width": 512})
+    with pytest.raises(TooSlow, match="larger than this device has been measured"):
+        cost.check(big)
+    cost.observe(small, 0.25)  # 128×128, 2 steps: 0.25 s
+    assert cost.estimate(small) == pytest.approx(0.25)
+    # 16× the pixels: 16 × 0.25 s, × √16 for attention's growth beyond what was measured
+    assert cost.estimate(big) == pytest.approx(0.25 * 16 * 4)
+    with pytest.raises(TooSlow, match=r"about 16\.0 s per chunk.*limit is 2 s"):
+        cost.check(big)
+    text = small.model_copy(update={"mode": "text"})
+    assert cost.estimate(text) == pytest.approx(0.25)  # bounded by the video stream's cost
+    cost.check(small.model_copy(update={"steps": (700,)}))
+
+
+def test_candidate_filter() -> None:
+    from wanstream.server.limits import candidate_problem
+
+    for host in ("127.0.0.1", "::1", "192.168.1.20", "10.0.0.7", "203.0.113.5", "2001:db8::1", "a1b2.local"):
+        assert candidate_problem(host, 40000, allow_link_local=False) is None, host
+    for host, reason in (
+        ("169.254.169.254", "link-local"),
+        ("fe80::1", "link-local"),
+        ("::ffff:169.254.169.254", "link-local"),
+        ("fd00:ec2::254", "metadata"),
+        ("0.0.0.0", "unspecified"),
+        ("::", "unspecified"),
+        ("239.255.255.250", "multicast"),
+        ("255.255.255.255", "broadcast"),
+        ("metadata.google.internal", "not an IP address"),
+    ):
+        problem = candidate_problem(host, 40000, allow_link_local=False)
+        assert problem is not None and reason in problem, (host, problem)
+    assert candidate_problem("169.254.10.1", 40000, allow_link_local=True) is None
+    assert "port" in (candidate_problem("127.0.0.1", 0, allow_link_local=False) or "")
+
+
+def test_json_depth_ignores_brackets_in_strings() -> None:
+    from wanstream.server.limits import json_depth
+
+    assert json_depth(b"") == 0 and json_depth(b"1") == 0
+    assert json_depth(b'{"a": [1, {"b": []}]}') == 4
+    assert json_depth(b'{"a": "[[[[{{{{"}') == 1
+    assert json_depth(b'{"a": "x\\\\", "b": [[1]]}') == 3  # an escaped backslash ends the string
+    assert json_depth(b'{"a": "x\\"[[[["}') == 1  # an escaped quote does not
+    assert json_depth(b"[" * 100_000) == 100_000
+
+
+def test_tokens_are_redacted_and_must_be_usable() -> None:
+    from wanstream.server.security import SecurityError, check_bind, redact_query
+
+    assert redact_query("GET /health?token=s3cret&x=1") == "GET /health?token=***&x=1"
+    assert redact_query("/a?x=1&token=s3cret") == "/a?x=1&token=***"
+    for bad in (" " * 8, " leading-space", "tab\tinside-token", "short"):
+        with pytest.raises(SecurityError):
+            check_bind("0.0.0.0", bad)
+    check_bind("0.0.0.0", "abcdefgh")
+
+
+def test_data_channel_of_a_client_that_never_reads_is_closed() -> None:
+    """Replies queue in the data channel while its client reads nothing: past 1 MiB the channel is closed
+    (the client sees it close) instead of replies piling up or vanishing."""
+    from wanstream.server.signaling import MAX_CHANNEL_BUFFER, _send
+
+    class Channel:
+        readyState = "open"
+        bufferedAmount = 0
+        sent: list[str] = []  # noqa: RUF012
+        closed = False
+
+        def send(self, text: str) -> None:
+            self.sent.append(text)
+            self.bufferedAmount += len(text)
+
+        def close(self) -> None:
+            self.closed = True
+
+    channel = Channel()
+    _send(channel, {"type": "ack", "id": 1})
+    assert len(channel.sent) == 1 and not channel.closed
+    channel.bufferedAmount = MAX_CHANNEL_BUFFER + 1
+    _send(channel, {"type": "ack", "id": 2})
+    assert len(channel.sent) == 1 and channel.closed
+
+
+def test_vace_reference_images_are_checked_from_their_header(tmp_path: Path) -> None:
+    """A reference image placed in the media folder by hand is refused from its header too (413), never
+    decoded; a plain corrupt file is a 422 naming the field."""
+    import struct
+    import zlib
+
+    from wanstream.server.vace import VaceRefused, read_media_image
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 9000, 9000, 8, 2, 0, 0, 0)
+    (tmp_path / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+    with pytest.raises(VaceRefused, match="9000×9000") as refused:
+        read_media_image(tmp_path, "bomb.png", "vace.ref_images")
+    assert refused.value.status == 413
+    (tmp_path / "junk.png").write_bytes(b"not an image at all")
+    with pytest.raises(VaceRefused, match=r"vace\.ref_images: 'junk\.png' cannot be read") as junk:
+        read_media_image(tmp_path, "junk.png", "vace.ref_images")
+    assert junk.value.status == 422

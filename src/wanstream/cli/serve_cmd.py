@@ -87,6 +87,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="S",
         help="stop a headless session after this long without a request about it (300)",
     )
+    p.add_argument(
+        "--max-chunk-seconds",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="refuse streams whose chunks would take longer than this on this device (5; not real time)",
+    )
+    p.add_argument(
+        "--ice-allow-link-local",
+        action="store_true",
+        help="accept trickled ICE candidates with link-local addresses (169.254/16, fe80::/10; refused by "
+        "default: cloud metadata services live there)",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="close connections whose request headers are not complete within this (10)",
+    )
     p.add_argument("--height", type=int, help="default output height for new streams (multiple of 16)")
     p.add_argument("--width", type=int, help="default output width for new streams (multiple of 16)")
     p.add_argument("--no-preload", action="store_true", help="load the model on POST /api/v1/model/load only")
@@ -158,12 +178,13 @@ def run(args: argparse.Namespace) -> int:
         max_upload_bytes=args.max_upload_mb * MiB,
         ice_timeout_s=args.ice_timeout,
         headless_idle_s=args.idle_timeout,
+        max_chunk_s=args.max_chunk_seconds,
+        ice_allow_link_local=args.ice_allow_link_local,
         settings_overrides=overrides,
     )
 
-    import uvicorn
-
     from wanstream.server.app import create_app
+    from wanstream.server.http import serve
     from wanstream.server.prompts_api import default_factory
 
     extender = default_factory(
@@ -187,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"wanstream serve: http://{shown}:{args.port}  (API docs: /docs, metrics: /metrics)", file=sys.stderr
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, ws="auto")
+    serve(app, host=args.host, port=args.port, log_level=args.log_level, header_timeout_s=args.header_timeout)
     return 0
 
 

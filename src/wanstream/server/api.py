@@ -25,11 +25,14 @@ from wanstream.engine.settings import SettingsUpdate, StreamSettings
 from wanstream.engine.vace import VaceInputError, read_image
 from wanstream.media.video import VideoError, probe_video
 from wanstream.server import metrics
+from wanstream.server.cost import TooSlow
+from wanstream.server.limits import LimitExceeded, check_image_header, prompt_problem
 from wanstream.server.model import ModelBusy, ModelManager
 from wanstream.server.recording import encode_jpeg
 from wanstream.server.schemas import (
     Control,
     ControlAck,
+    ErrorBody,
     HeadlessRequest,
     IcePatch,
     LoadRequest,
@@ -41,6 +44,7 @@ from wanstream.server.schemas import (
     SessionCreated,
     StreamRequest,
     describe_validation,
+    parse_control,
     validation_details,
 )
 from wanstream.server.security import (
@@ -78,6 +82,7 @@ from wanstream.weights.store import lora_files
 
 router = APIRouter()
 v1 = APIRouter(prefix="/api/v1")
+WS_PENDING = 64  # replies a session WebSocket may owe before the server stops reading it
 
 
 def _manager(request: Request | WebSocket) -> SessionManager:
@@ -172,12 +177,18 @@ async def webrtc_offer(request: Request, body: OfferRequest) -> OfferAnswer:
     """Start a stream: SDP offer in, SDP answer out (with all server candidates); data channel `parameters`."""
     manager = _manager(request)
     settings = _settings(manager, body.settings)
+    _check_prompts(manager, body)
     try:
-        check_offer(body.sdp, settings.mode)
+        check_offer(
+            body.sdp,
+            settings.mode,
+            max_candidates=manager.config.max_ice_candidates,
+            allow_link_local=manager.config.ice_allow_link_local,
+        )
     except SignalingError as exc:
         raise HTTPException(400, str(exc)) from None
     requested = body.settings.model_dump(exclude_unset=True) if body.settings is not None else {}
-    settings, vace = _vace(manager, body, settings, requested)
+    settings, vace = await asyncio.to_thread(_vace, manager, body, settings, requested)  # reads images
     session = _reserve(manager, "webrtc")
     session.vace = vace
     try:
@@ -192,7 +203,13 @@ async def webrtc_candidates(request: Request, session_id: str, body: IcePatch) -
     """Trickle ICE: the client's candidates, as they are found."""
     session = _session(request, session_id)
     try:
-        await add_candidates(session, body.candidates)
+        config = _manager(request).config
+        await add_candidates(
+            session,
+            body.candidates,
+            max_candidates=config.max_ice_candidates,
+            allow_link_local=config.ice_allow_link_local,
+        )
     except SignalingError as exc:
         raise HTTPException(400, str(exc)) from None
     return Response(status_code=204)
@@ -236,7 +253,8 @@ async def start_headless(request: Request, body: HeadlessRequest) -> SessionCrea
             422, f"source {body.source!r} needs settings.mode {mode!r}, not {requested['mode']!r}"
         )
     settings = _settings(manager, SettingsUpdate.model_validate(requested))
-    settings, vace = _vace(manager, body, settings, requested)
+    _check_prompts(manager, body)
+    settings, vace = await asyncio.to_thread(_vace, manager, body, settings, requested)  # reads images
     session = _reserve(manager, "headless")
     session.vace = vace
     try:
@@ -282,7 +300,7 @@ async def control(request: Request, session_id: str) -> ControlAck:
     session = _session(request, session_id)
     raw = await request.body()
     try:
-        message = Control.model_validate_json(raw)
+        message = parse_control(raw)
     except ValidationError as exc:
         raise HTTPException(
             422, {"error": describe_validation(exc), "details": validation_details(exc)}
@@ -470,7 +488,9 @@ async def upload_media(
             raise HTTPException(415, f"{name!r} is not a {kind} file (unknown signature)")
         try:
             described = await asyncio.to_thread(_probe_upload, tmp, image)
-        except (VideoError, VaceInputError):
+        except LimitExceeded as exc:
+            raise HTTPException(413, f"{name!r}: {exc}") from None
+        except (VideoError, VaceInputError, ValueError):
             raise HTTPException(415, f"{name!r} is not a readable {kind} (it does not decode)") from None
         os.replace(tmp, target)
     finally:
@@ -480,6 +500,7 @@ async def upload_media(
 
 def _probe_upload(path: Path, image: bool) -> dict[str, Any]:
     if image:
+        check_image_header(path)  # the pixel count from the header, before anything is decoded
         height, width = read_image(path).shape[:2]
         return {"width": width, "height": height}
     info = probe_video(path)
@@ -492,7 +513,11 @@ def _probe_upload(path: Path, image: bool) -> dict[str, Any]:
 
 @v1.websocket("/sessions/{session_id}/ws")
 async def session_socket(websocket: WebSocket, session_id: str) -> None:
-    """Send the same JSON as the data channel, get acks/errors back; a status message every second."""
+    """Send the same JSON as the data channel, get acks/errors back; a status message every second.
+
+    Every message gets its reply. At most `WS_PENDING` replies are outstanding per socket: beyond that
+    the server stops reading the socket until replies have gone out (back-pressure through TCP), so no
+    reply is ever dropped. Binary frames are answered with an error; the stream is not affected."""
     manager = _manager(websocket)
     session = manager.sessions.get(session_id)
     await websocket.accept()  # accept first: closing before it would read as a refused handshake (403)
@@ -500,11 +525,11 @@ async def session_socket(websocket: WebSocket, session_id: str) -> None:
         await websocket.close(code=4404, reason="no such session")
         return
     loop = asyncio.get_running_loop()
-    outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=64)
+    outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()  # bounded by `room`: one entry per message read
+    room = asyncio.Semaphore(WS_PENDING)
 
     def reply(body: dict[str, Any]) -> None:
-        with contextlib.suppress(asyncio.QueueFull):
-            outbox.put_nowait(body)
+        outbox.put_nowait(body)
 
     async def sender() -> None:
         while True:
@@ -512,27 +537,46 @@ async def session_socket(websocket: WebSocket, session_id: str) -> None:
                 body = await asyncio.wait_for(outbox.get(), 1.0)
             except TimeoutError:
                 session.touched = time.monotonic()  # an open socket is someone watching
-                body = {"type": "status", **_describe(session)}
+                await websocket.send_text(json.dumps({"type": "status", **_describe(session)}))
+                continue
             await websocket.send_text(json.dumps(body))
+            room.release()
 
     send_task = asyncio.create_task(sender())
     try:
         while session.state != "closed":
-            receive = asyncio.create_task(websocket.receive_text())
+            await room.acquire()  # a reply slot for the next message, before reading it
+            receive = asyncio.create_task(websocket.receive())
             closed = asyncio.create_task(session.closed.wait())
-            done, pending = await asyncio.wait({receive, closed}, return_when=asyncio.FIRST_COMPLETED)
-            for task in pending:
+            done, pending = await asyncio.wait(
+                {receive, closed, send_task}, return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in pending - {send_task}:
                 task.cancel()
             if receive not in done:
                 break
-            submit_control(session, receive.result(), reply, loop)
+            message = receive.result()
+            if message["type"] == "websocket.disconnect":
+                break
+            text = message.get("text")
+            if text is None:
+                reply(
+                    ErrorBody(
+                        error="binary frames are not accepted: send each update as JSON in a text frame"
+                    ).model_dump()
+                )
+                continue
+            submit_control(session, text, reply, loop)
     except WebSocketDisconnect:
         pass
     finally:
         send_task.cancel()
         await asyncio.gather(send_task, return_exceptions=True)
         with contextlib.suppress(Exception):
-            await websocket.send_text(json.dumps({"type": "stream_stopped", "reason": session.close_reason}))
+            if session.state == "closed":  # only when the stream really ended (not when the client left)
+                await websocket.send_text(
+                    json.dumps({"type": "stream_stopped", "reason": session.close_reason})
+                )
             await websocket.close()
 
 
@@ -553,12 +597,25 @@ def _settings(manager: SessionManager, update: SettingsUpdate | None) -> StreamS
     problem = missing_codec(manager.model.pipeline.components, settings)
     if problem is not None:
         raise HTTPException(422, problem)
+    try:
+        manager.cost.check(settings)  # before anything is allocated: a chunk must fit in real time here
+    except TooSlow as exc:
+        raise HTTPException(422, str(exc)) from None
     for lora in settings.loras:  # names only: nothing outside the LoRA folder is opened (contents: at start)
         try:
             resolve_lora_path(lora.path, manager.config.lora_dir, confine=True)
         except LoraError as exc:
             raise HTTPException(422, f"loras: {exc}") from None
     return settings
+
+
+def _check_prompts(manager: SessionManager, body: StreamRequest) -> None:
+    """422 when a prompt has more tokens than the text encoder reads (with the count and the limit)."""
+    pipeline = manager.model.pipeline
+    if body.prompts and pipeline is not None:
+        problem = prompt_problem(pipeline.components, [p.text for p in body.prompts])
+        if problem is not None:
+            raise HTTPException(422, problem)
 
 
 def _vace(

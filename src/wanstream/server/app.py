@@ -27,12 +27,13 @@ from starlette.types import Scope
 from wanstream import __version__
 from wanstream.server.api import router
 from wanstream.server.config import ServerConfig
+from wanstream.server.limits import BodyLimit
 from wanstream.server.loras_api import LoraJobs
 from wanstream.server.loras_api import router as loras_router
 from wanstream.server.model import ModelManager
 from wanstream.server.prompts_api import ExtenderFactory, ExtenderHolder, default_factory
 from wanstream.server.prompts_api import router as prompts_router
-from wanstream.server.security import RequestGuard, check_bind
+from wanstream.server.security import RedactTokens, RequestGuard, check_bind
 from wanstream.server.sessions import SessionManager
 from wanstream.server.timeline_api import router as timeline_router
 
@@ -89,6 +90,10 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Here, after the server has configured its logging: access-log lines never carry a token.
+        access_log = logging.getLogger("uvicorn.access")
+        if not any(isinstance(f, RedactTokens) for f in access_log.filters):
+            access_log.addFilter(RedactTokens())
         if config.preload and model.status().state == "not_loaded":
             model.start_load()
         try:
@@ -128,6 +133,8 @@ def create_app(
         async def placeholder() -> HTMLResponse:
             return HTMLResponse(_PLACEHOLDER)
 
+    # Body limits inside the guard: a request without the token is refused before its body is read.
+    app.add_middleware(BodyLimit)
     # Added last = outermost: CORS answers preflights (which carry no token) before the guard runs.
     app.add_middleware(
         RequestGuard, token=config.token, bind_host=config.host, cors_origins=config.cors_origins

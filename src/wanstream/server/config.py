@@ -33,4 +33,8 @@ class ServerConfig:
     output_queue_frames: int = 12  # bounded: about 3 chunks
     text_fps: float = 16.0  # text mode plays at Wan's native content rate
     control_queue: int = 32  # pending live updates per session
+    max_chunk_s: float = 5.0  # streams whose chunks would take longer here are refused (not real time)
+    max_ice_candidates: int = 32  # trickled remote candidates per session
+    ice_allow_link_local: bool = False  # link-local candidates (169.254/16: cloud metadata) are refused
+    peer_timeout_s: float = 5.0  # a peer that answers no ICE consent check for this long is gone
     settings_overrides: dict[str, object] = field(default_factory=dict)  # defaults for new sessions

@@ -3,12 +3,23 @@ CLI and timelines accept and reject exactly the same values with the same messag
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
 from wanstream.engine.prompts import Transition, WeightedPrompt
 from wanstream.engine.settings import SettingsUpdate
+from wanstream.server.limits import MAX_PROMPT_CHARS, MAX_PROMPTS_CHARS
 from wanstream.server.vace import MAX_REFERENCES, VaceOptions
 
 MAX_PROMPTS = 8
@@ -19,8 +30,51 @@ def _text_to_prompt(value: Any) -> Any:
     return {"text": value} if isinstance(value, str) else value
 
 
+def _fits(prompt: WeightedPrompt) -> WeightedPrompt:
+    if len(prompt.text) > MAX_PROMPT_CHARS:
+        raise ValueError(
+            f"the prompt is {len(prompt.text)} characters; at most {MAX_PROMPT_CHARS} are accepted (the model "
+            "reads 512 tokens of it)"
+        )
+    return prompt
+
+
+def _all_fit(prompts: list[WeightedPrompt]) -> list[WeightedPrompt]:
+    total = sum(len(p.text) for p in prompts)
+    if total > MAX_PROMPTS_CHARS:
+        raise ValueError(
+            f"the prompts are {total} characters together; at most {MAX_PROMPTS_CHARS} are accepted "
+            "(each stream keeps them in its status and event log)"
+        )
+    return prompts
+
+
 # A prompt is "text" or {"text": ..., "weight": ...}; both are validated by the engine's WeightedPrompt.
-Prompt = Annotated[WeightedPrompt, BeforeValidator(_text_to_prompt)]
+Prompt = Annotated[WeightedPrompt, BeforeValidator(_text_to_prompt), AfterValidator(_fits)]
+Prompts = Annotated[list[Prompt], AfterValidator(_all_fit)]
+
+
+def strict_json(tp: Any) -> BeforeValidator:
+    """Validate a field as strict JSON: `true` is not the number 1, "5" is not 5, 2.0 is not an int.
+    (FastAPI hands bodies over as Python objects, which pydantic would coerce; they are validated from
+    their JSON text instead. Values built in Python pass through to the usual validation.)"""
+    adapter: TypeAdapter[Any] = TypeAdapter(tp)
+
+    def validate(value: Any) -> Any:
+        if not isinstance(value, dict | list | str | int | float | bool):
+            return value
+        try:
+            text = json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError):
+            return value
+        return adapter.validate_json(text, strict=True)
+
+    return BeforeValidator(validate)
+
+
+def parse_control(raw: str | bytes) -> Control:
+    """A live update from its JSON text, strictly (raises ValidationError)."""
+    return Control.model_validate_json(raw, strict=True)
 
 
 class Control(SettingsUpdate):
@@ -34,7 +88,7 @@ class Control(SettingsUpdate):
     model_config = ConfigDict(extra="forbid")
 
     id: str | int | None = Field(None, description="Echoed in the ack or error, to match replies.")
-    prompts: list[Prompt] | None = Field(
+    prompts: Prompts | None = Field(
         None,
         min_length=1,
         max_length=MAX_PROMPTS,
@@ -139,11 +193,13 @@ class StreamRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    settings: SettingsUpdate | None = Field(None, description="Overrides of the server's default settings.")
-    prompts: list[Prompt] | None = Field(
+    settings: Annotated[SettingsUpdate | None, strict_json(SettingsUpdate | None)] = Field(
+        None, description="Overrides of the server's default settings."
+    )
+    prompts: Annotated[Prompts | None, strict_json(Prompts | None)] = Field(
         None, min_length=1, max_length=MAX_PROMPTS, description="Initial prompts (default: the server's)."
     )
-    vace: VaceOptions | None = Field(
+    vace: Annotated[VaceOptions | None, strict_json(VaceOptions | None)] = Field(
         None,
         description="VACE conditioning (control from the input video, reference images); see docs/vace.md.",
     )

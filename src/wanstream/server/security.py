@@ -18,6 +18,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import logging
 import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from http.cookies import SimpleCookie
@@ -58,10 +59,23 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+MIN_TOKEN_CHARS = 8
+
+
 def check_bind(host: str, token: str | None) -> None:
-    """Refuse a non-loopback bind without a token: anyone on the network could drive the GPU."""
-    if token is not None and len(token) < 8:
-        raise SecurityError("the token is too short: use at least 8 characters (e.g. `openssl rand -hex 16`)")
+    """Refuse a non-loopback bind without a token: anyone on the network could drive the GPU. A token must
+    be usable: header values arrive with surrounding whitespace stripped, so a token with whitespace or
+    control characters in it could never match, and a short one is guessable."""
+    if token is not None:
+        if any(c.isspace() or not c.isprintable() for c in token):
+            raise SecurityError(
+                "the token contains whitespace or control characters, which a request header cannot carry "
+                "intact: use letters and digits (e.g. `openssl rand -hex 16`)"
+            )
+        if len(token) < MIN_TOKEN_CHARS:
+            raise SecurityError(
+                f"the token is too short: use at least {MIN_TOKEN_CHARS} characters (e.g. `openssl rand -hex 16`)"
+            )
     if not is_loopback(host) and not token:
         raise SecurityError(
             f"refusing to listen on {host} without a token: anyone who can reach this address could use "
@@ -154,6 +168,24 @@ def _given_token(scope: Scope, headers: dict[str, str]) -> tuple[str | None, boo
         if TOKEN_COOKIE in cookie:
             return cookie[TOKEN_COOKIE].value, False
     return None, False
+
+
+class RedactTokens(logging.Filter):
+    """Access-log lines without the token: a `token=` query parameter is replaced by `token=***`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(isinstance(a, str) and "token=" in a for a in record.args):
+            record.args = tuple(redact_query(a) if isinstance(a, str) else a for a in record.args)
+        elif isinstance(record.msg, str) and "token=" in record.msg:
+            record.msg = redact_query(record.msg)
+        return True
+
+
+_TOKEN_PARAM = re.compile(r"((?:^|[?&;])token=)[^&;\s\"]*", re.IGNORECASE)
+
+
+def redact_query(text: str) -> str:
+    return _TOKEN_PARAM.sub(r"\1***", text)
 
 
 def _with_cookie(send: Send, token: str) -> Send:

@@ -28,6 +28,7 @@ from wanstream.engine.lora import configure_loras
 from wanstream.engine.prompts import WeightedPrompt
 from wanstream.engine.settings import SettingsUpdate, StreamSettings
 from wanstream.server.config import ServerConfig
+from wanstream.server.cost import ChunkCost
 from wanstream.server.model import ModelManager
 from wanstream.server.recording import Recorder
 from wanstream.server.sources import FileSource
@@ -47,6 +48,7 @@ DEFAULT_PROMPT = "a cinematic oil painting, vivid colours, soft light, highly de
 # (its Wan VAE at 480×832 would make about one frame every two seconds there).
 DEMO_SETTINGS = StreamSettings(height=256, width=256, encoder="taehv", decoder="taehv")
 SessionKind = Literal["webrtc", "headless"]
+SHUTDOWN_WAIT_S = 10.0  # at shutdown, an engine thread still in a chunk after this is left to the exit
 # How a session ended (a label of wanstream_sessions_ended_total).
 Outcome = Literal[
     "client", "deleted", "ice_timeout", "ice_failed", "idle", "source_ended", "error", "shutdown"
@@ -90,6 +92,7 @@ class Session:
     source_label: str = ""
     vace: VaceSetup | None = None  # set before the worker starts: VACE attached, input routed as control
     recording: Recording | None = None
+    remote_candidates: int = 0  # trickled ICE candidates accepted (limited per session)
     rtt: float | None = None  # network round trip from RTCP reports (seconds)
     touched: float = field(default_factory=time.monotonic)  # last API request about it (headless idle)
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -130,6 +133,7 @@ class SessionManager:
         self.sessions: dict[str, Session] = {}
         self.totals = Totals()
         self.finished_recordings: dict[str, Recording] = {}  # kept for download after the session ends
+        self.cost = ChunkCost(config.max_chunk_s)  # what a chunk costs here: over-long streams are refused
 
     # -- capacity ------------------------------------------------------------------------------------
     def reserve(self, kind: SessionKind) -> Session:
@@ -168,8 +172,6 @@ class SessionManager:
         """Build the engine session on its own thread and wait (without blocking the loop) until it runs."""
         pipeline = self.model.pipeline
         assert pipeline is not None
-        # Clients name LoRAs: only files inside the server's LoRA folder may be opened.
-        configure_loras(pipeline.components, lora_dir=self.config.lora_dir, confine=True)
         if prompts is None:
             prompts = [WeightedPrompt(text=DEFAULT_PROMPT)]
         loop = asyncio.get_running_loop()
@@ -183,6 +185,9 @@ class SessionManager:
         vace = session.vace
 
         def make_session() -> StreamSession:
+            # On the engine thread: the LoRA manager's lock is held by other streams for whole chunks, so
+            # the event loop never takes it. Clients name LoRAs: only the server's LoRA folder is opened.
+            configure_loras(pipeline.components, lora_dir=self.config.lora_dir, confine=True)
             engine = pipeline.session(settings, prompts=prompts)
             if vace is not None:
                 vace.attach(engine)
@@ -196,6 +201,8 @@ class SessionManager:
             control_queue=self.config.control_queue,
             text_fps=self.config.text_fps,
             on_fatal=fatal,
+            admit=self.cost.check,
+            on_chunk=self.cost.observe,
         )
         session.worker = worker
         await asyncio.wrap_future(worker.start())
@@ -213,7 +220,7 @@ class SessionManager:
         session.close_reason = reason
         log.info("closing session %s: %s", session_id, reason)
         try:
-            await self._teardown(session)
+            await self._teardown(session, engine_wait=SHUTDOWN_WAIT_S if outcome == "shutdown" else None)
         finally:
             self._account(session, outcome)
             self.sessions.pop(session_id, None)
@@ -221,7 +228,7 @@ class SessionManager:
             session.closed.set()
             release_memory()
 
-    async def _teardown(self, session: Session) -> None:
+    async def _teardown(self, session: Session, engine_wait: float | None) -> None:
         current = asyncio.current_task()
         tasks = [t for t in session.tasks if t is not current]
         for task in tasks:
@@ -242,9 +249,7 @@ class SessionManager:
         if session.source is not None:
             await asyncio.to_thread(session.source.join, 10)
         if session.worker is not None:
-            done = await asyncio.to_thread(session.worker.join, 30)
-            if not done:
-                log.error("session %s: the engine thread did not stop within 30 s", session.id)
+            await _join_engine(session, engine_wait)
         if session.recording is not None:
             await self.stop_recording(session)
         session.channel = None
@@ -309,6 +314,23 @@ class SessionManager:
             for path in (old.output_path, old.input_path):
                 if path is not None:
                     path.unlink(missing_ok=True)
+
+
+async def _join_engine(session: Session, limit: float | None) -> None:
+    """Wait for the engine thread to end (it stops at the next chunk boundary, and chunk times are bounded
+    by `ChunkCost`). The slot is held until then, so a stream still computing always counts against
+    --max-sessions. Only at shutdown is the wait bounded (the process exits with it)."""
+    worker = session.worker
+    assert worker is not None
+    waited = 0.0
+    while not await asyncio.to_thread(worker.join, 10.0):
+        waited += 10.0
+        if limit is not None and waited >= limit:
+            log.error("session %s: the engine thread did not stop within %g s", session.id, waited)
+            return
+        log.warning(
+            "session %s: still waiting for the engine thread to end its chunk (%g s)", session.id, waited
+        )
 
 
 def dropped_counts(stats: WorkerStats, output: PacedOutputTrack | None) -> dict[str, int]:

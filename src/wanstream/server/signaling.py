@@ -14,19 +14,28 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+import aioice.ice
+import aioice.stun
+from aiortc import (
+    RTCConfiguration,
+    RTCIceCandidate,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCSessionDescription,
+)
 from aiortc.sdp import candidate_from_sdp
 from pydantic import ValidationError
 
 from wanstream.engine.settings import StreamSettings
+from wanstream.server.limits import candidate_problem
 from wanstream.server.schemas import (
-    Control,
     ControlAck,
     ErrorBody,
     IceCandidate,
     OfferAnswer,
     OfferRequest,
     describe_validation,
+    parse_control,
     validation_details,
 )
 from wanstream.server.sessions import Session, SessionManager
@@ -36,6 +45,7 @@ from wanstream.server.worker import ControlRejected
 log = logging.getLogger("wanstream.server")
 
 MAX_MESSAGE_BYTES = 64 * 1024
+MAX_CHANNEL_BUFFER = 1024 * 1024  # replies queued for a data channel's client before it is closed
 CHANNEL_LABEL = "parameters"
 
 
@@ -46,10 +56,18 @@ class SignalingError(ValueError):
 DIRECTIONS = ("sendrecv", "sendonly", "recvonly", "inactive")
 
 
-def check_offer(sdp: str, mode: str) -> None:
-    """Cheap checks before aiortc parses the offer, so typical mistakes get a plain answer."""
+def check_offer(sdp: str, mode: str, *, max_candidates: int = 32, allow_link_local: bool = False) -> None:
+    """Cheap checks before aiortc parses the offer, so typical mistakes get a plain answer; the offer's own
+    candidates pass the same filter as trickled ones (nothing reaches ICE that it must not send to)."""
     if not sdp.lstrip().startswith("v=0"):
         raise SignalingError("the offer is not an SDP description (it must start with 'v=0')")
+    lines = [line.strip() for line in sdp.splitlines() if line.strip().startswith("a=candidate:")]
+    if len(lines) > max_candidates:
+        raise SignalingError(
+            f"the offer has {len(lines)} ICE candidates; at most {max_candidates} are accepted"
+        )
+    for line in lines:
+        parse_candidate(line[2:], allow_link_local=allow_link_local)
     session_direction, sections = _media_directions(sdp)
     video = [d or session_direction for kind, d in sections if kind == "video"]
     if not video:
@@ -84,6 +102,7 @@ async def answer_offer(
 ) -> OfferAnswer:
     """Build the peer for a reserved session and answer the offer (the caller closes it on error)."""
     config = manager.config
+    tune_consent(config.peer_timeout_s)
     loop = asyncio.get_running_loop()
     rtc_config = RTCConfiguration(iceServers=[RTCIceServer(urls=u) for u in config.ice_servers])
     pc = RTCPeerConnection(rtc_config)
@@ -136,23 +155,45 @@ async def answer_offer(
     return OfferAnswer(sdp=pc.localDescription.sdp, session_id=session.id)
 
 
-async def add_candidates(session: Session, candidates: list[IceCandidate]) -> int:
+def parse_candidate(text: str, *, allow_link_local: bool) -> RTCIceCandidate:
+    """A remote candidate line, parsed and checked (SignalingError: unparsable, or an address the server
+    must not send connectivity checks to, such as a cloud metadata service)."""
+    try:
+        candidate = candidate_from_sdp(text.removeprefix("candidate:"))
+    except Exception as exc:
+        raise SignalingError(f"bad ICE candidate {text[:80]!r}: {_reason(exc)}") from None
+    problem = candidate_problem(candidate.ip, candidate.port, allow_link_local=allow_link_local)
+    if problem is not None:
+        raise SignalingError(f"ICE candidate refused: {problem}")
+    return candidate
+
+
+async def add_candidates(
+    session: Session, candidates: list[IceCandidate], *, max_candidates: int, allow_link_local: bool
+) -> int:
+    """Trickled remote candidates: all checked first (a refused one adds none), then handed to ICE."""
     pc = session.peer
     if pc is None:
         raise SignalingError("this session has no WebRTC peer (it is headless)")
-    added = 0
+    parsed = []
     for c in candidates:
         text = c.candidate.strip()
         if not text:
             continue  # end of candidates
-        try:
-            candidate = candidate_from_sdp(text.removeprefix("candidate:"))
-        except Exception as exc:
-            raise SignalingError(f"bad ICE candidate {text[:80]!r}: {_reason(exc)}") from None
+        candidate = parse_candidate(text, allow_link_local=allow_link_local)
         candidate.sdpMid = c.sdpMid
         candidate.sdpMLineIndex = c.sdpMLineIndex
         if c.sdpMid is None and c.sdpMLineIndex is None:
             raise SignalingError("an ICE candidate needs sdpMid or sdpMLineIndex")
+        parsed.append(candidate)
+    if session.remote_candidates + len(parsed) > max_candidates:
+        raise SignalingError(
+            f"too many ICE candidates: at most {max_candidates} per session "
+            f"({session.remote_candidates} already given)"
+        )
+    session.remote_candidates += len(parsed)
+    added = 0
+    for candidate in parsed:
         try:
             await pc.addIceCandidate(candidate)
         except Exception as exc:
@@ -174,7 +215,7 @@ def submit_control(
         )
         return
     try:
-        message = Control.model_validate_json(raw)  # the same parser and messages as the REST route
+        message = parse_control(raw)  # the same parser and messages as the REST route
     except ValidationError as exc:
         message_id = _message_id(raw)
         if any(e["type"] == "json_invalid" for e in exc.errors()):
@@ -219,8 +260,15 @@ def control_reply(future: Any, message_id: str | int | None) -> dict[str, Any]:
 
 
 def _send(channel: Any, body: dict[str, Any]) -> None:
-    if channel.readyState == "open":
-        channel.send(json.dumps(body))
+    if channel.readyState != "open":
+        return
+    if channel.bufferedAmount > MAX_CHANNEL_BUFFER:
+        # A client that sends but never reads its replies: its channel is closed (it sees that), rather
+        # than replies being dropped silently or queued without bound.
+        log.warning("closing a data channel whose client does not read its replies")
+        channel.close()
+        return
+    channel.send(json.dumps(body))
 
 
 async def _ice_watchdog(
@@ -249,6 +297,22 @@ async def _poll_rtt(session: Session, pc: RTCPeerConnection, every: float = 2.0)
         for stat in report.values():
             if stat.type == "remote-inbound-rtp" and getattr(stat, "roundTripTime", None):
                 session.rtt = float(stat.roundTripTime)
+
+
+CONSENT_FAILURES = 4  # consecutive unanswered consent checks that end a peer
+
+
+def tune_consent(peer_timeout_s: float) -> None:
+    """Make ICE consent freshness (RFC 7675) notice a dead peer within `peer_timeout_s`.
+
+    aioice checks consent every 5 s and gives up after 6 failures (30 s); a client killed without a
+    goodbye would keep its slot that long. Each check waits `RETRY_RTO` (0.5 s) for its answer and the
+    pause before it is 0.8–1.2 × the interval, so CONSENT_FAILURES × (1.2 × interval + RTO) is the
+    longest a dead peer is kept. (aioice reads these per check, for every connection of this process.)"""
+    rto = aioice.stun.RETRY_RTO
+    interval = (peer_timeout_s / CONSENT_FAILURES - rto) / 1.2
+    aioice.ice.CONSENT_INTERVAL = max(0.1, interval)
+    aioice.ice.CONSENT_FAILURES = CONSENT_FAILURES
 
 
 def _reason(exc: BaseException) -> str:

@@ -13,15 +13,15 @@ exactly as `wanstream generate --timeline` reads it, and a file it exports is on
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from wanstream.engine.prompts import Interpolation, WeightedPrompt
 from wanstream.timeline import (
-    LoraSetting,
     Segment,
     Timeline,
     TimelineError,
@@ -32,6 +32,8 @@ from wanstream.timeline import (
 router = APIRouter(prefix="/api/v1/timeline", tags=["timeline"])
 
 MAX_TIMELINE_BYTES = 2 * 1024 * 1024  # a timeline is text; hours of segments fit in far less
+MAX_SEGMENTS = 10_000  # a prompt change every second for almost three hours
+MAX_SEGMENT_PROMPTS = 8
 
 
 # Segment and settings fields beyond the core ones (e.g. a VACE scale) pass through by their names in
@@ -45,7 +47,7 @@ class StudioSegment(BaseModel):
 
     start: float = Field(..., description="Seconds from the timeline's start.")
     end: float | None = Field(..., description="Seconds; null for an open-ended last segment.")
-    prompts: list[WeightedPrompt] = Field(..., min_length=1)
+    prompts: list[WeightedPrompt] = Field(..., min_length=1, max_length=MAX_SEGMENT_PROMPTS)
     transition_steps: int | None = Field(
         None, description="Blend into this segment over this many chunks (0 or null: switch at once)."
     )
@@ -55,7 +57,7 @@ class StudioSegment(BaseModel):
 class StudioTimeline(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    segments: list[StudioSegment] = Field(..., min_length=1)
+    segments: list[StudioSegment] = Field(..., min_length=1, max_length=MAX_SEGMENTS)
     settings: dict[str, Any] = Field(
         default_factory=dict,
         description="`wanstream.timeline.TimelineSettings` fields (seed, denoising_steps, noise_scale, "
@@ -101,21 +103,32 @@ def from_studio(studio: StudioTimeline) -> Timeline:
         fields = {k: getattr(seg, k) for k in ("transition_steps", "interpolation")}
         end = math.inf if seg.end is None else seg.end
         segments.append((seg.start, end, tuple(seg.prompts), {**extra, **fields}))
-    if problems:
+    known = {k: v for k, v in studio.settings.items() if k in SETTINGS_FIELDS}
+    settings: TimelineSettings | None = None
+    try:
+        # Each value checked against its field's type (strictly: `true` is no seed), nested LoRAs too.
+        settings = _SETTINGS.validate_json(json.dumps(known, allow_nan=False), strict=True)
+    except ValidationError as exc:
+        problems += [(_loc("settings", e["loc"]), e["msg"]) for e in exc.errors()]
+    except ValueError as exc:  # NaN or infinity: not JSON
+        problems.append(("settings", str(exc)))
+    if problems or settings is None:
         raise TimelineError(source, problems)
-    settings = dict(studio.settings)
-    if settings.get("denoising_steps") is not None:
-        settings["denoising_steps"] = tuple(settings["denoising_steps"])
-    if settings.get("loras"):
-        settings["loras"] = tuple(LoraSetting(**lo) for lo in settings["loras"])
     try:
         return Timeline(
             tuple(Segment(start, end, prompts, **rest) for start, end, prompts, rest in segments),
-            TimelineSettings(**settings),
+            settings,
             source=source,
         )
     except TypeError as exc:  # a value of the wrong kind (the file's own validation names the rest)
         raise TimelineError(source, [("", f"malformed timeline: {exc}")]) from None
+
+
+_SETTINGS = TypeAdapter(TimelineSettings)
+
+
+def _loc(prefix: str, loc: tuple[Any, ...]) -> str:
+    return prefix + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
 
 
 def _problems(exc: TimelineError) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from wanstream.engine.vace import VaceChunk, VaceConditioner, VaceInputError, read_image
+from wanstream.server.limits import LimitExceeded, check_image_header
 from wanstream.server.security import SecurityError, check_image_name, resolve_media_path
 
 if TYPE_CHECKING:
@@ -144,6 +145,12 @@ def read_media_image(media_dir: Path | None, name: str, what: str) -> torch.Tens
         raise VaceRefused(
             f"{what}: no image {name!r} in the media folder (upload it: PUT /api/v1/media/{name})"
         )
+    try:
+        check_image_header(path)  # pixels from the header: a decompression bomb is never decoded
+    except LimitExceeded as exc:
+        raise VaceRefused(f"{what}: {name!r}: {exc}", status=413) from None
+    except ValueError as exc:
+        raise VaceRefused(f"{what}: {name!r} cannot be read as an image ({exc})") from None
     try:
         return read_image(path)
     except VaceInputError as exc:

@@ -33,6 +33,8 @@ from pydantic import ValidationError
 
 from wanstream.engine.vace import VaceConditioner
 from wanstream.media.video import resize_frames
+from wanstream.server.cost import WARMUP_CHUNKS
+from wanstream.server.limits import prompt_problem
 from wanstream.server.schemas import Control, ControlAck, describe_validation, validation_details
 from wanstream.server.vace import VaceRefused, VaceSetup, chunk_fields
 
@@ -267,6 +269,8 @@ class EngineWorker:
         on_fatal: Callable[[str], None] | None = None,
         event_log_size: int = 512,
         vace: VaceSetup | None = None,
+        admit: Callable[[StreamSettings], None] | None = None,
+        on_chunk: Callable[[StreamSettings, float], None] | None = None,
     ) -> None:
         self.name = name
         self.input = InputBuffer(input_frames)
@@ -305,6 +309,10 @@ class EngineWorker:
         self._logged_chunk = -1
         self._text_clock = 0.0  # text mode: content time already generated, on the monotonic clock
         self.vace = vace  # VACE streams: how the conditioner is fed (the input may be its control)
+        # Raises (ValueError) for settings this device cannot run in real time: a live resolution change
+        # is checked before anything is applied, as a new stream is before it starts.
+        self._admit = admit
+        self._on_chunk = on_chunk  # each measured chunk's settings and time (the device's cost model)
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def start(self) -> concurrent.futures.Future[None]:
@@ -507,6 +515,8 @@ class EngineWorker:
             c.chunks += 1
             c.compute.append((took, count if first_input is None else len(arrivals)))
         self._chunk_latency.add(took)
+        if self._on_chunk is not None and c.chunks > WARMUP_CHUNKS:
+            self._on_chunk(session.settings, took)
         self._prune_arrivals(session)
         return count
 
@@ -636,8 +646,17 @@ class EngineWorker:
         problem = missing_codec(session.components, new_settings)
         if problem is not None:
             raise ControlRejected(problem)
+        if self._admit is not None and update is not None:
+            try:
+                self._admit(new_settings)
+            except ValueError as exc:
+                raise ControlRejected(str(exc)) from None
         if prompts is not None and session.components.text_encoder is None:
             raise ControlRejected("this model has no text encoder loaded, so prompts cannot change")
+        if prompts is not None:
+            problem = prompt_problem(session.components, [p.text for p in prompts])
+            if problem is not None:
+                raise ControlRejected(problem)
         if new_settings.mode == "text" and prompts is None and session.prompt.embedding is None:
             raise ControlRejected("text mode needs prompts: send 'prompts' with the mode change")
         vace_change = self._vace_change(session, message, new_settings)
