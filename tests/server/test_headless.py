@@ -139,8 +139,8 @@ def test_status_schema_and_docs(server: ServerProcess, media_dir: Path) -> None:
             "wanstream_model_loaded 1",
             "wanstream_sessions_max 2",
             'wanstream_frames_dropped_total{reason="sampled"}',
-            'wanstream_optimisation_fallbacks_total{kind="cuda_graph"} 0',  # the demo runs no optimised path
-            'wanstream_optimisation_fallbacks_total{kind="compile"} 0',
+            'wanstream_optimisation_fallbacks_total{optimisation="cuda_graph"} 0',  # the demo runs no optimised path
+            'wanstream_optimisation_fallbacks_total{optimisation="compile"} 0',
         ):
             assert name in metrics.text
         assert c.get("/api/v1/webrtc/ice-servers").json() == {"iceServers": []}

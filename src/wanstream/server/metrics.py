@@ -179,7 +179,7 @@ def render(manager: SessionManager, model: ModelManager) -> str:
         m.add(
             "wanstream_optimisation_fallbacks_total", "counter",
             "Optimisations that failed and were replaced by the slower, correct path (compile, cuda_graph).",
-            fallbacks.get(kind, 0), kind=kind,
+            fallbacks.get(kind, 0), optimisation=kind,
         )  # fmt: skip
     if torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info()
