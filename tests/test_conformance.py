@@ -15,9 +15,7 @@ CASES = [case for d in GOLDEN_DIRS for case in discover(d).cases]
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_golden_case(case: GoldenCase) -> None:
-    outcome = run_case(case)
-    if outcome.status == "SKIP":
-        pytest.skip(f"{case.name}: {outcome.message}")
+    outcome = run_case(case)  # an unimplemented family is a failure here, as it is for the CLI
     failed = [f"{c.name}: {c.detail}" for c in outcome.report.checks if not c.passed]
     assert outcome.status == "PASS", outcome.message or "\n".join(failed[:20])
 
@@ -58,3 +56,15 @@ def test_bfloat16_stays_within_the_stated_bound_of_the_float32_goldens(name: str
     outcome = run_case(case, options)
     worst = max(c.rel_l2 for c in outcome.report.checks if c.rel_l2 is not None)
     assert outcome.status == "PASS" and worst <= BF16_BOUND, (outcome.message, worst)
+
+
+def test_an_unimplemented_family_is_a_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from wanstream.conformance.families import FAMILIES
+
+    src = GOLDEN_DIRS[0]
+    for name in ("sched_tables.json", "sched_tables.safetensors"):
+        (tmp_path / name).write_bytes((src / name).read_bytes())
+    monkeypatch.setitem(FAMILIES, "sched_tables", "wanstream.conformance.families.not_written_yet")
+    outcome = run_case(discover(tmp_path).cases[0])
+    assert not outcome.ok and outcome.message == "not implemented: sched_tables"  # test_golden_case fails
+    assert main([str(tmp_path)]) == 1
