@@ -68,3 +68,50 @@ def test_an_unimplemented_family_is_a_failure(tmp_path: Path, monkeypatch: pytes
     outcome = run_case(discover(tmp_path).cases[0])
     assert not outcome.ok and outcome.message == "not implemented: sched_tables"  # test_golden_case fails
     assert main([str(tmp_path)]) == 1
+
+
+def _copy_case(src: Path, dst: Path, name: str, manifest: dict | None = None) -> Path:
+    """A case (and the side files its manifest names) copied into `dst`, optionally with another manifest."""
+    import json
+
+    man = manifest or json.loads((src / f"{name}.json").read_text())
+    for f in [f"{name}.safetensors", *man.get("weights", {}).get("files", {})]:
+        (dst / f).write_bytes((src / f).read_bytes())
+    path = dst / f"{name}.json"
+    path.write_text(json.dumps(man))
+    return path
+
+
+def test_the_stream_loop_is_read_from_the_manifest(tmp_path: Path) -> None:
+    import json
+
+    from wanstream.conformance import CaseError
+    from wanstream.conformance.families.stream import reference_loop
+
+    src = GOLDEN_DIRS[0]
+    # inference.py's offline loop has no reset; inference_wo_batch.py's resets at frame 50 (both say so).
+    assert reference_loop(GoldenCase(src / "stream_v2v_batch.json")) == ("stream", None)
+    assert reference_loop(GoldenCase(src / "stream_v2v_wo_batch.json")) == ("none", 50)
+    assert reference_loop(GoldenCase(src / "stream_v2v_wo_batch_rope_reset.json")) == ("none", 50)
+    man = json.loads((src / "stream_v2v_wo_batch.json").read_text())
+    man["loop_description"] = "chunks go in, frames come out"  # says nothing about positions
+    silent = _copy_case(src, tmp_path, "stream_v2v_wo_batch", man)
+    with pytest.raises(CaseError, match="does not say whether the loop resets"):
+        reference_loop(GoldenCase(silent))
+
+
+def test_the_rope_reset_case_fails_a_runner_that_ignores_the_reset(tmp_path: Path) -> None:
+    """The old runner hard-coded "no reset" for every stream case; this case must catch that."""
+    import json
+
+    src, name = GOLDEN_DIRS[0], "stream_v2v_wo_batch_rope_reset"
+    man = json.loads((src / f"{name}.json").read_text())
+    assert man["loop"]["rope_reset_at_dit_calls"] == [98]  # the case does cross the reset
+    del man["loop"]
+    man["loop_description"] = "as recorded, but claimed to have no position reset"
+    outcome = run_case(GoldenCase(_copy_case(src, tmp_path, name, man)))
+    failed = [c.name for c in outcome.report.checks if not c.passed]
+    assert outcome.status == "FAIL"
+    assert "outputs/final_video" in failed
+    per_call = [n for n in failed if n.startswith("dit call") or n.startswith("outputs/trace")]
+    assert per_call[0] == "dit call 98 current_start"  # every call before the reset still matches
