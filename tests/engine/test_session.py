@@ -160,26 +160,30 @@ def test_weighted_blend_is_normalised(demo_pipeline: Pipeline) -> None:
 
 
 @pytest.mark.parametrize(
-    "bad",
+    ("bad", "field", "reason"),
     [
-        dict(height=50),
-        dict(width=100),
-        dict(steps=()),
-        dict(steps=(500, 700)),
-        dict(steps=(700, 700)),
-        dict(steps=(1200,)),
-        dict(noise_scale=1.5),
-        dict(noise_scale=-0.1),
-        dict(mode="sketch"),
-        dict(batching="sometimes"),
-        dict(sink_frames=6, kv_cache_frames=6),
-        dict(batching="stream", cache_context="clean"),
+        (dict(height=50), "height", "multiple of 16"),
+        (dict(width=100), "width", "multiple of 16"),
+        (dict(steps=()), "steps", "empty"),
+        (dict(steps=(500, 700)), "steps", "descending"),
+        (dict(steps=(700, 700)), "steps", "descending"),
+        (dict(steps=(1200,)), "steps", "(0, 1000]"),
+        (dict(noise_scale=1.5), "noise_scale", "less than or equal to 1"),
+        (dict(noise_scale=-0.1), "noise_scale", "greater than or equal to 0"),
+        (dict(mode="sketch"), "mode", "'video' or 'text'"),
+        (dict(batching="sometimes"), "batching", "'stream' or 'none'"),
+        (dict(sink_frames=6, kv_cache_frames=6), "sink_frames", "below kv_cache_frames"),
+        (dict(batching="stream", cache_context="clean"), "cache_context", "needs batching 'none'"),
     ],
 )
-def test_bad_settings_are_rejected_with_a_clear_message(bad: dict) -> None:
+def test_bad_settings_are_rejected_with_a_clear_message(bad: dict, field: str, reason: str) -> None:
     with pytest.raises(ValidationError) as err:
         StreamSettings(**bad)
-    assert str(err.value)  # pydantic names the field and the reason
+    assert len(err.value.errors()) == 1
+    (error,) = err.value.errors()
+    # The message names the offending setting (as the field, or in the text of a cross-field check) and why.
+    assert field in error["loc"] or field in error["msg"]
+    assert reason in error["msg"]
 
 
 def test_a_rejected_update_leaves_the_session_working(demo_pipeline: Pipeline) -> None:
