@@ -113,8 +113,12 @@ def run(case: GoldenCase, report: CaseReport, options: RunOptions) -> None:
     video = video[: 1 + 4 * num_chunks]  # frames past the last whole chunk are never read
     out = torch.cat([session.push(video), session.flush()])
 
-    bound_video = options.bound(case.tolerance("precision.suggested_rel_l2_bound_final_video", default=5e-5))
-    bound_mid = options.bound(case.tolerance("precision.suggested_rel_l2_bound_intermediates", default=2e-4))
+    bound_video = options.bound(
+        case.tolerance("precision.suggested_rel_l2_bound_final_video", default=5e-5), "final_video"
+    )
+    bound_mid = options.bound(
+        case.tolerance("precision.suggested_rel_l2_bound_intermediates", default=2e-4), "intermediates"
+    )
     report.compare("outputs/final_video", out, case.tensor("outputs/final_video"), bound_video)
 
     # The noise controller's steps, chunk by chunk (they must match exactly).
