@@ -20,6 +20,14 @@ def test_golden_case(case: GoldenCase) -> None:
     assert outcome.status == "PASS", outcome.message or "\n".join(failed[:20])
 
 
+def test_every_family_has_cases_in_the_repo() -> None:
+    """An empty or lost golden folder would leave test_golden_case with nothing to run (a silent skip)."""
+    from wanstream.conformance.families import FAMILIES
+
+    assert {c.kind for c in CASES} == set(FAMILIES)
+    assert len(CASES) >= 16  # 13 in golden (12 shared + the RoPE-reset case), 3 in golden-vace
+
+
 @pytest.mark.parametrize("directory", GOLDEN_DIRS, ids=lambda d: d.name)
 def test_every_file_in_the_golden_folders_is_understood(directory: Path) -> None:
     assert discover(directory).not_understood == []
