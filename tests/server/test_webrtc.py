@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from server.harness import (
     ServerProcess,
@@ -150,9 +151,17 @@ def test_text_mode_is_send_only(server: ServerProcess) -> None:
             # A transition keeps the stream (no restart, no flush) and blends over the next chunks.
             received = len(client.frames)
             await client.wait_frames(received + 12)
-            events = (await http.get(f"/api/v1/sessions/{session_id}/events")).json()
-            control = next(e for e in events if e["type"] == "control" and e["id"] == "p")
-            after = [e for e in events if e["type"] == "chunk" and e["seq"] > control["seq"]]
+            # Chunks are logged when their frames leave the engine, and text mode works ahead of the clock:
+            # wait until the log reaches a chunk made under the new prompt alone, however slow the CPU.
+            deadline = time.monotonic() + 60
+            while True:
+                events = (await http.get(f"/api/v1/sessions/{session_id}/events")).json()
+                control = next(e for e in events if e["type"] == "control" and e["id"] == "p")
+                after = [e for e in events if e["type"] == "chunk" and e["seq"] > control["seq"]]
+                if any(e["prompt"] == [[SECOND, 1.0]] for e in after):
+                    break
+                assert time.monotonic() < deadline, f"no chunk under the new prompt alone: {after}"
+                await asyncio.sleep(0.1)
             assert any(e["transition_left"] > 0 for e in after)
             assert after[-1]["prompt"] == [[SECOND, 1.0]]
             assert not any(e["stream_start"] for e in after)
