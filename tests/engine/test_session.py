@@ -50,20 +50,28 @@ def test_output_has_exactly_as_many_frames_as_input(
     assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))  # contiguous, in order
 
 
-def test_stream_batch_lags_n_minus_1_chunks_and_no_batch_none(demo_pipeline: Pipeline) -> None:
+# Frames out of push(chunk 0 = 5 frames), push(chunk 1), push(chunk 2), flush(), derived from the algorithm:
+# chunk 0 is denoised through every step at once (prepare) and decoded at once. No batch: every later chunk
+# runs all its steps in its own push, so it comes out there (latency 0). Stream batch with n steps: a chunk
+# enters lane 0 and leaves lane n-1 n-1 calls later, i.e. n-1 pushes later; what is still in the lanes when
+# the input ends comes out at flush.
+LAG_TABLE = [
+    ("none", (700, 500), [5, 4, 4, 0]),
+    ("none", (700, 500, 400), [5, 4, 4, 0]),
+    ("stream", (700, 500), [5, 0, 4, 4]),  # chunk 1 out with chunk 2's push, chunk 2 at flush
+    ("stream", (700, 500, 400), [5, 0, 0, 8]),  # chunks 1 and 2 both still in the lanes at flush
+]
+
+
+@pytest.mark.parametrize(("batching", "steps", "expected"), LAG_TABLE)
+def test_stream_batch_lags_n_minus_1_chunks_and_no_batch_none(
+    demo_pipeline: Pipeline, batching: str, steps: tuple[int, ...], expected: list[int]
+) -> None:
     clip = moving_clip(13)
-    for batching, steps, expected in (
-        ("stream", (700, 500, 400), [5, 0, 0, 4]),
-        ("none", (700, 500, 400), [5, 4, 4, 0]),
-    ):
-        s = demo_pipeline.session(prompts=["x"], batching=batching, steps=steps, **SMALL)
-        got = [s.push(clip[:5]).shape[0], s.push(clip[5:9]).shape[0], s.push(clip[9:13]).shape[0]]
-        got.append(s.flush().shape[0])
-        # stream batch: chunk 1 enters lane 0 and leaves lane 2 two calls later (one comes out at flush)
-        assert got[:3] == expected[:3] or batching == "stream"
-        assert sum(got) == 13
-        if batching == "stream":
-            assert got[:3] == [5, 0, 0]
+    s = demo_pipeline.session(prompts=["x"], batching=batching, steps=steps, **SMALL)
+    got = [s.push(clip[:5]).shape[0], s.push(clip[5:9]).shape[0], s.push(clip[9:13]).shape[0]]
+    got.append(s.flush().shape[0])
+    assert got == expected
 
 
 def test_first_steps_follow_the_noise_controller(demo_pipeline: Pipeline) -> None:
@@ -152,26 +160,30 @@ def test_weighted_blend_is_normalised(demo_pipeline: Pipeline) -> None:
 
 
 @pytest.mark.parametrize(
-    "bad",
+    ("bad", "field", "reason"),
     [
-        dict(height=50),
-        dict(width=100),
-        dict(steps=()),
-        dict(steps=(500, 700)),
-        dict(steps=(700, 700)),
-        dict(steps=(1200,)),
-        dict(noise_scale=1.5),
-        dict(noise_scale=-0.1),
-        dict(mode="sketch"),
-        dict(batching="sometimes"),
-        dict(sink_frames=6, kv_cache_frames=6),
-        dict(batching="stream", cache_context="clean"),
+        (dict(height=50), "height", "multiple of 16"),
+        (dict(width=100), "width", "multiple of 16"),
+        (dict(steps=()), "steps", "empty"),
+        (dict(steps=(500, 700)), "steps", "descending"),
+        (dict(steps=(700, 700)), "steps", "descending"),
+        (dict(steps=(1200,)), "steps", "(0, 1000]"),
+        (dict(noise_scale=1.5), "noise_scale", "less than or equal to 1"),
+        (dict(noise_scale=-0.1), "noise_scale", "greater than or equal to 0"),
+        (dict(mode="sketch"), "mode", "'video' or 'text'"),
+        (dict(batching="sometimes"), "batching", "'stream' or 'none'"),
+        (dict(sink_frames=6, kv_cache_frames=6), "sink_frames", "below kv_cache_frames"),
+        (dict(batching="stream", cache_context="clean"), "cache_context", "needs batching 'none'"),
     ],
 )
-def test_bad_settings_are_rejected_with_a_clear_message(bad: dict) -> None:
+def test_bad_settings_are_rejected_with_a_clear_message(bad: dict, field: str, reason: str) -> None:
     with pytest.raises(ValidationError) as err:
         StreamSettings(**bad)
-    assert str(err.value)  # pydantic names the field and the reason
+    assert len(err.value.errors()) == 1
+    (error,) = err.value.errors()
+    # The message names the offending setting (as the field, or in the text of a cross-field check) and why.
+    assert field in error["loc"] or field in error["msg"]
+    assert reason in error["msg"]
 
 
 def test_a_rejected_update_leaves_the_session_working(demo_pipeline: Pipeline) -> None:

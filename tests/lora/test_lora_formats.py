@@ -78,7 +78,7 @@ def _bad(dit: WanDiT, kind: str) -> tuple[dict[str, torch.Tensor], list[str], st
         bad = dict(good)
         bad[f"{q}.lora_A.weight"] = torch.zeros(4, 48)  # a LoRA for a wider model
         bad[f"{q}.lora_B.weight"] = torch.zeros(48, 4)
-        return bad, [f"{q}.lora_A.weight"], "shape mismatch"
+        return bad, [f"{q}.lora_A.weight", f"{q}.lora_B.weight"], "shape mismatch"
     if kind == "incomplete pair":
         bad = dict(good)
         del bad[f"{q}.lora_B.weight"]
@@ -115,6 +115,29 @@ def test_bad_files_are_rejected_naming_the_keys(dit: WanDiT, tmp_path: Path, kin
     for key in keys:
         assert key in message and key in err.value.keys
     assert manager.in_force == () and all(torch.equal(v, dit.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("wrong", ["up", "down"])
+def test_a_shape_mismatch_names_both_keys_and_the_wrong_half(dit: WanDiT, tmp_path: Path, wrong: str) -> None:
+    shapes = linear_targets(dit)  # blocks.0.self_attn.q is [32, 32]
+    tensors = lora_state_dict(random_pairs(shapes, ["blocks.0.self_attn.q"]), "wan-comfy")
+    q = key_of("blocks.0.self_attn.q", "wan-comfy")
+    down_key, up_key = f"{q}.lora_A.weight", f"{q}.lora_B.weight"
+    if wrong == "up":
+        tensors[up_key] = torch.zeros(48, 4)  # only the up half is for another width
+    else:
+        tensors[down_key] = torch.zeros(4, 48)
+    with pytest.raises(LoraError) as err:
+        load_lora(write_lora(tmp_path / "half.safetensors", tensors), shapes)
+    bad_key, good_key = (up_key, down_key) if wrong == "up" else (down_key, up_key)
+    half, other = ("up (B)", "down (A)") if wrong == "up" else ("down (A)", "up (B)")
+    lines = [line.strip() for line in str(err.value).splitlines()[1:]]
+    assert err.value.keys == [bad_key]  # the fitting half is not reported as offending...
+    assert lines == [
+        f"{bad_key}: shape mismatch: the {half} half is {[48, 4] if wrong == 'up' else [4, 48]}, layer "
+        f"blocks.0.self_attn.q [32, 32] (out, in) needs {[32, 4] if wrong == 'up' else [4, 32]}; its {other} "
+        f"half {good_key} {[4, 32] if wrong == 'up' else [32, 4]} fits (a LoRA for another model size?)"
+    ]  # ...but named in the message as its partner
 
 
 def test_unreadable_and_empty_files(dit: WanDiT, tmp_path: Path) -> None:

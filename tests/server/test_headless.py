@@ -160,17 +160,25 @@ def test_forgotten_headless_session_is_stopped() -> None:
     from wanstream.server import ServerConfig, create_app
 
     threads = torch.get_num_threads()  # the server leaves a core to the media path: restore it after
+    idle_s = 2.0
     app = create_app(
-        ServerConfig(demo=True, headless_idle_s=1.0, settings_overrides={"height": 64, "width": 64})
+        ServerConfig(demo=True, headless_idle_s=idle_s, settings_overrides={"height": 64, "width": 64})
     )
     try:
         with TestClient(app, base_url="http://127.0.0.1:8000") as c:
             app.state.model.wait(60)
             sid = c.post("/api/v1/sessions", json={"source": "text", "prompts": ["a"]}).json()["session_id"]
-            for _ in range(3):  # requests about it keep it alive
-                time.sleep(0.6)
+            for _ in range(3):  # requests about it keep it alive (0.3 s apart: 1.7 s of slack for a slow CPU)
+                time.sleep(0.3)
+                last_request = time.monotonic()  # the request touches the session after this
                 assert c.get(f"/api/v1/sessions/{sid}").status_code == 200
-            time.sleep(2.0)
+            # Then nobody asks about it: it ends, and never sooner than idle_s after the last request. The
+            # session list is watched, which does not count as a request about the session.
+            deadline = time.monotonic() + 30
+            while any(s["session_id"] == sid for s in c.get("/api/v1/sessions").json()):
+                assert time.monotonic() < deadline, "the forgotten session was never stopped"
+                time.sleep(0.1)
+            assert time.monotonic() - last_request >= idle_s
             assert c.get(f"/api/v1/sessions/{sid}").status_code == 404
             assert _ended(c, "idle") == 1.0
     finally:

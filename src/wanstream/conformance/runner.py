@@ -7,12 +7,16 @@ Exit status is non-zero when any case fails, when any file in DIR is not underst
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
+import json
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -22,24 +26,42 @@ from wanstream.conformance.families import FAMILIES
 
 @dataclass(frozen=True)
 class RunOptions:
-    """How to replay: device and compute dtype (golden bounds hold for float32 only)."""
+    """How to replay: device and compute dtype (the manifests' bounds hold for float32 only)."""
 
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
-    # Multiplies every manifest bound; 1.0 for float32.
-    bound_scale: float = 1.0
-    # A reduced-precision run compares against the float32 goldens with this bound instead (BF16_BOUND),
-    # and reports exact checks (sink decisions, rounded steps) without failing on them: bf16 rounding
-    # may legitimately flip a decision whose float32 margin is 1e-3.
-    bound_floor: float = 0.0
+    # Reduced precision compares against the float32 goldens with the bounds of the case's family in
+    # bf16_bounds.json (class → bound, see `bf16_bounds`), set per case by `run_case`, and reports exact
+    # checks (sink decisions, rounded steps) without failing on them: bf16 rounding may legitimately flip a
+    # decision whose float32 margin is 1e-3.
+    reduced_bounds: Mapping[str, float] | None = None
     exact_informational: bool = False
 
-    def bound(self, value: float) -> float:
-        return max(value * self.bound_scale, self.bound_floor)
+    @property
+    def reduced(self) -> bool:
+        return self.dtype != torch.float32
+
+    def bound(self, value: float, what: str = "default") -> float:
+        """The bound for a compared tensor: the manifest's float32 `value`, or in reduced precision the
+        family's measured bound for `what` (a class such as "final_video"; "default" for the others)."""
+        if self.reduced_bounds is None:
+            return value
+        return self.reduced_bounds[what if what in self.reduced_bounds else "default"]
 
 
-# bf16 outputs must stay within this rel-L2 of the float32 goldens (our stated bound).
-BF16_BOUND = 5e-2
+BF16_BOUNDS_FILE = Path(__file__).with_name("bf16_bounds.json")
+
+
+@functools.cache
+def bf16_bounds() -> dict[str, Any]:
+    """bf16_bounds.json: per family, the reference's own bf16-vs-float32 errors and our bounds from them."""
+    return json.loads(BF16_BOUNDS_FILE.read_text())
+
+
+def family_bf16_bounds(kind: str | None) -> dict[str, float] | None:
+    """class → bound for a family; None where the family is not measured (its cases cannot pass in bf16)."""
+    entry = bf16_bounds()["families"].get(kind or "")
+    return dict(entry["bounds"]) if entry and entry.get("bounds") else None
 
 
 @dataclass
@@ -102,6 +124,14 @@ def run_case(case: GoldenCase, options: RunOptions | None = None) -> CaseOutcome
         bad_files = case.verify_files()
         if bad_files:
             return CaseOutcome(case.name, kind, "ERROR", report, "corrupt files: " + ", ".join(bad_files))
+        if options.reduced:
+            bounds = family_bf16_bounds(kind)
+            if bounds is None:
+                note = bf16_bounds()["families"].get(kind, {}).get("note", "not in bf16_bounds.json")
+                return CaseOutcome(
+                    case.name, kind, "ERROR", report, f"no measured bf16 bound for {kind}: {note}"
+                )
+            options = replace(options, reduced_bounds=bounds, exact_informational=True)
         module_name = FAMILIES[kind]
         try:
             module = importlib.import_module(module_name)
@@ -145,10 +175,33 @@ def _print_outcome(outcome: CaseOutcome, verbose: bool) -> None:
             print(f"    {check.name:<44} {check.detail:<36} {status}")
 
 
+def bf16_help() -> str:
+    """The bf16 bounds per family, for --help."""
+    data = bf16_bounds()
+    lines = [
+        "bfloat16 bounds: rel-L2 against the float32 goldens, per case family, each "
+        f"{data['factor']:g} x the worst",
+        "error the reference itself makes in bf16 against its own float32 run on that family's cases",
+        "(measured on the CPU by tools/golden/reference_bf16.py; data: conformance/bf16_bounds.json):",
+    ]
+    for kind, entry in data["families"].items():
+        if entry.get("bounds") and "reference" in entry:
+            shown = ", ".join(f"{k} {v:.2g}" for k, v in entry["bounds"].items())
+            worst = ", ".join(f"{v:.2g}" for v in entry["reference_worst"].values())
+            lines.append(f"  {kind:<24} {shown} (reference: {worst})")
+        elif entry.get("bounds"):
+            lines.append(f"  {kind:<24} {entry['bounds']['default']:.2g}: {entry['note']}")
+        else:
+            lines.append(f"  {kind:<24} {entry['note']}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m wanstream.conformance",
         description="Replay golden vectors against wanstream; one line per case and compared tensor.",
+        epilog=bf16_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("directory", type=Path, help="folder of golden cases (<case>.json + .safetensors)")
     parser.add_argument(
@@ -159,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         "--dtype",
         choices=["float32", "bfloat16"],
         default="float32",
-        help=f"compute dtype; bfloat16 is compared with the float32 goldens within rel-L2 {BF16_BOUND:g}",
+        help="compute dtype; bfloat16 is compared with the float32 goldens within the family's bound below",
     )
     parser.add_argument("--only", default=None, help="run only cases whose name contains this text")
     parser.add_argument("-v", "--verbose", action="store_true", help="print exact-match checks too")
@@ -169,12 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         # The golden bounds are float32 bounds: TF32 matmuls would blow them.
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    if args.dtype == "bfloat16":
-        options = RunOptions(
-            device=args.device, dtype=torch.bfloat16, bound_floor=BF16_BOUND, exact_informational=True
-        )
-    else:
-        options = RunOptions(device=args.device)
+    options = RunOptions(device=args.device, dtype=getattr(torch, args.dtype))
     try:
         found = discover(args.directory)
     except CaseError as exc:

@@ -272,14 +272,25 @@ def _pair(
     if down.shape[0] == 0:
         problems.append((down_key, "rank 0"))
         return None
-    if down.shape[1] != in_f or up.shape[0] != out_f:
-        problems.append(
-            (
-                down_key,
-                f"shape mismatch: layer {layer} is [{out_f}, {in_f}] (out, in), the pair makes "
-                f"[{up.shape[0]}, {down.shape[1]}] (a LoRA for another model size?)",
-            )
+    down_ok, up_ok = down.shape[1] == in_f, up.shape[0] == out_f
+    if not (down_ok and up_ok):
+        # One line per wrong half, each naming the other key of its pair and whether that one fits.
+        rank = down.shape[0]
+        halves = (
+            ("down (A)", down_key, down, down_ok, [rank, in_f], "up (B)", up_key, up, up_ok),
+            ("up (B)", up_key, up, up_ok, [out_f, rank], "down (A)", down_key, down, down_ok),
         )
+        for half, key, w, ok, needed, other, other_key, other_w, other_ok in halves:
+            if not ok:
+                problems.append(
+                    (
+                        key,
+                        f"shape mismatch: the {half} half is {list(w.shape)}, layer {layer} [{out_f}, {in_f}] "
+                        f"(out, in) needs {needed}; its {other} half {other_key} {list(other_w.shape)} "
+                        + ("fits" if other_ok else "is wrong too")
+                        + " (a LoRA for another model size?)",
+                    )
+                )
         return None
     alpha = None
     if "alpha" in slot:

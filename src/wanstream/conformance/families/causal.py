@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from wanstream.conformance.case import CaseReport, GoldenCase
+from wanstream.conformance.case import CaseError, CaseReport, GoldenCase
 from wanstream.conformance.runner import RunOptions
 from wanstream.engine.batching import Denoiser, DiTCall
 from wanstream.engine.rng import ReplayNoise
@@ -80,7 +80,9 @@ def run(case: GoldenCase, report: CaseReport, options: RunOptions) -> None:
     )
     init_scale = float(pc["init_noise_scale"])
     bound = options.bound(case.tolerance("tolerance.suggested_rel_l2", default=1e-5))
-    t_refresh = int(pc.get("t_refresh", 50))
+    if "t_refresh" not in pc:  # the session API's RoPE refresh frame: stated by the case, never assumed
+        raise CaseError(f"{case.name}: pipeline_config has no t_refresh")
+    t_refresh = int(pc["t_refresh"])
 
     prev_scale = init_scale
     start = 0

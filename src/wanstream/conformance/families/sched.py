@@ -26,9 +26,16 @@ def run(case: GoldenCase, report: CaseReport, options: RunOptions) -> None:
 
 
 def _tables(case: GoldenCase, report: CaseReport, options: RunOptions) -> None:
-    ctor = case.manifest.get("scheduler_config", {}).get("ctor", {})
+    ctor = case.manifest.get("scheduler_config", {}).get("ctor")
+    if not isinstance(ctor, dict) or "shift" not in ctor or "num_train_timesteps" not in ctor:
+        raise CaseError(f"{case.name}: scheduler_config.ctor must give shift and num_train_timesteps")
+    # Our FlowMatchScheduler is the reference's with these settings; any other is not reproduced.
+    fixed = {"sigma_min": 0.0, "sigma_max": 1.0, "extra_one_step": True, "inverse_timesteps": False}
+    other = {k: ctor[k] for k, v in fixed.items() if k in ctor and ctor[k] != v}
+    if other or ctor.get("reverse_sigmas", False):
+        raise CaseError(f"{case.name}: unsupported scheduler settings {other or {'reverse_sigmas': True}}")
     sched = FlowMatchScheduler(
-        shift=float(ctor.get("shift", 8.0)), num_train_timesteps=int(ctor.get("num_train_timesteps", 1000))
+        shift=float(ctor["shift"]), num_train_timesteps=int(ctor["num_train_timesteps"])
     )
     bound = options.bound(1e-6)
     report.compare("outputs/sigmas", sched.sigmas, case.tensor("outputs/sigmas"), bound)
@@ -71,7 +78,7 @@ def _tables(case: GoldenCase, report: CaseReport, options: RunOptions) -> None:
 def _controller(case: GoldenCase, report: CaseReport, options: RunOptions) -> None:
     video = case.tensor("inputs/video").to(options.device)
     initial = float(case.manifest["inputs"]["init_noise_scale"])
-    chunk = int(case.manifest["inputs"].get("chunk_size", 4))
+    chunk = int(case.manifest["inputs"]["chunk_size"])
     previous = initial
     scales, steps = [], []
     for call in case.manifest["calls"]:

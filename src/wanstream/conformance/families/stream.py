@@ -2,12 +2,17 @@
 
 Video in (uint8), the recorded text conditioning and random draws, the real YAML settings; compare the
 final video, every DiT call the reference made on real input (inputs, timesteps, positions, x0), every
-chunk's noise-controller step, and which chunks were decoded. The reference's offline loop has no RoPE
-reset and ends with flush iterations whose extra work (and draws) never reaches the video; our session
-drains exactly what it must.
+chunk's noise-controller step, and which chunks were decoded. The reference loop is configured from what
+the manifest says it ran (entry point → batching, `loop` / `loop_description` → whether and where RoPE
+positions reset), never from what the shared cases happen to need. The reference's offline loops end with
+flush iterations whose extra work (and draws) never reaches the video; our session drains exactly what it
+must.
 """
 
 from __future__ import annotations
+
+import re
+from typing import Any
 
 import torch
 
@@ -32,6 +37,38 @@ def _file(case: GoldenCase, suffix: str) -> str:
     raise CaseError(f"{case.name}: no weights file ending in {suffix!r} in the manifest")
 
 
+# The reference's single-GPU offline loops: module → our batching mode.
+ENTRY_POINTS = {"streamv2v.inference": "stream", "streamv2v.inference_wo_batch": "none"}
+
+
+def reference_loop(case: GoldenCase) -> tuple[str, int | None]:
+    """(batching, RoPE reset frame or None) of the loop the case was recorded from, as its manifest says.
+
+    The reset comes from the structured `loop.rope_reset_frame` when the manifest has it, else from the
+    `loop_description` (the rule `current_start//fsl >= N`, or a statement that the loop has none); a
+    manifest that says neither is an error rather than a guess.
+    """
+    man = case.manifest
+    entry = str(man.get("reference", {}).get("entry_point", ""))
+    found = re.search(r"streamv2v\.(inference_wo_batch|inference)\b", entry)
+    if found is None or found[0] not in ENTRY_POINTS:
+        raise CaseError(
+            f"{case.name}: unknown reference entry point {entry!r} (known: {sorted(ENTRY_POINTS)})"
+        )
+    batching = ENTRY_POINTS[found[0]]
+    loop: Any = man.get("loop")
+    if isinstance(loop, dict) and "rope_reset_frame" in loop:
+        frame = loop["rope_reset_frame"]
+        return batching, None if frame is None else int(frame)
+    text = str(man.get("loop_description", ""))
+    rule = re.search(r"current_start\s*//\s*(?:fsl|frame_seq_length)\s*>=\s*(\d+)", text)
+    if rule is not None:
+        return batching, int(rule[1])
+    if re.search(r"\bno (?:t_refresh )?(?:RoPE )?position reset", text, re.IGNORECASE):
+        return batching, None
+    raise CaseError(f"{case.name}: the manifest does not say whether the loop resets RoPE positions")
+
+
 def run(case: GoldenCase, report: CaseReport, options: RunOptions) -> None:
     man, cfg = case.manifest, case.manifest["resolved_config"]
     dev, dtype = options.device, options.dtype
@@ -51,7 +88,7 @@ def run(case: GoldenCase, report: CaseReport, options: RunOptions) -> None:
     vae = load_wan_vae(_file(case, "Wan2.1_VAE.pth"), vae_cfg, dtype=dtype, device=dev)
     components = Components(dit=dit, device=torch.device(dev), dtype=dtype, wan_vae=vae, label=case.name)
 
-    no_batch = "inference_wo_batch" in man["reference"]["entry_point"]
+    batching, rope_reset_frame = reference_loop(case)
     steps = denoising_steps(int(cfg["step"]), base=cfg["denoising_step_list"])
     settings = StreamSettings(
         height=int(cfg["height"]),
@@ -59,11 +96,11 @@ def run(case: GoldenCase, report: CaseReport, options: RunOptions) -> None:
         steps=tuple(steps),
         noise_scale=float(cfg["noise_scale"]),
         noise_controller=True,
-        batching="none" if no_batch else "stream",
+        batching=batching,
         kv_cache_frames=int(cfg["num_kv_cache"]),
         sink_frames=int(cfg["num_sink_tokens"]),
         sink_threshold=float(cfg["adapt_sink_threshold"]),
-        rope_reset_frame=None,  # the offline loop (`run_inference`) never resets RoPE positions
+        rope_reset_frame=rope_reset_frame,
     )
     draws = [case.tensor(d["tensor"]) for d in man["random_draws"]]
     session = StreamSession(components, settings, noise=ReplayNoise(draws), output="float")
@@ -76,8 +113,12 @@ def run(case: GoldenCase, report: CaseReport, options: RunOptions) -> None:
     video = video[: 1 + 4 * num_chunks]  # frames past the last whole chunk are never read
     out = torch.cat([session.push(video), session.flush()])
 
-    bound_video = options.bound(case.tolerance("precision.suggested_rel_l2_bound_final_video", default=5e-5))
-    bound_mid = options.bound(case.tolerance("precision.suggested_rel_l2_bound_intermediates", default=2e-4))
+    bound_video = options.bound(
+        case.tolerance("precision.suggested_rel_l2_bound_final_video", default=5e-5), "final_video"
+    )
+    bound_mid = options.bound(
+        case.tolerance("precision.suggested_rel_l2_bound_intermediates", default=2e-4), "intermediates"
+    )
     report.compare("outputs/final_video", out, case.tensor("outputs/final_video"), bound_video)
 
     # The noise controller's steps, chunk by chunk (they must match exactly).

@@ -155,7 +155,7 @@ def _blocks_forward(case: GoldenCase, report: CaseReport, options: RunOptions) -
     F_lat = x.shape[1]
     pc = man["pipeline_config"]
     L = int(pc["frame_seq_length"])
-    start = int(args.get("current_start", 0))
+    start = int(args["current_start"])
     report.exact("current_end", start + F_lat * L, int(args["current_end"]))
     cache = KVCache(
         KVCacheConfig(
@@ -164,7 +164,7 @@ def _blocks_forward(case: GoldenCase, report: CaseReport, options: RunOptions) -
             head_dim=config.head_dim,
             frame_tokens=L,
             num_frames=int(pc["local_attn_size"]),
-            num_sink=int(man["model_config"].get("sink_size_hardcoded", 3)),
+            num_sink=int(man["model_config"]["sink_size_hardcoded"]),
             sink_threshold=-1.0,
             eviction="fifo",
         ),
@@ -279,7 +279,7 @@ def _stream(case: GoldenCase, report: CaseReport, options: RunOptions) -> None:
         eviction="fifo",
         cache_context="clean",
         kv_cache_frames=int(pc["local_attn_size"]),
-        sink_frames=int(mc.get("sink_size_hardcoded", 3)),
+        sink_frames=int(mc["sink_size_hardcoded"]),
         sink_threshold=-1.0,
         rope_reset_frame=None,
         noise_controller=False,
