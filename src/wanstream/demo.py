@@ -118,4 +118,5 @@ def demo_components(
         text_encoder=TextEncoder(t5, tokenizer) if t5 is not None and tokenizer is not None else None,
         vace=vace,
         label=DEMO_LABEL,
+        demo=True,
     )

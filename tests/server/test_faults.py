@@ -431,37 +431,56 @@ def test_bodies_over_their_route_limit_or_nested_too_deep(
 def test_prompts_that_cannot_fit_are_refused_with_the_limit(
     demo_server: ServerProcess, healthy: BackgroundClient, baseline: dict
 ) -> None:
-    """Characters first (8192), then the loaded tokenizer's count (the demo encoder reads 64 tokens)."""
+    """Characters (8192 a prompt) on every channel, before any work; the token count is the real model's
+    (`test_prompt_tokens_are_counted_with_the_loaded_tokenizer`): the demo's toy tokenizer spells unknown
+    words letter by letter, so a long but ordinary prompt plays there as it would on the real model."""
     import websockets
 
     sid = healthy.session_id
-    words = " ".join(f"word{i}" for i in range(200))  # far over the demo's 64 tokens
+    words = " ".join(f"word{i}" for i in range(200))  # ~1,400 characters: fine for the real model
+    too_long = "y" * 9000
     with demo_server.client() as c:
         before = c.get(f"/api/v1/sessions/{sid}").json()
-        response = _control(c, sid, json.dumps({"prompts": ["y" * 9000]}).encode())
+        response = _control(c, sid, json.dumps({"prompts": [too_long]}).encode())
         assert response.status_code == 422 and "at most 8192" in response.text, response.text
-        response = _control(c, sid, json.dumps({"prompts": [words]}).encode())
-        assert response.status_code == 422, response.text
-        error = response.json()["detail"]["error"]
-        assert "tokens; the model reads at most 64" in error, error
-        response = c.post("/api/v1/sessions", json={"source": "text", "prompts": [PROMPT, words]})
-        assert response.status_code == 422 and "prompts[1]" in response.json()["detail"], response.text
+        response = c.post("/api/v1/sessions", json={"source": "text", "prompts": [PROMPT, too_long]})
+        assert response.status_code == 422 and "8192" in response.text, response.text
         after = c.get(f"/api/v1/sessions/{sid}").json()
         assert after["prompts"] == before["prompts"]
         events = c.get(f"/api/v1/sessions/{sid}/events").json()
-        assert all(words not in json.dumps(e) for e in events)
+        assert all(too_long not in json.dumps(e) for e in events)
+        response = _control(c, sid, json.dumps({"prompts": [words]}).encode())
+        assert response.status_code == 200, response.text
+        response = _control(c, sid, json.dumps({"prompts": [PROMPT]}).encode())
+        assert response.status_code == 200, response.text
 
     async def socket() -> None:
         ws_url = demo_server.url.replace("http", "ws") + f"/api/v1/sessions/{sid}/ws"
         async with websockets.connect(ws_url) as ws:
-            await ws.send(json.dumps({"id": "long", "prompts": [words]}))
+            await ws.send(json.dumps({"id": "long", "prompts": [too_long]}))
             while True:
                 message = json.loads(await asyncio.wait_for(ws.recv(), 20))
                 if message.get("id") == "long":
                     break
-            assert message["type"] == "error" and "at most 64" in message["error"]
+            assert message["type"] == "error" and "8192" in message["error"], message
 
     asyncio.run(socket())
+
+
+def test_prompt_tokens_are_counted_with_the_loaded_tokenizer() -> None:
+    """A model's own tokenizer decides: a prompt over its encoder's length is refused, naming the limit (the
+    demo components stand in for a real model here, with their 64-token encoder)."""
+    import dataclasses
+
+    from wanstream import Pipeline
+    from wanstream.server.limits import prompt_problem
+
+    components = dataclasses.replace(Pipeline.demo().components, demo=False)
+    words = " ".join(f"word{i}" for i in range(200))
+    problem = prompt_problem(components, [PROMPT, words])
+    assert problem is not None and problem.startswith("prompts[1] is ") and "reads at most 64" in problem
+    assert prompt_problem(components, [PROMPT]) is None
+    assert prompt_problem(Pipeline.demo().components, [words]) is None  # the demo: characters only
 
 
 def test_image_bomb_is_refused_from_its_header(

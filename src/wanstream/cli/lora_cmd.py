@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--lora-dir", type=Path, metavar="DIR", help="the LoRA folder (default: $WANSTREAM_LORA_DIR)"
     )
-    sub = p.add_subparsers(dest="lora_command", metavar="ACTION")
+    sub = p.add_subparsers(dest="lora_command", metavar="ACTION", help="add, list or remove a LoRA")
     add = sub.add_parser("add", help="download a LoRA into the folder")
     add.add_argument(
         "source",

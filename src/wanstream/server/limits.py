@@ -180,7 +180,9 @@ def prompt_problem(components: Components, texts: Sequence[str]) -> str | None:
     """Why one of `texts` cannot be read whole by the text encoder (its token count, with the limit), or
     None. Runs the real tokenizer (CPU, well under a millisecond per prompt of this size)."""
     encoder = components.text_encoder
-    if encoder is None:
+    if encoder is None or components.demo:
+        # The demo's toy tokenizer spells unknown words letter by letter into a 64-token encoder: its count
+        # says nothing about what the real model reads, so only the character limits apply there.
         return None
     wrapper = encoder.tokenizer
     limit = wrapper.text_len
