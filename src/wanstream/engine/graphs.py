@@ -8,7 +8,8 @@ the text K/V (copied in when the prompt changes) and the KV cache itself.
 A capture is prepared and made safely:
 * Warm-up runs the step twice on the very stream that will capture, so compiling, autotuning and every
   first use of a cuBLAS/cuDNN handle, plan or workspace on that stream happen before recording, never inside
-  it. Warming up advances the cache's device state: the cache is saved before and restored after.
+  it. Warming up advances the cache's device state: the cache is saved before and restored after (once per
+  signature; recording itself runs no kernels).
 * Recording waits for other threads' GPU work to stop (`fastpath.GATE`): a compile warming up on another
   thread invalidates a capture. If such work is running, capturing is deferred and this call runs the
   compiled step directly; a later call captures.
@@ -109,20 +110,25 @@ class StepGraphs:
     def _try_capture(self, key: tuple, x: torch.Tensor, t: torch.Tensor, plan: CallPlan) -> _Captured | None:
         assert self._cross is not None
         cross = self._cross
-        saved = {name: buf.clone() for name, buf in self.cache.state()["buffers"].items()}
         static_x, static_t = x.clone(), t.clone()
         try:
             if key not in self._warm:
-                self._warm_up(lambda: self.step(static_x, static_t, cross, plan))
+                # Warming up runs the step: save the cache (its K/V are GBs at full size: only here, once per
+                # signature, never on a deferred call) and put it back.
+                saved = {name: buf.clone() for name, buf in self.cache.state()["buffers"].items()}
+                try:
+                    self._warm_up(lambda: self.step(static_x, static_t, cross, plan))
+                finally:
+                    self._restore(saved)
+                    del saved
                 self._warm.add(key)
-                self._restore(saved)
             with GATE.capture(self.capture_wait_s) as granted:
                 if not granted:
                     self.stats.deferred += 1
                     return None
+                # Recording runs no kernels: the cache is untouched, also when it fails.
                 graph, outputs = self._record(lambda: self.step(static_x, static_t, cross, plan))
         except Exception as exc:
-            self._restore(saved)
             if is_out_of_memory(exc):
                 raise
             self._failed.add(key)
@@ -137,7 +143,6 @@ class StepGraphs:
                 "the compiled step without a CUDA graph",
             )
             return None
-        self._restore(saved)  # recording runs no kernels, but keep the state explicit
         self.stats.captured += 1
         captured = self._graphs[key] = _Captured(graph, static_x, static_t, outputs)
         return captured
