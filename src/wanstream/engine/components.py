@@ -50,6 +50,9 @@ class Components:
         # symbolically trace a dynamo-optimized function" (seen on an H100 at a frame-size change). We never
         # FX-trace compiled code ourselves, so such a call just runs eagerly that once.
         torch._dynamo.config.error_on_nested_fx_trace = False
+        # cuDNN picks each conv's fastest engine by timing it once per shape (the VAE's convs are most of a
+        # chunk); `bench` ran with this on, so `generate` and `serve` must too to see its figures.
+        torch.backends.cudnn.benchmark = True
         self.dit.optimize(compile=compile)
         if vae and self.wan_vae is not None:
             self.wan_vae.optimize(channels_last=True, compile=compile)  # type: ignore[operator]

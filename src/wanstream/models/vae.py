@@ -181,6 +181,15 @@ class VAEDecodeState(CausalCache):
 # ------------------------------------------------------------------------------------------------
 # Building blocks
 # ------------------------------------------------------------------------------------------------
+def canonical_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """`x` in channels-last-3d with the strides a fresh tensor of its shape has. `contiguous()` keeps a slice's
+    strides on size-1 dims (the batch), and compiled graphs guard on every stride."""
+    c, t, h, w = x.shape[1:]
+    if x.stride() == (c * t * h * w, 1, h * w * c, w * c, c):
+        return x
+    return x.clone(memory_format=torch.channels_last_3d)
+
+
 def frames_as_batch(x: torch.Tensor) -> torch.Tensor:
     """[B, C, T, H, W] → [B·T, C, H, W] for per-frame 2-D layers (a view for channels-last-3d input)."""
     return x.transpose(1, 2).flatten(0, 1)
@@ -463,9 +472,11 @@ class WanVAE(nn.Module):
         """Block until every background compile started so far has finished (tests, benchmarks)."""
         return self._compiled.wait(timeout) if self._compiled is not None else True
 
-    # A stream's whole first call runs eagerly, its second part included (frames 1-4 after frame 0, latent 1
-    # after latent 0): its caches come fresh out of the eager first part, with other shapes and strides than
-    # the compiled graphs were guarded on, and dynamo would recompile on every stream start (~2 s measured).
+    # A session's first part (frame 0, latent 0) runs eagerly: a one-off shape not worth a graph. Its second part
+    # (frames 1-4, latent 1) runs compiled like any later chunk: its input is cloned into the canonical
+    # channels-last strides (a slice of the 5-frame input has another batch stride, and dynamo guards on every
+    # stride: it recompiled, ~2 s, on every stream start), and the caches the eager part wrote are laid out as
+    # the warm-up's were.
     def _encoder_for(self, x: torch.Tensor, steady: bool) -> Callable[..., torch.Tensor]:
         if self._compiled is None or not steady:
             return self.encoder
@@ -484,7 +495,8 @@ class WanVAE(nn.Module):
         state = VAEEncodeState()
         dummy = torch.zeros_like(chunk)
         state.begin(self.encoder.num_slots, (chunk.shape[0], chunk.shape[3], chunk.shape[4]))
-        self.encoder(dummy[:, :, :1], state)
+        first = dummy[:, :, :1]
+        self.encoder(canonical_channels_last(first) if self.channels_last else first, state)
         state.started = True
         for _ in range(2):
             self._compiled.halves[0](dummy, state)
@@ -549,8 +561,7 @@ class WanVAE(nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         n = self.config.time_stride
-        steady = state.started
-        if steady:
+        if state.started:
             chunks = [x[:, :, i : i + n] for i in range(0, x.shape[2], n)]
         else:
             chunks = [x[:, :, :1]] + [x[:, :, i : i + n] for i in range(1, x.shape[2], n)]
@@ -560,8 +571,8 @@ class WanVAE(nn.Module):
             # conv1 per chunk (the reference runs it once over the call): the same values, but every op sees
             # the same shapes however a stream is cut into calls, so a stream equals the whole clip bit for bit.
             if self.channels_last:  # one memory layout for every chunk: compiled graphs are stride-specific
-                chunk = chunk.contiguous(memory_format=torch.channels_last_3d)
-            mu.append(self.conv1(self._encoder_for(chunk, steady)(chunk, state))[:, : self.config.z_dim])
+                chunk = canonical_channels_last(chunk)
+            mu.append(self.conv1(self._encoder_for(chunk, state.started)(chunk, state))[:, : self.config.z_dim])
             state.started = True
         return torch.cat(mu, dim=2)
 
@@ -574,13 +585,14 @@ class WanVAE(nn.Module):
         z = self.denormalize(self._check_latents(z, state))
         if self.channels_last:
             z = z.contiguous(memory_format=torch.channels_last_3d)
-        steady = state.started
-        if not steady:
+        if not state.started:
             state.begin(self.decoder.num_slots, (z.shape[0], z.shape[3], z.shape[4]))
         out = []
         for i in range(z.shape[2]):  # conv2 per latent, for the same reason as conv1 in stream_encode
             latent = self.conv2(z[:, :, i : i + 1])
-            out.append(self._decoder_for(latent, steady)(latent, state))
+            if self.channels_last:
+                latent = canonical_channels_last(latent)
+            out.append(self._decoder_for(latent, state.started)(latent, state))
             state.started = True
         video = torch.cat(out, dim=2)
         return video.clamp_(-1.0, 1.0) if clamp else video
