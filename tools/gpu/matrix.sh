@@ -11,7 +11,7 @@
 # lines) and log_<part>.txt (all logs). Exit codes: a crash shows as a non-zero "rc" beside its run.
 set -o pipefail
 export COLUMNS=200
-PART=${1:?usage: matrix.sh A|B}
+PART=${1:?usage: matrix.sh A|B|C|D}
 W=/tmp/matrix-$PART; rm -rf "$W"; mkdir -p "$W"
 B="python3 -m wanstream.cli.main bench"
 stamp() { echo "[$(date +%T)] $*" | tee -a "$W/steps.txt"; }
@@ -75,6 +75,19 @@ C)
     --chunks 8 --warm-chunks 3 --json "$W/size_change_cold.json"
   run warm_batch_4_wan 80 $B --configs "batch,480x832,4,wan" --chunks 20 --json "$W/warm_batch_4_wan.json"
   run oom 90 python3 tools/gpu/oom_check.py "$W/oom.json"
+  ;;
+D)
+  # After the first-call VAE change (a session's second part compiled) and the KV-snapshot change: a frame-size
+  # change from an empty cache; warm starts at 1 / 2 / 4 steps (TTFF); a LoRA scale change (merged: pinned
+  # backups); the prompt extender's timing; where the Wan VAE's time goes. Limits sum to < 600 s.
+  rm -rf "$TORCHINDUCTOR_CACHE_DIR"
+  run size_change_cold 150 $B --configs "batch,480x832,2,wan;nobatch,512x512,2,wan" \
+    --chunks 8 --warm-chunks 3 --json "$W/size_change_cold.json"
+  run warm_ttff 150 $B --configs "batch,480x832,1,wan;batch,480x832,2,wan;batch,480x832,4,wan" \
+    --chunks 20 --json "$W/warm_ttff.json"
+  run lora 100 $B --configs "batch,480x832,2,wan" --chunks 20 --warm-chunks 4 --lora-rank 32 --json "$W/lora.json"
+  run extender 70 python3 tools/gpu/extender_timing.py "$W/extender.json"
+  run vae_profile 90 python3 tools/gpu/vae_profile.py "$W/vae_profile.json"
   ;;
 esac
 python3 - "$W" "$PART" <<'PY'

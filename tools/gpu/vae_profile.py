@@ -1,0 +1,190 @@
+"""Where the Wan VAE's time goes at 480x832 (issue "Performance II"), on the device machine.
+
+Full-size Wan VAE, random weights, bf16, laid out and compiled as the product runs it (`optimize()`):
+1. per chunk: encode 4 frames / decode 1 latent, steady state, CUDA events (median of 10);
+2. per conv layer: every convolution the steady chunk runs, timed alone on its real input shape with cuDNN's
+   autotuned engine, with its FLOPs and TFLOP/s (the sum against the chunk time says what is not convolution);
+3. the torch profiler's kernels for one compiled chunk of each half, in classes (convolution, fused Triton
+   elementwise / norm, copies) and the top kernels by time;
+4. cuDNN autotuning off vs on for the compiled chunk.
+Usage (repo root, after `source tools/gpu/env.sh`): python3 tools/gpu/vae_profile.py OUT.json [HEIGHT WIDTH]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from collections.abc import Callable
+from contextlib import contextmanager
+from math import prod
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from wanstream.models.vae import VAEDecodeState, VAEEncodeState, WanVAE
+
+
+def timed(fn: Callable[[], Any], iters: int = 10, warm: int = 3) -> float:
+    """Median milliseconds of `fn` on the GPU."""
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+@contextmanager
+def recording_convs(calls: list[dict[str, Any]]):
+    """Record every F.conv2d / F.conv3d call (shapes, stride, padding) made inside the block."""
+    originals = {"conv2d": F.conv2d, "conv3d": F.conv3d}
+
+    def wrap(name: str) -> Callable[..., torch.Tensor]:
+        def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+            y = originals[name](x, weight, bias, stride, padding, dilation, groups)
+            calls.append(
+                {
+                    "op": name,
+                    "input": list(x.shape),
+                    "weight": list(weight.shape),
+                    "output": list(y.shape),
+                    "stride": stride,
+                    "padding": padding,
+                    "flops": 2 * y.numel() * prod(weight.shape[1:]),
+                }
+            )
+            return y
+
+        return conv
+
+    F.conv2d, F.conv3d = wrap("conv2d"), wrap("conv3d")
+    try:
+        yield
+    finally:
+        F.conv2d, F.conv3d = originals["conv2d"], originals["conv3d"]
+
+
+def time_conv(call: dict[str, Any]) -> float:
+    fmt = torch.channels_last_3d if call["op"] == "conv3d" else torch.channels_last
+    x = torch.randn(call["input"], device="cuda", dtype=torch.bfloat16).contiguous(memory_format=fmt)
+    w = torch.randn(call["weight"], device="cuda", dtype=torch.bfloat16).contiguous(memory_format=fmt) * 0.02
+    b = torch.zeros(call["weight"][0], device="cuda", dtype=torch.bfloat16)
+    op = F.conv3d if call["op"] == "conv3d" else F.conv2d
+    return timed(lambda: op(x, w, b, call["stride"], call["padding"]))
+
+
+def kernel_classes(prof: Any) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    by_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for evt in prof.key_averages():
+        t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
+        if t and evt.device_type == torch.autograd.DeviceType.CUDA:
+            by_name[evt.key][0] += t / 1000
+            by_name[evt.key][1] += evt.count
+    classes: dict[str, float] = defaultdict(float)
+    for name, (ms, _) in by_name.items():
+        low = name.lower()
+        if any(k in low for k in ("conv", "xmma", "implicit", "cudnn", "sm90", "cutlass", "gemm", "wgrad")):
+            cls = "convolution"
+        elif low.startswith("triton"):
+            cls = "triton (fused norm / SiLU / cat / elementwise)"
+        elif any(k in low for k in ("copy", "cat", "memcpy", "memset", "fill")):
+            cls = "copies"
+        else:
+            cls = "other"
+        classes[cls] += ms
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:20]
+    return dict(classes), [{"kernel": k[:160], "ms": v[0], "count": v[1]} for k, v in top]
+
+
+def main(out: str, height: int = 480, width: int = 832) -> None:
+    torch.backends.cudnn.benchmark = True
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    vae = WanVAE().to(dev, torch.bfloat16).eval().requires_grad_(False)
+    frames5 = torch.rand(1, 3, 5, height, width, device=dev, dtype=torch.bfloat16) * 2 - 1
+    frames4 = torch.rand(1, 3, 4, height, width, device=dev, dtype=torch.bfloat16) * 2 - 1
+    z2 = torch.randn(1, 16, 2, height // 8, width // 8, device=dev, dtype=torch.bfloat16)
+    z1 = torch.randn(1, 16, 1, height // 8, width // 8, device=dev, dtype=torch.bfloat16)
+    result: dict[str, Any] = {"device": torch.cuda.get_device_name(), "size": [height, width]}
+
+    # Eager channels-last: record the convolutions of one steady chunk of each half.
+    vae.optimize(channels_last=True, compile=False)
+    es, ds = VAEEncodeState(), VAEDecodeState()
+    vae.stream_encode(frames5, es)
+    vae.stream_decode(z2, ds)
+    result["eager_channels_last_ms"] = {
+        "encode": timed(lambda: vae.stream_encode(frames4, es)),
+        "decode": timed(lambda: vae.stream_decode(z1, ds)),
+    }
+    layers: dict[str, list[dict[str, Any]]] = {}
+    for half, fn in (
+        ("encode", lambda: vae.stream_encode(frames4, es)),
+        ("decode", lambda: vae.stream_decode(z1, ds)),
+    ):
+        calls: list[dict[str, Any]] = []
+        with torch.no_grad(), recording_convs(calls):
+            fn()
+        for call in calls:
+            call["ms"] = time_conv(call)
+            call["tflops"] = call["flops"] / (call["ms"] / 1000) / 1e12
+        layers[half] = calls
+        total_ms = sum(c["ms"] for c in calls)
+        total_flops = sum(c["flops"] for c in calls)
+        print(
+            f"{half}: {len(calls)} convs, {total_ms:.1f} ms alone, {total_flops / 1e12:.2f} TFLOP "
+            f"({total_flops / (total_ms / 1000) / 1e12:.0f} TFLOP/s)",
+            flush=True,
+        )
+        result[f"{half}_convs_alone_ms"] = total_ms
+        result[f"{half}_conv_tflop"] = total_flops / 1e12
+    result["layers"] = layers
+
+    # Compiled, as the product runs it.
+    vae.optimize(channels_last=True, compile=True, background=False)
+    es, ds = VAEEncodeState(), VAEDecodeState()
+    vae.stream_encode(frames5, es)
+    vae.stream_decode(z2, ds)
+    compiled = {
+        "encode": timed(lambda: vae.stream_encode(frames4, es)),
+        "decode": timed(lambda: vae.stream_decode(z1, ds)),
+    }
+    result["compiled_ms"] = compiled
+    for half in ("encode", "decode"):
+        result[f"{half}_compiled_tflops"] = result[f"{half}_conv_tflop"] / (compiled[half] / 1000)
+    print(f"compiled: encode {compiled['encode']:.1f} ms, decode {compiled['decode']:.1f} ms", flush=True)
+    torch.backends.cudnn.benchmark = False
+    result["compiled_ms_without_cudnn_autotune"] = {
+        "encode": timed(lambda: vae.stream_encode(frames4, es)),
+        "decode": timed(lambda: vae.stream_decode(z1, ds)),
+    }
+    torch.backends.cudnn.benchmark = True
+    from torch.profiler import ProfilerActivity, profile
+
+    for half, fn in (
+        ("encode", lambda: vae.stream_encode(frames4, es)),
+        ("decode", lambda: vae.stream_decode(z1, ds)),
+    ):
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        classes, top = kernel_classes(prof)
+        result[f"{half}_kernel_classes_ms"] = classes
+        result[f"{half}_top_kernels"] = top
+        print(half, {k: round(v, 2) for k, v in classes.items()}, flush=True)
+    Path(out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    main(args[0] if args else "vae_profile.json", *(int(a) for a in args[1:3]))
