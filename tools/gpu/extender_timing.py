@@ -50,10 +50,10 @@ def write_full_size(folder: Path) -> Path:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     write_tiny_instruct(folder)  # tokenizer, template, generation config; the weights are replaced below
-    config = Qwen2Config.from_pretrained(folder)
-    known = config.vocab_size  # the small tokenizer's vocabulary
-    for key, value in QWEN25_15B.items():
-        setattr(config, key, value)
+    small = Qwen2Config.from_pretrained(folder).to_dict()
+    known = small["vocab_size"]  # the small tokenizer's vocabulary
+    small.pop("layer_types", None)  # derived from the layer count: rebuilt by the constructor
+    config = Qwen2Config(**{**small, **QWEN25_15B})
     torch.manual_seed(0)
     with torch.device(DEVICE):
         model = Qwen2ForCausalLM(config).to(torch.bfloat16)
@@ -134,7 +134,7 @@ if __name__ == "__main__":
     if "--cpu-smoke" in sys.argv:  # checks the script itself: a 2-layer model of the same family on the CPU
         DEVICE = "cpu"
         QWEN25_15B.update(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=2000
+            hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, vocab_size=2000
         )
         sys.argv.remove("--cpu-smoke")
     main(sys.argv[1] if len(sys.argv) > 1 else "extender_timing.json")

@@ -6,7 +6,8 @@ Full-size Wan VAE, random weights, bf16, laid out and compiled as the product ru
    autotuned engine, with its FLOPs and TFLOP/s (the sum against the chunk time says what is not convolution);
 3. the torch profiler's kernels for one compiled chunk of each half, in classes (convolution, fused Triton
    elementwise / norm, copies) and the top kernels by time;
-4. cuDNN autotuning off vs on for the compiled chunk.
+4. cuDNN autotuning off vs on for the compiled chunk;
+5. experiments on the slow convs (`conv_experiments`).
 Usage (repo root, after `source tools/gpu/env.sh`): python3 tools/gpu/vae_profile.py OUT.json [HEIGHT WIDTH]
 """
 
@@ -80,6 +81,57 @@ def time_conv(call: dict[str, Any]) -> float:
     b = torch.zeros(call["weight"][0], device="cuda", dtype=torch.bfloat16)
     op = F.conv3d if call["op"] == "conv3d" else F.conv2d
     return timed(lambda: op(x, w, b, call["stride"], call["padding"]))
+
+
+def conv_experiments() -> dict[str, Any]:
+    """Cheaper engines for the convs that run far below the others (per-layer table of call 15): cuDNN's full
+    engine search, padded channel counts for the 3-channel head / input convs, inductor's Triton conv template."""
+
+    def run(op, xs, ws, stride=1, padding=(0, 1, 1), fmt=torch.channels_last_3d) -> float:
+        x = torch.randn(xs, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=fmt)
+        w = (torch.randn(ws, device="cuda", dtype=torch.bfloat16) * 0.02).contiguous(memory_format=fmt)
+        return timed(lambda: op(x, w, None, stride, padding))
+
+    out: dict[str, Any] = {}
+    shapes = {
+        "c96_full": ((1, 96, 6, 480, 832), (96, 96, 3, 3, 3)),
+        "c192_half": ((1, 192, 6, 240, 416), (192, 192, 3, 3, 3)),
+        "c384_quarter": ((1, 384, 4, 120, 208), (384, 384, 3, 3, 3)),
+        "head_96_to_3": ((1, 96, 6, 480, 832), (3, 96, 3, 3, 3)),
+        "head_96_to_8": ((1, 96, 6, 480, 832), (8, 96, 3, 3, 3)),
+        "head_96_to_16": ((1, 96, 6, 480, 832), (16, 96, 3, 3, 3)),
+        "in_3_to_96": ((1, 3, 6, 480, 832), (96, 3, 3, 3, 3)),
+        "in_8_to_96": ((1, 8, 6, 480, 832), (96, 8, 3, 3, 3)),
+        "in_16_to_96": ((1, 16, 6, 480, 832), (96, 16, 3, 3, 3)),
+    }
+    for limit in (10, 0):  # 10: torch's default number of cuDNN engines tried; 0: all of them
+        torch.backends.cudnn.benchmark_limit = limit
+        out[f"benchmark_limit_{limit}"] = {k: run(F.conv3d, xs, ws) for k, (xs, ws) in shapes.items()}
+        print(
+            f"cudnn benchmark_limit {limit}:",
+            {k: round(v, 3) for k, v in out[f"benchmark_limit_{limit}"].items()},
+            flush=True,
+        )
+    torch.backends.cudnn.benchmark_limit = 10
+    try:  # inductor's own conv kernels against cuDNN, for the slowest shape
+        import torch._inductor.config as inductor_config
+
+        inductor_config.max_autotune_conv_backends = "ATEN,TRITON"
+        xs, ws = shapes["c96_full"]
+        conv = torch.compile(
+            lambda x, w: F.conv3d(x, w, None, 1, (0, 1, 1)), mode="max-autotune-no-cudagraphs"
+        )
+        x = torch.randn(xs, device="cuda", dtype=torch.bfloat16).contiguous(
+            memory_format=torch.channels_last_3d
+        )
+        w = (torch.randn(ws, device="cuda", dtype=torch.bfloat16) * 0.02).contiguous(
+            memory_format=torch.channels_last_3d
+        )
+        out["c96_full_max_autotune"] = timed(lambda: conv(x, w))
+        print("c96_full max-autotune:", round(out["c96_full_max_autotune"], 3), flush=True)
+    except Exception as exc:  # an experiment: record why it did not run
+        out["c96_full_max_autotune_error"] = f"{type(exc).__name__}: {exc}"[:500]
+    return out
 
 
 def kernel_classes(prof: Any) -> tuple[dict[str, float], list[dict[str, Any]]]:
@@ -183,8 +235,15 @@ def main(out: str, height: int = 480, width: int = 832) -> None:
         result[f"{half}_top_kernels"] = top
         print(half, {k: round(v, 2) for k, v in classes.items()}, flush=True)
     Path(out).write_text(json.dumps(result, indent=1))
+    result["experiments"] = conv_experiments()
+    Path(out).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
     args = sys.argv[1:]
+    if "--experiments-only" in args:
+        args.remove("--experiments-only")
+        torch.backends.cudnn.benchmark = True
+        Path(args[0]).write_text(json.dumps({"experiments": conv_experiments()}, indent=1))
+        sys.exit(0)
     main(args[0] if args else "vae_profile.json", *(int(a) for a in args[1:3]))
