@@ -54,6 +54,7 @@ import sys
 import tarfile
 import tempfile
 import types
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -137,6 +138,8 @@ class Scope:
         tv[0].transforms, tv[1].functional = tv[1], tv[2]  # type: ignore[attr-defined]
         for module in tv:
             sys.modules.setdefault(module.__name__, module)
+        # the eager flex_attention is the stand-in (see the docstring): its "not compiled" warning is expected
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
         compile_, print_ = torch.compile, builtins.print
         torch.compile = lambda fn=None, **kwargs: fn  # type: ignore[assignment]
         builtins.print = lambda *a, **k: None  # attention.py prints what it found at import
@@ -288,12 +291,19 @@ def blocks_forward(
             )
         runs[dtype] = {
             "pixels": vae.pixels,
+            "use_cache": vae.use_cache,
             "z0": z0[0].float(),
             "m0": m0[0].float(),
             "vace_context": context[0].float(),
             "seen": seen,
         }
     r32, r16 = runs[torch.float32], runs[BF16]
+    encode = next(c for c in man["calls"] if c["fn"].startswith("vace_encode_frames"))
+    recorded = [bool(rec["use_cache"]) for rec in encode["vae_calls"]]
+    if r32["use_cache"] != recorded or r16["use_cache"] != recorded:
+        raise SystemExit(
+            f"{path.stem}: VAE use_cache {r32['use_cache']} / {r16['use_cache']}, case {recorded}"
+        )
     errors: dict[str, float] = {}
     for name, p16, p32 in zip(("inactive", "reactive"), r16["pixels"], r32["pixels"], strict=True):
         _compare(errors, "vae_pixels", p16, p32, t[f"intermediates/{name}_pixels"])
@@ -410,6 +420,14 @@ def _stream_run(
                 module.torch = original
     if draws.taken != len(draws.draws):
         raise SystemExit(f"{path.stem}: {draws.taken} of {len(draws.draws)} random draws used")
+    recorded = [
+        bool(rec["use_cache"])
+        for c in man["chunks"]
+        for rec in c["vae_calls"]
+        if rec.get("op") == "encode_to_latent"
+    ]
+    if vae.use_cache != recorded:
+        raise SystemExit(f"{path.stem}: VAE use_cache {vae.use_cache}, the case has {recorded}")
     return {"calls": seen["calls"], "contexts": contexts, "outputs": outputs, "pixels": vae.pixels}
 
 
