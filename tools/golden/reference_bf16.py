@@ -12,7 +12,7 @@ End-to-end cases (`stream_v2v_end_to_end`) are measured by `record_stream_v2v.py
 the reference's whole CLI loop; this tool runs it for them.
 
     python tools/golden/reference_bf16.py --reference sdv2-c5a0f20.tar.gz --site /tmp/sdv2-site \\
-        --golden tests/golden --write src/wanstream/conformance/bf16_bounds.json
+        --golden tests/golden --write-bounds src/wanstream/conformance/bf16_bounds.json
 """
 
 from __future__ import annotations
@@ -366,11 +366,6 @@ FLOAT32_PATH = {
     "sched_tables": 1e-6,
     "sched_noise_controller": 1e-6,
 }
-NOT_MEASURED = {
-    "vace_blocks_forward": "not measured: the VACE cases come from Daydream Scope, which has no bf16 driver here",
-    "vace_stream": "not measured: the VACE cases come from Daydream Scope, which has no bf16 driver here",
-    "vace_ref": "not measured: the VACE cases come from Daydream Scope, which has no bf16 driver here",
-}
 CLASSES = {"stream_v2v_end_to_end": ("final_video", "intermediates")}  # others: one "default" class
 
 
@@ -402,18 +397,35 @@ def bounds_file(measured: dict[str, Any]) -> dict[str, Any]:
             "reference_worst": {"default": 0.0},
             "bounds": {"default": bound},
         }
-    for kind, note in NOT_MEASURED.items():
-        families.setdefault(kind, {"note": note, "bounds": None})
     return {
         "factor": FACTOR,
         "how": "reference_bfloat16_vs_float32_rel_l2: the reference module of each case run on the case's own "
         "inputs in bfloat16 (module and inputs cast the way the real pipeline casts them) against its own "
         "float32 run, CPU, torch " + torch.__version__ + "; stream_v2v cases: the reference's whole CLI loop "
         "in bf16 with the float32 run's random draws (record_stream_v2v.py --replay); causal cases: each DiT "
-        "call fed the recorded input, each run keeping its own KV cache. bounds = factor x reference_worst, "
-        "rounded up to two digits. Written by tools/golden/reference_bf16.py --write-bounds.",
+        "call fed the recorded input, each run keeping its own KV cache; VACE cases (tests/golden-vace): "
+        "Daydream Scope's own VACE code, the stream cases through Scope's blocks over the whole stream with "
+        "the float32 run's random draws (reference_bf16_vace.py). bounds = factor x reference_worst, "
+        "rounded up to two digits. Written by tools/golden/reference_bf16.py and reference_bf16_vace.py "
+        "--write-bounds (each merges its cases into the file).",
         "families": families,
     }
+
+
+def measurements(data: dict[str, Any]) -> dict[str, Any]:
+    """The per-case measurements held in a bf16_bounds.json, in the form `measure` returns them."""
+    return {
+        name: {"kind": kind, "reference_bfloat16_vs_float32_rel_l2": errors}
+        for kind, fam in data["families"].items()
+        for name, errors in fam.get("reference", {}).items()
+    }
+
+
+def write_bounds(path: Path, results: dict[str, Any]) -> None:
+    """Merge `results` into the measurements already in `path` (other tools' cases stay) and rewrite it."""
+    merged = measurements(json.loads(path.read_text())) if path.exists() else {}
+    merged.update(results)
+    path.write_text(json.dumps(bounds_file(merged), indent=1) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -424,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", help="only cases whose name contains this")
     p.add_argument("--json", type=Path, help="write {case: {kind, errors}} here")
     p.add_argument("--measured", type=Path, help="use these measurements (a --json file) instead of running")
-    p.add_argument("--write-bounds", type=Path, help="write bf16_bounds.json (measurements and bounds) here")
+    p.add_argument("--write-bounds", type=Path, help="merge the measurements into this bf16_bounds.json")
     args = p.parse_args(argv)
     torch.set_grad_enabled(False)
     if args.measured:
@@ -434,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
     if args.write_bounds:
-        args.write_bounds.write_text(json.dumps(bounds_file(results), indent=1) + "\n")
+        write_bounds(args.write_bounds, results)
     return 0
 
 

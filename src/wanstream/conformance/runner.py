@@ -182,7 +182,8 @@ def bf16_help() -> str:
         "bfloat16 bounds: rel-L2 against the float32 goldens, per case family, each "
         f"{data['factor']:g} x the worst",
         "error the reference itself makes in bf16 against its own float32 run on that family's cases",
-        "(measured on the CPU by tools/golden/reference_bf16.py; data: conformance/bf16_bounds.json):",
+        "(measured on the CPU by tools/golden/reference_bf16.py, the VACE families from Daydream Scope's",
+        "code by tools/golden/reference_bf16_vace.py; data: conformance/bf16_bounds.json):",
     ]
     for kind, entry in data["families"].items():
         if entry.get("bounds") and "reference" in entry:
