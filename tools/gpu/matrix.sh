@@ -11,7 +11,7 @@
 # lines) and log_<part>.txt (all logs). Exit codes: a crash shows as a non-zero "rc" beside its run.
 set -o pipefail
 export COLUMNS=200
-PART=${1:?usage: matrix.sh A|B|C|D}
+PART=${1:?usage: matrix.sh A|B|C|D|E}
 W=/tmp/matrix-$PART; rm -rf "$W"; mkdir -p "$W"
 B="python3 -m wanstream.cli.main bench"
 stamp() { echo "[$(date +%T)] $*" | tee -a "$W/steps.txt"; }
@@ -88,6 +88,19 @@ D)
   run lora 100 $B --configs "batch,480x832,2,wan" --chunks 20 --warm-chunks 4 --lora-rank 32 --json "$W/lora.json"
   run extender 70 python3 tools/gpu/extender_timing.py "$W/extender.json"
   run vae_profile 90 python3 tools/gpu/vae_profile.py "$W/vae_profile.json"
+  ;;
+E)
+  # Conv engine experiments on the VAE's slow layers; the extender; the LoRA scale change after the factor
+  # caching; GPU conformance, float32 and bfloat16 against the per-family bounds (VACE included; needs `av`).
+  run vae_experiments 110 python3 tools/gpu/vae_profile.py "$W/vae_experiments.json" --experiments-only
+  run extender 70 python3 tools/gpu/extender_timing.py "$W/extender.json"
+  run lora 120 $B --configs "batch,480x832,2,wan" --chunks 20 --warm-chunks 4 --lora-rank 32 --json "$W/lora.json"
+  for dtype in float32 bfloat16; do
+    for golden in golden golden-vace; do
+      limit=80; [ $golden = golden-vace ] && limit=45
+      run "conformance_${golden}_$dtype" $limit python3 -m wanstream.conformance "tests/$golden" --device cuda --dtype $dtype
+    done
+  done
   ;;
 esac
 python3 - "$W" "$PART" <<'PY'
