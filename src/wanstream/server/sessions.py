@@ -32,6 +32,7 @@ from wanstream.server.cost import ChunkCost
 from wanstream.server.model import ModelManager
 from wanstream.server.recording import Recorder
 from wanstream.server.sources import FileSource
+from wanstream.server.tempo import Tempo
 from wanstream.server.tracks import PacedOutputTrack
 from wanstream.server.vace import VaceSetup
 from wanstream.server.worker import EngineWorker, SourceFrame, WorkerStats
@@ -134,6 +135,7 @@ class SessionManager:
         self.totals = Totals()
         self.finished_recordings: dict[str, Recording] = {}  # kept for download after the session ends
         self.cost = ChunkCost(config.max_chunk_s)  # what a chunk costs here: over-long streams are refused
+        self.tempo = Tempo()  # one musical clock for the server: quantised updates land on its beats
 
     # -- capacity ------------------------------------------------------------------------------------
     def reserve(self, kind: SessionKind) -> Session:
@@ -203,6 +205,7 @@ class SessionManager:
             on_fatal=fatal,
             admit=self.cost.check,
             on_chunk=self.cost.observe,
+            tempo=self.tempo,
         )
         session.worker = worker
         await asyncio.wrap_future(worker.start())
