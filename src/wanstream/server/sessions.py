@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from aiortc import RTCDataChannel, RTCPeerConnection
 
     from wanstream.engine.session import StreamSession
+    from wanstream.server.playback import TimelinePlayer
 
 log = logging.getLogger("wanstream.server")
 
@@ -93,6 +94,7 @@ class Session:
     source_label: str = ""
     vace: VaceSetup | None = None  # set before the worker starts: VACE attached, input routed as control
     recording: Recording | None = None
+    player: TimelinePlayer | None = None  # a timeline the server plays to this stream (REST / OSC)
     remote_candidates: int = 0  # trickled ICE candidates accepted (limited per session)
     rtt: float | None = None  # network round trip from RTCP reports (seconds)
     touched: float = field(default_factory=time.monotonic)  # last API request about it (headless idle)
