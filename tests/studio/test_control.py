@@ -148,3 +148,73 @@ def test_the_microphone_drives_a_live_setting(chromium: DriverBase, server: Serv
     d.click("#audio-toggle")
     d.click("#start")
     d.wait("!window.studio.running", 15, "the stream to stop")
+
+
+MIDIMAP_CHECKS = """(async () => {
+  const m = await import('/js/midimap.js');
+  const prompts = [{text: 'a', weight: 1}, {text: 'b', weight: 1}];
+  const knob = {control: null, target: 'noise_scale', min: 0.2, max: 1};
+  const pad = {control: null, target: 'prompt:2', min: 0, max: 1};
+  const learned = [m.learn(knob, m.parse([0xB3, 21, 5])), m.learn(pad, m.parse([0x90, 36, 100]))];
+  const maps = [knob, pad];
+  const turn = m.messages(m.apply(maps, m.parse([0xB3, 21, 127]), prompts), prompts, {});
+  const other = m.apply(maps, m.parse([0xB0, 21, 127]), prompts);  // channel 1: not bound
+  const hit = m.messages(m.apply(maps, m.parse([0x90, 36, 90]), prompts), prompts,
+    {transition: {steps: 2, method: 'linear'}});
+  return {learned, knob: knob.control, turn, other, hit, off: m.parse([0x90, 36, 0]),
+    label: m.describe(knob.control)};
+})()"""
+
+
+def test_midi_mapping_logic(chromium: DriverBase, server: ServerProcess) -> None:
+    d = chromium
+    open_studio(d, server)
+    r: dict[str, Any] = d.js(MIDIMAP_CHECKS)
+    assert r["learned"] == [True, True] and r["knob"] == {"kind": "cc", "channel": 4, "number": 21}
+    assert r["turn"] == [{"noise_scale": 1, "quantize": "off"}]
+    assert r["other"] == {"values": {}, "weights": None, "actions": []}
+    assert r["hit"] == [
+        {
+            "prompts": [{"text": "a", "weight": 0}, {"text": "b", "weight": 1}],
+            "transition": {"steps": 2, "method": "linear"},
+        }
+    ]
+    assert r["off"] is None and r["label"] == "CC 21 · ch 4"
+
+
+FAKE_MIDI = """(() => {
+  const input = {name: 'test controller', onmidimessage: null};
+  window.fakeMidi = input;
+  navigator.requestMIDIAccess = async () => ({inputs: new Map([['1', input]]), onstatechange: null});
+})()"""
+
+
+def test_midi_learn_binds_a_knob_that_drives_a_live_setting(
+    chromium: DriverBase, server: ServerProcess
+) -> None:
+    d = chromium
+    open_studio(d, server)
+    d.js(FAKE_MIDI)  # a stand-in for a controller: the page's Web MIDI access, nothing else replaced
+    d.click("#midi-toggle")
+    d.wait(
+        "document.getElementById('midi-state').textContent.includes('test controller')", 10, "the controller"
+    )
+    d.click("#midi-add")
+    d.click("button[aria-label='learn MIDI mapping 1']")
+    d.js("window.fakeMidi.onmidimessage({data: new Uint8Array([0xB0, 7, 10])})")
+    d.wait(
+        "document.querySelector('#midi-mappings .hint').textContent === 'CC 7 · ch 1'", 10, "the learned knob"
+    )
+    d.click("#input-panel label:has(> input[value=text])")
+    d.click("#start")
+    d.wait("window.studio.running", 30, "the stream to start")
+    sid = d.js("window.studio.stream.sessionId")
+    d.js("window.fakeMidi.onmidimessage({data: new Uint8Array([0xB0, 7, 0])})")  # fader down: min 0
+    d.js("window.fakeMidi.onmidimessage({data: new Uint8Array([0xB0, 7, 127])})")  # then up: max 1
+    d.wait(
+        f"fetch('/api/v1/sessions/{sid}').then(r => r.json()).then(s => s.settings.noise_scale === 1)",
+        20,
+        "the fader's last value on the server",
+    )
+    d.click("#start")
+    d.wait("!window.studio.running", 15, "the stream to stop")

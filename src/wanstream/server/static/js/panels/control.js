@@ -4,6 +4,7 @@
 
 import { api } from "../api.js";
 import * as audiomap from "../audiomap.js";
+import * as midimap from "../midimap.js";
 import { $, el, say } from "../ui.js";
 
 const ANALYSIS_MS = 33; // about 30 analysis frames per second
@@ -12,6 +13,7 @@ const SEND_MS = 100; // at most ten audio-driven updates per second (and one in 
 let tempo = null; // GET /api/v1/tempo, with the time it was read
 let audio = null; // {context, stream, analyser, timer, ...} while listening
 let osc = null;
+let midi = null; // {access, learning: mapping | null, inFlight, waiting: message | null} once connected
 
 export function init(app) {
   app.state.audioMappings ??= [audiomap.newMapping()];
@@ -27,6 +29,14 @@ export function init(app) {
     app.save();
     renderMappings(app);
   });
+  app.state.midiMappings ??= [];
+  $("midi-toggle").addEventListener("click", () => connectMidi(app));
+  $("midi-add").addEventListener("click", () => {
+    app.state.midiMappings.push(midimap.newMapping());
+    app.save();
+    renderMidi(app);
+  });
+  renderMidi(app);
   $("timeline-to-server").addEventListener("click", () => timelineToServer(app));
   $("osc-help").addEventListener("toggle", () => { if ($("osc-help").open) loadOsc(); });
   renderMappings(app);
@@ -244,6 +254,100 @@ function renderMappings(app) {
       el("button", {
         class: "small", "aria-label": `remove mapping ${n}`, "data-tip": "Remove this mapping.",
         onclick: () => { mappings.splice(i, 1); changed(); renderMappings(app); },
+      }, "✕"));
+  }));
+}
+
+// ---------------------------------------------------------------------------------------------------
+// MIDI (the browser's Web MIDI: a controller plugged into this computer)
+
+async function connectMidi(app) {
+  if (!navigator.requestMIDIAccess) {
+    say("control-msg", "✗ this browser has no Web MIDI (use Chrome, Edge or Firefox)", "bad");
+    return;
+  }
+  let access;
+  try {
+    access = await navigator.requestMIDIAccess();
+  } catch (err) {
+    say("control-msg", `✗ MIDI: ${err.message}`, "bad");
+    return;
+  }
+  midi = { access, learning: null, inFlight: false, waiting: null };
+  const listen = () => {
+    for (const input of access.inputs.values()) input.onmidimessage = (e) => onMidi(app, e.data);
+    const names = [...access.inputs.values()].map((i) => i.name);
+    $("midi-state").textContent = names.length ? `MIDI: ${names.join(", ")}` : "MIDI: no device connected";
+  };
+  access.onstatechange = listen;
+  listen();
+  $("midi-toggle").disabled = true;
+}
+
+function onMidi(app, data) {
+  const event = midimap.parse(data);
+  if (!event) return;
+  if (midi.learning) {
+    midimap.learn(midi.learning, event);
+    midi.learning = null;
+    app.save();
+    renderMidi(app);
+    return;
+  }
+  const prompts = app.state.prompts;
+  const result = midimap.apply(app.state.midiMappings, event, prompts);
+  if (result.actions.includes("tap")) post("/api/v1/tempo/tap");
+  if (!app.running) return;
+  for (const message of midimap.messages(result, prompts, { transition: app.state.transition, paused: app.paused })) {
+    if (message.quantize === "off") sendLatest(app, message);
+    else send(app, message);
+  }
+}
+
+// A knob sends a stream of values: only the latest one waits while an update is in flight.
+function sendLatest(app, message) {
+  if (midi.inFlight) {
+    midi.waiting = message;
+    return;
+  }
+  midi.inFlight = true;
+  send(app, message).finally(() => {
+    midi.inFlight = false;
+    const next = midi.waiting;
+    midi.waiting = null;
+    if (next) sendLatest(app, next);
+  });
+}
+
+function renderMidi(app) {
+  const mappings = app.state.midiMappings;
+  $("midi-mappings").replaceChildren(...mappings.map((m, i) => {
+    const n = i + 1;
+    const target = el("select", { "aria-label": `MIDI mapping ${n} target`, "data-tip": "What the knob, fader or pad drives: a setting or prompt weight (0–127 → min–max), a prompt alone, reset, pause, or tap tempo." },
+      midimap.TARGETS.map((t) => el("option", { value: t }, t.replace(":", " "))));
+    target.value = m.target;
+    target.addEventListener("change", () => { m.target = target.value; app.save(); });
+    const number = (key, label) => {
+      const node = el("input", { type: "number", step: "0.05", value: m[key], "aria-label": `MIDI mapping ${n} ${label}`, "data-tip": `The value at ${key === "min" ? "0" : "127"}.` });
+      node.addEventListener("change", () => { m[key] = Number(node.value) || 0; app.save(); });
+      return node;
+    };
+    const learning = midi?.learning === m;
+    return el("div", { class: "row tight mapping" },
+      el("button", {
+        class: "small", "aria-pressed": String(learning), "aria-label": `learn MIDI mapping ${n}`,
+        "data-tip": "Press, then move a knob or hit a pad on the controller to bind it.",
+        onclick: () => {
+          if (!midi) { say("control-msg", "✗ connect MIDI first", "bad"); return; }
+          midi.learning = learning ? null : m;
+          renderMidi(app);
+        },
+      }, learning ? "Move a control…" : "Learn"),
+      el("span", { class: "hint" }, midimap.describe(m.control)),
+      "→", target, number("min", "minimum"), number("max", "maximum"),
+      el("button", {
+        class: "small", "aria-label": `remove MIDI mapping ${n}`, "data-tip": "Remove this mapping.",
+        onclick: () => { mappings.splice(i, 1); app.save(); renderMidi(app); },
       }, "✕"));
   }));
 }
