@@ -8,6 +8,7 @@ import json
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,7 +16,7 @@ import pytest
 from pythonosc.osc_message import OscMessage
 from pythonosc.osc_message_builder import OscMessageBuilder
 
-from server.harness import ServerProcess
+from server.harness import ServerProcess, free_port
 from wanstream.server.osc import MAX_PACKET_BYTES, OscServer
 
 
@@ -203,8 +204,10 @@ def test_an_exposed_server_needs_the_token_or_an_allowed_sender() -> None:
     assert transport.sent == [] and server.stats.refused == 4  # dropped without a word (no reflection)
     server.datagram_received(_packet("/wanstream/ping", "sesame"), stranger)
     server.datagram_received(_packet("/wanstream/ping"), friend)
-    assert [OscMessage(d).address for d, _ in transport.sent] == ["/wanstream/pong", "/wanstream/pong"]
-    assert [a for _, a in transport.sent] == [stranger, friend]
+    mapped = ("::ffff:10.0.0.5", 9000)  # the same sender through a dual-stack socket
+    server.datagram_received(_packet("/wanstream/ping"), mapped)
+    assert [OscMessage(d).address for d, _ in transport.sent] == ["/wanstream/pong"] * 3
+    assert [a for _, a in transport.sent] == [stranger, friend, mapped]
 
 
 def test_oversized_and_malformed_packets_are_refused_before_parsing() -> None:
@@ -216,3 +219,26 @@ def test_oversized_and_malformed_packets_are_refused_before_parsing() -> None:
     assert [r.address for r in replies] == ["/wanstream/error"] * 3
     texts = [json.loads(r.params[1])["error"] for r in replies]
     assert "too large" in texts[0] and "not an OSC packet" in texts[1] and "no stream is running" in texts[2]
+
+
+def test_serve_flags_choose_the_osc_port_or_switch_it_off(tmp_path: Path) -> None:
+    port = free_port()
+    server = ServerProcess("--demo", "--no-preload", "--osc-port", str(port), log_path=tmp_path / "osc.log")
+    try:
+        server.wait_ready(model=False)
+        info = httpx.get(f"{server.url}/api/v1/osc", timeout=10).json()
+        assert info["enabled"] and info["port"] == port and info["auth"] == "loopback"
+        client = Osc(port)
+        try:
+            kind, body = client.ask("/wanstream/ping")
+        finally:
+            client.sock.close()
+        assert kind == "/wanstream/pong" and body["sessions"] == []
+    finally:
+        assert server.stop() == 0, server.log()
+    off = ServerProcess("--demo", "--no-preload", "--no-osc", log_path=tmp_path / "no-osc.log")
+    try:
+        off.wait_ready(model=False)
+        assert httpx.get(f"{off.url}/api/v1/osc", timeout=10).json()["enabled"] is False
+    finally:
+        assert off.stop() == 0, off.log()

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hmac
+import ipaddress
 import json
 import logging
 from collections.abc import Callable
@@ -88,7 +89,7 @@ class OscServer(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         self.stats.received += 1
-        trusted = not self.exposed or addr[0] in self.allow
+        trusted = not self.exposed or _ip(addr[0]) in self.allow
         if len(data) > MAX_PACKET_BYTES:
             if trusted:
                 self._send(
@@ -329,6 +330,16 @@ def settable() -> list[str]:
     return sorted(n for n in Control.model_fields if n not in ("id", "prompts", "transition"))
 
 
+def _ip(address: str) -> str:
+    """An address in one spelling (an IPv4 sender on a dual-stack socket arrives as ::ffff:a.b.c.d)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return str(mapped or ip)
+
+
 def _error(message: str) -> dict[str, Any]:
     return ErrorBody(error=message).model_dump()
 
@@ -341,7 +352,7 @@ async def start_osc(
     manager: SessionManager, host: str, port: int, token: str | None, allow: tuple[str, ...], exposed: bool
 ) -> tuple[asyncio.DatagramTransport, OscServer]:
     """Listen for OSC on host:port (UDP); raises OSError when the port is taken."""
-    protocol = OscServer(manager, token=token, allow=frozenset(allow), exposed=exposed)
+    protocol = OscServer(manager, token=token, allow=frozenset(_ip(a) for a in allow), exposed=exposed)
     loop = asyncio.get_running_loop()
     transport, _ = await loop.create_datagram_endpoint(lambda: protocol, local_addr=(host, port))
     log.info("OSC control on udp://%s:%d%s", host, port, " (token or allow-list required)" if exposed else "")
