@@ -242,3 +242,35 @@ def test_serve_flags_choose_the_osc_port_or_switch_it_off(tmp_path: Path) -> Non
         assert httpx.get(f"{off.url}/api/v1/osc", timeout=10).json()["enabled"] is False
     finally:
         assert off.stop() == 0, off.log()
+
+
+def test_tempo_and_timeline_routes_refuse_bad_values(server: ServerProcess) -> None:
+    with server.client() as c:
+        try:
+            assert c.put("/api/v1/tempo", json={"bpm": 5}).status_code == 422
+            assert c.put("/api/v1/tempo", json={"quantize": "sometimes"}).status_code == 422
+            assert c.put("/api/v1/tempo", json={"tempo": 120}).status_code == 422  # unknown field
+            assert c.get("/api/v1/tempo").json()["bpm"] == 120  # nothing changed
+            before = c.get("/api/v1/tempo").json()["beat"]
+            assert c.post("/api/v1/tempo/downbeat").json()["beat"] < max(before, 0.5)
+            assert c.post("/api/v1/tempo/tap").status_code == 200
+        finally:
+            c.put("/api/v1/tempo", json={"bpm": 120, "quantize": "off", "quantum": 4})
+        sid = c.post("/api/v1/sessions", json={"source": "text", "prompts": ["a"]}).json()["session_id"]
+        try:
+            assert c.get(f"/api/v1/sessions/{sid}/timeline").status_code == 404
+            assert c.post(f"/api/v1/sessions/{sid}/timeline/play").status_code == 404
+            bad = {
+                "segments": [
+                    {"start": 0, "end": 2, "prompts": [{"text": "a", "weight": 1}]},
+                    {"start": 1, "end": 3, "prompts": [{"text": "b", "weight": 1}]},
+                ]
+            }
+            r = c.put(f"/api/v1/sessions/{sid}/timeline", json=bad)
+            assert r.status_code == 422 and "overlaps" in r.text
+            good = {"segments": [{"start": 0, "end": None, "prompts": [{"text": "a", "weight": 1}]}]}
+            assert c.put(f"/api/v1/sessions/{sid}/timeline", json=good).json()["duration"] is None
+            assert c.post(f"/api/v1/sessions/{sid}/timeline/seek", params={"t": -1}).status_code == 422
+            assert c.put("/api/v1/sessions/nope/timeline", json=good).status_code == 404
+        finally:
+            c.delete(f"/api/v1/sessions/{sid}")

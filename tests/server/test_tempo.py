@@ -63,7 +63,6 @@ def test_tempo_beats_bpm_changes_and_taps() -> None:
 
 
 def test_link_without_its_package_is_refused_and_changes_nothing() -> None:
-    pytest.importorskip("pydantic")
     try:
         import aalink  # noqa: F401
     except ImportError:
@@ -137,3 +136,100 @@ def test_a_quantised_prompt_change_lands_on_the_chunk_nearest_the_downbeat() -> 
     finally:
         worker.stop()
         assert worker.join(30)
+
+
+class FakeLink:
+    """Stands in for aalink.Link (the real one joins the LAN's Link session by multicast)."""
+
+    instances: list[FakeLink] = []  # noqa: RUF012
+
+    def __init__(self, bpm: float, loop: object) -> None:
+        self.tempo, self.beat, self.quantum, self.enabled, self.num_peers = bpm, 0.0, 4, False, 2
+        FakeLink.instances.append(self)
+
+
+def test_link_is_followed_when_switched_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "aalink", types.SimpleNamespace(Link=FakeLink))
+    clock = FakeClock()
+    tempo = Tempo(bpm=100, quantum=3, clock=clock)
+    loop = asyncio.new_event_loop()
+    try:
+        tempo.update(TempoUpdate(link=True), loop)
+    finally:
+        loop.close()
+    link = FakeLink.instances[-1]
+    assert link.enabled and link.quantum == 3 and link.tempo == 100
+    link.tempo, link.beat = 140.0, 10.5  # another peer changed the tempo; the session is mid-bar
+    assert tempo.beat_at(clock.t) == pytest.approx(10.5)
+    assert tempo.due("bar", clock.t) == pytest.approx(clock.t + 1.5 * 60 / 140)  # beat 12: the next downbeat
+    status = tempo.status()
+    assert status.link and status.link_peers == 2 and status.bpm == 140 and status.phase == pytest.approx(1.5)
+    tempo.update(TempoUpdate(bpm=90))  # a tempo set here goes to the Link session
+    assert link.tempo == 90
+    tempo.update(TempoUpdate(link=False))
+    assert not link.enabled and not tempo.status().link
+
+
+def test_the_server_timeline_player_sends_segments_seeks_and_loops() -> None:
+    import asyncio
+    import concurrent.futures
+    import math
+
+    from wanstream.server.playback import TimelinePlayer
+    from wanstream.timeline import Segment, Timeline
+
+    class Worker:
+        def __init__(self) -> None:
+            self.sent: list[str] = []
+
+        def control(self, message: Control) -> concurrent.futures.Future[object]:
+            self.sent.append(message.prompts[0].text if message.prompts else "")
+            future: concurrent.futures.Future[object] = concurrent.futures.Future()
+            future.set_result(None)
+            return future
+
+    timeline = Timeline(
+        (
+            Segment(0.0, 10.0, (WeightedPrompt(text="one"),)),
+            Segment(10.0, 20.0, (WeightedPrompt(text="two"),), transition_steps=3),
+        )
+    )
+    clock = FakeClock(0.0)
+    worker = Worker()
+
+    async def run() -> None:
+        tasks: list[asyncio.Task[object]] = []
+
+        def spawn(coro: object, name: str) -> asyncio.Task[object]:
+            tasks.append(asyncio.get_running_loop().create_task(coro))  # type: ignore[arg-type]
+            return tasks[-1]
+
+        async def settle(count: int) -> None:
+            for _ in range(1000):
+                if len(worker.sent) >= count:
+                    return
+                await asyncio.sleep(0.001)
+            raise AssertionError(f"expected {count} updates, got {worker.sent}")
+
+        player = TimelinePlayer(timeline, worker, spawn, clock=clock)  # type: ignore[arg-type]
+        player.play()
+        await settle(1)
+        assert worker.sent == ["one"] and player.status().segment == 0
+        player.seek(12.0)  # wakes the player: the segment under the playhead is sent
+        await settle(2)
+        assert worker.sent == ["one", "two"] and player.status().position == pytest.approx(12.0)
+        with pytest.raises(ValueError, match="seconds"):
+            player.seek(math.nan)
+        player.loop = True
+        player.seek(21.0)  # past the end: a looping player starts again from the first segment
+        await settle(3)
+        assert worker.sent[-1] == "one" and player.playing
+        player.stop()
+        assert not player.playing and player.status().sent == 3
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(run())

@@ -73,7 +73,8 @@ def _player(request: Request, session_id: str) -> TimelinePlayer:
 @router.put("/sessions/{session_id}/timeline", tags=["timeline"])
 async def timeline_load(request: Request, session_id: str, body: StudioTimeline) -> PlayerStatus:
     """Give the session a timeline to play (replacing and stopping the one it had); play it over REST or
-    OSC (`/wanstream/timeline/play`)."""
+    OSC (`/wanstream/timeline/play`). The player sends the segments (prompts, transitions, VACE scale); the
+    timeline's `settings` are not applied (send them as a live update if the stream should take them)."""
     session = _session(request, session_id)
     if session.worker is None:
         raise HTTPException(409, "the session has not started yet")
