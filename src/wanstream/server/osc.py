@@ -125,6 +125,14 @@ class OscServer(asyncio.DatagramProtocol):
                 self.handle(message.address, args, reply)
             except OscError as exc:
                 reply("/wanstream/error", _error(str(exc)))
+            except (
+                Exception
+            ) as exc:  # a message must never take the endpoint down; the reply says what failed
+                log.exception("OSC message %s failed", message.address)
+                reply(
+                    "/wanstream/error",
+                    _error(f"the message could not be handled: {type(exc).__name__}: {exc}"),
+                )
 
     def _answer(self, addr: tuple[str, int], address: str, reply_address: str, body: dict[str, Any]) -> None:
         if body.get("type") == "error":
