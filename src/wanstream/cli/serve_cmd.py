@@ -107,6 +107,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="S",
         help="close connections whose request headers are not complete within this (10)",
     )
+    p.add_argument(
+        "--osc-port",
+        type=int,
+        metavar="N",
+        help="OSC control on this UDP port (default: the HTTP port's number; docs/control.md)",
+    )
+    p.add_argument("--no-osc", action="store_true", help="no OSC control")
+    p.add_argument(
+        "--osc-allow",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="with a non-loopback --host: OSC senders at this IP address need no token (repeatable; others "
+        "send the token as each message's first argument)",
+    )
     p.add_argument("--height", type=int, help="default output height for new streams (multiple of 16)")
     p.add_argument("--width", type=int, help="default output width for new streams (multiple of 16)")
     p.add_argument("--no-preload", action="store_true", help="load the model on POST /api/v1/model/load only")
@@ -180,6 +195,9 @@ def run(args: argparse.Namespace) -> int:
         headless_idle_s=args.idle_timeout,
         max_chunk_s=args.max_chunk_seconds,
         ice_allow_link_local=args.ice_allow_link_local,
+        osc=not args.no_osc,
+        osc_port=args.osc_port,
+        osc_allow=tuple(args.osc_allow),
         settings_overrides=overrides,
     )
 

@@ -27,13 +27,15 @@ from starlette.types import Scope
 from wanstream import __version__
 from wanstream.server.api import router
 from wanstream.server.config import ServerConfig
+from wanstream.server.control_api import router as control_router
 from wanstream.server.limits import BodyLimit
 from wanstream.server.loras_api import LoraJobs
 from wanstream.server.loras_api import router as loras_router
 from wanstream.server.model import ModelManager
+from wanstream.server.osc import start_osc
 from wanstream.server.prompts_api import ExtenderFactory, ExtenderHolder, default_factory
 from wanstream.server.prompts_api import router as prompts_router
-from wanstream.server.security import RedactTokens, RequestGuard, check_bind
+from wanstream.server.security import RedactTokens, RequestGuard, check_bind, is_loopback
 from wanstream.server.sessions import SessionManager
 from wanstream.server.timeline_api import router as timeline_router
 
@@ -96,9 +98,25 @@ def create_app(
             access_log.addFilter(RedactTokens())
         if config.preload and model.status().state == "not_loaded":
             model.start_load()
+        osc_transport = None
+        if config.osc:
+            try:
+                osc_transport, app.state.osc = await start_osc(
+                    sessions,
+                    config.host,
+                    app.state.osc_port,
+                    config.token,
+                    config.osc_allow,
+                    exposed=not is_loopback(config.host),
+                )
+            except OSError as exc:  # the port is taken: the server runs, without OSC, and says why
+                app.state.osc_error = f"OSC could not listen on UDP port {app.state.osc_port}: {exc}"
+                log.error("%s", app.state.osc_error)
         try:
             yield
         finally:
+            if osc_transport is not None:
+                osc_transport.close()
             await sessions.close_all("the server is shutting down")
             model.close()  # a multi-GPU ring's processes (nothing for one GPU)
             if own_recordings:
@@ -120,8 +138,12 @@ def create_app(
     app.state.started = time.time()
     app.state.prompt_extender = ExtenderHolder(extender or default_factory(config.models_dir, config.demo))
     app.state.lora_jobs = LoraJobs()
+    app.state.osc = None  # the OSC endpoint, once listening
+    app.state.osc_port = config.osc_port or config.port
+    app.state.osc_error = None
     app.include_router(router)
     app.include_router(timeline_router)
+    app.include_router(control_router)
     app.include_router(prompts_router)
     app.include_router(loras_router)
 

@@ -37,4 +37,7 @@ class ServerConfig:
     max_ice_candidates: int = 32  # trickled remote candidates per session
     ice_allow_link_local: bool = False  # link-local candidates (169.254/16: cloud metadata) are refused
     peer_timeout_s: float = 5.0  # a peer that answers no ICE consent check for this long is gone
+    osc: bool = True  # OSC control over UDP (docs/control.md)
+    osc_port: int | None = None  # None: the HTTP port's number (as Daydream Scope)
+    osc_allow: tuple[str, ...] = ()  # exposed servers: senders trusted without the token
     settings_overrides: dict[str, object] = field(default_factory=dict)  # defaults for new sessions

@@ -34,6 +34,7 @@ BODY_LIMITS: tuple[tuple[str, str, int], ...] = (
     ("POST", "/api/v1/timeline/", 2 * MiB),  # a timeline file: hours of segments fit in far less
     ("POST", "/api/v1/webrtc/offer", 256 * KiB),  # an SDP (64 KiB at most) + settings and 8 prompts
     ("POST", "/api/v1/sessions", 256 * KiB),  # a headless start: settings and 8 prompts
+    ("PUT", "/api/v1/sessions/", 2 * MiB),  # a timeline for the server to play (as a timeline file)
 )
 MAX_DRAIN_BYTES = 64 * MiB  # an over-long body up to this is read and dropped before the 413 (else: closed)
 # Uploads stream to disk under their own limit (--max-upload-mb), checked by the route as they arrive.

@@ -20,6 +20,7 @@ from pydantic import (
 from wanstream.engine.prompts import Transition, WeightedPrompt
 from wanstream.engine.settings import SettingsUpdate
 from wanstream.server.limits import MAX_PROMPT_CHARS, MAX_PROMPTS_CHARS
+from wanstream.server.tempo import Quantize
 from wanstream.server.vace import MAX_REFERENCES, VaceOptions
 
 MAX_PROMPTS = 8
@@ -106,6 +107,12 @@ class Control(SettingsUpdate):
         False, description="Restart the stream (hard cut): caches cleared, stale frames flushed."
     )
     paused: bool | None = Field(None, description="Pause or resume processing.")
+    quantize: Quantize | None = Field(
+        None,
+        description="Land this update on the server's tempo: 'beat' (the chunk nearest the next beat), "
+        "'bar' (nearest the next downbeat) or 'off' (at once); acknowledged when applied. Default: the "
+        "tempo's `quantize` for prompt changes and resets, at once for everything else.",
+    )
     # VACE (streams started with "vace"): Scope's parameter names.
     vace_context_scale: float | None = Field(
         None, ge=0.0, le=2.0, description="VACE strength from the next chunk (0-2; 0 still computes hints)."

@@ -32,6 +32,7 @@ from wanstream.server.cost import ChunkCost
 from wanstream.server.model import ModelManager
 from wanstream.server.recording import Recorder
 from wanstream.server.sources import FileSource
+from wanstream.server.tempo import Tempo
 from wanstream.server.tracks import PacedOutputTrack
 from wanstream.server.vace import VaceSetup
 from wanstream.server.worker import EngineWorker, SourceFrame, WorkerStats
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from aiortc import RTCDataChannel, RTCPeerConnection
 
     from wanstream.engine.session import StreamSession
+    from wanstream.server.playback import TimelinePlayer
 
 log = logging.getLogger("wanstream.server")
 
@@ -92,6 +94,7 @@ class Session:
     source_label: str = ""
     vace: VaceSetup | None = None  # set before the worker starts: VACE attached, input routed as control
     recording: Recording | None = None
+    player: TimelinePlayer | None = None  # a timeline the server plays to this stream (REST / OSC)
     remote_candidates: int = 0  # trickled ICE candidates accepted (limited per session)
     rtt: float | None = None  # network round trip from RTCP reports (seconds)
     touched: float = field(default_factory=time.monotonic)  # last API request about it (headless idle)
@@ -134,6 +137,7 @@ class SessionManager:
         self.totals = Totals()
         self.finished_recordings: dict[str, Recording] = {}  # kept for download after the session ends
         self.cost = ChunkCost(config.max_chunk_s)  # what a chunk costs here: over-long streams are refused
+        self.tempo = Tempo()  # one musical clock for the server: quantised updates land on its beats
 
     # -- capacity ------------------------------------------------------------------------------------
     def reserve(self, kind: SessionKind) -> Session:
@@ -203,6 +207,7 @@ class SessionManager:
             on_fatal=fatal,
             admit=self.cost.check,
             on_chunk=self.cost.observe,
+            tempo=self.tempo,
         )
         session.worker = worker
         await asyncio.wrap_future(worker.start())

@@ -36,6 +36,7 @@ from wanstream.media.video import resize_frames
 from wanstream.server.cost import WARMUP_CHUNKS
 from wanstream.server.limits import prompt_problem
 from wanstream.server.schemas import Control, ControlAck, describe_validation, validation_details
+from wanstream.server.tempo import Quantize, Tempo, lands
 from wanstream.server.vace import VaceRefused, VaceSetup, chunk_fields
 
 if TYPE_CHECKING:
@@ -129,6 +130,11 @@ class InputBuffer:
         with self._cond:
             self._kicked = True
             self._cond.notify_all()
+
+    def oldest(self) -> float | None:
+        """When the oldest queued frame arrived (None: nothing queued)."""
+        with self._cond:
+            return self._items[0][1] if self._items else None
 
     def clear(self) -> None:
         with self._cond:
@@ -271,6 +277,8 @@ class EngineWorker:
         vace: VaceSetup | None = None,
         admit: Callable[[StreamSettings], None] | None = None,
         on_chunk: Callable[[StreamSettings, float], None] | None = None,
+        tempo: Tempo | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
         self.input = InputBuffer(input_frames)
@@ -279,6 +287,11 @@ class EngineWorker:
         self._controls: deque[tuple[Control, concurrent.futures.Future[ControlAck]]] = deque()
         self._control_limit = control_queue
         self._control_lock = threading.Lock()
+        # Updates quantised to the beat wait here (due time, arrival order) until their chunk comes.
+        self._scheduled: list[tuple[float, int, Control, concurrent.futures.Future[ControlAck]]] = []
+        self._arrived = 0
+        self._tempo = tempo
+        self._clock = clock  # the content clock (text-mode pacing, beat scheduling): simulated in tests
         self._sinks: tuple[FrameSink, ...] = ()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -341,7 +354,7 @@ class EngineWorker:
             if self._stop.is_set() or self.state in ("stopped", "error"):
                 future.set_exception(ControlRejected("the session has ended"))
                 return future
-            if len(self._controls) >= self._control_limit:
+            if len(self._controls) + len(self._scheduled) >= self._control_limit:
                 future.set_exception(ControlRejected("too many updates pending; wait for the acks"))
                 return future
             self._controls.append((message, future))
@@ -456,7 +469,7 @@ class EngineWorker:
                 self._run_control_chunk(session, picked)
             return
         # Text mode: generate up to half a second of content ahead of the wall clock, then wait.
-        now = time.monotonic()
+        now = self._clock()
         self._text_clock = max(self._text_clock, now)
         ahead = self._text_clock - now
         if ahead > 0.5:
@@ -617,20 +630,66 @@ class EngineWorker:
         while True:
             with self._control_lock:
                 if not self._controls:
-                    return
+                    break
                 message, future = self._controls.popleft()
-            try:
-                ack = self._apply(message)
-            except ControlRejected as exc:
-                with self._lock:
-                    self._c.controls_rejected += 1
-                future.set_exception(exc)
+            due = self._due(message)
+            if due is not None:
+                with self._control_lock:
+                    self._arrived += 1
+                    self._scheduled.append((due, self._arrived, message, future))
+                    self._scheduled.sort(key=lambda item: item[:2])
                 continue
-            with self._lock:
-                self._c.controls_applied += 1
-            future.set_result(ack)
+            self._settle(message, future)
+        start, length = self._next_chunk()
+        while True:
+            with self._control_lock:
+                if not self._scheduled or not lands(start, length, self._scheduled[0][0]):
+                    return
+                due, _, message, future = self._scheduled.pop(0)
+            self._settle(message, future, timing={"due": due, "chunk_start": start})
 
-    def _apply(self, message: Control) -> ControlAck:
+    def _settle(
+        self,
+        message: Control,
+        future: concurrent.futures.Future[ControlAck],
+        timing: dict[str, float] | None = None,
+    ) -> None:
+        try:
+            ack = self._apply(message, timing)
+        except ControlRejected as exc:
+            with self._lock:
+                self._c.controls_rejected += 1
+            future.set_exception(exc)
+            return
+        with self._lock:
+            self._c.controls_applied += 1
+        future.set_result(ack)
+
+    # -- beat quantisation ---------------------------------------------------------------------------
+    def _due(self, message: Control) -> float | None:
+        """When a quantised update is due (monotonic seconds): the first beat / downbeat that the stream
+        can still land it on, i.e. one no earlier than half a chunk before the next chunk's start."""
+        quantize = quantize_of(message, self._tempo)
+        if quantize == "off" or self._tempo is None:
+            return None
+        start, length = self._next_chunk()
+        return self._tempo.due(quantize, after=start - length / 2)
+
+    def _next_chunk(self) -> tuple[float, float]:
+        """The content time (monotonic seconds) the next chunk starts at, and a chunk's length in seconds:
+        text mode runs on its own clock; input video on its frames' arrival (the oldest one queued)."""
+        session = self.session
+        now = self._clock()
+        frames = session.chunk_frames if session is not None else 4
+        if session is None or (session.settings.mode == "text" and not self._input_is_control(session)):
+            return max(self._text_clock, now), frames / self._text_fps
+        oldest = self.input.oldest()
+        fps = self.input.rate.rate() or self._text_fps
+        return (oldest if oldest is not None else now), frames / fps
+
+    def _apply(self, message: Control, timing: dict[str, float] | None = None) -> ControlAck:
+        """Apply one update all-or-nothing; `timing` (quantised updates): the beat it was due on and the
+        content time of the chunk it lands on (monotonic seconds), kept in the event log."""
         session = self.session
         assert session is not None
         update = message.settings_update()
@@ -675,7 +734,7 @@ class EngineWorker:
         except (ValidationError, ValueError, RuntimeError) as exc:
             # The engine validates too; whatever it rejects leaves the session as it was.
             raise ControlRejected(str(exc)) from None
-        applied = sorted(k for k in message.model_fields_set if k != "id")
+        applied = sorted(k for k in message.model_fields_set if k not in ("id", "quantize"))
         if message.paused is not None and message.paused != self.paused:
             self.paused = message.paused
             self.input.clear()  # frames that waited out a pause are stale
@@ -706,6 +765,7 @@ class EngineWorker:
                     "flushed": flushed,
                     "epoch": self.epoch,
                     "next_chunk": next_chunk,
+                    **(timing or {}),
                 }
             ]
         )
@@ -775,9 +835,21 @@ class EngineWorker:
     def _fail_pending(self, reason: str) -> None:
         with self._control_lock:
             pending, self._controls = list(self._controls), deque()
+            pending += [(message, future) for _, _, message, future in self._scheduled]
+            self._scheduled = []
         for _, future in pending:
             if not future.done():
                 future.set_exception(ControlRejected(reason))
+
+
+def quantize_of(message: Control, tempo: Tempo | None) -> Quantize:
+    """Where an update lands: its own `quantize`, else the tempo's default for prompt changes and resets
+    (settings alone, such as a noise scale an audio level drives, apply at once unless they ask)."""
+    if message.quantize is not None:
+        return message.quantize
+    if tempo is not None and (message.prompts is not None or message.reset):
+        return tempo.quantize
+    return "off"
 
 
 def missing_codec(components: Components, settings: StreamSettings) -> str | None:

@@ -6,6 +6,7 @@ import { FrameCounter, Stream } from "./stream.js";
 import * as store from "./store.js";
 import { LiveRecorder } from "./timeline.js";
 import { $, ask, el, installTooltips, isTyping, say } from "./ui.js";
+import * as controlPanel from "./panels/control.js";
 import { vaceOffer } from "./panels/extensions.js";
 import * as inputPanel from "./panels/input.js";
 import * as modelPanel from "./panels/model.js";
@@ -34,7 +35,7 @@ export const app = {
   paused: false,
   recorder: new LiveRecorder(),
   counter: null,
-  panels: [inputPanel, promptPanel, settingsPanel, modelPanel, recordPanel, timelinePanel],
+  panels: [inputPanel, promptPanel, settingsPanel, modelPanel, recordPanel, timelinePanel, controlPanel],
 
   save(now = false) {
     store.save(this.state, { now });
