@@ -8,6 +8,7 @@ Shutdown closes every session (peers, worker threads, recordings) before the pro
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import shutil
@@ -27,6 +28,9 @@ from starlette.types import Scope
 from wanstream import __version__
 from wanstream.server.api import router
 from wanstream.server.config import ServerConfig
+from wanstream.server.io import ndi
+from wanstream.server.io.api import router as io_router
+from wanstream.server.io.autostart import check_io, keep_ndi_input
 from wanstream.server.limits import BodyLimit
 from wanstream.server.loras_api import LoraJobs
 from wanstream.server.loras_api import router as loras_router
@@ -77,6 +81,8 @@ def create_app(
         raise ValueError(f"the LoRA folder {config.lora_dir} does not exist")
     if config.gpus > 1 and config.max_sessions != 1:
         raise ValueError(f"--gpus {config.gpus} runs one stream over the GPUs: max_sessions must be 1")
+    check_io(config)
+    ndi.configure(discovery=config.ndi_discovery)
     model = model or ModelManager(
         demo=config.demo,
         models_dir=config.models_dir,
@@ -96,9 +102,13 @@ def create_app(
             access_log.addFilter(RedactTokens())
         if config.preload and model.status().state == "not_loaded":
             model.start_load()
+        ndi_input = asyncio.create_task(keep_ndi_input(sessions)) if config.ndi_in else None
         try:
             yield
         finally:
+            if ndi_input is not None:
+                ndi_input.cancel()
+                await asyncio.gather(ndi_input, return_exceptions=True)
             await sessions.close_all("the server is shutting down")
             model.close()  # a multi-GPU ring's processes (nothing for one GPU)
             if own_recordings:
@@ -124,6 +134,7 @@ def create_app(
     app.include_router(timeline_router)
     app.include_router(prompts_router)
     app.include_router(loras_router)
+    app.include_router(io_router)
 
     if (STATIC_DIR / "index.html").is_file():
         app.mount("/", StudioFiles(directory=STATIC_DIR, html=True), name="studio")

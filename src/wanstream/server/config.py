@@ -38,3 +38,6 @@ class ServerConfig:
     ice_allow_link_local: bool = False  # link-local candidates (169.254/16: cloud metadata) are refused
     peer_timeout_s: float = 5.0  # a peer that answers no ICE consent check for this long is gone
     settings_overrides: dict[str, object] = field(default_factory=dict)  # defaults for new sessions
+    sinks: tuple[str, ...] = ()  # outputs every new session gets unless it names its own ("ts", "ndi:NAME")
+    ndi_in: str | None = None  # an NDI source (name or HOST:PORT) restyled from start-up (a headless session)
+    ndi_discovery: bool = True  # False: NDI by direct address only (no mDNS announcements or browsing)
