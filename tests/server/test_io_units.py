@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -158,7 +158,7 @@ def test_fit_frame_and_rgbx() -> None:
 
 
 class _FakeCamera:
-    instances: list[_FakeCamera] = []
+    instances: ClassVar[list[_FakeCamera]] = []
 
     def __init__(self, *, width: int, height: int, fps: float, device: str | None) -> None:
         self.width, self.height, self.fps, self.device = width, height, fps, device or "/dev/video9"
@@ -198,7 +198,7 @@ def test_virtual_camera_without_a_device_is_a_clear_error() -> None:
         raise RuntimeError("'v4l2loopback' backend: No v4l2 loopback device found at /dev/video[0-99].")
 
     sink = VirtualCameraSink(camera=no_device)
-    with pytest.raises(SinkUnavailable, match="virtual camera could not open: .*No v4l2 loopback device"):
+    with pytest.raises(SinkUnavailable, match=r"virtual camera could not open: .*No v4l2 loopback device"):
         sink.open(16, 16, 16.0)
 
 
