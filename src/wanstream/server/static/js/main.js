@@ -8,6 +8,7 @@ import { LiveRecorder } from "./timeline.js";
 import { $, ask, el, installTooltips, isTyping, say } from "./ui.js";
 import { vaceOffer } from "./panels/extensions.js";
 import * as inputPanel from "./panels/input.js";
+import * as ioPanel from "./panels/io.js";
 import * as modelPanel from "./panels/model.js";
 import * as promptPanel from "./panels/prompts.js";
 import * as recordPanel from "./panels/recording.js";
@@ -34,7 +35,7 @@ export const app = {
   paused: false,
   recorder: new LiveRecorder(),
   counter: null,
-  panels: [inputPanel, promptPanel, settingsPanel, modelPanel, recordPanel, timelinePanel],
+  panels: [inputPanel, promptPanel, settingsPanel, modelPanel, recordPanel, timelinePanel, ioPanel],
 
   save(now = false) {
     store.save(this.state, { now });
