@@ -235,3 +235,42 @@ def test_ndi_in_and_out_on_loopback_with_discovery_off(ndi_runtime: Any) -> None
             session.worker.remove_sink(capture)
             c.delete(f"/api/v1/sessions/{sid}")
         assert c.get("/api/v1/sessions").json() == []
+
+
+def test_serve_ndi_in_with_default_sinks_runs_from_start_up_and_comes_back(ndi_runtime: Any) -> None:
+    from wanstream.server import ServerConfig, create_app
+
+    ndi = ndi_runtime
+    with _TestSender(ndi) as sender:
+        config = ServerConfig(
+            demo=True,
+            max_sessions=2,
+            ndi_discovery=False,
+            ndi_in=f"127.0.0.1:{sender.port}",
+            sinks=("ndi:auto-out", "ts"),
+            max_chunk_s=20.0,
+            settings_overrides={"height": 128, "width": 128},
+        )
+        with InProcessServer(create_app(config)) as server, server.client() as c:
+            _wait(lambda: len(c.get("/api/v1/sessions").json()) == 1, what="the --ndi-in session")
+            (first,) = c.get("/api/v1/sessions").json()
+            sid = first["session_id"]
+            assert first["kind"] == "headless" and first["source"] == f"ndi:127.0.0.1:{sender.port}"
+            _wait(lambda: c.get(f"/api/v1/sessions/{sid}").json()["input"]["frames"] >= 5, what="NDI input")
+            sinks = c.get(f"/api/v1/sessions/{sid}/sinks").json()
+            assert [s["id"] for s in sinks] == ["ndi:auto-out", "ts"]
+            received = list(_receive(ndi, f"127.0.0.1:{sinks[0]['port']}", 3))
+            assert all(f.shape == (128, 128, 3) for f in received)
+
+            # Discovery is off: nothing is browsed, and a source by name is refused with the reason.
+            listing = c.get("/api/v1/ndi/sources")
+            assert listing.status_code == 503 and "discovery is off" in listing.json()["detail"]
+            by_name = c.post("/api/v1/sessions", json={"source": "ndi", "ndi": {"name": "PC (cam)"}})
+            assert by_name.status_code == 422 and "give the source's address" in by_name.json()["detail"]
+
+            # The server's own session comes back after it ends.
+            assert c.delete(f"/api/v1/sessions/{sid}").status_code == 204
+            _wait(
+                lambda: [s["session_id"] for s in c.get("/api/v1/sessions").json()] not in ([], [sid]),
+                what="the --ndi-in session to start again",
+            )

@@ -183,3 +183,27 @@ def test_serve_refuses_io_flags_it_cannot_use(flags: tuple[str, ...], message: s
         timeout=120,
     )
     assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+def test_a_webrtc_stream_names_its_sinks_in_the_offer(server: ServerProcess) -> None:
+    import asyncio
+
+    from server.harness import wait_sessions
+    from server.rtc_client import RtcClient, SyntheticCamera
+
+    async def run() -> None:
+        async with server.async_client() as http:
+            refused = RtcClient(http, camera=SyntheticCamera(fps=30))
+            response = await refused.offer(sinks=[{"kind": "ts"}, {"kind": "ts"}])
+            assert response.status_code == 422 and "already has the sink 'ts'" in response.text
+            await refused.close()
+            await wait_sessions(http, 0)
+            client = RtcClient(http, camera=SyntheticCamera(fps=30))
+            sid = await client.connect(sinks=[{"kind": "ts", "queue": 16}])
+            await client.wait_frames(5)
+            (ts,) = (await http.get(f"/api/v1/sessions/{sid}/sinks")).json()
+            assert ts["id"] == "ts" and ts["capacity"] == 16 and ts["state"] == "running"
+            await client.close()
+            await wait_sessions(http, 0)
+
+    asyncio.run(run())

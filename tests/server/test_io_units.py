@@ -251,3 +251,32 @@ def test_ndi_inputs_by_name_or_address() -> None:
     for bad in ("localhost", "127.0.0.1:0", "127.0.0.1:70000", ":5961"):
         with pytest.raises(ValidationError, match="HOST:PORT"):
             NdiInput(address=bad)
+
+
+# ----------------------------------------------------------------------------------------------------
+# MPEG-TS viewers
+
+
+def test_a_ts_viewer_joins_at_a_keyframe_and_a_slow_one_skips_ahead_to_the_next() -> None:
+    import asyncio
+
+    from wanstream.server.io.mpegts import CLIENT_BACKLOG, TsClient
+
+    async def run() -> None:
+        client = TsClient(asyncio.get_running_loop())
+        client.offer(b"p0", keyframe=False)  # before any keyframe: a player could not start here
+        client.offer(b"K1", keyframe=True)
+        client.offer(b"p1", keyframe=False)
+        chunks = client.chunks()
+        assert await anext(chunks) == b"K1p1"
+        # A viewer that stops reading: the encoder never waits; past the backlog its queue is dropped and it
+        # resumes at the next keyframe.
+        for i in range(CLIENT_BACKLOG + 3):
+            client.offer(b"x%d" % i, keyframe=False)
+        assert client.skipped == CLIENT_BACKLOG and not client.joined
+        client.offer(b"K2", keyframe=True)
+        client.offer(b"p2", keyframe=False)
+        client.end()
+        assert [c async for c in chunks] == [b"K2p2"]
+
+    asyncio.run(run())

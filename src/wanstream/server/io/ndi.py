@@ -175,6 +175,7 @@ class NdiSink(QueuedSink):
         self._fps = 30.0
         self.port: int | None = None
         self.source_name: str | None = None
+        self.connections = 0  # receivers connected (counted on the sink thread, which alone uses the sender)
 
     def open(self, height: int, width: int, fps: float) -> None:
         ndi = runtime()
@@ -202,6 +203,7 @@ class NdiSink(QueuedSink):
         video.frame_rate_N, video.frame_rate_D = max(1, round(self._fps * 1000)), 1000
         video.data = data
         ndi.send_send_video_v2(self._sender, video)  # copies (the async variant would need the buffer kept)
+        self.connections = ndi.send_get_no_connections(self._sender, 0)
 
     def release(self) -> None:
         sender, self._sender = self._sender, None
@@ -209,10 +211,7 @@ class NdiSink(QueuedSink):
             self._ndi.send_destroy(sender)
 
     def describe(self) -> dict[str, Any]:
-        connections = None
-        if self._sender is not None and self._ndi is not None:
-            connections = self._ndi.send_get_no_connections(self._sender, 0)
-        return {"source_name": self.source_name, "port": self.port, "connections": connections}
+        return {"source_name": self.source_name, "port": self.port, "connections": self.connections}
 
 
 class NdiSource:
