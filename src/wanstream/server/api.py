@@ -122,7 +122,7 @@ async def health(request: Request) -> dict[str, Any]:
         "max_sessions": manager.config.max_sessions,
         "instance": request.app.state.instance,  # new on every server start
         "started": request.app.state.started,
-        "hardware": await asyncio.to_thread(hardware.summary),  # the GPU and the I/O available here
+        "hardware": hardware.summary(),  # the GPU and the I/O available here (GET /api/v1/hardware: why not)
     }
 
 

@@ -28,7 +28,7 @@ from starlette.types import Scope
 from wanstream import __version__
 from wanstream.server.api import router
 from wanstream.server.config import ServerConfig
-from wanstream.server.io import ndi
+from wanstream.server.io import hardware, ndi
 from wanstream.server.io.api import router as io_router
 from wanstream.server.io.autostart import check_io, keep_ndi_input
 from wanstream.server.limits import BodyLimit
@@ -103,12 +103,14 @@ def create_app(
         if config.preload and model.status().state == "not_loaded":
             model.start_load()
         ndi_input = asyncio.create_task(keep_ndi_input(sessions)) if config.ndi_in else None
+        io_check = asyncio.create_task(asyncio.to_thread(hardware.io_availability))  # cached for /health
         try:
             yield
         finally:
-            if ndi_input is not None:
-                ndi_input.cancel()
-                await asyncio.gather(ndi_input, return_exceptions=True)
+            for task in (ndi_input, io_check):
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
             await sessions.close_all("the server is shutting down")
             model.close()  # a multi-GPU ring's processes (nothing for one GPU)
             if own_recordings:

@@ -1,8 +1,8 @@
 """What this machine offers a live rig: the GPU and each input / output, with the reason when one is missing.
 
 The I/O checks import optional packages and read sysfs (never open a device or start the NDI runtime,
-so asking sends nothing on the network); they run once, off the event loop, and are cached. GPU memory
-is read fresh each time.
+so asking sends nothing on the network); they run once, off the event loop (the server starts them at
+start-up), and are cached. GPU memory is read fresh for /api/v1/hardware.
 """
 
 from __future__ import annotations
@@ -79,11 +79,16 @@ def hardware() -> dict[str, Any]:
 
 
 def summary() -> dict[str, Any]:
-    """The short form for /health: the GPU and which I/O kinds are available."""
-    found = gpus()
-    io = io_availability()
+    """The short form for /health, cheap enough for the event loop: the GPU's name and memory (from the
+    device properties) and the available I/O kinds once checked (None until the first check has run;
+    the server runs it at start-up)."""
+    gpu, vram = "no GPU", None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        gpu, vram = props.name, props.total_memory
+    io = _io
     return {
-        "gpu": found[0]["name"] if found else "no GPU",
-        "vram_bytes": found[0]["vram_bytes"] if found else None,
-        "io": sorted(kind for kind, v in io.items() if v["available"]),
+        "gpu": gpu,
+        "vram_bytes": vram,
+        "io": sorted(kind for kind, v in io.items() if v["available"]) if io is not None else None,
     }

@@ -39,14 +39,14 @@ MAX_SOURCE_PIXELS = 4096 * 4096  # larger NDI frames are refused (the stream is 
 RECEIVE_POLL_MS = 200
 
 _lock = threading.Lock()
-_state: dict[str, Any] = {"discovery": True, "initialized": False, "config_dir": None}
+# discovery: the setting; started_with: the setting the runtime started with (None: not started yet).
+_state: dict[str, Any] = {"discovery": True, "started_with": None, "config_dir": None}
 
 
 def configure(*, discovery: bool) -> None:
-    """Choose discovery (mDNS) or direct addresses only, before the runtime starts (later: too late)."""
+    """Choose discovery (mDNS) or direct addresses only. The runtime reads it when it starts; a process whose
+    runtime already started the other way refuses NDI (`runtime`) rather than break the setting."""
     with _lock:
-        if _state["initialized"] and _state["discovery"] != discovery:
-            raise RuntimeError("the NDI runtime has already started with the other discovery setting")
         _state["discovery"] = discovery
 
 
@@ -78,7 +78,13 @@ def runtime() -> ModuleType:
     """The binding with its runtime started (once per process, with the chosen discovery setting)."""
     ndi = module()
     with _lock:
-        if not _state["initialized"]:
+        started = _state["started_with"]
+        if started is not None and started != _state["discovery"]:
+            raise SinkUnavailable(
+                "the NDI runtime of this process started with discovery "
+                f"{'on' if started else 'off'}; restart the server to change --no-ndi-discovery"
+            )
+        if started is None:
             if not _state["discovery"] and "NDI_CONFIG_DIR" not in os.environ:
                 os.environ["NDI_CONFIG_DIR"] = str(_write_direct_only_config())
             if not ndi.initialize():
@@ -86,7 +92,7 @@ def runtime() -> ModuleType:
                     "the NDI runtime could not start on this machine (NDIlib_initialize failed: an "
                     "unsupported CPU or a missing runtime library)"
                 )
-            _state["initialized"] = True
+            _state["started_with"] = _state["discovery"]
     return ndi
 
 

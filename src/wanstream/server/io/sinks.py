@@ -8,7 +8,7 @@ A sink that cannot keep up (a slow encoder, a stalled receiver, a busy virtual c
 oldest frames and counts them (`dropped`, `wanstream_sink_dropped_frames_total` in /metrics); the
 stream and the other sinks never wait for it. Frames leave the queue spread evenly at the rate the
 engine makes them (chunks arrive in bursts), as the WebRTC track paces them, so a display downstream
-sees steady motion. A restart (reset / prompt cut) flushes the queue: older frames are never written.
+sees steady motion (pacing.py). A restart (reset / prompt cut) flushes the queue: older frames are never written.
 """
 
 from __future__ import annotations
@@ -23,14 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from wanstream.server.pacing import next_slot
+
 if TYPE_CHECKING:
     from wanstream.server.worker import OutputFrame
 
 
 log = logging.getLogger("wanstream.server")
-
-TARGET_DEPTH = 5  # frames queued before pacing speeds up (one chunk)
-MAX_FPS = 120.0
 
 
 class SinkUnavailable(RuntimeError):
@@ -176,18 +175,9 @@ class QueuedSink:
             return self._frames.popleft() if self._frames else None
 
     def _pace(self) -> bool:
-        """Wait for this frame's slot: 1/rate after the previous one, sooner when frames pile up. False:
-        the sink is stopping."""
+        """Wait for this frame's slot (pacing.py, as the WebRTC track); False: the sink is stopping."""
         now = time.monotonic()
-        rate = self._rate()
-        if rate is None or self._next is None:
-            self._next = now
-            return True
-        interval = 1.0 / min(max(rate, 1.0), MAX_FPS)
-        depth = self.depth()
-        if depth > TARGET_DEPTH:
-            interval *= TARGET_DEPTH / depth
-        self._next = max(self._next + interval, now - interval)  # never bank more than one slot
+        self._next = next_slot(self._next, now, self._rate(), self.depth())
         wait = self._next - now
         return not (wait > 0 and self._stop.wait(wait))
 
