@@ -155,15 +155,22 @@ class MpegTsSink(QueuedSink):
         for client in clients:
             client.offer(unit, packet.is_keyframe)
 
+    def _fail(self, message: str) -> None:
+        super()._fail(message)
+        self._end_clients()  # viewers see the stream end rather than wait on a dead encoder
+
+    def _end_clients(self) -> None:
+        with self._clients_lock:
+            clients, self._clients = self._clients, []
+        for client in clients:
+            client.end()
+
     def release(self) -> None:
         container, self._container = self._container, None
         if container is not None:
             with contextlib.suppress(Exception):
                 container.close()
-        with self._clients_lock:
-            clients, self._clients = self._clients, []
-        for client in clients:
-            client.end()
+        self._end_clients()
 
     # -- HTTP clients (event loop) -------------------------------------------------------------------
     def subscribe(self, loop: asyncio.AbstractEventLoop) -> TsClient:

@@ -39,6 +39,7 @@ MAX_SOURCE_PIXELS = 4096 * 4096  # larger NDI frames are refused (the stream is 
 RECEIVE_POLL_MS = 200
 
 _lock = threading.Lock()
+_senders_lock = threading.Lock()
 # discovery: the setting; started_with: the setting the runtime started with (None: not started yet).
 _state: dict[str, Any] = {"discovery": True, "started_with": None, "config_dir": None}
 
@@ -185,18 +186,19 @@ class NdiSink(QueuedSink):
 
     def open(self, height: int, width: int, fps: float) -> None:
         ndi = runtime()
-        before = own_listening_ports()
         create = ndi.SendCreate()
         create.ndi_name = self.name
         create.clock_video = False  # the sink paces frames itself
-        sender = ndi.send_create(create)
+        with _senders_lock:  # one sender at a time, so the new port is this sender's
+            before = own_listening_ports()
+            sender = ndi.send_create(create)
+            new = sorted(own_listening_ports() - before)
         if sender is None:
             raise SinkUnavailable(f"the NDI sender {self.name!r} could not be created")
         self._ndi, self._sender = ndi, sender
         self._size, self._fps = (height, width), fps
         # The port receivers connect to by direct address (NDI listens on a new one per sender; the
-        # other new port, if any, is the runtime's own messaging server).
-        new = sorted(own_listening_ports() - before)
+        # other new port, if any, is the runtime's own messaging server, on a lower port).
         self.port = new[-1] if new else None
         self.source_name = ndi.send_get_source_name(sender).ndi_name or None
 
