@@ -207,3 +207,17 @@ def test_a_webrtc_stream_names_its_sinks_in_the_offer(server: ServerProcess) -> 
             await wait_sessions(http, 0)
 
     asyncio.run(run())
+
+
+def test_serve_help_documents_the_live_rig_flags() -> None:
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-m", "wanstream.cli.main", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0
+    for flag in ("--sink KIND[:NAME]", "--ndi-in SOURCE", "--no-ndi-discovery", "docs/live-rig.md"):
+        assert flag in done.stdout, flag

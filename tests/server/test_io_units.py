@@ -280,3 +280,45 @@ def test_a_ts_viewer_joins_at_a_keyframe_and_a_slow_one_skips_ahead_to_the_next(
         assert [c async for c in chunks] == [b"K2p2"]
 
     asyncio.run(run())
+
+
+# ----------------------------------------------------------------------------------------------------
+# The NDI runtime's discovery setting
+
+
+class _FakeNdi:
+    def __init__(self) -> None:
+        self.started = 0
+
+    def initialize(self) -> bool:
+        self.started += 1
+        return True
+
+
+def test_ndi_discovery_off_writes_a_loopback_only_config_and_a_runtime_started_otherwise_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import json
+    import os
+    from pathlib import Path
+
+    from wanstream.server.io import ndi
+
+    fake = _FakeNdi()
+    monkeypatch.setattr(ndi, "module", lambda: fake)
+    monkeypatch.setattr(ndi, "_state", {"discovery": True, "started_with": None, "config_dir": None})
+    monkeypatch.setenv("NDI_CONFIG_DIR", "")  # recorded, so the value runtime() sets is undone after the test
+    monkeypatch.delenv("NDI_CONFIG_DIR")
+    ndi.configure(discovery=False)
+    assert ndi.runtime() is fake and ndi.runtime() is fake and fake.started == 1
+    config = json.loads((Path(os.environ["NDI_CONFIG_DIR"]) / "ndi-config.v1.json").read_text())
+    assert config["ndi"]["networks"]["discovery"] == "127.0.0.1"  # a discovery server on loopback: no mDNS
+    assert config["ndi"]["multicast"]["send"]["enable"] is False
+    ndi.configure(discovery=True)  # another app in the same process asks for discovery
+    with pytest.raises(SinkUnavailable, match="started with discovery off; restart the server"):
+        ndi.runtime()
+    ndi.configure(discovery=False)
+    with pytest.raises(SinkUnavailable, match="discovery is off"):
+        ndi.discover(0.1)
+    with pytest.raises(ValueError, match="give the source's address"):
+        ndi.NdiSource(lambda image, at: None, name="PC (cam)")
