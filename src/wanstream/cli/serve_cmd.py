@@ -6,6 +6,10 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from wanstream.server.config import ServerConfig
 
 TOKEN_ENV = "WANSTREAM_TOKEN"
 
@@ -136,6 +140,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=["debug", "info", "warning", "error"],
         help="how much the server logs (default: %(default)s)",
     )
+    rig = p.add_argument_group("live rig", "server-side inputs and outputs (docs/live-rig.md)")
+    rig.add_argument(
+        "--sink",
+        action="append",
+        default=[],
+        metavar="KIND[:NAME]",
+        help="send every new session's output here too (repeatable): 'ts' (MPEG-TS at "
+        "/api/v1/sessions/ID/output.ts), 'ndi:NAME' (an NDI source), 'virtualcam[:DEVICE]', 'spout:NAME' "
+        "(Windows), 'syphon:NAME' (macOS); a session that names its own sinks gets those instead",
+    )
+    rig.add_argument(
+        "--ndi-in",
+        metavar="SOURCE",
+        help="restyle this NDI source from start-up, without a browser: its name as NDI lists it "
+        "('HOST (STREAM)') or its address HOST:PORT; combine with --sink",
+    )
+    rig.add_argument(
+        "--no-ndi-discovery",
+        action="store_true",
+        help="NDI by direct address (HOST:PORT) only: no mDNS announcements or browsing",
+    )
     from wanstream.cli.extend_cmd import add_extender_flags
 
     add_extender_flags(p)  # for POST /api/v1/prompts/extend and the studio's Extend buttons
@@ -199,7 +224,14 @@ def run(args: argparse.Namespace) -> int:
         osc_port=args.osc_port,
         osc_allow=tuple(args.osc_allow),
         settings_overrides=overrides,
+        sinks=tuple(args.sink),
+        ndi_in=args.ndi_in,
+        ndi_discovery=not args.no_ndi_discovery,
     )
+    problem = _io_problem(config)
+    if problem:
+        print(f"wanstream serve: {problem}", file=sys.stderr)
+        return 2
 
     from wanstream.server.app import create_app
     from wanstream.server.http import serve
@@ -228,6 +260,26 @@ def run(args: argparse.Namespace) -> int:
     )
     serve(app, host=args.host, port=args.port, log_level=args.log_level, header_timeout_s=args.header_timeout)
     return 0
+
+
+def _io_problem(config: ServerConfig) -> str | None:
+    """Why a --sink / --ndi-in cannot work on this machine (a missing package, device or OS), or None."""
+    from wanstream.server.io.autostart import check_io
+    from wanstream.server.io.hardware import io_availability
+    from wanstream.server.io.specs import SinkSpec
+
+    try:
+        check_io(config)
+    except ValueError as exc:
+        return str(exc)
+    wanted = [(f"--sink {text}", SinkSpec.parse(text).kind) for text in config.sinks]
+    if config.ndi_in:
+        wanted.append((f"--ndi-in {config.ndi_in}", "ndi"))
+    available = io_availability() if wanted else {}
+    for flag, kind in wanted:
+        if not available[kind]["available"]:
+            return f"{flag}: {available[kind]['reason']}"
+    return None
 
 
 def _gpus_problem(args: argparse.Namespace) -> str | None:

@@ -26,6 +26,10 @@ from wanstream.engine.vace import VaceInputError, read_image
 from wanstream.media.video import VideoError, probe_video
 from wanstream.server import metrics
 from wanstream.server.cost import TooSlow
+from wanstream.server.io import hardware
+from wanstream.server.io.attach import attach_sinks
+from wanstream.server.io.ndi import NdiSource
+from wanstream.server.io.sinks import SinkUnavailable
 from wanstream.server.limits import LimitExceeded, check_image_header, prompt_problem
 from wanstream.server.model import ModelBusy, ModelManager
 from wanstream.server.recording import encode_jpeg
@@ -118,6 +122,7 @@ async def health(request: Request) -> dict[str, Any]:
         "max_sessions": manager.config.max_sessions,
         "instance": request.app.state.instance,  # new on every server start
         "started": request.app.state.started,
+        "hardware": hardware.summary(),  # the GPU and the I/O available here (GET /api/v1/hardware: why not)
     }
 
 
@@ -192,7 +197,9 @@ async def webrtc_offer(request: Request, body: OfferRequest) -> OfferAnswer:
     session = _reserve(manager, "webrtc")
     session.vace = vace
     try:
-        return await answer_offer(manager, session, body, settings)
+        answer = await answer_offer(manager, session, body, settings)
+        await attach_sinks(manager, session, body.sinks)
+        return answer
     except BaseException as exc:
         await manager.close(session.id, f"signalling failed: {exc}", "error")
         raise _http_error(exc) from None
@@ -231,9 +238,18 @@ async def list_sessions(request: Request) -> list[dict[str, Any]]:
 
 @v1.post("/sessions", tags=["sessions"], status_code=201, responses={409: {"description": "busy"}})
 async def start_headless(request: Request, body: HeadlessRequest) -> SessionCreated:
-    """A stream without WebRTC: from a video in the media folder, or text mode. Fetch frames from
-    `/sessions/{id}/frame.jpg`, record, control, then DELETE."""
-    manager = _manager(request)
+    """A stream without WebRTC: from a video in the media folder, an NDI source, or text mode. Fetch frames
+    from `/sessions/{id}/frame.jpg` or `/sessions/{id}/output.ts`, send them to sinks, record, control,
+    then DELETE."""
+    session = await open_headless(_manager(request), body)
+    return SessionCreated(session_id=session.id)
+
+
+async def open_headless(
+    manager: SessionManager, body: HeadlessRequest, *, idle_watch: bool = True
+) -> Session:
+    """Start a headless session (HTTPException with the reason when it cannot). `idle_watch`: end it when
+    nobody has asked about it for --idle-timeout (off for the server's own --ndi-in session)."""
     source_path = None
     if body.source == "file":
         assert body.file is not None
@@ -246,7 +262,7 @@ async def start_headless(request: Request, body: HeadlessRequest) -> SessionCrea
             raise HTTPException(
                 404, f"no video {body.file!r} in the media folder (GET /api/v1/media lists them)"
             )
-    mode = "video" if body.source == "file" else "text"
+    mode = "text" if body.source == "text" else "video"
     requested = body.settings.model_dump(exclude_unset=True) if body.settings is not None else {}
     if requested.setdefault("mode", mode) != mode:
         raise HTTPException(
@@ -263,17 +279,25 @@ async def start_headless(request: Request, body: HeadlessRequest) -> SessionCrea
                 FileSource, source_path, session.feed, loop=body.loop, name=session.id
             )
             session.source, session.source_label = source, body.file or ""
+        elif body.ndi is not None:
+            ndi_in = body.ndi
+            session.source = await asyncio.to_thread(
+                NdiSource, session.feed, name=ndi_in.name, address=ndi_in.address, label=session.id
+            )
+            session.source_label = ndi_in.label
         else:
             session.source_label = "text"
         await manager.start_worker(session, settings, body.prompts)
+        await attach_sinks(manager, session, body.sinks)
         if session.source is not None:
             session.source.start()
             session.spawn(_watch_source(manager, session), "source-watch")
-        session.spawn(_idle_watchdog(manager, session), "idle-watch")
+        if idle_watch:
+            session.spawn(_idle_watchdog(manager, session), "idle-watch")
     except BaseException as exc:
         await manager.close(session.id, f"start failed: {exc}", "error")
         raise _http_error(exc) from None
-    return SessionCreated(session_id=session.id)
+    return session
 
 
 @v1.get("/sessions/{session_id}", tags=["sessions"])
@@ -648,6 +672,8 @@ def _http_error(exc: BaseException) -> BaseException:
         return HTTPException(422, {"error": describe_validation(exc), "details": validation_details(exc)})
     if isinstance(exc, VideoError):
         return HTTPException(415, str(exc))
+    if isinstance(exc, SinkUnavailable):
+        return HTTPException(422, str(exc))
     if isinstance(exc, ValueError):
         return HTTPException(422, str(exc))
     if isinstance(exc, torch.OutOfMemoryError):
@@ -714,6 +740,9 @@ def _describe(session: Session, details: bool = False) -> dict[str, Any]:
         if details:
             info["output"]["sent_log"] = [list(x) for x in out.sent_log]
     info["rtt"] = session.rtt
+    info["sinks"] = [sink.status() for sink in session.sinks.values()]
+    if isinstance(session.source, NdiSource):
+        info["input"] = session.source.status()
     return info
 
 

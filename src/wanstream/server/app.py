@@ -8,6 +8,7 @@ Shutdown closes every session (peers, worker threads, recordings) before the pro
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import shutil
@@ -28,6 +29,9 @@ from wanstream import __version__
 from wanstream.server.api import router
 from wanstream.server.config import ServerConfig
 from wanstream.server.control_api import router as control_router
+from wanstream.server.io import hardware, ndi
+from wanstream.server.io.api import router as io_router
+from wanstream.server.io.autostart import check_io, keep_ndi_input
 from wanstream.server.limits import BodyLimit
 from wanstream.server.loras_api import LoraJobs
 from wanstream.server.loras_api import router as loras_router
@@ -79,6 +83,8 @@ def create_app(
         raise ValueError(f"the LoRA folder {config.lora_dir} does not exist")
     if config.gpus > 1 and config.max_sessions != 1:
         raise ValueError(f"--gpus {config.gpus} runs one stream over the GPUs: max_sessions must be 1")
+    check_io(config)
+    ndi.configure(discovery=config.ndi_discovery)
     model = model or ModelManager(
         demo=config.demo,
         models_dir=config.models_dir,
@@ -112,11 +118,17 @@ def create_app(
             except OSError as exc:  # the port is taken: the server runs, without OSC, and says why
                 app.state.osc_error = f"OSC could not listen on UDP port {app.state.osc_port}: {exc}"
                 log.error("%s", app.state.osc_error)
+        ndi_input = asyncio.create_task(keep_ndi_input(sessions)) if config.ndi_in else None
+        io_check = asyncio.create_task(asyncio.to_thread(hardware.io_availability))  # cached for /health
         try:
             yield
         finally:
             if osc_transport is not None:
                 osc_transport.close()
+            for task in (ndi_input, io_check):
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
             await sessions.close_all("the server is shutting down")
             model.close()  # a multi-GPU ring's processes (nothing for one GPU)
             if own_recordings:
@@ -146,6 +158,7 @@ def create_app(
     app.include_router(control_router)
     app.include_router(prompts_router)
     app.include_router(loras_router)
+    app.include_router(io_router)
 
     if (STATIC_DIR / "index.html").is_file():
         app.mount("/", StudioFiles(directory=STATIC_DIR, html=True), name="studio")

@@ -41,3 +41,6 @@ class ServerConfig:
     osc_port: int | None = None  # None: the HTTP port's number (as Daydream Scope)
     osc_allow: tuple[str, ...] = ()  # exposed servers: senders trusted without the token
     settings_overrides: dict[str, object] = field(default_factory=dict)  # defaults for new sessions
+    sinks: tuple[str, ...] = ()  # outputs every new session gets unless it names its own ("ts", "ndi:NAME")
+    ndi_in: str | None = None  # an NDI source (name or HOST:PORT) restyled from start-up (a headless session)
+    ndi_discovery: bool = True  # False: NDI by direct address only (no mDNS announcements or browsing)

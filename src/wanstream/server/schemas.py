@@ -19,6 +19,7 @@ from pydantic import (
 
 from wanstream.engine.prompts import Transition, WeightedPrompt
 from wanstream.engine.settings import SettingsUpdate
+from wanstream.server.io.specs import MAX_SINKS, NdiInput, SinkSpec
 from wanstream.server.limits import MAX_PROMPT_CHARS, MAX_PROMPTS_CHARS
 from wanstream.server.tempo import Quantize
 from wanstream.server.vace import MAX_REFERENCES, VaceOptions
@@ -210,6 +211,12 @@ class StreamRequest(BaseModel):
         None,
         description="VACE conditioning (control from the input video, reference images); see docs/vace.md.",
     )
+    sinks: Annotated[list[SinkSpec] | None, strict_json(list[SinkSpec] | None)] = Field(
+        None,
+        max_length=MAX_SINKS,
+        description="Server-side outputs besides the browser (MPEG-TS, NDI, virtual camera, Spout, Syphon); "
+        "the server's --sink defaults when not given. See docs/live-rig.md.",
+    )
 
 
 class OfferRequest(StreamRequest):
@@ -236,18 +243,27 @@ class IcePatch(BaseModel):
 
 
 class HeadlessRequest(StreamRequest):
-    source: Literal["file", "text"] = Field(
-        ..., description="'file': restyle a video from the media folder; 'text': generate from prompts."
+    source: Literal["file", "text", "ndi"] = Field(
+        ...,
+        description="'file': restyle a video from the media folder; 'text': generate from prompts; "
+        "'ndi': restyle an NDI source.",
     )
     file: str | None = Field(None, description="Name of the video inside the media folder (source 'file').")
     loop: bool = Field(True, description="Restart the file at its end.")
+    ndi: Annotated[NdiInput | None, strict_json(NdiInput | None)] = Field(
+        None, description="The NDI source (source 'ndi'): its name, or its address HOST:PORT."
+    )
 
     @model_validator(mode="after")
     def _file_given(self) -> HeadlessRequest:
         if self.source == "file" and not self.file:
             raise ValueError("source 'file' needs 'file': the name of a video in the media folder")
-        if self.source == "text" and self.file:
-            raise ValueError("source 'text' takes no 'file'")
+        if self.source != "file" and self.file:
+            raise ValueError(f"source {self.source!r} takes no 'file'")
+        if self.source == "ndi" and self.ndi is None:
+            raise ValueError('source \'ndi\' needs \'ndi\': {"name": ...} or {"address": "HOST:PORT"}')
+        if self.source != "ndi" and self.ndi is not None:
+            raise ValueError(f"source {self.source!r} takes no 'ndi'")
         return self
 
 

@@ -29,6 +29,9 @@ from wanstream.engine.prompts import WeightedPrompt
 from wanstream.engine.settings import SettingsUpdate, StreamSettings
 from wanstream.server.config import ServerConfig
 from wanstream.server.cost import ChunkCost
+from wanstream.server.io.ndi import NdiSource
+from wanstream.server.io.sinks import QueuedSink, SinkUnavailable
+from wanstream.server.io.specs import MAX_SINKS, SinkSpec
 from wanstream.server.model import ModelManager
 from wanstream.server.recording import Recorder
 from wanstream.server.sources import FileSource
@@ -90,8 +93,9 @@ class Session:
     peer: RTCPeerConnection | None = None
     channel: RTCDataChannel | None = None
     output: PacedOutputTrack | None = None
-    source: FileSource | None = None
+    source: FileSource | NdiSource | None = None
     source_label: str = ""
+    sinks: dict[str, QueuedSink] = field(default_factory=dict)  # server-side outputs by id (io/attach.py)
     vace: VaceSetup | None = None  # set before the worker starts: VACE attached, input routed as control
     recording: Recording | None = None
     player: TimelinePlayer | None = None  # a timeline the server plays to this stream (REST / OSC)
@@ -126,6 +130,8 @@ class Totals:
     frames_made: int = 0
     frames_sent: int = 0
     dropped: Counter[str] = field(default_factory=Counter)
+    sink_written: Counter[str] = field(default_factory=Counter)  # by sink id (e.g. "ndi:wanstream")
+    sink_dropped: Counter[str] = field(default_factory=Counter)
 
 
 class SessionManager:
@@ -255,6 +261,8 @@ class SessionManager:
             await asyncio.to_thread(session.source.join, 10)
         if session.worker is not None:
             await _join_engine(session, engine_wait)
+        for sink_id in list(session.sinks):
+            await self.remove_sink(session, sink_id)
         if session.recording is not None:
             await self.stop_recording(session)
         session.channel = None
@@ -270,6 +278,45 @@ class SessionManager:
             t.dropped.update(dropped_counts(s, session.output))
         if session.output is not None:
             t.frames_sent += session.output.sent
+
+    async def add_sink(self, session: Session, spec: SinkSpec) -> QueuedSink:
+        """Open a sink at the stream's size (off the loop) and attach it. ValueError: a duplicate, too many,
+        or the session is not running; SinkUnavailable: it cannot run here (the message says why)."""
+        worker = session.worker
+        if worker is None or session.state != "running":
+            raise ValueError("the session is not running")
+        if spec.id in session.sinks:
+            raise ValueError(f"the session already has the sink {spec.id!r}")
+        if len(session.sinks) >= MAX_SINKS:
+            raise ValueError(f"a session has at most {MAX_SINKS} sinks")
+        sink = spec.make()
+        session.sinks[spec.id] = sink  # held before the await: a second request for it is refused
+        stats = worker.stats()
+        try:
+            await asyncio.to_thread(
+                sink.open, stats.height, stats.width, worker.output_rate() or self.config.text_fps
+            )
+        except BaseException:
+            session.sinks.pop(spec.id, None)
+            await asyncio.to_thread(sink.close)
+            raise
+        if session.state != "running":  # the session ended while the device opened
+            session.sinks.pop(spec.id, None)
+            await asyncio.to_thread(sink.close)
+            raise SinkUnavailable("the session ended")
+        sink.start(worker.epoch, worker.output_rate)
+        worker.add_sink(sink)
+        return sink
+
+    async def remove_sink(self, session: Session, sink_id: str) -> QueuedSink:
+        """Detach a sink, stop its thread, release its device and count what it did (KeyError: none)."""
+        sink = session.sinks.pop(sink_id)
+        if session.worker is not None:
+            session.worker.remove_sink(sink)
+        await asyncio.to_thread(sink.close)
+        self.totals.sink_written[sink.id] += sink.written
+        self.totals.sink_dropped[sink.id] += sink.dropped
+        return sink
 
     async def close_all(self, reason: str) -> None:
         await asyncio.gather(*(self.close(sid, reason, "shutdown") for sid in list(self.sessions)))

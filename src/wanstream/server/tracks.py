@@ -20,11 +20,11 @@ from fractions import Fraction
 import av
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from wanstream.server.pacing import next_slot
 from wanstream.server.worker import EngineWorker, OutputFrame, RateMeter, SourceFrame, Window
 
 VIDEO_CLOCK = 90_000  # RTP video clock (Hz)
 TIME_BASE = Fraction(1, VIDEO_CLOCK)
-TARGET_DEPTH = 5  # frames queued before pacing speeds up: one chunk (5 at a stream start)
 KEEPALIVE_S = 1.0  # with nothing new (paused, waiting) the last frame is re-sent this often
 
 
@@ -122,18 +122,9 @@ class PacedOutputTrack(MediaStreamTrack):
                 await asyncio.wait_for(self._arrived.wait(), left)
 
     async def _pace(self) -> None:
-        """Wait for this frame's slot: 1/rate after the previous one, sooner when frames pile up."""
-        rate = self._worker.output_rate()
+        """Wait for this frame's slot (pacing.py): 1/rate after the previous one, sooner when frames pile up."""
         now = self._loop.time()
-        if rate is None or self._next_send is None:
-            self._next_send = now
-            return
-        interval = 1.0 / min(max(rate, 1.0), 120.0)
-        depth = self.depth()
-        if depth > TARGET_DEPTH:
-            interval *= TARGET_DEPTH / depth
-        # Never bank more than one interval of lateness (no bursts after a stall).
-        self._next_send = max(self._next_send + interval, now - interval)
+        self._next_send = next_slot(self._next_send, now, self._worker.output_rate(), self.depth())
         wait = self._next_send - now
         if wait > 0:
             await asyncio.sleep(wait)

@@ -9,6 +9,7 @@ import { $, ask, el, installTooltips, isTyping, say } from "./ui.js";
 import * as controlPanel from "./panels/control.js";
 import { vaceOffer } from "./panels/extensions.js";
 import * as inputPanel from "./panels/input.js";
+import * as ioPanel from "./panels/io.js";
 import * as modelPanel from "./panels/model.js";
 import * as promptPanel from "./panels/prompts.js";
 import * as recordPanel from "./panels/recording.js";
@@ -35,7 +36,7 @@ export const app = {
   paused: false,
   recorder: new LiveRecorder(),
   counter: null,
-  panels: [inputPanel, promptPanel, settingsPanel, modelPanel, recordPanel, timelinePanel, controlPanel],
+  panels: [inputPanel, promptPanel, settingsPanel, modelPanel, recordPanel, timelinePanel, controlPanel, ioPanel],
 
   save(now = false) {
     store.save(this.state, { now });

@@ -1,5 +1,6 @@
 // Input: the camera, a video file played in a loop (streamed from its <video>), or no input (text mode).
 
+import { captureScreen, releaseScreen, sharingScreen } from "../screen.js";
 import { $, el, say } from "../ui.js";
 
 let cameraStream = null;
@@ -40,7 +41,7 @@ async function choose(app, kind) {
   app.save();
   app.renderAll();
   if (kind === "file" && file) showFilePreview();
-  if (app.running) restart(app, { camera: "the camera", file: "the video file", text: "text only" }[kind]);
+  if (app.running) restart(app, { camera: "the camera", file: "the video file", screen: "the screen", text: "text only" }[kind]);
 }
 
 // The input of a running stream is part of its WebRTC offer: a new input means a new stream.
@@ -77,6 +78,18 @@ export async function acquire(app) {
     if (!track) throw fail("this browser cannot stream a video file (no captureStream)");
     return track;
   }
+  if (app.state.input === "screen") {
+    let shared;
+    try {
+      shared = await captureScreen(() => app.running && app.stopStream("screen sharing stopped"));
+    } catch (err) {
+      throw fail(err.message);
+    }
+    preview.removeAttribute("src");
+    preview.srcObject = shared.stream;
+    $("preview-note").hidden = true;
+    return shared.track;
+  }
   if (!navigator.mediaDevices?.getUserMedia) {
     throw fail("this page cannot use the camera (it needs http://localhost or https)");
   }
@@ -106,6 +119,7 @@ function fail(text) {
 }
 
 export function release() {
+  if (releaseScreen()) $("input-preview").srcObject = null;
   if (cameraStream) {
     for (const t of cameraStream.getTracks()) t.stop();
     cameraStream = null;
@@ -148,11 +162,11 @@ export function render(app) {
     note.textContent = "text only: the prompts alone make the video";
   } else {
     preview.hidden = false;
-    const hasInput = (kind === "camera" && cameraStream) || (kind === "file" && file);
+    const hasInput = (kind === "camera" && cameraStream) || (kind === "file" && file) || (kind === "screen" && sharingScreen());
     note.hidden = Boolean(hasInput);
-    note.textContent = kind === "camera" ? "the camera shows here once streaming" : "choose a video file";
+    note.textContent = { camera: "the camera shows here once streaming", screen: "the shared screen shows here once streaming" }[kind] || "choose a video file";
     if (kind === "file" && file && preview.paused) showFilePreview();
-    if (kind === "camera" && !cameraStream && preview.src) {
+    if (((kind === "camera" && !cameraStream) || (kind === "screen" && !sharingScreen())) && preview.src) {
       preview.pause();
       preview.removeAttribute("src");
       preview.load();
