@@ -400,7 +400,9 @@ def test_a_stream_start_does_not_recompile_the_compiled_halves(monkeypatch: pyte
     for _ in range(3):  # the first stream compiles; a reset, and the next ones must not recompile
         state, ref_state = VAEEncodeState(), VAEEncodeState()
         for part in (clip[:, :, :5], clip[:, :, 5:9], clip[:, :, 9:13]):
-            torch.testing.assert_close(vae.stream_encode(part, state), reference.stream_encode(part, ref_state))
+            torch.testing.assert_close(
+                vae.stream_encode(part, state), reference.stream_encode(part, ref_state)
+            )
         dstate, ref_dstate = VAEDecodeState(), VAEDecodeState()
         for part in (z[:, :, :2], z[:, :, 2:]):
             torch.testing.assert_close(

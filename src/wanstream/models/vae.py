@@ -572,7 +572,9 @@ class WanVAE(nn.Module):
             # the same shapes however a stream is cut into calls, so a stream equals the whole clip bit for bit.
             if self.channels_last:  # one memory layout for every chunk: compiled graphs are stride-specific
                 chunk = canonical_channels_last(chunk)
-            mu.append(self.conv1(self._encoder_for(chunk, state.started)(chunk, state))[:, : self.config.z_dim])
+            mu.append(
+                self.conv1(self._encoder_for(chunk, state.started)(chunk, state))[:, : self.config.z_dim]
+            )
             state.started = True
         return torch.cat(mu, dim=2)
 
