@@ -33,6 +33,8 @@ class Components:
     optimized: bool = (
         False  # set by `optimize()`: sessions compile their cache bookkeeping and use CUDA graphs
     )
+    precision: str = "bf16"  # "fp8": the DiT blocks' linear weights stored in float8 (weight-only)
+    text_placement: str = "gpu"  # where the text encoder lives: "gpu", "host" (parked) or "fp8" (on the GPU)
 
     def optimize(self, *, compile: bool = True, vae: bool = True) -> Components:
         """GPU speed-ups that keep the arithmetic: fused q/k/v and regional compilation of the DiT blocks,

@@ -94,3 +94,10 @@ def embedding_rows(embedding: nn.Embedding, ids: torch.Tensor, dtype: torch.dtyp
 def is_fp8(module: nn.Module) -> bool:
     """True when any of `module`'s parameters is stored in float8."""
     return any(p.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for p in module.parameters())
+
+
+def dit_to_fp8_(dit: nn.Module) -> int:
+    """The DiT's transformer blocks' linear layers (self/cross-attention projections, FFN) to float8 storage.
+
+    Attention itself, norms, modulation, the patch / text / time embeddings and the head stay as they are."""
+    return quantize_linears_(dit, lambda name: name.startswith("blocks."))
