@@ -66,7 +66,7 @@ def test_preflight_ok_warn_refuse_against_fake_free_memory() -> None:
     refused = preflight(c, settings, rows=ROWS, gpu=GPU, free_bytes=10 * GiB)
     assert refused.level == "refuse" and "would not fit" in refused.message
     assert "fewer denoising steps" in refused.message and "--low-vram" in refused.message
-    with pytest.raises(WontFit, match="10.0 GiB free"):
+    with pytest.raises(WontFit, match=r"10\.0 GiB free"):
         check(c, settings, rows=ROWS, gpu=GPU, free_bytes=10 * GiB)
 
 
