@@ -23,6 +23,10 @@ from wanstream.engine.settings import StreamSettings
 
 Progress = Callable[[str], None]
 
+RANDOM_LABEL = (
+    "full-size networks, RANDOM WEIGHTS (serve --random-weights: for measuring; the output is noise)"
+)
+
 # The low-memory profile (`--low-vram`, docs/memory.md): what Pipeline.load and the stream settings use.
 LOW_VRAM_LOAD = {"text_encoder": "host", "precision": "fp8"}
 LOW_VRAM_SETTINGS = {"encoder": "taehv", "decoder": "taehv"}
@@ -55,6 +59,30 @@ class Pipeline:
         from wanstream.demo import demo_components
 
         return cls(demo_components(device or "cpu", dtype, seed))
+
+    @classmethod
+    def random_weights(
+        cls,
+        device: str | torch.device | None = None,
+        *,
+        text_encoder: str = "auto",
+        precision: str = "bf16",
+        tiny: bool = False,
+        optimize: bool = True,
+    ) -> Pipeline:
+        """Full-size networks with RANDOM weights (no download): the real model's work and memory, noise for
+        output — for measuring (`serve --random-weights`, tools/gpu/live_path.py). `tiny`: the benchmark's
+        tiny random networks. Labelled `RANDOM_LABEL` everywhere it is shown."""
+        from wanstream.bench import random_components
+
+        dev = torch.device(device) if device is not None else default_device()
+        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        components = random_components(dev, dtype, tiny, precision=precision, text_encoder=text_encoder)
+        components.label = RANDOM_LABEL
+        components.random_weights = True
+        if optimize:
+            components.optimize()
+        return cls(components)
 
     @classmethod
     def load(

@@ -29,6 +29,7 @@ class Components:
     loras: Any = None  # wanstream.engine.lora.LoraManager (adapters on the DiT), when any are loaded
     scheduler: FlowMatchScheduler = field(default_factory=FlowMatchScheduler)
     label: str = ""  # e.g. "StreamDiffusionV2 1.3B" or "demo (random weights)"
+    random_weights: bool = False  # full-size networks with random weights (measuring; output is noise)
     demo: bool = False  # the tiny random-weight demo (its toy tokenizer and sizes stand in for the real ones)
     optimized: bool = (
         False  # set by `optimize()`: sessions compile their cache bookkeeping and use CUDA graphs
