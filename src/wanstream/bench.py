@@ -31,7 +31,7 @@ import statistics
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -43,8 +43,10 @@ from wanstream.engine.settings import DEFAULT_STEPS, LoraMode, LoraSpec, StreamS
 from wanstream.models.dit import WanConfig, WanDiT
 from wanstream.models.fastpath import FALLBACKS
 from wanstream.models.lora import linear_targets
-from wanstream.models.text import TextEncoder
 from wanstream.weights.lora import LoraPair, LoraWeights
+
+if TYPE_CHECKING:  # the text encoder's module needs ftfy/regex: imported only when one is built
+    from wanstream.models.text import TextEncoder
 
 STEP_LISTS = {1: (700,), 2: (700, 500), 3: (700, 500, 400), 4: (700, 500, 400, 200)}
 CODECS = {"wan": ("wan", "wan"), "taehv": ("taehv", "taehv"), "fast": ("wan", "taehv")}

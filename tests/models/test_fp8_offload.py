@@ -151,3 +151,20 @@ def test_loras_are_refused_on_an_fp8_dit_with_a_clear_error() -> None:
     dit_to_fp8_(c.dit)
     with pytest.raises(LoraError, match="float8"):
         LoraManager(c.dit).prepare([LoraSpec(path="any", scale=1.0)])
+
+
+def test_a_cached_prompt_does_not_bring_the_host_encoder_back() -> None:
+    from wanstream.engine.session import StreamSession
+    from wanstream.engine.settings import StreamSettings
+
+    c = demo_components()
+    te = c.text_encoder
+    host = HostTextEncoder(te.model, te.tokenizer, "cpu")
+    calls = []
+    forward = host._forward
+    host._forward = lambda ids, mask: calls.append(ids.shape) or forward(ids, mask)  # type: ignore[method-assign]
+    c.text_encoder = host
+    session = StreamSession(c, StreamSettings(height=32, width=48))
+    for prompt in ("a cat", "a dog", "a cat", "a dog"):
+        session.set_prompts(prompt, switch="refresh")
+    assert len(calls) == 2  # each new prompt once; switching back is the cache's
