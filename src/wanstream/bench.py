@@ -186,21 +186,18 @@ def random_components(
 def random_text_encoder(
     device: torch.device, dtype: torch.dtype, placement: str, tiny: bool, text_len: int
 ) -> TextEncoder:
-    """A random umT5 (umT5-XXL, or the demo's tiny one) with the demo's tokenizer (the real one is a
-    download): the work per token is the real encoder's. Each part is made and randomised on the device,
-    then placed: moved to host memory ("host"), converted to float8 ("fp8"), or left there ("gpu")."""
-    from wanstream.demo import demo_tokenizer
+    """A random umT5 (umT5-XXL, or a tiny one) with a word-hash tokenizer (`HashTokenizer`: the real one
+    is a download): the work per token is the real encoder's. Each part is made and randomised on the
+    device, then placed: moved to host memory ("host"), converted to float8 ("fp8"), or left ("gpu")."""
     from wanstream.models.fp8 import quantize_embedding_, quantize_linears_
     from wanstream.models.offload import HostTextEncoder
-    from wanstream.models.text import PromptTokenizer, UMT5Config, UMT5Encoder
+    from wanstream.models.text import PromptTokenizer, TextEncoder, UMT5Config, UMT5Encoder
 
-    tokenizer = PromptTokenizer(demo_tokenizer(), text_len=text_len)
     if tiny:
-        cfg = UMT5Config(
-            vocab=len(tokenizer.tokenizer), dim=64, dim_attn=64, dim_ffn=128, num_heads=2, num_layers=2
-        )
+        cfg = UMT5Config(vocab=256, dim=64, dim_attn=64, dim_ffn=128, num_heads=2, num_layers=2)
     else:
         cfg = UMT5Config.umt5_xxl()
+    tokenizer = PromptTokenizer(HashTokenizer(cfg.vocab), text_len=text_len)
     with torch.device("meta"):
         model = UMT5Encoder(cfg)
     model = model.to(dtype).eval().requires_grad_(False)
@@ -217,6 +214,37 @@ def random_text_encoder(
     if placement == "host":
         return HostTextEncoder(model, tokenizer, device)
     return TextEncoder(model, tokenizer)
+
+
+class HashTokenizer:
+    """umT5's conventions (pad 0, </s> 1, right padding) with one token per word, the id a hash of the word:
+    enough for random weights (no tokenizer files, no transformers), same shapes and cost per token."""
+
+    is_fast = True  # what PromptTokenizer asks of a tokenizer
+
+    def __init__(self, vocab: int) -> None:
+        self.vocab = vocab
+
+    def __len__(self) -> int:
+        return self.vocab
+
+    def ids(self, text: str) -> list[int]:
+        import zlib
+
+        return [3 + zlib.crc32(w.encode()) % (self.vocab - 3) for w in text.split()] + [1]
+
+    def __call__(self, text: str | list[str], **kwargs: Any) -> dict[str, Any]:
+        if isinstance(text, str):
+            return {"input_ids": self.ids(text)}
+        width = int(kwargs.get("max_length", 512))
+        rows = [self.ids(t) for t in text]
+        rows = [row if len(row) <= width else [*row[: width - 1], 1] for row in rows]  # keep </s>
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
 
 
 # What style LoRAs train: every attention projection (self and cross) and both FFN linears of each block.
