@@ -168,3 +168,30 @@ def test_a_cached_prompt_does_not_bring_the_host_encoder_back() -> None:
     for prompt in ("a cat", "a dog", "a cat", "a dog"):
         session.set_prompts(prompt, switch="refresh")
     assert len(calls) == 2  # each new prompt once; switching back is the cache's
+
+
+def test_host_encoder_runs_on_device_copies_under_inference_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on a GPU: every call runs on fresh copies (here clones on the CPU), inside inference mode (the
+    server's and generate's), and the module gets its host tensors back afterwards."""
+    from wanstream.models.offload import HostParked
+
+    te = _tiny_umt5()
+    ref = te.encode(PROMPTS)
+    model = copy.deepcopy(te.model)
+    host = HostTextEncoder(model, te.tokenizer, "cpu")
+    seen: list[int] = []
+    monkeypatch.setattr(HostParked, "fetch", lambda self, device: [t.clone() for t in self.host])
+    original = HostParked.attach
+
+    def attach(self, copies):
+        seen.extend(t.data_ptr() for t in copies)
+        original(self, copies)
+
+    monkeypatch.setattr(HostParked, "attach", attach)
+    with torch.inference_mode():
+        out = host.encode(PROMPTS)
+    assert torch.equal(out, ref)
+    host_ptrs = {t.data_ptr() for part in (*host.blocks, host.tail) for t in part.host}
+    assert {p.data_ptr() for p in model.blocks.parameters()} <= host_ptrs  # back on the host tensors
+    assert set(seen) - host_ptrs  # the calls ran on copies
+    assert all(isinstance(p, torch.nn.Parameter) for p in model.blocks.parameters())

@@ -60,10 +60,10 @@ class HostParked:
         return [t.to(device, non_blocking=True) for t in self.host]
 
     def attach(self, copies: Sequence[torch.Tensor]) -> None:
+        # Plain tensors in the parameter slots for the time of a call (no nn.Parameter is made: that would
+        # fail on inference tensors); the module reads them as its attributes all the same.
         for (owner, name, is_param), t in zip(self.slots, copies):
-            if is_param and not isinstance(t, nn.Parameter):
-                t = nn.Parameter(t, requires_grad=False)
-            (owner._parameters if is_param else owner._buffers)[name] = t
+            (owner._parameters if is_param else owner._buffers)[name] = t  # type: ignore[assignment]
 
     def detach(self) -> None:
         """Back to the host tensors (the very same objects: nothing is copied back)."""
