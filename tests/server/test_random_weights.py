@@ -80,3 +80,10 @@ def test_random_weights_server_streams_and_refuses_what_would_not_fit(
             assert not server.app.state.sessions.sessions
     finally:
         torch.set_num_threads(threads)
+
+
+def test_random_weights_is_one_device_only() -> None:
+    from wanstream.cli.main import main
+
+    assert main(["serve", "--random-weights", "--demo"]) == 2
+    assert main(["serve", "--random-weights", "--gpus", "2", "--device", "cpu"]) == 2
