@@ -557,7 +557,8 @@ def memory_parts(session: StreamSession, models_bytes: int) -> dict[str, Any]:
     if enc is not None:
         from wanstream.models.offload import HostTextEncoder
 
-        size = sum(t.numel() * t.element_size() for t in enc.model.state_dict().values())  # type: ignore[union-attr]
+        model = enc.model  # type: ignore[union-attr]
+        size = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
         key = "text_encoder_host_gib" if isinstance(enc, HostTextEncoder) else "text_encoder_gib"
         out[key] = size / 2**30
     if c.device.type != "cuda":
