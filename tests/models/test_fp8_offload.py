@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -195,3 +196,22 @@ def test_host_encoder_runs_on_device_copies_under_inference_mode(monkeypatch: py
     assert {p.data_ptr() for p in model.blocks.parameters()} <= host_ptrs  # back on the host tensors
     assert set(seen) - host_ptrs  # the calls ran on copies
     assert all(isinstance(p, torch.nn.Parameter) for p in model.blocks.parameters())
+
+
+def test_host_tensors_are_views_of_one_exact_size_buffer() -> None:
+    """One buffer, page-locked in place on a GPU machine (torch's pinned allocator would round each tensor
+    up to a power of two); here the packing itself: every host tensor a view into it, aligned, no overlap."""
+    te = _tiny_umt5()
+    model = copy.deepcopy(te.model)
+    host = HostTextEncoder(model, te.tokenizer, "cpu")
+    flat = host._flat
+    start, end = flat.data_ptr(), flat.data_ptr() + flat.numel()
+    spans = sorted(
+        (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
+        for part in (*host.blocks, host.tail)
+        for t in part.host
+    )
+    assert all(start <= a and b <= end and a % 64 == 0 for a, b in spans)
+    assert all(b1 <= a2 for (_, b1), (a2, _) in itertools.pairwise(spans))
+    assert host.host_bytes <= flat.numel() < host.host_bytes + 64 * len(spans)
+    assert all(p.data_ptr() in {a for a, _ in spans} for p in model.blocks.parameters())
