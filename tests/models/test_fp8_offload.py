@@ -215,3 +215,9 @@ def test_host_tensors_are_views_of_one_exact_size_buffer() -> None:
     assert all(b1 <= a2 for (_, b1), (a2, _) in itertools.pairwise(spans))
     assert host.host_bytes <= flat.numel() < host.host_bytes + 64 * len(spans)
     assert all(p.data_ptr() in {a for a, _ in spans} for p in model.blocks.parameters())
+
+
+def test_quantizing_in_row_chunks_gives_the_same_result() -> None:
+    w = torch.randn(1000, 64, generator=torch.Generator().manual_seed(5))
+    whole, chunked = quantize_rows(w, chunk_rows=4096), quantize_rows(w, chunk_rows=96)
+    assert torch.equal(whole[0].float(), chunked[0].float()) and torch.equal(whole[1], chunked[1])

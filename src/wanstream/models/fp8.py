@@ -24,12 +24,19 @@ RELATIVE_ERROR = 2.0**-4
 ABSOLUTE_ERROR_PER_AMAX = 2.0**-10 / FP8_MAX
 
 
-def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[out, in] (or [rows, dim]) → float8 values and float32 scales [out, 1]: weight ≈ values · scales."""
-    w = weight.detach().float()
-    amax = w.abs().amax(dim=1, keepdim=True)
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    return (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+def quantize_rows(weight: torch.Tensor, chunk_rows: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """[out, in] (or [rows, dim]) → float8 values and float32 scales [out, 1]: weight ≈ values · scales.
+
+    Works `chunk_rows` rows at a time, so a large table (umT5's 256k × 4096) never needs a float32 copy."""
+    values = torch.empty(weight.shape, dtype=FP8, device=weight.device)
+    scales = torch.empty(weight.shape[0], 1, dtype=torch.float32, device=weight.device)
+    for start in range(0, weight.shape[0], chunk_rows):
+        w = weight[start : start + chunk_rows].detach().float()
+        amax = w.abs().amax(dim=1, keepdim=True)
+        scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+        values[start : start + chunk_rows] = (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        scales[start : start + chunk_rows] = scale
+    return values, scales
 
 
 def dequantize(values: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
