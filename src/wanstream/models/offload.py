@@ -72,7 +72,8 @@ def pack_pinned(parts: list[HostParked], pin: bool) -> torch.Tensor:
     and, with `pin`, page-lock that buffer in place (cudaHostRegister).
 
     One exact-size registration instead of a `pin_memory()` per tensor: torch's pinned allocator rounds every
-    allocation up to a power of two, which would pin ≈ 1.4× the encoder (computed: an 80 MiB FFN matrix takes 128 MiB).
+    allocation up to a power of two, which would pin ≈ 1.4× the encoder (computed: an 80 MiB FFN matrix
+    takes 128 MiB).
     Falls back to per-tensor pinning, with a warning, where registration is refused."""
     align = 64
     sizes = [-(-t.numel() * t.element_size() // align) * align for part in parts for t in part.host]
