@@ -105,7 +105,7 @@ def pack_pinned(parts: list[HostParked], pin: bool) -> torch.Tensor:
                     for t in part.host
                 ]
                 part.detach()
-            return flat
+            return torch.empty(0, dtype=torch.uint8)  # the flat buffer goes with its last view
         weakref.finalize(flat, _unregister, flat.data_ptr())
     return flat
 
