@@ -59,3 +59,30 @@ def test_bench_live_changes_scenario_runs_every_phase(tmp_path: Path) -> None:
     assert live["phases"]["hard_cut"]["frames"] == 5 + 4 * 5 - 4  # 5-frame first chunk, then 2-step lag of 1
     assert live["ttff_after_reset_ms"] == live["phases"]["hard_cut"]["chunk_ms"][0] > 0
     assert data["fallbacks"] == {"counts": {}, "last": {}}
+
+
+def test_bench_with_text_encoder_fp8_and_low_vram(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    rc = main(
+        ["bench", "--tiny", "--device", "cpu", "--configs", "batch,32x32,2,taehv", "--chunks", "2",
+         "--warm-chunks", "1", "--with-text-encoder", "--text-encoder", "fp8", "--precision", "fp8",
+         "--memory-limit-gib", "24", "--json", str(out), "--write-estimates", str(tmp_path / "est.json")]
+    )  # fmt: skip
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert (data["precision"], data["text_encoder"], data["memory_limit_gib"]) == ("fp8", "fp8", 24.0)
+    r = data["results"][0]
+    change = r["extra"]["prompt_change"]
+    assert change["tokens"] == 64  # the tiny encoder's whole width: the worst case
+    assert 0 < change["encode_ms"] < change["to_first_frame_ms"] <= change["to_fully_conditioned_ms"]
+    mem = r["extra"]["memory"]
+    assert mem["kv_cache_gib"] > 0 and mem["text_encoder_gib"] > 0
+    assert not (tmp_path / "est.json").exists()  # rows are per GPU: a CPU run writes none
+    # The profile on the CPU: host placement falls back to the device itself, fp8 DiT, TAEHV both ways.
+    rc = main(
+        ["bench", "--tiny", "--device", "cpu", "--chunks", "1", "--warm-chunks", "1", "--low-vram",
+         "--with-text-encoder", "--json", str(out)]
+    )  # fmt: skip
+    data = json.loads(out.read_text())
+    assert rc == 0 and data["precision"] == "fp8" and data["text_encoder"] == "gpu"
+    assert {r["config"].rsplit(",", 1)[1] for r in data["results"]} == {"taehv"}

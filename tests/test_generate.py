@@ -693,3 +693,46 @@ def test_cli_uses_downloaded_weights_when_present(
     assert main([*argv, "-o", str(tmp_path / "o2.mp4")]) == 1
     assert "--with-taehv" in capsys.readouterr().err
     assert not (tmp_path / "o2.mp4").exists()
+
+
+@pytest.mark.parametrize("free_gib, code", [(0.001, 1), (100.0, 0)])
+def test_cli_estimates_refuse_a_job_that_would_not_fit_before_any_frame(
+    clip_path: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    free_gib: float,
+    code: int,
+) -> None:
+    """With a (fake) measured row for this (fake) GPU and (fake) free memory: refused up front, saying what
+    to lower, and nothing written; with room, the estimate is shown and the job runs."""
+    from wanstream.engine import estimate
+
+    row = estimate.Row(
+        gpu="Fake GPU", height=H, width=W, steps=1, codecs="taehv", batching="none", precision="bf16",
+        text_encoder="gpu", peak_gib=6.0, models_gib=1.0, fps=50.0,
+    )  # fmt: skip
+    real = estimate.preflight
+    fake = lambda c, s, **kw: real(c, s, rows=[row], gpu="Fake GPU", free_bytes=int(free_gib * 2**30))  # noqa: E731
+    monkeypatch.setattr(estimate, "preflight", fake)
+    monkeypatch.setenv("WANSTREAM_MODELS_DIR", str(tmp_path / "no-models"))
+    out = tmp_path / "out.mp4"
+    argv = [
+        "generate",
+        str(clip_path),
+        "--prompt",
+        "a fox",
+        "-o",
+        str(out),
+        "--demo",
+        "--vae",
+        "taehv",
+        "--steps",
+        "700",
+    ]
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    if code:
+        assert "would not fit" in err and "a smaller size" in err and "estimate" in err and not out.exists()
+    else:
+        assert "FPS" in err and "an estimate" in err and out.exists()

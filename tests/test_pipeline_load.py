@@ -42,3 +42,27 @@ def test_missing_weights_name_the_download_command(tmp_path: Path) -> None:
     with pytest.raises(MissingWeightsError) as err:
         Pipeline.load(root, device="cpu")
     assert "wanstream download" in str(err.value) and "Wan2.1_VAE.pth" in str(err.value)
+
+
+def test_memory_choices_fp8_text_encoder_fp8_dit_and_the_low_vram_profile(tmp_path: Path) -> None:
+    from wanstream.models.fp8 import FP8, Fp8Linear
+    from wanstream.pipeline import LOW_VRAM_SETTINGS
+
+    root = write_tiny_models_dir(tmp_path / "models")
+    pipe = Pipeline.load(root, device="cpu", dtype=torch.float32, text_encoder="fp8", precision="fp8")
+    c = pipe.components
+    assert (c.text_placement, c.precision) == ("fp8", "fp8")
+    assert c.text_encoder.model.token_embedding.weight.dtype == FP8
+    assert isinstance(c.dit.blocks[0].ffn[0], Fp8Linear) and c.dit.head.head.weight.dtype == torch.float32
+    session = pipe.session(height=32, width=48, prompts=["a watercolor fox in the snow"])
+    out = torch.cat([session.push(moving_clip(9)), session.flush()])
+    assert out.shape == (9, 32, 48, 3)
+    # The profile: host text encoder (the CPU is the host: nothing to park) and the fp8 DiT.
+    low = Pipeline.load(root, device="cpu", dtype=torch.float32, low_vram=True)
+    assert (low.components.text_placement, low.components.precision) == ("gpu", "fp8")
+    session = low.session(height=32, width=48, prompts=["a fox"], **LOW_VRAM_SETTINGS)
+    assert session.settings.encoder == "taehv" and session.push(moving_clip(9)).shape[1:] == (32, 48, 3)
+    with pytest.raises(ValueError, match="placement"):
+        Pipeline.load(root, device="cpu", text_encoder="disk")
+    with pytest.raises(ValueError, match="precision"):
+        Pipeline.load(root, device="cpu", precision="int4")

@@ -31,18 +31,22 @@ import statistics
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from wanstream.engine.components import Components
 from wanstream.engine.lora import lora_manager
+from wanstream.engine.memory import release_device_memory
 from wanstream.engine.session import StreamSession
 from wanstream.engine.settings import DEFAULT_STEPS, LoraMode, LoraSpec, StreamSettings
 from wanstream.models.dit import WanConfig, WanDiT
 from wanstream.models.fastpath import FALLBACKS
 from wanstream.models.lora import linear_targets
 from wanstream.weights.lora import LoraPair, LoraWeights
+
+if TYPE_CHECKING:  # the text encoder's module needs ftfy/regex: imported only when one is built
+    from wanstream.models.text import TextEncoder
 
 STEP_LISTS = {1: (700,), 2: (700, 500), 3: (700, 500, 400), 4: (700, 500, 400, 200)}
 CODECS = {"wan": ("wan", "wan"), "taehv": ("taehv", "taehv"), "fast": ("wan", "taehv")}
@@ -129,17 +133,35 @@ def _on_device(factory: Any, device: torch.device, dtype: torch.dtype) -> torch.
 
 
 def random_components(
-    device: torch.device, dtype: torch.dtype = torch.bfloat16, tiny: bool = False
+    device: torch.device,
+    dtype: torch.dtype = torch.bfloat16,
+    tiny: bool = False,
+    *,
+    precision: str = "bf16",
+    text_encoder: str | None = None,
 ) -> Components:
+    """Random networks at full size (or tiny). `precision="fp8"`: the DiT blocks' linear weights stored in
+    float8; `text_encoder`: also a random umT5 ("gpu", "fp8", "host" or "auto", as `Pipeline.load` places
+    it), else none (a random conditioning stands in)."""
+    from wanstream.models.placement import check_precision, resolve_text_placement
     from wanstream.models.tae import TAEHV, TAEHVConfig
     from wanstream.models.vae import WanVAE, WanVAEConfig
+
+    check_precision(precision)
+    placement = resolve_text_placement(text_encoder, device) if text_encoder is not None else None
 
     if tiny:
         dit_cfg = WanConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_len=64, text_dim=64)
         vae_cfg, tae_cfg = WanVAEConfig(dim=8, num_res_blocks=1), TAEHVConfig.taew2_1(width_divisor=8)
     else:
         dit_cfg, vae_cfg, tae_cfg = WanConfig.t2v_1_3b(), WanVAEConfig(), TAEHVConfig()
+    # The text encoder first: its "host" and "fp8" forms are built through the device, one block at a time.
+    text = random_text_encoder(device, dtype, placement, tiny, dit_cfg.text_len) if placement else None
     dit = randomize_(_on_device(lambda: WanDiT(dit_cfg), device, dtype), 1)
+    if precision == "fp8":
+        from wanstream.models.fp8 import dit_to_fp8_
+
+        dit_to_fp8_(dit)
     vae = randomize_(_on_device(lambda: WanVAE(vae_cfg), device, dtype), 2)
     tae_dtype = torch.float16 if device.type == "cuda" else dtype
     tae = randomize_(_on_device(lambda: TAEHV(tae_cfg), device, tae_dtype), 3)
@@ -148,7 +170,81 @@ def random_components(
         if tiny
         else "full-size 1.3B, RANDOM WEIGHTS (no download; compute is identical)"
     )
-    return Components(dit=dit, device=device, dtype=dtype, wan_vae=vae, taehv=tae, label=label)
+    return Components(
+        dit=dit,
+        device=device,
+        dtype=dtype,
+        wan_vae=vae,
+        taehv=tae,
+        text_encoder=text,
+        label=label,
+        precision=precision,
+        text_placement=placement or "none",
+    )
+
+
+def random_text_encoder(
+    device: torch.device, dtype: torch.dtype, placement: str, tiny: bool, text_len: int
+) -> TextEncoder:
+    """A random umT5 (umT5-XXL, or a tiny one) with a word-hash tokenizer (`HashTokenizer`: the real one
+    is a download): the work per token is the real encoder's. Each part is made and randomised on the
+    device, then placed: moved to host memory ("host"), converted to float8 ("fp8"), or left ("gpu")."""
+    from wanstream.models.fp8 import quantize_embedding_, quantize_linears_
+    from wanstream.models.offload import HostTextEncoder
+    from wanstream.models.text import PromptTokenizer, TextEncoder, UMT5Config, UMT5Encoder
+
+    if tiny:
+        cfg = UMT5Config(vocab=256, dim=64, dim_attn=64, dim_ffn=128, num_heads=2, num_layers=2)
+    else:
+        cfg = UMT5Config.umt5_xxl()
+    tokenizer = PromptTokenizer(HashTokenizer(cfg.vocab), text_len=text_len)
+    with torch.device("meta"):
+        model = UMT5Encoder(cfg)
+    model = model.to(dtype).eval().requires_grad_(False)
+    parts = [model.token_embedding, *model.blocks, model.norm]
+    for i, part in enumerate(parts):
+        randomize_(part.to_empty(device=device), 10 + i)
+        if placement == "fp8":
+            if isinstance(part, torch.nn.Embedding):
+                quantize_embedding_(part)
+            else:
+                quantize_linears_(part)
+        elif placement == "host":
+            part.to("cpu")
+    if placement == "host":
+        return HostTextEncoder(model, tokenizer, device)
+    return TextEncoder(model, tokenizer)
+
+
+class HashTokenizer:
+    """umT5's conventions (pad 0, </s> 1, right padding) with one token per word, the id a hash of the word:
+    enough for random weights (no tokenizer files, no transformers), same shapes and cost per token."""
+
+    is_fast = True  # what PromptTokenizer asks of a tokenizer
+
+    def __init__(self, vocab: int) -> None:
+        self.vocab = vocab
+
+    def __len__(self) -> int:
+        return self.vocab
+
+    def ids(self, text: str) -> list[int]:
+        import zlib
+
+        return [3 + zlib.crc32(w.encode()) % (self.vocab - 3) for w in text.split()] + [1]
+
+    def __call__(self, text: str | list[str], **kwargs: Any) -> dict[str, Any]:
+        if isinstance(text, str):
+            return {"input_ids": self.ids(text)}
+        width = int(kwargs.get("max_length", 512))
+        rows = [self.ids(t) for t in text]
+        rows = [row if len(row) <= width else [*row[: width - 1], 1] for row in rows]  # keep </s>
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
 
 
 # What style LoRAs train: every attention projection (self and cross) and both FFN linears of each block.
@@ -286,13 +382,18 @@ def bench_config(
     settings = cfg.settings()
     if loras:
         settings = StreamSettings.model_validate({**settings.model_dump(), "loras": loras})
+    release_device_memory(device)  # the previous config's cache blocks and graph pools: not this one's peak
+    models_bytes = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     session = StreamSession(components, settings, output="uint8")
     if device.type == "cuda":
         session.denoiser.use_cuda_graphs(graphs)
-    text = torch.randn(
-        1, 512 if components.dit.config.text_len == 512 else 16, components.dit.config.text_dim
-    )
-    session.set_prompt_embeddings(text.to(device, components.dtype))
+    if components.text_encoder is not None:
+        session.set_prompts(long_prompt(0))
+    else:
+        text = torch.randn(
+            1, 512 if components.dit.config.text_len == 512 else 16, components.dit.config.text_dim
+        )
+        session.set_prompt_embeddings(text.to(device, components.dtype))
     timer = StageTimer(device)
     session.stage_timer = StageTimer(device, wall=True)  # the first chunk: where start-up time goes
     # Stream batch outputs its first steady chunk N-1 chunks late: the decoder starts compiling only then.
@@ -335,8 +436,11 @@ def bench_config(
     window = time.perf_counter() - window_start
     synchronize(device)
     stages = timer.take_ms()
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     extra: dict[str, Any] = {}
+    if components.text_encoder is not None:  # inside the peak: the text encoder's visit counts
+        extra["prompt_change"] = measure_prompt_change(session, frames[pos - 4 : pos], chunk_ms)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    extra["memory"] = memory_parts(session, models_bytes)
     if loras:  # what a live scale change costs: a re-merge, or a copy into the adapters' scales
         manager = lora_manager(components)
         halved = [lo.model_copy(update={"scale": lo.scale / 2}) for lo in loras]
@@ -384,6 +488,100 @@ def bench_config(
     )
 
 
+PROMPT_WORDS = [
+    "a",
+    "watercolor",
+    "painting",
+    "of",
+    "a",
+    "neon",
+    "city",
+    "at",
+    "night",
+    "with",
+    "rain",
+    "and",
+    "glowing",
+    "golden",
+    "light",
+]
+
+
+def long_prompt(seed: int) -> str:
+    """A prompt that fills the encoder's 512 tokens with the demo tokenizer (the worst case: the encoder
+    runs over the real tokens only, so shorter prompts cost less)."""
+    words = PROMPT_WORDS[seed % len(PROMPT_WORDS) :] + PROMPT_WORDS[: seed % len(PROMPT_WORDS)]
+    return " ".join(words * 40)
+
+
+def measure_prompt_change(
+    session: StreamSession, block: torch.Tensor, chunk_ms: list[float]
+) -> dict[str, Any]:
+    """A new prompt (never seen: encoded now) → output frames made under it, on the CPU: the encode (for a
+    "host" encoder, its copy to the device included), then chunks. The stream keeps its KV cache (a
+    refresh, not a cut). `to_first_frame_ms`: the first chunk out after the change (in stream batch, its
+    last step ran under the new prompt); `to_fully_conditioned_ms`: the first chunk whose every step did."""
+    device = session.components.device
+    prompt = long_prompt(1)  # the stream started on long_prompt(0): this one is not in its cache
+    tokens = int(session.components.text_encoder.tokenize([prompt]).lengths[0])  # type: ignore[union-attr]
+    lanes = session.denoiser.cache.config.lanes
+    synchronize(device)
+    t0 = time.perf_counter()
+    session.set_prompts(prompt, switch="refresh")
+    synchronize(device)
+    encode_ms = (time.perf_counter() - t0) * 1000
+    outputs: list[float] = []
+    for _ in range(lanes + 4):
+        if int(session.push(block).cpu().shape[0]):
+            outputs.append((time.perf_counter() - t0) * 1000)
+            if len(outputs) == lanes:
+                break
+    return {
+        "tokens": tokens,
+        "encode_ms": round(encode_ms, 2),
+        "to_first_frame_ms": round(outputs[0], 2) if outputs else float("nan"),
+        "to_fully_conditioned_ms": round(outputs[-1], 2) if len(outputs) == lanes else float("nan"),
+        "steady_chunk_ms_p50": round(_pct(chunk_ms, 0.5), 2),
+    }
+
+
+def memory_parts(session: StreamSession, models_bytes: int) -> dict[str, Any]:
+    """Where the device memory went (GiB): the networks before the stream, the KV cache (its buffers), the
+    CUDA-graph pools (segments outside the default pool, from the allocator's snapshot), the text
+    encoder (device copy, or host copy when parked), peaks allocated and reserved."""
+    c = session.components
+    cache = session.denoiser.cache
+    kv = sum(b.numel() * b.element_size() for b in cache.buffers())
+    out: dict[str, Any] = {"kv_cache_gib": kv / 2**30}
+    enc = c.text_encoder
+    if enc is not None:
+        from wanstream.models.offload import HostTextEncoder
+
+        model = enc.model  # type: ignore[union-attr]
+        size = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+        key = "text_encoder_host_gib" if isinstance(enc, HostTextEncoder) else "text_encoder_gib"
+        out[key] = size / 2**30
+    if c.device.type != "cuda":
+        return out
+    out["models_gib"] = models_bytes / 2**30
+    out["peak_allocated_gib"] = torch.cuda.max_memory_allocated(c.device) / 2**30
+    out["peak_reserved_gib"] = torch.cuda.max_memory_reserved(c.device) / 2**30
+    out["graph_pools_gib"] = graph_pool_bytes() / 2**30
+    return out
+
+
+def graph_pool_bytes() -> int:
+    """Reserved bytes of the CUDA-graph private pools (segments whose pool id is not the default (0, 0));
+    NaN-free: 0 when the allocator's snapshot is not available."""
+    try:
+        segments = torch.cuda.memory_snapshot()
+    except (RuntimeError, AttributeError):
+        return 0
+    return sum(
+        int(s.get("total_size", 0)) for s in segments if tuple(s.get("segment_pool_id", (0, 0))) != (0, 0)
+    )
+
+
 def print_table(results: list[Result], console: Any = None) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -426,11 +624,21 @@ def run_bench(
     lora_rank: int | None = None,
     lora_modes: tuple[str, ...] = ("none", "merged", "runtime"),
     live_changes: bool = False,
+    precision: str = "bf16",
+    text_encoder: str | None = None,
+    memory_limit_gib: float | None = None,
+    write_estimates: str | None = None,
 ) -> list[Result]:
+    """`text_encoder`: also build a random umT5 placed so ("gpu", "fp8", "host", "auto"), measured in the
+    peak memory, with the prompt-change latency. `memory_limit_gib`: cap this process's GPU memory
+    before anything is allocated (a run that completes proves the fit). `write_estimates`: add the
+    results to that estimates table (docs/memory.md)."""
     from rich.console import Console
 
     console = Console()
     process_start = _process_start_time()
+    if memory_limit_gib is not None:
+        limit_memory(device, memory_limit_gib, console)
 
     def mark(label: str) -> None:  # where start-up time goes
         console.print(f"[dim][{time.time() - process_start:6.1f} s] {label}[/dim]")
@@ -440,7 +648,7 @@ def run_bench(
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
-    components = random_components(device, dtype, tiny=tiny)
+    components = random_components(device, dtype, tiny=tiny, precision=precision, text_encoder=text_encoder)
     mark("networks built")
     console.print(f"[bold]{components.label}[/bold] on {device}")
     if compile and device.type == "cuda":
@@ -485,6 +693,7 @@ def run_bench(
             + (f", cold start {result.extra['cold_start_s']:.1f} s" if "cold_start_s" in result.extra else "")
             + (f", LoRA scale change {rescale:.1f} ms" if rescale is not None else "")
         )
+        console.print(describe_extras(result))
     print_table(results, console)
     live = bench_live_changes(components, configs[0], console) if live_changes else None
     fallbacks = FALLBACKS.snapshot()
@@ -501,13 +710,88 @@ def run_bench(
             "cuda_graphs": graphs,
             "vae_layout": vae_layout,
             "weights": components.label,
+            "precision": components.precision,
+            "text_encoder": components.text_placement,
+            "memory_limit_gib": memory_limit_gib,
             "fallbacks": FALLBACKS.snapshot(),
             "results": [asdict(r) for r in results],
             "live_changes": live,
         }
         with open(json_path, "w") as f:
             json.dump(payload, f, indent=1)
+    if write_estimates:
+        rows = estimate_rows(components, configs, results, variants_per_config=len(variants))
+        if rows:
+            from pathlib import Path
+
+            from wanstream.engine.estimate import write_rows
+
+            write_rows(Path(write_estimates), rows)
+            console.print(f"estimates: {len(rows)} row(s) written to {write_estimates}")
+        else:
+            console.print("estimates: nothing written (measured on the CPU: the table is per GPU)")
     return results
+
+
+def limit_memory(device: torch.device, limit_gib: float, console: Any = None) -> float:
+    """Cap this process's share of the GPU at `limit_gib` (torch's per-process memory fraction), before
+    anything is allocated: a run that completes under it fits a card of that size. Returns the fraction."""
+    if device.type != "cuda":
+        if console is not None:
+            console.print(f"memory limit {limit_gib:g} GiB: ignored on the CPU")
+        return float("nan")
+    total = torch.cuda.get_device_properties(device).total_memory
+    fraction = min(1.0, limit_gib * 2**30 / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    if console is not None:
+        console.print(f"memory limit: {limit_gib:g} GiB of {total / 2**30:.1f} GiB (fraction {fraction:.3f})")
+    return fraction
+
+
+def describe_extras(result: Result) -> str:
+    """The memory split and the prompt-change latency of one result, as one line."""
+    mem = result.extra.get("memory", {})
+    parts = ", ".join(f"{k.removesuffix('_gib')} {v:.2f}" for k, v in mem.items())
+    line = f"  memory GiB: {parts}"
+    change = result.extra.get("prompt_change")
+    if change:
+        line += (
+            f"\n  prompt change ({change['tokens']} tokens): encode {change['encode_ms']:.0f} ms, first frame "
+            f"{change['to_first_frame_ms']:.0f} ms, fully conditioned {change['to_fully_conditioned_ms']:.0f} ms"
+        )
+    return line
+
+
+def estimate_rows(
+    components: Components, configs: list[BenchConfig], results: list[Result], variants_per_config: int
+) -> list:
+    """Rows for the estimates table: one per config (its first variant, without LoRA), GPU runs only."""
+    from wanstream.engine.estimate import Row, measured_note
+
+    device = components.device
+    if device.type != "cuda":
+        return []
+    gpu = torch.cuda.get_device_name(device)
+    rows = []
+    for cfg, result in zip(configs, results[::variants_per_config]):
+        mem = result.extra["memory"]
+        rows.append(
+            Row(
+                gpu=gpu,
+                height=cfg.height,
+                width=cfg.width,
+                steps=cfg.steps,
+                codecs=cfg.codecs,
+                batching=cfg.batching,
+                precision=components.precision,
+                text_encoder=components.text_placement,
+                peak_gib=round(mem["peak_reserved_gib"], 3),
+                models_gib=round(mem["models_gib"], 3),
+                fps=round(result.fps, 3),
+                measured=measured_note(),
+            )
+        )
+    return rows
 
 
 def bench_live_changes(components: Components, cfg: BenchConfig, console: Any = None) -> dict[str, Any]:

@@ -23,6 +23,14 @@ from wanstream.engine.settings import StreamSettings
 
 Progress = Callable[[str], None]
 
+RANDOM_LABEL = (
+    "full-size networks, RANDOM WEIGHTS (serve --random-weights: for measuring; the output is noise)"
+)
+
+# The low-memory profile (`--low-vram`, docs/memory.md): what Pipeline.load and the stream settings use.
+LOW_VRAM_LOAD = {"text_encoder": "host", "precision": "fp8"}
+LOW_VRAM_SETTINGS = {"encoder": "taehv", "decoder": "taehv"}
+
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -53,6 +61,30 @@ class Pipeline:
         return cls(demo_components(device or "cpu", dtype, seed))
 
     @classmethod
+    def random_weights(
+        cls,
+        device: str | torch.device | None = None,
+        *,
+        text_encoder: str = "auto",
+        precision: str = "bf16",
+        tiny: bool = False,
+        optimize: bool = True,
+    ) -> Pipeline:
+        """Full-size networks with RANDOM weights (no download): the real model's work and memory, noise for
+        output — for measuring (`serve --random-weights`, tools/gpu/live_path.py). `tiny`: the benchmark's
+        tiny random networks. Labelled `RANDOM_LABEL` everywhere it is shown."""
+        from wanstream.bench import random_components
+
+        dev = torch.device(device) if device is not None else default_device()
+        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        components = random_components(dev, dtype, tiny, precision=precision, text_encoder=text_encoder)
+        components.label = RANDOM_LABEL
+        components.random_weights = True
+        if optimize:
+            components.optimize()
+        return cls(components)
+
+    @classmethod
     def load(
         cls,
         models_dir: str | Path | None = None,
@@ -60,6 +92,9 @@ class Pipeline:
         device: str | torch.device | None = None,
         dtype: torch.dtype = torch.bfloat16,
         text_encoder: str = "auto",
+        text_encoder_file: str = "auto",
+        precision: str = "bf16",
+        low_vram: bool = False,
         taehv: bool = True,
         vace: bool | Literal["auto"] = False,
         progress: Progress | None = None,
@@ -69,14 +104,25 @@ class Pipeline:
         command, when files are missing; never downloads). On a GPU, `optimize` (the default) fuses and
         compiles the networks (`Components.optimize`): the first chunk of each shape compiles, cached on
         disk for later starts; it does nothing on the CPU. `vace`: also the VACE module (True: its file
-        is required, "auto": when downloaded)."""
+        is required, "auto": when downloaded).
+
+        Memory (docs/memory.md): `text_encoder` places the umT5 — "gpu", "fp8" (float8 weights on the GPU)
+        or "host" (pinned host memory, streamed in per new prompt); "auto" is "host" on a GPU.
+        `text_encoder_file`: which downloaded encoder file to read ("auto", "bf16", "fp8").
+        `precision="fp8"` stores the DiT blocks' linear weights in float8 (weight-only: memory, not speed).
+        `low_vram=True` is the low-memory profile: text encoder "host" and DiT "fp8" (and TAEHV, which
+        the session settings choose: `LOW_VRAM_SETTINGS`)."""
         from wanstream.weights.pipeline import load_components
 
+        if low_vram:
+            text_encoder, precision = LOW_VRAM_LOAD["text_encoder"], LOW_VRAM_LOAD["precision"]
         components = load_components(
             models_dir,
             device=torch.device(device) if device is not None else default_device(),
             dtype=dtype,
             text_encoder=text_encoder,
+            text_encoder_file=text_encoder_file,
+            precision=precision,
             taehv=taehv,
             vace=vace,
             progress=progress,

@@ -64,6 +64,26 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="after the configs, one stream of the first config through a prompt change, a hard cut and "
         "steps changed live 2 -> 3 -> 1, timed per chunk",
     )
+    add_memory_flags(p)
+    p.add_argument(
+        "--with-text-encoder",
+        action="store_true",
+        help="also build a random full-size umT5-XXL, placed by --text-encoder: in the peak memory, with the "
+        "prompt-change latency (new prompt -> first frame under it)",
+    )
+    p.add_argument(
+        "--memory-limit-gib",
+        type=float,
+        metavar="GIB",
+        help="cap this process's GPU memory at GIB before anything is allocated "
+        "(torch.cuda.set_per_process_memory_fraction): a run that completes fits a card of that size",
+    )
+    p.add_argument(
+        "--write-estimates",
+        metavar="FILE",
+        help="add the measured memory and FPS per config to this estimates table (JSON; the default "
+        "location generate and serve read is ~/.cache/wanstream/estimates.json, or $WANSTREAM_ESTIMATES)",
+    )
     p.add_argument(
         "--gpus",
         type=int,
@@ -117,9 +137,20 @@ def run(args: argparse.Namespace) -> int:
         print(
             "note: no GPU — full-size networks on the CPU take minutes per chunk; use --tiny for a smoke test"
         )
+    low = low_vram_choices(args)
+    if args.low_vram and args.configs in (DEFAULT_CONFIGS_ARG, TINY_CONFIGS_ARG):  # the profile's codecs
+        configs = [BenchConfig(c.batching, c.height, c.width, c.steps, "taehv") for c in configs]
+        configs = list(dict.fromkeys(configs))
+    if args.memory_limit_gib is not None and args.memory_limit_gib <= 0:
+        print(f"error: --memory-limit-gib {args.memory_limit_gib}: give a positive size")
+        return 2
     run_bench(
         configs,
         device=device,
+        precision=low["precision"],
+        text_encoder=low["text_encoder"] if args.with_text_encoder else None,
+        memory_limit_gib=args.memory_limit_gib,
+        write_estimates=args.write_estimates,
         tiny=args.tiny,
         chunks=args.chunks,
         warm_chunks=args.warm_chunks,
@@ -132,6 +163,42 @@ def run(args: argparse.Namespace) -> int:
         live_changes=args.live_changes,
     )
     return 0
+
+
+def add_memory_flags(p: argparse.ArgumentParser) -> None:
+    """--text-encoder, --precision and --low-vram: the memory choices (docs/memory.md), shared by
+    generate, serve and bench."""
+    from wanstream.models.placement import PRECISIONS, TEXT_PLACEMENTS
+
+    p.add_argument(
+        "--text-encoder",
+        dest="text_placement",
+        choices=TEXT_PLACEMENTS,
+        default="auto",
+        help="where the umT5 text encoder lives: gpu, fp8 (float8 weights on the GPU), host (pinned host "
+        "memory, moved in per new prompt); auto = host on a GPU (default: %(default)s)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="bf16",
+        help="DiT weight storage: fp8 keeps the blocks' linear weights in float8 (memory, not speed: the "
+        "arithmetic stays bf16) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--low-vram",
+        action="store_true",
+        help="the low-memory profile for 16 GB cards: text encoder on the host, fp8 DiT weights, TAEHV",
+    )
+
+
+def low_vram_choices(args: argparse.Namespace) -> dict[str, str]:
+    """The text-encoder placement and precision the flags ask for (--low-vram overrides both)."""
+    from wanstream.pipeline import LOW_VRAM_LOAD
+
+    if args.low_vram:
+        return dict(LOW_VRAM_LOAD)
+    return {"text_encoder": args.text_placement, "precision": args.precision}
 
 
 def _run_gpus(args: argparse.Namespace, configs: list, device: object) -> int:

@@ -66,6 +66,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="encoder and decoder: the Wan VAE (default), or TAEHV (fast; needs `wanstream download "
         "--with-taehv`); the demo model defaults to TAEHV",
     )
+    from wanstream.cli.bench_cmd import add_memory_flags
+
+    add_memory_flags(p)  # --text-encoder, --precision, --low-vram (docs/memory.md)
     p.add_argument("--width", type=int, metavar="W", help="output width (a multiple of 16)")
     p.add_argument("--height", type=int, metavar="H", help="output height (a multiple of 16)")
     p.add_argument(
@@ -185,6 +188,8 @@ def run(args: argparse.Namespace) -> int:
 
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     out = Console(highlight=False, soft_wrap=True)
+    if args.low_vram and args.vae is None:
+        args.vae = "taehv"  # the profile's codecs
     try:
         request = _request(args)
         device = _device(args.device)
@@ -416,9 +421,12 @@ def _load(err: Console, args: argparse.Namespace, device: Any, demo: bool) -> tu
     elif demo:
         pipeline = Pipeline.demo(device=device)
     else:
+        from wanstream.cli.bench_cmd import low_vram_choices
+
         pipeline = Pipeline.load(
             args.models_dir,
             device=device,
+            **low_vram_choices(args),
             taehv=args.vae == "taehv",
             vace=_wants_vace(args),
             progress=lambda msg: err.print(msg),
@@ -426,6 +434,26 @@ def _load(err: Console, args: argparse.Namespace, device: Any, demo: bool) -> tu
     load_s = time.perf_counter() - start
     err.print(f"model:    {pipeline.label} on {device} (loaded in {load_s:.1f} s)")
     return pipeline, load_s
+
+
+def _fits(err: Console, job: GeneratePlan, pipeline: Any) -> bool:
+    """Before the first frame: the estimated memory and FPS of this job on this GPU (engine.estimate);
+    False (with what to lower) when it clearly would not fit."""
+    from wanstream.engine.estimate import preflight
+
+    if pipeline.ring is not None:
+        return True  # the DiT is spread over several GPUs: no one-GPU estimate applies
+    fit = preflight(pipeline.components, job.settings)
+    if fit.level == "refuse":
+        err.print(f"[red]error:[/] {escape(fit.message)}")
+        return False
+    if fit.message:
+        err.print(
+            f"[yellow]warning:[/] {escape(fit.message)}"
+            if fit.level == "warn"
+            else f"[dim]{escape(fit.message)}[/]"
+        )
+    return True
 
 
 def _run(err: Console, out: Console, job: GeneratePlan, pipeline: Any, load_s: float) -> int:
@@ -440,6 +468,9 @@ def _run(err: Console, out: Console, job: GeneratePlan, pipeline: Any, load_s: f
 
     from wanstream.generate import GenerateError, GenerationInterrupted, run
     from wanstream.media.video import VideoError
+
+    if not _fits(err, job, pipeline):
+        return 1
 
     columns = (
         TextColumn("generating"),

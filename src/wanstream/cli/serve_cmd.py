@@ -29,8 +29,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--demo", action="store_true", help="tiny random-weight model: no download, runs on a CPU")
     p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="full-size networks with RANDOM weights (no download): the real model's work and memory, noise "
+        "for output — for measuring the live path on a GPU (labelled as such everywhere)",
+    )
+    p.add_argument(
         "--models-dir", type=Path, metavar="DIR", help="downloaded weights (see `wanstream models`)"
     )
+    from wanstream.cli.bench_cmd import add_memory_flags
+
+    add_memory_flags(p)  # --text-encoder, --precision, --low-vram (docs/memory.md)
     p.add_argument("--device", help="torch device, e.g. cuda:0 or cpu (default: CUDA when available)")
     p.add_argument(
         "--gpus",
@@ -170,6 +179,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
+    from wanstream.cli.bench_cmd import low_vram_choices
     from wanstream.engine.settings import SettingsUpdate
     from wanstream.server.config import MiB, ServerConfig
     from wanstream.server.security import SecurityError, check_bind
@@ -185,7 +195,16 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         print(f"wanstream serve: {problem}", file=sys.stderr)
         return 2
+    if args.random_weights and (args.demo or args.gpus != 1):
+        print(
+            "wanstream serve: --random-weights runs the full-size networks on one device: drop --demo/--gpus"
+        )
+        return 2
     overrides = {k: v for k, v in (("height", args.height), ("width", args.width)) if v is not None}
+    if args.low_vram:  # the profile's codecs for new streams (a client may still ask for others)
+        from wanstream.pipeline import LOW_VRAM_SETTINGS
+
+        overrides = {**LOW_VRAM_SETTINGS, **overrides}
     try:
         SettingsUpdate.model_validate(overrides)
     except ValidationError as exc:
@@ -205,6 +224,8 @@ def run(args: argparse.Namespace) -> int:
         token=token,
         max_sessions=args.max_sessions,
         demo=args.demo,
+        random_weights=args.random_weights,
+        **low_vram_choices(args),
         models_dir=args.models_dir,
         vace=not args.no_vace,
         device=args.device,
@@ -251,7 +272,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"wanstream serve: {exc}", file=sys.stderr)
         return 2
     shown = f"[{args.host}]" if ":" in args.host else args.host
-    if args.demo:  # the first line says it: everything streamed is the random-weight model's
+    if args.random_weights:  # the first line says it, as for the demo
+        from wanstream.pipeline import RANDOM_LABEL
+
+        print(f"wanstream serve: {RANDOM_LABEL}", file=sys.stderr)
+    elif args.demo:  # the first line says it: everything streamed is the random-weight model's
         from wanstream.demo import DEMO_LABEL
 
         print(f"wanstream serve: {DEMO_LABEL}", file=sys.stderr)

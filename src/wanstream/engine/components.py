@@ -29,10 +29,13 @@ class Components:
     loras: Any = None  # wanstream.engine.lora.LoraManager (adapters on the DiT), when any are loaded
     scheduler: FlowMatchScheduler = field(default_factory=FlowMatchScheduler)
     label: str = ""  # e.g. "StreamDiffusionV2 1.3B" or "demo (random weights)"
+    random_weights: bool = False  # full-size networks with random weights (measuring; output is noise)
     demo: bool = False  # the tiny random-weight demo (its toy tokenizer and sizes stand in for the real ones)
     optimized: bool = (
         False  # set by `optimize()`: sessions compile their cache bookkeeping and use CUDA graphs
     )
+    precision: str = "bf16"  # "fp8": the DiT blocks' linear weights stored in float8 (weight-only)
+    text_placement: str = "gpu"  # where the text encoder lives: "gpu", "host" (parked) or "fp8" (on the GPU)
 
     def optimize(self, *, compile: bool = True, vae: bool = True) -> Components:
         """GPU speed-ups that keep the arithmetic: fused q/k/v and regional compilation of the DiT blocks,

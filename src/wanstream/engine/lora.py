@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from wanstream.engine.settings import LoraMode, LoraSpec
+from wanstream.models.fp8 import is_fp8
 from wanstream.models.lora import LoraLinear, linear_targets, replace_module
 from wanstream.weights.lora import LoraError, LoraPair, LoraWeights, load_lora, resolve_lora_path
 from wanstream.weights.store import ENV_LORA_DIR
@@ -120,6 +121,11 @@ class LoraManager:
 
     def prepare(self, specs: Sequence[LoraSpec], default_mode: LoraMode = "merged") -> list[ActiveLora]:
         """Load and validate every LoRA of `specs` (raises LoraError; nothing on the DiT changes)."""
+        if specs and is_fp8(self.dit):
+            raise LoraError(
+                "LoRAs need the DiT's full-width weights: this pipeline stores them in float8 (precision "
+                "'fp8' / --low-vram); load it with precision 'bf16' to use LoRAs"
+            )
         with self.lock:
             return [ActiveLora(s.path, self.load(s.path), s.scale, s.mode or default_mode) for s in specs]
 

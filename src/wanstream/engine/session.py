@@ -173,19 +173,8 @@ class StreamSession:
         s, c = settings or self.settings, self.components
         self._check_loras(s)
         steps = list(s.denoising_steps)
-        cfg = c.dit.config
-        lanes = len(steps) if s.batching == "stream" else 1
-        cache_cfg = KVCacheConfig(
-            num_layers=cfg.num_layers,
-            num_heads=cfg.num_heads,
-            head_dim=cfg.head_dim,
-            frame_tokens=s.frame_tokens,
-            num_frames=s.kv_cache_frames,
-            num_sink=s.sink_frames,
-            sink_threshold=s.sink_threshold,
-            lanes=lanes,
-            eviction=s.eviction,
-        )
+        cache_cfg = cache_config(c, s)
+        lanes = cache_cfg.lanes
         codecs = Codecs.create(c, s)
         try:
             cache = KVCache(cache_cfg, dtype=c.dtype, device=c.device)
@@ -685,3 +674,19 @@ class StreamSession:
             snap["counters"]
         )
         self._in_flight = deque(snap["in_flight"])
+
+
+def cache_config(components: Components, settings: StreamSettings) -> KVCacheConfig:
+    """The KV cache a stream of `settings` allocates on these networks (one lane per step in stream batch)."""
+    cfg = components.dit.config
+    return KVCacheConfig(
+        num_layers=cfg.num_layers,
+        num_heads=cfg.num_heads,
+        head_dim=cfg.head_dim,
+        frame_tokens=settings.frame_tokens,
+        num_frames=settings.kv_cache_frames,
+        num_sink=settings.sink_frames,
+        sink_threshold=settings.sink_threshold,
+        lanes=len(settings.denoising_steps) if settings.batching == "stream" else 1,
+        eviction=settings.eviction,
+    )

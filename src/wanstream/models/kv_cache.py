@@ -72,6 +72,11 @@ class KVCacheConfig:
         """C: tokens the cache holds."""
         return self.num_frames * self.frame_tokens
 
+    def nbytes(self, element_size: int) -> int:
+        """Device memory of the K/V buffers (and sink means) in a dtype of `element_size` bytes."""
+        per_lane_layer = 2 * (self.capacity + self.num_sink + 1) * self.num_heads * self.head_dim
+        return self.num_layers * self.lanes * per_lane_layer * element_size
+
     @property
     def adaptive_sink(self) -> bool:
         return self.eviction == "sdv2" and self.num_sink > 0 and self.sink_threshold > -1

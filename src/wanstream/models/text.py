@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Protocol
 
@@ -30,6 +30,8 @@ import regex
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from wanstream.models.fp8 import embedding_rows
 
 # The reference builder's argument names (`umt5_xxl(**kwargs)`), mapped to ours.
 _CONFIG_ALIASES = {"vocab_size": "vocab", "encoder_layers": "num_layers", "max_dist": "max_distance"}
@@ -235,7 +237,7 @@ class UMT5Encoder(nn.Module):
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         # Gather first, then upcast: with an fp8 table only B×L rows are widened.
-        return self.token_embedding.weight[ids].to(self.compute_dtype)
+        return embedding_rows(self.token_embedding, ids, self.compute_dtype)
 
     def buckets(self, length: int) -> torch.Tensor:
         cfg = self.config
@@ -390,12 +392,18 @@ class TextEncoder:
 
 
 @torch.no_grad()
-def encode_context(model: UMT5Encoder, tokens: TokenizedPrompts, *, trim: bool = True) -> torch.Tensor:
+def encode_context(
+    model: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+    tokens: TokenizedPrompts,
+    *,
+    trim: bool = True,
+) -> torch.Tensor:
     """StreamDiffusionV2's text context: [B, width, dim] with rows >= each length zero, width = ids'.
 
     `trim=True` runs the encoder over the longest prompt's tokens only, then zero-pads;
     `trim=False` runs all positions (the reference's cost) and zeroes the padding rows. Both give the
     same tensor up to float rounding. Wan2.1's per-prompt list is `context[b, :lengths[b]]`.
+    `model` is a `UMT5Encoder` or anything called the same way (ids, mask) → hidden states.
     """
     ids, mask, lengths = tokens.ids, tokens.mask, tokens.lengths
     width = ids.shape[1]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import secrets
 import time
@@ -21,6 +22,7 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response, WebSocke
 from fastapi.responses import FileResponse, PlainTextResponse
 from pydantic import ValidationError
 
+from wanstream.engine.estimate import preflight
 from wanstream.engine.settings import SettingsUpdate, StreamSettings
 from wanstream.engine.vace import VaceInputError, read_image
 from wanstream.media.video import VideoError, probe_video
@@ -84,6 +86,7 @@ from wanstream.weights.lora import LoraError, resolve_lora_path
 from wanstream.weights.lora_library import read_provenance
 from wanstream.weights.store import lora_files
 
+log = logging.getLogger("wanstream.server")
 router = APIRouter()
 v1 = APIRouter(prefix="/api/v1")
 WS_PENDING = 64  # replies a session WebSocket may owe before the server stops reading it
@@ -118,6 +121,7 @@ async def health(request: Request) -> dict[str, Any]:
         "status": "ok",
         "model": model.state,
         "demo": model.demo,  # the tiny random-weight demo model (set from start-up, before it loads)
+        "random_weights": model.random_weights,  # full-size networks, RANDOM weights (serve --random-weights)
         "sessions": len(manager.sessions),
         "max_sessions": manager.config.max_sessions,
         "instance": request.app.state.instance,  # new on every server start
@@ -625,6 +629,13 @@ def _settings(manager: SessionManager, update: SettingsUpdate | None) -> StreamS
         manager.cost.check(settings)  # before anything is allocated: a chunk must fit in real time here
     except TooSlow as exc:
         raise HTTPException(422, str(exc)) from None
+    pipeline = manager.model.pipeline
+    if pipeline.ring is None:  # and in memory (an estimate from measured rows, or the exact KV cache)
+        fit = preflight(pipeline.components, settings, rows=manager.estimate_rows)
+        if fit.level == "refuse":
+            raise HTTPException(422, fit.message)
+        if fit.message:
+            log.log(logging.WARNING if fit.level == "warn" else logging.INFO, "new stream: %s", fit.message)
     for lora in settings.loras:  # names only: nothing outside the LoRA folder is opened (contents: at start)
         try:
             resolve_lora_path(lora.path, manager.config.lora_dir, confine=True)

@@ -26,6 +26,7 @@ from fastapi_offline import FastAPIOffline
 from starlette.types import Scope
 
 from wanstream import __version__
+from wanstream.engine.estimate import load_rows
 from wanstream.server.api import router
 from wanstream.server.config import ServerConfig
 from wanstream.server.control_api import router as control_router
@@ -91,10 +92,14 @@ def create_app(
         device=config.device,
         vace=config.vace,
         gpus=config.gpus,
+        random_weights=config.random_weights,
+        text_encoder=config.text_encoder,
+        precision=config.precision,
     )
     own_recordings = config.recordings_dir is None
     recordings_dir = config.recordings_dir or Path(tempfile.mkdtemp(prefix="wanstream-recordings-"))
     sessions = SessionManager(config, model, recordings_dir)
+    sessions.estimate_rows = load_rows()  # measured memory / FPS per GPU (bench --write-estimates)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

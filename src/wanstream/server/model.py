@@ -27,9 +27,23 @@ class ModelManager:
     """State machine not_loaded → loading → loaded | error; thread-safe status reads."""
 
     def __init__(
-        self, *, demo: bool, models_dir: Path | None, device: str | None, vace: bool = True, gpus: int = 1
+        self,
+        *,
+        demo: bool,
+        models_dir: Path | None,
+        device: str | None,
+        vace: bool = True,
+        gpus: int = 1,
+        random_weights: bool = False,
+        text_encoder: str = "auto",
+        precision: str = "bf16",
+        random_size: str = "full",
     ) -> None:
         self.demo = demo
+        self.random_weights = random_weights  # full-size networks, random weights (measuring the live path)
+        self.random_size = random_size  # "tiny": the benchmark's tiny random networks (tests)
+        self.text_encoder = text_encoder  # umT5 placement (docs/memory.md)
+        self.precision = precision
         self.gpus = gpus  # > 1: the DiT over a ring of GPUs (one stream at a time)
         self.vace = vace  # load the VACE module with the real weights when it is downloaded
         self.models_dir = models_dir
@@ -68,6 +82,9 @@ class ModelManager:
                 error=down or self._error,
                 elapsed_s=None if elapsed is None else round(elapsed, 3),
                 demo=pipeline.is_demo if pipeline is not None else self.demo,
+                random_weights=self.random_weights,
+                text_encoder=pipeline.components.text_placement if pipeline is not None else "",
+                precision=pipeline.components.precision if pipeline is not None else "",
                 codecs=_codecs(pipeline),
                 download_command=self._download_command,
                 vace=pipeline is not None and pipeline.components.vace is not None,
@@ -126,6 +143,14 @@ class ModelManager:
                     models_dir=self.models_dir,
                     device="cpu" if self.device == "cpu" else "cuda",
                 )
+            elif self.random_weights and not self.demo:
+                self._set_stage("building full-size networks with RANDOM weights (no download)")
+                pipeline = Pipeline.random_weights(
+                    device=self.device,
+                    text_encoder=self.text_encoder,
+                    precision=self.precision,
+                    tiny=self.random_size == "tiny",
+                )
             elif self.demo:
                 self._set_stage("building the demo model (tiny, random weights)")
                 pipeline = Pipeline.demo(device=self.device)
@@ -137,6 +162,8 @@ class ModelManager:
                 pipeline = Pipeline.load(
                     self.models_dir,
                     device=self.device,
+                    text_encoder=self.text_encoder,
+                    precision=self.precision,
                     vace="auto" if self.vace else False,
                     progress=self._set_stage,
                 )

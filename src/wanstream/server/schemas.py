@@ -312,6 +312,13 @@ class ModelStatus(BaseModel):
     demo: bool = Field(
         False, description="The tiny random-weight demo model (or, before loading, the default)."
     )
+    random_weights: bool = Field(
+        False, description="Full-size networks with RANDOM weights (serve --random-weights): output is noise."
+    )
+    text_encoder: str = Field(
+        "", description="Where the text encoder lives: gpu, fp8, host (docs/memory.md)."
+    )
+    precision: str = Field("", description="DiT weight storage: bf16, or fp8 (weight-only).")
     codecs: list[str] = Field(
         default_factory=list, description="Autoencoders loaded ('wan', 'taehv'): the encoder/decoder choices."
     )

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from wanstream.engine.estimate import Row
 from wanstream.engine.lora import configure_loras
 from wanstream.engine.prompts import WeightedPrompt
 from wanstream.engine.settings import SettingsUpdate, StreamSettings
@@ -144,6 +145,7 @@ class SessionManager:
         self.finished_recordings: dict[str, Recording] = {}  # kept for download after the session ends
         self.cost = ChunkCost(config.max_chunk_s)  # what a chunk costs here: over-long streams are refused
         self.tempo = Tempo()  # one musical clock for the server: quantised updates land on its beats
+        self.estimate_rows: list[Row] = []  # measured rows: a stream that would not fit the GPU is refused
 
     # -- capacity ------------------------------------------------------------------------------------
     def reserve(self, kind: SessionKind) -> Session:

@@ -14,6 +14,13 @@ import torch
 
 from wanstream.engine.components import Components
 from wanstream.models.dit import WanConfig
+from wanstream.models.fp8 import dit_to_fp8_
+from wanstream.models.placement import (
+    PLACEMENT_WORDS,
+    check_precision,
+    place_text_encoder,
+    resolve_text_placement,
+)
 from wanstream.weights.dit import load_dit
 from wanstream.weights.store import Store, resolve_pipeline_files
 from wanstream.weights.text import load_text_encoder
@@ -22,16 +29,14 @@ from wanstream.weights.vae import load_wan_vae
 Progress = Callable[[str], None]
 
 
-def _fp8_capable(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
-
-
 def load_components(
     models_dir: str | Path | None = None,
     *,
     device: torch.device,
     dtype: torch.dtype = torch.bfloat16,
     text_encoder: str = "auto",
+    text_encoder_file: str = "auto",
+    precision: str = "bf16",
     taehv: bool = True,
     vace: bool | Literal["auto"] = False,
     model_size: str = "1.3b",
@@ -41,28 +46,30 @@ def load_components(
 
     TAEHV is loaded when `taehv` and its file is present (it is optional); VACE when asked (`True`: its
     file must be there), or with `"auto"` when its file is present.
-    An fp8 text encoder keeps its fp8 weights on GPUs that compute in fp8 (upcast per layer).
+    `text_encoder` is where the umT5 lives ("auto" | "gpu" | "host" | "fp8", `models.placement`);
+    `text_encoder_file` which downloaded file it is read from ("auto": bf16 if present, else fp8);
+    `precision="fp8"` stores the DiT blocks' linear weights in float8 (weight-only, bf16 arithmetic).
     """
+    placement = resolve_text_placement(text_encoder, device)
+    check_precision(precision)
     say = progress or (lambda _msg: None)
     files = resolve_pipeline_files(
         models_dir=models_dir,
         model_size=model_size,
-        text_encoder=text_encoder,
+        text_encoder=text_encoder_file,  # type: ignore[arg-type]
         vace=vace is True,
     )
     say("Loading diffusion model…")
     config = WanConfig.from_json(files.config)
     dit = load_dit(files.generator, config, dtype=dtype, device=device)
-    say("Loading text encoder…")
-    keep_fp8 = files.text_encoder_format == "fp8" and _fp8_capable(device)
-    text = load_text_encoder(
-        files.text_encoder,
-        files.tokenizer,
-        dtype=dtype,
-        device=device,
-        weight_dtype=torch.float8_e4m3fn if keep_fp8 else None,
-        text_len=config.text_len,
+    if precision == "fp8":
+        dit_to_fp8_(dit)
+    say(f"Loading text encoder ({PLACEMENT_WORDS[placement]})…")
+    # Read into host memory, then placed: parked there, or moved / converted block by block.
+    host = load_text_encoder(
+        files.text_encoder, files.tokenizer, dtype=dtype, device="cpu", text_len=config.text_len
     )
+    text = place_text_encoder(host.model, host.tokenizer, placement, device)
     say("Loading VAE…")
     vae = load_wan_vae(files.vae, dtype=dtype, device=device)
     tae = None
@@ -95,6 +102,8 @@ def load_components(
         text_encoder=text,
         vace=vace_module,
         label=f"StreamDiffusionV2 {model_size.upper()} ({files.models_dir})",
+        precision=precision,
+        text_placement=placement,
     )
 
 

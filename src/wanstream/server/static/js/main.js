@@ -319,7 +319,10 @@ async function watchServer() {
       : "The server cannot be reached; retrying. Your prompts, settings and timeline are saved in this browser.", "bad");
     return;
   }
-  banner(null);
+  // serve --random-weights: full-size networks with random weights, for measuring; said on every page.
+  banner(health.random_weights
+    ? "RANDOM WEIGHTS: this server runs full-size networks with random weights (serve --random-weights) to measure speed and memory; the output is noise, not StreamDiffusionV2."
+    : null);
   const previous = app.health;
   app.health = health;
   await checkInstance(health);

@@ -57,6 +57,7 @@ export function render(app) {
   $("model-progress").hidden = m.state !== "loading";
   const elapsed = m.elapsed_s != null ? ` (${m.elapsed_s.toFixed(0)} s)` : "";
   $("model-stage").textContent = m.state === "loading" ? `${m.stage || "starting"}${elapsed}`
+    : m.state === "loaded" && m.random_weights ? "Full-size networks with RANDOM weights, for measuring: the output is noise."
     : m.state === "loaded" && m.demo ? "Demo model: tiny random weights, for trying the studio; the output is not meaningful."
     : m.state === "not_loaded" ? "Load the weights, or the demo model to try the studio without a download."
     : "";

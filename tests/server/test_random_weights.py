@@ -1,0 +1,89 @@
+"""`serve --random-weights`: random networks in the server, labelled everywhere (first line, /health, the
+model status the studio shows); and the memory estimate refusing a stream before it starts."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from server.harness import InProcessServer, ServerProcess
+
+SMALL = {"height": 64, "width": 64}
+
+
+def _wait(condition, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_the_first_line_and_health_say_random_weights(tmp_path: Path) -> None:
+    server = ServerProcess("--random-weights", "--no-preload", "--device", "cpu", log_path=tmp_path / "log")
+    try:
+        server.wait_ready(model=False)
+        assert server.client().get("/health").json()["random_weights"] is True
+    finally:
+        server.stop()
+    first = server.log_path.read_text().splitlines()[0]
+    assert "RANDOM WEIGHTS" in first and "--random-weights" in first
+
+
+def test_random_weights_server_streams_and_refuses_what_would_not_fit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from wanstream.engine import estimate
+    from wanstream.server import ServerConfig, create_app
+    from wanstream.server import api as server_api
+    from wanstream.server.model import ModelManager
+
+    threads = torch.get_num_threads()  # the server leaves a core to the media path: restore it after
+    config = ServerConfig(random_weights=True, device="cpu", precision="fp8")
+    model = ModelManager(
+        demo=False, models_dir=None, device="cpu", random_weights=True, precision="fp8", random_size="tiny"
+    )
+    try:
+        with InProcessServer(create_app(config, model=model)) as server, server.client() as c:
+            _wait(lambda: c.get("/health").json()["model"] == "loaded")
+            health = c.get("/health").json()
+            assert health["random_weights"] is True and health["demo"] is False
+            status = c.get("/api/v1/model").json()
+            assert status["random_weights"] is True and "RANDOM WEIGHTS" in status["label"]
+            assert (status["precision"], status["text_encoder"]) == ("fp8", "gpu")
+            body = {"source": "text", "settings": SMALL, "prompts": ["a fox in the snow"]}
+            response = c.post("/api/v1/sessions", json=body)
+            assert response.status_code == 201, response.text
+            sid = response.json()["session_id"]
+            session = server.app.state.sessions.sessions[sid]
+            _wait(lambda: session.worker.stats().chunks >= 1)
+            assert c.delete(f"/api/v1/sessions/{sid}").status_code == 204
+
+            # A (fake) GPU with a measured row and almost no free memory: refused before anything starts.
+            row = estimate.Row(
+                gpu="Fake GPU", height=64, width=64, steps=2, codecs="wan", batching="stream",
+                precision="fp8", text_encoder="gpu", peak_gib=4.0, models_gib=1.0, fps=30.0,
+            )  # fmt: skip
+            real = estimate.preflight
+            monkeypatch.setattr(
+                server_api,
+                "preflight",
+                lambda comp, s, **kw: real(comp, s, rows=[row], gpu="Fake GPU", free_bytes=2**20),
+            )
+            _wait(lambda: not server.app.state.sessions.sessions)
+            response = c.post("/api/v1/sessions", json=body)
+            assert response.status_code == 422
+            detail = response.json()["detail"]
+            assert "would not fit" in detail and "estimate" in detail and "fewer denoising steps" in detail
+            assert not server.app.state.sessions.sessions
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_random_weights_is_one_device_only() -> None:
+    from wanstream.cli.main import main
+
+    assert main(["serve", "--random-weights", "--demo"]) == 2
+    assert main(["serve", "--random-weights", "--gpus", "2", "--device", "cpu"]) == 2
