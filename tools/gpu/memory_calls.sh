@@ -10,7 +10,7 @@
 # that completes proves the fit on a card of that size.
 set -o pipefail
 export COLUMNS=200
-PART=${1:?usage: memory_calls.sh M|E|L1|L2}
+PART=${1:?usage: memory_calls.sh M|E|F|L1|L2}
 : "${OUT:?set OUT}"
 B="python3 -m wanstream.cli.main bench --chunks 20 --warm-chunks 6"
 run() {  # run NAME TIMEOUT CMD...
@@ -40,6 +40,18 @@ E)
       --with-text-encoder --write-estimates "$OUT/estimates.json" --json "$OUT/est_default.json"
   run est_low 240 $B --configs "batch,480x832,1,taehv;batch,480x832,2,taehv;batch,480x832,4,taehv" \
       --with-text-encoder --low-vram --write-estimates "$OUT/estimates.json" --json "$OUT/est_low.json"
+  ;;
+F)
+  # One call of <= 10 minutes: the fits of M with their rows written to the estimates table (the default and the
+  # low-memory profile), then the prompt extender's timing.
+  run fit24_host 130 $B --configs "batch,480x832,2,wan" --with-text-encoder --text-encoder host \
+      --memory-limit-gib 24 --write-estimates "$OUT/estimates.json" --json "$OUT/fit24_host.json"
+  run fit24_fp8 100 $B --configs "batch,480x832,2,wan" --with-text-encoder --text-encoder fp8 \
+      --memory-limit-gib 24 --json "$OUT/fit24_fp8.json"
+  run te_gpu 90 $B --configs "batch,480x832,2,wan" --with-text-encoder --text-encoder gpu --json "$OUT/te_gpu.json"
+  run fit16_low 110 $B --configs "batch,480x832,2,taehv" --with-text-encoder --low-vram \
+      --memory-limit-gib 16 --write-estimates "$OUT/estimates.json" --json "$OUT/fit16_low.json"
+  run extender 100 python3 tools/gpu/extender_timing.py "$OUT/extender.json"
   ;;
 L1|L2)
   steps=$([ "$PART" = L1 ] && echo 1,2 || echo 3,4)
