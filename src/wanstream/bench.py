@@ -740,9 +740,10 @@ def limit_memory(device: torch.device, limit_gib: float, console: Any = None) ->
         if console is not None:
             console.print(f"memory limit {limit_gib:g} GiB: ignored on the CPU")
         return float("nan")
-    total = torch.cuda.get_device_properties(device).total_memory
+    index = device.index if device.index is not None else torch.cuda.current_device()  # "cuda" has none
+    total = torch.cuda.get_device_properties(index).total_memory
     fraction = min(1.0, limit_gib * 2**30 / total)
-    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
     if console is not None:
         console.print(f"memory limit: {limit_gib:g} GiB of {total / 2**30:.1f} GiB (fraction {fraction:.3f})")
     return fraction

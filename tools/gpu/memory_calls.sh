@@ -50,7 +50,8 @@ F)
       --memory-limit-gib 24 --write-estimates "$OUT/estimates.json" --json "$OUT/fit24_host.json"
   run fit24_fp8 100 $B --configs "batch,480x832,2,wan" --with-text-encoder --text-encoder fp8 \
       --memory-limit-gib 24 --json "$OUT/fit24_fp8.json"
-  run te_gpu 90 $B --configs "batch,480x832,2,wan" --with-text-encoder --text-encoder gpu --json "$OUT/te_gpu.json"
+  [ -n "$WITH_TE_GPU" ] && run te_gpu 90 $B --configs "batch,480x832,2,wan" --with-text-encoder --text-encoder gpu \
+      --json "$OUT/te_gpu.json"
   run fit16_low 110 $B --configs "batch,480x832,2,taehv" --with-text-encoder --low-vram \
       --memory-limit-gib 16 --write-estimates "$OUT/estimates.json" --json "$OUT/fit16_low.json"
   run extender 100 python3 tools/gpu/extender_timing.py "$OUT/extender.json"
