@@ -10,7 +10,7 @@
 # that completes proves the fit on a card of that size.
 set -o pipefail
 export COLUMNS=200
-PART=${1:?usage: memory_calls.sh M|E|F|L1|L2}
+PART=${1:?usage: memory_calls.sh M|E|F|L|L1|L2}
 : "${OUT:?set OUT}"
 # The device returns at most 8 files: runs write under a work folder, summarised into $OUT at the end.
 FINAL=$OUT; OUT=/tmp/memory-$PART; rm -rf "$OUT"; mkdir -p "$OUT"
@@ -55,6 +55,11 @@ F)
   run fit16_low 110 $B --configs "batch,480x832,2,taehv" --with-text-encoder --low-vram \
       --memory-limit-gib 16 --write-estimates "$OUT/estimates.json" --json "$OUT/fit16_low.json"
   run extender 100 python3 tools/gpu/extender_timing.py "$OUT/extender.json"
+  ;;
+L)
+  # The short form: 2 steps only (one device call with what is left of a session's time).
+  run live_L 330 python3 tools/gpu/live_path.py --steps 2 --warm-s 40 --measure-s 15 \
+      --bench-arg=--chunks=15 --bench-arg=--warm-chunks=4 --out "$OUT/live_L.json"
   ;;
 L1|L2)
   steps=$([ "$PART" = L1 ] && echo 1,2 || echo 3,4)
