@@ -126,7 +126,8 @@ def test_sinks_per_session_are_validated_and_errors_name_the_reason(server: Serv
             assert too_big.status_code == 413
             added = c.post(base, json={"kind": "ts", "queue": 4})
             assert added.status_code == 201 and added.json()["capacity"] == 4
-            assert c.post(base, json={"kind": "ts"}).status_code == 409  # one per id
+            again = c.post(base, json={"kind": "ts"})  # one per id; the code lets a client treat it as done
+            assert again.status_code == 409 and again.json()["detail"]["code"] == "sink_exists"
             assert c.delete(f"{base}/ndi:nothing").status_code == 404
             if not hardware["io"]["virtualcam"]["available"]:
                 refused = c.post(base, json={"kind": "virtualcam"})

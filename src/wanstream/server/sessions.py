@@ -61,6 +61,10 @@ Outcome = Literal[
 ]
 
 
+class SinkExists(ValueError):
+    """The session already has a sink with this id (adding it again changes nothing)."""
+
+
 class Busy(RuntimeError):
     """All session slots are taken (HTTP 409)."""
 
@@ -288,7 +292,7 @@ class SessionManager:
         if worker is None or session.state != "running":
             raise ValueError("the session is not running")
         if spec.id in session.sinks:
-            raise ValueError(f"the session already has the sink {spec.id!r}")
+            raise SinkExists(f"the session already has the sink {spec.id!r}")
         if len(session.sinks) >= MAX_SINKS:
             raise ValueError(f"a session has at most {MAX_SINKS} sinks")
         sink = spec.make()

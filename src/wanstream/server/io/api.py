@@ -16,7 +16,7 @@ from wanstream.server.io.mpegts import MpegTsSink
 from wanstream.server.io.sinks import SinkUnavailable
 from wanstream.server.io.specs import SinkSpec
 from wanstream.server.request_body import read_json
-from wanstream.server.sessions import Session, SessionManager
+from wanstream.server.sessions import Session, SessionManager, SinkExists
 
 router = APIRouter(prefix="/api/v1")
 SINK_BODY_BYTES = 4096  # {"kind": ..., "name": ..., "queue": ...}
@@ -63,6 +63,8 @@ async def add_sink(request: Request, session_id: str) -> dict[str, Any]:
     spec = await read_json(request, SinkSpec, SINK_BODY_BYTES)
     try:
         sink = await _manager(request).add_sink(session, spec)
+    except SinkExists as exc:  # a code the studio can tell apart: adding twice is not its error to show
+        raise HTTPException(409, {"error": str(exc), "code": "sink_exists"}) from None
     except ValueError as exc:
         raise HTTPException(409, str(exc)) from None
     except SinkUnavailable as exc:

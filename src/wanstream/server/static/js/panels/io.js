@@ -60,10 +60,20 @@ async function poll(app) {
   render(app);
 }
 
+// Adding is idempotent: the form may add an output while the remembered ones are being attached to a new
+// stream (both run between awaits), so "already there" (409) is success, not an error to show.
+async function addSink(id, spec) {
+  try {
+    await api(`/api/v1/sessions/${id}/sinks`, { method: "POST", json: spec });
+  } catch (err) {
+    if (err.body?.detail?.code !== "sink_exists") throw err;
+  }
+}
+
 async function addRemembered(app, id) {
-  for (const spec of remembered(app)) {
+  for (const spec of [...remembered(app)]) {
     try {
-      await api(`/api/v1/sessions/${id}/sinks`, { method: "POST", json: spec });
+      await addSink(id, spec);
     } catch (err) {
       say("io-msg", `✗ ${label(spec)}: ${err.message}`, "bad");
     }
@@ -83,7 +93,7 @@ async function addFromForm(app) {
     return;
   }
   try {
-    await api(`/api/v1/sessions/${app.stream.sessionId}/sinks`, { method: "POST", json: spec });
+    await addSink(app.stream.sessionId, spec);
     say("io-msg", `✓ ${label(spec)} added`, "ok");
   } catch (err) {
     say("io-msg", `✗ ${err.message}`, "bad");
