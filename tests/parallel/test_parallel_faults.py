@@ -31,7 +31,9 @@ def test_a_killed_rank_ends_the_stream_at_once_with_its_name(one_thread) -> None
         os.kill(ring.procs[0].pid, signal.SIGKILL)  # rank 1, mid-stream
         error, waited = _push_until_error(session, moving_clip(40))
         assert "rank 1" in str(error) and "SIGKILL" in str(error)
-        assert waited < 5  # noticed by the liveness checks, not a timeout
+        # Noticed by the liveness checks, not the 30 s timeout: well inside it (not a fixed 5 s, which a run beside
+        # a CPU hog exceeded at 8.1 s: the pushes before the check compute chunks at the machine's speed).
+        assert waited < ring.timeout_s / 2
         with pytest.raises(RingError, match="rank 1"):  # the session stays failed, with the same reason
             session.push(moving_clip(4))
         with pytest.raises(RingError, match="ring is down"):
