@@ -231,22 +231,26 @@ class _FakeWorker:
         return self.rate
 
 
-def _frames(n: int, epoch: int = 0, chunk: int = 0) -> list[OutputFrame]:
+def _frames(n: int, epoch: int = 0, chunk: int = 0, fps: float = 20.0, compute: float = 0.1) -> list[OutputFrame]:
+    """A chunk as it leaves the engine: its input frames arrived 1/fps apart, it took `compute` after the last."""
     image = np.zeros((16, 16, 3), np.uint8)
-    now = time.monotonic()
-    return [OutputFrame(image, epoch, chunk, (("p", 1.0),), now, now) for _ in range(n)]
+    made = time.monotonic()
+    arrived = [made - compute - (n - 1 - i) / fps for i in range(n)]
+    return [OutputFrame(image, epoch, chunk, (("p", 1.0),), arrived[i], made) for i in range(n)]
 
 
 def test_output_track_paces_flushes_and_bounds() -> None:
     async def run() -> None:
         loop = asyncio.get_running_loop()
         track = PacedOutputTrack(_FakeWorker(rate=20.0), loop, capacity=8)  # type: ignore[arg-type]
-        track.put(_frames(4))
+        track.put(_frames(4))  # inputs 50 ms apart: the first frame is due at once, the last 150 ms later
         start = time.monotonic()
         pts = [(await track.recv()).pts for _ in range(4)]
         took = time.monotonic() - start
-        assert 0.1 <= took <= 0.5  # 3 intervals of 1/20 s after the first frame (plus scheduling)
+        assert 0.1 <= took <= 0.5  # the input's 3 intervals of 1/20 s after the first frame (plus scheduling)
         assert pts == sorted(pts) and len(set(pts)) == 4
+        p50 = track.latency.quantile(0.5)
+        assert p50 is not None and 0.2 <= p50 <= 0.45  # one steady delay: the chunk's need (0.25 s), not more
 
         track.put(_frames(12, chunk=1))  # more than fits: the oldest go
         assert track.depth() == 8 and track.dropped_overflow == 4

@@ -1,8 +1,8 @@
 """aiortc tracks: the client's video into the worker, the generated video back out, paced.
 
 The output track is also the worker's frame sink. Frames arrive in bursts (a chunk at a time); `recv`
-spreads them evenly at the rate frames leave the engine (measured over the last chunks), speeding up
-when more than a chunk is queued so the queue never turns into latency. The queue is bounded (the
+sends each at its input frame's arrival plus the stream's playout delay, so the output keeps the camera's
+cadence at a steady latency (pacing.py; frames made from no input are spread at the engine's rate). The queue is bounded (the
 oldest frame goes first) and a restart (reset / prompt cut) empties it: a frame from an older epoch is
 never returned, even one popped just before the restart.
 """
@@ -20,7 +20,7 @@ from fractions import Fraction
 import av
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from wanstream.server.pacing import next_slot
+from wanstream.server.pacing import Playout
 from wanstream.server.worker import EngineWorker, OutputFrame, RateMeter, SourceFrame, Window
 
 VIDEO_CLOCK = 90_000  # RTP video clock (Hz)
@@ -43,6 +43,7 @@ class PacedOutputTrack(MediaStreamTrack):
         self._arrived = asyncio.Event()
         self._epoch = worker.epoch
         self._next_send: float | None = None
+        self._playout = Playout()
         self._start: float | None = None
         self._last_pts = -1
         self._last: av.VideoFrame | None = None
@@ -56,6 +57,7 @@ class PacedOutputTrack(MediaStreamTrack):
 
     # -- FrameSink (worker thread) -------------------------------------------------------------------
     def put(self, frames: Sequence[OutputFrame]) -> None:
+        self._playout.observe(frames)
         with self._lock:
             for frame in frames:
                 if frame.epoch != self._epoch:
@@ -92,7 +94,7 @@ class PacedOutputTrack(MediaStreamTrack):
                     self.resent += 1
                     return self._stamp(self._last)
                 continue
-            await self._pace()
+            await self._pace(item)
             with self._lock:
                 stale = item.epoch != self._epoch
             if stale:  # a restart happened while this frame waited for its slot
@@ -121,10 +123,12 @@ class PacedOutputTrack(MediaStreamTrack):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), left)
 
-    async def _pace(self) -> None:
-        """Wait for this frame's slot (pacing.py): 1/rate after the previous one, sooner when frames pile up."""
+    async def _pace(self, frame: OutputFrame) -> None:
+        """Wait for this frame's slot (pacing.py): its input's arrival + the playout delay."""
         now = self._loop.time()
-        self._next_send = next_slot(self._next_send, now, self._worker.output_rate(), self.depth())
+        self._next_send = self._playout.slot(
+            frame, self._next_send, now, self._worker.output_rate(), self.depth()
+        )
         wait = self._next_send - now
         if wait > 0:
             await asyncio.sleep(wait)

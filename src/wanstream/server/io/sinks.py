@@ -6,9 +6,9 @@ Every sink is a `FrameSink` for the worker with its own bounded queue and its ow
 
 A sink that cannot keep up (a slow encoder, a stalled receiver, a busy virtual camera) drops its own
 oldest frames and counts them (`dropped`, `wanstream_sink_dropped_frames_total` in /metrics); the
-stream and the other sinks never wait for it. Frames leave the queue spread evenly at the rate the
-engine makes them (chunks arrive in bursts), as the WebRTC track paces them, so a display downstream
-sees steady motion (pacing.py). A restart (reset / prompt cut) flushes the queue: older frames are never written.
+stream and the other sinks never wait for it. Frames leave the queue at their input's cadence and one
+steady delay (chunks arrive in bursts), as the WebRTC track paces them, so a display downstream sees
+steady motion (pacing.py). A restart (reset / prompt cut) flushes the queue: older frames are never written.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from wanstream.server.pacing import next_slot
+from wanstream.server.pacing import Playout
 
 if TYPE_CHECKING:
     from wanstream.server.worker import OutputFrame
@@ -55,6 +55,7 @@ class QueuedSink:
         self._rate: Callable[[], float | None] = lambda: None
         self._thread: threading.Thread | None = None
         self._next: float | None = None
+        self._playout = Playout()
         self.state = "starting"  # starting → running → stopped | error
         self.error: str | None = None
         self.written = 0
@@ -90,6 +91,7 @@ class QueuedSink:
 
     # -- FrameSink (worker thread) -------------------------------------------------------------------
     def put(self, frames: Sequence[OutputFrame]) -> None:
+        self._playout.observe(frames)
         with self._cond:
             for frame in frames:
                 if frame.epoch > self._epoch:  # a restart this sink was added too late to hear of
@@ -150,7 +152,7 @@ class QueuedSink:
             frame = self._take()
             if frame is None:
                 continue
-            if not self._pace():
+            if not self._pace(frame):
                 return
             with self._cond:
                 stale = frame.epoch != self._epoch
@@ -174,10 +176,10 @@ class QueuedSink:
                 self._cond.wait(wait)
             return self._frames.popleft() if self._frames else None
 
-    def _pace(self) -> bool:
+    def _pace(self, frame: OutputFrame) -> bool:
         """Wait for this frame's slot (pacing.py, as the WebRTC track); False: the sink is stopping."""
         now = time.monotonic()
-        self._next = next_slot(self._next, now, self._rate(), self.depth())
+        self._next = self._playout.slot(frame, self._next, now, self._rate(), self.depth())
         wait = self._next - now
         return not (wait > 0 and self._stop.wait(wait))
 
