@@ -22,7 +22,7 @@ def test_live_path_measures_the_demo_server_on_the_cpu(tmp_path: Path) -> None:
     out = tmp_path / "live.json"
     _tool().main(
         ["--demo", "--device", "cpu", "--height", "64", "--width", "64", "--steps", "1", "--codecs", "taehv",
-         "--fps", "15", "--warm-s", "1", "--measure-s", "4", "--first-frame-s", "120", "--load-timeout-s", "120",
+         "--fps", "15", "--batching", "none", "--warm-s", "1", "--measure-s", "4", "--first-frame-s", "120", "--load-timeout-s", "120",
          "--bench-arg=--tiny", "--bench-arg=--chunks=2", "--bench-arg=--warm-chunks=1", "--out", str(out)]
     )  # fmt: skip
     data = json.loads(out.read_text())
@@ -36,6 +36,9 @@ def test_live_path_measures_the_demo_server_on_the_cpu(tmp_path: Path) -> None:
     assert set(phase["dropped"]) >= {"sent_minus_received", "sampled", "input_overflow"}
     assert phase["bench_fps"] > 0 and phase["delivered_over_bench"] > 0
     assert data["bench"]["fps"]["1"] == phase["bench_fps"]
+    # The server ran the batching asked for, and bench measured the same (no batch: no lanes' lag).
+    assert data["batching"] == phase["settings"]["batching"] == "none"
+    assert any(part.startswith("nobatch,64x64,1,") for part in data["bench"]["command"])
 
 
 def test_the_camera_moves_and_bad_steps_are_refused() -> None:

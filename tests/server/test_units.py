@@ -231,7 +231,9 @@ class _FakeWorker:
         return self.rate
 
 
-def _frames(n: int, epoch: int = 0, chunk: int = 0, fps: float = 20.0, compute: float = 0.1) -> list[OutputFrame]:
+def _frames(
+    n: int, epoch: int = 0, chunk: int = 0, fps: float = 20.0, compute: float = 0.1
+) -> list[OutputFrame]:
     """A chunk as it leaves the engine: its input frames arrived 1/fps apart, it took `compute` after the last."""
     image = np.zeros((16, 16, 3), np.uint8)
     made = time.monotonic()

@@ -164,6 +164,7 @@ async def measure(url: str, steps: int, opts: argparse.Namespace) -> dict[str, A
         "steps": STEP_LISTS[steps],
         "encoder": encoder,
         "decoder": decoder,
+        "batching": opts.batching,
     }
     camera = Camera(opts.fps, opts.height, opts.width)
     pc = RTCPeerConnection()
@@ -276,8 +277,9 @@ async def _until(condition: Any, timeout: float, what: str) -> None:
 # bench for the same settings
 # ------------------------------------------------------------------------------------------------
 def bench_fps(opts: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """`wanstream bench` for the same size, steps and codecs (stream batch, as the server runs)."""
-    names = {s: f"batch,{opts.height}x{opts.width},{s},{opts.codecs}" for s in opts.steps}
+    """`wanstream bench` for the same size, steps, codecs and batching as the server ran."""
+    mode = "batch" if opts.batching == "stream" else "nobatch"
+    names = {s: f"{mode},{opts.height}x{opts.width},{s},{opts.codecs}" for s in opts.steps}
     path = work / "bench.json"
     cmd = [sys.executable, "-m", "wanstream.cli.main", "bench", "--configs", ";".join(names.values()),
            "--json", str(path), *opts.bench_arg]  # fmt: skip
@@ -324,6 +326,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         "width": opts.width,
         "codecs": opts.codecs,
         "camera_fps": opts.fps,
+        "batching": opts.batching,
         "latency_is": "the server's: input frame arrival -> generated frame handed to the WebRTC encoder",
     }
     server = Server(serve_args, work / "serve.log")
@@ -356,6 +359,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", default="1,2,3,4", help="step counts to measure, comma-separated (1-4)")
     p.add_argument("--codecs", choices=sorted(CODECS), default="wan")
     p.add_argument("--fps", type=float, default=30.0, help="camera frames per second")
+    p.add_argument(
+        "--batching",
+        choices=["stream", "none"],
+        default="stream",
+        help="the stream's batching: 'stream' (the default: throughput) or 'none' (no lanes' lag)",
+    )
     p.add_argument("--warm-s", type=float, default=40.0, help="per step count, before measuring (compile)")
     p.add_argument("--measure-s", type=float, default=20.0, help="measurement window per step count")
     p.add_argument("--first-frame-s", type=float, default=300.0, help="wait this long for the first frame")
