@@ -6,11 +6,13 @@
 #   source tools/gpu/env.sh && bash tools/gpu/memory_calls.sh E    # the estimates table (~8 min)
 #   source tools/gpu/env.sh && bash tools/gpu/memory_calls.sh L1   # live path at 1 and 2 steps, with bench (~9 min)
 #   source tools/gpu/env.sh && bash tools/gpu/memory_calls.sh L2   # live path at 3 and 4 steps, with bench (~9 min)
+#   source tools/gpu/env.sh && bash tools/gpu/memory_calls.sh LN   # live, batching none, 1-4 steps, 30 FPS camera
+#   source tools/gpu/env.sh && bash tools/gpu/memory_calls.sh LS   # live, stream batch, 1-4 steps, 60 FPS source
 # Each run writes its JSON and log under $OUT; every bench caps its memory before allocating anything, so a run
 # that completes proves the fit on a card of that size.
 set -o pipefail
 export COLUMNS=200
-PART=${1:?usage: memory_calls.sh M|E|F|L|L1|L2}
+PART=${1:?usage: memory_calls.sh M|E|F|L|L1|L2|LN|LS}
 : "${OUT:?set OUT}"
 # The device returns at most 8 files: runs write under a work folder, summarised into $OUT at the end.
 FINAL=$OUT; OUT=/tmp/memory-$PART; rm -rf "$OUT"; mkdir -p "$OUT"
@@ -65,6 +67,16 @@ L1|L2)
   steps=$([ "$PART" = L1 ] && echo 1,2 || echo 3,4)
   run "live_$PART" 560 python3 tools/gpu/live_path.py --steps "$steps" --warm-s 30 --measure-s 20 \
       --bench-arg=--chunks=20 --bench-arg=--warm-chunks=6 --out "$OUT/live_$PART.json"
+  ;;
+LN)
+  # Latency without the lanes' lag: a 30 FPS camera, every step count in one server (~7 min).
+  run live_LN 520 python3 tools/gpu/live_path.py --steps 1,2,3,4 --batching none --fps 30 --warm-s 15 \
+      --measure-s 12 --bench-arg=--chunks=15 --bench-arg=--warm-chunks=5 --out "$OUT/live_LN.json"
+  ;;
+LS)
+  # Throughput: a source faster than the pipeline (60 FPS), stream batch, so delivered FPS meets bench's (~7 min).
+  run live_LS 520 python3 tools/gpu/live_path.py --steps 1,2,3,4 --batching stream --fps 60 --warm-s 15 \
+      --measure-s 12 --bench-arg=--chunks=15 --bench-arg=--warm-chunks=5 --out "$OUT/live_LS.json"
   ;;
 *) echo "unknown part $PART"; exit 2 ;;
 esac
