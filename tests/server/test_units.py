@@ -32,6 +32,7 @@ from wanstream.server.security import (
 )
 from wanstream.server.tracks import PacedOutputTrack
 from wanstream.server.worker import (
+    FrameConverter,
     InputBuffer,
     OutputFrame,
     RateMeter,
@@ -191,6 +192,40 @@ def test_input_buffer_samples_everything_queued_and_never_blocks() -> None:
     assert len(buf) == 16 and buf.overflow == 4 and buf.received == 32
     picked = buf.take(5, timeout=0.1)
     assert picked is not None and picked[0][1] == 4.0 and picked[-1][1] == 19.0
+
+
+def test_decoded_frames_are_converted_off_the_callers_thread_in_order_and_bounded() -> None:
+    buf = InputBuffer(capacity=16)
+    converter = FrameConverter(buf, capacity=4, name="t")
+
+    def frame(i: int) -> av.VideoFrame:
+        return av.VideoFrame.from_ndarray(np.full((16, 32, 3), i * 20, np.uint8), format="rgb24").reformat(
+            format="yuv420p"
+        )
+
+    # Not started yet: the queue is bounded, the oldest frames go and are counted as input overflow.
+    for i in range(6):
+        converter.put(frame(i), arrived=float(i))
+    assert buf.overflow == 2 and buf.received == 2 and len(buf) == 0
+    converter.start()
+    try:
+        picked = buf.take(4, timeout=30.0)
+        assert picked is not None
+        assert [t for _, t in picked] == [2.0, 3.0, 4.0, 5.0]  # in arrival order, the newest kept
+        for (image, _), i in zip(picked, range(2, 6)):
+            assert isinstance(image, np.ndarray) and image.shape == (16, 32, 3)
+            assert abs(int(image[8, 16, 0]) - i * 20) <= 4  # the RGB of that frame (YUV round trip)
+
+        class Unconvertible:
+            def to_ndarray(self, format: str) -> np.ndarray:
+                raise ValueError("no such pixel format")
+
+        converter.put(Unconvertible(), arrived=6.0)  # type: ignore[arg-type]
+        converter.put(frame(7), arrived=7.0)
+        picked = buf.take(1, timeout=30.0)
+        assert picked is not None and picked[0][1] == 7.0  # the bad frame was skipped, the stream went on
+    finally:
+        converter.stop()
 
 
 def test_input_buffer_kick_wakes_a_waiting_take() -> None:

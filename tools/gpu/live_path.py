@@ -238,6 +238,8 @@ async def measure(url: str, steps: int, opts: argparse.Namespace) -> dict[str, A
         "engine_latency_p90_s": stats.get("engine_latency_p90"),
         "chunk_s_p50": chunk_p50,
         "chunk_s_p90": stats.get("chunk_latency_p90"),
+        "prepare_s_p50": stats.get("prepare_p50"),  # the worker's host time per chunk besides the engine call
+        "emit_s_p50": stats.get("emit_p50"),
         # Two readings of "chunk time": the engine's compute per chunk, and a chunk's worth of input at the
         # input rate (what the stream waits for before a chunk can start).
         "latency_p90_in_chunk_compute": latency_p90 / chunk_p50 if latency_p90 and chunk_p50 else None,
@@ -394,7 +396,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"steps {phase['steps']}: delivered {phase['delivered_fps']:.1f} FPS of {phase['input_fps']:.1f} in"
             + (f" (bench {bench:.1f}, {100 * phase['delivered_over_bench']:.0f}%)" if bench else "")
             + f", server latency p50/p90 {_ms(phase['server_latency_p50_s'])}/{_ms(phase['server_latency_p90_s'])} ms"
-            + f", chunk p50 {_ms(phase['chunk_s_p50'])} ms, dropped {phase['dropped']}"
+            + f", chunk p50 {_ms(phase['chunk_s_p50'])} ms (+ prepare {_ms(phase['prepare_s_p50'])}, emit"
+            + f" {_ms(phase['emit_s_p50'])}), dropped {phase['dropped']}"
         )
     return result
 

@@ -125,6 +125,12 @@ class InputBuffer:
             self.sampled_out += queued - n
             return picked
 
+    def count_overflow(self) -> None:
+        """A frame dropped before it got here (its converter fell behind): counted with the buffer's own."""
+        with self._cond:
+            self.received += 1
+            self.overflow += 1
+
     def kick(self) -> None:
         """Wake a waiting `take` (a control message is waiting)."""
         with self._cond:
@@ -143,6 +149,55 @@ class InputBuffer:
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+class FrameConverter:
+    """Decoded frames (aiortc / PyAV) to RGB arrays on their own thread, as they arrive.
+
+    Converting a 480x832 frame takes milliseconds; done by the engine thread between chunks it adds to every
+    chunk's time in a live stream. Here it overlaps the chunk the engine is computing. The queue is bounded: a
+    converter that falls behind drops its oldest frames (counted as input overflow), never the source.
+    """
+
+    def __init__(self, out: InputBuffer, capacity: int, name: str) -> None:
+        self._out = out
+        self._items: deque[tuple[av.VideoFrame, float]] = deque()
+        self._capacity = capacity
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name=f"wanstream-convert-{name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def put(self, frame: av.VideoFrame, arrived: float) -> None:
+        with self._cond:
+            if len(self._items) >= self._capacity:
+                self._items.popleft()
+                self._out.count_overflow()
+            self._items.append((frame, arrived))
+            self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._items.clear()
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._items and not self._stopped:
+                    self._cond.wait()
+                if self._stopped:
+                    return
+                frame, arrived = self._items.popleft()
+            try:
+                image = frame.to_ndarray(format="rgb24")
+            except Exception as exc:  # a frame PyAV cannot convert: skip it, keep the stream
+                log.warning("an input frame could not be converted (%s); skipped", exc)
+                continue
+            self._out.put(image, arrived)
 
 
 def uniform_indices(available: int, n: int) -> list[int]:
@@ -236,6 +291,10 @@ class WorkerStats:
     chunk_latency_p90: float | None
     engine_latency_p50: float | None  # input arrival → frame out of the engine
     engine_latency_p90: float | None
+    # The worker's own time per chunk besides the engine call (seconds, p50): turning the picked input frames
+    # into a batch, and handing the output to the sinks. It adds to the chunk time in a live stream.
+    prepare_p50: float | None
+    emit_p50: float | None
     controls_applied: int
     controls_rejected: int
     chunks: int
@@ -282,6 +341,7 @@ class EngineWorker:
     ) -> None:
         self.name = name
         self.input = InputBuffer(input_frames)
+        self._converter = FrameConverter(self.input, input_frames, name)
         self.ready: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._make_session = make_session
         self._controls: deque[tuple[Control, concurrent.futures.Future[ControlAck]]] = deque()
@@ -317,6 +377,8 @@ class EngineWorker:
         self._output_rate = RateMeter()
         self._chunk_latency = Window(256)
         self._engine_latency = Window(256)
+        self._prepare = Window(64)
+        self._emit_time = Window(64)
         self._arrivals: dict[int, float] = {}  # input frame index → arrival time
         self._arrivals_floor = 0
         self._logged_chunk = -1
@@ -329,10 +391,12 @@ class EngineWorker:
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def start(self) -> concurrent.futures.Future[None]:
+        self._converter.start()
         self._thread.start()
         return self.ready
 
     def stop(self) -> None:
+        self._converter.stop()
         self._stop.set()
         self._wake.set()
         self.input.kick()
@@ -345,7 +409,11 @@ class EngineWorker:
     # -- thread-safe entry points --------------------------------------------------------------------
     def feed(self, frame: SourceFrame, arrived: float | None = None) -> None:
         """A source frame (never blocks; when the buffer is full the oldest frame is dropped)."""
-        self.input.put(frame, time.monotonic() if arrived is None else arrived)
+        arrived = time.monotonic() if arrived is None else arrived
+        if isinstance(frame, av.VideoFrame):
+            self._converter.put(frame, arrived)  # to RGB off this thread and the engine's
+        else:
+            self.input.put(frame, arrived)
 
     def control(self, message: Control) -> concurrent.futures.Future[ControlAck]:
         """Queue a live update; the future resolves to the ack or raises ControlRejected."""
@@ -406,6 +474,8 @@ class EngineWorker:
             chunk_latency_p90=self._chunk_latency.quantile(0.9),
             engine_latency_p50=self._engine_latency.quantile(0.5),
             engine_latency_p90=self._engine_latency.quantile(0.9),
+            prepare_p50=self._prepare.quantile(0.5),
+            emit_p50=self._emit_time.quantile(0.5),
             controls_applied=c.controls_applied,
             controls_rejected=c.controls_rejected,
             chunks=c.chunks,
@@ -431,6 +501,7 @@ class EngineWorker:
             self.error = f"the session could not start: {exc}"
             self.ready.set_exception(exc)
             self._fail_pending("the session could not start")
+            self._converter.stop()
             return
         self.state = "running"
         self.ready.set_result(None)
@@ -448,6 +519,7 @@ class EngineWorker:
             if self._on_fatal is not None:
                 self._on_fatal(self.error)
         finally:
+            self._converter.stop()
             self._fail_pending("the session has ended")
             self.session = None  # the session's caches (GPU memory) go with it
             self._arrivals.clear()
@@ -481,11 +553,13 @@ class EngineWorker:
 
     def _run_video_chunk(self, session: StreamSession, picked: list[tuple[SourceFrame, float]]) -> None:
         s = session.settings
+        start = time.perf_counter()
         images = [center_crop(to_rgb(frame), s.height, s.width) for frame, _ in picked]
         if any(im.shape != images[0].shape for im in images):  # the source changed size mid-chunk
             images = [resize_frames(im, s.height, s.width) for im in images]
         batch = torch.stack(images)
         arrivals = [t for _, t in picked]
+        self._prepare.add(time.perf_counter() - start)
         self._run_chunk(
             session, lambda: session.push(batch), first_input=session.frames_in, arrivals=arrivals
         )
@@ -522,6 +596,7 @@ class EngineWorker:
         images = out.cpu().numpy() if out.shape[0] else None  # the one host sync per chunk
         took = time.perf_counter() - start
         count = self._emit(session, images, before)
+        self._emit_time.add(time.perf_counter() - start - took)
         with self._lock:
             c = self._c
             c.frames_pushed += len(arrivals)
