@@ -12,7 +12,7 @@
 # that completes proves the fit on a card of that size.
 set -o pipefail
 export COLUMNS=200
-PART=${1:?usage: memory_calls.sh M|E|F|L|L1|L2|LN|LS}
+PART=${1:?usage: memory_calls.sh M|E|F|L|L1|L2|LN|LS|LSN}
 : "${OUT:?set OUT}"
 # The device returns at most 8 files: runs write under a work folder, summarised into $OUT at the end.
 FINAL=$OUT; OUT=/tmp/memory-$PART; rm -rf "$OUT"; mkdir -p "$OUT"
@@ -71,12 +71,19 @@ L1|L2)
 LN)
   # Latency without the lanes' lag: a 30 FPS camera, every step count in one server (~7 min).
   run live_LN 520 python3 tools/gpu/live_path.py --steps 1,2,3,4 --batching none --fps 30 --warm-s 15 \
-      --measure-s 12 --bench-arg=--chunks=15 --bench-arg=--warm-chunks=5 --out "$OUT/live_LN.json"
+      --warm-first-s 45 --measure-s 12 --bench-arg=--chunks=15 --bench-arg=--warm-chunks=5 --out "$OUT/live_LN.json"
   ;;
 LS)
   # Throughput: a source faster than the pipeline (60 FPS), stream batch, so delivered FPS meets bench's (~7 min).
-  run live_LS 520 python3 tools/gpu/live_path.py --steps 1,2,3,4 --batching stream --fps 60 --warm-s 15 \
-      --measure-s 12 --bench-arg=--chunks=15 --bench-arg=--warm-chunks=5 --out "$OUT/live_LS.json"
+  run live_LS 330 python3 tools/gpu/live_path.py --steps 1,2,3,4 --batching stream --fps 60 --warm-s 12 \
+      --warm-first-s 45 --measure-s 10 --bench-arg=--chunks=15 --bench-arg=--warm-chunks=5 --out "$OUT/live_LS.json"
+  ;;
+LSN)
+  # LS, then no batch at 3 and 4 steps (warm cache by then) in what is left of one call.
+  run live_LS 330 python3 tools/gpu/live_path.py --steps 1,2,3,4 --batching stream --fps 60 --warm-s 12 \
+      --warm-first-s 45 --measure-s 10 --bench-arg=--chunks=15 --bench-arg=--warm-chunks=5 --out "$OUT/live_LS.json"
+  run live_LN34 200 python3 tools/gpu/live_path.py --steps 3,4 --batching none --fps 30 --warm-s 12 \
+      --measure-s 10 --no-bench --out "$OUT/live_LN34.json"
   ;;
 *) echo "unknown part $PART"; exit 2 ;;
 esac
