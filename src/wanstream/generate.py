@@ -51,6 +51,7 @@ from wanstream.engine.session import ChunkEvent, StreamSession
 from wanstream.engine.settings import Codec, LoraMode, LoraSpec, Mode, StreamSettings
 from wanstream.engine.vace import VaceChunk, VaceInputError
 from wanstream.generate_vace import VaceFeed, VacePlan, check_length, chunks_to_json, plan_vace
+from wanstream.media.resample import resample
 from wanstream.media.sample import SAMPLE_FPS, SAMPLE_FRAMES, SAMPLE_HEIGHT, SAMPLE_WIDTH, iter_sample_clip
 from wanstream.media.video import (
     RESOLUTION_MULTIPLE,
@@ -1052,28 +1053,6 @@ def _vfr_watch(frames: Iterator[Frame], fps: float, note: Callable[[str], None])
                 "it to a constant rate that keeps its real timing"
             )
         yield frame
-
-
-def resample(frames: Iterator[Frame], fps: float, last_span: float) -> Iterator[Frame]:
-    """Frames on the grid i/fps: each tick takes the input frame nearest in time (ties: the earlier one).
-
-    The input lasts until its last frame's time + `last_span` (one average frame); ticks stop there, so a
-    constant-rate input resampled to its own rate comes out frame for frame.
-    """
-    prev = next(frames, None)
-    if prev is None:
-        return
-    tick = 0
-    for frame in frames:
-        middle = (prev.time + frame.time) / 2
-        while tick / fps <= middle + TIME_EPS:
-            yield Frame(prev.image, tick / fps)
-            tick += 1
-        prev = frame
-    end = prev.time + last_span
-    while tick / fps < end - TIME_EPS:
-        yield Frame(prev.image, tick / fps)
-        tick += 1
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from wanstream.engine.vace import VaceChunk, VaceConditioner, VaceInputError, read_image
+from wanstream.media.resample import resample
 from wanstream.media.video import Frame, VideoError, VideoInfo, VideoReader, resize_frames
 
 if TYPE_CHECKING:
@@ -322,8 +323,6 @@ class VaceFeed:
     # -- helpers -----------------------------------------------------------------------------------
     def _on_grid(self, info: VideoInfo) -> Iterator[Frame]:
         """A video's frames resampled onto the output's grid i / fps (nearest frame by time)."""
-        from wanstream.generate import resample  # the job's own resampler (generate imports this module)
-
         reader = self._stack.enter_context(VideoReader(info.path))
         return resample(iter(reader), self._fps, 1.0 / reader.info.fps)
 
