@@ -50,7 +50,7 @@ from wanstream.engine.prompts import WeightedPrompt
 from wanstream.engine.session import ChunkEvent, StreamSession
 from wanstream.engine.settings import Codec, LoraMode, LoraSpec, Mode, StreamSettings
 from wanstream.engine.vace import VaceChunk, VaceInputError
-from wanstream.generate_vace import VaceFeed, VacePlan, check_length, chunks_to_json, plan_vace
+from wanstream.jobs.generate.vace import VaceFeed, VacePlan, check_length, chunks_to_json, plan_vace
 from wanstream.media.resample import resample
 from wanstream.media.sample import SAMPLE_FPS, SAMPLE_FRAMES, SAMPLE_HEIGHT, SAMPLE_WIDTH, iter_sample_clip
 from wanstream.media.video import (

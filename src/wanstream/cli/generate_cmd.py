@@ -583,7 +583,7 @@ def _vace_summary(result: GenerateResult) -> str:
     """e.g. 'vace: conditioning ×11, extension:lastframe ×1; scale 1 from chunk 0, 0.5 from chunk 6'."""
     from collections import Counter
 
-    from wanstream.generate_vace import scale_changes
+    from wanstream.jobs.generate.vace import scale_changes
 
     modes = Counter(c.mode for c in result.vace)
     used = ", ".join(f"{mode} ×{n}" for mode, n in modes.items()) or "no chunk"

@@ -1,6 +1,6 @@
 """VACE in `wanstream generate`: a control video (+ mask video), reference images and first/last frames.
 
-Two stages, like the job itself (`wanstream.generate`):
+Two stages, like the job itself (`wanstream.jobs.generate`):
 
 * `plan_vace(...)` checks every VACE input before anything heavy happens — the videos are opened and their
   first frames decoded, the images read — and raises `VaceInputError` naming the flag and the file (mask
