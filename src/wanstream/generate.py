@@ -44,12 +44,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from wanstream.engine.prompts import WeightedPrompt
 from wanstream.engine.session import ChunkEvent, StreamSession
-from wanstream.engine.settings import Codec, LoraMode, LoraSpec, Mode, StreamSettings
+from wanstream.engine.settings import Codec, LoraSpec, Mode, StreamSettings
 from wanstream.engine.vace import VaceChunk, VaceInputError
+from wanstream.jobs.generate.request import GenerateError, GenerateRequest
 from wanstream.jobs.generate.vace import VaceFeed, VacePlan, check_length, chunks_to_json, plan_vace
 from wanstream.media.resample import resample
 from wanstream.media.sample import SAMPLE_FPS, SAMPLE_FRAMES, SAMPLE_HEIGHT, SAMPLE_WIDTH, iter_sample_clip
@@ -85,73 +86,6 @@ DEMO_FRAMES = 49
 # scales larger inputs down to fit: its DiT's attention grows with the square of the pixel count, and
 # at 1280×720 it would fall to about 1 fps on two cores.
 DEMO_MAX_PIXELS = 832 * 480
-
-Batching = Literal["auto", "stream", "none"]
-
-
-class GenerateError(ValueError):
-    """Bad input (a request field, the timeline, the input video or the output path); nothing was written."""
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The request
-
-
-class GenerateRequest(BaseModel):
-    """What to generate. `None` means "not given": the timeline's setting, else the default, applies."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
-
-    input: Path | None = Field(None, description="Input video; None: the built-in clip (video mode).")
-    output: Path = Field(Path("output.mp4"), description="The MP4 to write (atomically).")
-    timeline: Timeline | Path | None = Field(
-        None, description="A Scope timeline/workflow file, or a Timeline."
-    )
-    prompts: tuple[WeightedPrompt | str, ...] | None = Field(
-        None, description="A fixed prompt blend instead of a timeline."
-    )
-    mode: Mode | None = Field(None, description="'video' (restyle input) or 'text' (prompts alone).")
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    steps: tuple[int, ...] | None = Field(
-        None, description="Descending denoising timesteps, e.g. (700, 500)."
-    )
-    noise_scale: float | None = Field(None, ge=0.0, le=1.0)
-    noise_controller: bool | None = None
-    vae: Codec | None = Field(
-        None,
-        description="Encoder and decoder: the Wan VAE, or TAEHV (fast). None: the Wan VAE, except with the "
-        "demo model (TAEHV: the tiny Wan VAE's 3-D convolutions are slow at full size on a CPU).",
-    )
-    height: int | None = Field(None, ge=1)
-    width: int | None = Field(None, ge=1)
-    batching: Batching = Field("auto", description="'auto': stream batch, or none for a single step.")
-    frames: int | None = Field(
-        None, ge=1, le=10_000_000, description="Text mode and built-in clip: length; input video: at most."
-    )
-    fps: float | None = Field(
-        None, gt=0, le=240, description="Output rate; an input video is resampled to it by timestamps."
-    )
-    stats_json: Path | None = Field(None, description="Also write the run's statistics here (JSON).")
-    loras: tuple[LoraSpec, ...] | None = Field(
-        None, description="LoRAs to apply (path, scale, mode; docs/lora.md); None: the timeline's, if any."
-    )
-    lora_mode: LoraMode | None = Field(None, description="Mode of LoRAs that give none (default 'merged').")
-    # VACE (docs/vace.md): a control video (+ masks), reference images, first/last frame.
-    control_video: Path | None = Field(
-        None,
-        description="VACE control video; without an input video it drives text mode (as Scope routes it).",
-    )
-    mask_video: Path | None = Field(
-        None, description="Masks of the control video (white = generate, black = keep), same size and length."
-    )
-    ref_images: tuple[Path, ...] | None = Field(None, description="VACE reference images (subject / style).")
-    ref_once: bool = Field(False, description="References on the first chunk only (Scope), not every chunk.")
-    first_frame: Path | None = Field(None, description="VACE extension: the video starts from this image.")
-    last_frame: Path | None = Field(None, description="VACE extension: the video ends on this image.")
-    vace_scale: float | None = Field(None, ge=0.0, le=2.0, description="vace_context_scale (default 1).")
-    vace_corrected: bool = Field(
-        False, description="VACE with the corrected numerics instead of Scope's quirks (docs/vace.md)."
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from wanstream.media.video import Frame, VideoError, VideoInfo, VideoReader, res
 
 if TYPE_CHECKING:
     from wanstream.engine.session import StreamSession
+    from wanstream.jobs.generate.request import GenerateRequest
     from wanstream.timeline import Segment, Timeline
 
 MAX_VACE_SCALE = 2.0
@@ -78,7 +79,7 @@ class VacePlan:
         return "; ".join(parts) + f"; scale {self.scale:g}{numerics}"
 
 
-def wants_vace(request: Any) -> bool:
+def wants_vace(request: GenerateRequest) -> bool:
     """Whether a `GenerateRequest` names any VACE input."""
     fields = (
         request.control_video,
@@ -91,7 +92,7 @@ def wants_vace(request: Any) -> bool:
 
 
 def plan_vace(
-    request: Any, timeline: Timeline, *, control_is_input: bool, notes: list[str]
+    request: GenerateRequest, timeline: Timeline, *, control_is_input: bool, notes: list[str]
 ) -> VacePlan | None:
     """Validate the VACE inputs of a `GenerateRequest` (None when it has none); raises `VaceInputError`."""
     scales = [s.vace_context_scale for s in timeline.segments if s.vace_context_scale is not None]
