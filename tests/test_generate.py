@@ -15,6 +15,7 @@ import torch
 
 from wanstream import Pipeline
 from wanstream.cli.main import main
+from wanstream.cli.parsers import parse_prompt
 from wanstream.engine.session import StreamSession
 from wanstream.generate import (
     DEMO_FRAMES,
@@ -23,7 +24,6 @@ from wanstream.generate import (
     GenerateRequest,
     GenerationInterrupted,
     generate,
-    parse_prompt,
     plan,
 )
 from wanstream.media.sample import sample_clip

@@ -34,7 +34,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -46,9 +45,8 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 import torch
 from pydantic import ValidationError
 
-from wanstream.engine.prompts import WeightedPrompt
 from wanstream.engine.session import ChunkEvent, StreamSession
-from wanstream.engine.settings import Codec, LoraSpec, Mode, StreamSettings
+from wanstream.engine.settings import Codec, Mode, StreamSettings
 from wanstream.engine.vace import VaceChunk, VaceInputError
 from wanstream.jobs.generate.request import GenerateError, GenerateRequest
 from wanstream.jobs.generate.vace import VaceFeed, VacePlan, check_length, chunks_to_json, plan_vace
@@ -991,44 +989,6 @@ def _vfr_watch(frames: Iterator[Frame], fps: float, note: Callable[[str], None])
 
 # ---------------------------------------------------------------------------------------------------------
 # Small helpers
-
-
-_PROMPT_WEIGHT = re.compile(r"^(?P<text>.*\S)\s*:\s*(?P<weight>\d+(?:\.\d*)?|\.\d+)$", re.DOTALL)
-
-
-def parse_prompt(spec: str) -> WeightedPrompt:
-    """`TEXT` or `TEXT:WEIGHT` (a trailing `:NUMBER` is the weight; add `:1` to keep one in the text)."""
-    match = _PROMPT_WEIGHT.match(spec)
-    try:
-        if match:
-            return WeightedPrompt(text=match["text"], weight=float(match["weight"]))
-        return WeightedPrompt(text=spec)
-    except ValidationError as exc:
-        reason = exc.errors()[0]["msg"].removeprefix("Value error, ")
-        raise GenerateError(f"prompt {spec!r}: {reason}") from None
-
-
-_LORA_SCALE = re.compile(r"^(?P<path>.+):(?P<scale>[-+]?(?:\d+(?:\.\d*)?|\.\d+))$")
-
-
-def parse_lora(spec: str) -> LoraSpec:
-    """`FILE` or `FILE:SCALE` (a trailing `:NUMBER`, possibly negative, is the scale; default 1)."""
-    match = _LORA_SCALE.match(spec)
-    try:
-        if match:
-            return LoraSpec(path=match["path"], scale=float(match["scale"]))
-        return LoraSpec(path=spec)
-    except ValidationError as exc:
-        reason = exc.errors()[0]["msg"].removeprefix("Value error, ")
-        raise GenerateError(f"--lora {spec!r}: {reason}") from None
-
-
-def parse_steps(spec: str) -> tuple[int, ...]:
-    """'700,500' → (700, 500) (validated later, with the other settings)."""
-    try:
-        return tuple(int(part) for part in spec.split(","))
-    except ValueError:
-        raise GenerateError(f"steps {spec!r}: give comma-separated whole timesteps, e.g. 700,500") from None
 
 
 def _round16(x: float) -> int:

@@ -238,7 +238,8 @@ def run(args: argparse.Namespace) -> int:
 def _request(args: argparse.Namespace) -> Any:
     from pydantic import ValidationError
 
-    from wanstream.generate import GenerateError, GenerateRequest, parse_lora, parse_prompt, parse_steps
+    from wanstream.cli.parsers import parse_lora, parse_prompt, parse_steps
+    from wanstream.generate import GenerateError, GenerateRequest
 
     if args.models_dir is not None and args.models_dir.exists() and not args.models_dir.is_dir():
         raise GenerateError(f"--models-dir {args.models_dir} is not a folder")
