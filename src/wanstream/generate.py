@@ -36,7 +36,7 @@ import math
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -49,6 +49,7 @@ from wanstream.engine.session import ChunkEvent, StreamSession
 from wanstream.engine.settings import Codec, Mode, StreamSettings
 from wanstream.engine.vace import VaceChunk, VaceInputError
 from wanstream.jobs.generate.request import GenerateError, GenerateRequest
+from wanstream.jobs.generate.stats import GenerateStats, frames_text, number_text, percentile, rounded
 from wanstream.jobs.generate.vace import VaceFeed, VacePlan, check_length, chunks_to_json, plan_vace
 from wanstream.media.resample import resample
 from wanstream.media.sample import SAMPLE_FPS, SAMPLE_FRAMES, SAMPLE_HEIGHT, SAMPLE_WIDTH, iter_sample_clip
@@ -107,18 +108,20 @@ class InputSource:
     def describe(self) -> str:
         count = frames_text(self.frames) if self.frames is not None else "frames"
         if self.kind == "text":
-            return f"text mode: {count} at {_num(self.fps)} fps"
+            return f"text mode: {count} at {number_text(self.fps)} fps"
         if self.kind == "sample":
-            return f"the built-in sample clip ({count}, {self.width}×{self.height}, {_num(self.fps)} fps)"
+            return (
+                f"the built-in sample clip ({count}, {self.width}×{self.height}, {number_text(self.fps)} fps)"
+            )
         assert self.info is not None
         if self.kind == "control":
-            rate = f"{_num(self.info.fps)} fps" + (
-                f", resampled to {_num(self.fps)} fps" if self.resample else ""
+            rate = f"{number_text(self.info.fps)} fps" + (
+                f", resampled to {number_text(self.fps)} fps" if self.resample else ""
             )
             return f"text mode steered by the control video {self.path} ({self.info.width}×{self.info.height}, {rate})"
-        rate = f"{_num(self.info.fps)} fps"
+        rate = f"{number_text(self.info.fps)} fps"
         if self.resample:
-            rate += f", resampled to {_num(self.fps)} fps"
+            rate += f", resampled to {number_text(self.fps)} fps"
         return f"{self.path} ({self.info.width}×{self.info.height}, {rate}, {self.info.codec})"
 
 
@@ -500,56 +503,6 @@ class PromptSwitch:
 
 
 @dataclass
-class GenerateStats:
-    """What the run measured. Definitions (docs/generate.md):
-
-    * wall_s: from the start of the job (model already loaded: session set-up, prompt encoding, input
-      decoding, every chunk, output encoding) to the output file closed. `load_s`: loading the model.
-    * time_to_first_frame_s: from the start of the job to the first output frame in host memory.
-    * chunk latency: one chunk's processing — input to the engine, every denoising step, decode, and the
-      frames that came out copied to host memory (the timer stops after the copy).
-    * steady state: the chunks after warm-up — the first chunk of a stream (5 frames, 2 latents) and, in
-      stream batch, the N−1 chunks that fill the N step lanes — excluding the end-of-input flush and the
-      drain of a cut. steady_fps = frames out of those chunks / their total latency.
-    """
-
-    frames: int
-    input_frames: int
-    chunks: int
-    wall_s: float
-    load_s: float | None
-    time_to_first_frame_s: float | None
-    first_chunk_ms: float | None
-    steady_chunks: int
-    steady_fps: float | None
-    chunk_latency_p50_ms: float | None
-    chunk_latency_p90_ms: float | None
-
-    @property
-    def overall_fps(self) -> float | None:
-        return self.frames / self.wall_s if self.wall_s > 0 else None
-
-    def summary_lines(self) -> list[str]:
-        lines = [
-            f"{frames_text(self.frames)} in {self.wall_s:.2f} s ({_fmt(self.overall_fps, '.1f')} fps overall)"
-        ]
-        if self.steady_fps is not None:
-            lines.append(
-                f"steady state: {self.steady_fps:.2f} fps over {self.steady_chunks} chunks; "
-                f"chunk latency p50 {self.chunk_latency_p50_ms:.0f} ms, p90 {self.chunk_latency_p90_ms:.0f} ms"
-            )
-        else:
-            lines.append("steady state: not reached (too few chunks after warm-up)")
-        first = f"time to first frame {_fmt(self.time_to_first_frame_s, '.2f')} s"
-        if self.first_chunk_ms is not None:
-            first += f" (first chunk {self.first_chunk_ms:.0f} ms)"
-        if self.load_s is not None:
-            first += f"; model load {self.load_s:.1f} s"
-        lines.append(first)
-        return lines
-
-
-@dataclass
 class GenerateResult:
     plan: GeneratePlan
     output: Path | None  # None when no frame was written
@@ -580,15 +533,15 @@ class GenerateResult:
             "frames": s.frames,
             "input_frames": s.input_frames,
             "chunks": s.chunks,
-            "wall_s": _round(s.wall_s),
-            "load_s": _round(s.load_s),
-            "overall_fps": _round(s.overall_fps),
-            "time_to_first_frame_s": _round(s.time_to_first_frame_s),
-            "first_chunk_ms": _round(s.first_chunk_ms),
-            "steady_state_fps": _round(s.steady_fps),
+            "wall_s": rounded(s.wall_s),
+            "load_s": rounded(s.load_s),
+            "overall_fps": rounded(s.overall_fps),
+            "time_to_first_frame_s": rounded(s.time_to_first_frame_s),
+            "first_chunk_ms": rounded(s.first_chunk_ms),
+            "steady_state_fps": rounded(s.steady_fps),
             "steady_state_chunks": s.steady_chunks,
-            "chunk_latency_p50_ms": _round(s.chunk_latency_p50_ms),
-            "chunk_latency_p90_ms": _round(s.chunk_latency_p90_ms),
+            "chunk_latency_p50_ms": rounded(s.chunk_latency_p50_ms),
+            "chunk_latency_p90_ms": rounded(s.chunk_latency_p90_ms),
             "settings": {**p.settings.model_dump(mode="json"), "steps": list(p.settings.denoising_steps)},
             "denoising_steps": list(p.settings.denoising_steps),
             "prompt_switches": [
@@ -596,7 +549,7 @@ class GenerateResult:
                     "segment": w.segment,
                     "start_time": w.start_time,
                     "frame": w.frame,
-                    "frame_time": _round(w.frame_time),
+                    "frame_time": rounded(w.frame_time),
                     "chunk": w.chunk,
                     "chunk_frames": list(w.chunk_frames) if w.chunk_frames is not None else None,
                     "transition_chunks": w.transition_chunks,
@@ -922,8 +875,8 @@ class _Runner:
             first_chunk_ms=chunks[0].seconds * 1e3 if chunks else None,
             steady_chunks=len(steady),
             steady_fps=steady_frames / steady_time if steady and steady_time > 0 else None,
-            chunk_latency_p50_ms=_percentile(latencies, 50) * 1e3 if latencies else None,
-            chunk_latency_p90_ms=_percentile(latencies, 90) * 1e3 if latencies else None,
+            chunk_latency_p50_ms=percentile(latencies, 50) * 1e3 if latencies else None,
+            chunk_latency_p90_ms=percentile(latencies, 90) * 1e3 if latencies else None,
         )
         c = self.pipeline.components
         return GenerateResult(
@@ -981,7 +934,7 @@ def _vfr_watch(frames: Iterator[Frame], fps: float, note: Callable[[str], None])
             noted = True
             note(
                 f"the input has a variable frame rate: every frame is kept and written at the average "
-                f"{_num(fps)} fps (prompts still switch by the real timestamps); give --fps to resample "
+                f"{number_text(fps)} fps (prompts still switch by the real timestamps); give --fps to resample "
                 "it to a constant rate that keeps its real timing"
             )
         yield frame
@@ -993,28 +946,3 @@ def _vfr_watch(frames: Iterator[Frame], fps: float, note: Callable[[str], None])
 
 def _round16(x: float) -> int:
     return max(RESOLUTION_MULTIPLE, round(x / RESOLUTION_MULTIPLE) * RESOLUTION_MULTIPLE)
-
-
-def _percentile(sorted_values: Sequence[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    pos = (len(sorted_values) - 1) * q / 100
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
-
-def frames_text(n: int) -> str:
-    """'1 frame', '49 frames'."""
-    return f"{n} frame" if n == 1 else f"{n} frames"
-
-
-def _num(x: float) -> str:
-    return f"{x:g}" if abs(x - round(x)) > 1e-9 else str(round(x))
-
-
-def _fmt(x: float | None, spec: str) -> str:
-    return "–" if x is None else format(x, spec)
-
-
-def _round(x: float | None, digits: int = 4) -> float | None:
-    return None if x is None else round(x, digits)
