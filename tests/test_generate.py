@@ -18,14 +18,13 @@ from wanstream.cli.main import main
 from wanstream.cli.parsers import parse_prompt
 from wanstream.engine.session import StreamSession
 from wanstream.generate import (
-    DEMO_FRAMES,
-    DEMO_SIZE,
     GenerateError,
     GenerateRequest,
     GenerationInterrupted,
     generate,
     plan,
 )
+from wanstream.jobs.generate.planning import DEMO_FRAMES, DEMO_SIZE
 from wanstream.media.sample import sample_clip
 from wanstream.media.video import VideoWriter, read_video
 from wanstream.timeline import Timeline, load_timeline

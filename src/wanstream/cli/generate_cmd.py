@@ -360,7 +360,7 @@ def _extend_prompts(err: Console, args: argparse.Namespace, job: GeneratePlan) -
 
 
 def _show_plan(err: Console, job: GeneratePlan) -> None:
-    from wanstream.generate import frames_text
+    from wanstream.jobs.generate.stats import frames_text
 
     s, src = job.settings, job.source
     frames = frames_text(src.frames) if src.frames is not None else "every frame"
@@ -556,7 +556,7 @@ def _clock(seconds: float) -> str:
 
 
 def _summary(out: Console, result: GenerateResult) -> None:
-    from wanstream.generate import frames_text
+    from wanstream.jobs.generate.stats import frames_text
 
     s, job = result.stats, result.plan
     label = "  [bold yellow](DEMO MODEL, RANDOM WEIGHTS)[/]" if job.demo else ""
