@@ -17,7 +17,7 @@ from wanstream import Pipeline
 from wanstream.cli.main import main
 from wanstream.cli.parsers import parse_prompt
 from wanstream.engine.session import StreamSession
-from wanstream.generate import (
+from wanstream.jobs.generate import (
     GenerateError,
     GenerateRequest,
     GenerationInterrupted,

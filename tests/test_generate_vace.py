@@ -11,7 +11,7 @@ import torch
 
 from wanstream import Pipeline
 from wanstream.cli.main import main
-from wanstream.generate import GenerateRequest, GenerateResult, generate, plan
+from wanstream.jobs.generate import GenerateRequest, GenerateResult, generate, plan
 from wanstream.media.sample import sample_clip
 from wanstream.media.video import VideoWriter, read_video
 from wanstream.weights.store import MissingWeightsError

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from wanstream.engine.prompts import WeightedPrompt
 from wanstream.engine.settings import LoraSpec
-from wanstream.jobs.generate.request import GenerateError
+from wanstream.jobs.generate import GenerateError
 
 _PROMPT_WEIGHT = re.compile(r"^(?P<text>.*\S)\s*:\s*(?P<weight>\d+(?:\.\d*)?|\.\d+)$", re.DOTALL)
 
