@@ -127,7 +127,7 @@ class _Runner:
         # A last-frame image goes on the video's last chunk: read one frame ahead to know which that is.
         ahead = 1 if self.job.vace is not None and self.job.vace.last_frame is not None else 0
         while True:
-            need = _next_chunk_frames(self.session)
+            need = self.session.chunk_frames  # 5 after a (re)start, else 4: exact across cuts
             while len(pending) < need + ahead and not exhausted:
                 frame = next(frames, None)
                 if frame is None:
@@ -164,7 +164,7 @@ class _Runner:
         assert total is not None
         fps = self.job.source.fps
         while self.fed < total:
-            need = _next_chunk_frames(self.session)
+            need = self.session.chunk_frames
             span = min(need, total - self.fed)
             if self._switch_for([(self.fed + i) / fps for i in range(span)]):
                 continue
@@ -327,12 +327,6 @@ class _Runner:
             notes=self.notes,
             vace=self.vace.chunks if self.vace is not None else [],
         )
-
-
-def _next_chunk_frames(session: StreamSession) -> int:
-    """Frames the session's next chunk takes: 5 after a (re)start, else 4 (read from the session so the job
-    stays exact across cuts)."""
-    return session.chunk_frames
 
 
 # ---------------------------------------------------------------------------------------------------------
