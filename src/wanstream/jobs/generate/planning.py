@@ -121,25 +121,7 @@ def plan(request: GenerateRequest, *, demo: bool = False) -> GeneratePlan:
     notes: list[str] = []
     timeline = _timeline(request, notes)
     ts = timeline.settings
-
-    if request.mode == "text" and request.input is not None:
-        raise GenerateError(f"mode 'text' generates from prompts alone; drop the input video {request.input}")
-    if request.mode is not None:
-        mode: Mode = request.mode
-    elif request.input is not None:
-        mode = "video"
-        if ts.input_mode == "text":
-            notes.append("the timeline's inputMode is 'text', but an input video was given: video mode")
-    elif request.control_video is not None:
-        mode = "text"  # the control video drives generation (Scope routes the input video to VACE)
-        if ts.input_mode == "video":
-            notes.append(
-                "the timeline's inputMode is 'video', but the control video drives text mode (give an input "
-                "video to restyle it, with the control video steering it)"
-            )
-    else:
-        mode = ts.input_mode or "video"
-
+    mode = _mode(request, timeline, notes)
     source = _source(request, mode, demo, notes)
     try:
         vace = plan_vace(request, timeline, control_is_input=source.kind == "control", notes=notes)
@@ -191,6 +173,27 @@ def _timeline(request: GenerateRequest, notes: list[str]) -> Timeline:
         raise GenerateError(str(exc)) from None
     notes.append("no prompt given: using the default prompt (choose one with --prompt or --timeline)")
     return Timeline.constant([DEFAULT_PROMPT])
+
+
+def _mode(request: GenerateRequest, timeline: Timeline, notes: list[str]) -> Mode:
+    """The request's mode, else video with an input video, text with only a control video, else the timeline's."""
+    ts = timeline.settings
+    if request.mode == "text" and request.input is not None:
+        raise GenerateError(f"mode 'text' generates from prompts alone; drop the input video {request.input}")
+    if request.mode is not None:
+        return request.mode
+    if request.input is not None:
+        if ts.input_mode == "text":
+            notes.append("the timeline's inputMode is 'text', but an input video was given: video mode")
+        return "video"
+    if request.control_video is not None:
+        if ts.input_mode == "video":
+            notes.append(
+                "the timeline's inputMode is 'video', but the control video drives text mode (give an input "
+                "video to restyle it, with the control video steering it)"
+            )
+        return "text"  # the control video drives generation (Scope routes the input video to VACE)
+    return ts.input_mode or "video"
 
 
 def _source(request: GenerateRequest, mode: Mode, demo: bool, notes: list[str]) -> InputSource:
