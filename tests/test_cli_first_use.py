@@ -17,7 +17,8 @@ from rich.console import Console
 from wanstream.cli import generate_cmd
 from wanstream.cli.main import build_parser, main
 from wanstream.engine.session import StreamSession
-from wanstream.generate import DEMO_MAX_PIXELS, GenerateProgress, GenerateRequest, plan
+from wanstream.jobs.generate import GenerateProgress, GenerateRequest, plan
+from wanstream.jobs.generate.planning import DEMO_MAX_PIXELS
 from wanstream.media.sample import sample_clip
 from wanstream.media.video import VideoWriter
 

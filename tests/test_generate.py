@@ -15,20 +15,18 @@ import torch
 
 from wanstream import Pipeline
 from wanstream.cli.main import main
+from wanstream.cli.parsers import parse_prompt
 from wanstream.engine.session import StreamSession
-from wanstream.generate import (
-    DEMO_FRAMES,
-    DEMO_SIZE,
+from wanstream.jobs.generate import (
     GenerateError,
     GenerateRequest,
     GenerationInterrupted,
     generate,
-    parse_prompt,
     plan,
-    resample,
 )
+from wanstream.jobs.generate.planning import DEMO_FRAMES, DEMO_SIZE
 from wanstream.media.sample import sample_clip
-from wanstream.media.video import Frame, VideoWriter, read_video
+from wanstream.media.video import VideoWriter, read_video
 from wanstream.timeline import Timeline, load_timeline
 
 from support.models_dir import write_tiny_models_dir
@@ -352,19 +350,6 @@ def test_fps_resamples_the_input_by_timestamps(pipe: Pipeline, tmp_path: Path) -
     assert result.stats.frames == 16
     with av.open(str(tmp_path / "o.mp4")) as container:
         assert float(container.streams.video[0].average_rate) == 16
-
-
-def test_resample_picks_the_nearest_frame_and_keeps_constant_rates_intact() -> None:
-    def frames(times: list[float]):
-        return iter([Frame(torch.full((1, 1, 3), i, dtype=torch.uint8), t) for i, t in enumerate(times)])
-
-    same = list(resample(frames([i / 16 for i in range(10)]), 16, 1 / 16))
-    assert [int(f.image[0, 0, 0]) for f in same] == list(range(10))
-    down = list(resample(frames([i / 30 for i in range(30)]), 16, 1 / 30))
-    assert len(down) == 16
-    assert [int(f.image[0, 0, 0]) for f in down][:4] == [0, 2, 4, 6]  # 0, 1/16 s → 1.875, 2/16 → 3.75…
-    up = list(resample(frames([0.0, 0.5]), 4, 0.5))  # ties go to the earlier frame
-    assert [int(f.image[0, 0, 0]) for f in up] == [0, 0, 1, 1]  # 0.25 s is halfway: frame 0
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch
 
 from wanstream import Pipeline
 from wanstream.cli.main import main
-from wanstream.generate import GenerateRequest, GenerateResult, generate, plan
+from wanstream.jobs.generate import GenerateRequest, GenerateResult, generate, plan
 from wanstream.media.sample import sample_clip
 from wanstream.media.video import VideoWriter, read_video
 from wanstream.weights.store import MissingWeightsError
@@ -319,9 +319,9 @@ def test_a_mask_video_that_ends_early_fails_the_run_without_output(
 ) -> None:
     """A mask video whose length the container does not announce is checked as it plays: the run stops,
     naming it, and leaves no output file."""
-    from wanstream import generate_vace
+    from wanstream.jobs.generate import vace
 
-    monkeypatch.setattr(generate_vace, "_duration", lambda info: None)
+    monkeypatch.setattr(vace, "_duration", lambda info: None)
     with pytest.raises(Exception, match="ended before the control video"):
         with_vace(pipe, tmp_path / "o.mp4", control_video=media["control"], mask_video=media["mask_short"])
     assert list(tmp_path.iterdir()) == []

@@ -10,7 +10,7 @@ import torch
 
 from wanstream.cli.main import main
 from wanstream.demo import demo_components
-from wanstream.generate import GenerateRequest, plan
+from wanstream.jobs.generate import GenerateRequest, plan
 from wanstream.media.video import read_video
 from wanstream.models.lora import linear_targets
 

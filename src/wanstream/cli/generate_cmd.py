@@ -1,6 +1,6 @@
 """`wanstream generate`: an input video (or the built-in clip, or text alone) and prompts → an MP4.
 
-A thin layer over `wanstream.generate`: parse flags into a `GenerateRequest`, validate it (`plan`) before
+A thin layer over `wanstream.jobs.generate`: parse flags into a `GenerateRequest`, validate it (`plan`) before
 any model loads, load the real model (or, with --demo and no weights, the tiny random one), run it with a
 progress bar and print the summary. Exit codes: 0 done, 2 bad input, 1 runtime failure (missing weights
 included), 130 Ctrl-C (the frames generated so far are kept as a valid MP4).
@@ -23,7 +23,7 @@ from rich.markup import escape
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from wanstream.generate import GeneratePlan, GenerateProgress, GenerateResult
+    from wanstream.jobs.generate import GeneratePlan, GenerateProgress, GenerateResult
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -183,7 +183,7 @@ def _add_extend_flags(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from wanstream.generate import GenerateError
+    from wanstream.jobs.generate import GenerateError
     from wanstream.timeline import TimelineError
 
     err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -238,7 +238,8 @@ def run(args: argparse.Namespace) -> int:
 def _request(args: argparse.Namespace) -> Any:
     from pydantic import ValidationError
 
-    from wanstream.generate import GenerateError, GenerateRequest, parse_lora, parse_prompt, parse_steps
+    from wanstream.cli.parsers import parse_lora, parse_prompt, parse_steps
+    from wanstream.jobs.generate import GenerateError, GenerateRequest
 
     if args.models_dir is not None and args.models_dir.exists() and not args.models_dir.is_dir():
         raise GenerateError(f"--models-dir {args.models_dir} is not a folder")
@@ -282,7 +283,7 @@ def _request(args: argparse.Namespace) -> Any:
 def _device(name: str | None) -> Any:
     import torch
 
-    from wanstream.generate import GenerateError
+    from wanstream.jobs.generate import GenerateError
 
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -325,7 +326,7 @@ def _wants_vace(args: argparse.Namespace) -> bool:
 
 
 def _plan(request: Any, demo: bool) -> GeneratePlan:
-    from wanstream.generate import plan
+    from wanstream.jobs.generate import plan
 
     return plan(request, demo=demo)
 
@@ -359,7 +360,7 @@ def _extend_prompts(err: Console, args: argparse.Namespace, job: GeneratePlan) -
 
 
 def _show_plan(err: Console, job: GeneratePlan) -> None:
-    from wanstream.generate import frames_text
+    from wanstream.jobs.generate.stats import frames_text
 
     s, src = job.settings, job.source
     frames = frames_text(src.frames) if src.frames is not None else "every frame"
@@ -394,7 +395,7 @@ def _check_gpus(args: argparse.Namespace, device: Any) -> None:
     """--gpus N: a ring of N processes, one per GPU (or CPU processes with --device cpu)."""
     import torch
 
-    from wanstream.generate import GenerateError
+    from wanstream.jobs.generate import GenerateError
 
     if args.gpus < 1:
         raise GenerateError(f"--gpus {args.gpus}: give a number of GPUs, 1 or more")
@@ -466,7 +467,7 @@ def _run(err: Console, out: Console, job: GeneratePlan, pipeline: Any, load_s: f
         TimeRemainingColumn,
     )
 
-    from wanstream.generate import GenerateError, GenerationInterrupted, run
+    from wanstream.jobs.generate import GenerateError, GenerationInterrupted, run
     from wanstream.media.video import VideoError
 
     if not _fits(err, job, pipeline):
@@ -555,7 +556,7 @@ def _clock(seconds: float) -> str:
 
 
 def _summary(out: Console, result: GenerateResult) -> None:
-    from wanstream.generate import frames_text
+    from wanstream.jobs.generate.stats import frames_text
 
     s, job = result.stats, result.plan
     label = "  [bold yellow](DEMO MODEL, RANDOM WEIGHTS)[/]" if job.demo else ""
@@ -583,7 +584,7 @@ def _vace_summary(result: GenerateResult) -> str:
     """e.g. 'vace: conditioning ×11, extension:lastframe ×1; scale 1 from chunk 0, 0.5 from chunk 6'."""
     from collections import Counter
 
-    from wanstream.generate_vace import scale_changes
+    from wanstream.jobs.generate.vace import scale_changes
 
     modes = Counter(c.mode for c in result.vace)
     used = ", ".join(f"{mode} ×{n}" for mode, n in modes.items()) or "no chunk"

@@ -1,6 +1,6 @@
 """VACE in `wanstream generate`: a control video (+ mask video), reference images and first/last frames.
 
-Two stages, like the job itself (`wanstream.generate`):
+Two stages, like the job itself (`wanstream.jobs.generate`):
 
 * `plan_vace(...)` checks every VACE input before anything heavy happens — the videos are opened and their
   first frames decoded, the images read — and raises `VaceInputError` naming the flag and the file (mask
@@ -26,10 +26,12 @@ import torch
 import torch.nn.functional as F
 
 from wanstream.engine.vace import VaceChunk, VaceConditioner, VaceInputError, read_image
+from wanstream.media.resample import resample
 from wanstream.media.video import Frame, VideoError, VideoInfo, VideoReader, resize_frames
 
 if TYPE_CHECKING:
     from wanstream.engine.session import StreamSession
+    from wanstream.jobs.generate.request import GenerateRequest
     from wanstream.timeline import Segment, Timeline
 
 MAX_VACE_SCALE = 2.0
@@ -77,7 +79,7 @@ class VacePlan:
         return "; ".join(parts) + f"; scale {self.scale:g}{numerics}"
 
 
-def wants_vace(request: Any) -> bool:
+def wants_vace(request: GenerateRequest) -> bool:
     """Whether a `GenerateRequest` names any VACE input."""
     fields = (
         request.control_video,
@@ -90,7 +92,7 @@ def wants_vace(request: Any) -> bool:
 
 
 def plan_vace(
-    request: Any, timeline: Timeline, *, control_is_input: bool, notes: list[str]
+    request: GenerateRequest, timeline: Timeline, *, control_is_input: bool, notes: list[str]
 ) -> VacePlan | None:
     """Validate the VACE inputs of a `GenerateRequest` (None when it has none); raises `VaceInputError`."""
     scales = [s.vace_context_scale for s in timeline.segments if s.vace_context_scale is not None]
@@ -322,8 +324,6 @@ class VaceFeed:
     # -- helpers -----------------------------------------------------------------------------------
     def _on_grid(self, info: VideoInfo) -> Iterator[Frame]:
         """A video's frames resampled onto the output's grid i / fps (nearest frame by time)."""
-        from wanstream.generate import resample  # the job's own resampler (generate imports this module)
-
         reader = self._stack.enter_context(VideoReader(info.path))
         return resample(iter(reader), self._fps, 1.0 / reader.info.fps)
 
