@@ -12,7 +12,7 @@
 # that completes proves the fit on a card of that size.
 set -o pipefail
 export COLUMNS=200
-PART=${1:?usage: memory_calls.sh M|E|F|L|L1|L2|LN|LS|LSN}
+PART=${1:?usage: memory_calls.sh M|E|F|L|L1|L2|LN|LS|LSN|LF}
 : "${OUT:?set OUT}"
 # The device returns at most 8 files: runs write under a work folder, summarised into $OUT at the end.
 FINAL=$OUT; OUT=/tmp/memory-$PART; rm -rf "$OUT"; mkdir -p "$OUT"
@@ -84,6 +84,14 @@ LSN)
       --warm-first-s 45 --measure-s 10 --bench-arg=--chunks=15 --bench-arg=--warm-chunks=5 --out "$OUT/live_LS.json"
   run live_LN34 200 python3 tools/gpu/live_path.py --steps 3,4 --batching none --fps 30 --warm-s 12 \
       --measure-s 10 --no-bench --out "$OUT/live_LN34.json"
+  ;;
+LF)
+  # The live path after the converter thread and the input-anchored pacing: no batch at 1-4 steps (as LN),
+  # then stream batch at 2 and 4 steps, both with a 30 FPS camera (~8 min).
+  run live_LF_none 300 python3 tools/gpu/live_path.py --steps 1,2,3,4 --batching none --fps 30 --warm-s 12 \
+      --warm-first-s 45 --measure-s 10 --bench-arg=--chunks=15 --bench-arg=--warm-chunks=5 --out "$OUT/live_LF_none.json"
+  run live_LF_stream 200 python3 tools/gpu/live_path.py --steps 2,4 --batching stream --fps 30 --warm-s 12 \
+      --measure-s 10 --bench-arg=--chunks=15 --bench-arg=--warm-chunks=5 --out "$OUT/live_LF_stream.json"
   ;;
 *) echo "unknown part $PART"; exit 2 ;;
 esac
