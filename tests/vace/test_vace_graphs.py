@@ -113,6 +113,9 @@ def test_vace_calls_replay_captured_steps_bit_for_bit_through_scale_and_control_
     # Each signature's VACE key carries the module and its numerics, the context shapes come with it.
     vace_keys = [k for k in graphs._graphs if isinstance(k[-2], tuple) and k[-2][0] == "vace"]
     assert vace_keys and {k[-2][1] for k in vace_keys} == {vace_components.vace}
+    # The static inputs are one set per extension signature, shared by its graphs (not one per cache phase):
+    # the first chunk's 2-frame context, later chunks' 1-frame context, and the cache pass without one.
+    assert len(graphs._inputs) == 3 < graphs.stats.captured
 
 
 def test_a_new_context_shape_captures_a_new_signature(vace_components: Components) -> None:
