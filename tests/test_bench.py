@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
 
-from wanstream.bench import BenchConfig, dit_flops
+import pytest
+
+from wanstream.bench import BenchConfig, dit_flops, vace_flops
 from wanstream.cli.main import main
 from wanstream.models.dit import WanConfig
 
@@ -26,9 +29,43 @@ def test_bench_cli_tiny_cpu(tmp_path: Path) -> None:
     assert "RANDOM" in data["weights"] or "random" in data["weights"]
 
 
+def test_bench_vace_column_on_tiny_random_weights(tmp_path: Path) -> None:
+    """The product's VACE path (text mode, the input as control frames) against the same stream without VACE."""
+    out = tmp_path / "bench.json"
+    rc = main(
+        ["bench", "--tiny", "--device", "cpu", "--configs", "nobatch,32x48,2,text;nobatch,32x48,2,vace",
+         "--chunks", "2", "--warm-chunks", "1", "--json", str(out)]
+    )  # fmt: skip
+    assert rc == 0
+    data = json.loads(out.read_text())
+    text, vace = data["results"]
+    assert (text["config"], vace["config"]) == ("nobatch,32x48,2,text", "nobatch,32x48,2,vace")
+    for r in (text, vace):
+        assert r["fps"] > 0 and r["chunk_ms_p50"] > 0 and r["ttff_ms"] > 0 and r["dit_tflops"] > 0
+        assert r["dit_ms_p50"] > 0 and r["decode_ms_p50"] > 0
+        assert math.isnan(r["encode_ms_p50"])  # text mode: no input video is encoded
+    assert vace["vace_encode_ms_p50"] > 0 and math.isnan(text["vace_encode_ms_p50"])
+    assert data["fallbacks"] == {"counts": {}, "last": {}}
+
+
+def test_vace_flops_count_every_vace_block_on_the_padded_chunk() -> None:
+    cfg = WanConfig.t2v_1_3b()
+    d = cfg.dim
+    one, two = vace_flops(cfg, 1, 1560), vace_flops(cfg, 2, 1560)
+    block = two - one
+    # A Wan block with self-attention over the chunk's 1560 tokens padded to 1664, plus after_proj.
+    dense = dit_flops(cfg, 1, 1560, 1664) - dit_flops(dataclasses.replace(cfg, num_layers=0), 1, 1560, 1664)
+    assert math.isclose(block, dense / cfg.num_layers + 1560 * 2 * d * d)
+    assert one > block  # the patch embedding and before_proj come once
+
+
 def test_config_syntax_and_errors() -> None:
     cfg = BenchConfig.parse("batch,480x832,2,wan")
     assert (cfg.batching, cfg.height, cfg.width, cfg.steps, cfg.codecs) == ("stream", 480, 832, 2, "wan")
+    vace = BenchConfig.parse("nobatch,480x832,2,vace")
+    assert vace.text_mode and vace.settings().mode == "text" and vace.settings().cache_context == "clean"
+    with pytest.raises(ValueError, match="use nobatch"):
+        BenchConfig.parse("batch,480x832,2,vace")
     for bad in ("batch,480x832,2", "sometimes,480x832,2,wan", "batch,480x832,9,wan", "batch,480x832,2,jpeg"):
         try:
             BenchConfig.parse(bad)

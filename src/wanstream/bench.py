@@ -12,6 +12,11 @@ Measured per configuration (mode, resolution, steps, codecs):
 * time to first frame: a fresh stream (warm compile caches), 5th input frame available → first output
   frame on the CPU;
 * peak GPU memory; DiT TFLOP/s against a bf16 matmul measured in the same process;
+* codecs `vace`: the product's VACE path (`generate --control-video`, a server stream with VACE on) in
+  Daydream Scope's setup — text mode, no batching, the t = 0 cache pass, FIFO cache — with the input
+  video as VACE control frames (depth / pose style: all-ones mask, two streaming Wan VAE encodes per
+  chunk, the VACE blocks in every DiT step), Wan VAE decoder; the VACE encode is its own part
+  (`vace_encode_ms_p50`). Codecs `text` is the same stream with VACE off (its baseline, same process);
 * with `lora_rank`: each configuration again with a random LoRA of that rank on every attention and FFN
   linear of the DiT, merged and/or as runtime adapters (same process, same inputs), plus the time a
   scale change takes (`extra.lora_rescale_ms`: a re-merge, or an in-place copy of the adapters' scales).
@@ -29,6 +34,7 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -49,7 +55,14 @@ if TYPE_CHECKING:  # the text encoder's module needs ftfy/regex: imported only w
     from wanstream.models.text import TextEncoder
 
 STEP_LISTS = {1: (700,), 2: (700, 500), 3: (700, 500, 400), 4: (700, 500, 400, 200)}
-CODECS = {"wan": ("wan", "wan"), "taehv": ("taehv", "taehv"), "fast": ("wan", "taehv")}
+CODECS = {
+    "wan": ("wan", "wan"),
+    "taehv": ("taehv", "taehv"),
+    "fast": ("wan", "taehv"),
+    "vace": ("wan", "wan"),  # VACE's control frames go through the Wan encoder; no input video is encoded
+    "text": ("wan", "wan"),
+}
+TEXT_MODE_CODECS = ("vace", "text")  # Scope's VACE stream: text mode, one chunk at a time, t = 0 cache pass
 
 
 @dataclass(frozen=True)
@@ -58,7 +71,7 @@ class BenchConfig:
     height: int
     width: int
     steps: int
-    codecs: str  # "wan" (both ways), "taehv" (both ways), "fast" (Wan encoder + TAEHV decoder)
+    codecs: str  # "wan" / "taehv" (both ways), "fast" (Wan encoder + TAEHV decoder), "vace", "text"
 
     @property
     def name(self) -> str:
@@ -67,7 +80,7 @@ class BenchConfig:
 
     @classmethod
     def parse(cls, text: str) -> BenchConfig:
-        """`mode,HxW,steps,codecs`: mode batch|nobatch, codecs wan|taehv|fast."""
+        """`mode,HxW,steps,codecs`: mode batch|nobatch, codecs wan|taehv|fast|vace|text (vace, text: nobatch)."""
         try:
             mode, res, steps, codecs = (p.strip() for p in text.split(","))
             h, w = (int(v) for v in res.lower().split("x"))
@@ -76,12 +89,33 @@ class BenchConfig:
         except ValueError:
             raise ValueError(
                 f"bad config {text!r}: expected mode,HxW,steps,codecs e.g. batch,480x832,2,wan "
-                "(mode batch|nobatch, steps 1-4, codecs wan|taehv|fast)"
+                "(mode batch|nobatch, steps 1-4, codecs wan|taehv|fast|vace|text)"
             ) from None
+        if codecs in TEXT_MODE_CODECS and mode != "nobatch":
+            raise ValueError(
+                f"bad config {text!r}: codecs {codecs} runs VACE's stream (one chunk at a time): use nobatch"
+            )
         return cls("stream" if mode == "batch" else "none", h, w, int(steps), codecs)
+
+    @property
+    def text_mode(self) -> bool:
+        return self.codecs in TEXT_MODE_CODECS
 
     def settings(self) -> StreamSettings:
         encoder, decoder = CODECS[self.codecs]
+        if self.text_mode:  # Scope's VACE setup (and what `generate --control-video` runs)
+            return StreamSettings(
+                height=self.height,
+                width=self.width,
+                mode="text",
+                steps=STEP_LISTS[self.steps],
+                batching="none",
+                cache_context="clean",
+                eviction="fifo",
+                sink_threshold=-1.0,
+                encoder=encoder,  # type: ignore[arg-type]
+                decoder=decoder,  # type: ignore[arg-type]
+            )
         # "fast" mirrors the authors' --fast: TAEHV decoder and their fast cache (5 frames, 2 sinks,
         # adaptive sink off), so the comparison runs the same work.
         cache = dict(kv_cache_frames=5, sink_frames=2, sink_threshold=-1.0) if self.codecs == "fast" else {}
@@ -139,10 +173,11 @@ def random_components(
     *,
     precision: str = "bf16",
     text_encoder: str | None = None,
+    vace: bool = False,
 ) -> Components:
     """Random networks at full size (or tiny). `precision="fp8"`: the DiT blocks' linear weights stored in
     float8; `text_encoder`: also a random umT5 ("gpu", "fp8", "host" or "auto", as `Pipeline.load` places
-    it), else none (a random conditioning stands in)."""
+    it), else none (a random conditioning stands in); `vace`: also a random VACE module (1.3B: 15 blocks)."""
     from wanstream.models.placement import check_precision, resolve_text_placement
     from wanstream.models.tae import TAEHV, TAEHVConfig
     from wanstream.models.vae import WanVAE, WanVAEConfig
@@ -165,6 +200,11 @@ def random_components(
     vae = randomize_(_on_device(lambda: WanVAE(vae_cfg), device, dtype), 2)
     tae_dtype = torch.float16 if device.type == "cuda" else dtype
     tae = randomize_(_on_device(lambda: TAEHV(tae_cfg), device, tae_dtype), 3)
+    vace_module = None
+    if vace:
+        from wanstream.models.vace import VaceModule
+
+        vace_module = randomize_(_on_device(lambda: VaceModule(dit_cfg), device, dtype), 4)
     label = (
         "tiny random weights"
         if tiny
@@ -177,6 +217,7 @@ def random_components(
         wan_vae=vae,
         taehv=tae,
         text_encoder=text,
+        vace=vace_module,
         label=label,
         precision=precision,
         text_placement=placement or "none",
@@ -337,6 +378,19 @@ def dit_flops(cfg: WanConfig, lanes: int, query_tokens: int, key_tokens: int) ->
     return lanes * query_tokens * (cfg.num_layers * (per_token_layer + attention) + embed_head)
 
 
+def vace_flops(cfg: WanConfig, blocks: int, query_tokens: int) -> float:
+    """The VACE hints of one DiT call at one lane: the context's patch embedding, before_proj, and per VACE
+    block a Wan block (self-attention over the chunk alone, its keys padded to a multiple of 128 as Scope
+    pads them) plus after_proj."""
+    from wanstream.models.vace import PAD_MULTIPLE, VACE_IN_DIM
+
+    d, f, T = cfg.dim, cfg.ffn_dim, cfg.text_len
+    keys = query_tokens + (-query_tokens) % PAD_MULTIPLE
+    block = 2 * (6 * d * d + 2 * d * f + 2 * T * d) + 4 * keys * d + 2 * d * d
+    embed = 2 * VACE_IN_DIM * math.prod(cfg.patch_size) * d + 2 * d * d
+    return query_tokens * (blocks * block + embed)
+
+
 def _pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -363,6 +417,7 @@ class Result:
     chunks_measured: int
     chunk_ms_max: float = float("nan")
     first_frame_at: float = float("nan")  # wall-clock time the first output frame reached the CPU
+    vace_encode_ms_p50: float = float("nan")  # codecs vace: the control frames' VAE encodes and assembly
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -387,6 +442,7 @@ def bench_config(
     session = StreamSession(components, settings, output="uint8")
     if device.type == "cuda":
         session.denoiser.use_cuda_graphs(graphs)
+    push = _chunk_driver(session, cfg)
     if components.text_encoder is not None:
         session.set_prompts(long_prompt(0))
     else:
@@ -407,7 +463,7 @@ def bench_config(
         torch.cuda.reset_peak_memory_stats(device)
 
     def run(block: torch.Tensor) -> int:
-        out = session.push(block)
+        out = push(block)
         return int(out.cpu().shape[0])  # materialise on the CPU: the honest end of a chunk
 
     start = time.perf_counter()
@@ -438,7 +494,7 @@ def bench_config(
     stages = timer.take_ms()
     extra: dict[str, Any] = {}
     if components.text_encoder is not None:  # inside the peak: the text encoder's visit counts
-        extra["prompt_change"] = measure_prompt_change(session, frames[pos - 4 : pos], chunk_ms)
+        extra["prompt_change"] = measure_prompt_change(session, frames[pos - 4 : pos], chunk_ms, push)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     extra["memory"] = memory_parts(session, models_bytes)
     if loras:  # what a live scale change costs: a re-merge, or a copy into the adapters' scales
@@ -464,8 +520,11 @@ def bench_config(
     per_chunk_flops = (
         dit_flops(dit_cfg, lanes, L, L * settings.kv_cache_frames)
         if cfg.batching == "stream"
-        else cfg.steps * dit_flops(dit_cfg, 1, L, L * settings.kv_cache_frames)
+        else session.denoiser.passes_per_chunk * dit_flops(dit_cfg, 1, L, L * settings.kv_cache_frames)
     )
+    vace = components.vace if session.conditioner is not None else None
+    if vace is not None:  # the hints of every step (not of the t = 0 cache pass)
+        per_chunk_flops += cfg.steps * vace_flops(dit_cfg, len(vace.vace_blocks), L)  # type: ignore[arg-type]
     dit_p50 = statistics.median(stages.get("dit", [float("nan")]))
     tflops = per_chunk_flops / (dit_p50 / 1000) / 1e12
     return Result(
@@ -484,8 +543,23 @@ def bench_config(
         chunks_measured=chunks,
         chunk_ms_max=max(chunk_ms),
         first_frame_at=first_frame_at,
+        vace_encode_ms_p50=statistics.median(stages.get("vace_encode", [float("nan")])),
         extra={"first_chunk_stage_ms": first_chunk_stages, **extra},
     )
+
+
+def _chunk_driver(session: StreamSession, cfg: BenchConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+    """How a config turns input frames into output: `session.push` (video), or for the text-mode codecs
+    one generated chunk per block — with VACE (codecs vace) the block is that chunk's control video."""
+    if cfg.codecs == "vace":
+        from wanstream.engine.vace import VaceConditioner
+
+        cond = VaceConditioner(session)  # the components' VACE module, the Wan VAE as its encoder
+        session.attach(cond)
+        return cond.push
+    if cfg.text_mode:
+        return lambda block: session.generate(1)
+    return session.push
 
 
 PROMPT_WORDS = [
@@ -515,7 +589,10 @@ def long_prompt(seed: int) -> str:
 
 
 def measure_prompt_change(
-    session: StreamSession, block: torch.Tensor, chunk_ms: list[float]
+    session: StreamSession,
+    block: torch.Tensor,
+    chunk_ms: list[float],
+    push: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """A new prompt (never seen: encoded now) → output frames made under it, on the CPU: the encode (for a
     "host" encoder, its copy to the device included), then chunks. The stream keeps its KV cache (a
@@ -532,7 +609,7 @@ def measure_prompt_change(
     encode_ms = (time.perf_counter() - t0) * 1000
     outputs: list[float] = []
     for _ in range(lanes + 4):
-        if int(session.push(block).cpu().shape[0]):
+        if int((push or session.push)(block).cpu().shape[0]):
             outputs.append((time.perf_counter() - t0) * 1000)
             if len(outputs) == lanes:
                 break
@@ -587,11 +664,13 @@ def print_table(results: list[Result], console: Any = None) -> None:
     from rich.table import Table
 
     table = Table(title="wanstream bench (steady state)")
+    vace = any(not math.isnan(r.vace_encode_ms_p50) for r in results)
     for col in (
         "config",
         "FPS",
         "chunk p50/p90 ms",
         "enc / DiT / dec ms",
+        *(["VACE enc ms"] if vace else []),
         "TTFF ms",
         "peak GiB",
         "DiT TFLOP/s",
@@ -603,6 +682,7 @@ def print_table(results: list[Result], console: Any = None) -> None:
             f"{r.fps:.2f}",
             f"{r.chunk_ms_p50:.1f} / {r.chunk_ms_p90:.1f}",
             f"{r.encode_ms_p50:.1f} / {r.dit_ms_p50:.1f} / {r.decode_ms_p50:.1f}",
+            *([f"{r.vace_encode_ms_p50:.1f}"] if vace else []),
             f"{r.ttff_ms:.0f}",
             f"{r.peak_mem_gib:.1f}",
             f"{r.dit_tflops:.0f} ({100 * r.dit_fraction_of_matmul_peak:.0f}%)",
@@ -648,7 +728,15 @@ def run_bench(
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
-    components = random_components(device, dtype, tiny=tiny, precision=precision, text_encoder=text_encoder)
+    if live_changes and configs[0].text_mode:
+        raise ValueError(
+            f"--live-changes runs the first config's video stream; {configs[0].name} is text mode"
+        )
+    # The VACE module only when a config uses it: its weights (1.5 GB at full size) are in every config's peak.
+    with_vace = any(cfg.codecs == "vace" for cfg in configs)
+    components = random_components(
+        device, dtype, tiny=tiny, precision=precision, text_encoder=text_encoder, vace=with_vace
+    )
     mark("networks built")
     console.print(f"[bold]{components.label}[/bold] on {device}")
     if compile and device.type == "cuda":
@@ -688,7 +776,12 @@ def run_bench(
         console.print(
             f"{result.config}: {result.fps:.2f} FPS, chunk p50 {result.chunk_ms_p50:.1f} max {result.chunk_ms_max:.1f} ms, "
             f"enc/DiT/dec {result.encode_ms_p50:.1f}/{result.dit_ms_p50:.1f}/{result.decode_ms_p50:.1f} ms, "
-            f"TTFF {result.ttff_ms:.0f} ms, first chunk cold {result.first_chunk_cold_ms / 1000:.1f} s, "
+            + (
+                f"VACE encode {result.vace_encode_ms_p50:.1f} ms, "
+                if not math.isnan(result.vace_encode_ms_p50)
+                else ""
+            )
+            + f"TTFF {result.ttff_ms:.0f} ms, first chunk cold {result.first_chunk_cold_ms / 1000:.1f} s, "
             f"peak {result.peak_mem_gib:.1f} GiB, DiT {result.dit_tflops:.0f} TFLOP/s"
             + (f", cold start {result.extra['cold_start_s']:.1f} s" if "cold_start_s" in result.extra else "")
             + (f", LoRA scale change {rescale:.1f} ms" if rescale is not None else "")
@@ -766,7 +859,8 @@ def describe_extras(result: Result) -> str:
 def estimate_rows(
     components: Components, configs: list[BenchConfig], results: list[Result], variants_per_config: int
 ) -> list:
-    """Rows for the estimates table: one per config (its first variant, without LoRA), GPU runs only."""
+    """Rows for the estimates table: one per config (its first variant, without LoRA), GPU runs only; the
+    text-mode codecs (vace, text) are not rows: the table is keyed by the codecs of a video stream."""
     from wanstream.engine.estimate import Row, measured_note
 
     device = components.device
@@ -775,6 +869,8 @@ def estimate_rows(
     gpu = torch.cuda.get_device_name(device)
     rows = []
     for cfg, result in zip(configs, results[::variants_per_config]):
+        if cfg.text_mode:
+            continue
         mem = result.extra["memory"]
         rows.append(
             Row(

@@ -13,10 +13,6 @@ for f in sorted(glob.glob(__import__("os").environ["OUT"] + "/conf_*.log")):
     print(f.split("/")[-1], "worst rel-L2", max(vals) if vals else None, "checks", len(vals))
 PY
 cat "$OUT/conf_worst.txt"
-timeout 200 python3 -c "
-import json, torch, dataclasses
-from wanstream.engine.vace import bench_vace
-rs = bench_vace(torch.device('cuda'), chunks=15, warm_chunks=4)
-json.dump([dataclasses.asdict(r) for r in rs], open('$OUT/vace.json', 'w'), indent=1)
-for r in rs: print(r)
-" > "$OUT/vace.log" 2>&1; grep -v Warn "$OUT/vace.log" | tail -6
+timeout 300 python3 -m wanstream.cli.main bench --configs \
+  "nobatch,480x832,2,text;nobatch,480x832,2,vace;nobatch,512x512,2,text;nobatch,512x512,2,vace" \
+  --chunks 15 --warm-chunks 4 --json "$OUT/vace.json" > "$OUT/vace.log" 2>&1; grep -v Warn "$OUT/vace.log" | tail -6

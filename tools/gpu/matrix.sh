@@ -48,15 +48,8 @@ B)
   done
   run lora 150 $B --configs "batch,480x832,2,wan" --chunks 20 --warm-chunks 4 --lora-rank 32 --json "$W/lora.json"
   run oom 120 python3 tools/gpu/oom_check.py "$W/oom.json"
-  run vace 150 python3 -c "
-import json, torch, dataclasses
-from wanstream.engine.vace import bench_vace
-from wanstream.models.fastpath import FALLBACKS
-rs = bench_vace(torch.device('cuda'), resolutions=((480, 832),), chunks=10, warm_chunks=3, optimize=True)
-json.dump({'results': [dataclasses.asdict(r) for r in rs], 'fallbacks': FALLBACKS.snapshot()}, open('$W/vace.json', 'w'), indent=1)
-for r in rs: print(r)
-print('fallbacks', FALLBACKS.snapshot())
-"
+  run vace 150 $B --configs "nobatch,480x832,2,text;nobatch,480x832,2,vace" --chunks 10 --warm-chunks 3 \
+    --json "$W/vace.json"
   # Confirms the cause: the same warm start with the capture gate switched off (in this process only). Expect
   # the capture to be invalidated again — now caught: a fallback counted instead of a crash.
   run confirm_without_gate 90 python3 -c "

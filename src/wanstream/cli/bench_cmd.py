@@ -17,7 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="measure FPS, latency, time to first frame and memory (full-size random weights, no download)",
         description="Full-size networks with RANDOM weights (no download: the compute is identical). "
         "Configs are mode,HxW,steps,codecs: mode batch|nobatch, steps 1-4, codecs wan (Wan VAE both ways), "
-        "taehv (TAEHV both ways) or fast (Wan encoder + TAEHV decoder).",
+        "taehv (TAEHV both ways), fast (Wan encoder + TAEHV decoder), vace (nobatch only: the input as VACE "
+        "control frames in text mode, Scope's setup, Wan VAE both ways; the VACE encode is its own column) or "
+        "text (the same stream with VACE off: vace's baseline).",
     )
     p.add_argument(
         "--configs",
@@ -127,6 +129,10 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--lora-rank {args.lora_rank}: give a rank of at least 1")
         if not lora_modes or any(m not in ("none", "merged", "runtime") for m in lora_modes):
             raise ValueError(f"--lora-mode {args.lora_mode!r}: comma-separated none, merged, runtime")
+        if args.live_changes and configs and configs[0].text_mode:
+            raise ValueError(
+                f"--live-changes runs the first config's video stream; {configs[0].name} is text mode"
+            )
     except ValueError as exc:
         print(f"error: {exc}")
         return 2
@@ -218,6 +224,9 @@ def _run_gpus(args: argparse.Namespace, configs: list, device: object) -> int:
         return 2
     if args.lora_rank is not None:
         print("error: --lora-rank is not supported with --gpus (a ring does not run LoRAs yet)")
+        return 2
+    if any(c.text_mode for c in configs):
+        print("error: codecs vace and text are not supported with --gpus (a ring runs video streams)")
         return 2
     if args.configs == DEFAULT_CONFIGS_ARG:
         configs = [BenchConfig.parse(c) for c in RING_CONFIGS.split(";")]

@@ -148,8 +148,8 @@ class Denoiser:
         B, F = x.shape[:2]
         plan = self.cache.plan(starts, F)
         t = self._timesteps(timesteps, self.steps, x.device)[:, None].expand(B, F).contiguous()
-        if self.graphs is not None and extension is None and self.graphs.eligible(x, plan):
-            x0, flow = self.graphs(x, t, cross, plan)
+        if self.graphs is not None and self.graphs.eligible(x, plan, extension):
+            x0, flow = self.graphs(x, t, cross, plan, extension)
         else:
             x0, flow = self._step(x, t, cross, plan, extension)
         if self.on_call:

@@ -57,6 +57,8 @@ class Components:
         # chunk); `bench` ran with this on, so `generate` and `serve` must too to see its figures.
         torch.backends.cudnn.benchmark = True
         self.dit.optimize(compile=compile)
+        if self.vace is not None:  # its blocks run the DiT's compiled block halves; fuse their q/k/v too
+            self.vace.optimize()  # type: ignore[operator]
         if vae and self.wan_vae is not None:
             self.wan_vae.optimize(channels_last=True, compile=compile)  # type: ignore[operator]
         self.optimized = compile

@@ -3,7 +3,10 @@
 A DiT step launches ~a thousand kernels; replaying a captured graph costs one launch, so the host is
 never the bottleneck. What may differ between calls lives in fixed device buffers that the capture
 reads: the noisy input and timesteps (copied in), the cache plan (the cache's own staging buffer),
-the text K/V (copied in when the prompt changes) and the KV cache itself.
+the text K/V (copied in when the prompt changes), the KV cache itself, and a conditioning extension's
+tensors (VACE: its context, scale and text K/V; see `StreamExtension.graph_key`): copied in when they are
+other tensors than the last call's, so a new control frame or scale replays the same graph, while a new
+shape (or an extension that changes the kernels) is a new signature.
 
 A capture is prepared and made safely:
 * Warm-up runs the step twice on the very stream that will capture, so compiling, autotuning and every
@@ -28,12 +31,40 @@ from typing import Any
 
 import torch
 
-from wanstream.models.dit import CrossKV
+from wanstream.models.dit import CrossKV, StreamExtension
 from wanstream.models.fastpath import FALLBACKS, GATE, is_out_of_memory
 from wanstream.models.kv_cache import CallPlan, KVCache
 
-Step = Callable[[torch.Tensor, torch.Tensor, CrossKV, CallPlan], tuple[torch.Tensor, torch.Tensor]]
+Step = Callable[
+    [torch.Tensor, torch.Tensor, CrossKV, CallPlan, StreamExtension | None], tuple[torch.Tensor, torch.Tensor]
+]
 Outputs = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class _StaticInputs:
+    """An extension's tensors as a graph reads them: static copies, refreshed from each call's tensors."""
+
+    extension: StreamExtension | None  # the extension over `buffers` (what the graph runs)
+    buffers: list[torch.Tensor]
+    sources: list[torch.Tensor]  # the call tensor each buffer holds a copy of now
+
+    @classmethod
+    def of(cls, extension: StreamExtension | None) -> _StaticInputs:
+        if extension is None:
+            return cls(None, [], [])
+        tensors = extension.graph_inputs()
+        buffers = [t.clone() for t in tensors]
+        return cls(extension.reading(buffers), buffers, list(tensors))
+
+    def load(self, extension: StreamExtension | None) -> None:
+        tensors = extension.graph_inputs() if extension is not None else []
+        for i, (buf, src) in enumerate(zip(self.buffers, tensors, strict=True)):
+            # Inputs are values (never edited in place once handed over; the session's are made per chunk or
+            # per prompt): the very tensor of the last call is already there, e.g. the prompt's text K/V.
+            if self.sources[i] is not src:
+                buf.copy_(src)
+                self.sources[i] = src
 
 
 @dataclass
@@ -41,6 +72,7 @@ class _Captured:
     graph: Any  # torch.cuda.CUDAGraph (anything with .replay())
     x: torch.Tensor
     t: torch.Tensor
+    inputs: _StaticInputs
     outputs: Outputs
 
 
@@ -63,16 +95,32 @@ class StepGraphs:
         self._graphs: dict[tuple, _Captured] = {}
         self._warm: set[tuple] = set()
         self._failed: set[tuple] = set()
+        # An extension's static inputs, shared by every signature with the same extension part (graphs replay
+        # one at a time, like the shared text K/V): the VACE text K/V are 47 MB at full size.
+        self._inputs: dict[tuple, _StaticInputs] = {}
         self._pool: Any = None
         self._stream: Any = None
         self._cross: CrossKV | None = None  # static copies of the text K/V the graphs read
         self._cross_source: CrossKV | None = None
 
-    def eligible(self, x: torch.Tensor, plan: CallPlan) -> bool:
-        return x.device.type == self.device_type and plan.mask is None and plan.table.device == x.device
+    def eligible(self, x: torch.Tensor, plan: CallPlan, extension: StreamExtension | None = None) -> bool:
+        return (
+            x.device.type == self.device_type
+            and plan.mask is None
+            and plan.table.device == x.device
+            and (extension is None or extension.graph_key(x) is not None)
+        )
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, cross: CrossKV, plan: CallPlan) -> Outputs:
+    def __call__(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        cross: CrossKV,
+        plan: CallPlan,
+        extension: StreamExtension | None = None,
+    ) -> Outputs:
         self._load_cross(cross)
+        ext_key = self._extension_key(x, extension)
         key = (
             tuple(x.shape),
             x.dtype,
@@ -82,18 +130,30 @@ class StepGraphs:
             plan.any_full,
             plan.any_append,
             plan.table.data_ptr(),
+            *ext_key,
         )
         captured = self._graphs.get(key)
         if captured is None and key not in self._failed:
-            captured = self._try_capture(key, x, t, plan)
+            captured = self._try_capture(key, x, t, plan, extension, ext_key)
         if captured is None:
-            return self.step(x, t, self._cross, plan)  # type: ignore[arg-type]
+            return self.step(x, t, self._cross, plan, extension)  # type: ignore[arg-type]
         captured.x.copy_(x)
         captured.t.copy_(t)
+        captured.inputs.load(extension)
         captured.graph.replay()
         self.stats.replays += 1
         x0, flow = captured.outputs
         return x0.clone(), flow.clone()  # the next replay overwrites the static outputs
+
+    @staticmethod
+    def _extension_key(x: torch.Tensor, extension: StreamExtension | None) -> tuple[Any, ...]:
+        """The extension's part of a signature: its own key, and the shape and dtype of every tensor it reads."""
+        if extension is None:
+            return (None,)
+        key = extension.graph_key(x)
+        if key is None:
+            raise ValueError(f"{type(extension).__name__}: this call cannot be captured (check eligible())")
+        return (key, tuple((tuple(v.shape), v.dtype, v.device) for v in extension.graph_inputs()))
 
     def _load_cross(self, cross: CrossKV) -> None:
         if self._cross_source is cross:
@@ -107,17 +167,30 @@ class StepGraphs:
                 dst.copy_(src)
         self._cross_source = cross
 
-    def _try_capture(self, key: tuple, x: torch.Tensor, t: torch.Tensor, plan: CallPlan) -> _Captured | None:
+    def _try_capture(
+        self,
+        key: tuple,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        plan: CallPlan,
+        extension: StreamExtension | None,
+        ext_key: tuple,
+    ) -> _Captured | None:
         assert self._cross is not None
         cross = self._cross
         static_x, static_t = x.clone(), t.clone()
+        static = self._inputs.get(ext_key)
+        if static is None:
+            static = self._inputs[ext_key] = _StaticInputs.of(extension)
+        static.load(extension)
+        ext = static.extension
         try:
             if key not in self._warm:
                 # Warming up runs the step: save the cache (its K/V are GBs at full size: only here, once per
                 # signature, never on a deferred call) and put it back.
                 saved = {name: buf.clone() for name, buf in self.cache.state()["buffers"].items()}
                 try:
-                    self._warm_up(lambda: self.step(static_x, static_t, cross, plan))
+                    self._warm_up(lambda: self.step(static_x, static_t, cross, plan, ext))
                 finally:
                     self._restore(saved)
                     del saved
@@ -127,7 +200,7 @@ class StepGraphs:
                     self.stats.deferred += 1
                     return None
                 # Recording runs no kernels: the cache is untouched, also when it fails.
-                graph, outputs = self._record(lambda: self.step(static_x, static_t, cross, plan))
+                graph, outputs = self._record(lambda: self.step(static_x, static_t, cross, plan, ext))
         except Exception as exc:
             if is_out_of_memory(exc):
                 raise
@@ -138,13 +211,15 @@ class StepGraphs:
             self._pool = self._stream = None
             FALLBACKS.record(
                 "cuda_graph",
-                f"DiT step capture (lanes×frames {tuple(x.shape[:2])}, cache {plan.max_valid} tokens)",
+                f"DiT step capture (lanes×frames {tuple(x.shape[:2])}, cache {plan.max_valid} tokens"
+                + (f", {type(extension).__name__}" if extension is not None else "")
+                + ")",
                 exc,
                 "the compiled step without a CUDA graph",
             )
             return None
         self.stats.captured += 1
-        captured = self._graphs[key] = _Captured(graph, static_x, static_t, outputs)
+        captured = self._graphs[key] = _Captured(graph, static_x, static_t, static, outputs)
         return captured
 
     # --- the device side (CPU tests replace these two) ------------------------------------------------
@@ -182,3 +257,4 @@ class StepGraphs:
         self._warm.clear()
         self._pool = None
         self._cross = self._cross_source = None
+        self._inputs.clear()

@@ -193,7 +193,27 @@ class StreamExtension:
     `begin` sees the patch-embedded chunk tokens [B, S, dim], the per-frame modulation e0 [B, F, 6, dim]
     and the token grid (f, h, w) before the first block; `after_block` may add to the hidden state after
     block `layer`. `time_sinusoid` replaces the timestep embedding's sinusoid.
+
+    A CUDA graph of a DiT step replays fixed kernels over fixed buffers, so an extension that may be
+    captured states what such a graph depends on: `graph_key` (everything that is not a tensor — modules,
+    flags — and that changes the kernels), `graph_inputs` (every tensor a call reads, all of its per-call
+    data) and `reading` (the same extension over other tensors: the graph's static copies, refreshed
+    before each replay). The base class is never captured.
     """
+
+    def graph_key(self, x: torch.Tensor) -> tuple[Any, ...] | None:
+        """What a captured step over the chunk latents x depends on besides the shapes of `graph_inputs`;
+        None: calls with this extension run uncaptured. Raises ValueError where the extension does not
+        fit x (checked before any capture, so bad input is not mistaken for a failed capture)."""
+        return None
+
+    def graph_inputs(self) -> list[torch.Tensor]:
+        """The device tensors a call reads, in a fixed order (see `reading`)."""
+        return []
+
+    def reading(self, inputs: list[torch.Tensor]) -> StreamExtension:
+        """This extension over `inputs` (same order, shapes and dtypes as `graph_inputs`) instead of its own."""
+        raise NotImplementedError(f"{type(self).__name__} cannot run in a captured graph")
 
     def time_sinusoid(self, freq_dim: int, t: torch.Tensor) -> torch.Tensor:
         return sinusoid(freq_dim, t)

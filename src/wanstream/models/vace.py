@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +87,13 @@ class VaceModule(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.vace_patch_embedding.weight.dtype
+
+    def optimize(self) -> VaceModule:
+        """One fused q/k/v GEMM per VACE block, as `WanDiT.optimize` does for the DiT's (the VACE blocks run
+        the DiT's own block halves, compiled there: nothing else to compile)."""
+        for block in self.vace_blocks:
+            block.self_attn.fuse_qkv()
+        return self
 
     def text_kv(self, dit: WanDiT, embeddings: torch.Tensor) -> CrossKV:
         """Cross-attention K/V of every VACE block for one conditioning [1, T, text_dim] (once per prompt).
@@ -151,6 +160,36 @@ class VaceModule(nn.Module):
         return hints
 
 
+@dataclass(frozen=True)
+class VaceInputs:
+    """Everything one VACE DiT call reads that may change from call to call, as device tensors.
+
+    A captured DiT step reads static copies of these (refreshed before each replay), so a new control
+    frame, a new prompt or a new scale of the same shapes replays the same graph. Nothing else about a
+    call may vary without changing `VaceExtension.graph_key`.
+    """
+
+    context: torch.Tensor | None  # [96, F_ctx, h, w]; None: no hints this call
+    scale: torch.Tensor | None  # float32 scalar on the context's device (None without a context)
+    text: CrossKV | None  # the VACE blocks' text K/V (`VaceModule.text_kv`)
+
+    def tensors(self) -> list[torch.Tensor]:
+        if self.context is None:
+            return []
+        assert self.scale is not None and self.text is not None
+        return [self.context, self.scale, *self.text.k, *self.text.v]
+
+    def with_tensors(self, tensors: Sequence[torch.Tensor]) -> VaceInputs:
+        """The same inputs over other tensors (in `tensors()` order)."""
+        if self.context is None:
+            return self
+        assert self.text is not None
+        n = len(self.text.k)
+        if len(tensors) != 2 + 2 * n:
+            raise ValueError(f"VACE inputs: expected {2 + 2 * n} tensors, got {len(tensors)}")
+        return VaceInputs(tensors[0], tensors[1], CrossKV(list(tensors[2 : 2 + n]), list(tensors[2 + n :])))
+
+
 class VaceExtension(StreamExtension):
     """The DiT hooks for one chunk: hints from `context` at `scale` (context None: no hints this chunk).
 
@@ -159,6 +198,9 @@ class VaceExtension(StreamExtension):
     rel-L2 on the golden case). `pad_keys=False` masks Scope's zero-padded keys out of the VACE
     attention (a correction: moves hints by 4–7e-2 and the output by 2e-2 rel-L2 where padding occurs,
     i.e. whenever the chunk's token count is not a multiple of 128, e.g. 480×832; none at 512×512).
+
+    The call's data lives in `inputs` (tensors only; `scale` is kept as given for reports): the
+    arithmetic reads nothing else, which is what lets a captured DiT step replay it (`graph_key`).
     """
 
     def __init__(
@@ -171,6 +213,7 @@ class VaceExtension(StreamExtension):
         float32_sinusoid: bool = True,
         pad_keys: bool = True,
         trace: dict[str, torch.Tensor] | None = None,
+        inputs: VaceInputs | None = None,
     ) -> None:
         if context is not None:
             if context.dim() != 4 or context.shape[0] != vace.in_dim:
@@ -180,28 +223,47 @@ class VaceExtension(StreamExtension):
             if text is None:
                 raise ValueError("a VACE context needs the VACE blocks' text K/V (VaceModule.text_kv)")
         self.vace = vace
-        self.context = context
-        self.text = text
         self.scale = float(scale)
         self.float32_sinusoid = float32_sinusoid
         self.pad_keys = pad_keys
         self.trace = trace
+        if inputs is None:
+            # A fill kernel, not a host→device copy: no synchronisation per chunk.
+            scale_t = (
+                None
+                if context is None
+                else torch.full((), self.scale, dtype=torch.float32, device=context.device)
+            )
+            inputs = VaceInputs(context, scale_t, text if context is not None else None)
+        self.inputs = inputs
         self.hints: list[torch.Tensor] | None = None
+
+    @property
+    def context(self) -> torch.Tensor | None:
+        return self.inputs.context
+
+    @property
+    def text(self) -> CrossKV | None:
+        return self.inputs.text
 
     def time_sinusoid(self, freq_dim: int, t: torch.Tensor) -> torch.Tensor:
         # QUIRK (Scope): float32 whenever the VACE wrapper is loaded, with or without a context.
         return vace_sinusoid(freq_dim, t) if self.float32_sinusoid else sinusoid(freq_dim, t)
 
+    def _check_grid(self, grid_hw: tuple[int, int], patch: tuple[int, int, int]) -> None:
+        assert self.context is not None
+        ctx_h, ctx_w = self.context.shape[2:]
+        if (ctx_h // patch[1], ctx_w // patch[2]) != grid_hw:
+            raise ValueError(
+                f"VACE context latents are {ctx_h}x{ctx_w}, "
+                f"the chunk's are {grid_hw[0] * patch[1]}x{grid_hw[1] * patch[2]}"
+            )
+
     def begin(self, dit: WanDiT, tokens: torch.Tensor, e0: torch.Tensor, grid: tuple[int, int, int]) -> None:
         self.hints = None
         if self.context is None:
             return
-        ctx_h, ctx_w = self.context.shape[2:]
-        p = dit.config.patch_size
-        if (ctx_h // p[1], ctx_w // p[2]) != grid[1:]:
-            raise ValueError(
-                f"VACE context latents are {ctx_h}x{ctx_w}, the chunk's are {grid[1] * p[1]}x{grid[2] * p[2]}"
-            )
+        self._check_grid(grid[1:], dit.config.patch_size)
         if self.trace is not None:
             self.trace["x_tokens"] = tokens
         assert self.text is not None
@@ -213,9 +275,38 @@ class VaceExtension(StreamExtension):
         n = self.vace.hint_of_layer.get(layer)
         if n is None or self.hints is None:
             return h
-        return h + self.hints[n] * self.scale
+        assert self.inputs.scale is not None
+        hint = self.hints[n]
+        # The product in float32, rounded once to the hint's dtype: what `hint * python_float` computes, so
+        # the scale can live in a device tensor (a graph replays a new scale without recapturing).
+        return h + (hint.float() * self.inputs.scale).to(hint.dtype)
 
     def clean_pass(self) -> StreamExtension:
         # QUIRK (Scope): the t = 0 cache pass gets no vace_context, so cached keys/values carry no hints;
         # it still runs the VACE wrapper's forward, hence its float32 sinusoid.
         return VaceExtension(self.vace, None, None, float32_sinusoid=self.float32_sinusoid)
+
+    # --- capture (see StreamExtension) -----------------------------------------------------------------
+    def graph_key(self, x: torch.Tensor) -> tuple[Any, ...] | None:
+        if self.trace is not None:  # tracing keeps intermediate tensors: a replay would not refresh them
+            return None
+        if self.context is not None:
+            patch = self.vace.config.patch_size
+            self._check_grid((x.shape[-2] // patch[1], x.shape[-1] // patch[2]), patch)
+        # The module itself (its weights are read in place), the numerics flags, and whether hints run;
+        # the tensors' shapes (context frames: references present or not) are added by the graphs.
+        return ("vace", self.vace, self.float32_sinusoid, self.pad_keys, self.context is not None)
+
+    def graph_inputs(self) -> list[torch.Tensor]:
+        return self.inputs.tensors()
+
+    def reading(self, inputs: list[torch.Tensor]) -> VaceExtension:
+        return VaceExtension(
+            self.vace,
+            None,
+            None,
+            math.nan,  # the scale is read from the inputs (a graph's static copy), never from here
+            float32_sinusoid=self.float32_sinusoid,
+            pad_keys=self.pad_keys,
+            inputs=self.inputs.with_tensors(inputs),
+        )
