@@ -11,7 +11,7 @@
 # lines) and log_<part>.txt (all logs). Exit codes: a crash shows as a non-zero "rc" beside its run.
 set -o pipefail
 export COLUMNS=200
-PART=${1:?usage: matrix.sh A|B|C|D|E}
+PART=${1:?usage: matrix.sh A|B|C|D|E|V}
 W=/tmp/matrix-$PART; rm -rf "$W"; mkdir -p "$W"
 B="python3 -m wanstream.cli.main bench"
 stamp() { echo "[$(date +%T)] $*" | tee -a "$W/steps.txt"; }
@@ -94,6 +94,18 @@ E)
       run "conformance_${golden}_$dtype" $limit python3 -m wanstream.conformance "tests/$golden" --device cuda --dtype $dtype
     done
   done
+  ;;
+V)
+  # VACE on the captured-graph path (issue 21 item 4): from an empty cache in one process (the default v2v config
+  # first, so a regression there shows), then warm in a new process at 1 and 4 steps and at 512x512, then the same
+  # VACE config with CUDA graphs off (the un-graphed comparison). Limits sum to < 560 s.
+  rm -rf "$TORCHINDUCTOR_CACHE_DIR"
+  run vace_cold 230 $B --configs "batch,480x832,2,wan;nobatch,480x832,2,text;nobatch,480x832,2,vace" \
+    --chunks 20 --warm-chunks 8 --json "$W/vace_cold.json"
+  run vace_warm 170 $B --configs "nobatch,480x832,2,text;nobatch,480x832,2,vace;nobatch,480x832,1,vace;nobatch,480x832,4,vace;nobatch,512x512,2,vace" \
+    --chunks 20 --warm-chunks 8 --json "$W/vace_warm.json"
+  run vace_no_graphs 120 $B --configs "nobatch,480x832,2,vace" --no-cuda-graphs --chunks 20 --warm-chunks 8 \
+    --json "$W/vace_no_graphs.json"
   ;;
 esac
 python3 - "$W" "$PART" <<'PY'
