@@ -1,0 +1,21 @@
+"""Fixtures shared by several test folders."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op torch thread while a module's tests run, as the CLI does on a CPU and as every ring worker
+    does. Tiny models run as fast on one; torch's spinning threads stall badly when another process (or the
+    video encoder) takes one of their cores; and bit-exact comparisons with ring workers need the same count.
+    A module opts in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`, a folder through an
+    autouse fixture in its conftest.py."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
