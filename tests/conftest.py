@@ -7,6 +7,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from server.harness import ServerProcess, wait_idle
+
 
 @pytest.fixture(scope="module")
 def one_torch_thread() -> Iterator[None]:
@@ -19,3 +21,12 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def server(demo_server: ServerProcess) -> Iterator[ServerProcess]:
+    """The folder's shared demo server (its conftest.py says how it is started), with no stream running
+    before or after a test: tests leave no session behind."""
+    wait_idle(demo_server)
+    yield demo_server
+    wait_idle(demo_server)
