@@ -49,6 +49,20 @@ def test_the_update_has_every_setting_each_optional_and_described_alike() -> Non
     assert SettingsUpdate(seed=3).model_fields_set == {"seed"}
 
 
+def _accepted(prop: dict[str, Any]) -> list[dict[str, Any]]:
+    """A property's JSON-schema alternatives other than null (the field's title, description, default aside)."""
+    core = {k: v for k, v in prop.items() if k not in ("title", "description", "default")}
+    return [option for option in core.get("anyOf", [core]) if option != {"type": "null"}]
+
+
+def test_the_update_schema_documents_each_setting_as_the_settings_schema_does() -> None:
+    whole = StreamSettings.model_json_schema()
+    update = SettingsUpdate.model_json_schema()
+    for name, prop in whole["properties"].items():
+        assert _accepted(update["properties"][name]) == _accepted(prop), name
+    assert update["$defs"] == whole["$defs"]  # LoraSpec
+
+
 @pytest.mark.parametrize(("field", "bad"), BAD_VALUE.items())
 def test_the_update_refuses_what_the_settings_refuse_with_the_same_message(field: str, bad: Any) -> None:
     with pytest.raises(ValidationError) as whole:
