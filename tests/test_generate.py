@@ -36,14 +36,7 @@ H, W, FPS, FRAMES = 64, 96, 16, 49
 PROMPTS = ("a red fox in the snow", "a neon city at night", "a watercolor forest")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """As the CLI does on a CPU: torch's spinning intra-op threads stall badly when another process (or the
-    video encoder) takes one of their cores; one thread keeps these runs fast on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

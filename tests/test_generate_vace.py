@@ -22,12 +22,7 @@ from support.models_dir import write_tiny_models_dir
 H, W, FPS, FRAMES = 64, 96, 16, 21  # 21 frames = 5 chunks (5 + 4 × 4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
-import torch
 
 from wanstream.models.dit import WanDiT
 
@@ -11,12 +8,8 @@ from support.lora_files import tiny_dit
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models: one intra-op thread is as fast, and does not stall when the machine is busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _tiny_models_on_one_thread(one_torch_thread: None) -> None:
+    """Every module here runs tiny models: on one torch thread (tests/conftest.py says why)."""
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from pathlib import Path
 from wanstream.cli.main import main
 
 
-def test_bench_gpus_reports_fps_efficiency_and_every_rank(tmp_path: Path, one_thread) -> None:
+def test_bench_gpus_reports_fps_efficiency_and_every_rank(tmp_path: Path, one_torch_thread) -> None:
     out = tmp_path / "ring.json"
     args = ["bench", "--gpus", "2", "--tiny", "--device", "cpu", "--chunks", "3", "--warm-chunks", "1"]
     configs = "batch,32x48,2,taehv;nobatch,32x48,1,taehv;nobatch,32x48,2,taehv"

@@ -16,7 +16,9 @@ def _generate(tmp_path: Path, name: str, *extra: str) -> int:
     return main([*args, *extra])
 
 
-def test_generate_on_two_cpu_processes_writes_the_same_video(tmp_path: Path, one_thread, capsys) -> None:
+def test_generate_on_two_cpu_processes_writes_the_same_video(
+    tmp_path: Path, one_torch_thread, capsys
+) -> None:
     assert _generate(tmp_path, "one.mp4") == 0
     assert _generate(tmp_path, "ring.mp4", "--gpus", "2", "--device", "cpu") == 0
     assert "2-rank ring (cpu)" in capsys.readouterr().err

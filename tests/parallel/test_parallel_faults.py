@@ -23,7 +23,7 @@ def _push_until_error(session, clip: torch.Tensor) -> tuple[RingError, float]:
     return info.value, time.monotonic() - start
 
 
-def test_a_killed_rank_ends_the_stream_at_once_with_its_name(one_thread) -> None:
+def test_a_killed_rank_ends_the_stream_at_once_with_its_name(one_torch_thread) -> None:
     ring = Ring.start(ModelSource("demo", num_layers=3), 3, device="cpu", timeout_s=30)
     try:
         session = on_ring(ring, steps=(700, 500))
@@ -45,7 +45,7 @@ def test_a_killed_rank_ends_the_stream_at_once_with_its_name(one_thread) -> None
     assert all(p.exitcode is not None for p in ring.procs)  # no process left behind
 
 
-def test_a_stalled_rank_times_out(one_thread) -> None:
+def test_a_stalled_rank_times_out(one_torch_thread) -> None:
     ring = Ring.start(ModelSource("demo"), 2, device="cpu", timeout_s=2, warmup_timeout_s=2)
     try:
         session = on_ring(ring, steps=(700, 500))
@@ -59,7 +59,7 @@ def test_a_stalled_rank_times_out(one_thread) -> None:
     assert all(p.exitcode is not None for p in ring.procs)
 
 
-def test_an_exception_on_a_rank_is_reported_by_rank_0(one_thread) -> None:
+def test_an_exception_on_a_rank_is_reported_by_rank_0(one_torch_thread) -> None:
     ring = Ring.start(ModelSource("demo"), 2, device="cpu", timeout_s=30)
     try:
         session = on_ring(ring, steps=(700, 500))

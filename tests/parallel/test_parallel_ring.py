@@ -18,13 +18,13 @@ LAYERS = 4
 
 
 @pytest.fixture(scope="module")
-def ring(one_thread):
+def ring(one_torch_thread):
     with Ring.start(ModelSource("demo", num_layers=LAYERS), 3, device="cpu", timeout_s=30) as ring:
         yield ring
 
 
 @pytest.fixture(scope="module")
-def components(one_thread):
+def components(one_torch_thread):
     return demo_components(num_layers=LAYERS)
 
 

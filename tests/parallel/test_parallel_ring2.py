@@ -13,13 +13,13 @@ from support.ringcheck import flat, on_ring, prompt_changes, reference, stream
 
 
 @pytest.fixture(scope="module")
-def ring(one_thread):
+def ring(one_torch_thread):
     with Ring.start(ModelSource("demo"), 2, device="cpu", timeout_s=30) as ring:
         yield ring
 
 
 @pytest.fixture(scope="module")
-def components(one_thread):
+def components(one_torch_thread):
     return Pipeline.demo().components
 
 

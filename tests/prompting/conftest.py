@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from wanstream.demo import demo_tokenizer
 
@@ -18,12 +16,8 @@ TOKENIZER_DIR = "Wan2.1-T2V-1.3B/google/umt5-xxl"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models: one intra-op thread is as fast, and does not stall when the machine is busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _tiny_models_on_one_thread(one_torch_thread: None) -> None:
+    """Every module here runs tiny models: on one torch thread (tests/conftest.py says why)."""
 
 
 @pytest.fixture(scope="session")

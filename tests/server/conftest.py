@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
-from server.harness import ServerProcess
+from server.harness import ServerProcess, serving
 from wanstream.media.sample import write_sample_clip
 
 
@@ -22,8 +20,9 @@ def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_server(tmp_path_factory: pytest.TempPathFactory, media_dir: Path) -> Iterator[ServerProcess]:
+    """The server tests' demo server (`server` in tests/conftest.py waits for it to be idle)."""
     logs = tmp_path_factory.mktemp("logs")
-    server = ServerProcess(
+    with serving(
         "--demo",
         "--media-dir",
         str(media_dir),
@@ -42,27 +41,5 @@ def demo_server(tmp_path_factory: pytest.TempPathFactory, media_dir: Path) -> It
         "--width",
         "128",
         log_path=logs / "demo-server.log",
-    )
-    try:
-        server.wait_ready()
+    ) as server:
         yield server
-    finally:
-        code = server.stop()
-        assert code == 0, f"the server did not shut down cleanly ({code}):\n{server.log()}"
-
-
-@pytest.fixture
-def server(demo_server: ServerProcess) -> Iterator[ServerProcess]:
-    """The shared demo server, checked idle before and after each test (tests leave no session behind)."""
-    with demo_server.client() as c:
-        _wait_idle(c)
-    yield demo_server
-    with demo_server.client() as c:
-        _wait_idle(c)
-
-
-def _wait_idle(c: httpx.Client, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while c.get("/api/v1/sessions").json():
-        assert time.monotonic() < deadline, f"sessions left running: {c.get('/api/v1/sessions').json()}"
-        time.sleep(0.1)

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,28 @@ class ServerProcess:
                 self.proc.wait(5)
         self._log.close()
         return self.proc.returncode
+
+
+@contextlib.contextmanager
+def serving(*args: str, log_path: Path) -> Iterator[ServerProcess]:
+    """A `wanstream serve` with these arguments, ready (model loaded) inside the block, and shut down at its
+    end, which must be clean (exit status 0)."""
+    server = ServerProcess(*args, log_path=log_path)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        code = server.stop()
+        assert code == 0, f"the server did not shut down cleanly ({code}):\n{server.log()}"
+
+
+def wait_idle(server: ServerProcess, timeout: float = 20.0) -> None:
+    """Until the server runs no stream (one a test just stopped may still be closing)."""
+    deadline = time.monotonic() + timeout
+    with server.client() as c:
+        while sessions := c.get("/api/v1/sessions").json():
+            assert time.monotonic() < deadline, f"streams left running: {sessions}"
+            time.sleep(0.1)
 
 
 RSS_SLACK = 64 * 1024 * 1024  # allocator noise; a leaked session (caches, frames) is far bigger per cycle

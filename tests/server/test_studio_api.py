@@ -9,6 +9,7 @@ from pathlib import Path
 
 from starlette.testclient import TestClient
 
+from wanstream.engine.prompts import DEFAULT_PROMPT
 from wanstream.server.app import create_app
 from wanstream.server.config import ServerConfig
 from wanstream.server.model import ModelManager
@@ -202,3 +203,8 @@ def test_the_studio_is_served_at_the_root() -> None:
                 assert target.is_file(), f"{path.name} imports {name}, which is missing"
                 url = "/" + target.relative_to(static).as_posix()
                 assert c.get(url).status_code == 200, url
+
+
+def test_the_studio_starts_from_the_servers_default_prompt() -> None:
+    store = Path(__file__).parents[2] / "src" / "wanstream" / "server" / "static" / "js" / "store.js"
+    assert f"export const DEFAULT_PROMPT = {json.dumps(DEFAULT_PROMPT)};" in store.read_text()

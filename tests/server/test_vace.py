@@ -105,7 +105,7 @@ def test_headless_file_routed_as_control_and_live_scale(server: ServerProcess) -
             ({"vace_ref_images": ["refs/none.png"]}, "no image 'refs/none.png'"),
             ({"vace_ref_images": ["../etc/passwd.png"]}, "invalid media name"),
             ({"first_frame_image": "sample.mp4"}, "not an image file name"),
-            ({"batching": "stream"}, "batching must stay 'none'"),
+            ({"batching": "stream"}, "needs batching 'none', not 'stream'"),
             ({"first_frame_image": "a.png", "last_frame_image": "b.png"}, "separate updates"),
         ):
             response = c.post(f"/api/v1/sessions/{sid}/control", json=body)

@@ -7,14 +7,12 @@ Without a browser the tests skip and say how to get one (`tools/ensure_browser.s
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
-from server.harness import ServerProcess
+from server.harness import ServerProcess, serving
 from studio.drivers import (
     CHROMIUM_CANDIDATES,
     FIREFOX_CANDIDATES,
@@ -36,33 +34,13 @@ def artifacts() -> Path:
 
 
 @pytest.fixture(scope="session")
-def studio_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The studio's demo server: the demo's own defaults, which the page shows (`server` in tests/conftest.py
+    waits for it to be idle). Two slots: a stream a test just stopped may still be closing when the next
+    one starts."""
     logs = tmp_path_factory.mktemp("studio-logs")
-    # Two slots: a stream a test just stopped may still be closing when the next one starts.
-    server = ServerProcess("--demo", "--max-sessions", "2", log_path=logs / "studio-server.log")
-    try:
-        server.wait_ready()
+    with serving("--demo", "--max-sessions", "2", log_path=logs / "studio-server.log") as server:
         yield server
-    finally:
-        code = server.stop()
-        assert code == 0, f"the server did not shut down cleanly ({code}):\n{server.log()}"
-
-
-@pytest.fixture
-def server(studio_server: ServerProcess) -> Iterator[ServerProcess]:
-    """The shared server, with no stream left running before or after a test."""
-    _wait_idle(studio_server)
-    yield studio_server
-    _wait_idle(studio_server)
-
-
-def _wait_idle(server: ServerProcess, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    with httpx.Client(base_url=server.url, timeout=10) as c:
-        while sessions := c.get("/api/v1/sessions").json():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"streams left running: {sessions}")
-            time.sleep(0.1)
 
 
 def _playwright_missing() -> str | None:

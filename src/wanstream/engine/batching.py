@@ -19,18 +19,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
 from wanstream.engine.graphs import StepGraphs
 from wanstream.engine.rng import NoiseSource
+from wanstream.engine.settings import Batching, CacheContext, clean_cache_problem
 from wanstream.models.dit import CrossKV, StreamExtension, WanDiT
 from wanstream.models.kv_cache import CallPlan, KVCache
 from wanstream.models.scheduler import FlowMatchScheduler
-
-Batching = Literal["none", "stream"]
-CacheContext = Literal["last_step", "clean"]
 
 
 @dataclass
@@ -112,10 +109,8 @@ class Denoiser:
             raise ValueError(
                 f"stream batch needs one cache lane per step ({len(steps)}), the cache has {lanes}"
             )
-        if batching == "stream" and cache_context == "clean":
-            raise ValueError(
-                "the clean cache pass (Scope / Self-Forcing) runs per chunk; use it with batching 'none'"
-            )
+        if problem := clean_cache_problem(batching, cache_context):
+            raise ValueError(problem)
 
     @property
     def num_steps(self) -> int:

@@ -24,6 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Interpolation = Literal["linear", "slerp"]
 
+# What a stream shows when it is started without prompts (the studio's store.js starts from the same text).
+DEFAULT_PROMPT = "a cinematic oil painting, vivid colours, soft light, highly detailed"
+
 
 class WeightedPrompt(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")

@@ -43,12 +43,21 @@ from wanstream.engine.prompts import (
     blend,
 )
 from wanstream.engine.rng import NoiseSource, SeededNoise
-from wanstream.engine.settings import LORA_FIELDS, REBUILD_FIELDS, SettingsUpdate, StreamSettings
+from wanstream.engine.settings import (
+    LORA_FIELDS,
+    REBUILD_FIELDS,
+    PromptSwitch,
+    SettingsUpdate,
+    StreamSettings,
+    conditioning_problem,
+    text_mode_problem,
+)
 from wanstream.models.dit import CrossKV, StreamExtension
 from wanstream.models.fastpath import GATE
 from wanstream.models.kv_cache import KVCache, KVCacheConfig
 
 OutputFormat = Literal["uint8", "float"]
+ChunkKind = Literal["input", "flush", "text"]  # made from input frames, by a flush, or from prompts alone
 
 
 @dataclass
@@ -56,7 +65,7 @@ class ChunkEvent:
     """One chunk's story, for tests, stats and the CLI. Device values are resolved when read."""
 
     chunk: int
-    kind: Literal["input", "flush", "text"]
+    kind: ChunkKind
     input_frames: tuple[int, int]  # [start, end) of input frames (empty for flush/text chunks)
     prompt: tuple[tuple[str, float], ...]
     transition_left: int
@@ -232,10 +241,10 @@ class StreamSession:
         changed = {k for k in update.model_fields_set if getattr(new, k) != getattr(self.settings, k)}
         if not changed:
             return self._empty_output()
-        if new.mode == "text" and self.prompt.embedding is None:
-            raise SessionError("text mode needs prompts: set them before switching")
-        if self.conditioner is not None and new.batching == "stream":
-            raise SessionError("per-chunk conditioning (VACE) is attached: batching must stay 'none'")
+        if problem := text_mode_problem(new.mode, has_prompts=self.prompt.embedding is not None):
+            raise SessionError(f"{problem}: set them before switching")
+        if self.conditioner is not None and (problem := conditioning_problem(new.batching)):
+            raise SessionError(problem)
         old = self.settings
         steps_count_changed = len(new.denoising_steps) != len(old.denoising_steps)
         restart = bool(changed & REBUILD_FIELDS) or steps_count_changed
@@ -270,8 +279,8 @@ class StreamSession:
 
     def attach(self, conditioner: ChunkConditioner | None) -> None:
         """Attach (or detach, with None) per-chunk conditioning such as VACE."""
-        if conditioner is not None and self.settings.batching == "stream":
-            raise SessionError("per-chunk conditioning (VACE) runs chunk by chunk: use batching 'none'")
+        if conditioner is not None and (problem := conditioning_problem(self.settings.batching)):
+            raise SessionError(problem)
         self.conditioner = conditioner
         if conditioner is not None:
             conditioner.reset()
@@ -281,7 +290,7 @@ class StreamSession:
         prompts: Sequence[WeightedPrompt | str] | WeightedPrompt | str,
         *,
         transition: Transition | None = None,
-        switch: Literal["cut", "refresh"] | None = None,
+        switch: PromptSwitch | None = None,
         drain: bool = False,
     ) -> torch.Tensor:
         """Change the conditioning. Without a transition, `switch` (default: the settings') decides between
@@ -305,7 +314,7 @@ class StreamSession:
         *,
         label: str = "<embeddings>",
         transition: Transition | None = None,
-        switch: Literal["cut", "refresh"] | None = None,
+        switch: PromptSwitch | None = None,
         drain: bool = False,
     ) -> torch.Tensor:
         """Condition on precomputed text-encoder output [1, T, text_dim] (no text encoder needed)."""
@@ -319,7 +328,7 @@ class StreamSession:
         items: list[WeightedPrompt],
         target: torch.Tensor,
         transition: Transition | None,
-        switch: Literal["cut", "refresh"] | None,
+        switch: PromptSwitch | None,
         drain: bool,
     ) -> torch.Tensor:
         change: PromptChange = self.prompt.set(items, target, transition)
@@ -493,7 +502,7 @@ class StreamSession:
     def _denoise_and_decode(
         self,
         noisy: torch.Tensor,
-        kind: Literal["input", "flush", "text"],
+        kind: ChunkKind,
         span: tuple[int, int],
         noise_scale: torch.Tensor | None,
         first_step: torch.Tensor | None,
@@ -504,7 +513,7 @@ class StreamSession:
     def _open_event(
         self,
         latent_frames: int,
-        kind: Literal["input", "flush", "text"],
+        kind: ChunkKind,
         span: tuple[int, int],
         noise_scale: torch.Tensor | None,
         first_step: torch.Tensor | None,
@@ -535,7 +544,7 @@ class StreamSession:
     def _denoise_and_decode_with_loras(
         self,
         noisy: torch.Tensor,
-        kind: Literal["input", "flush", "text"],
+        kind: ChunkKind,
         span: tuple[int, int],
         noise_scale: torch.Tensor | None,
         first_step: torch.Tensor | None,

@@ -2,20 +2,33 @@
 
 One pydantic model serves the engine, the CLI, the server and timelines, so every interface rejects
 the same bad values with the same messages. `SettingsUpdate` is the partial form used for live
-changes: a rejected update leaves the session untouched.
+changes, derived from `StreamSettings` field by field: a rejected update leaves the session untouched.
+
+This module is the one home of the settings' vocabulary (the Literals below) and of their rules, those
+across fields and those between the settings and what a stream has attached (`*_problem` functions):
+other modules import them rather than restate them.
 """
 
 from __future__ import annotations
 
 from itertools import pairwise
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    create_model,
+    model_validator,
+)
+
+from wanstream.models.kv_cache import Eviction  # the cache's own policies; named here for every interface
 
 Mode = Literal["video", "text"]
 Batching = Literal["stream", "none"]
 Codec = Literal["wan", "taehv"]
-Eviction = Literal["sdv2", "fifo"]
 CacheContext = Literal["last_step", "clean"]
 PromptSwitch = Literal["cut", "refresh"]
 LoraMode = Literal["merged", "runtime"]
@@ -33,6 +46,40 @@ SCOPE_LORA_MODES = {"permanent_merge": "merged", "runtime_peft": "runtime"}
 
 def _lora_mode(value: Any) -> Any:
     return SCOPE_LORA_MODES.get(value, value) if isinstance(value, str) else value
+
+
+def _multiple_of_16(v: int) -> int:
+    if v % 16:
+        lower, upper = v // 16 * 16, (v // 16 + 1) * 16
+        raise ValueError(f"{v} is not a multiple of 16 (VAE ×8 and patch ×2); use {lower} or {upper}")
+    return v
+
+
+def _descending_steps(v: tuple[int, ...]) -> tuple[int, ...]:
+    if not v:
+        raise ValueError("the step list is empty; give 1 to 8 descending timesteps, e.g. 700,500")
+    if len(v) > MAX_STEPS:
+        raise ValueError(f"{len(v)} steps; at most {MAX_STEPS}")
+    if any(not 0 < t <= 1000 for t in v):
+        raise ValueError(f"timesteps must be in (0, 1000], got {list(v)}")
+    if any(a <= b for a, b in pairwise(v)):
+        raise ValueError(f"timesteps must be strictly descending, got {list(v)}")
+    return v
+
+
+def _distinct_loras(v: tuple[LoraSpec, ...]) -> tuple[LoraSpec, ...]:
+    seen = [lo.path for lo in v]
+    twice = sorted({p for p in seen if seen.count(p) > 1})
+    if twice:
+        raise ValueError(f"LoRA listed twice: {', '.join(twice)} (give each file once, with one scale)")
+    return v
+
+
+# Single-field rules ride on the field's type (not on model validators), so that `SettingsUpdate`, built
+# from the same types, applies them too.
+PixelSize = Annotated[int, AfterValidator(_multiple_of_16)]
+Steps = Annotated[tuple[int, ...], AfterValidator(_descending_steps)]
+ScopeLoraMode = Annotated[LoraMode, BeforeValidator(_lora_mode)]  # also accepts Scope's names
 
 
 class LoraSpec(BaseModel):
@@ -54,7 +101,7 @@ class LoraSpec(BaseModel):
         allow_inf_nan=False,
         description="Strength, -10..10 (0: no effect). The weight change is scale · alpha/rank · B·A.",
     )
-    mode: LoraMode | None = Field(
+    mode: ScopeLoraMode | None = Field(
         None,
         description="'merged': folded into the weights (no per-frame cost; a scale change re-merges); "
         "'runtime': adapters in the forward (scale changes are instant; some per-frame cost). "
@@ -66,20 +113,18 @@ class LoraSpec(BaseModel):
     def _from_name(cls, data: Any) -> Any:
         return {"path": data} if isinstance(data, str) else data  # "style.safetensors" = scale 1
 
-    _scope_mode = field_validator("mode", mode="before")(_lora_mode)
-
 
 class StreamSettings(BaseModel):
     """Everything that shapes a stream. Fields that need a rebuild are listed in `REBUILD_FIELDS`."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    height: int = Field(480, ge=16, le=4096, description="Output height in pixels (multiple of 16).")
-    width: int = Field(832, ge=16, le=4096, description="Output width in pixels (multiple of 16).")
+    height: PixelSize = Field(480, ge=16, le=4096, description="Output height in pixels (multiple of 16).")
+    width: PixelSize = Field(832, ge=16, le=4096, description="Output width in pixels (multiple of 16).")
     mode: Mode = Field(
         "video", description="'video': restyle input frames; 'text': generate from prompts alone."
     )
-    steps: tuple[int, ...] | None = Field(
+    steps: Steps | None = Field(
         None,
         description="Descending denoising timesteps (1-8 entries in (0, 1000]); default 700,500 (video) "
         "or 1000,750 (text).",
@@ -114,12 +159,12 @@ class StreamSettings(BaseModel):
         "refresh",
         description="A prompt change without transition: 'refresh' keeps the cache, 'cut' resets it.",
     )
-    loras: tuple[LoraSpec, ...] = Field(
+    loras: Annotated[tuple[LoraSpec, ...], AfterValidator(_distinct_loras)] = Field(
         (),
         max_length=MAX_LORAS,
         description="LoRAs applied to the DiT, each with its scale (and mode); [] for none.",
     )
-    lora_mode: LoraMode = Field(
+    lora_mode: ScopeLoraMode = Field(
         "merged",
         description="How LoRAs without their own mode apply: 'merged' (zero per-frame cost) or 'runtime' "
         "(instant scale changes, some per-frame cost).",
@@ -130,48 +175,14 @@ class StreamSettings(BaseModel):
         "'cut' restarts the stream (Scope's manage_cache).",
     )
 
-    _scope_mode = field_validator("lora_mode", mode="before")(_lora_mode)
-
-    @field_validator("loras")
-    @classmethod
-    def _distinct_loras(cls, v: tuple[LoraSpec, ...]) -> tuple[LoraSpec, ...]:
-        seen = [lo.path for lo in v]
-        twice = sorted({p for p in seen if seen.count(p) > 1})
-        if twice:
-            raise ValueError(f"LoRA listed twice: {', '.join(twice)} (give each file once, with one scale)")
-        return v
-
-    @field_validator("height", "width")
-    @classmethod
-    def _multiple_of_16(cls, v: int) -> int:
-        if v % 16:
-            lower, upper = v // 16 * 16, (v // 16 + 1) * 16
-            raise ValueError(f"{v} is not a multiple of 16 (VAE ×8 and patch ×2); use {lower} or {upper}")
-        return v
-
-    @field_validator("steps")
-    @classmethod
-    def _steps(cls, v: tuple[int, ...] | None) -> tuple[int, ...] | None:
-        if v is None:
-            return v
-        if not v:
-            raise ValueError("the step list is empty; give 1 to 8 descending timesteps, e.g. 700,500")
-        if len(v) > MAX_STEPS:
-            raise ValueError(f"{len(v)} steps; at most {MAX_STEPS}")
-        if any(not 0 < t <= 1000 for t in v):
-            raise ValueError(f"timesteps must be in (0, 1000], got {list(v)}")
-        if any(a <= b for a, b in pairwise(v)):
-            raise ValueError(f"timesteps must be strictly descending, got {list(v)}")
-        return v
-
     @model_validator(mode="after")
     def _consistent(self) -> StreamSettings:
         if self.sink_frames >= self.kv_cache_frames:
             raise ValueError(
                 f"sink_frames ({self.sink_frames}) must be below kv_cache_frames ({self.kv_cache_frames})"
             )
-        if self.batching == "stream" and self.cache_context == "clean":
-            raise ValueError("cache_context 'clean' (an extra t=0 pass per chunk) needs batching 'none'")
+        if problem := clean_cache_problem(self.batching, self.cache_context):
+            raise ValueError(problem)
         if self.rope_reset_frame is not None and self.rope_reset_frame <= self.kv_cache_frames:
             raise ValueError(
                 f"rope_reset_frame ({self.rope_reset_frame}) must exceed kv_cache_frames ({self.kv_cache_frames}): "
@@ -221,30 +232,46 @@ REBUILD_FIELDS = frozenset(
 LORA_FIELDS = frozenset({"loras", "lora_mode"})
 
 
-class SettingsUpdate(BaseModel):
-    """A live change: only the fields given are changed."""
+def _partial(model: type[BaseModel]) -> type[BaseModel]:
+    """`model`'s fields, each optional and unset unless given, with the same types, limits, validators and
+    descriptions. (Rules across fields apply when an update is merged: `StreamSettings.updated`.)"""
+    fields: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        tp = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+        fields[name] = (tp | None, Field(None, description=info.description))
+    return create_model(f"Partial{model.__name__}", __config__=ConfigDict(extra="forbid"), **fields)
 
-    model_config = ConfigDict(extra="forbid")
 
-    height: int | None = None
-    width: int | None = None
-    mode: Mode | None = None
-    steps: tuple[int, ...] | None = None
-    noise_scale: float | None = Field(None, ge=0.0, le=1.0)
-    noise_controller: bool | None = None
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    batching: Batching | None = None
-    encoder: Codec | None = None
-    decoder: Codec | None = None
-    kv_cache_frames: int | None = None
-    sink_frames: int | None = None
-    sink_threshold: float | None = None
-    eviction: Eviction | None = None
-    cache_context: CacheContext | None = None
-    rope_reset_frame: int | None = None
-    prompt_switch: PromptSwitch | None = None
-    loras: tuple[LoraSpec, ...] | None = Field(None, max_length=MAX_LORAS)
-    lora_mode: LoraMode | None = None
-    lora_switch: PromptSwitch | None = None
+class SettingsUpdate(_partial(StreamSettings)):  # type: ignore[misc]  # a base made at import time
+    """A live change: only the fields given are changed (each field as in `StreamSettings`)."""
 
-    _scope_mode = field_validator("lora_mode", mode="before")(_lora_mode)
+
+# ---------------------------------------------------------------------------------------------------------
+# Rules between fields, or between the settings and what a stream has attached. Each is written once, here;
+# an interface raises its own error with the reason returned and may add how its user fixes it.
+
+
+def clean_cache_problem(batching: Batching, cache_context: CacheContext) -> str | None:
+    """The clean cache pass runs once per chunk after its last step; stream batch has no such moment."""
+    if batching == "stream" and cache_context == "clean":
+        return "cache_context 'clean' (an extra t=0 pass per chunk) needs batching 'none'"
+    return None
+
+
+# Per-chunk conditioning (VACE) joins each chunk's hints to that chunk while it is denoised; stream batch
+# denoises several chunks at once in lanes, so conditioned streams run with this batching.
+CONDITIONED_BATCHING: Batching = "none"
+
+
+def conditioning_problem(batching: Batching) -> str | None:
+    """Why a stream with this batching cannot take per-chunk conditioning (VACE), or None."""
+    if batching != CONDITIONED_BATCHING:
+        return f"VACE runs chunk by chunk: it needs batching '{CONDITIONED_BATCHING}', not '{batching}'"
+    return None
+
+
+def text_mode_problem(mode: Mode, has_prompts: bool) -> str | None:
+    """Text mode generates from the prompts alone: it cannot start or continue without them."""
+    if mode == "text" and not has_prompts:
+        return "text mode needs prompts"
+    return None

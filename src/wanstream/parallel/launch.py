@@ -35,6 +35,7 @@ from wanstream.parallel.stage import Absent, Stage, keep_blocks
 from wanstream.parallel.timing import StageClock
 
 if TYPE_CHECKING:
+    from wanstream.engine.session import OutputFormat
     from wanstream.engine.settings import StreamSettings
     from wanstream.parallel.session import ParallelSession, RingDenoiser
 
@@ -318,7 +319,7 @@ class Ring:
         settings: StreamSettings | None = None,
         *,
         prompts: Sequence[Any] | None = None,
-        output: Literal["uint8", "float"] = "uint8",
+        output: OutputFormat = "uint8",
         **overrides: Any,
     ) -> ParallelSession:
         """A new stream on the ring (a previous session of this ring stops working)."""

@@ -18,7 +18,7 @@ import functools
 from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack, nullcontext
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,7 +27,15 @@ from wanstream.engine.codecs import Codecs
 from wanstream.engine.noise import NoiseController
 from wanstream.engine.prompts import WeightedPrompt
 from wanstream.engine.rng import SeededNoise
-from wanstream.engine.session import ChunkConditioner, ChunkEvent, SessionError, StreamSession, _Pending
+from wanstream.engine.session import (
+    ChunkConditioner,
+    ChunkEvent,
+    ChunkKind,
+    OutputFormat,
+    SessionError,
+    StreamSession,
+    _Pending,
+)
 from wanstream.engine.settings import SettingsUpdate, StreamSettings
 from wanstream.parallel.ring import RingError
 from wanstream.parallel.schedule import RingSchedule
@@ -287,7 +295,7 @@ class ParallelSession(StreamSession):
         settings: StreamSettings | None = None,
         *,
         prompts: Sequence[WeightedPrompt | str] | None = None,
-        output: Literal["uint8", "float"] = "uint8",
+        output: OutputFormat = "uint8",
         event_log_size: int = 2048,
     ) -> None:
         self.ring = ring
@@ -357,7 +365,7 @@ class ParallelSession(StreamSession):
     def _denoise_and_decode(
         self,
         noisy: torch.Tensor,
-        kind: Literal["input", "flush", "text"],
+        kind: ChunkKind,
         span: tuple[int, int],
         noise_scale: torch.Tensor | None,
         first_step: torch.Tensor | None,

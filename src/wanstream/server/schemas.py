@@ -18,7 +18,7 @@ from pydantic import (
 )
 
 from wanstream.engine.prompts import Transition, WeightedPrompt
-from wanstream.engine.settings import SettingsUpdate
+from wanstream.engine.settings import PromptSwitch, SettingsUpdate
 from wanstream.server.io.specs import MAX_SINKS, NdiInput, SinkSpec
 from wanstream.server.limits import MAX_PROMPT_CHARS, MAX_PROMPTS_CHARS
 from wanstream.server.tempo import Quantize
@@ -99,7 +99,7 @@ class Control(SettingsUpdate):
     transition: Transition | None = Field(
         None, description="Blend into the new prompts over `steps` chunks (needs `prompts`)."
     )
-    switch: Literal["cut", "refresh"] | None = Field(
+    switch: PromptSwitch | None = Field(
         None,
         description="Without a transition: 'cut' restarts the stream (no old-prompt frame is shown after "
         "it), 'refresh' keeps the cache. Default: the session's prompt_switch setting.",

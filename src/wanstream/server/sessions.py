@@ -26,7 +26,7 @@ import torch
 
 from wanstream.engine.estimate import Row
 from wanstream.engine.lora import configure_loras
-from wanstream.engine.prompts import WeightedPrompt
+from wanstream.engine.prompts import DEFAULT_PROMPT, WeightedPrompt
 from wanstream.engine.settings import SettingsUpdate, StreamSettings
 from wanstream.server.config import ServerConfig
 from wanstream.server.cost import ChunkCost
@@ -49,7 +49,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("wanstream.server")
 
-DEFAULT_PROMPT = "a cinematic oil painting, vivid colours, soft light, highly detailed"
 # The demo model's default stream: small and with the tiny autoencoder, so it runs in real time on a CPU
 # (its Wan VAE at 480×832 would make about one frame every two seconds there).
 DEMO_SETTINGS = StreamSettings(height=256, width=256, encoder="taehv", decoder="taehv")

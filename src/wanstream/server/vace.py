@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from wanstream.engine.settings import CONDITIONED_BATCHING, conditioning_problem
 from wanstream.engine.vace import VaceChunk, VaceConditioner, VaceInputError, read_image
 from wanstream.server.limits import LimitExceeded, check_image_header
 from wanstream.server.security import SecurityError, check_image_name, resolve_media_path
@@ -114,13 +115,11 @@ def prepare(
         )
     if components.wan_vae is None:
         raise VaceRefused("VACE encodes its inputs with the Wan VAE, which this server has not loaded")
-    if requested.get("batching") == "stream":
-        raise VaceRefused(
-            "VACE runs chunk by chunk: settings.batching must be 'none' (leave it out and it is chosen)"
-        )
+    if "batching" in requested and (problem := conditioning_problem(requested["batching"])):
+        raise VaceRefused(f"{problem} (leave settings.batching out and it is chosen)")
     references = [read_media_image(media_dir, n, "vace.ref_images") for n in options.ref_images or ()]
     route = options.use_input_video and settings.mode == "video"
-    changes: dict[str, Any] = {"batching": "none"}
+    changes: dict[str, Any] = {"batching": CONDITIONED_BATCHING}
     if route:
         changes["mode"] = "text"  # the input steers generation from noise (Scope routes it to VACE)
     engine = settings.model_validate({**settings.model_dump(), **changes})

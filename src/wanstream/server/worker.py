@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
+from wanstream.engine.settings import conditioning_problem, text_mode_problem
 from wanstream.engine.vace import VaceConditioner
 from wanstream.media.video import resize_frames
 from wanstream.server.cost import WARMUP_CHUNKS
@@ -791,8 +792,9 @@ class EngineWorker:
             problem = prompt_problem(session.components, [p.text for p in prompts])
             if problem is not None:
                 raise ControlRejected(problem)
-        if new_settings.mode == "text" and prompts is None and session.prompt.embedding is None:
-            raise ControlRejected("text mode needs prompts: send 'prompts' with the mode change")
+        has_prompts = prompts is not None or session.prompt.embedding is not None
+        if problem := text_mode_problem(new_settings.mode, has_prompts):
+            raise ControlRejected(f"{problem}: send 'prompts' with the mode change")
         vace_change = self._vace_change(session, message, new_settings)
         before = session.frames_out
         drained = None
@@ -858,8 +860,8 @@ class EngineWorker:
     ) -> Callable[[], None] | None:
         """Validate a message's VACE fields (images read now); returns how to apply them, or None."""
         cond = _vace_of(session)
-        if cond is not None and new_settings.batching == "stream":
-            raise ControlRejected("VACE runs chunk by chunk: batching must stay 'none'")
+        if cond is not None and (problem := conditioning_problem(new_settings.batching)):
+            raise ControlRejected(problem)
         fields = message.vace_fields()
         if not fields:
             return None
