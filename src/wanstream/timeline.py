@@ -49,13 +49,12 @@ from pydantic_core import PydanticCustomError
 
 from wanstream.engine.prompts import Interpolation, Transition, WeightedPrompt
 from wanstream.engine.settings import MAX_LORA_SCALE, MAX_STEPS, LoraSpec, Mode, SettingsUpdate
+from wanstream.media.resample import TIME_EPS
 
 InputMode = Mode  # Scope's inputMode: "text" or "video"
 
 PIPELINE_ID = "streamdiffusionv2"  # Scope's id for this pipeline (set it in settings when exporting)
 EXPORT_VERSION = "2.1"
-# Timestamps within this many seconds of a boundary count as on it (decoders round pts).
-TIME_EPS = 1e-6
 MAX_WEIGHT = 1000.0  # the engine's WeightedPrompt bound
 MAX_TRANSITION = 256  # the engine's Transition bound (chunks)
 MAX_SEED = 2**63 - 1

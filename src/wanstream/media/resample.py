@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from wanstream.media.video import Frame
-from wanstream.timeline import TIME_EPS
+
+# Timestamps within this many seconds of a boundary count as on it (decoders round pts). Timelines use it too.
+TIME_EPS = 1e-6
 
 
 def resample(frames: Iterator[Frame], fps: float, last_span: float) -> Iterator[Frame]:

@@ -29,6 +29,7 @@ from wanstream.engine.vace import VaceInputError
 from wanstream.jobs.generate.request import GenerateError, GenerateRequest
 from wanstream.jobs.generate.stats import frames_text, number_text
 from wanstream.jobs.generate.vace import VacePlan, check_length, plan_vace
+from wanstream.media.resample import TIME_EPS
 from wanstream.media.sample import SAMPLE_FPS, SAMPLE_FRAMES, SAMPLE_HEIGHT, SAMPLE_WIDTH
 from wanstream.media.video import (
     RESOLUTION_MULTIPLE,
@@ -38,7 +39,7 @@ from wanstream.media.video import (
     round_size,
     stored_frames,
 )
-from wanstream.timeline import TIME_EPS, Timeline, TimelineError, load_timeline
+from wanstream.timeline import Timeline, TimelineError, load_timeline
 from wanstream.weights.lora import LoraError, resolve_lora_path
 from wanstream.weights.store import ENV_LORA_DIR
 

@@ -27,10 +27,9 @@ from wanstream.jobs.generate.result import (
 )
 from wanstream.jobs.generate.stats import GenerateStats, number_text, percentile
 from wanstream.jobs.generate.vace import VaceFeed
-from wanstream.media.resample import resample
+from wanstream.media.resample import TIME_EPS, resample
 from wanstream.media.sample import iter_sample_clip
 from wanstream.media.video import Frame, VideoReader, VideoWriter
-from wanstream.timeline import TIME_EPS
 from wanstream.weights.lora import LoraError
 
 if TYPE_CHECKING:
