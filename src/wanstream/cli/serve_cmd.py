@@ -185,6 +185,9 @@ def run(args: argparse.Namespace) -> int:
     from wanstream.server.security import SecurityError, check_bind
     from wanstream.weights.store import ENV_LORA_DIR
 
+    # The engine thread shares the GIL with the event loop, aiortc's threads and the frame converter; at
+    # Python's default 5 ms switch interval each hand-back can stall it that long, a few times per chunk.
+    sys.setswitchinterval(0.0005)
     token = args.token or os.environ.get(TOKEN_ENV) or None
     try:
         check_bind(args.host, token)  # before anything slow: an unsafe bind fails at once

@@ -33,7 +33,9 @@ class ServerConfig:
     disconnect_grace_s: float = 5.0  # how long a "disconnected" peer may take to come back
     headless_idle_s: float = 300.0  # a headless session nobody asks about for this long is stopped
     input_queue_frames: int = 32  # bounded: old frames are dropped, never waited for
-    output_queue_frames: int = 12  # bounded: about 3 chunks
+    # Bounded. Frames wait here until their playout time (pacing.py): the queue holds the stream's delay at its
+    # frame rate (stream batch at 4 steps: ≈ 0.6 s, 18 frames at 30 FPS), with room for a burst on top.
+    output_queue_frames: int = 48
     text_fps: float = 16.0  # text mode plays at Wan's native content rate
     control_queue: int = 32  # pending live updates per session
     max_chunk_s: float = 5.0  # streams whose chunks would take longer here are refused (not real time)

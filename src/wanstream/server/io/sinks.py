@@ -42,7 +42,9 @@ class QueuedSink:
 
     kind = "sink"
 
-    def __init__(self, name: str | None = None, *, capacity: int = 8) -> None:
+    def __init__(
+        self, name: str | None = None, *, capacity: int = 48
+    ) -> None:  # ≥ the playout delay's frames
         if capacity < 1:
             raise ValueError(f"a sink queue holds at least one frame, got {capacity}")
         self.name = name
