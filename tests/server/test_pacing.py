@@ -57,6 +57,18 @@ def test_a_rare_slow_chunk_does_not_raise_the_delay_and_jitter_adds_at_most_one_
     assert jittery.delay(FPS) == pytest.approx(3 * GAP + 0.1 + GAP)  # the median need + one interval at most
 
 
+def test_after_a_stretch_of_slow_chunks_the_delay_comes_back_within_four_chunks() -> None:
+    playout = Playout()
+    for k in range(30):  # a stream compiling new shapes: every chunk takes seconds
+        playout.observe(chunk(k * 4 * GAP, compute=2.0 + 0.1 * k))
+    assert playout.delay(FPS) > 2.0
+    for k in range(3):
+        playout.observe(chunk(100.0 + k * 4 * GAP, compute=0.1))
+    assert playout.delay(FPS) > 2.0  # one slow chunk is still among the last four
+    playout.observe(chunk(101.0, compute=0.1))
+    assert playout.delay(FPS) == pytest.approx(3 * GAP + 0.1)  # the last four needed this: nothing more
+
+
 def test_late_frames_drain_at_twice_the_rate_instead_of_bursting() -> None:
     playout = Playout()
     playout.observe(chunk(0.0, compute=0.1))

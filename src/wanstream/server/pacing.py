@@ -24,6 +24,7 @@ TARGET_DEPTH = 5  # frames queued before pacing speeds up: one chunk (5 at a str
 MAX_FPS = 120.0
 DEFAULT_FPS = 30.0  # the frame interval assumed before the engine's rate is known
 NEED_WINDOW = 32  # chunks the playout delay is estimated over
+RECENT = 4  # ... and never above the largest need of this many latest chunks
 MAX_DELAY_S = 5.0  # a playout delay above this is a stall, not a stream's latency: send as made
 
 
@@ -48,7 +49,9 @@ class Playout:
     A chunk's *need* is its largest input → output time (its first input frame waited for the chunk to fill,
     then the lanes' lag and the compute). The delay is the median need over the last chunks, plus at most one
     frame interval of their spread: steady streams get the least delay that keeps every frame on time, and a
-    rare slow chunk (a compile, a hitch) goes out late once instead of raising everyone's latency.
+    rare slow chunk (a compile, a hitch) goes out late once instead of raising everyone's latency. It never
+    exceeds what the last few chunks needed: after a stretch of slow chunks (a stream compiling new shapes)
+    the delay comes back down within RECENT chunks instead of holding frames for what the stalls needed.
     """
 
     def __init__(self, window: int = NEED_WINDOW) -> None:
@@ -64,12 +67,13 @@ class Playout:
 
     def delay(self, rate: float | None) -> float | None:
         with self._lock:
-            ordered = sorted(self._needs)
-        if not ordered:
+            needs = list(self._needs)
+        if not needs:
             return None
+        ordered = sorted(needs)
         median = ordered[len(ordered) // 2]
         p90 = ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
-        return min(p90, median + _interval(rate))
+        return min(p90, median + _interval(rate), max(needs[-RECENT:]))
 
     def slot(
         self, frame: _Timed, previous: float | None, now: float, rate: float | None, depth: int
