@@ -19,8 +19,8 @@ from wanstream.engine.vace import (
     fill_crop,
     image_pixels,
     mask_channels,
-    read_image,
 )
+from wanstream.media.images import ImageReadError, read_image
 from wanstream.models.vae import VAEEncodeState
 
 from support.clips import write_png
@@ -233,11 +233,19 @@ def test_images_are_read_and_fitted_like_scope(tmp_path: Path) -> None:
     image = frames_u8(1, seed=2)[0, :12, :20]
     path = write_png(tmp_path / "a.png", image)
     assert torch.equal(read_image(path), image)
-    pixels = image_pixels(path)
+    pixels = image_pixels(read_image(path))
     assert torch.equal(pixels, ((image.float() / 255 - 0.5) / 0.5).permute(2, 0, 1))
     fitted = fill_crop(pixels, 32, 48)  # scale max(32/12, 48/20) = 2.67 → 32x53, centre crop
     assert fitted.shape == (3, 32, 48)
     assert image_pixels(torch.ones(4, 4)).shape == (3, 4, 4)
+    # The engine reads no files: a path is refused with the function that reads it named.
+    with pytest.raises(VaceInputError, match=r"media\.images\.read_image"):
+        image_pixels(path)
+    not_an_image = tmp_path / "b.png"
+    not_an_image.write_bytes(b"\x89PNG\r\n\x1a\n but not really")
+    for bad, message in ((not_an_image, "cannot read this image"), (tmp_path / "none.png", "not found")):
+        with pytest.raises(ImageReadError, match=message):
+            read_image(bad)
 
 
 # ------------------------------------------------------------------------------------------------

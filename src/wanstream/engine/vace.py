@@ -51,7 +51,7 @@ SPACE_STRIDE = 8  # pixels per latent along height and width
 TIME_STRIDE = 4  # frames per latent after a stream's first frame
 EXTENSION_FRAMES = 4  # Scope: num_frame_per_block (1 for StreamDiffusionV2) × the VAE's 4 frames per latent
 
-ImageSource = str | Path | torch.Tensor | np.ndarray | Any  # Any: a PIL image
+ImageSource = torch.Tensor | np.ndarray | Any  # Any: a PIL image
 VaeCache = Literal["shared", "separate"]
 
 
@@ -62,32 +62,22 @@ class VaceInputError(ValueError):
 # ------------------------------------------------------------------------------------------------
 # Pixels in
 # ------------------------------------------------------------------------------------------------
-def read_image(path: str | Path) -> torch.Tensor:
-    """An image file (PNG, JPEG, WebP, ...) → uint8 [H, W, 3] RGB (alpha dropped, grey replicated)."""
-    import av
-
-    path = Path(path)
-    if not path.is_file():
-        raise VaceInputError(f"{path}: reference image not found")
-    try:
-        with av.open(str(path)) as container:
-            frame = next(container.decode(video=0))
-            array = frame.to_ndarray(format="rgb24")
-    except Exception as exc:  # av raises many types for files that are not images
-        raise VaceInputError(f"{path}: cannot read this image ({type(exc).__name__}: {exc})") from exc
-    return torch.from_numpy(array.copy())
-
-
 def image_pixels(image: ImageSource) -> torch.Tensor:
-    """A path or an [H, W, 3] / [H, W] image (uint8, or float in [0, 1]) → float32 [3, H, W] in [-1, 1].
+    """An [H, W, 3] / [H, W] image (uint8, or float in [0, 1]) → float32 [3, H, W] in [-1, 1].
 
-    From a file the values are u8/255 mapped by (x − 0.5)/0.5, as Scope's loader."""
-    what = str(image) if isinstance(image, (str, Path)) else "reference image tensor"
+    uint8 values are u8/255 mapped by (x − 0.5)/0.5, as Scope's loader. The engine reads no files: a caller
+    with a path reads it first (`wanstream.media.images.read_image`)."""
+    what = "reference image"
+    if isinstance(image, (str, Path)):
+        raise VaceInputError(
+            f"{image}: the engine takes an image's pixels, not a path — read it with "
+            "wanstream.media.images.read_image(path)"
+        )
     try:
-        x = read_image(image) if isinstance(image, (str, Path)) else as_tensor(image)
+        x = as_tensor(image)
     except TypeError:
         raise VaceInputError(
-            f"{what}: expected a path, a tensor, a numpy array or a PIL image, got {type(image).__name__}"
+            f"{what}: expected a tensor, a numpy array or a PIL image, got {type(image).__name__}"
         ) from None
     if x.dim() == 2:
         x = x[..., None].expand(-1, -1, 3)

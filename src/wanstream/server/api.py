@@ -24,7 +24,8 @@ from pydantic import ValidationError
 
 from wanstream.engine.estimate import preflight
 from wanstream.engine.settings import SettingsUpdate, StreamSettings
-from wanstream.engine.vace import VaceInputError, read_image
+from wanstream.engine.vace import VaceInputError
+from wanstream.media.images import read_image
 from wanstream.media.video import VideoError, probe_video
 from wanstream.server import metrics
 from wanstream.server.cost import TooSlow

@@ -20,7 +20,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from wanstream.engine.settings import CONDITIONED_BATCHING, conditioning_problem
-from wanstream.engine.vace import VaceChunk, VaceConditioner, VaceInputError, read_image
+from wanstream.engine.vace import VaceChunk, VaceConditioner
+from wanstream.media.images import ImageReadError, read_image
 from wanstream.server.limits import LimitExceeded, check_image_header
 from wanstream.server.security import SecurityError, check_image_name, resolve_media_path
 
@@ -152,7 +153,7 @@ def read_media_image(media_dir: Path | None, name: str, what: str) -> torch.Tens
         raise VaceRefused(f"{what}: {name!r} cannot be read as an image ({exc})") from None
     try:
         return read_image(path)
-    except VaceInputError as exc:
+    except ImageReadError as exc:
         raise VaceRefused(f"{what}: {name!r} cannot be read as an image ({_tail(exc)})") from None
 
 

@@ -31,6 +31,7 @@ from wanstream.engine.rng import ReplayNoise
 from wanstream.engine.session import StreamSession
 from wanstream.engine.settings import StreamSettings
 from wanstream.engine.vace import VaceConditioner, mask_channels, masked_latents, vace_context
+from wanstream.media.images import read_image
 from wanstream.models.dit import WanConfig
 from wanstream.models.kv_cache import KVCache, KVCacheConfig
 from wanstream.models.scheduler import FlowMatchScheduler
@@ -398,9 +399,10 @@ def _feed(case: GoldenCase, chunk: dict[str, Any], cond: VaceConditioner, tmp: P
     if parts & {"r2v", "refs"} or extension:
         png = tmp / f"image_{k}.png"
         _write_png(png, case.tensor(f"chunks/{k}/ref_image_rgb01"))
+        image = read_image(png)  # through a PNG file, as Scope's loader reads it
         if extension == ["extension:firstframe"]:
-            cond.set_first_frame(png)
+            cond.set_first_frame(image)
         elif extension == ["extension:lastframe"]:
-            cond.set_last_frame(png)
+            cond.set_last_frame(image)
         else:
-            cond.set_reference_images([png])
+            cond.set_reference_images([image])

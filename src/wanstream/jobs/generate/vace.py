@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from wanstream.engine.vace import VaceChunk, VaceConditioner, VaceInputError, read_image
+from wanstream.engine.vace import VaceChunk, VaceConditioner, VaceInputError
+from wanstream.media.images import ImageReadError, read_image
 from wanstream.media.resample import resample
 from wanstream.media.video import Frame, VideoError, VideoInfo, VideoReader, resize_frames
 
@@ -174,7 +175,7 @@ def _probe(flag: str, path: Path | str) -> VideoInfo:
 def _image(flag: str, path: Path) -> torch.Tensor:
     try:
         return read_image(path)
-    except VaceInputError as exc:
+    except ImageReadError as exc:
         raise VaceInputError(f"{flag}: {exc}") from None
 
 
