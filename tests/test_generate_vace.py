@@ -11,6 +11,7 @@ import torch
 
 from wanstream import Pipeline
 from wanstream.cli.main import main
+from wanstream.engine.settings import RING_CONDITIONING_PROBLEM
 from wanstream.jobs.generate import GenerateRequest, GenerateResult, generate, plan
 from wanstream.media.sample import sample_clip
 from wanstream.media.video import VideoWriter, read_video
@@ -283,6 +284,7 @@ BAD = [
     (["--first-frame", "{broken}"], "--first-frame:"),
     (["--ref-image", "{ref}", "--vace-scale", "2.5"], "--vace-scale"),
     (["--ref-image", "{ref}", "--batching", "stream"], "--batching stream cannot be used with VACE"),
+    (["--ref-image", "{ref}", "--gpus", "2", "--device", "cpu"], RING_CONDITIONING_PROBLEM),
     (["--vace-scale", "0.5"], "need a VACE input"),
     (["--ref-once"], "need a VACE input"),
     (["--control-video", "{tiny}", "--first-frame", "{ref}", "--last-frame", "{ref}"], "at least two chunks"),

@@ -24,7 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Interpolation = Literal["linear", "slerp"]
 
-# What a stream shows when it is started without prompts (the studio's store.js starts from the same text).
+# The product's one default prompt: what a stream started without prompts shows, and what `generate` uses
+# without a timeline or prompts (the studio's store.js starts from the same text).
 DEFAULT_PROMPT = "a cinematic oil painting, vivid colours, soft light, highly detailed"
 
 
