@@ -184,7 +184,7 @@ def test_video_mode_control_follows_the_input_chunks(
         ref_images=(media["ref"],),
         ref_once=True,
     )
-    assert result.plan.mode == "video" and result.plan.settings.batching == "none"
+    assert result.plan.settings.mode == "video" and result.plan.settings.batching == "none"
     assert frames_of(tmp_path / "v.mp4").shape == (FRAMES, 48, 80, 3)
     rows = [(c.mode, c.control_frames, c.references) for c in result.vace]
     assert rows == [

@@ -357,7 +357,7 @@ def _extend_prompts(err: Console, args: argparse.Namespace, job: GeneratePlan) -
         source = "cached" if ext.cached else f"{ext.seconds:.1f} s"
         err.print(f"extended: {ext.prompt!r} → {ext.umt5_tokens} tokens ({source})", markup=False)
 
-    with err.status(f"extending prompts with {extender.model}"):
+    with err.status(f"extending prompts with {extender.backend.name}"):
         timeline, records = extend_timeline(job.timeline, extender, seed=job.settings.seed, on_extended=shown)
     return dataclasses.replace(job, timeline=timeline, extended_prompts=records)
 

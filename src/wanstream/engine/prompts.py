@@ -154,10 +154,6 @@ class PromptState:
         self.version = 0  # bumps whenever the embedding in force changes (→ new cross-attention K/V)
 
     @property
-    def transitioning(self) -> bool:
-        return bool(self._queue)
-
-    @property
     def transition_left(self) -> int:
         return len(self._queue)
 

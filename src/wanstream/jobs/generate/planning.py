@@ -112,10 +112,6 @@ class GeneratePlan:
     # With --extend-prompts: what each prompt was extended into (the timeline already holds the extended texts).
     extended_prompts: tuple[dict[str, Any], ...] = ()
 
-    @property
-    def mode(self) -> Mode:
-        return self.settings.mode
-
 
 def plan(request: GenerateRequest, *, demo: bool = False) -> GeneratePlan:
     """Validate the request and decide every parameter of the job (raises `GenerateError`).
