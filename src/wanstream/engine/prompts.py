@@ -137,9 +137,10 @@ class EmbeddingCache:
 
 @dataclass
 class PromptChange:
-    """What a prompt update asks of the stream."""
+    """What a prompt update asks of the stream (the session turns a refresh into a cut when the settings'
+    prompt_switch says so)."""
 
-    kind: Literal["none", "refresh", "cut", "transition"]
+    kind: Literal["none", "refresh", "transition"]
     chunks: int = 0
 
 
