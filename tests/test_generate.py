@@ -16,6 +16,7 @@ import torch
 from wanstream import Pipeline
 from wanstream.cli.main import main
 from wanstream.cli.parsers import parse_prompt
+from wanstream.engine.prompts import DEFAULT_PROMPT
 from wanstream.engine.session import StreamSession
 from wanstream.jobs.generate import (
     GenerateError,
@@ -393,6 +394,26 @@ def test_text_mode_resolution_and_the_built_in_clip(tmp_path: Path) -> None:
         assert any("450×250 rounded to 448×256" in n for n in job.notes)
         job = plan(GenerateRequest(mode=mode, timeline=sized, output=out), demo=True)
         assert (job.settings.height, job.settings.width) == DEMO_SIZE
+
+
+def test_without_a_timeline_or_prompts_the_products_default_prompt_applies(tmp_path: Path) -> None:
+    """One default prompt for the product: a generate job shows what a live stream started bare shows."""
+    job = plan(GenerateRequest(output=tmp_path / "o.mp4"))
+    assert [[p.text for p in s.prompts] for s in job.timeline.segments] == [[DEFAULT_PROMPT]]
+    assert any("no prompt given: using the default prompt" in n for n in job.notes)
+
+
+def test_text_mode_with_a_first_step_below_1000_is_planned_with_a_warning(tmp_path: Path) -> None:
+    out = tmp_path / "o.mp4"
+    low = plan(GenerateRequest(mode="text", prompts=("x",), output=out, steps=(700, 500)))
+    assert low.settings.steps == (700, 500)
+    assert [n for n in low.notes if "pure noise" in n] == [
+        "text mode starts from pure noise: a first step of 700 (below 1000) gives washed-out video; "
+        "try --steps 1000,750"
+    ]
+    assert not any(
+        "pure noise" in n for n in plan(GenerateRequest(mode="text", prompts=("x",), output=out)).notes
+    )
 
 
 def test_settings_precedence_command_line_then_timeline_then_defaults(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import torch
 
 from wanstream import Pipeline
 from wanstream.cli.main import main
+from wanstream.engine.settings import RING_CONDITIONING_PROBLEM
 from wanstream.jobs.generate import GenerateRequest, GenerateResult, generate, plan
 from wanstream.media.sample import sample_clip
 from wanstream.media.video import VideoWriter, read_video
@@ -183,7 +184,7 @@ def test_video_mode_control_follows_the_input_chunks(
         ref_images=(media["ref"],),
         ref_once=True,
     )
-    assert result.plan.mode == "video" and result.plan.settings.batching == "none"
+    assert result.plan.settings.mode == "video" and result.plan.settings.batching == "none"
     assert frames_of(tmp_path / "v.mp4").shape == (FRAMES, 48, 80, 3)
     rows = [(c.mode, c.control_frames, c.references) for c in result.vace]
     assert rows == [
@@ -283,6 +284,7 @@ BAD = [
     (["--first-frame", "{broken}"], "--first-frame:"),
     (["--ref-image", "{ref}", "--vace-scale", "2.5"], "--vace-scale"),
     (["--ref-image", "{ref}", "--batching", "stream"], "--batching stream cannot be used with VACE"),
+    (["--ref-image", "{ref}", "--gpus", "2", "--device", "cpu"], RING_CONDITIONING_PROBLEM),
     (["--vace-scale", "0.5"], "need a VACE input"),
     (["--ref-once"], "need a VACE input"),
     (["--control-video", "{tiny}", "--first-frame", "{ref}", "--last-frame", "{ref}"], "at least two chunks"),

@@ -48,7 +48,14 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticCustomError
 
 from wanstream.engine.prompts import Interpolation, Transition, WeightedPrompt
-from wanstream.engine.settings import MAX_LORA_SCALE, MAX_STEPS, LoraSpec, Mode, SettingsUpdate
+from wanstream.engine.settings import (
+    MAX_LORA_SCALE,
+    MAX_STEPS,
+    LoraModeName,
+    LoraSpec,
+    Mode,
+    SettingsUpdate,
+)
 from wanstream.media.resample import TIME_EPS
 
 InputMode = Mode  # Scope's inputMode: "text" or "video"
@@ -103,7 +110,7 @@ class Segment:
 class LoraSetting:
     path: str
     scale: float = 1.0
-    merge_mode: str | None = None
+    merge_mode: LoraModeName | None = None  # as the file names it (engine.settings maps Scope's names)
 
 
 @dataclass(frozen=True)
@@ -122,7 +129,7 @@ class TimelineSettings:
     quantization: str | None = None
     kv_cache_attention_bias: float | None = None
     loras: tuple[LoraSetting, ...] | None = None  # None when there are none
-    lora_merge_strategy: str | None = None
+    lora_merge_strategy: LoraModeName | None = None
     vace_context_scale: float | None = None  # Scope's VACE strength in [0, 2] (None: 1.0 or the command line)
 
     def to_update(self) -> SettingsUpdate:
@@ -524,8 +531,6 @@ class _Resolution(_Wire):
     width: int = Field(ge=1)
 
 
-# Scope's merge strategies, and this engine's names for them (engine.settings maps one onto the other).
-LoraModeName = Literal["permanent_merge", "runtime_peft", "merged", "runtime"]
 LoraScale = Annotated[float, Field(ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE, allow_inf_nan=False)]
 
 

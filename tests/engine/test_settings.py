@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 from pydantic import ValidationError
 
 from wanstream.engine.settings import (
+    DEFAULT_TEXT_STEPS,
+    SCOPE_LORA_MODES,
+    LoraMode,
+    LoraModeName,
+    LoraSpec,
+    ScopeLoraModeName,
     SettingsUpdate,
     StreamSettings,
     clean_cache_problem,
     conditioning_problem,
     text_mode_problem,
+    text_steps_problem,
 )
 
 # One value per field that StreamSettings refuses on that field alone (fields without a limit: a wrong type).
@@ -104,3 +111,18 @@ def test_each_rule_says_why_and_passes_what_it_allows() -> None:
     assert conditioning_problem("none") is None
     assert text_mode_problem("text", has_prompts=False) == "text mode needs prompts"
     assert text_mode_problem("text", has_prompts=True) is None and text_mode_problem("video", False) is None
+    text = StreamSettings(mode="text", steps=(700, 500))
+    assert text_steps_problem(text) == (
+        "text mode starts from pure noise: a first step of 700 (below 1000) gives washed-out video"
+    )
+    assert text_steps_problem(StreamSettings(mode="text")) is None  # the text default starts at 1000
+    assert StreamSettings(mode="text").denoising_steps == DEFAULT_TEXT_STEPS
+    assert text_steps_problem(StreamSettings(steps=(700, 500))) is None  # video mode starts from the input
+
+
+def test_scope_lora_mode_names_map_onto_the_engines() -> None:
+    assert set(SCOPE_LORA_MODES) == set(get_args(ScopeLoraModeName))
+    assert sorted(SCOPE_LORA_MODES.values()) == sorted(get_args(LoraMode))
+    assert set(get_args(LoraModeName)) == {*get_args(LoraMode), *get_args(ScopeLoraModeName)}
+    for scope, ours in SCOPE_LORA_MODES.items():
+        assert LoraSpec(path="a.safetensors", mode=scope).mode == ours

@@ -72,6 +72,6 @@ def test_a_cached_text_that_does_not_fit_this_tokenizer_is_asked_again(
         extender = build_extender(models_dir=models_dir, url=api.url, cache=tmp_path / "c")
         cache = extender.cache
         # An entry written by a run whose tokenizer counted fewer tokens (e.g. the demo model's).
-        cache.put(cache.key("a fox", extender.model, 0, 512), {"text": LONG, "prompt": "a fox"})
+        cache.put(cache.key("a fox", extender.backend.name, 0, 512), {"text": LONG, "prompt": "a fox"})
         ext = extender.extend("a fox")
     assert not ext.cached and ext.text == GOOD and len(api.requests) == 1

@@ -108,7 +108,7 @@ def test_extensions_are_cached_by_text_model_and_seed(models_dir: Path, tmp_path
     second = extender.extend(DOG, seed=1)
     assert second.cached and second.text == first.text and second.umt5_tokens == first.umt5_tokens
     assert len(counting.calls) == asked  # no model call
-    stored = json.loads(cache.path(cache.key(DOG, extender.model, 1, UMT5_LIMIT)).read_text())
+    stored = json.loads(cache.path(cache.key(DOG, extender.backend.name, 1, UMT5_LIMIT)).read_text())
     assert stored["text"] == first.text and stored["prompt"] == DOG
     # Another seed or another text is another entry.
     assert not extender.extend(DOG, seed=2).cached

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import get_args
 
 DEFAULT_CONFIGS_ARG = "batch,480x832,2,wan;batch,480x832,2,fast;batch,480x832,2,taehv;nobatch,512x512,1,taehv"
 # --tiny is a smoke test of the benchmark itself: the same four kinds of config at a small size and a few
@@ -105,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from wanstream.bench import DEFAULT_CONFIGS, BenchConfig, run_bench
+    from wanstream.engine.settings import LoraMode
 
     if args.tiny and args.gpus == 1:
         if args.configs == DEFAULT_CONFIGS_ARG:
@@ -127,8 +129,9 @@ def run(args: argparse.Namespace) -> int:
         lora_modes = tuple(m.strip() for m in args.lora_mode.split(",") if m.strip())
         if args.lora_rank is not None and args.lora_rank < 1:
             raise ValueError(f"--lora-rank {args.lora_rank}: give a rank of at least 1")
-        if not lora_modes or any(m not in ("none", "merged", "runtime") for m in lora_modes):
-            raise ValueError(f"--lora-mode {args.lora_mode!r}: comma-separated none, merged, runtime")
+        variants = ("none", *get_args(LoraMode))  # none: the config without a LoRA
+        if not lora_modes or any(m not in variants for m in lora_modes):
+            raise ValueError(f"--lora-mode {args.lora_mode!r}: comma-separated {', '.join(variants)}")
         if args.live_changes and configs and configs[0].text_mode:
             raise ValueError(
                 f"--live-changes runs the first config's video stream; {configs[0].name} is text mode"

@@ -16,7 +16,7 @@ import time
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 from rich.markup import escape
 
@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from wanstream.engine.settings import Codec, LoraMode, Mode
+    from wanstream.jobs.generate.request import JobBatching
+
     p = subparsers.add_parser(
         "generate",
         help="restyle a video file (or make one from text) with a prompt or a Scope timeline",
@@ -62,7 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--vae",
-        choices=["wan", "taehv"],
+        choices=get_args(Codec),
         help="encoder and decoder: the Wan VAE (default), or TAEHV (fast; needs `wanstream download "
         "--with-taehv`); the demo model defaults to TAEHV",
     )
@@ -73,11 +76,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--height", type=int, metavar="H", help="output height (a multiple of 16)")
     p.add_argument(
         "--batching",
-        choices=["auto", "stream", "none"],
+        choices=get_args(JobBatching),
         default="auto",
         help="stream batch (steps as lanes: fastest) or none; auto: stream unless there is one step",
     )
-    p.add_argument("--mode", choices=["video", "text"], help="video (restyle input) or text (prompts alone)")
+    p.add_argument("--mode", choices=get_args(Mode), help="video (restyle input) or text (prompts alone)")
     p.add_argument(
         "--frames",
         type=int,
@@ -105,7 +108,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--lora-mode",
-        choices=["merged", "runtime"],
+        choices=get_args(LoraMode),
         help="merged: folded into the weights, no per-frame cost (default); runtime: adapters in the forward",
     )
     _add_vace_flags(p)
@@ -354,7 +357,7 @@ def _extend_prompts(err: Console, args: argparse.Namespace, job: GeneratePlan) -
         source = "cached" if ext.cached else f"{ext.seconds:.1f} s"
         err.print(f"extended: {ext.prompt!r} → {ext.umt5_tokens} tokens ({source})", markup=False)
 
-    with err.status(f"extending prompts with {extender.model}"):
+    with err.status(f"extending prompts with {extender.backend.name}"):
         timeline, records = extend_timeline(job.timeline, extender, seed=job.settings.seed, on_extended=shown)
     return dataclasses.replace(job, timeline=timeline, extended_prompts=records)
 
@@ -395,6 +398,7 @@ def _check_gpus(args: argparse.Namespace, device: Any) -> None:
     """--gpus N: a ring of N processes, one per GPU (or CPU processes with --device cpu)."""
     import torch
 
+    from wanstream.engine.settings import RING_CONDITIONING_PROBLEM
     from wanstream.jobs.generate import GenerateError
 
     if args.gpus < 1:
@@ -408,7 +412,9 @@ def _check_gpus(args: argparse.Namespace, device: Any) -> None:
             "use fewer, or --device cpu to run the multi-GPU path on CPU processes"
         )
     if _wants_vace(args):
-        raise GenerateError("VACE runs chunk by chunk on one GPU: drop --gpus or the VACE inputs")
+        raise GenerateError(
+            f"--gpus {args.gpus}: {RING_CONDITIONING_PROBLEM}; drop --gpus or the VACE inputs"
+        )
     if args.lora:
         raise GenerateError("LoRAs are not supported with --gpus yet")
 

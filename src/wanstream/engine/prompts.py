@@ -24,7 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Interpolation = Literal["linear", "slerp"]
 
-# What a stream shows when it is started without prompts (the studio's store.js starts from the same text).
+# The product's one default prompt: what a stream started without prompts shows, and what `generate` uses
+# without a timeline or prompts (the studio's store.js starts from the same text).
 DEFAULT_PROMPT = "a cinematic oil painting, vivid colours, soft light, highly detailed"
 
 
@@ -136,9 +137,10 @@ class EmbeddingCache:
 
 @dataclass
 class PromptChange:
-    """What a prompt update asks of the stream."""
+    """What a prompt update asks of the stream (the session turns a refresh into a cut when the settings'
+    prompt_switch says so)."""
 
-    kind: Literal["none", "refresh", "cut", "transition"]
+    kind: Literal["none", "refresh", "transition"]
     chunks: int = 0
 
 
@@ -151,10 +153,6 @@ class PromptState:
         self._queue: list[torch.Tensor] = []
         self._target: torch.Tensor | None = None
         self.version = 0  # bumps whenever the embedding in force changes (→ new cross-attention K/V)
-
-    @property
-    def transitioning(self) -> bool:
-        return bool(self._queue)
 
     @property
     def transition_left(self) -> int:

@@ -41,7 +41,9 @@ MAX_STEPS = 8
 MAX_LORAS = 16
 MAX_LORA_SCALE = 10.0  # Scope's range: -10..10
 # Scope's names for the two LoRA modes (timelines and workflows exported by Scope use them).
-SCOPE_LORA_MODES = {"permanent_merge": "merged", "runtime_peft": "runtime"}
+ScopeLoraModeName = Literal["permanent_merge", "runtime_peft"]
+SCOPE_LORA_MODES: dict[ScopeLoraModeName, LoraMode] = {"permanent_merge": "merged", "runtime_peft": "runtime"}
+LoraModeName = Literal[LoraMode, ScopeLoraModeName]  # a LoRA mode by either name (as a file gives it)
 
 
 def _lora_mode(value: Any) -> Any:
@@ -270,8 +272,26 @@ def conditioning_problem(batching: Batching) -> str | None:
     return None
 
 
+# A multi-GPU ring (parallel/) keeps several chunks in flight across its ranks, so it has no moment at which
+# one chunk alone is denoised: per-chunk conditioning runs on one GPU.
+RING_CONDITIONING_PROBLEM = (
+    "per-chunk conditioning (VACE) runs chunk by chunk on one GPU, not on a multi-GPU ring"
+)
+
+
 def text_mode_problem(mode: Mode, has_prompts: bool) -> str | None:
     """Text mode generates from the prompts alone: it cannot start or continue without them."""
     if mode == "text" and not has_prompts:
         return "text mode needs prompts"
+    return None
+
+
+def text_steps_problem(settings: StreamSettings) -> str | None:
+    """A warning, not an error: text mode starts from pure noise (t = 1000), so a lower first step treats
+    noise as if part of it were signal."""
+    first = settings.denoising_steps[0]
+    if settings.mode == "text" and first < 1000:
+        return (
+            f"text mode starts from pure noise: a first step of {first} (below 1000) gives washed-out video"
+        )
     return None

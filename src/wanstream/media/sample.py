@@ -93,11 +93,6 @@ def render_frames(indices: range, height: int, width: int, fps: float) -> torch.
     return torch.from_numpy(out)
 
 
-def render_frame(index: int, height: int, width: int, fps: float) -> torch.Tensor:
-    """Frame `index` of the clip as `[H, W, 3]` uint8."""
-    return torch.from_numpy(_render(index, height, width, fps))
-
-
 def _render(index: int, height: int, width: int, fps: float) -> np.ndarray:
     t = index / fps
     world = _world(height, width)

@@ -56,12 +56,6 @@ def _probe_flash() -> None:
     log.info("attention backend: %s", _flash_name)
 
 
-def backend_name() -> str:
-    if not _probed:
-        _probe_flash()
-    return _flash_name
-
-
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
 ) -> torch.Tensor:

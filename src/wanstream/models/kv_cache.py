@@ -186,11 +186,6 @@ class KVCache(nn.Module):
         self.host.lanes = [_LaneState() for _ in range(self.config.lanes)]
         self.host.frames_written = [0] * self.config.lanes
 
-    def set_total_steps(self, total_steps: int) -> None:
-        """The denoising step count of the no-batch countdown (QUIRK 2); applies from the next chunk."""
-        self.host.total_steps = total_steps
-        self.host.current_step = min(self.host.current_step, total_steps)
-
     def broadcast_lane0(self) -> None:
         """Copy lane 0 (cache, queues, bookkeeping) to every lane: the switch to stream batch."""
         self.k[:, 1:] = self.k[:, :1]

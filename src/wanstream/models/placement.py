@@ -11,7 +11,7 @@ Both fp8 choices save memory only: the arithmetic stays bf16.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -21,8 +21,8 @@ from wanstream.models.text import PromptTokenizer, TextEncoder, UMT5Encoder
 
 TextPlacement = Literal["gpu", "host", "fp8"]
 Precision = Literal["bf16", "fp8"]
-TEXT_PLACEMENTS: tuple[str, ...] = ("auto", "gpu", "host", "fp8")
-PRECISIONS: tuple[str, ...] = ("bf16", "fp8")
+TEXT_PLACEMENTS: tuple[str, ...] = ("auto", *get_args(TextPlacement))  # auto: host on a GPU
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 PLACEMENT_WORDS = {
     "gpu": "on the device",
     "fp8": "on the GPU, float8 weights",

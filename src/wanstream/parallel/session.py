@@ -36,7 +36,7 @@ from wanstream.engine.session import (
     StreamSession,
     _Pending,
 )
-from wanstream.engine.settings import SettingsUpdate, StreamSettings
+from wanstream.engine.settings import RING_CONDITIONING_PROBLEM, SettingsUpdate, StreamSettings
 from wanstream.parallel.ring import RingError
 from wanstream.parallel.schedule import RingSchedule
 from wanstream.parallel.stage import Lane, cache_config
@@ -335,7 +335,7 @@ class ParallelSession(StreamSession):
 
     def attach(self, conditioner: ChunkConditioner | None) -> None:
         if conditioner is not None:
-            raise SessionError("per-chunk conditioning (VACE) runs chunk by chunk on one GPU, not on a ring")
+            raise SessionError(RING_CONDITIONING_PROBLEM)
 
     def snapshot(self) -> dict[str, Any]:
         raise SessionError("snapshots are not available on a multi-GPU ring (its state is spread over ranks)")

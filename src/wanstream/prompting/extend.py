@@ -188,10 +188,6 @@ class PromptExtender:
         self.max_new_tokens = max_new_tokens
         self._lock = threading.Lock()
 
-    @property
-    def model(self) -> str:
-        return self.backend.name
-
     def extend(
         self,
         prompt: str,
@@ -208,12 +204,12 @@ class PromptExtender:
         prompt = check_prompt(prompt)
         if not 0 <= seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {seed}")
-        key = self.cache.key(prompt, self.model, seed, self.limit) if self.cache is not None else ""
+        key = self.cache.key(prompt, self.backend.name, seed, self.limit) if self.cache is not None else ""
         hit = self.cache.get(key) if self.cache is not None else None
         # (A hit counted by another tokenizer, e.g. the demo model's, is used only if it fits this one.)
         if hit is not None and (tokens := self.count_tokens(hit["text"])) <= self.limit:
             truncated = bool(hit.get("truncated"))
-            return Extension(prompt, hit["text"], self.model, seed, tokens, truncated, True, 0.0)
+            return Extension(prompt, hit["text"], self.backend.name, seed, tokens, truncated, True, 0.0)
         deadline = start + (self.timeout_s if timeout_s is None else timeout_s)
         cancel = cancel or threading.Event()
         with self._lock:  # a model answers one chat at a time; a waiting caller's clock runs meanwhile
@@ -222,13 +218,15 @@ class PromptExtender:
         if self.cache is not None:
             record = {
                 "prompt": prompt,
-                "model": self.model,
+                "model": self.backend.name,
                 "seed": seed,
                 "text": text,
                 "truncated": truncated,
             }
             self.cache.put(key, record)
-        return Extension(prompt, text, self.model, seed, tokens, truncated, False, time.monotonic() - start)
+        return Extension(
+            prompt, text, self.backend.name, seed, tokens, truncated, False, time.monotonic() - start
+        )
 
     def _run(self, prompt: str, seed: int, deadline: float, cancel: threading.Event) -> tuple[str, bool]:
         messages: Messages = [
@@ -262,7 +260,7 @@ class PromptExtender:
         )
         text = one_paragraph(raw)
         if not text:
-            raise ExtendError(f"the prompt extender ({self.model}) returned no text; try another seed")
+            raise ExtendError(f"the prompt extender ({self.backend.name}) returned no text; try another seed")
         return text
 
 

@@ -24,7 +24,16 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from wanstream.engine.settings import Codec, Mode, StreamSettings
+from wanstream.engine.prompts import DEFAULT_PROMPT
+from wanstream.engine.settings import (
+    CONDITIONED_BATCHING,
+    DEFAULT_TEXT_STEPS,
+    Codec,
+    Mode,
+    StreamSettings,
+    conditioning_problem,
+    text_steps_problem,
+)
 from wanstream.engine.vace import VaceInputError
 from wanstream.jobs.generate.request import GenerateError, GenerateRequest
 from wanstream.jobs.generate.stats import frames_text, number_text
@@ -43,11 +52,6 @@ from wanstream.timeline import Timeline, TimelineError, load_timeline
 from wanstream.weights.lora import LoraError, resolve_lora_path
 from wanstream.weights.store import ENV_LORA_DIR
 
-# Used when neither a timeline nor prompts are given (the built-in clip is an outdoor and an indoor scene).
-DEFAULT_PROMPT = (
-    "An oil painting in the style of Van Gogh, swirling expressive brush strokes, thick impasto texture, "
-    "vivid cobalt blues and golden yellows, warm evening light, rich detail"
-)
 TEXT_FPS = 16.0  # Wan's native frame rate: text-mode output
 TEXT_SIZE = (480, 832)  # the model's training size: text mode without a timeline resolution
 # The demo model (tiny, random weights) runs on any CPU; without an input video it uses a small, short clip
@@ -108,10 +112,6 @@ class GeneratePlan:
     # With --extend-prompts: what each prompt was extended into (the timeline already holds the extended texts).
     extended_prompts: tuple[dict[str, Any], ...] = ()
 
-    @property
-    def mode(self) -> Mode:
-        return self.settings.mode
-
 
 def plan(request: GenerateRequest, *, demo: bool = False) -> GeneratePlan:
     """Validate the request and decide every parameter of the job (raises `GenerateError`).
@@ -152,11 +152,8 @@ def plan(request: GenerateRequest, *, demo: bool = False) -> GeneratePlan:
     _check_lora_files(settings)
     output, stats_json = _check_outputs(request)
     _note_unreached_segments(timeline, source, notes)
-    if mode == "text" and settings.denoising_steps[0] < 1000:
-        notes.append(
-            f"text mode starts from pure noise: a first step of {settings.denoising_steps[0]} (below 1000) "
-            "gives washed-out video; try --steps 1000,750"
-        )
+    if problem := text_steps_problem(settings):
+        notes.append(f"{problem}; try --steps {','.join(map(str, DEFAULT_TEXT_STEPS))}")
     return GeneratePlan(request, settings, timeline, source, output, stats_json, demo, tuple(notes), vace)
 
 
@@ -356,13 +353,13 @@ def _settings(
     try:
         settings = StreamSettings.model_validate({**values, "batching": "none"})
         batching = request.batching
-        if vace:  # the VACE conditioner runs chunk by chunk
-            if batching == "stream":
+        if vace:
+            if batching != "auto" and (problem := conditioning_problem(batching)):
                 raise GenerateError(
-                    "--batching stream cannot be used with VACE (--control-video, --ref-image, --first-frame, "
-                    "--last-frame): VACE conditions each chunk as it is denoised; use --batching none or auto"
+                    f"--batching {batching} cannot be used with VACE (--control-video, --ref-image, --first-frame, "
+                    f"--last-frame): {problem}; use --batching {CONDITIONED_BATCHING} or auto"
                 )
-            batching = "none"
+            batching = CONDITIONED_BATCHING
         if batching == "auto":  # lanes need ≥ 2 steps to pay off; one step is the same either way
             batching = "none" if len(settings.denoising_steps) == 1 else "stream"
         return StreamSettings.model_validate({**values, "batching": batching})

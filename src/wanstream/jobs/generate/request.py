@@ -8,11 +8,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from wanstream.engine.prompts import WeightedPrompt
-from wanstream.engine.settings import Codec, LoraMode, LoraSpec, Mode
+from wanstream.engine.settings import Batching, Codec, LoraMode, LoraSpec, Mode
 from wanstream.timeline import Timeline
 
-# The job's choice of batching: "auto" picks stream batch or none from the number of steps.
-Batching = Literal["auto", "stream", "none"]
+# The job's choice of batching: the engine's, or "auto" (stream batch or none, from the number of steps).
+JobBatching = Literal["auto", Batching]
 
 
 class GenerateError(ValueError):
@@ -46,7 +46,7 @@ class GenerateRequest(BaseModel):
     )
     height: int | None = Field(None, ge=1)
     width: int | None = Field(None, ge=1)
-    batching: Batching = Field("auto", description="'auto': stream batch, or none for a single step.")
+    batching: JobBatching = Field("auto", description="'auto': stream batch, or none for a single step.")
     frames: int | None = Field(
         None, ge=1, le=10_000_000, description="Text mode and built-in clip: length; input video: at most."
     )

@@ -68,7 +68,7 @@ class GenerateResult:
             "demo": p.demo,
             "device": self.device,
             "dtype": self.dtype,
-            "mode": p.mode,
+            "mode": p.settings.mode,
             "input": p.source.describe(),
             "height": p.settings.height,
             "width": p.settings.width,

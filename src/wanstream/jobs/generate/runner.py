@@ -58,11 +58,15 @@ def run(
         return runner.run(load_s)
 
 
+# An engine call: a chunk pushed (or generated), a cut's drain, or the end-of-input flush.
+CallKind = Literal["chunk", "drain", "flush"]
+
+
 @dataclass
 class _Call:
     """One engine call, timed: a chunk pushed (or generated), a cut's drain, or the end-of-input flush."""
 
-    kind: Literal["chunk", "drain", "flush"]
+    kind: CallKind
     seconds: float
     frames_out: int
     steady: bool
@@ -240,7 +244,7 @@ class _Runner:
     # -- one engine call -------------------------------------------------------------------------------
     def _call(
         self,
-        kind: Literal["chunk", "drain", "flush"],
+        kind: CallKind,
         step: Callable[[], torch.Tensor],
         frames: tuple[int, int] | None = None,  # text mode: the output frames the chunk makes
     ) -> None:

@@ -13,7 +13,6 @@ steady motion (pacing.py). A restart (reset / prompt cut) flushes the queue: old
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -211,14 +210,3 @@ def rgbx(image: np.ndarray) -> np.ndarray:
     out[..., :3] = image
     out[..., 3] = 255
     return out
-
-
-@contextlib.contextmanager
-def unavailable_on_error(what: str, hint: str) -> Any:
-    """Turn a library's own failure while opening into `SinkUnavailable` naming what failed and what to do."""
-    try:
-        yield
-    except SinkUnavailable:
-        raise
-    except Exception as exc:
-        raise SinkUnavailable(f"{what}: {exc} ({hint})") from exc
