@@ -32,10 +32,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +41,7 @@ import torch
 
 from wanstream.engine.components import Components
 from wanstream.engine.lora import lora_manager
+from wanstream.engine.measure import StageTimer, percentile
 from wanstream.engine.memory import release_device_memory
 from wanstream.engine.session import StreamSession
 from wanstream.engine.settings import DEFAULT_STEPS, LoraMode, LoraSpec, StreamSettings
@@ -307,47 +306,6 @@ def random_lora(dit: WanDiT, rank: int, seed: int = 0) -> LoraWeights:
 # ------------------------------------------------------------------------------------------------
 # Measuring
 # ------------------------------------------------------------------------------------------------
-class StageTimer:
-    """CUDA-event intervals per named stage (host clock on CPU); read after a synchronize.
-
-    With `wall=True` it synchronises around each stage and measures wall time instead (start-up
-    diagnosis: compile, autotune and graph capture happen on the host).
-    """
-
-    def __init__(self, device: torch.device, wall: bool = False) -> None:
-        self.cuda = device.type == "cuda" and not wall
-        self.sync = device.type == "cuda" and wall
-        self.marks: dict[str, list[tuple[Any, Any]]] = {}
-
-    @contextmanager
-    def __call__(self, name: str):
-        if self.sync:
-            torch.cuda.synchronize()
-        start = self._stamp()
-        yield
-        if self.sync:
-            torch.cuda.synchronize()
-        self.marks.setdefault(name, []).append((start, self._stamp()))
-
-    def _stamp(self) -> Any:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def take_ms(self) -> dict[str, list[float]]:
-        """Milliseconds per interval, then forget them (call after a synchronize)."""
-        out = {}
-        for name, pairs in self.marks.items():
-            if self.cuda:
-                out[name] = [a.elapsed_time(b) for a, b in pairs]
-            else:
-                out[name] = [(b - a) * 1000 for a, b in pairs]
-        self.marks.clear()
-        return out
-
-
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -389,15 +347,6 @@ def vace_flops(cfg: WanConfig, blocks: int, query_tokens: int) -> float:
     block = 2 * (6 * d * d + 2 * d * f + 2 * T * d) + 4 * keys * d + 2 * d * d
     embed = 2 * VACE_IN_DIM * math.prod(cfg.patch_size) * d + 2 * d * d
     return query_tokens * (blocks * block + embed)
-
-
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    k = (len(values) - 1) * q
-    lo, hi = math.floor(k), math.ceil(k)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
 @dataclass
@@ -525,16 +474,16 @@ def bench_config(
     vace = components.vace if session.conditioner is not None else None
     if vace is not None:  # the hints of every step (not of the t = 0 cache pass)
         per_chunk_flops += cfg.steps * vace_flops(dit_cfg, len(vace.vace_blocks), L)  # type: ignore[arg-type]
-    dit_p50 = statistics.median(stages.get("dit", [float("nan")]))
+    dit_p50 = percentile(stages.get("dit", [math.nan]), 0.5)
     tflops = per_chunk_flops / (dit_p50 / 1000) / 1e12
     return Result(
         config=cfg.name + label,
         fps=produced / window,
-        chunk_ms_p50=_pct(chunk_ms, 0.5),
-        chunk_ms_p90=_pct(chunk_ms, 0.9),
-        encode_ms_p50=statistics.median(stages.get("encode", [float("nan")])),
+        chunk_ms_p50=percentile(chunk_ms or [math.nan], 0.5),
+        chunk_ms_p90=percentile(chunk_ms or [math.nan], 0.9),
+        encode_ms_p50=percentile(stages.get("encode", [math.nan]), 0.5),
         dit_ms_p50=dit_p50,
-        decode_ms_p50=statistics.median(stages.get("decode", [float("nan")])),
+        decode_ms_p50=percentile(stages.get("decode", [math.nan]), 0.5),
         ttff_ms=ttff,
         first_chunk_cold_ms=first_chunk_cold,
         peak_mem_gib=peak,
@@ -543,7 +492,7 @@ def bench_config(
         chunks_measured=chunks,
         chunk_ms_max=max(chunk_ms),
         first_frame_at=first_frame_at,
-        vace_encode_ms_p50=statistics.median(stages.get("vace_encode", [float("nan")])),
+        vace_encode_ms_p50=percentile(stages.get("vace_encode", [math.nan]), 0.5),
         extra={"first_chunk_stage_ms": first_chunk_stages, **extra},
     )
 
@@ -618,7 +567,7 @@ def measure_prompt_change(
         "encode_ms": round(encode_ms, 2),
         "to_first_frame_ms": round(outputs[0], 2) if outputs else float("nan"),
         "to_fully_conditioned_ms": round(outputs[-1], 2) if len(outputs) == lanes else float("nan"),
-        "steady_chunk_ms_p50": round(_pct(chunk_ms, 0.5), 2),
+        "steady_chunk_ms_p50": round(percentile(chunk_ms or [math.nan], 0.5), 2),
     }
 
 
@@ -925,7 +874,7 @@ def bench_live_changes(components: Components, cfg: BenchConfig, console: Any = 
         session.update({"steps": list(steps)})
         phases[f"steps_{len(steps)}"] = chunks(10)
     synchronize(device)
-    steady = statistics.median(phases["start"]["chunk_ms"][4:])
+    steady = percentile(phases["start"]["chunk_ms"][4:], 0.5)
     summary = {
         "config": cfg.name,
         "steady_chunk_ms": steady,

@@ -16,13 +16,15 @@ configurations with one step run as the same single lane, with more steps they a
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from wanstream.bench import BenchConfig, _pct, bench_config, matmul_tflops, random_components, synchronize
+from wanstream.bench import BenchConfig, bench_config, matmul_tflops, random_components, synchronize
+from wanstream.engine.measure import percentile
 from wanstream.parallel.launch import ModelSource, Ring
 from wanstream.parallel.rebalance import measure
 
@@ -94,8 +96,8 @@ def bench_ring_config(
         fps=fps,
         fps_one_gpu=float("nan"),
         efficiency=float("nan"),
-        chunk_ms_p50=_pct(chunk_ms, 0.5),
-        chunk_ms_p90=_pct(chunk_ms, 0.9),
+        chunk_ms_p50=percentile(chunk_ms or [math.nan], 0.5),
+        chunk_ms_p90=percentile(chunk_ms or [math.nan], 0.9),
         ttff_ms=float("nan"),
         layout=list(ring.layout),
         ranks=ranks,
@@ -110,7 +112,7 @@ def bench_ring_config(
         fps2, chunk_ms2, pos = _window(session, frames, pos, chunks)
         result.rebalanced = {
             "fps": fps2,
-            "chunk_ms_p50": _pct(chunk_ms2, 0.5),
+            "chunk_ms_p50": percentile(chunk_ms2 or [math.nan], 0.5),
             "layout": layout,
             "ranks": measure(ring),
         }
