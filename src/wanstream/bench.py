@@ -35,7 +35,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -43,15 +43,13 @@ from wanstream.engine.components import Components
 from wanstream.engine.lora import lora_manager
 from wanstream.engine.measure import StageTimer, percentile
 from wanstream.engine.memory import release_device_memory
+from wanstream.engine.random_weights import random_components
 from wanstream.engine.session import StreamSession
 from wanstream.engine.settings import DEFAULT_STEPS, LoraMode, LoraSpec, StreamSettings
 from wanstream.models.dit import WanConfig, WanDiT
 from wanstream.models.fastpath import FALLBACKS
 from wanstream.models.lora import linear_targets
 from wanstream.weights.lora import LoraPair, LoraWeights
-
-if TYPE_CHECKING:  # the text encoder's module needs ftfy/regex: imported only when one is built
-    from wanstream.models.text import TextEncoder
 
 STEP_LISTS = {1: (700,), 2: (700, 500), 3: (700, 500, 400), 4: (700, 500, 400, 200)}
 CODECS = {
@@ -141,152 +139,6 @@ DEFAULT_CONFIGS = [
 # ------------------------------------------------------------------------------------------------
 # Random full-size networks
 # ------------------------------------------------------------------------------------------------
-def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Seeded random weights on the module's own device: N(0, 1/fan_in) matrices, norms ~1, small biases."""
-    params = list(module.named_parameters())
-    if not params:
-        return module
-    gen = torch.Generator(device=params[0][1].device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in params:
-            if p.dim() >= 2:
-                p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=gen)
-            elif name.endswith(("weight", "gamma")):
-                p.normal_(1.0, 0.1, generator=gen)
-            else:
-                p.normal_(0.0, 0.05, generator=gen)
-    return module
-
-
-def _on_device(factory: Any, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    with torch.device("meta"):
-        module = factory()
-    # Cast on meta (free), then allocate once in the target dtype.
-    return module.to(dtype).to_empty(device=device).eval().requires_grad_(False)
-
-
-def random_components(
-    device: torch.device,
-    dtype: torch.dtype = torch.bfloat16,
-    tiny: bool = False,
-    *,
-    precision: str = "bf16",
-    text_encoder: str | None = None,
-    vace: bool = False,
-) -> Components:
-    """Random networks at full size (or tiny). `precision="fp8"`: the DiT blocks' linear weights stored in
-    float8; `text_encoder`: also a random umT5 ("gpu", "fp8", "host" or "auto", as `Pipeline.load` places
-    it), else none (a random conditioning stands in); `vace`: also a random VACE module (1.3B: 15 blocks)."""
-    from wanstream.models.placement import check_precision, resolve_text_placement
-    from wanstream.models.tae import TAEHV, TAEHVConfig
-    from wanstream.models.vae import WanVAE, WanVAEConfig
-
-    check_precision(precision)
-    placement = resolve_text_placement(text_encoder, device) if text_encoder is not None else None
-
-    if tiny:
-        dit_cfg = WanConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_len=64, text_dim=64)
-        vae_cfg, tae_cfg = WanVAEConfig(dim=8, num_res_blocks=1), TAEHVConfig.taew2_1(width_divisor=8)
-    else:
-        dit_cfg, vae_cfg, tae_cfg = WanConfig.t2v_1_3b(), WanVAEConfig(), TAEHVConfig()
-    # The text encoder first: its "host" and "fp8" forms are built through the device, one block at a time.
-    text = random_text_encoder(device, dtype, placement, tiny, dit_cfg.text_len) if placement else None
-    dit = randomize_(_on_device(lambda: WanDiT(dit_cfg), device, dtype), 1)
-    if precision == "fp8":
-        from wanstream.models.fp8 import dit_to_fp8_
-
-        dit_to_fp8_(dit)
-    vae = randomize_(_on_device(lambda: WanVAE(vae_cfg), device, dtype), 2)
-    tae_dtype = torch.float16 if device.type == "cuda" else dtype
-    tae = randomize_(_on_device(lambda: TAEHV(tae_cfg), device, tae_dtype), 3)
-    vace_module = None
-    if vace:
-        from wanstream.models.vace import VaceModule
-
-        vace_module = randomize_(_on_device(lambda: VaceModule(dit_cfg), device, dtype), 4)
-    label = (
-        "tiny random weights"
-        if tiny
-        else "full-size 1.3B, RANDOM WEIGHTS (no download; compute is identical)"
-    )
-    return Components(
-        dit=dit,
-        device=device,
-        dtype=dtype,
-        wan_vae=vae,
-        taehv=tae,
-        text_encoder=text,
-        vace=vace_module,
-        label=label,
-        precision=precision,
-        text_placement=placement or "none",
-    )
-
-
-def random_text_encoder(
-    device: torch.device, dtype: torch.dtype, placement: str, tiny: bool, text_len: int
-) -> TextEncoder:
-    """A random umT5 (umT5-XXL, or a tiny one) with a word-hash tokenizer (`HashTokenizer`: the real one
-    is a download): the work per token is the real encoder's. Each part is made and randomised on the
-    device, then placed: moved to host memory ("host"), converted to float8 ("fp8"), or left ("gpu")."""
-    from wanstream.models.fp8 import quantize_embedding_, quantize_linears_
-    from wanstream.models.offload import HostTextEncoder
-    from wanstream.models.text import PromptTokenizer, TextEncoder, UMT5Config, UMT5Encoder
-
-    if tiny:
-        cfg = UMT5Config(vocab=256, dim=64, dim_attn=64, dim_ffn=128, num_heads=2, num_layers=2)
-    else:
-        cfg = UMT5Config.umt5_xxl()
-    tokenizer = PromptTokenizer(HashTokenizer(cfg.vocab), text_len=text_len)
-    with torch.device("meta"):
-        model = UMT5Encoder(cfg)
-    model = model.to(dtype).eval().requires_grad_(False)
-    parts = [model.token_embedding, *model.blocks, model.norm]
-    for i, part in enumerate(parts):
-        randomize_(part.to_empty(device=device), 10 + i)
-        if placement == "fp8":
-            if isinstance(part, torch.nn.Embedding):
-                quantize_embedding_(part)
-            else:
-                quantize_linears_(part)
-        elif placement == "host":
-            part.to("cpu")
-    if placement == "host":
-        return HostTextEncoder(model, tokenizer, device)
-    return TextEncoder(model, tokenizer)
-
-
-class HashTokenizer:
-    """umT5's conventions (pad 0, </s> 1, right padding) with one token per word, the id a hash of the word:
-    enough for random weights (no tokenizer files, no transformers), same shapes and cost per token."""
-
-    is_fast = True  # what PromptTokenizer asks of a tokenizer
-
-    def __init__(self, vocab: int) -> None:
-        self.vocab = vocab
-
-    def __len__(self) -> int:
-        return self.vocab
-
-    def ids(self, text: str) -> list[int]:
-        import zlib
-
-        return [3 + zlib.crc32(w.encode()) % (self.vocab - 3) for w in text.split()] + [1]
-
-    def __call__(self, text: str | list[str], **kwargs: Any) -> dict[str, Any]:
-        if isinstance(text, str):
-            return {"input_ids": self.ids(text)}
-        width = int(kwargs.get("max_length", 512))
-        rows = [self.ids(t) for t in text]
-        rows = [row if len(row) <= width else [*row[: width - 1], 1] for row in rows]  # keep </s>
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row)
-            mask[i, : len(row)] = 1
-        return {"input_ids": ids, "attention_mask": mask}
-
-
 # What style LoRAs train: every attention projection (self and cross) and both FFN linears of each block.
 _LORA_LAYERS = (*(f"{attn}.{p}" for attn in ("self_attn", "cross_attn") for p in "qkvo"), "ffn.0", "ffn.2")
 
@@ -913,4 +765,4 @@ def _process_start_time() -> float:
         return time.time()
 
 
-__all__ = ["DEFAULT_CONFIGS", "DEFAULT_STEPS", "BenchConfig", "Result", "random_components", "run_bench"]
+__all__ = ["DEFAULT_CONFIGS", "DEFAULT_STEPS", "BenchConfig", "Result", "run_bench"]

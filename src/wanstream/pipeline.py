@@ -47,7 +47,7 @@ class Pipeline:
 
     @property
     def is_demo(self) -> bool:
-        from wanstream.demo import DEMO_LABEL
+        from wanstream.engine.random_weights import DEMO_LABEL
 
         return self.components.label == DEMO_LABEL
 
@@ -56,7 +56,7 @@ class Pipeline:
         cls, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32, seed: int = 0
     ) -> Pipeline:
         """Tiny random-weight networks: exercises every code path in seconds. Output is not meaningful."""
-        from wanstream.demo import demo_components
+        from wanstream.engine.random_weights import demo_components
 
         return cls(demo_components(device or "cpu", dtype, seed))
 
@@ -73,7 +73,7 @@ class Pipeline:
         """Full-size networks with RANDOM weights (no download): the real model's work and memory, noise for
         output — for measuring (`serve --random-weights`, tools/gpu/live_path.py). `tiny`: the benchmark's
         tiny random networks. Labelled `RANDOM_LABEL` everywhere it is shown."""
-        from wanstream.bench import random_components
+        from wanstream.engine.random_weights import random_components
 
         dev = torch.device(device) if device is not None else default_device()
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32

@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 
-from wanstream.bench import BenchConfig, bench_config, matmul_tflops, random_components, synchronize
+from wanstream.bench import BenchConfig, bench_config, matmul_tflops, synchronize
 from wanstream.engine.measure import percentile
+from wanstream.engine.random_weights import random_components
 from wanstream.parallel.launch import ModelSource, Ring
 from wanstream.parallel.rebalance import measure
 

@@ -18,7 +18,7 @@ import torch
 
 
 def compare(gpus: int, device: str, tiny: bool, dtype: str, frames: int, steps: tuple[int, ...]) -> dict:
-    from wanstream.bench import random_components
+    from wanstream.engine.random_weights import random_components
     from wanstream.engine.session import StreamSession
     from wanstream.engine.settings import StreamSettings
     from wanstream.media.sample import sample_clip
