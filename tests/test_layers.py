@@ -45,8 +45,6 @@ KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {
     # engine/lora.py resolves LoRA file names and reads the LoRA folder's environment variable.
     ("wanstream.engine.lora", "wanstream.weights.lora"): "item 3: engine/lora.py takes loaded LoRA weights",
     ("wanstream.engine.lora", "wanstream.weights.store"): "item 3: engine/lora.py takes loaded LoRA weights",
-    # weights/pipeline.py builds engine.Components.
-    ("wanstream.weights.pipeline", "wanstream.engine.components"): "item 3: pipeline.py joins the two",
     # parallel/ borrows bench's configurations and matmul peak, the sample clip.
     ("wanstream.parallel.bench", "wanstream.bench"): "item 3: bench/ holds the ring benchmark",
     ("wanstream.parallel.check", "wanstream.media.sample"): "item 3: the ring check takes its frames",

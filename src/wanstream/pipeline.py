@@ -112,13 +112,14 @@ class Pipeline:
         `precision="fp8"` stores the DiT blocks' linear weights in float8 (weight-only: memory, not speed).
         `low_vram=True` is the low-memory profile: text encoder "host" and DiT "fp8" (and TAEHV, which
         the session settings choose: `LOW_VRAM_SETTINGS`)."""
-        from wanstream.weights.pipeline import load_components
+        from wanstream.weights.pipeline import load_networks
 
         if low_vram:
             text_encoder, precision = LOW_VRAM_LOAD["text_encoder"], LOW_VRAM_LOAD["precision"]
-        components = load_components(
+        dev = torch.device(device) if device is not None else default_device()
+        networks = load_networks(
             models_dir,
-            device=torch.device(device) if device is not None else default_device(),
+            device=dev,
             dtype=dtype,
             text_encoder=text_encoder,
             text_encoder_file=text_encoder_file,
@@ -127,6 +128,7 @@ class Pipeline:
             vace=vace,
             progress=progress,
         )
+        components = Components(device=dev, dtype=dtype, **vars(networks))  # weights meet the engine here
         if optimize:
             components.optimize()
         return cls(components)

@@ -106,9 +106,12 @@ class ModelSource:
 
 def _load_files(source: ModelSource, device: torch.device, *, first: bool, last: bool) -> Components:
     if first:  # rank 0: everything `Pipeline.load` loads (blocks it does not own are freed after)
-        from wanstream.weights.pipeline import load_components
+        from wanstream.weights.pipeline import load_networks
 
-        return load_components(source.models_dir, device=device, dtype=source.torch_dtype, taehv=source.taehv)
+        networks = load_networks(
+            source.models_dir, device=device, dtype=source.torch_dtype, taehv=source.taehv
+        )
+        return Components(device=device, dtype=source.torch_dtype, **vars(networks))
     from wanstream.models.dit import WanConfig
     from wanstream.weights.dit import load_dit
     from wanstream.weights.store import resolve_pipeline_files
