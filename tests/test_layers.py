@@ -42,9 +42,6 @@ LAYERS: dict[str, int] = {
 # (importer, imported) module pairs known to break the rules, each with what removes it. Cycles are listed
 # as the imports that close them. When a change removes one, delete its line here.
 KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {
-    # engine/lora.py resolves LoRA file names and reads the LoRA folder's environment variable.
-    ("wanstream.engine.lora", "wanstream.weights.lora"): "item 3: engine/lora.py takes loaded LoRA weights",
-    ("wanstream.engine.lora", "wanstream.weights.store"): "item 3: engine/lora.py takes loaded LoRA weights",
     # parallel/ borrows bench's configurations and matmul peak, the sample clip.
     ("wanstream.parallel.bench", "wanstream.bench"): "item 3: bench/ holds the ring benchmark",
     ("wanstream.parallel.check", "wanstream.media.sample"): "item 3: the ring check takes its frames",
