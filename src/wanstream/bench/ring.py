@@ -3,7 +3,7 @@
 Full-size random weights on every rank (the compute is the real model's). Per configuration:
 * steady-state FPS of the ring (frames out per second over a window after warm-up; the ring's output
   lags its input by about N·R chunks, so the warm-up is at least that long);
-* the same configuration on one GPU (the single-process engine, `wanstream.bench`) and the scaling
+* the same configuration on one GPU (the single-process engine, `bench/single.py`) and the scaling
   efficiency FPS_N / (N · FPS_1);
 * chunk latency (push to frames on the CPU) p50/p90 and time to first frame on a fresh stream;
 * each rank's median DiT and total time per batch and its peak memory (what the rebalancer reads);
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from wanstream.bench import BenchConfig, bench_config, matmul_tflops, synchronize
+from wanstream.bench.single import BenchConfig, bench_config, matmul_tflops, synchronize
 from wanstream.engine.measure import percentile
 from wanstream.engine.random_weights import random_components
 from wanstream.parallel.launch import ModelSource, Ring
