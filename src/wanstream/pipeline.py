@@ -17,7 +17,6 @@ from typing import Any, Literal
 import torch
 
 from wanstream.engine.components import Components
-from wanstream.engine.lora import configure_loras
 from wanstream.engine.prompts import WeightedPrompt
 from wanstream.engine.session import StreamSession
 from wanstream.engine.settings import StreamSettings
@@ -42,9 +41,10 @@ class Pipeline:
     def __init__(self, components: Components, ring: Any = None) -> None:
         self.components = components  # with a ring: rank 0's share of the networks
         self.ring = ring  # wanstream.parallel.Ring when the DiT runs over several GPUs
-        if components.loras is None or components.loras.source is None:
+        if components.lora_source is None:
             # LoRA names: file paths, or names in WANSTREAM_LORA_DIR (the server confines them per stream).
-            configure_loras(components, LoraFiles.from_env())
+            # No manager yet: a stream without LoRAs never takes its lock.
+            components.lora_source = LoraFiles.from_env()
 
     @property
     def label(self) -> str:

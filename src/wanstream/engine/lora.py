@@ -248,16 +248,17 @@ _CREATING = threading.Lock()  # two streams starting at once get the same manage
 
 
 def lora_manager(components: Components) -> LoraManager:
-    """The components' LoRA manager, created on first use (with no source until `configure_loras`)."""
+    """The components' LoRA manager, created on first use (names load from `components.lora_source`)."""
     with _CREATING:
         if components.loras is None:
-            components.loras = LoraManager(components.dit)
+            components.loras = LoraManager(components.dit, source=components.lora_source)
         return components.loras
 
 
 def configure_loras(components: Components, source: LoraSource | None) -> LoraManager:
     """Where the components' LoRA names are loaded from (`weights.lora.LoraFiles`: which folder, confined
     to it or not)."""
+    components.lora_source = source
     manager = lora_manager(components)
     with manager.lock:
         manager.source = source
