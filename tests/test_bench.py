@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from wanstream.bench import BenchConfig, dit_flops, vace_flops
+from wanstream.bench.single import BenchConfig, dit_flops, vace_flops
 from wanstream.cli.main import main
 from wanstream.models.dit import WanConfig
 

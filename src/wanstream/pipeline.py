@@ -20,6 +20,7 @@ from wanstream.engine.components import Components
 from wanstream.engine.prompts import WeightedPrompt
 from wanstream.engine.session import StreamSession
 from wanstream.engine.settings import StreamSettings
+from wanstream.weights.lora import LoraFiles
 
 Progress = Callable[[str], None]
 
@@ -40,6 +41,10 @@ class Pipeline:
     def __init__(self, components: Components, ring: Any = None) -> None:
         self.components = components  # with a ring: rank 0's share of the networks
         self.ring = ring  # wanstream.parallel.Ring when the DiT runs over several GPUs
+        if components.lora_source is None:
+            # LoRA names: file paths, or names in WANSTREAM_LORA_DIR (the server confines them per stream).
+            # No manager yet: a stream without LoRAs never takes its lock.
+            components.lora_source = LoraFiles.from_env()
 
     @property
     def label(self) -> str:
@@ -47,7 +52,7 @@ class Pipeline:
 
     @property
     def is_demo(self) -> bool:
-        from wanstream.demo import DEMO_LABEL
+        from wanstream.engine.random_weights import DEMO_LABEL
 
         return self.components.label == DEMO_LABEL
 
@@ -56,7 +61,7 @@ class Pipeline:
         cls, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32, seed: int = 0
     ) -> Pipeline:
         """Tiny random-weight networks: exercises every code path in seconds. Output is not meaningful."""
-        from wanstream.demo import demo_components
+        from wanstream.engine.random_weights import demo_components
 
         return cls(demo_components(device or "cpu", dtype, seed))
 
@@ -73,7 +78,7 @@ class Pipeline:
         """Full-size networks with RANDOM weights (no download): the real model's work and memory, noise for
         output — for measuring (`serve --random-weights`, tools/gpu/live_path.py). `tiny`: the benchmark's
         tiny random networks. Labelled `RANDOM_LABEL` everywhere it is shown."""
-        from wanstream.bench import random_components
+        from wanstream.engine.random_weights import random_components
 
         dev = torch.device(device) if device is not None else default_device()
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -112,13 +117,14 @@ class Pipeline:
         `precision="fp8"` stores the DiT blocks' linear weights in float8 (weight-only: memory, not speed).
         `low_vram=True` is the low-memory profile: text encoder "host" and DiT "fp8" (and TAEHV, which
         the session settings choose: `LOW_VRAM_SETTINGS`)."""
-        from wanstream.weights.pipeline import load_components
+        from wanstream.weights.pipeline import load_networks
 
         if low_vram:
             text_encoder, precision = LOW_VRAM_LOAD["text_encoder"], LOW_VRAM_LOAD["precision"]
-        components = load_components(
+        dev = torch.device(device) if device is not None else default_device()
+        networks = load_networks(
             models_dir,
-            device=torch.device(device) if device is not None else default_device(),
+            device=dev,
             dtype=dtype,
             text_encoder=text_encoder,
             text_encoder_file=text_encoder_file,
@@ -127,6 +133,7 @@ class Pipeline:
             vace=vace,
             progress=progress,
         )
+        components = Components(device=dev, dtype=dtype, **vars(networks))  # weights meet the engine here
         if optimize:
             components.optimize()
         return cls(components)

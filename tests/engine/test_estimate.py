@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from wanstream.demo import demo_components
 from wanstream.engine.estimate import (
     TABLE_VERSION,
     Row,
@@ -18,6 +17,7 @@ from wanstream.engine.estimate import (
     read_rows,
     write_rows,
 )
+from wanstream.engine.random_weights import demo_components
 from wanstream.engine.session import cache_config
 from wanstream.engine.settings import StreamSettings
 

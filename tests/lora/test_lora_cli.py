@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from wanstream.cli.main import main
-from wanstream.demo import demo_components
+from wanstream.engine.random_weights import demo_components
 from wanstream.jobs.generate import GenerateRequest, plan
 from wanstream.media.video import read_video
 from wanstream.models.lora import linear_targets

@@ -13,7 +13,7 @@ from wanstream.engine.lora import LoraManager
 from wanstream.engine.settings import LoraSpec
 from wanstream.models.dit import WanDiT
 from wanstream.models.lora import linear_targets
-from wanstream.weights.lora import LoraError, load_lora, resolve_lora_path
+from wanstream.weights.lora import LoraError, LoraFiles, load_lora, resolve_lora_path
 
 from support.lora_files import LAYERS, SCHEMES, key_of, lora_state_dict, random_pairs, write_lora
 
@@ -32,7 +32,7 @@ def test_each_naming_scheme_loads_onto_the_named_layers(dit: WanDiT, tmp_path: P
 
     # Merged onto the model, exactly those layers' weights change, by scale · alpha/rank · B·A.
     before = {k: v.clone() for k, v in dit.state_dict().items()}
-    manager = LoraManager(dit)
+    manager = LoraManager(dit, source=LoraFiles())
     manager.apply([LoraSpec(path=str(path), scale=0.5)])
     after = dit.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -107,7 +107,7 @@ def test_bad_files_are_rejected_naming_the_keys(dit: WanDiT, tmp_path: Path, kin
     tensors, keys, phrase = _bad(dit, kind)
     path = write_lora(tmp_path / "bad.safetensors", tensors)
     before = {k: v.clone() for k, v in dit.state_dict().items()}
-    manager = LoraManager(dit)
+    manager = LoraManager(dit, source=LoraFiles())
     with pytest.raises(LoraError) as err:
         manager.apply([LoraSpec(path=str(path))])
     message = str(err.value)

@@ -13,7 +13,7 @@ from wanstream.engine.lora import LoraManager
 from wanstream.engine.settings import LoraSpec
 from wanstream.models.dit import WanDiT
 from wanstream.models.lora import LoraLinear, linear_targets
-from wanstream.weights.lora import LoraError, LoraPair, LoraWeights
+from wanstream.weights.lora import LoraError, LoraFiles, LoraPair, LoraWeights
 
 from support.lora_files import random_pairs, tiny_dit
 
@@ -29,7 +29,7 @@ def weights_for(dit: WanDiT, layers: list[str], *, rank: int = 4, alpha: float |
 
 
 def manager_with(dit: WanDiT, **loras: LoraWeights) -> LoraManager:
-    manager = LoraManager(dit)
+    manager = LoraManager(dit, source=LoraFiles())  # names it has not registered: files
     for name, weights in loras.items():
         manager.register(name, weights)
     return manager
@@ -164,3 +164,15 @@ def test_a_set_already_in_force_is_a_no_op_and_a_bad_one_changes_nothing(dit: Wa
         manager.register(
             "alien", LoraWeights("alien", {"blocks.9.ffn.0": manager.load("one").pairs["blocks.0.ffn.0"]})
         )
+
+
+def test_without_a_source_only_registered_names_load(dit: WanDiT, tmp_path: Path) -> None:
+    """The engine takes LoRA weights, not paths: a manager with no source (weights.lora.LoraFiles) opens no file."""
+    manager = manager_with(dit, one=weights_for(dit, ["blocks.0.ffn.0"]))
+    manager.source = None
+    path = tmp_path / "style.safetensors"
+    path.write_bytes(b"never read")
+    with pytest.raises(LoraError, match="no LoRA files"):
+        manager.apply([LoraSpec(path=str(path))])
+    assert manager.in_force == ()
+    assert manager.apply([LoraSpec(path="one")]) is True

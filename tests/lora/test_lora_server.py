@@ -10,7 +10,7 @@ import httpx
 import pytest
 import torch
 
-from wanstream.demo import demo_components
+from wanstream.engine.random_weights import demo_components
 from wanstream.models.lora import linear_targets
 
 from support.lora_files import lora_state_dict, random_pairs, write_lora

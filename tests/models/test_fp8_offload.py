@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from wanstream.demo import demo_components
+from wanstream.engine.random_weights import demo_components
 from wanstream.models.fp8 import (
     ABSOLUTE_ERROR_PER_AMAX,
     FP8,

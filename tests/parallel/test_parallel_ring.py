@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wanstream.demo import demo_components
+from wanstream.engine.random_weights import demo_components
 from wanstream.engine.session import SessionError
 from wanstream.parallel import ModelSource, Ring
 from wanstream.parallel.rebalance import measure

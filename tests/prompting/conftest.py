@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from wanstream.demo import demo_tokenizer
+from wanstream.engine.random_weights import demo_tokenizer
 
 from support.tiny_instruct import write_tiny_instruct
 

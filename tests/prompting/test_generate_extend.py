@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from wanstream.cli.main import main
-from wanstream.demo import demo_tokenizer
+from wanstream.engine.random_weights import demo_tokenizer
 from wanstream.models.text import PromptTokenizer
 from wanstream.prompting.backends import build_extender
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from wanstream.demo import demo_tokenizer
+from wanstream.engine.random_weights import demo_tokenizer
 from wanstream.models.text import PromptTokenizer
 from wanstream.prompting.backends import build_extender
 from wanstream.prompting.extend import ExtendCancelled, ExtendTimeout, PromptExtender, umt5_counter

@@ -20,6 +20,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from wanstream.engine.measure import percentile
 from wanstream.server.recording import Recorder, encode_jpeg
 from wanstream.server.schemas import Control
 from wanstream.server.security import (
@@ -36,6 +37,7 @@ from wanstream.server.worker import (
     InputBuffer,
     OutputFrame,
     RateMeter,
+    Window,
     center_crop,
     missing_codec,
     uniform_indices,
@@ -488,3 +490,14 @@ def test_vace_reference_images_are_checked_from_their_header(tmp_path: Path) -> 
     with pytest.raises(VaceRefused, match=r"vace\.ref_images: 'junk\.png' cannot be read") as junk:
         read_media_image(tmp_path, "junk.png", "vace.ref_images")
     assert junk.value.status == 422
+
+
+def test_window_percentiles_are_the_projects_one_percentile() -> None:
+    """/metrics and the session stats read `Window.quantile`: the same p50 / p90 as `generate --stats-json` and
+    `bench --json` (engine.measure.percentile), over the last `size` values only."""
+    window = Window(4)
+    assert window.quantile(0.9) is None  # nothing measured yet
+    for value in (9.0, 4.0, 1.0, 3.0, 2.0):  # the 9 falls out of the window
+        window.add(value)
+    assert window.quantile(0.5) == 2.5 and window.quantile(0.9) == pytest.approx(3.7)
+    assert window.quantile(0.9) == percentile([4.0, 1.0, 3.0, 2.0], 0.9)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from wanstream.bench import randomize_
+from wanstream.engine.random_weights import randomize_
 from wanstream.models.dit import WanConfig, WanDiT
 
 TINY = WanConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_len=8, text_dim=16, freq_dim=32)

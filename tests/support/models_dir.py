@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from wanstream.demo import demo_components
+from wanstream.engine.random_weights import demo_components
 
 
 def write_tiny_models_dir(

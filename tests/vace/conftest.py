@@ -5,8 +5,8 @@ import dataclasses
 import pytest
 
 from wanstream import Pipeline
-from wanstream.bench import randomize_
 from wanstream.engine.components import Components
+from wanstream.engine.random_weights import randomize_
 from wanstream.models.vace import VaceModule
 
 

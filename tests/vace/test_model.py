@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wanstream.bench import randomize_
+from wanstream.engine.random_weights import randomize_
 from wanstream.models.dit import WanConfig, WanDiT
 from wanstream.models.kv_cache import KVCache, KVCacheConfig
 from wanstream.models.vace import VaceExtension, VaceModule, default_vace_layers, vace_sinusoid

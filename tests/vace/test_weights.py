@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from wanstream.bench import randomize_
+from wanstream.engine.random_weights import randomize_
 from wanstream.models.dit import WanConfig, WanDiT
 from wanstream.models.vace import VaceModule
 from wanstream.weights.loaders import CheckpointError

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
-from wanstream.demo import demo_tokenizer
+from wanstream.engine.random_weights import demo_tokenizer
 from wanstream.models.text import PromptTokenizer
 from wanstream.prompting.backends import LocalBackend
 from wanstream.prompting.extend import PromptExtender, umt5_counter

@@ -14,7 +14,7 @@ stamp() { echo "[$(date +%T)] $*"; }
 for step in $STEPS; do
   case $step in
   1) stamp "check: ring of $N vs one GPU"
-     timeout 300 python3 -m wanstream.parallel.check --gpus "$N" --json "$OUT/check-$N.json" > "$OUT/check-$N.log" 2>&1
+     timeout 300 python3 -m wanstream.bench.ring_check --gpus "$N" --json "$OUT/check-$N.json" > "$OUT/check-$N.log" 2>&1
      grep -E '"(identical|rel_l2|max_uint8_diff|seconds|one_process|ring)"' "$OUT/check-$N.log" ;;
   2) stamp "bench 480x832, 1-4 steps"
      timeout 570 $B --configs "batch,480x832,1,wan;batch,480x832,2,wan;batch,480x832,3,wan;batch,480x832,4,wan" \

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from wanstream.bench import random_components
+from wanstream.engine.random_weights import random_components
 from wanstream.engine.session import SessionError, StreamOutOfMemory, StreamSession
 from wanstream.engine.settings import StreamSettings
 

@@ -105,7 +105,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from wanstream.bench import DEFAULT_CONFIGS, BenchConfig, run_bench
+    from wanstream.bench.single import DEFAULT_CONFIGS, BenchConfig, run_bench
     from wanstream.engine.settings import LoraMode
 
     if args.tiny and args.gpus == 1:
@@ -213,8 +213,8 @@ def low_vram_choices(args: argparse.Namespace) -> dict[str, str]:
 def _run_gpus(args: argparse.Namespace, configs: list, device: object) -> int:
     import torch
 
-    from wanstream.bench import BenchConfig
-    from wanstream.parallel.bench import RING_CONFIGS, run_parallel_bench
+    from wanstream.bench.ring import RING_CONFIGS, run_parallel_bench
+    from wanstream.bench.single import BenchConfig
 
     if args.gpus < 2:
         print(f"error: --gpus {args.gpus}: a ring needs 2 or more (one GPU is the plain benchmark)")

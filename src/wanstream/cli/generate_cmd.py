@@ -344,7 +344,7 @@ def _extend_prompts(err: Console, args: argparse.Namespace, job: GeneratePlan) -
 
     tokenizer = None
     if job.demo:  # the demo model encodes prompts with its own small tokenizer: count with that one
-        from wanstream.demo import demo_tokenizer
+        from wanstream.engine.random_weights import demo_tokenizer
         from wanstream.models.text import PromptTokenizer
 
         tokenizer = PromptTokenizer(demo_tokenizer())

@@ -280,7 +280,7 @@ def run(args: argparse.Namespace) -> int:
 
         print(f"wanstream serve: {RANDOM_LABEL}", file=sys.stderr)
     elif args.demo:  # the first line says it: everything streamed is the random-weight model's
-        from wanstream.demo import DEMO_LABEL
+        from wanstream.engine.random_weights import DEMO_LABEL
 
         print(f"wanstream serve: {DEMO_LABEL}", file=sys.stderr)
     print(

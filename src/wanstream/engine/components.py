@@ -27,6 +27,7 @@ class Components:
     text_encoder: TextEncoderLike | None = None
     vace: torch.nn.Module | None = None  # wanstream.models.vace (optional conditioning module)
     loras: Any = None  # wanstream.engine.lora.LoraManager (adapters on the DiT), when any are loaded
+    lora_source: Any = None  # engine.lora.LoraSource: where LoRA names load from (weights.lora.LoraFiles)
     scheduler: FlowMatchScheduler = field(default_factory=FlowMatchScheduler)
     label: str = ""  # e.g. "StreamDiffusionV2 1.3B" or "demo (random weights)"
     random_weights: bool = False  # full-size networks with random weights (measuring; output is noise)

@@ -22,28 +22,28 @@ keys/values (cross-attention projections of the prompt embeddings; the prompts a
 
 from __future__ import annotations
 
-import os
 import threading
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import torch
 from torch import nn
 
 from wanstream.engine.settings import LoraMode, LoraSpec
 from wanstream.models.fp8 import is_fp8
-from wanstream.models.lora import LoraLinear, linear_targets, replace_module
-from wanstream.weights.lora import LoraError, LoraPair, LoraWeights, load_lora, resolve_lora_path
-from wanstream.weights.store import ENV_LORA_DIR
+from wanstream.models.lora import LoraError, LoraLinear, LoraPair, LoraWeights, linear_targets, replace_module
 
 if TYPE_CHECKING:
     from wanstream.engine.components import Components
 
 Backup = Literal["cpu", "device"]
-_CACHED_FILES = 8  # parsed LoRA files kept in memory (switching back to one does not re-read it)
+
+
+class LoraSource(Protocol):
+    """Where names the manager has not registered come from (`weights.lora.LoraFiles`: LoRA files)."""
+
+    def __call__(self, name: str, targets: Mapping[str, tuple[int, int]]) -> LoraWeights: ...
 
 
 @dataclass(frozen=True, eq=False)
@@ -64,20 +64,17 @@ class LoraManager:
         self,
         dit: nn.Module,
         *,
-        lora_dir: str | Path | None = None,
-        confine: bool = False,
+        source: LoraSource | None = None,
         backup: Backup = "cpu",
     ) -> None:
         self.dit = dit
-        self.lora_dir = Path(lora_dir).expanduser() if lora_dir else None
-        self.confine = confine  # names must resolve inside lora_dir (the server)
+        self.source = source  # loads the LoRAs specs name (None: only registered names)
         self.backup = backup
         self.lock = threading.RLock()
         self.version = 0  # bumps when the DiT's function changes (weights, scales or adapters)
         self.structure = 0  # bumps when modules are replaced (runtime adapters added or removed)
         self._targets = linear_targets(dit)
         self._registered: dict[str, LoraWeights] = {}
-        self._files: OrderedDict[tuple[str, int, int], LoraWeights] = OrderedDict()
         self._in_force: tuple[tuple[str, float, LoraMode], ...] = ()
         self._merged: dict[str, Plan] = {}  # layer → what is folded into its weight
         self._runtime: dict[str, Plan] = {}  # layer → its adapters
@@ -102,22 +99,13 @@ class LoraManager:
             self._registered[name] = weights
 
     def load(self, name: str) -> LoraWeights:
-        """The parsed LoRA a spec's path names (registered, or a file: resolved, read, validated, cached)."""
+        """The LoRA a spec's path names: registered, else what the source loads for it (validated)."""
         with self.lock:
             if name in self._registered:
                 return self._registered[name]
-            path = resolve_lora_path(name, self.lora_dir, confine=self.confine)
-            stat = path.stat()
-            key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)  # a rewritten file is read again
-            weights = self._files.get(key)
-            if weights is None:
-                # Confined (the server): messages go back to clients, so name the file as they did.
-                weights = load_lora(path, self._targets, name=name if self.confine else None)
-                self._files[key] = weights
-                while len(self._files) > _CACHED_FILES:
-                    self._files.popitem(last=False)
-            self._files.move_to_end(key)
-            return weights
+            if self.source is None:
+                raise LoraError(f"no LoRA {name!r}: this pipeline has no LoRA files to look in (register it)")
+            return self.source(name, self._targets)
 
     def prepare(self, specs: Sequence[LoraSpec], default_mode: LoraMode = "merged") -> list[ActiveLora]:
         """Load and validate every LoRA of `specs` (raises LoraError; nothing on the DiT changes)."""
@@ -260,17 +248,18 @@ _CREATING = threading.Lock()  # two streams starting at once get the same manage
 
 
 def lora_manager(components: Components) -> LoraManager:
-    """The components' LoRA manager, created on first use (names looked up in WANSTREAM_LORA_DIR)."""
+    """The components' LoRA manager, created on first use (names load from `components.lora_source`)."""
     with _CREATING:
         if components.loras is None:
-            components.loras = LoraManager(components.dit, lora_dir=os.environ.get(ENV_LORA_DIR) or None)
+            components.loras = LoraManager(components.dit, source=components.lora_source)
         return components.loras
 
 
-def configure_loras(components: Components, *, lora_dir: Path | None, confine: bool) -> LoraManager:
-    """Set where LoRA names are looked up, and whether they must stay inside that folder (the server)."""
+def configure_loras(components: Components, source: LoraSource | None) -> LoraManager:
+    """Where the components' LoRA names are loaded from (`weights.lora.LoraFiles`: which folder, confined
+    to it or not)."""
+    components.lora_source = source
     manager = lora_manager(components)
     with manager.lock:
-        manager.lora_dir = Path(lora_dir).expanduser() if lora_dir is not None else None
-        manager.confine = confine
+        manager.source = source
     return manager

@@ -10,14 +10,67 @@ and `scales` [R] (c_i repeated over adapter i's rows). The coefficients live in 
 change is an in-place copy: compiled code and captured CUDA graphs read the new values with no
 recompile or re-capture. Adding or removing an adapter changes the shapes (a new `LoraLinear`).
 
+`LoraWeights` is a LoRA as tensors (`weights.lora` reads files into it; `engine.lora` puts it on the DiT).
+
 Merged LoRAs need nothing here: they are folded into `weight` in place (see `wanstream.engine.lora`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class LoraError(ValueError):
+    """A LoRA that cannot be used; `keys` are the offending keys of the file (when keys are the problem)."""
+
+    def __init__(self, message: str, keys: Iterable[str] = ()) -> None:
+        super().__init__(message)
+        self.keys = list(keys)
+
+
+@dataclass(frozen=True, eq=False)
+class LoraPair:
+    """One layer's adapter: ΔW = alpha / rank · up @ down (tensors as stored in the file, on the CPU)."""
+
+    down: torch.Tensor  # A: [rank, in]
+    up: torch.Tensor  # B: [out, rank]
+    alpha: float | None
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def factor(self) -> float:
+        """alpha / rank: what the pair is multiplied by at scale 1 (1 when the file has no alpha)."""
+        return 1.0 if self.alpha is None else self.alpha / self.rank
+
+    def delta(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """alpha / rank · B·A in float32: the weight change at scale 1."""
+        up = self.up.to(device=device, dtype=torch.float32)
+        return (up @ self.down.to(device=device, dtype=torch.float32)).mul_(self.factor)
+
+
+@dataclass(frozen=True, eq=False)
+class LoraWeights:
+    """A LoRA with every pair keyed by the DiT layer it adapts (e.g. 'blocks.0.self_attn.q')."""
+
+    source: str  # where it came from (for messages)
+    pairs: dict[str, LoraPair]
+    naming: tuple[str, ...] = field(default=())  # the key spellings found: "wan", "diffusers", "kohya"
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return tuple(sorted({p.rank for p in self.pairs.values()}))
+
+    def describe(self) -> str:
+        ranks = "/".join(map(str, self.ranks))
+        return f"{self.source}: {len(self.pairs)} layers, rank {ranks}, {'+'.join(self.naming)} names"
 
 
 class LoraLinear(nn.Linear):

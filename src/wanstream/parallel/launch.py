@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from wanstream.engine.components import Components
-from wanstream.parallel.layout import Layout, check_layout, split_blocks
+from wanstream.parallel.layout import Layout, check_layout, device_for, split_blocks
 from wanstream.parallel.ring import Link, Mailbox, RingError, join_groups
 from wanstream.parallel.stage import Absent, Stage, keep_blocks
 from wanstream.parallel.timing import StageClock
@@ -74,14 +74,14 @@ class ModelSource:
     ) -> Components:
         """This rank's networks: its blocks (others freed), plus what its role needs."""
         if self.kind == "demo":
-            from wanstream.demo import demo_components
+            from wanstream.engine.random_weights import demo_components
 
             c = demo_components(
                 device, self.torch_dtype, self.seed, num_layers=self.num_layers, text_encoder=first
             )
             c.vace = None
         elif self.kind == "random":
-            from wanstream.bench import random_components
+            from wanstream.engine.random_weights import random_components
 
             c = random_components(device, self.torch_dtype, tiny=self.tiny)
         else:
@@ -106,9 +106,12 @@ class ModelSource:
 
 def _load_files(source: ModelSource, device: torch.device, *, first: bool, last: bool) -> Components:
     if first:  # rank 0: everything `Pipeline.load` loads (blocks it does not own are freed after)
-        from wanstream.weights.pipeline import load_components
+        from wanstream.weights.pipeline import load_networks
 
-        return load_components(source.models_dir, device=device, dtype=source.torch_dtype, taehv=source.taehv)
+        networks = load_networks(
+            source.models_dir, device=device, dtype=source.torch_dtype, taehv=source.taehv
+        )
+        return Components(device=device, dtype=source.torch_dtype, **vars(networks))
     from wanstream.models.dit import WanConfig
     from wanstream.weights.dit import load_dit
     from wanstream.weights.store import resolve_pipeline_files
@@ -143,10 +146,6 @@ def _optimize(c: Components, blocks: range, *, vae: bool) -> None:
     if vae and c.wan_vae is not None:
         c.wan_vae.optimize(channels_last=True, compile=True)  # type: ignore[operator]
     c.optimized = True
-
-
-def device_for(device_type: str, rank: int) -> torch.device:
-    return torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
 
 
 def _process_context() -> Any:

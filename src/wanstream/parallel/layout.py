@@ -1,10 +1,18 @@
-"""Which DiT blocks each rank of the ring owns: contiguous [start, stop) ranges, rank 0 first."""
+"""Where each rank of the ring runs: the DiT blocks it owns (contiguous [start, stop) ranges, rank 0 first)
+and its device. The launcher and the worker processes both read it."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 Layout = list[tuple[int, int]]
+
+
+def device_for(device_type: str, rank: int) -> torch.device:
+    """Rank r's device: GPU r of this host, or the CPU for every rank of a CPU ring."""
+    return torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
 
 
 def split_blocks(num_layers: int, ranks: int) -> Layout:

@@ -3,14 +3,14 @@ on a CPU. Only steady batches are recorded (every lane live, not a stream's firs
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
+
+from wanstream.engine.measure import elapsed_ms, percentile, stamp
 
 Interval = tuple[str, Any, Any]
 
@@ -52,14 +52,7 @@ class StageClock:
         self._carry.append((name, start, self._stamp()))
 
     def _stamp(self) -> Any:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def _ms(self, a: Any, b: Any) -> float:
-        return a.elapsed_time(b) if self.cuda else (b - a) * 1000
+        return stamp(self.cuda)
 
     def report(self, rank: int, blocks: int) -> list[float]:
         """[rank, blocks, DiT ms, total ms, batches]: medians over the recorded batches."""
@@ -67,12 +60,12 @@ class StageClock:
             torch.cuda.synchronize()
         dit, total = [], []
         for intervals in self.batches:
-            times = [(name, self._ms(a, b)) for name, a, b in intervals]
+            times = [(name, elapsed_ms(a, b)) for name, a, b in intervals]
             dit.append(sum(ms for name, ms in times if name == "dit"))
             total.append(sum(ms for _, ms in times))
         if not dit:
             return [rank, blocks, 0.0, 0.0, 0]
-        return [rank, blocks, statistics.median(dit), statistics.median(total), len(dit)]
+        return [rank, blocks, percentile(dit, 0.5), percentile(total, 0.5), len(dit)]
 
     def peak_gib(self, device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**30 if self.cuda else float("nan")

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from wanstream.engine.rng import SeededNoise
 from wanstream.engine.settings import StreamSettings
-from wanstream.parallel.layout import Layout
+from wanstream.parallel.layout import Layout, device_for
 from wanstream.parallel.ring import Link, Mailbox, RingError, join_groups
 from wanstream.parallel.stage import Lane, Stage
 from wanstream.parallel.timing import StageClock
@@ -73,8 +73,6 @@ class Worker:
         timeout_s: float,
         parent_pid: int,
     ) -> None:
-        from wanstream.parallel.launch import device_for
-
         self.rank, self.world = rank, world
         self.first, self.last = False, rank == world - 1
         self.prev, self.next = rank - 1, (rank + 1) % world

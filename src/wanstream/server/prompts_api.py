@@ -80,7 +80,7 @@ def default_factory(models_dir: Any, demo: bool, **options: Any) -> ExtenderFact
 
         tokenizer = None
         if demo:
-            from wanstream.demo import demo_tokenizer
+            from wanstream.engine.random_weights import demo_tokenizer
             from wanstream.models.text import PromptTokenizer
 
             tokenizer = PromptTokenizer(demo_tokenizer())

@@ -40,6 +40,7 @@ from wanstream.server.tempo import Tempo
 from wanstream.server.tracks import PacedOutputTrack
 from wanstream.server.vace import VaceSetup
 from wanstream.server.worker import EngineWorker, SourceFrame, WorkerStats
+from wanstream.weights.lora import LoraFiles
 
 if TYPE_CHECKING:
     from aiortc import RTCDataChannel, RTCPeerConnection
@@ -141,6 +142,7 @@ class Totals:
 class SessionManager:
     def __init__(self, config: ServerConfig, model: ModelManager, recordings_dir: Path) -> None:
         self.config = config
+        self._lora_files = LoraFiles(config.lora_dir, confine=True)  # clients name LoRAs: only this folder
         self.model = model
         self.recordings_dir = recordings_dir
         self.sessions: dict[str, Session] = {}
@@ -202,7 +204,7 @@ class SessionManager:
         def make_session() -> StreamSession:
             # On the engine thread: the LoRA manager's lock is held by other streams for whole chunks, so
             # the event loop never takes it. Clients name LoRAs: only the server's LoRA folder is opened.
-            configure_loras(pipeline.components, lora_dir=self.config.lora_dir, confine=True)
+            configure_loras(pipeline.components, self._lora_files)
             engine = pipeline.session(settings, prompts=prompts)
             if vace is not None:
                 vace.attach(engine)

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
+from wanstream.engine.measure import percentile
 from wanstream.engine.settings import conditioning_problem, text_mode_problem
 from wanstream.engine.vace import VaceConditioner
 from wanstream.media.video import resize_frames
@@ -245,10 +246,9 @@ class Window:
         self.values.append(value)
 
     def quantile(self, q: float) -> float | None:
-        if not self.values:
-            return None
-        ordered = sorted(self.values)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+        """`engine.measure.percentile` of the window (q a fraction), None while it is empty."""
+        values = tuple(self.values)  # a snapshot: another thread may be adding
+        return percentile(values, q) if values else None
 
 
 class RateMeter:

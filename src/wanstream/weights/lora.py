@@ -21,14 +21,16 @@ the whole file with `LoraError`, which lists the offending keys. So do rank and 
 from __future__ import annotations
 
 import math
+import os
 import re
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import torch
 
-from wanstream.weights.store import LORA_SUFFIXES
+from wanstream.models.lora import LoraError, LoraPair, LoraWeights
+from wanstream.weights.store import ENV_LORA_DIR, LORA_SUFFIXES
 
 # Key endings → which half of a pair (longest first, so '.lora.down.weight' is not read as '.weight').
 _PARTS = (
@@ -72,54 +74,7 @@ _UNSUPPORTED = (
 )
 _SAFE_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+()\[\]-]{0,127}$")
 _MAX_LISTED = 12
-
-
-class LoraError(ValueError):
-    """A LoRA that cannot be used; `keys` are the offending keys of the file (when keys are the problem)."""
-
-    def __init__(self, message: str, keys: Iterable[str] = ()) -> None:
-        super().__init__(message)
-        self.keys = list(keys)
-
-
-@dataclass(frozen=True, eq=False)
-class LoraPair:
-    """One layer's adapter: ΔW = alpha / rank · up @ down (tensors as stored in the file, on the CPU)."""
-
-    down: torch.Tensor  # A: [rank, in]
-    up: torch.Tensor  # B: [out, rank]
-    alpha: float | None
-
-    @property
-    def rank(self) -> int:
-        return self.down.shape[0]
-
-    @property
-    def factor(self) -> float:
-        """alpha / rank: what the pair is multiplied by at scale 1 (1 when the file has no alpha)."""
-        return 1.0 if self.alpha is None else self.alpha / self.rank
-
-    def delta(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """alpha / rank · B·A in float32: the weight change at scale 1."""
-        up = self.up.to(device=device, dtype=torch.float32)
-        return (up @ self.down.to(device=device, dtype=torch.float32)).mul_(self.factor)
-
-
-@dataclass(frozen=True, eq=False)
-class LoraWeights:
-    """A LoRA with every pair keyed by the DiT layer it adapts (e.g. 'blocks.0.self_attn.q')."""
-
-    source: str  # where it came from (for messages)
-    pairs: dict[str, LoraPair]
-    naming: tuple[str, ...] = field(default=())  # the key spellings found: "wan", "diffusers", "kohya"
-
-    @property
-    def ranks(self) -> tuple[int, ...]:
-        return tuple(sorted({p.rank for p in self.pairs.values()}))
-
-    def describe(self) -> str:
-        ranks = "/".join(map(str, self.ranks))
-        return f"{self.source}: {len(self.pairs)} layers, rank {ranks}, {'+'.join(self.naming)} names"
+_CACHED_FILES = 8  # parsed LoRA files kept in memory (switching back to one does not re-read it)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -159,6 +114,50 @@ def load_lora(
     path = Path(path)
     shown = name or str(path)
     return parse_lora(read_tensors(path, shown), targets, source=shown)
+
+
+class LoraFiles:
+    """LoRA names → loaded weights, the source a `LoraManager` asks for names it has not registered.
+
+    A name is resolved by `resolve_lora_path` against `lora_dir` (`confine=True`: only inside it, the
+    server's rule for names clients send). `from_env()` reads the folder from WANSTREAM_LORA_DIR at each
+    look-up (generate and Python users). Parsed files are cached by (path, mtime, size): switching back to
+    a LoRA does not re-read it, a rewritten file is read again. Not thread-safe: the manager calls it under
+    its lock."""
+
+    def __init__(self, lora_dir: str | Path | None = None, *, confine: bool = False) -> None:
+        self._lora_dir = Path(lora_dir).expanduser() if lora_dir is not None else None
+        self._from_env = False
+        self.confine = confine
+        self._cache: OrderedDict[tuple[str, int, int], LoraWeights] = OrderedDict()
+
+    @classmethod
+    def from_env(cls) -> LoraFiles:
+        files = cls()
+        files._from_env = True
+        return files
+
+    @property
+    def lora_dir(self) -> Path | None:
+        if self._from_env:
+            folder = os.environ.get(ENV_LORA_DIR)
+            return Path(folder).expanduser() if folder else None
+        return self._lora_dir
+
+    def __call__(self, name: str, targets: Mapping[str, tuple[int, int]]) -> LoraWeights:
+        """The parsed LoRA `name` refers to, for a model whose linear layers are `targets`; LoraError."""
+        path = resolve_lora_path(name, self.lora_dir, confine=self.confine)
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+        weights = self._cache.get(key)
+        if weights is None:
+            # Confined (the server): messages go back to clients, so name the file as they did.
+            weights = load_lora(path, targets, name=name if self.confine else None)
+            self._cache[key] = weights
+            while len(self._cache) > _CACHED_FILES:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(key)
+        return weights
 
 
 # ---------------------------------------------------------------------------------------------------------

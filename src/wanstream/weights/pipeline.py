@@ -1,4 +1,5 @@
-"""Local files → the loaded networks of a pipeline (`Components`). Never downloads.
+"""Local files → the loaded networks of a pipeline (`LoadedNetworks`; `wanstream.pipeline` makes the engine's
+`Components` of them). Never downloads.
 
 Missing files raise `MissingWeightsError`, whose message lists them and gives the exact
 `wanstream download ...` command.
@@ -7,13 +8,13 @@ Missing files raise `MissingWeightsError`, whose message lists them and gives th
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from wanstream.engine.components import Components
-from wanstream.models.dit import WanConfig
+from wanstream.models.dit import WanConfig, WanDiT
 from wanstream.models.fp8 import dit_to_fp8_
 from wanstream.models.placement import (
     PLACEMENT_WORDS,
@@ -21,6 +22,7 @@ from wanstream.models.placement import (
     place_text_encoder,
     resolve_text_placement,
 )
+from wanstream.models.text import TextEncoder
 from wanstream.weights.dit import load_dit
 from wanstream.weights.store import Store, resolve_pipeline_files
 from wanstream.weights.text import load_text_encoder
@@ -29,7 +31,21 @@ from wanstream.weights.vae import load_wan_vae
 Progress = Callable[[str], None]
 
 
-def load_components(
+@dataclass
+class LoadedNetworks:
+    """The networks read from a models folder, on their device (the fields `Components` takes of them)."""
+
+    dit: WanDiT
+    wan_vae: torch.nn.Module
+    taehv: torch.nn.Module | None
+    text_encoder: TextEncoder
+    vace: torch.nn.Module | None
+    label: str
+    precision: str
+    text_placement: str
+
+
+def load_networks(
     models_dir: str | Path | None = None,
     *,
     device: torch.device,
@@ -41,7 +57,7 @@ def load_components(
     vace: bool | Literal["auto"] = False,
     model_size: str = "1.3b",
     progress: Progress | None = None,
-) -> Components:
+) -> LoadedNetworks:
     """Load the StreamDiffusionV2 networks onto `device`.
 
     TAEHV is loaded when `taehv` and its file is present (it is optional); VACE when asked (`True`: its
@@ -93,10 +109,8 @@ def load_components(
 
         say("Loading VACE…")
         vace_module = load_vace(vace_path, dit, dtype=dtype, device=device)
-    return Components(
+    return LoadedNetworks(
         dit=dit,
-        device=device,
-        dtype=dtype,
         wan_vae=vae,
         taehv=tae,
         text_encoder=text,

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from wanstream.engine.measure import percentile
 from wanstream.engine.session import ChunkEvent, StreamSession
 from wanstream.jobs.generate.planning import GeneratePlan, InputSource, plan
 from wanstream.jobs.generate.request import GenerateError, GenerateRequest
@@ -25,7 +26,7 @@ from wanstream.jobs.generate.result import (
     GenerationInterrupted,
     PromptSwitch,
 )
-from wanstream.jobs.generate.stats import GenerateStats, number_text, percentile
+from wanstream.jobs.generate.stats import GenerateStats, number_text
 from wanstream.jobs.generate.vace import VaceFeed
 from wanstream.media.resample import TIME_EPS, resample
 from wanstream.media.sample import iter_sample_clip
@@ -313,8 +314,8 @@ class _Runner:
             first_chunk_ms=chunks[0].seconds * 1e3 if chunks else None,
             steady_chunks=len(steady),
             steady_fps=steady_frames / steady_time if steady and steady_time > 0 else None,
-            chunk_latency_p50_ms=percentile(latencies, 50) * 1e3 if latencies else None,
-            chunk_latency_p90_ms=percentile(latencies, 90) * 1e3 if latencies else None,
+            chunk_latency_p50_ms=percentile(latencies, 0.5) * 1e3 if latencies else None,
+            chunk_latency_p90_ms=percentile(latencies, 0.9) * 1e3 if latencies else None,
         )
         c = self.pipeline.components
         return GenerateResult(

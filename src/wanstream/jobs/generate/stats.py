@@ -1,10 +1,8 @@
-"""What a `generate` run measured (`GenerateStats`, its one percentile) and the small formatters its
-messages and summary share."""
+"""What a `generate` run measured (`GenerateStats`: its p50 / p90 are `engine.measure.percentile`, as every
+p50 / p90 of the product) and the small formatters its messages and summary share."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -56,15 +54,6 @@ class GenerateStats:
             first += f"; model load {self.load_s:.1f} s"
         lines.append(first)
         return lines
-
-
-def percentile(sorted_values: Sequence[float], q: float) -> float:
-    """The q-th percentile (q in percent, 0-100) of ascending values: linear interpolation between closest
-    ranks (numpy's default). The chunk latencies' p50 and p90 in `GenerateStats`."""
-    pos = (len(sorted_values) - 1) * q / 100
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
 def frames_text(n: int) -> str:

@@ -1,4 +1,4 @@
-"""`python -m wanstream.parallel.check --gpus N`: the ring's output against the single-process engine.
+"""`python -m wanstream.bench.ring_check --gpus N`: the ring's output against the single-process engine.
 
 Both run the same networks (seeded random weights: full size on a GPU, tiny with --tiny) on the built-in
 sample clip with a prompt change mid-stream, and the report gives the relative L2 distance of the float
@@ -18,7 +18,7 @@ import torch
 
 
 def compare(gpus: int, device: str, tiny: bool, dtype: str, frames: int, steps: tuple[int, ...]) -> dict:
-    from wanstream.bench import random_components
+    from wanstream.engine.random_weights import random_components
     from wanstream.engine.session import StreamSession
     from wanstream.engine.settings import StreamSettings
     from wanstream.media.sample import sample_clip
@@ -78,7 +78,9 @@ def compare(gpus: int, device: str, tiny: bool, dtype: str, frames: int, steps: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m wanstream.parallel.check", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m wanstream.bench.ring_check", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--gpus", type=int, default=2)
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: bf16 on GPUs")

@@ -3,7 +3,7 @@
 Full-size random weights on every rank (the compute is the real model's). Per configuration:
 * steady-state FPS of the ring (frames out per second over a window after warm-up; the ring's output
   lags its input by about N·R chunks, so the warm-up is at least that long);
-* the same configuration on one GPU (the single-process engine, `wanstream.bench`) and the scaling
+* the same configuration on one GPU (the single-process engine, `bench/single.py`) and the scaling
   efficiency FPS_N / (N · FPS_1);
 * chunk latency (push to frames on the CPU) p50/p90 and time to first frame on a fresh stream;
 * each rank's median DiT and total time per batch and its peak memory (what the rebalancer reads);
@@ -16,13 +16,16 @@ configurations with one step run as the same single lane, with more steps they a
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from wanstream.bench import BenchConfig, _pct, bench_config, matmul_tflops, random_components, synchronize
+from wanstream.bench.single import BenchConfig, bench_config, matmul_tflops, synchronize
+from wanstream.engine.measure import percentile
+from wanstream.engine.random_weights import random_components
 from wanstream.parallel.launch import ModelSource, Ring
 from wanstream.parallel.rebalance import measure
 
@@ -94,8 +97,8 @@ def bench_ring_config(
         fps=fps,
         fps_one_gpu=float("nan"),
         efficiency=float("nan"),
-        chunk_ms_p50=_pct(chunk_ms, 0.5),
-        chunk_ms_p90=_pct(chunk_ms, 0.9),
+        chunk_ms_p50=percentile(chunk_ms or [math.nan], 0.5),
+        chunk_ms_p90=percentile(chunk_ms or [math.nan], 0.9),
         ttff_ms=float("nan"),
         layout=list(ring.layout),
         ranks=ranks,
@@ -110,7 +113,7 @@ def bench_ring_config(
         fps2, chunk_ms2, pos = _window(session, frames, pos, chunks)
         result.rebalanced = {
             "fps": fps2,
-            "chunk_ms_p50": _pct(chunk_ms2, 0.5),
+            "chunk_ms_p50": percentile(chunk_ms2 or [math.nan], 0.5),
             "layout": layout,
             "ranks": measure(ring),
         }

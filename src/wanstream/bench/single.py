@@ -32,27 +32,24 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from wanstream.engine.components import Components
 from wanstream.engine.lora import lora_manager
+from wanstream.engine.measure import StageTimer, percentile
 from wanstream.engine.memory import release_device_memory
+from wanstream.engine.random_weights import random_components
 from wanstream.engine.session import StreamSession
 from wanstream.engine.settings import DEFAULT_STEPS, LoraMode, LoraSpec, StreamSettings
 from wanstream.models.dit import WanConfig, WanDiT
 from wanstream.models.fastpath import FALLBACKS
 from wanstream.models.lora import linear_targets
 from wanstream.weights.lora import LoraPair, LoraWeights
-
-if TYPE_CHECKING:  # the text encoder's module needs ftfy/regex: imported only when one is built
-    from wanstream.models.text import TextEncoder
 
 STEP_LISTS = {1: (700,), 2: (700, 500), 3: (700, 500, 400), 4: (700, 500, 400, 200)}
 CODECS = {
@@ -142,152 +139,6 @@ DEFAULT_CONFIGS = [
 # ------------------------------------------------------------------------------------------------
 # Random full-size networks
 # ------------------------------------------------------------------------------------------------
-def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Seeded random weights on the module's own device: N(0, 1/fan_in) matrices, norms ~1, small biases."""
-    params = list(module.named_parameters())
-    if not params:
-        return module
-    gen = torch.Generator(device=params[0][1].device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in params:
-            if p.dim() >= 2:
-                p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=gen)
-            elif name.endswith(("weight", "gamma")):
-                p.normal_(1.0, 0.1, generator=gen)
-            else:
-                p.normal_(0.0, 0.05, generator=gen)
-    return module
-
-
-def _on_device(factory: Any, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    with torch.device("meta"):
-        module = factory()
-    # Cast on meta (free), then allocate once in the target dtype.
-    return module.to(dtype).to_empty(device=device).eval().requires_grad_(False)
-
-
-def random_components(
-    device: torch.device,
-    dtype: torch.dtype = torch.bfloat16,
-    tiny: bool = False,
-    *,
-    precision: str = "bf16",
-    text_encoder: str | None = None,
-    vace: bool = False,
-) -> Components:
-    """Random networks at full size (or tiny). `precision="fp8"`: the DiT blocks' linear weights stored in
-    float8; `text_encoder`: also a random umT5 ("gpu", "fp8", "host" or "auto", as `Pipeline.load` places
-    it), else none (a random conditioning stands in); `vace`: also a random VACE module (1.3B: 15 blocks)."""
-    from wanstream.models.placement import check_precision, resolve_text_placement
-    from wanstream.models.tae import TAEHV, TAEHVConfig
-    from wanstream.models.vae import WanVAE, WanVAEConfig
-
-    check_precision(precision)
-    placement = resolve_text_placement(text_encoder, device) if text_encoder is not None else None
-
-    if tiny:
-        dit_cfg = WanConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_len=64, text_dim=64)
-        vae_cfg, tae_cfg = WanVAEConfig(dim=8, num_res_blocks=1), TAEHVConfig.taew2_1(width_divisor=8)
-    else:
-        dit_cfg, vae_cfg, tae_cfg = WanConfig.t2v_1_3b(), WanVAEConfig(), TAEHVConfig()
-    # The text encoder first: its "host" and "fp8" forms are built through the device, one block at a time.
-    text = random_text_encoder(device, dtype, placement, tiny, dit_cfg.text_len) if placement else None
-    dit = randomize_(_on_device(lambda: WanDiT(dit_cfg), device, dtype), 1)
-    if precision == "fp8":
-        from wanstream.models.fp8 import dit_to_fp8_
-
-        dit_to_fp8_(dit)
-    vae = randomize_(_on_device(lambda: WanVAE(vae_cfg), device, dtype), 2)
-    tae_dtype = torch.float16 if device.type == "cuda" else dtype
-    tae = randomize_(_on_device(lambda: TAEHV(tae_cfg), device, tae_dtype), 3)
-    vace_module = None
-    if vace:
-        from wanstream.models.vace import VaceModule
-
-        vace_module = randomize_(_on_device(lambda: VaceModule(dit_cfg), device, dtype), 4)
-    label = (
-        "tiny random weights"
-        if tiny
-        else "full-size 1.3B, RANDOM WEIGHTS (no download; compute is identical)"
-    )
-    return Components(
-        dit=dit,
-        device=device,
-        dtype=dtype,
-        wan_vae=vae,
-        taehv=tae,
-        text_encoder=text,
-        vace=vace_module,
-        label=label,
-        precision=precision,
-        text_placement=placement or "none",
-    )
-
-
-def random_text_encoder(
-    device: torch.device, dtype: torch.dtype, placement: str, tiny: bool, text_len: int
-) -> TextEncoder:
-    """A random umT5 (umT5-XXL, or a tiny one) with a word-hash tokenizer (`HashTokenizer`: the real one
-    is a download): the work per token is the real encoder's. Each part is made and randomised on the
-    device, then placed: moved to host memory ("host"), converted to float8 ("fp8"), or left ("gpu")."""
-    from wanstream.models.fp8 import quantize_embedding_, quantize_linears_
-    from wanstream.models.offload import HostTextEncoder
-    from wanstream.models.text import PromptTokenizer, TextEncoder, UMT5Config, UMT5Encoder
-
-    if tiny:
-        cfg = UMT5Config(vocab=256, dim=64, dim_attn=64, dim_ffn=128, num_heads=2, num_layers=2)
-    else:
-        cfg = UMT5Config.umt5_xxl()
-    tokenizer = PromptTokenizer(HashTokenizer(cfg.vocab), text_len=text_len)
-    with torch.device("meta"):
-        model = UMT5Encoder(cfg)
-    model = model.to(dtype).eval().requires_grad_(False)
-    parts = [model.token_embedding, *model.blocks, model.norm]
-    for i, part in enumerate(parts):
-        randomize_(part.to_empty(device=device), 10 + i)
-        if placement == "fp8":
-            if isinstance(part, torch.nn.Embedding):
-                quantize_embedding_(part)
-            else:
-                quantize_linears_(part)
-        elif placement == "host":
-            part.to("cpu")
-    if placement == "host":
-        return HostTextEncoder(model, tokenizer, device)
-    return TextEncoder(model, tokenizer)
-
-
-class HashTokenizer:
-    """umT5's conventions (pad 0, </s> 1, right padding) with one token per word, the id a hash of the word:
-    enough for random weights (no tokenizer files, no transformers), same shapes and cost per token."""
-
-    is_fast = True  # what PromptTokenizer asks of a tokenizer
-
-    def __init__(self, vocab: int) -> None:
-        self.vocab = vocab
-
-    def __len__(self) -> int:
-        return self.vocab
-
-    def ids(self, text: str) -> list[int]:
-        import zlib
-
-        return [3 + zlib.crc32(w.encode()) % (self.vocab - 3) for w in text.split()] + [1]
-
-    def __call__(self, text: str | list[str], **kwargs: Any) -> dict[str, Any]:
-        if isinstance(text, str):
-            return {"input_ids": self.ids(text)}
-        width = int(kwargs.get("max_length", 512))
-        rows = [self.ids(t) for t in text]
-        rows = [row if len(row) <= width else [*row[: width - 1], 1] for row in rows]  # keep </s>
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row)
-            mask[i, : len(row)] = 1
-        return {"input_ids": ids, "attention_mask": mask}
-
-
 # What style LoRAs train: every attention projection (self and cross) and both FFN linears of each block.
 _LORA_LAYERS = (*(f"{attn}.{p}" for attn in ("self_attn", "cross_attn") for p in "qkvo"), "ffn.0", "ffn.2")
 
@@ -307,47 +158,6 @@ def random_lora(dit: WanDiT, rank: int, seed: int = 0) -> LoraWeights:
 # ------------------------------------------------------------------------------------------------
 # Measuring
 # ------------------------------------------------------------------------------------------------
-class StageTimer:
-    """CUDA-event intervals per named stage (host clock on CPU); read after a synchronize.
-
-    With `wall=True` it synchronises around each stage and measures wall time instead (start-up
-    diagnosis: compile, autotune and graph capture happen on the host).
-    """
-
-    def __init__(self, device: torch.device, wall: bool = False) -> None:
-        self.cuda = device.type == "cuda" and not wall
-        self.sync = device.type == "cuda" and wall
-        self.marks: dict[str, list[tuple[Any, Any]]] = {}
-
-    @contextmanager
-    def __call__(self, name: str):
-        if self.sync:
-            torch.cuda.synchronize()
-        start = self._stamp()
-        yield
-        if self.sync:
-            torch.cuda.synchronize()
-        self.marks.setdefault(name, []).append((start, self._stamp()))
-
-    def _stamp(self) -> Any:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def take_ms(self) -> dict[str, list[float]]:
-        """Milliseconds per interval, then forget them (call after a synchronize)."""
-        out = {}
-        for name, pairs in self.marks.items():
-            if self.cuda:
-                out[name] = [a.elapsed_time(b) for a, b in pairs]
-            else:
-                out[name] = [(b - a) * 1000 for a, b in pairs]
-        self.marks.clear()
-        return out
-
-
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -389,15 +199,6 @@ def vace_flops(cfg: WanConfig, blocks: int, query_tokens: int) -> float:
     block = 2 * (6 * d * d + 2 * d * f + 2 * T * d) + 4 * keys * d + 2 * d * d
     embed = 2 * VACE_IN_DIM * math.prod(cfg.patch_size) * d + 2 * d * d
     return query_tokens * (blocks * block + embed)
-
-
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    k = (len(values) - 1) * q
-    lo, hi = math.floor(k), math.ceil(k)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
 @dataclass
@@ -525,16 +326,16 @@ def bench_config(
     vace = components.vace if session.conditioner is not None else None
     if vace is not None:  # the hints of every step (not of the t = 0 cache pass)
         per_chunk_flops += cfg.steps * vace_flops(dit_cfg, len(vace.vace_blocks), L)  # type: ignore[arg-type]
-    dit_p50 = statistics.median(stages.get("dit", [float("nan")]))
+    dit_p50 = percentile(stages.get("dit", [math.nan]), 0.5)
     tflops = per_chunk_flops / (dit_p50 / 1000) / 1e12
     return Result(
         config=cfg.name + label,
         fps=produced / window,
-        chunk_ms_p50=_pct(chunk_ms, 0.5),
-        chunk_ms_p90=_pct(chunk_ms, 0.9),
-        encode_ms_p50=statistics.median(stages.get("encode", [float("nan")])),
+        chunk_ms_p50=percentile(chunk_ms or [math.nan], 0.5),
+        chunk_ms_p90=percentile(chunk_ms or [math.nan], 0.9),
+        encode_ms_p50=percentile(stages.get("encode", [math.nan]), 0.5),
         dit_ms_p50=dit_p50,
-        decode_ms_p50=statistics.median(stages.get("decode", [float("nan")])),
+        decode_ms_p50=percentile(stages.get("decode", [math.nan]), 0.5),
         ttff_ms=ttff,
         first_chunk_cold_ms=first_chunk_cold,
         peak_mem_gib=peak,
@@ -543,7 +344,7 @@ def bench_config(
         chunks_measured=chunks,
         chunk_ms_max=max(chunk_ms),
         first_frame_at=first_frame_at,
-        vace_encode_ms_p50=statistics.median(stages.get("vace_encode", [float("nan")])),
+        vace_encode_ms_p50=percentile(stages.get("vace_encode", [math.nan]), 0.5),
         extra={"first_chunk_stage_ms": first_chunk_stages, **extra},
     )
 
@@ -618,7 +419,7 @@ def measure_prompt_change(
         "encode_ms": round(encode_ms, 2),
         "to_first_frame_ms": round(outputs[0], 2) if outputs else float("nan"),
         "to_fully_conditioned_ms": round(outputs[-1], 2) if len(outputs) == lanes else float("nan"),
-        "steady_chunk_ms_p50": round(_pct(chunk_ms, 0.5), 2),
+        "steady_chunk_ms_p50": round(percentile(chunk_ms or [math.nan], 0.5), 2),
     }
 
 
@@ -925,7 +726,7 @@ def bench_live_changes(components: Components, cfg: BenchConfig, console: Any = 
         session.update({"steps": list(steps)})
         phases[f"steps_{len(steps)}"] = chunks(10)
     synchronize(device)
-    steady = statistics.median(phases["start"]["chunk_ms"][4:])
+    steady = percentile(phases["start"]["chunk_ms"][4:], 0.5)
     summary = {
         "config": cfg.name,
         "steady_chunk_ms": steady,
@@ -964,4 +765,4 @@ def _process_start_time() -> float:
         return time.time()
 
 
-__all__ = ["DEFAULT_CONFIGS", "DEFAULT_STEPS", "BenchConfig", "Result", "random_components", "run_bench"]
+__all__ = ["DEFAULT_CONFIGS", "DEFAULT_STEPS", "BenchConfig", "Result", "run_bench"]
