@@ -101,9 +101,13 @@ def test_the_demo_scales_a_large_input_down_and_says_so(tmp_path: Path) -> None:
     assert (given.settings.width, given.settings.height) == (1280, 720)
 
 
-def test_demo_speed_at_640x360_and_160x96_in_cpu_time() -> None:
-    """The demo's targets, ≥ 2 fps at 640×360 and ≥ 8 fps at 160×96 on two cores, measured in CPU time
-    (two cores give two CPU-seconds per second), so a busy machine does not decide the result."""
+def test_demo_speed_at_640x360_and_160x96_in_cpu_time(one_torch_thread: None) -> None:
+    """The demo's targets, ≥ 2 fps at 640×360 and ≥ 8 fps at 160×96 on two cores, measured as the CPU time of
+    the work (two cores give two CPU-seconds per second), so a busy machine does not decide the result.
+
+    One torch thread, timed with this thread's CPU clock: with a pool of threads, a loaded machine makes them
+    spin while they wait for each other, and that spinning counts as process CPU time (a full run beside two
+    busy loops measured 6.7 fps at 160×96 that way)."""
     import torch
 
     from wanstream import Pipeline
@@ -114,9 +118,9 @@ def test_demo_speed_at_640x360_and_160x96_in_cpu_time() -> None:
         frames = torch.randint(0, 256, (4, height, width, 3), dtype=torch.uint8)
         session.push(torch.cat([frames, frames[:1]]))  # the first chunk and the lanes fill (not timed)
         session.push(frames)
-        start = time.process_time()
+        start = time.thread_time()
         out = sum(session.push(frames).shape[0] for _ in range(4))
-        cpu_s = time.process_time() - start
+        cpu_s = time.thread_time() - start
         assert out == 16
         assert out / (cpu_s / 2) >= min_fps, f"{width}×{height}: {out / (cpu_s / 2):.1f} fps on two cores"
 
