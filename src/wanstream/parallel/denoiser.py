@@ -107,6 +107,7 @@ class RingDenoiser:
         self.batch_seq: dict[int, int] = {}  # ring batch m → its message seq
         self.frames: deque[tuple[int, torch.Tensor]] = deque()  # (chunk, decoded frames) in order
         self.expected_frames = 0
+        self.due: deque[int] = deque()  # the chunks whose frames are still to come, in order
         self.contexts: list[tuple[int, torch.Tensor]] = []  # new conditionings for the next batch
         self._timesteps = DeviceSteps()
         ring.claim(self)
@@ -131,6 +132,7 @@ class RingDenoiser:
         """Forget the stream: what is in flight finishes and is dropped; the next chunk starts a stream."""
         self.quiesce()
         self.frames.clear()
+        self.due.clear()
         self.returns.clear()
         self.batch_seq.clear()
         if steps is not None:
@@ -179,6 +181,7 @@ class RingDenoiser:
             raise SessionError(RingBackend.conditioner_problem)
         frames = noisy.shape[1]
         lanes = self.schedule.first_chunk(chunk, start, frames, self.rng.seed, version)
+        self.due.append(chunk)
         x = noisy
         for i, lane in enumerate(lanes):
             last = i == len(lanes) - 1
@@ -204,6 +207,8 @@ class RingDenoiser:
         if extension is not None:
             raise SessionError(RingBackend.conditioner_problem)
         m = self.schedule.call(chunk, start, first_step, self.rng.seed, version, decode)
+        if decode:
+            self.due.append(chunk)
         plan = self.schedule.batch(m)
         R = self.ring.world
         returned = self._await_return(self.batch_seq.pop(m - R)) if m - R >= 1 else None
@@ -289,6 +294,11 @@ class RingDenoiser:
                 self.outstanding.discard(header["seq"])
                 self.returns[header["seq"]] = tensors[0]
             elif kind == "frames":
+                due = self.due.popleft() if self.due else None
+                if header["chunk"] != due:
+                    raise self.ring.fail(
+                        f"ring order error: frames of chunk {header['chunk']} arrived, {due} was due"
+                    )
                 self.expected_frames -= 1
                 self.frames.append((header["chunk"], tensors[0]))
             else:
