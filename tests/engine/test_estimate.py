@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from wanstream.engine.denoise.local import cache_config
 from wanstream.engine.estimate import (
     TABLE_VERSION,
     Row,
@@ -18,7 +19,6 @@ from wanstream.engine.estimate import (
     write_rows,
 )
 from wanstream.engine.random_weights import demo_components
-from wanstream.engine.session import cache_config
 from wanstream.engine.settings import StreamSettings
 
 GiB = 2**30

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from wanstream.engine.batching import Denoiser
+from wanstream.engine.denoise.local import Denoiser
 from wanstream.engine.rng import SeededNoise
 from wanstream.models.dit import WanConfig, WanDiT
 from wanstream.models.kv_cache import KVCache, KVCacheConfig
@@ -158,5 +158,6 @@ def test_stream_batch_and_no_batch_agree_on_the_first_chunk() -> None:
         cache = KVCache(KVCacheConfig(num_layers=2, num_heads=2, head_dim=32, frame_tokens=12, lanes=2))
         den = Denoiser(model, sched, cache, SeededNoise(7), [700, 500], batching)
         den.reset()
-        results.append(den.first_chunk(noisy, 0, model.cross_kv(ctx)))
+        [done] = den.first_chunk(noisy, 0, model.cross_kv(ctx))
+        results.append(done.x0)
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)

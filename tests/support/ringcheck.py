@@ -20,7 +20,7 @@ def reference(components: Components, **settings: object) -> StreamSession:
     return StreamSession(components, StreamSettings(**{**SMALL, **settings}), prompts=PROMPT, output="float")
 
 
-def on_ring(ring, **settings: object):  # -> ParallelSession
+def on_ring(ring, **settings: object):  # -> StreamSession (on a RingBackend)
     return ring.session(prompts=PROMPT, output="float", **{**SMALL, **settings})
 
 

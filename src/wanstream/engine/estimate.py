@@ -30,8 +30,8 @@ from typing import Literal
 import torch
 
 from wanstream.engine.components import Components
+from wanstream.engine.denoise.local import cache_config
 from wanstream.engine.memory import free_device_bytes, what_to_lower
-from wanstream.engine.session import cache_config
 from wanstream.engine.settings import StreamSettings
 
 TABLE_VERSION = 1

@@ -9,6 +9,7 @@ Everything stays on the device (float64 scalars, the reference's exact operation
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -32,6 +33,21 @@ class NoiseController:
     def reset(self) -> None:
         self.previous = None
         self.last_frame = None
+
+    def state(self) -> dict[str, Any]:
+        """Everything the next chunk's noise depends on (for snapshots)."""
+        return {
+            "initial": self.initial,
+            "enabled": self.enabled,
+            "previous": self.previous,
+            "last_frame": self.last_frame,
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.initial = state["initial"]
+        self.enabled = state["enabled"]
+        self.previous = state["previous"]
+        self.last_frame = state["last_frame"]
 
     def first_chunk(self, frames: torch.Tensor) -> ChunkNoise:
         """The stream's first chunk uses the initial scale (its first step stays the canonical one)."""

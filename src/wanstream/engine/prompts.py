@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -193,6 +193,23 @@ class PromptState:
             self.embedding, self._target = self._target, None
         self.version += 1
         return True
+
+    def state(self) -> dict[str, Any]:
+        """The prompts, the embedding in force, the transition's queue and the version (for snapshots)."""
+        return {
+            "prompts": self.prompts,
+            "embedding": self.embedding,
+            "queue": list(self._queue),
+            "target": self._target,
+            "version": self.version,
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.prompts = state["prompts"]
+        self.embedding = state["embedding"]
+        self._queue = list(state["queue"])
+        self._target = state["target"]
+        self.version = state["version"]
 
     def describe(self) -> tuple[tuple[str, float], ...]:
         w = normalize_weights([p.weight for p in self.prompts]) if self.prompts else []

@@ -1,6 +1,7 @@
 """`StreamSession`: frames in, stylised frames out, chunk by chunk, with live control.
 
-A session owns every piece of per-stream state: the DiT's KV cache and lanes (`Denoiser`), the
+A session owns every piece of per-stream state: the denoiser (its backend builds it: the DiT's KV cache
+and lanes in this process, `engine.denoise.local`, or a ring of processes, `wanstream.parallel`), the
 encoder/decoder streaming caches, the noise controller, the prompt state, pending input frames and the
 positions. Models are shared and stateless.
 
@@ -20,16 +21,18 @@ import copy
 import functools
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 
-from wanstream.engine.batching import Denoiser
 from wanstream.engine.codecs import Codecs
 from wanstream.engine.components import Components
+from wanstream.engine.denoise.base import ChunkDenoiser, DenoiserBackend, Finished
+from wanstream.engine.denoise.local import LocalBackend
+from wanstream.engine.errors import SessionError
 from wanstream.engine.frames import FrameInput, as_frames
 from wanstream.engine.lora import lora_manager
 from wanstream.engine.memory import out_of_memory_message, release_device_memory
@@ -52,9 +55,8 @@ from wanstream.engine.settings import (
     conditioning_problem,
     text_mode_problem,
 )
-from wanstream.models.dit import CrossKV, StreamExtension
+from wanstream.models.dit import StreamExtension
 from wanstream.models.fastpath import GATE
-from wanstream.models.kv_cache import KVCache, KVCacheConfig
 
 OutputFormat = Literal["uint8", "float"]
 ChunkKind = Literal["input", "flush", "text"]  # made from input frames, by a flush, or from prompts alone
@@ -90,10 +92,6 @@ class ChunkEvent:
 class _Pending:
     frames: list[torch.Tensor] = field(default_factory=list)  # [3, H, W] in [-1, 1], model resolution
     first_index: int = 0  # input index of frames[0]
-
-
-class SessionError(RuntimeError):
-    pass
 
 
 class ChunkConditioner(Protocol):
@@ -147,8 +145,11 @@ class StreamSession:
         noise: NoiseSource | None = None,
         output: OutputFormat = "uint8",
         event_log_size: int = 2048,
+        backend: DenoiserBackend | None = None,
     ) -> None:
+        """`backend` denoises the chunks: this process by default (`LocalBackend`), or a ring of them."""
         self.components = components
+        self.backend: DenoiserBackend = backend or LocalBackend(components)
         self.closed: str | None = None  # why, once close() ran
         self.settings = settings or StreamSettings()
         self.output = output
@@ -158,8 +159,6 @@ class StreamSession:
             EmbeddingCache(self._encode_texts) if components.text_encoder is not None else None
         )
         self.prompt = PromptState()
-        self._cross: CrossKV | None = None
-        self._cross_version = -1
         self._lora_seen = (-1, -1)  # the LoRA manager's (version, structure) this stream last ran with
         self.frames_in = 0
         self.frames_out = 0
@@ -179,31 +178,17 @@ class StreamSession:
         """(Re)create the per-stream machinery for `settings`. Everything that can fail (a missing
         autoencoder, out of memory) happens before anything is replaced, so a failed rebuild leaves the
         session as it was."""
-        s, c = settings or self.settings, self.components
-        self._check_loras(s)
-        steps = list(s.denoising_steps)
-        cache_cfg = cache_config(c, s)
-        lanes = cache_cfg.lanes
-        codecs = Codecs.create(c, s)
-        try:
-            cache = KVCache(cache_cfg, dtype=c.dtype, device=c.device)
-        except torch.OutOfMemoryError as exc:
-            raise SessionError(
-                f"not enough GPU memory for a {s.height}x{s.width} cache of {s.kv_cache_frames} frames × "
-                f"{lanes} lane(s); try fewer steps, batching 'none' or a smaller size ({exc})"
-            ) from exc
-        if c.optimized:
-            cache.compile()
+        s = settings or self.settings
+        self._check_settings(s)
+        codecs = Codecs.create(self.components, s)
         rng: NoiseSource = self._noise_override or SeededNoise(s.seed)
-        denoiser = Denoiser(c.dit, c.scheduler, cache, rng, steps, s.batching, s.cache_context)
-        if c.optimized and c.device.type == "cuda":
-            denoiser.use_cuda_graphs()
+        previous: ChunkDenoiser | None = getattr(self, "denoiser", None)  # None while __init__ builds
+        denoiser = self.backend.build(s, rng, previous)
         # Nothing above touched the session: install.
         self.settings = s
         self.rng, self.denoiser, self.codecs = rng, denoiser, codecs
         self.controller = NoiseController(s.noise_scale, s.noise_controller)
         self._pending = _Pending(first_index=self.frames_in)
-        self._in_flight: deque[ChunkEvent] = deque()
         self._restart_stream()
 
     def _restart_stream(self) -> None:
@@ -211,7 +196,7 @@ class StreamSession:
         self.denoiser.reset(list(self.settings.denoising_steps))
         self.codecs.reset()
         self.controller.reset()
-        if getattr(self, "conditioner", None) is not None:
+        if self.conditioner is not None:
             self.conditioner.reset()
         self._stream_chunks = 0  # chunks since the stream (re)started
         self._next_position = 0  # latent frame index of the next chunk
@@ -219,8 +204,15 @@ class StreamSession:
 
     @_gpu_work
     def reset(self, *, drain: bool = False) -> torch.Tensor:
-        """Restart the stream (hard cut). With `drain`, chunks still inside the lanes come out first."""
-        out = self._drain_lanes() if drain else self._empty_output()
+        """Restart the stream (hard cut). With `drain`, chunks still inside the lanes come out first.
+
+        Without it, the chunks that stream batch in one process would have finished by now still come out
+        (a ring holds more chunks in flight, not different ones); the rest are dropped."""
+        if drain:
+            out = self._drain_lanes()
+        else:
+            held = min(self._lanes_lag, max(self._stream_chunks - 1, 0))  # in flight in one process
+            out = self._finish(self._real_in_flight - held, 0)
         self._restart_stream()
         return out
 
@@ -238,6 +230,8 @@ class StreamSession:
         if isinstance(update, dict):
             update = SettingsUpdate.model_validate(update)
         new = self.settings.updated(update)
+        if problem := self.backend.problem(new):
+            raise SessionError(problem)
         changed = {k for k in update.model_fields_set if getattr(new, k) != getattr(self.settings, k)}
         if not changed:
             return self._empty_output()
@@ -251,7 +245,7 @@ class StreamSession:
         # New LoRAs apply from the next chunk; with lora_switch 'cut' the stream restarts for them.
         lora_cut = bool(changed & LORA_FIELDS) and new.lora_switch == "cut"
         if changed & LORA_FIELDS:
-            self._check_loras(new)  # a missing or malformed file raises here, before anything changes
+            self._check_settings(new)  # a missing or malformed file raises here, before anything changes
         if restart:
             Codecs.create(self.components, new)  # fails early (missing autoencoder) before any drain
         drained = self._drain_lanes() if restart or lora_cut else self._empty_output()
@@ -279,6 +273,8 @@ class StreamSession:
 
     def attach(self, conditioner: ChunkConditioner | None) -> None:
         """Attach (or detach, with None) per-chunk conditioning such as VACE."""
+        if conditioner is not None and self.backend.conditioner_problem is not None:
+            raise SessionError(self.backend.conditioner_problem)
         if conditioner is not None and (problem := conditioning_problem(self.settings.batching)):
             raise SessionError(problem)
         self.conditioner = conditioner
@@ -341,8 +337,11 @@ class StreamSession:
         assert enc is not None
         return enc.encode(texts).to(self.components.device, self.components.dtype)
 
-    def _check_loras(self, settings: StreamSettings) -> None:
-        """Load and validate the LoRA files of `settings` (cached by the manager); raises LoraError."""
+    def _check_settings(self, settings: StreamSettings) -> None:
+        """Refuse what the backend cannot run (SessionError); load and validate the LoRA files of `settings`
+        (cached by the manager; LoraError)."""
+        if problem := self.backend.problem(settings):
+            raise SessionError(problem)
         if settings.loras:
             lora_manager(self.components).prepare(settings.loras, settings.lora_mode)
 
@@ -357,20 +356,18 @@ class StreamSession:
         with manager.lock:
             manager.apply(self.settings.loras, self.settings.lora_mode)
             version, structure = self._lora_seen
-            if manager.structure != structure and self.denoiser.graphs is not None:
-                self.denoiser.graphs.clear()  # captured graphs read the replaced modules' tensors
+            if manager.structure != structure:
+                self.denoiser.weights_changed()
             if manager.version != version:
-                self._cross = None  # text K/V are DiT projections: recomputed, prompts are not re-encoded
+                self.backend.forget_conditioning()  # text K/V are DiT projections; prompts stay encoded
             self._lora_seen = (manager.version, manager.structure)
             yield
 
-    def _cross_kv(self) -> CrossKV:
+    def _conditioning(self) -> Any:
+        """The prompt in force, as the backend conditions the DiT on it (prepared once per version)."""
         if self.prompt.embedding is None:
             raise SessionError("no prompt set: call set_prompts() first")
-        if self._cross is None or self._cross_version != self.prompt.version:
-            self._cross = self.components.dit.cross_kv(self.prompt.embedding)
-            self._cross_version = self.prompt.version
-        return self._cross
+        return self.backend.condition(self.denoiser, self.prompt.embedding, self.prompt.version)
 
     # ----------------------------------------------------------------------------------------------
     # Frames in, frames out
@@ -550,28 +547,40 @@ class StreamSession:
         first_step: torch.Tensor | None,
     ) -> torch.Tensor:
         self.prompt.advance()  # one transition step per chunk (a no-op otherwise)
-        cross = self._cross_kv()
+        conditioning = self._conditioning()
         L = self.settings.frame_tokens
         event = self._open_event(noisy.shape[1], kind, span, noise_scale, first_step)
-        k, position = event.chunk, event.position
+        k, start = event.chunk, event.position * L
         extension = self.conditioner.extension_for(event) if self.conditioner is not None else None
-        if self._stream_chunks == 0:
-            with self._stage("dit"):
-                x0 = self.denoiser.first_chunk(noisy, position * L, cross, chunk=k, extension=extension)
-            finished: ChunkEvent | None = event
-        else:
-            self._in_flight.append(event)
-            with self._stage("dit"):
-                x0 = self.denoiser.chunk(noisy, position * L, first_step, cross, chunk=k, extension=extension)
-            finished = self._in_flight.popleft() if x0 is not None else None
+        self._in_flight.append(event)
+        with self._stage("dit"):
+            if self._stream_chunks == 0:
+                finished = self.denoiser.first_chunk(noisy, start, conditioning, chunk=k, extension=extension)
+            else:
+                finished = self.denoiser.chunk(
+                    noisy,
+                    start,
+                    first_step,
+                    conditioning,
+                    chunk=k,
+                    extension=extension,
+                    decode=kind != "flush",
+                )
         self._stream_chunks += 1
-        if finished is None or x0 is None:
-            return self._empty_output()
-        return self._decode(x0, finished)
+        return self._concat([self._emit(done) for done in finished])
 
-    def _decode(self, x0: torch.Tensor, event: ChunkEvent) -> torch.Tensor:
-        with self._stage("decode"):
-            frames = self.codecs.decode(x0)  # [1, T, 3, H, W] in [-1, 1]
+    def _emit(self, done: Finished) -> torch.Tensor:
+        """A finished chunk → the output of the oldest chunk in flight (it must be that one)."""
+        event = self._in_flight.popleft()
+        if event.chunk != done.chunk:
+            raise SessionError(
+                f"denoiser order error: chunk {done.chunk} finished, chunk {event.chunk} was due"
+            )
+        frames = done.frames
+        if frames is None:
+            assert done.x0 is not None
+            with self._stage("decode"):
+                frames = self.codecs.decode(done.x0)  # [1, T, 3, H, W] in [-1, 1]
         if event.kind == "flush":
             return self._empty_output()  # a flush chunk carries no input: its output is thrown away
         if event.trim:
@@ -581,18 +590,49 @@ class StreamSession:
         self.frames_out += out.shape[0]
         return out
 
+    @property
+    def _real_in_flight(self) -> int:
+        """Chunks made from input or prompts that went into the denoiser and have not come out."""
+        return sum(e.kind != "flush" for e in self._in_flight)
+
+    @property
+    def _lanes_lag(self) -> int:
+        """The lag of stream batch in one process (N − 1 chunks; 0 with no batch): what the controls follow."""
+        return len(self.settings.denoising_steps) - 1 if self.settings.batching == "stream" else 0
+
     def _drain_lanes(self) -> torch.Tensor:
-        """Stream batch: run flush calls (pure-noise input) until every real chunk has come out."""
-        if self.denoiser.batching != "stream" or self._stream_chunks == 0:
+        """End of input (or a draining cut): every real chunk in flight comes out."""
+        if self._stream_chunks == 0:
             return self._empty_output()
+        real = self._real_in_flight
+        return self._finish(real, self._lanes_lag if real else 0)
+
+    def _finish(self, due: int, single_flush: int) -> torch.Tensor:
+        """Emit the oldest `due` real chunks in flight, running flush chunks (pure noise, output dropped)
+        until they are through; then leave the prompt state and chunk counter as one process leaves them
+        after `single_flush` flush chunks (a ring, whose lag is longer, runs more of them)."""
+        if due <= 0:
+            return self._empty_output()
+        real_left = self._real_in_flight - due
+        flush = max(0, self.denoiser.lag - real_left)  # the last due chunk needs `lag` chunks behind it
+        saved = None
         outputs = []
-        while any(e.kind != "flush" for e in self._in_flight):
+        for i in range(flush):
+            if i == single_flush:
+                saved = (copy.deepcopy(self.prompt.state()), self._chunk_counter)
             c, s = self.components, self.settings
             shape = (1, 1, c.dit.config.in_dim, s.height // 8, s.width // 8)
             noisy = self.rng.randn(shape, chunk=self._chunk_counter, draw=0, device=c.device, dtype=c.dtype)
             outputs.append(
                 self._denoise_and_decode(noisy, "flush", (self.frames_in, self.frames_in), None, None)
             )
+        if saved is None:
+            saved = (copy.deepcopy(self.prompt.state()), self._chunk_counter)
+        while self._real_in_flight > real_left:
+            outputs.append(self._emit(self.denoiser.wait()))
+        self.prompt.load_state(saved[0])
+        self._chunk_counter = saved[1]
+        self.backend.forget_conditioning()  # the restored prompt state is prepared afresh
         return self._concat(outputs)
 
     def _format(self, frames: torch.Tensor) -> torch.Tensor:
@@ -614,7 +654,11 @@ class StreamSession:
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
     def _stage(self, name: str) -> AbstractContextManager[Any]:
-        return self.stage_timer(name) if self.stage_timer is not None else nullcontext()
+        stack = ExitStack()
+        stack.enter_context(self.denoiser.timing(name))
+        if self.stage_timer is not None:
+            stack.enter_context(self.stage_timer(name))
+        return stack
 
     # ----------------------------------------------------------------------------------------------
     # Closing
@@ -625,17 +669,13 @@ class StreamSession:
         if self.closed is not None:
             return
         self.closed = reason
-        if self.denoiser.graphs is not None:
-            self.denoiser.graphs.clear()
-        self.denoiser.graphs = None
-        self.denoiser.cache = None  # type: ignore[assignment]
-        self.denoiser._lanes = None
+        self.denoiser.close()
         self.codecs.reset()
         if self.conditioner is not None:
             self.conditioner.reset()
         self._pending.frames.clear()
         self._in_flight.clear()
-        self._cross = None
+        self.backend.forget_conditioning()
 
     def _close_after_oom(self, error_text: str) -> str:
         self.close("out of GPU memory")
@@ -650,11 +690,10 @@ class StreamSession:
         return copy.deepcopy(
             {
                 "settings": self.settings,
-                "cache": self.denoiser.cache.state(),
                 "denoiser": self.denoiser.state(),
                 "codecs": self.codecs.state(),
-                "controller": self.controller.__dict__,
-                "prompt": self.prompt.__dict__,
+                "controller": self.controller.state(),
+                "prompt": self.prompt.state(),
                 "pending": self._pending,
                 "counters": (
                     self.frames_in,
@@ -672,30 +711,13 @@ class StreamSession:
         if snap["settings"] != self.settings:
             self.settings = snap["settings"]
             self._build()
-        self.denoiser.cache.load_state(snap["cache"])
         self.denoiser.load_state(snap["denoiser"])
         self.codecs.load_state(snap["codecs"])
-        self.controller.__dict__.update(snap["controller"])
-        self.prompt.__dict__.update(snap["prompt"])
-        self._cross = None
+        self.controller.load_state(snap["controller"])
+        self.prompt.load_state(snap["prompt"])
+        self.backend.forget_conditioning()
         self._pending = snap["pending"]
         (self.frames_in, self.frames_out, self._chunk_counter, self._stream_chunks, self._next_position) = (
             snap["counters"]
         )
         self._in_flight = deque(snap["in_flight"])
-
-
-def cache_config(components: Components, settings: StreamSettings) -> KVCacheConfig:
-    """The KV cache a stream of `settings` allocates on these networks (one lane per step in stream batch)."""
-    cfg = components.dit.config
-    return KVCacheConfig(
-        num_layers=cfg.num_layers,
-        num_heads=cfg.num_heads,
-        head_dim=cfg.head_dim,
-        frame_tokens=settings.frame_tokens,
-        num_frames=settings.kv_cache_frames,
-        num_sink=settings.sink_frames,
-        sink_threshold=settings.sink_threshold,
-        lanes=len(settings.denoising_steps) if settings.batching == "stream" else 1,
-        eviction=settings.eviction,
-    )

@@ -11,6 +11,5 @@ See docs/multigpu.md for the design and what is tested.
 from wanstream.parallel.launch import ModelSource, Ring
 from wanstream.parallel.layout import split_blocks
 from wanstream.parallel.ring import RingError, RingTimeout
-from wanstream.parallel.session import ParallelSession
 
-__all__ = ["ModelSource", "ParallelSession", "Ring", "RingError", "RingTimeout", "split_blocks"]
+__all__ = ["ModelSource", "Ring", "RingError", "RingTimeout", "split_blocks"]

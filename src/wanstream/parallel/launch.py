@@ -35,9 +35,9 @@ from wanstream.parallel.stage import Absent, Stage, keep_blocks
 from wanstream.parallel.timing import StageClock
 
 if TYPE_CHECKING:
-    from wanstream.engine.session import OutputFormat
+    from wanstream.engine.session import OutputFormat, StreamSession
     from wanstream.engine.settings import StreamSettings
-    from wanstream.parallel.session import ParallelSession, RingDenoiser
+    from wanstream.parallel.denoiser import RingDenoiser
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -320,15 +320,16 @@ class Ring:
         prompts: Sequence[Any] | None = None,
         output: OutputFormat = "uint8",
         **overrides: Any,
-    ) -> ParallelSession:
+    ) -> StreamSession:
         """A new stream on the ring (a previous session of this ring stops working)."""
+        from wanstream.engine.session import StreamSession
         from wanstream.engine.settings import StreamSettings
-        from wanstream.parallel.session import ParallelSession
+        from wanstream.parallel.denoiser import RingBackend
 
         base = settings or StreamSettings()
         if overrides:
             base = StreamSettings.model_validate({**base.model_dump(), **overrides})
-        return ParallelSession(self, base, prompts=prompts, output=output)
+        return StreamSession(self.components, base, prompts=prompts, output=output, backend=RingBackend(self))
 
     def claim(self, denoiser: RingDenoiser) -> None:
         """`denoiser` now owns the ring; the previous one finishes what it has in flight first."""

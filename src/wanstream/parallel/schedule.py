@@ -1,7 +1,7 @@
 """Rank 0's schedule: which (chunk, step) pairs each ring batch computes, and how the single-process
 engine computed each of them.
 
-The single-process stream batch (`engine/batching.py`) runs *calls*: call s puts chunk s in lane 0 and
+The single-process stream batch (`engine/denoise/local.py`) runs *calls*: call s puts chunk s in lane 0 and
 lane j holds chunk s − j at step j. Its output needs the previous call's output (lanes shift by one), so
 one call cannot overlap the next. The ring instead keeps R = ranks batches circulating: rank 0 starts
 batch m, rank r runs it at time m + r, and it comes back to rank 0 at time m + R, where its lanes shift

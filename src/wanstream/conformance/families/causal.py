@@ -1,6 +1,6 @@
 """`causal_stream_calls`: the causal DiT + KV cache driven like the reference's live session API.
 
-Drives `engine.batching.Denoiser` chunk by chunk with the case's latents, noise and recorded re-noise
+Drives `engine.denoise.local.Denoiser` chunk by chunk with the case's latents, noise and recorded re-noise
 draws, and compares every DiT call (inputs, timesteps, positions, flow, x0), the cache bookkeeping after
 each call (end indices, the eviction queue of every layer and lane), and the final cache contents.
 """
@@ -13,7 +13,7 @@ import torch
 
 from wanstream.conformance.case import CaseError, CaseReport, GoldenCase
 from wanstream.conformance.runner import RunOptions
-from wanstream.engine.batching import Denoiser, DiTCall
+from wanstream.engine.denoise.local import Denoiser, DiTCall
 from wanstream.engine.rng import ReplayNoise
 from wanstream.models.dit import WanConfig
 from wanstream.models.kv_cache import KVCache, KVCacheConfig
@@ -93,7 +93,8 @@ def run(case: GoldenCase, report: CaseReport, options: RunOptions) -> None:
         if k == 0:
             scale = init_scale
             noisy = noise * scale + latent * (1 - scale)
-            out = denoiser.first_chunk(noisy, start, cross, chunk=0)
+            [done] = denoiser.first_chunk(noisy, start, cross, chunk=0)
+            out = done.x0
             start += latent.shape[1] * L
         else:
             if start // L >= t_refresh:  # the session API's RoPE refresh
@@ -107,7 +108,8 @@ def run(case: GoldenCase, report: CaseReport, options: RunOptions) -> None:
                 prev_scale = ours_scale
             report.exact(f"chunk {k} current_start", start, int(entry["current_start"]))
             noisy = noise * scale + latent * (1 - scale)
-            out = denoiser.chunk(noisy, start, first_step, cross, chunk=k)
+            finished = denoiser.chunk(noisy, start, first_step, cross, chunk=k)
+            out = finished[0].x0 if finished else None  # stream batch: nothing while the lanes fill
             start += L
         name = f"chunks/{k:03d}/pipeline_return"
         if name in case.tensors:

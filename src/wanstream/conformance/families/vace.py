@@ -25,8 +25,8 @@ import torch
 
 from wanstream.conformance.case import CaseError, CaseReport, GoldenCase
 from wanstream.conformance.runner import RunOptions
-from wanstream.engine.batching import DiTCall
 from wanstream.engine.components import Components
+from wanstream.engine.denoise.local import DiTCall
 from wanstream.engine.rng import ReplayNoise
 from wanstream.engine.session import StreamSession
 from wanstream.engine.settings import StreamSettings

@@ -18,15 +18,20 @@ session); draw 1+i is the re-noise after step i of chunk c.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from wanstream.engine.components import Components
+from wanstream.engine.denoise.base import Finished
+from wanstream.engine.errors import SessionError
 from wanstream.engine.graphs import StepGraphs
 from wanstream.engine.rng import NoiseSource
-from wanstream.engine.settings import Batching, CacheContext, clean_cache_problem
+from wanstream.engine.settings import Batching, CacheContext, StreamSettings, clean_cache_problem
 from wanstream.models.dit import CrossKV, StreamExtension, WanDiT
-from wanstream.models.kv_cache import CallPlan, KVCache
+from wanstream.models.kv_cache import CallPlan, KVCache, KVCacheConfig
 from wanstream.models.scheduler import FlowMatchScheduler
 
 
@@ -205,7 +210,7 @@ class Denoiser:
         cross: CrossKV,
         chunk: int = 0,
         extension: StreamExtension | None = None,
-    ) -> torch.Tensor:
+    ) -> list[Finished]:
         """The reference's `prepare`: every step on the (2-latent) first chunk at batch 1 → its x0."""
         x0 = self._denoise_sequential(noisy, self.steps, start, cross, chunk, extension)
         if self.batching == "stream":
@@ -218,7 +223,7 @@ class Denoiser:
                 chunks=[chunk - i for i in range(N)],
                 timesteps=list(self.steps),
             )
-        return x0
+        return [Finished(chunk, x0=x0)]
 
     def chunk(
         self,
@@ -228,17 +233,20 @@ class Denoiser:
         cross: CrossKV,
         chunk: int,
         extension: StreamExtension | None = None,
-    ) -> torch.Tensor | None:
+        decode: bool = True,
+    ) -> list[Finished]:
         """Denoise one later chunk (noisy [1, 1, C, h, w]) whose first step is `first_step`.
 
         Returns the finished x0 [1, 1, C, h, w] — of this chunk (no batch), or of the chunk that entered
-        N−1 calls ago (stream batch; None while the lanes warm up). `first_step=None` keeps the last one.
+        N−1 calls ago (stream batch; none while the lanes warm up). `first_step=None` keeps the last one.
+        Every chunk's x0 comes back, `decode` or not (one process has no transfer to save).
         """
         if self.batching == "none":
             if first_step is not None:
                 self._first_step = first_step
             first = self._first_step if self._first_step is not None else self.steps[0]
-            return self._denoise_sequential(noisy, [first, *self.steps[1:]], start, cross, chunk, extension)
+            x0 = self._denoise_sequential(noisy, [first, *self.steps[1:]], start, cross, chunk, extension)
+            return [Finished(chunk, x0=x0)]
         lanes = self._lanes
         if lanes is None:
             raise RuntimeError("stream batch: the first chunk has not been denoised yet")
@@ -257,7 +265,10 @@ class Denoiser:
             hidden[i : i + 1] = self.scheduler.add_noise(x0[i : i + 1], eps, float(lanes.timesteps[i + 1]))
         lanes.hidden = hidden
         lanes.processed += 1
-        return x0[N - 1 :] if lanes.processed >= N else None
+        return [Finished(lanes.chunks[N - 1], x0=x0[N - 1 :])] if lanes.processed >= N else []
+
+    def wait(self) -> Finished:
+        raise RuntimeError("one process has nothing in flight beyond its lanes: flush chunks push it out")
 
     def retarget(self, steps: Sequence[int]) -> None:
         """New step values, same count: lanes keep their chunks and move to the new timesteps."""
@@ -267,14 +278,34 @@ class Denoiser:
         if self._lanes is not None:
             self._lanes.timesteps = [self._lanes.timesteps[0], *self.steps[1:]]
 
-    def state(self) -> dict[str, object]:
-        """Lane contents and the persistent first step (the cache has its own `state()`)."""
-        return {"steps": list(self.steps), "lanes": self._lanes, "first_step": self._first_step}
+    def state(self) -> dict[str, Any]:
+        """The KV cache, the lane contents and the persistent first step."""
+        return {
+            "cache": self.cache.state(),
+            "steps": list(self.steps),
+            "lanes": self._lanes,
+            "first_step": self._first_step,
+        }
 
-    def load_state(self, state: dict[str, object]) -> None:
-        self.steps = list(state["steps"])  # type: ignore[arg-type]
-        self._lanes = state["lanes"]  # type: ignore[assignment]
-        self._first_step = state["first_step"]  # type: ignore[assignment]
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.cache.load_state(state["cache"])
+        self.steps = list(state["steps"])
+        self._lanes = state["lanes"]
+        self._first_step = state["first_step"]
+
+    def timing(self, name: str) -> AbstractContextManager[Any]:
+        return nullcontext()
+
+    def weights_changed(self) -> None:
+        if self.graphs is not None:
+            self.graphs.clear()  # captured graphs read the replaced modules' tensors
+
+    def close(self) -> None:
+        if self.graphs is not None:
+            self.graphs.clear()
+        self.graphs = None
+        self.cache = None  # type: ignore[assignment]
+        self._lanes = None
 
     @property
     def lag(self) -> int:
@@ -287,3 +318,62 @@ class Denoiser:
         if self.batching != "stream" or self._lanes is None:
             return 0
         return min(self._lanes.processed, self.num_steps - 1)
+
+
+def cache_config(components: Components, settings: StreamSettings) -> KVCacheConfig:
+    """The KV cache a stream of `settings` allocates on these networks (one lane per step in stream batch)."""
+    cfg = components.dit.config
+    return KVCacheConfig(
+        num_layers=cfg.num_layers,
+        num_heads=cfg.num_heads,
+        head_dim=cfg.head_dim,
+        frame_tokens=settings.frame_tokens,
+        num_frames=settings.kv_cache_frames,
+        num_sink=settings.sink_frames,
+        sink_threshold=settings.sink_threshold,
+        lanes=len(settings.denoising_steps) if settings.batching == "stream" else 1,
+        eviction=settings.eviction,
+    )
+
+
+class LocalBackend:
+    """Every chunk denoised in this process, on the session's own KV cache."""
+
+    conditioner_problem: str | None = None
+
+    def __init__(self, components: Components) -> None:
+        self.components = components
+        self._cross: CrossKV | None = None
+        self._cross_version = -1
+
+    def problem(self, settings: StreamSettings) -> str | None:
+        return None  # the settings model already refuses what one process cannot run
+
+    def build(self, settings: StreamSettings, rng: NoiseSource, previous: Denoiser | None) -> Denoiser:
+        c, s = self.components, settings
+        cache_cfg = cache_config(c, s)
+        try:
+            cache = KVCache(cache_cfg, dtype=c.dtype, device=c.device)
+        except torch.OutOfMemoryError as exc:
+            raise SessionError(
+                f"not enough GPU memory for a {s.height}x{s.width} cache of {s.kv_cache_frames} frames × "
+                f"{cache_cfg.lanes} lane(s); try fewer steps, batching 'none' or a smaller size ({exc})"
+            ) from exc
+        if c.optimized:
+            cache.compile()
+        denoiser = Denoiser(
+            c.dit, c.scheduler, cache, rng, list(s.denoising_steps), s.batching, s.cache_context
+        )
+        if c.optimized and c.device.type == "cuda":
+            denoiser.use_cuda_graphs()
+        return denoiser
+
+    def condition(self, denoiser: Denoiser, embedding: torch.Tensor, version: int) -> CrossKV:
+        """The text K/V of every block, computed once per prompt version (and again after LoRAs change)."""
+        if self._cross is None or self._cross_version != version:
+            self._cross = self.components.dit.cross_kv(embedding)
+            self._cross_version = version
+        return self._cross
+
+    def forget_conditioning(self) -> None:
+        self._cross = None

@@ -1,4 +1,4 @@
-"""`ParallelSession`: a `StreamSession` whose DiT runs as a ring of ranks, one GPU each.
+"""`RingBackend`: a `StreamSession`'s denoiser backend whose DiT runs as a ring of ranks, one GPU each.
 
 Everything a session does on its own (input frames, the noise controller, prompts and transitions,
 events, settings) runs unchanged on rank 0; only the denoising differs: `RingDenoiser` sends each chunk
@@ -13,30 +13,19 @@ batch and every rank keeps it (with its text K/V) under a version number that th
 
 from __future__ import annotations
 
-import copy
 import functools
 from collections import deque
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, ExitStack, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from wanstream.engine.batching import DeviceSteps
-from wanstream.engine.codecs import Codecs
-from wanstream.engine.noise import NoiseController
-from wanstream.engine.prompts import WeightedPrompt
+from wanstream.engine.denoise.base import Finished
+from wanstream.engine.denoise.local import DeviceSteps
+from wanstream.engine.errors import SessionError
 from wanstream.engine.rng import SeededNoise
-from wanstream.engine.session import (
-    ChunkConditioner,
-    ChunkEvent,
-    ChunkKind,
-    OutputFormat,
-    SessionError,
-    StreamSession,
-    _Pending,
-)
-from wanstream.engine.settings import RING_CONDITIONING_PROBLEM, SettingsUpdate, StreamSettings
+from wanstream.engine.settings import RING_CONDITIONING_PROBLEM, StreamSettings
 from wanstream.parallel.ring import RingError
 from wanstream.parallel.schedule import RingSchedule
 from wanstream.parallel.stage import Lane, cache_config
@@ -56,25 +45,54 @@ def _locked(method: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def check_settings(settings: StreamSettings) -> None:
-    """What a ring can run (raises SessionError with the reason)."""
+def settings_problem(settings: StreamSettings) -> str | None:
+    """Why a ring cannot run `settings`, or None."""
     if settings.batching != "stream" and len(settings.denoising_steps) > 1:
-        raise SessionError(
+        return (
             "a multi-GPU ring runs stream batch (the steps of consecutive chunks as lanes); "
             "batching 'none' with several steps is single-GPU only"
         )
     if settings.loras:
-        raise SessionError(
-            "LoRAs are not supported on a multi-GPU ring yet (they change every rank's blocks)"
-        )
+        return "LoRAs are not supported on a multi-GPU ring yet (they change every rank's blocks)"
+    return None
+
+
+class RingBackend:
+    """A session's chunks denoised by a `Ring` (create the session with `ring.session(...)`)."""
+
+    conditioner_problem = RING_CONDITIONING_PROBLEM
+
+    def __init__(self, ring: Ring) -> None:
+        self.ring = ring
+        self._sent_prompt: int | None = None  # the prompt version whose text K/V the ring has
+        self._ring_version = 0
+
+    def problem(self, settings: StreamSettings) -> str | None:
+        return settings_problem(settings)
+
+    def build(self, settings: StreamSettings, rng: Any, previous: RingDenoiser | None) -> RingDenoiser:
+        if not isinstance(rng, SeededNoise):
+            raise SessionError("a ring draws its noise from the seed (every rank draws its share)")
+        if previous is not None:
+            previous.quiesce()
+        self.ring.configure(settings.model_copy(update={"batching": "stream"}))
+        return RingDenoiser(self.ring, settings, rng)
+
+    def condition(self, denoiser: RingDenoiser, embedding: torch.Tensor, version: int) -> int:
+        """The ring's version of the conditioning in force (a new one travels with the next batch)."""
+        if self._sent_prompt != version:
+            self._ring_version = self.ring.next_version()
+            context = self.ring.components.dit.embed_text(embedding)
+            denoiser.add_context(self._ring_version, context)
+            self._sent_prompt = version
+        return self._ring_version
+
+    def forget_conditioning(self) -> None:
+        self._sent_prompt = None  # the next chunk sends its conditioning under a fresh ring version
 
 
 class RingDenoiser:
-    """Rank 0's side of the ring for one stream: what `Denoiser` is to a single-process session."""
-
-    batching = "stream"
-    cache_context = "last_step"
-    graphs = None
+    """Rank 0's side of the ring for one stream (a `ChunkDenoiser`)."""
 
     def __init__(self, ring: Ring, settings: StreamSettings, rng: SeededNoise) -> None:
         self.ring, self.link, self.stage = ring, ring.link, ring.stage
@@ -89,6 +107,7 @@ class RingDenoiser:
         self.batch_seq: dict[int, int] = {}  # ring batch m → its message seq
         self.frames: deque[tuple[int, torch.Tensor]] = deque()  # (chunk, decoded frames) in order
         self.expected_frames = 0
+        self.due: deque[int] = deque()  # the chunks whose frames are still to come, in order
         self.contexts: list[tuple[int, torch.Tensor]] = []  # new conditionings for the next batch
         self._timesteps = DeviceSteps()
         ring.claim(self)
@@ -113,6 +132,7 @@ class RingDenoiser:
         """Forget the stream: what is in flight finishes and is dropped; the next chunk starts a stream."""
         self.quiesce()
         self.frames.clear()
+        self.due.clear()
         self.returns.clear()
         self.batch_seq.clear()
         if steps is not None:
@@ -132,17 +152,42 @@ class RingDenoiser:
         self.contexts.append((version, context))
 
     # ----------------------------------------------------------------------------------------------
+    def timing(self, name: str) -> AbstractContextManager[Any]:
+        if name == "encode":
+            return self.ring.clock.before_batch("encode")  # rank 0's share, for the rebalancer
+        return nullcontext()
+
+    def weights_changed(self) -> None:
+        pass  # LoRAs are refused (`settings_problem`): a ring's weights never change in place
+
+    def state(self) -> dict[str, Any]:
+        raise SessionError("snapshots are not available on a multi-GPU ring (its state is spread over ranks)")
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        raise SessionError("snapshots are not available on a multi-GPU ring (its state is spread over ranks)")
+
+    def close(self) -> None:
+        pass  # the ranks keep their buffers for the next session, which reconfigures them
+
+    # ----------------------------------------------------------------------------------------------
     @_locked
-    def first_chunk(self, noisy: torch.Tensor, start: int, version: int, chunk: int) -> None:
-        """The stream's first chunk: its N steps one after the other, one trip around the ring each."""
+    def first_chunk(
+        self, noisy: torch.Tensor, start: int, version: int, *, chunk: int, extension: None = None
+    ) -> list[Finished]:
+        """The stream's first chunk: its N steps one after the other, one trip around the ring each; its
+        frames come back at once."""
         self._check()
+        if extension is not None:
+            raise SessionError(RingBackend.conditioner_problem)
         frames = noisy.shape[1]
         lanes = self.schedule.first_chunk(chunk, start, frames, self.rng.seed, version)
+        self.due.append(chunk)
         x = noisy
         for i, lane in enumerate(lanes):
             last = i == len(lanes) - 1
             seq = self._send([lane], x, [self.steps[i]], frames, first=True, reset=i == 0, broadcast=last)
             x = self._await_return(seq)
+        return [self._wait()]
 
     @_locked
     def chunk(
@@ -151,12 +196,19 @@ class RingDenoiser:
         start: int,
         first_step: int | torch.Tensor | None,
         version: int,
+        *,
         chunk: int,
+        extension: None = None,
         decode: bool,
-    ) -> None:
-        """Send chunk `chunk` into the ring (batch m = its index in the stream)."""
+    ) -> list[Finished]:
+        """Send chunk `chunk` into the ring (batch m = its index in the stream); returns the chunks whose
+        frames have arrived (never waits for them)."""
         self._check()
+        if extension is not None:
+            raise SessionError(RingBackend.conditioner_problem)
         m = self.schedule.call(chunk, start, first_step, self.rng.seed, version, decode)
+        if decode:
+            self.due.append(chunk)
         plan = self.schedule.batch(m)
         R = self.ring.world
         returned = self._await_return(self.batch_seq.pop(m - R)) if m - R >= 1 else None
@@ -177,6 +229,10 @@ class RingDenoiser:
         ring = self.ring
         if ring.rebalance_after and not ring.rebalanced and len(ring.clock.batches) >= ring.rebalance_after:
             ring.rebalance()  # once: drains what is in flight, moves blocks, the stream goes on
+        self._pump(None)
+        done = [Finished(k, frames=frames) for k, frames in self.frames]
+        self.frames.clear()
+        return done
 
     def _send(
         self,
@@ -238,6 +294,11 @@ class RingDenoiser:
                 self.outstanding.discard(header["seq"])
                 self.returns[header["seq"]] = tensors[0]
             elif kind == "frames":
+                due = self.due.popleft() if self.due else None
+                if header["chunk"] != due:
+                    raise self.ring.fail(
+                        f"ring order error: frames of chunk {header['chunk']} arrived, {due} was due"
+                    )
                 self.expected_frames -= 1
                 self.frames.append((header["chunk"], tensors[0]))
             else:
@@ -253,20 +314,16 @@ class RingDenoiser:
         return self.returns.pop(seq)
 
     @_locked
-    def poll_frames(self) -> list[tuple[int, torch.Tensor]]:
-        """Decoded chunks that have arrived (never waits)."""
-        self._pump(None)
-        out = list(self.frames)
-        self.frames.clear()
-        return out
-
-    @_locked
-    def wait_frames(self) -> tuple[int, torch.Tensor]:
+    def wait(self) -> Finished:
         """The next decoded chunk (waits for it; one must be on its way)."""
+        return self._wait()
+
+    def _wait(self) -> Finished:
         if not self.frames and self.expected_frames <= 0:
             raise RingError("waiting for frames that no batch will produce (ring schedule error)")
         self._pump(lambda: bool(self.frames))
-        return self.frames.popleft()
+        chunk, frames = self.frames.popleft()
+        return Finished(chunk, frames=frames)
 
     @_locked
     def quiesce(self) -> None:
@@ -282,171 +339,3 @@ class RingDenoiser:
 
     def _guarded(self) -> AbstractContextManager[None]:
         return self.ring.guarded()
-
-
-class ParallelSession(StreamSession):
-    """A stream on a `Ring` (create it with `ring.session(...)`); the `StreamSession` API."""
-
-    denoiser: RingDenoiser  # type: ignore[assignment]
-
-    def __init__(
-        self,
-        ring: Ring,
-        settings: StreamSettings | None = None,
-        *,
-        prompts: Sequence[WeightedPrompt | str] | None = None,
-        output: OutputFormat = "uint8",
-        event_log_size: int = 2048,
-    ) -> None:
-        self.ring = ring
-        self._sent_prompt: int | None = None  # the prompt version whose text K/V the ring has
-        self._ring_version = 0
-        super().__init__(
-            ring.components, settings, prompts=prompts, output=output, event_log_size=event_log_size
-        )
-
-    # ----------------------------------------------------------------------------------------------
-    def _build(self, settings: StreamSettings | None = None) -> None:
-        s, c = settings or self.settings, self.components
-        check_settings(s)
-        codecs = Codecs.create(c, s)  # rank 0 encodes; its decoder object is unused (the last rank decodes)
-        old: RingDenoiser | None = getattr(self, "denoiser", None)
-        if old is not None:
-            old.quiesce()
-        self.ring.configure(s.model_copy(update={"batching": "stream"}))
-        rng = SeededNoise(s.seed)
-        denoiser = RingDenoiser(self.ring, s, rng)
-        self.settings = s
-        self.rng, self.denoiser, self.codecs = rng, denoiser, codecs
-        self.controller = NoiseController(s.noise_scale, s.noise_controller)
-        self._pending = _Pending(first_index=self.frames_in)
-        self._in_flight: deque[ChunkEvent] = deque()
-        self._restart_stream()
-
-    def update(self, update: SettingsUpdate | dict[str, Any]) -> torch.Tensor:
-        """`StreamSession.update`, refusing what a ring cannot run before anything changes."""
-        if isinstance(update, dict):
-            update = SettingsUpdate.model_validate(update)
-        check_settings(self.settings.updated(update))
-        return super().update(update)
-
-    def _check_loras(self, settings: StreamSettings) -> None:
-        check_settings(settings)
-
-    def attach(self, conditioner: ChunkConditioner | None) -> None:
-        if conditioner is not None:
-            raise SessionError(RING_CONDITIONING_PROBLEM)
-
-    def snapshot(self) -> dict[str, Any]:
-        raise SessionError("snapshots are not available on a multi-GPU ring (its state is spread over ranks)")
-
-    def restore(self, snap: dict[str, Any]) -> None:
-        raise SessionError("snapshots are not available on a multi-GPU ring (its state is spread over ranks)")
-
-    def _stage(self, name: str) -> AbstractContextManager[Any]:
-        stack = ExitStack()
-        if name == "encode":
-            stack.enter_context(self.ring.clock.before_batch("encode"))  # rank 0's share, for the rebalancer
-        stack.enter_context(self.stage_timer(name) if self.stage_timer is not None else nullcontext())
-        return stack
-
-    # ----------------------------------------------------------------------------------------------
-    def _conditioning(self) -> int:
-        """The ring's version of the conditioning in force (a new one travels with the next batch)."""
-        if self.prompt.embedding is None:
-            raise SessionError("no prompt set: call set_prompts() first")
-        if self._sent_prompt != self.prompt.version:
-            self._ring_version = self.ring.next_version()
-            context = self.components.dit.embed_text(self.prompt.embedding)
-            self.denoiser.add_context(self._ring_version, context)
-            self._sent_prompt = self.prompt.version
-        return self._ring_version
-
-    def _denoise_and_decode(
-        self,
-        noisy: torch.Tensor,
-        kind: ChunkKind,
-        span: tuple[int, int],
-        noise_scale: torch.Tensor | None,
-        first_step: torch.Tensor | None,
-    ) -> torch.Tensor:
-        self.prompt.advance()  # one transition step per chunk (a no-op otherwise)
-        version = self._conditioning()
-        L = self.settings.frame_tokens
-        event = self._open_event(noisy.shape[1], kind, span, noise_scale, first_step)
-        k, position = event.chunk, event.position
-        self._in_flight.append(event)
-        if self._stream_chunks == 0:
-            self.denoiser.first_chunk(noisy, position * L, version, chunk=k)
-            self._stream_chunks += 1
-            return self._concat([self._emit(*self.denoiser.wait_frames())])  # the first frames at once
-        self.denoiser.chunk(noisy, position * L, first_step, version, chunk=k, decode=kind != "flush")
-        self._stream_chunks += 1
-        return self._concat([self._emit(chunk, frames) for chunk, frames in self.denoiser.poll_frames()])
-
-    def _emit(self, chunk: int, frames: torch.Tensor) -> torch.Tensor:
-        """Frames [1, T, 3, H, W] decoded by the last rank → the output of the oldest chunk in flight."""
-        event = self._in_flight.popleft()
-        if event.chunk != chunk:
-            raise self.ring.fail(
-                f"ring order error: frames of chunk {chunk} arrived, chunk {event.chunk} was due"
-            )
-        if event.trim:
-            frames = frames[:, : frames.shape[1] - event.trim]
-        out = self._format(frames[0])
-        event.output_frames = (self.frames_out, self.frames_out + out.shape[0])
-        self.frames_out += out.shape[0]
-        return out
-
-    def _drain_lanes(self) -> torch.Tensor:
-        """End of input (or a draining cut): every real chunk in flight comes out."""
-        if self._stream_chunks == 0:
-            return self._empty_output()
-        real = sum(e.kind != "flush" for e in self._in_flight)
-        # One process runs N − 1 flush chunks when something is in flight (its prompt state and chunk
-        # counter advance by that much); the ring needs (N − 1)·R of them.
-        single = self.denoiser.num_steps - 1 if real else 0
-        return self._finish(real, single)
-
-    def reset(self, *, drain: bool = False) -> torch.Tensor:
-        """Restart the stream (hard cut). Without `drain`, the chunks one process would have finished by
-        now still come out (the ring holds more chunks in flight, not different ones); the rest are
-        dropped, as in one process."""
-        if drain:
-            out = self._drain_lanes()
-        else:
-            real = sum(e.kind != "flush" for e in self._in_flight)
-            held = min(
-                self.denoiser.num_steps - 1, max(self._stream_chunks - 1, 0)
-            )  # in flight in one process
-            out = self._finish(real - held, 0)
-        self._restart_stream()
-        return out
-
-    def _finish(self, due: int, single_flush: int) -> torch.Tensor:
-        """Emit the oldest `due` real chunks in flight, running flush chunks (pure noise, output dropped)
-        until they are through; then leave the prompt state and chunk counter as one process leaves them
-        after `single_flush` flush chunks."""
-        if due <= 0:
-            return self._empty_output()
-        real_left = sum(e.kind != "flush" for e in self._in_flight) - due
-        flush = max(0, self.denoiser.lag - real_left)  # the last due chunk needs `lag` chunks behind it
-        saved = None
-        outputs = []
-        for i in range(flush):
-            if i == single_flush:
-                saved = (copy.deepcopy(self.prompt.__dict__), self._chunk_counter)
-            c, s = self.components, self.settings
-            shape = (1, 1, c.dit.config.in_dim, s.height // 8, s.width // 8)
-            noisy = self.rng.randn(shape, chunk=self._chunk_counter, draw=0, device=c.device, dtype=c.dtype)
-            outputs.append(
-                self._denoise_and_decode(noisy, "flush", (self.frames_in, self.frames_in), None, None)
-            )
-        if saved is None:
-            saved = (copy.deepcopy(self.prompt.__dict__), self._chunk_counter)
-        while sum(e.kind != "flush" for e in self._in_flight) > real_left:
-            outputs.append(self._emit(*self.denoiser.wait_frames()))
-        self.prompt.__dict__.update(saved[0])
-        self._chunk_counter = saved[1]
-        self._sent_prompt = None  # the restored prompt state gets a fresh ring version
-        return self._concat(outputs)
