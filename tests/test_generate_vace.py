@@ -280,7 +280,7 @@ BAD = [
     (["--mask-video", "{mask}"], "--mask-video needs --control-video"),
     (["--control-video", "{broken}"], "--control-video:"),
     (["--ref-image", "{broken}"], "cannot read this image"),
-    (["--ref-image", "{control}.missing.png"], "reference image not found"),
+    (["--ref-image", "{control}.missing.png"], "image not found"),
     (["--first-frame", "{broken}"], "--first-frame:"),
     (["--ref-image", "{ref}", "--vace-scale", "2.5"], "--vace-scale"),
     (["--ref-image", "{ref}", "--batching", "stream"], "--batching stream cannot be used with VACE"),
