@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import repin
 from fakehub import FakeHub
 from rich.console import Console
 
+from conftest import repin
 from wanstream.models.dit import WanConfig
 from wanstream.weights.dit import load_dit
 from wanstream.weights.download import DownloadError, IntegrityError, OfflineError, download
