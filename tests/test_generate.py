@@ -735,3 +735,17 @@ def test_cli_estimates_refuse_a_job_that_would_not_fit_before_any_frame(
         assert "would not fit" in err and "a smaller size" in err and "estimate" in err and not out.exists()
     else:
         assert "FPS" in err and "an estimate" in err and out.exists()
+
+
+def test_loras_on_a_ring_are_refused_with_the_rings_rule(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from wanstream.cli.main import main
+    from wanstream.engine.settings import RING_LORA_PROBLEM
+
+    lora = tmp_path / "style.safetensors"
+    lora.write_bytes(b"not read: the ring refuses LoRAs before any file is opened")
+    argv = ["generate", "--demo", "--prompt", "a cat", "--lora", str(lora), "--gpus", "2", "--device", "cpu"]
+    assert main([*argv, "-o", str(tmp_path / "o.mp4")]) == 2
+    assert RING_LORA_PROBLEM in capsys.readouterr().err
+    assert not (tmp_path / "o.mp4").exists()

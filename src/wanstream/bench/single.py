@@ -35,7 +35,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
@@ -45,7 +45,7 @@ from wanstream.engine.measure import StageTimer, percentile
 from wanstream.engine.memory import release_device_memory
 from wanstream.engine.random_weights import random_components
 from wanstream.engine.session import StreamSession
-from wanstream.engine.settings import DEFAULT_STEPS, LoraMode, LoraSpec, StreamSettings
+from wanstream.engine.settings import DEFAULT_STEPS, Batching, LoraMode, LoraSpec, StreamSettings
 from wanstream.models.dit import WanConfig, WanDiT
 from wanstream.models.fastpath import FALLBACKS
 from wanstream.models.lora import linear_targets
@@ -64,7 +64,7 @@ TEXT_MODE_CODECS = ("vace", "text")  # Scope's VACE stream: text mode, one chunk
 
 @dataclass(frozen=True)
 class BenchConfig:
-    batching: str  # "stream" | "none"
+    batching: Batching
     height: int
     width: int
     steps: int
@@ -130,7 +130,7 @@ class BenchConfig:
 DEFAULT_CONFIGS = [
     BenchConfig(b, h, w, s, c)
     for (h, w) in ((480, 832), (512, 512))
-    for b in ("stream", "none")
+    for b in get_args(Batching)
     for s in (1, 2, 3, 4)
     for c in ("wan", "taehv", "fast")
 ]
@@ -503,7 +503,7 @@ def run_bench(
     vae_layout: str = "compiled",
     json_path: str | None = None,
     lora_rank: int | None = None,
-    lora_modes: tuple[str, ...] = ("none", "merged", "runtime"),
+    lora_modes: tuple[str, ...] = ("none", *get_args(LoraMode)),
     live_changes: bool = False,
     precision: str = "bf16",
     text_encoder: str | None = None,
@@ -747,10 +747,9 @@ def bench_live_changes(components: Components, cfg: BenchConfig, console: Any = 
 
 
 def _bench_lora(mode: str) -> LoraSpec:
-    if mode not in ("merged", "runtime"):
-        raise ValueError(f"LoRA mode {mode!r}: use none, merged or runtime")
-    lora_mode: LoraMode = "merged" if mode == "merged" else "runtime"
-    return LoraSpec(path="bench-lora", scale=1.0, mode=lora_mode)
+    if mode not in get_args(LoraMode):
+        raise ValueError(f"LoRA mode {mode!r}: use none, {' or '.join(get_args(LoraMode))}")
+    return LoraSpec(path="bench-lora", scale=1.0, mode=mode)  # type: ignore[arg-type]
 
 
 def _process_start_time() -> float:

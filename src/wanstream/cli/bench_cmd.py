@@ -215,6 +215,7 @@ def _run_gpus(args: argparse.Namespace, configs: list, device: object) -> int:
 
     from wanstream.bench.ring import RING_CONFIGS, run_parallel_bench
     from wanstream.bench.single import BenchConfig
+    from wanstream.engine.settings import RING_LORA_PROBLEM
 
     if args.gpus < 2:
         print(f"error: --gpus {args.gpus}: a ring needs 2 or more (one GPU is the plain benchmark)")
@@ -226,7 +227,7 @@ def _run_gpus(args: argparse.Namespace, configs: list, device: object) -> int:
         )
         return 2
     if args.lora_rank is not None:
-        print("error: --lora-rank is not supported with --gpus (a ring does not run LoRAs yet)")
+        print(f"error: --lora-rank with --gpus: {RING_LORA_PROBLEM}")
         return 2
     if any(c.text_mode for c in configs):
         print("error: codecs vace and text are not supported with --gpus (a ring runs video streams)")

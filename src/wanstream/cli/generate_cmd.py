@@ -398,7 +398,7 @@ def _check_gpus(args: argparse.Namespace, device: Any) -> None:
     """--gpus N: a ring of N processes, one per GPU (or CPU processes with --device cpu)."""
     import torch
 
-    from wanstream.engine.settings import RING_CONDITIONING_PROBLEM
+    from wanstream.engine.settings import RING_CONDITIONING_PROBLEM, RING_LORA_PROBLEM
     from wanstream.jobs.generate import GenerateError
 
     if args.gpus < 1:
@@ -416,7 +416,7 @@ def _check_gpus(args: argparse.Namespace, device: Any) -> None:
             f"--gpus {args.gpus}: {RING_CONDITIONING_PROBLEM}; drop --gpus or the VACE inputs"
         )
     if args.lora:
-        raise GenerateError("LoRAs are not supported with --gpus yet")
+        raise GenerateError(f"--gpus {args.gpus}: {RING_LORA_PROBLEM}; drop --gpus or --lora")
 
 
 def _load(err: Console, args: argparse.Namespace, device: Any, demo: bool) -> tuple[Any, float]:

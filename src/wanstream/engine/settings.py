@@ -277,6 +277,8 @@ def conditioning_problem(batching: Batching) -> str | None:
 RING_CONDITIONING_PROBLEM = (
     "per-chunk conditioning (VACE) runs chunk by chunk on one GPU, not on a multi-GPU ring"
 )
+# Every rank holds its own blocks of the DiT: a LoRA would have to be merged or attached on each of them.
+RING_LORA_PROBLEM = "LoRAs are not supported on a multi-GPU ring yet (they change every rank's blocks)"
 
 
 def text_mode_problem(mode: Mode, has_prompts: bool) -> str | None:

@@ -25,7 +25,7 @@ from wanstream.engine.denoise.base import Finished
 from wanstream.engine.denoise.local import DeviceSteps
 from wanstream.engine.errors import SessionError
 from wanstream.engine.rng import SeededNoise
-from wanstream.engine.settings import RING_CONDITIONING_PROBLEM, StreamSettings
+from wanstream.engine.settings import RING_CONDITIONING_PROBLEM, RING_LORA_PROBLEM, StreamSettings
 from wanstream.parallel.ring import RingError
 from wanstream.parallel.schedule import RingSchedule
 from wanstream.parallel.stage import Lane, cache_config
@@ -53,7 +53,7 @@ def settings_problem(settings: StreamSettings) -> str | None:
             "batching 'none' with several steps is single-GPU only"
         )
     if settings.loras:
-        return "LoRAs are not supported on a multi-GPU ring yet (they change every rank's blocks)"
+        return RING_LORA_PROBLEM
     return None
 
 
