@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 
 from server.harness import InProcessServer
+from wanstream.server.frames import OutputFrame
 from wanstream.server.io import ndi as wndi
 from wanstream.server.io.sinks import QueuedSink, SinkUnavailable
-from wanstream.server.worker import OutputFrame
 
 COLOUR = (200, 40, 90)  # the test sender's picture
 SIZE = (120, 160)  # its height, width (the stream is 128×128)

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from wanstream.server.frames import OutputFrame
 from wanstream.server.io.sinks import QueuedSink, SinkUnavailable, fit_frame, rgbx
 from wanstream.server.io.specs import NdiInput, SinkSpec
 from wanstream.server.io.texshare import SpoutSink, SyphonSink
 from wanstream.server.io.virtualcam import VirtualCameraSink
-from wanstream.server.worker import OutputFrame
 
 
 def _frames(n: int, epoch: int = 0, size: tuple[int, int] = (16, 24), start: int = 0) -> list[OutputFrame]:

@@ -21,6 +21,7 @@ from starlette.testclient import TestClient
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from wanstream.engine.measure import percentile
+from wanstream.server.frames import OutputFrame
 from wanstream.server.recording import Recorder, encode_jpeg
 from wanstream.server.schemas import Control
 from wanstream.server.security import (
@@ -35,7 +36,6 @@ from wanstream.server.tracks import PacedOutputTrack
 from wanstream.server.worker import (
     FrameConverter,
     InputBuffer,
-    OutputFrame,
     RateMeter,
     Window,
     center_crop,

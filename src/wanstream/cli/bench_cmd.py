@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_memory_flags(p: argparse.ArgumentParser) -> None:
+def add_memory_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """--text-encoder, --precision and --low-vram: the memory choices (docs/memory.md), shared by
     generate, serve and bench."""
     from wanstream.models.placement import PRECISIONS, TEXT_PLACEMENTS

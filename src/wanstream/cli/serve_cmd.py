@@ -25,23 +25,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             f"address needs a token (--token or ${TOKEN_ENV})."
         ),
     )
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    p.add_argument("--demo", action="store_true", help="tiny random-weight model: no download, runs on a CPU")
+    _model_flags(p.add_argument_group("model", "which weights, and where they run"))
+    _network_flags(p.add_argument_group("network and access", "who may connect, and how"))
+    _osc_flags(p.add_argument_group("OSC control", "docs/control.md"))
+    _session_flags(p.add_argument_group("streams and limits", "what each stream may use"))
+    _rig_flags(p.add_argument_group("live rig", "server-side inputs and outputs (docs/live-rig.md)"))
     p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="how much the server logs (default: %(default)s)",
+    )
+    from wanstream.cli.extend_cmd import add_extender_flags
+
+    add_extender_flags(p)  # for POST /api/v1/prompts/extend and the studio's Extend buttons
+    p.set_defaults(handler=run)
+
+
+def _model_flags(g: argparse._ArgumentGroup) -> None:
+    """The model: demo, random or downloaded weights, memory choices, device(s)."""
+    from wanstream.cli.bench_cmd import add_memory_flags
+
+    g.add_argument("--demo", action="store_true", help="tiny random-weight model: no download, runs on a CPU")
+    g.add_argument(
         "--random-weights",
         action="store_true",
         help="full-size networks with RANDOM weights (no download): the real model's work and memory, noise "
         "for output — for measuring the live path on a GPU (labelled as such everywhere)",
     )
-    p.add_argument(
+    g.add_argument(
         "--models-dir", type=Path, metavar="DIR", help="downloaded weights (see `wanstream models`)"
     )
-    from wanstream.cli.bench_cmd import add_memory_flags
-
-    add_memory_flags(p)  # --text-encoder, --precision, --low-vram (docs/memory.md)
-    p.add_argument("--device", help="torch device, e.g. cuda:0 or cpu (default: CUDA when available)")
-    p.add_argument(
+    add_memory_flags(g)  # --text-encoder, --precision, --low-vram (docs/memory.md)
+    g.add_argument("--device", help="torch device, e.g. cuda:0 or cpu (default: CUDA when available)")
+    g.add_argument(
         "--gpus",
         type=int,
         default=1,
@@ -49,85 +66,65 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="one stream over GPUs 0..N-1 (pipeline parallel, docs/multigpu.md; needs --max-sessions 1); "
         "with --device cpu, N CPU processes",
     )
-    p.add_argument(
-        "--max-sessions",
-        type=int,
-        default=1,
-        metavar="N",
-        help="concurrent streams (default: 1, one GPU session)",
+    g.add_argument(
+        "--no-vace",
+        action="store_true",
+        help="do not load the VACE module even when it is downloaded (saves ~1.5 GB of GPU memory)",
     )
-    p.add_argument("--token", help=f"access token required on every request (or ${TOKEN_ENV})")
-    p.add_argument(
-        "--media-dir", type=Path, metavar="DIR", help="server-side videos for headless sessions/uploads"
-    )
-    p.add_argument(
-        "--recordings-dir", type=Path, metavar="DIR", help="keep recordings here (default: temporary)"
-    )
-    p.add_argument(
-        "--lora-dir",
-        type=Path,
-        metavar="DIR",
-        help="LoRA files clients may apply by name (default: $WANSTREAM_LORA_DIR; none when unset)",
-    )
-    p.add_argument(
-        "--max-upload-mb", type=int, default=512, metavar="MB", help="upload size limit in MiB (default: 512)"
-    )
-    p.add_argument(
+    g.add_argument("--no-preload", action="store_true", help="load the model on POST /api/v1/model/load only")
+
+
+def _network_flags(g: argparse._ArgumentGroup) -> None:
+    """Binding, access and WebRTC connectivity."""
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    g.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    g.add_argument("--token", help=f"access token required on every request (or ${TOKEN_ENV})")
+    g.add_argument(
         "--cors-origin",
         action="append",
         default=[],
         metavar="URL",
         help="allow this browser origin (repeatable)",
     )
-    p.add_argument(
-        "--ice-server",
-        action="append",
-        default=[],
-        metavar="URL",
-        help="STUN/TURN URL for clients beyond the LAN",
-    )
-    p.add_argument(
-        "--ice-timeout",
-        type=float,
-        default=20.0,
-        metavar="S",
-        help="tear down peers not connected by then (20)",
-    )
-    p.add_argument(
-        "--idle-timeout",
-        type=float,
-        default=300.0,
-        metavar="S",
-        help="stop a headless session after this long without a request about it (300)",
-    )
-    p.add_argument(
-        "--max-chunk-seconds",
-        type=float,
-        default=5.0,
-        metavar="S",
-        help="refuse streams whose chunks would take longer than this on this device (5; not real time)",
-    )
-    p.add_argument(
-        "--ice-allow-link-local",
-        action="store_true",
-        help="accept trickled ICE candidates with link-local addresses (169.254/16, fe80::/10; refused by "
-        "default: cloud metadata services live there)",
-    )
-    p.add_argument(
+    g.add_argument(
         "--header-timeout",
         type=float,
         default=10.0,
         metavar="S",
         help="close connections whose request headers are not complete within this (10)",
     )
-    p.add_argument(
+    g.add_argument(
+        "--ice-server",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="STUN/TURN URL for clients beyond the LAN",
+    )
+    g.add_argument(
+        "--ice-timeout",
+        type=float,
+        default=20.0,
+        metavar="S",
+        help="tear down peers not connected by then (20)",
+    )
+    g.add_argument(
+        "--ice-allow-link-local",
+        action="store_true",
+        help="accept trickled ICE candidates with link-local addresses (169.254/16, fe80::/10; refused by "
+        "default: cloud metadata services live there)",
+    )
+
+
+def _osc_flags(g: argparse._ArgumentGroup) -> None:
+    """OSC control over UDP."""
+    g.add_argument(
         "--osc-port",
         type=int,
         metavar="N",
         help="OSC control on this UDP port (default: the HTTP port's number; docs/control.md)",
     )
-    p.add_argument("--no-osc", action="store_true", help="no OSC control")
-    p.add_argument(
+    g.add_argument("--no-osc", action="store_true", help="no OSC control")
+    g.add_argument(
         "--osc-allow",
         action="append",
         default=[],
@@ -135,22 +132,53 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="with a non-loopback --host: OSC senders at this IP address need no token (repeatable; others "
         "send the token as each message's first argument)",
     )
-    p.add_argument("--height", type=int, help="default output height for new streams (multiple of 16)")
-    p.add_argument("--width", type=int, help="default output width for new streams (multiple of 16)")
-    p.add_argument("--no-preload", action="store_true", help="load the model on POST /api/v1/model/load only")
-    p.add_argument(
-        "--no-vace",
-        action="store_true",
-        help="do not load the VACE module even when it is downloaded (saves ~1.5 GB of GPU memory)",
+
+
+def _session_flags(g: argparse._ArgumentGroup) -> None:
+    """Per-stream defaults and the limits every client is held to."""
+    g.add_argument(
+        "--max-sessions",
+        type=int,
+        default=1,
+        metavar="N",
+        help="concurrent streams (default: 1, one GPU session)",
     )
-    p.add_argument(
-        "--log-level",
-        default="info",
-        choices=["debug", "info", "warning", "error"],
-        help="how much the server logs (default: %(default)s)",
+    g.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="stop a headless session after this long without a request about it (300)",
     )
-    rig = p.add_argument_group("live rig", "server-side inputs and outputs (docs/live-rig.md)")
-    rig.add_argument(
+    g.add_argument(
+        "--max-chunk-seconds",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="refuse streams whose chunks would take longer than this on this device (5; not real time)",
+    )
+    g.add_argument("--height", type=int, help="default output height for new streams (multiple of 16)")
+    g.add_argument("--width", type=int, help="default output width for new streams (multiple of 16)")
+    g.add_argument(
+        "--media-dir", type=Path, metavar="DIR", help="server-side videos for headless sessions/uploads"
+    )
+    g.add_argument(
+        "--recordings-dir", type=Path, metavar="DIR", help="keep recordings here (default: temporary)"
+    )
+    g.add_argument(
+        "--lora-dir",
+        type=Path,
+        metavar="DIR",
+        help="LoRA files clients may apply by name (default: $WANSTREAM_LORA_DIR; none when unset)",
+    )
+    g.add_argument(
+        "--max-upload-mb", type=int, default=512, metavar="MB", help="upload size limit in MiB (default: 512)"
+    )
+
+
+def _rig_flags(g: argparse._ArgumentGroup) -> None:
+    """Server-side sinks and the NDI input."""
+    g.add_argument(
         "--sink",
         action="append",
         default=[],
@@ -159,21 +187,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "/api/v1/sessions/ID/output.ts), 'ndi:NAME' (an NDI source), 'virtualcam[:DEVICE]', 'spout:NAME' "
         "(Windows), 'syphon:NAME' (macOS); a session that names its own sinks gets those instead",
     )
-    rig.add_argument(
+    g.add_argument(
         "--ndi-in",
         metavar="SOURCE",
         help="restyle this NDI source from start-up, without a browser: its name as NDI lists it "
         "('HOST (STREAM)') or its address HOST:PORT; combine with --sink",
     )
-    rig.add_argument(
+    g.add_argument(
         "--no-ndi-discovery",
         action="store_true",
         help="NDI by direct address (HOST:PORT) only: no mDNS announcements or browsing",
     )
-    from wanstream.cli.extend_cmd import add_extender_flags
-
-    add_extender_flags(p)  # for POST /api/v1/prompts/extend and the studio's Extend buttons
-    p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:

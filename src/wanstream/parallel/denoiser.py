@@ -31,7 +31,7 @@ from wanstream.parallel.schedule import RingSchedule
 from wanstream.parallel.stage import Lane, cache_config
 
 if TYPE_CHECKING:
-    from wanstream.parallel.launch import Ring
+    from wanstream.parallel.host import RingHost
 
 
 def _locked(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -62,7 +62,7 @@ class RingBackend:
 
     conditioner_problem = RING_CONDITIONING_PROBLEM
 
-    def __init__(self, ring: Ring) -> None:
+    def __init__(self, ring: RingHost) -> None:
         self.ring = ring
         self._sent_prompt: int | None = None  # the prompt version whose text K/V the ring has
         self._ring_version = 0
@@ -94,7 +94,7 @@ class RingBackend:
 class RingDenoiser:
     """Rank 0's side of the ring for one stream (a `ChunkDenoiser`)."""
 
-    def __init__(self, ring: Ring, settings: StreamSettings, rng: SeededNoise) -> None:
+    def __init__(self, ring: RingHost, settings: StreamSettings, rng: SeededNoise) -> None:
         self.ring, self.link, self.stage = ring, ring.link, ring.stage
         self.settings = settings
         self.steps = list(settings.denoising_steps)

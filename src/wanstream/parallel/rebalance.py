@@ -28,7 +28,7 @@ from wanstream.parallel.ring import Link, RingError
 from wanstream.parallel.stage import Absent, Stage, new_block
 
 if TYPE_CHECKING:
-    from wanstream.parallel.launch import Ring
+    from wanstream.parallel.host import RingHost
 
 _LAYER_BUFFERS = ("k", "v", "sink_k", "sink_v", "queue", "qhead", "qlen")
 
@@ -50,7 +50,7 @@ def balanced_counts(counts: Sequence[int], dit_ms: Sequence[float], total_ms: Se
     return target
 
 
-def measure(ring: Ring) -> list[list[float]]:
+def measure(ring: RingHost) -> list[list[float]]:
     """[rank, blocks, DiT ms, total ms, batches, peak GiB] of every rank (times: medians over its recent
     steady batches; memory: NaN on a CPU)."""
     ring.quiesce()
@@ -61,7 +61,7 @@ def measure(ring: Ring) -> list[list[float]]:
     return header["stats"]
 
 
-def rebalance(ring: Ring, layout: Sequence[Sequence[int]] | None = None) -> Layout:
+def rebalance(ring: RingHost, layout: Sequence[Sequence[int]] | None = None) -> Layout:
     """Move blocks to `layout`, or (None) to the balanced layout from measured times; returns it.
 
     Runs between batches: what is in flight comes back first (and is kept), then every rank moves its

@@ -17,7 +17,8 @@ import torch
 
 from wanstream.models.fastpath import FALLBACKS
 from wanstream.server.model import ModelManager
-from wanstream.server.sessions import SessionManager, dropped_counts
+from wanstream.server.sessions import Session, SessionManager, dropped_counts
+from wanstream.server.worker import WorkerStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -42,7 +43,35 @@ class _Text:
 
 
 def render(manager: SessionManager, model: ModelManager) -> str:
+    """The Prometheus text exposition of the whole server: model, slots, each stream, frames, process, GPU."""
     m = _Text()
+    _model_and_slots(m, manager, model)
+    received, made, sent = (
+        manager.totals.frames_received,
+        manager.totals.frames_made,
+        manager.totals.frames_sent,
+    )
+    dropped = dict(manager.totals.dropped)
+    for sid, session in manager.sessions.items():
+        worker = session.worker
+        if worker is None:
+            continue
+        s = worker.stats()
+        out = session.output
+        received += s.frames_received
+        made += s.frames_made
+        sent += out.sent if out is not None else 0
+        for reason, n in dropped_counts(s, out).items():
+            dropped[reason] = dropped.get(reason, 0) + n
+        _stream(m, sid, session, s)
+    _sinks(m, manager)
+    _frame_totals(m, received, made, sent, dropped)
+    _process(m)
+    _gpu(m)
+    return m.render()
+
+
+def _model_and_slots(m: _Text, manager: SessionManager, model: ModelManager) -> None:
     status = model.status()
     m.add("wanstream_model_loaded", "gauge", "1 when the model is loaded.", float(status.state == "loaded"))
     m.add("wanstream_model_load_progress", "gauge", "Model load progress (0-1).", status.progress)
@@ -66,92 +95,76 @@ def render(manager: SessionManager, model: ModelManager) -> str:
             outcome=outcome,
         )
 
-    received, made, sent = (
-        manager.totals.frames_received,
-        manager.totals.frames_made,
-        manager.totals.frames_sent,
-    )
-    dropped = dict(manager.totals.dropped)
-    for sid, session in manager.sessions.items():
-        worker = session.worker
-        if worker is None:
-            continue
-        s = worker.stats()
-        out = session.output
-        received += s.frames_received
-        made += s.frames_made
-        sent += out.sent if out is not None else 0
-        for reason, n in dropped_counts(s, out).items():
-            dropped[reason] = dropped.get(reason, 0) + n
-        m.add("wanstream_input_fps", "gauge", "Input frames received per second.", s.input_fps, session=sid)
-        m.add(
-            "wanstream_output_fps",
-            "gauge",
-            "Generated frames per second leaving the engine.",
-            s.output_fps,
-            session=sid,
-        )
-        if out is not None:
-            m.add(
-                "wanstream_sent_fps",
-                "gauge",
-                "Frames per second sent to the client.",
-                out.send_rate.rate(),
-                session=sid,
-            )
-        m.add(
-            "wanstream_pipeline_fps",
-            "gauge",
-            "Engine throughput: frames per second of compute time.",
-            s.pipeline_fps,
-            session=sid,
-        )
-        for q, v in (("0.5", s.chunk_latency_p50), ("0.9", s.chunk_latency_p90)):
-            m.add(
-                "wanstream_chunk_latency_seconds",
-                "summary",
-                "Engine time per chunk.",
-                v,
-                session=sid,
-                quantile=q,
-            )
-        server_p50, server_p90 = (
-            (out.latency.quantile(0.5), out.latency.quantile(0.9)) if out else (None, None)
-        )
-        if out is None:
-            server_p50, server_p90 = s.engine_latency_p50, s.engine_latency_p90
-        for q, v in (("0.5", server_p50), ("0.9", server_p90)):
-            m.add(
-                "wanstream_server_latency_seconds", "summary",
-                "Input frame received -> its generated frame sent (or made, headless).", v, session=sid, quantile=q,
-            )  # fmt: skip
-        rtt = session.rtt
-        frame_time = (1 / s.input_fps if s.input_fps else 0.0) + (1 / s.output_fps if s.output_fps else 0.0)
-        for q, v in (("0.5", server_p50), ("0.9", server_p90)):
-            estimate = None if v is None else v + (rtt or 0.0) + frame_time
-            m.add(
-                "wanstream_glass_to_glass_estimate_seconds", "summary",
-                "Server latency + network RTT + one input and one output frame interval.", estimate,
-                session=sid, quantile=q,
-            )  # fmt: skip
-        m.add("wanstream_network_rtt_seconds", "gauge", "Round trip to the client (RTCP).", rtt, session=sid)
-        m.add(
-            "wanstream_input_queue_frames",
-            "gauge",
-            "Frames waiting for the engine.",
-            s.input_queue,
-            session=sid,
-        )
-        m.add(
-            "wanstream_output_queue_frames", "gauge", "Generated frames waiting to be sent.",
-            out.depth() if out is not None else 0, session=sid,
-        )  # fmt: skip
-        m.add(
-            "wanstream_stream_epoch", "gauge", "Restarts (reset / prompt cut) so far.", s.epoch, session=sid
-        )
-        m.add("wanstream_paused", "gauge", "1 while paused.", float(s.paused), session=sid)
 
-    _sinks(m, manager)
+def _stream(m: _Text, sid: str, session: Session, s: WorkerStats) -> None:
+    """One stream's rates, latencies and queues, labelled by its session id."""
+    out = session.output
+    m.add("wanstream_input_fps", "gauge", "Input frames received per second.", s.input_fps, session=sid)
+    m.add(
+        "wanstream_output_fps",
+        "gauge",
+        "Generated frames per second leaving the engine.",
+        s.output_fps,
+        session=sid,
+    )
+    if out is not None:
+        m.add(
+            "wanstream_sent_fps",
+            "gauge",
+            "Frames per second sent to the client.",
+            out.send_rate.rate(),
+            session=sid,
+        )
+    m.add(
+        "wanstream_pipeline_fps",
+        "gauge",
+        "Engine throughput: frames per second of compute time.",
+        s.pipeline_fps,
+        session=sid,
+    )
+    for q, v in (("0.5", s.chunk_latency_p50), ("0.9", s.chunk_latency_p90)):
+        m.add(
+            "wanstream_chunk_latency_seconds",
+            "summary",
+            "Engine time per chunk.",
+            v,
+            session=sid,
+            quantile=q,
+        )
+    server_p50, server_p90 = (out.latency.quantile(0.5), out.latency.quantile(0.9)) if out else (None, None)
+    if out is None:
+        server_p50, server_p90 = s.engine_latency_p50, s.engine_latency_p90
+    for q, v in (("0.5", server_p50), ("0.9", server_p90)):
+        m.add(
+            "wanstream_server_latency_seconds", "summary",
+            "Input frame received -> its generated frame sent (or made, headless).", v, session=sid, quantile=q,
+        )  # fmt: skip
+    rtt = session.rtt
+    frame_time = (1 / s.input_fps if s.input_fps else 0.0) + (1 / s.output_fps if s.output_fps else 0.0)
+    for q, v in (("0.5", server_p50), ("0.9", server_p90)):
+        estimate = None if v is None else v + (rtt or 0.0) + frame_time
+        m.add(
+            "wanstream_glass_to_glass_estimate_seconds", "summary",
+            "Server latency + network RTT + one input and one output frame interval.", estimate,
+            session=sid, quantile=q,
+        )  # fmt: skip
+    m.add("wanstream_network_rtt_seconds", "gauge", "Round trip to the client (RTCP).", rtt, session=sid)
+    m.add(
+        "wanstream_input_queue_frames",
+        "gauge",
+        "Frames waiting for the engine.",
+        s.input_queue,
+        session=sid,
+    )
+    m.add(
+        "wanstream_output_queue_frames", "gauge", "Generated frames waiting to be sent.",
+        out.depth() if out is not None else 0, session=sid,
+    )  # fmt: skip
+    m.add("wanstream_stream_epoch", "gauge", "Restarts (reset / prompt cut) so far.", s.epoch, session=sid)
+    m.add("wanstream_paused", "gauge", "1 while paused.", float(s.paused), session=sid)
+
+
+def _frame_totals(m: _Text, received: int, made: int, sent: int, dropped: dict[str, int]) -> None:
     m.add("wanstream_frames_received_total", "counter", "Input frames received.", received)
     m.add("wanstream_frames_generated_total", "counter", "Frames generated by the engine.", made)
     m.add("wanstream_frames_sent_total", "counter", "Generated frames sent over WebRTC.", sent)
@@ -163,6 +176,8 @@ def render(manager: SessionManager, model: ModelManager) -> str:
             dropped.get(reason, 0), reason=reason,
         )  # fmt: skip
 
+
+def _process(m: _Text) -> None:
     res = resources()
     m.add(
         "wanstream_process_resident_memory_bytes",
@@ -182,6 +197,9 @@ def render(manager: SessionManager, model: ModelManager) -> str:
             "Optimisations that failed and were replaced by the slower, correct path (compile, cuda_graph).",
             fallbacks.get(kind, 0), optimisation=kind,
         )  # fmt: skip
+
+
+def _gpu(m: _Text) -> None:
     if torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info()
         m.add(
@@ -198,7 +216,6 @@ def render(manager: SessionManager, model: ModelManager) -> str:
         )
         m.add("wanstream_gpu_memory_total_bytes", "gauge", "GPU memory in total.", total)
         m.add("wanstream_gpu_memory_free_bytes", "gauge", "GPU memory free.", free)
-    return m.render()
 
 
 def _sinks(m: _Text, manager: SessionManager) -> None:

@@ -23,7 +23,7 @@ import av
 import numpy as np
 import torch
 
-from wanstream.server.worker import OutputFrame, SourceFrame
+from wanstream.server.frames import OutputFrame, SourceFrame
 
 log = logging.getLogger("wanstream.server")
 

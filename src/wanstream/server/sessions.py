@@ -30,6 +30,7 @@ from wanstream.engine.prompts import DEFAULT_PROMPT, WeightedPrompt
 from wanstream.engine.settings import SettingsUpdate, StreamSettings
 from wanstream.server.config import ServerConfig
 from wanstream.server.cost import ChunkCost
+from wanstream.server.frames import SourceFrame
 from wanstream.server.io.ndi import NdiSource
 from wanstream.server.io.sinks import QueuedSink, SinkUnavailable
 from wanstream.server.io.specs import MAX_SINKS, SinkSpec
@@ -39,7 +40,7 @@ from wanstream.server.sources import FileSource
 from wanstream.server.tempo import Tempo
 from wanstream.server.tracks import PacedOutputTrack
 from wanstream.server.vace import VaceSetup
-from wanstream.server.worker import EngineWorker, SourceFrame, WorkerStats
+from wanstream.server.worker import EngineWorker, WorkerStats
 from wanstream.weights.lora import LoraFiles
 
 if TYPE_CHECKING:

@@ -20,8 +20,9 @@ from fractions import Fraction
 import av
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from wanstream.server.frames import OutputFrame, SourceFrame
 from wanstream.server.pacing import Playout
-from wanstream.server.worker import EngineWorker, OutputFrame, RateMeter, SourceFrame, Window
+from wanstream.server.worker import EngineWorker, RateMeter, Window
 
 VIDEO_CLOCK = 90_000  # RTP video clock (Hz)
 TIME_BASE = Fraction(1, VIDEO_CLOCK)

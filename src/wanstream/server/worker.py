@@ -24,7 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import av
 import numpy as np
@@ -36,6 +36,7 @@ from wanstream.engine.settings import conditioning_problem, text_mode_problem
 from wanstream.engine.vace import VaceConditioner
 from wanstream.media.video import resize_frames
 from wanstream.server.cost import WARMUP_CHUNKS
+from wanstream.server.frames import FrameSink, OutputFrame, SourceFrame
 from wanstream.server.limits import prompt_problem
 from wanstream.server.schemas import Control, ControlAck, describe_validation, validation_details
 from wanstream.server.tempo import Quantize, Tempo, lands
@@ -48,8 +49,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("wanstream.server")
 
-# A frame as sources hand it over: an aiortc/PyAV frame (converted only if sampled) or RGB uint8 [H, W, 3].
-SourceFrame = av.VideoFrame | torch.Tensor | np.ndarray
 WINDOW = 10  # chunks in the rate windows (as Scope: Σframes / Σintervals over the last 10 batches)
 
 
@@ -57,26 +56,6 @@ class ControlRejected(ValueError):
     def __init__(self, message: str, details: list[dict[str, Any]] | None = None) -> None:
         super().__init__(message)
         self.details = details or []
-
-
-@dataclass(frozen=True)
-class OutputFrame:
-    image: np.ndarray  # [H, W, 3] uint8 RGB on the CPU (a view into its chunk's array)
-    epoch: int
-    chunk: int
-    prompt: tuple[tuple[str, float], ...]
-    source_time: float | None  # time.monotonic() when its input frame arrived (None in text mode)
-    made: float  # time.monotonic() when it left the engine
-
-
-class FrameSink(Protocol):
-    def put(self, frames: Sequence[OutputFrame]) -> None:
-        """Take frames without blocking (called on the worker thread)."""
-        ...
-
-    def flush(self, epoch: int) -> None:
-        """Drop every frame older than `epoch` (called on the worker thread)."""
-        ...
 
 
 # ----------------------------------------------------------------------------------------------------

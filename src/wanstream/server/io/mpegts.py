@@ -24,7 +24,7 @@ import numpy as np
 from wanstream.server.io.sinks import QueuedSink, SinkUnavailable, fit_frame
 
 if TYPE_CHECKING:
-    from wanstream.server.worker import OutputFrame
+    from wanstream.server.frames import OutputFrame
 
 TIME_BASE = Fraction(1, 90_000)
 H264_ENCODERS = ("libx264", "libopenh264")  # in order of preference; whichever this PyAV has

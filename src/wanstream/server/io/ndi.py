@@ -28,7 +28,7 @@ import numpy as np
 from wanstream.server.io.sinks import QueuedSink, SinkUnavailable, fit_frame, rgbx
 
 if TYPE_CHECKING:
-    from wanstream.server.worker import OutputFrame
+    from wanstream.server.frames import OutputFrame
 
 log = logging.getLogger("wanstream.server")
 

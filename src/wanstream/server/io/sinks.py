@@ -25,7 +25,7 @@ import numpy as np
 from wanstream.server.pacing import Playout
 
 if TYPE_CHECKING:
-    from wanstream.server.worker import OutputFrame
+    from wanstream.server.frames import OutputFrame
 
 
 log = logging.getLogger("wanstream.server")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from wanstream.server.io.sinks import QueuedSink, SinkUnavailable, fit_frame, rgbx
 
 if TYPE_CHECKING:
-    from wanstream.server.worker import OutputFrame
+    from wanstream.server.frames import OutputFrame
 
 GL_RGBA = 0x1908  # OpenGL's constant (SpoutGL takes the pixel format as a GL enum)
 

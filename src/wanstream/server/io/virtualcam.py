@@ -16,7 +16,7 @@ import numpy as np
 from wanstream.server.io.sinks import QueuedSink, SinkUnavailable, fit_frame
 
 if TYPE_CHECKING:
-    from wanstream.server.worker import OutputFrame
+    from wanstream.server.frames import OutputFrame
 
 INSTALL_HINT = "install the virtual-camera extra: pip install 'wanstream[live]'"
 DEVICE_HINT = {
