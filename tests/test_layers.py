@@ -260,5 +260,8 @@ def test_a_circle_is_found_type_checking_imports_included() -> None:
     found = _in_circles([imp("media.a", "media.b"), imp("media.b", "media.c"), imp("media.c", "media.a")])
     assert len(found) == 3
     hinted = _in_circles([imp("media.a", "media.b"), imp("media.b", "media.a", hint=True)])
-    assert set(hinted) == {("wanstream.media.a", "wanstream.media.b"), ("wanstream.media.b", "wanstream.media.a")}
+    assert set(hinted) == {
+        ("wanstream.media.a", "wanstream.media.b"),
+        ("wanstream.media.b", "wanstream.media.a"),
+    }
     assert not _in_circles([imp("media.a", "media.b"), imp("media.b", "media.c", hint=True)])

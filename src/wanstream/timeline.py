@@ -56,7 +56,7 @@ from wanstream.engine.settings import (
     Mode,
     SettingsUpdate,
 )
-from wanstream.media.resample import TIME_EPS
+from wanstream.media.frame import TIME_EPS
 
 InputMode = Mode  # Scope's inputMode: "text" or "video"
 

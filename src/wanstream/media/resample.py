@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from wanstream.media.video import Frame
-
-# Timestamps within this many seconds of a boundary count as on it (decoders round pts). Timelines use it too.
-TIME_EPS = 1e-6
+from wanstream.media.frame import TIME_EPS, Frame
 
 
 def resample(frames: Iterator[Frame], fps: float, last_span: float) -> Iterator[Frame]:

@@ -23,12 +23,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import NamedTuple
 
 import av
 import torch
 import torch.nn.functional as F
 from av.video.reformatter import ColorPrimaries, ColorRange, Colorspace, ColorTrc
+
+from wanstream.media.frame import Frame
 
 # Used only when a stream states no frame rate at all (rare: some raw or broken files): Wan's native rate.
 FALLBACK_FPS = 16.0
@@ -55,11 +56,6 @@ class VideoInfo:
     has_audio: bool
     codec: str
     rotation: int  # degrees counter-clockwise applied to every decoded frame (0, 90, 180, 270)
-
-
-class Frame(NamedTuple):
-    image: torch.Tensor  # [H, W, 3] uint8 RGB
-    time: float  # presentation time in seconds from the first frame
 
 
 class VideoReader:

@@ -38,7 +38,7 @@ from wanstream.engine.vace import VaceInputError
 from wanstream.jobs.generate.request import GenerateError, GenerateRequest
 from wanstream.jobs.generate.stats import frames_text, number_text
 from wanstream.jobs.generate.vace import VacePlan, check_length, plan_vace
-from wanstream.media.resample import TIME_EPS
+from wanstream.media.frame import TIME_EPS
 from wanstream.media.sample import SAMPLE_FPS, SAMPLE_FRAMES, SAMPLE_HEIGHT, SAMPLE_WIDTH
 from wanstream.media.video import (
     RESOLUTION_MULTIPLE,

@@ -28,7 +28,8 @@ from wanstream.jobs.generate.result import (
 )
 from wanstream.jobs.generate.stats import GenerateStats, number_text
 from wanstream.jobs.generate.vace import VaceFeed
-from wanstream.media.resample import TIME_EPS, resample
+from wanstream.media.frame import TIME_EPS
+from wanstream.media.resample import resample
 from wanstream.media.sample import iter_sample_clip
 from wanstream.media.video import Frame, VideoReader, VideoWriter
 from wanstream.weights.lora import LoraError
