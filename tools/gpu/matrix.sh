@@ -11,7 +11,7 @@
 # lines) and log_<part>.txt (all logs). Exit codes: a crash shows as a non-zero "rc" beside its run.
 set -o pipefail
 export COLUMNS=200
-PART=${1:?usage: matrix.sh A|B|C|D|E|V}
+PART=${1:?usage: matrix.sh A|B|C|D|E|V|S}
 W=/tmp/matrix-$PART; rm -rf "$W"; mkdir -p "$W"
 B="python3 -m wanstream.cli.main bench"
 stamp() { echo "[$(date +%T)] $*" | tee -a "$W/steps.txt"; }
@@ -106,6 +106,17 @@ V)
     --chunks 20 --warm-chunks 8 --json "$W/vace_warm.json"
   run vace_no_graphs 120 $B --configs "nobatch,480x832,2,vace" --no-cuda-graphs --chunks 20 --warm-chunks 8 \
     --json "$W/vace_no_graphs.json"
+  ;;
+S)
+  # One short call when device time is scarce, after a refactor of the session (one StreamSession + denoiser
+  # backends, LoRA taking loaded weights): the three crash cases of issue 16 and VACE. From an empty cache in
+  # one process: 2 steps, 1 step with live changes, VACE; then the 2-step warm start in a NEW process (the
+  # warm-cache crash); then LoRA none / merged / runtime. Limits sum to < 560 s.
+  rm -rf "$TORCHINDUCTOR_CACHE_DIR"
+  run cold 280 $B --configs "batch,480x832,2,wan;batch,480x832,1,wan;nobatch,480x832,2,vace" \
+    --chunks 12 --warm-chunks 4 --live-changes --json "$W/cold.json"
+  run warm_start_2step 90 $B --configs "batch,480x832,2,wan" --chunks 30 --warm-chunks 8 --json "$W/warm_start_2step.json"
+  run lora 150 $B --configs "batch,480x832,2,wan" --chunks 16 --warm-chunks 4 --lora-rank 32 --json "$W/lora.json"
   ;;
 esac
 python3 - "$W" "$PART" <<'PY'
