@@ -15,6 +15,32 @@ PART=${1:?usage: matrix.sh A|B|C|D|E|V|S}
 W=/tmp/matrix-$PART; rm -rf "$W"; mkdir -p "$W"
 B="python3 -m wanstream.cli.main bench"
 stamp() { echo "[$(date +%T)] $*" | tee -a "$W/steps.txt"; }
+summarize() {  # summary_<part>.json and log_<part>.txt in $OUT: rewritten after every run, so a call cut
+  # short still brings back what ran
+python3 - "$W" "$PART" <<'PY'
+import glob, json, os, re, sys
+w, part = sys.argv[1], sys.argv[2]
+summary = {"part": part, "steps": open(f"{w}/steps.txt").read().splitlines(), "runs": {}}
+for rc_file in sorted(glob.glob(f"{w}/*.rc")):
+    name = os.path.basename(rc_file)[:-3]
+    rc, secs = open(rc_file).read().split()
+    log = open(f"{w}/{name}.log", errors="replace").read()
+    entry = {"rc": int(rc), "seconds": float(secs),
+             "crash_lines": [l for l in log.splitlines() if re.search(r"Error|Traceback|CUDA error|capture", l)][:12]}
+    if os.path.exists(f"{w}/{name}.json"):
+        try:
+            entry["json"] = json.load(open(f"{w}/{name}.json"))
+        except ValueError as exc:
+            entry["json_error"] = str(exc)
+    summary["runs"][name] = entry
+out = os.environ["OUT"]
+json.dump(summary, open(f"{out}/summary_{part}.json", "w"), indent=1)
+with open(f"{out}/log_{part}.txt", "w") as f:
+    for log in sorted(glob.glob(f"{w}/*.log")):
+        f.write(f"\n===== {os.path.basename(log)} =====\n" + open(log, errors="replace").read()[-60000:])
+print("  runs so far:", {k: v["rc"] for k, v in summary["runs"].items()})
+PY
+}
 run() {  # run NAME TIMEOUT CMD...: log to $W/NAME.log, exit code to $W/NAME.rc
   local name=$1 limit=$2; shift 2
   stamp "$name"
@@ -23,6 +49,7 @@ run() {  # run NAME TIMEOUT CMD...: log to $W/NAME.log, exit code to $W/NAME.rc
   echo "$rc $(( $(date +%s) - t0 ))" > "$W/$name.rc"
   grep -E "FPS|fallbacks|live changes|Error|error:|Traceback|ok\"" "$W/$name.log" | grep -v "^ " | tail -8
   echo "  rc=$rc"
+  [ -n "${OUT:-}" ] && summarize
 }
 case $PART in
 A)
@@ -110,35 +137,14 @@ V)
 S)
   # One short call when device time is scarce, after a refactor of the session (one StreamSession + denoiser
   # backends, LoRA taking loaded weights): the three crash cases of issue 16 and VACE. From an empty cache in
-  # one process: 2 steps, 1 step with live changes, VACE; then the 2-step warm start in a NEW process (the
-  # warm-cache crash); then LoRA none / merged / runtime. Limits sum to < 560 s.
+  # one process: 2 steps, 1 step with live changes; then the 2-step warm start in a NEW process (the warm-cache
+  # crash); then LoRA none / merged / runtime; then VACE, most important first. Limits sum to < 560 s.
   rm -rf "$TORCHINDUCTOR_CACHE_DIR"
-  run cold 280 $B --configs "batch,480x832,2,wan;batch,480x832,1,wan;nobatch,480x832,2,vace" \
+  run cold 200 $B --configs "batch,480x832,2,wan;batch,480x832,1,wan" \
     --chunks 12 --warm-chunks 4 --live-changes --json "$W/cold.json"
-  run warm_start_2step 90 $B --configs "batch,480x832,2,wan" --chunks 30 --warm-chunks 8 --json "$W/warm_start_2step.json"
-  run lora 150 $B --configs "batch,480x832,2,wan" --chunks 16 --warm-chunks 4 --lora-rank 32 --json "$W/lora.json"
+  run warm_start_2step 80 $B --configs "batch,480x832,2,wan" --chunks 30 --warm-chunks 8 --json "$W/warm_start_2step.json"
+  run lora 120 $B --configs "batch,480x832,2,wan" --chunks 16 --warm-chunks 4 --lora-rank 32 --json "$W/lora.json"
+  run vace 150 $B --configs "nobatch,480x832,2,vace" --chunks 12 --warm-chunks 4 --json "$W/vace.json"
   ;;
 esac
-python3 - "$W" "$PART" <<'PY'
-import glob, json, os, re, sys
-w, part = sys.argv[1], sys.argv[2]
-summary = {"part": part, "steps": open(f"{w}/steps.txt").read().splitlines(), "runs": {}}
-for rc_file in sorted(glob.glob(f"{w}/*.rc")):
-    name = os.path.basename(rc_file)[:-3]
-    rc, secs = open(rc_file).read().split()
-    log = open(f"{w}/{name}.log", errors="replace").read()
-    entry = {"rc": int(rc), "seconds": float(secs),
-             "crash_lines": [l for l in log.splitlines() if re.search(r"Error|Traceback|CUDA error|capture", l)][:12]}
-    if os.path.exists(f"{w}/{name}.json"):
-        try:
-            entry["json"] = json.load(open(f"{w}/{name}.json"))
-        except ValueError as exc:
-            entry["json_error"] = str(exc)
-    summary["runs"][name] = entry
-out = os.environ["OUT"]
-json.dump(summary, open(f"{out}/summary_{part}.json", "w"), indent=1)
-with open(f"{out}/log_{part}.txt", "w") as f:
-    for log in sorted(glob.glob(f"{w}/*.log")):
-        f.write(f"\n===== {os.path.basename(log)} =====\n" + open(log, errors="replace").read()[-60000:])
-print("runs:", {k: v["rc"] for k, v in summary["runs"].items()})
-PY
+summarize
