@@ -81,3 +81,40 @@ def test_bad_rings_are_refused_before_any_process_starts() -> None:
         Ring.start(ModelSource("demo"), 3, device="cpu")  # the demo DiT has 2 blocks
     with pytest.raises(ValueError, match="must cover"):
         Ring.start(ModelSource("demo", num_layers=4), 2, device="cpu", layout=[(0, 1), (1, 3)])
+
+
+def test_a_transport_error_waits_for_the_dead_rank_to_show() -> None:
+    """gloo reports 'connection closed by peer' before the killed rank's exit is in the process table (a
+    full-suite run beside a CPU hog hit this): the error must still name the rank, not the transport."""
+    import threading
+
+    from wanstream.parallel.launch import DEATH_NOTICE_S
+
+    class Proc:
+        pid, exitcode = 4242, None
+
+    class Store:
+        def check(self, keys: list[str]) -> bool:
+            return False
+
+    proc = Proc()
+    ring = object.__new__(Ring)
+    ring.procs, ring.world, ring.broken = [proc], 2, None
+    ring.store = Store()  # no error report from the rank: its exit code describes it
+    ring._stop_workers = lambda graceful: None
+
+    def dies_later() -> None:
+        time.sleep(min(0.3, DEATH_NOTICE_S / 4))
+        proc.exitcode = -signal.SIGKILL
+
+    threading.Thread(target=dies_later).start()
+    start = time.monotonic()
+    with pytest.raises(RingError) as info, ring.guarded():
+        raise RuntimeError("[gloo/transport/tcp/pair.cc] Connection closed by peer")
+    assert "rank 1" in str(info.value) and "SIGKILL" in str(info.value), info.value
+    assert time.monotonic() - start < DEATH_NOTICE_S
+
+    # No rank died: after the grace period the transport's own error is the reason.
+    proc.exitcode, ring.broken = None, None
+    with pytest.raises(RingError, match="ring communication failed: boom"), ring.guarded():
+        raise RuntimeError("boom")

@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     from wanstream.engine.settings import StreamSettings
     from wanstream.parallel.denoiser import RingDenoiser
 
+# How long a communication failure waits for a dead worker to show before it is reported as the failure itself.
+DEATH_NOTICE_S = 2.0
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -384,8 +386,18 @@ class Ring:
                 raise self.fail(str(exc)) from exc
             raise
         except (RuntimeError, OSError) as exc:
-            self.check_alive()  # a dead rank explains it best
+            self._blame_a_dead_rank()  # a dead rank explains it best
             raise self.fail(f"rank 0: ring communication failed: {exc}") from exc
+
+    def _blame_a_dead_rank(self) -> None:
+        """Raise the exit of a worker that died, waiting up to `DEATH_NOTICE_S` for it to show: a peer's
+        transport notices a killed process (connection closed) before the process table does."""
+        deadline = time.monotonic() + DEATH_NOTICE_S
+        while True:
+            self.check_alive()
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.02)
 
     def ensure_ok(self) -> None:
         if self.broken is not None:
