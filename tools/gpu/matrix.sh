@@ -16,32 +16,8 @@ PART=${1:?usage: matrix.sh A|B|C|D|E|V|S}
 W=/tmp/matrix-$PART; rm -rf "$W"; mkdir -p "$W"
 B="python3 -m wanstream.cli.main bench"
 stamp() { echo "[$(date +%T)] $*" | tee -a "$W/steps.txt"; }
-summarize() {  # summary_<part>.json and log_<part>.txt in $OUT: rewritten after every run, so a call cut
-  # short still brings back what ran
-python3 - "$W" "$PART" <<'PY'
-import glob, json, os, re, sys
-w, part = sys.argv[1], sys.argv[2]
-summary = {"part": part, "steps": open(f"{w}/steps.txt").read().splitlines(), "runs": {}}
-for rc_file in sorted(glob.glob(f"{w}/*.rc")):
-    name = os.path.basename(rc_file)[:-3]
-    rc, secs = open(rc_file).read().split()
-    log = open(f"{w}/{name}.log", errors="replace").read()
-    entry = {"rc": int(rc), "seconds": float(secs),
-             "crash_lines": [l for l in log.splitlines() if re.search(r"Error|Traceback|CUDA error|capture", l)][:12]}
-    if os.path.exists(f"{w}/{name}.json"):
-        try:
-            entry["json"] = json.load(open(f"{w}/{name}.json"))
-        except ValueError as exc:
-            entry["json_error"] = str(exc)
-    summary["runs"][name] = entry
-out = os.environ["OUT"]
-json.dump(summary, open(f"{out}/summary_{part}.json", "w"), indent=1)
-with open(f"{out}/log_{part}.txt", "w") as f:
-    for log in sorted(glob.glob(f"{w}/*.log")):
-        f.write(f"\n===== {os.path.basename(log)} =====\n" + open(log, errors="replace").read()[-60000:])
-print("  runs so far:", {k: v["rc"] for k, v in summary["runs"].items()})
-PY
-}
+# The two result files, rewritten after every run: a call cut short still brings back what ran.
+summarize() { python3 tools/gpu/summarize.py "$W" "$OUT" "$PART"; }
 run() {  # run NAME TIMEOUT CMD...: log to $W/NAME.log, exit code to $W/NAME.rc
   local name=$1 limit=$2; shift 2
   stamp "$name"

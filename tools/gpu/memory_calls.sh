@@ -95,28 +95,4 @@ LF)
   ;;
 *) echo "unknown part $PART"; exit 2 ;;
 esac
-python3 - "$OUT" "$FINAL" "$PART" <<'PY'
-import glob, json, os, shutil, sys
-work, final, part = sys.argv[1:]
-summary = {"part": part, "runs": {}}
-for rc_file in sorted(glob.glob(f"{work}/*.rc")):
-    name = os.path.basename(rc_file)[:-3]
-    entry = {"rc": int(open(rc_file).read().split()[0])}
-    if os.path.exists(f"{work}/{name}.json"):
-        try:
-            entry["json"] = json.load(open(f"{work}/{name}.json"))
-        except ValueError as exc:
-            entry["json_error"] = str(exc)
-    summary["runs"][name] = entry
-for extra in glob.glob(f"{work}/*.json"):
-    name = os.path.basename(extra)[:-5]
-    if name not in summary["runs"]:
-        summary[name] = json.load(open(extra))
-json.dump(summary, open(f"{final}/summary_{part}.json", "w"), indent=1)
-with open(f"{final}/log_{part}.txt", "w") as f:
-    for log in sorted(glob.glob(f"{work}/*.log")):
-        f.write(f"\n===== {os.path.basename(log)} =====\n" + open(log, errors="replace").read()[-60000:])
-if os.path.exists(f"{work}/estimates.json"):
-    shutil.copy(f"{work}/estimates.json", f"{final}/estimates.json")
-print("runs:", {k: v["rc"] for k, v in summary["runs"].items()})
-PY
+python3 tools/gpu/summarize.py "$OUT" "$FINAL" "$PART"
