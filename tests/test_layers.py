@@ -159,7 +159,12 @@ def _in_circles(imports: list[Import]) -> Found:
         if imp.importer not in component:
             continue
         if component[imp.importer] == component.get(imp.imported):
-            found.setdefault((imp.importer, imp.imported), (imp, "closes an import circle"))
+            why = "closes an import circle" + (
+                " (a type-checking import: move the type down, or name a Protocol below both)"
+                if imp.type_checking
+                else ""
+            )
+            found.setdefault((imp.importer, imp.imported), (imp, why))
     return found
 
 
@@ -264,4 +269,6 @@ def test_a_circle_is_found_type_checking_imports_included() -> None:
         ("wanstream.media.a", "wanstream.media.b"),
         ("wanstream.media.b", "wanstream.media.a"),
     }
+    assert hinted["wanstream.media.a", "wanstream.media.b"][1] == "closes an import circle"
+    assert "a type-checking import" in hinted["wanstream.media.b", "wanstream.media.a"][1]
     assert not _in_circles([imp("media.a", "media.b"), imp("media.b", "media.c", hint=True)])

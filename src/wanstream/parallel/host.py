@@ -6,7 +6,6 @@ not against `launch.Ring` itself: the launcher builds and owns them, so they mus
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
@@ -14,6 +13,7 @@ from typing import Any, Protocol
 import torch
 
 from wanstream.engine.components import Components
+from wanstream.engine.settings import StreamSettings
 from wanstream.parallel.layout import Layout
 from wanstream.parallel.ring import Link, RingError
 from wanstream.parallel.stage import Stage
@@ -27,7 +27,7 @@ class RingHost(Protocol):
     stage: Stage  # rank 0's slice of the DiT and its stream state
     link: Link  # messages and tensors to and from the other ranks
     clock: StageClock  # measured stage times (for the rebalancer)
-    lock: threading.RLock  # one ring operation at a time per process
+    lock: AbstractContextManager[Any]  # one ring operation at a time per process (a re-entrant lock)
     broken: str | None  # why the ring is down, or None
     rebalance_after: int | None  # steady batches before the one automatic rebalance
     rebalanced: bool
@@ -44,7 +44,7 @@ class RingHost(Protocol):
         """`denoiser` now owns the ring; the previous owner finishes what it has in flight first."""
         ...
 
-    def configure(self, settings: Any) -> None:
+    def configure(self, settings: StreamSettings) -> None:
         """Every rank (re)allocates its stream state for these settings."""
         ...
 
