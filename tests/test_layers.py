@@ -35,6 +35,7 @@ LAYERS: dict[str, int] = {
     # random weights are engine/random_weights.py.
     "wanstream.bench": 5,
     "wanstream.prompting": 6,  # prompt extension (of timelines too)
+    "wanstream.takes": 6,  # session logs: saved, loaded and replayed (a log exports as a timeline)
     "wanstream.jobs": 7,  # the offline jobs: jobs/generate
     "wanstream.conformance": 7,  # the golden-vector runner
     "wanstream.server": 8,

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 
 from wanstream.engine.components import Components
+from wanstream.engine.journal import SessionJournal
 from wanstream.engine.prompts import WeightedPrompt
 from wanstream.engine.session import StreamSession
 from wanstream.engine.settings import StreamSettings
@@ -176,12 +177,17 @@ class Pipeline:
         settings: StreamSettings | None = None,
         *,
         prompts: Sequence[WeightedPrompt | str] | WeightedPrompt | str | None = None,
+        log: bool | SessionJournal = False,
         **overrides: Any,
     ) -> StreamSession:
-        """A new stream. `overrides` are StreamSettings fields (validated), e.g. height=512, steps=(700,)."""
+        """A new stream. `overrides` are StreamSettings fields (validated), e.g. height=512, steps=(700,).
+        `log`: keep a journal of the stream (`session.log()`, saved with `wanstream.takes.save_log` and run
+        again bit for bit by `wanstream replay`; docs/replay.md)."""
         base = settings or StreamSettings()
         if overrides:
             base = StreamSettings.model_validate({**base.model_dump(), **overrides})
         if self.ring is not None:
+            if log:
+                raise ValueError("session logs are not kept for multi-GPU streams yet (log=False)")
             return self.ring.session(base, prompts=prompts)
-        return StreamSession(self.components, base, prompts=prompts)
+        return StreamSession(self.components, base, prompts=prompts, log=log)

@@ -10,7 +10,7 @@ import sys
 from wanstream import __version__
 
 # Subcommand modules, in the order `--help` lists them.
-COMMANDS = ("download", "models", "generate", "extend", "serve", "bench", "lora")
+COMMANDS = ("download", "models", "generate", "extend", "serve", "replay", "bench", "lora")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -166,6 +166,14 @@ def _session_flags(g: argparse._ArgumentGroup) -> None:
         "--recordings-dir", type=Path, metavar="DIR", help="keep recordings here (default: temporary)"
     )
     g.add_argument(
+        "--take-log-mib",
+        type=int,
+        default=4096,
+        metavar="MIB",
+        help="each stream keeps a session log for bit-exact replay (docs/replay.md), its frames up to this "
+        "size (lossless, ~1 MiB a 480x832 frame of camera video); 0: no logs (default: %(default)s)",
+    )
+    g.add_argument(
         "--lora-dir",
         type=Path,
         metavar="DIR",
@@ -245,6 +253,12 @@ def run(args: argparse.Namespace) -> int:
         if folder is not None and not folder.is_dir():
             print(f"wanstream serve: {flag} {folder} is not a folder", file=sys.stderr)
             return 2
+    if args.take_log_mib < 0:
+        print(
+            f"wanstream serve: --take-log-mib must be 0 (no logs) or more, got {args.take_log_mib}",
+            file=sys.stderr,
+        )
+        return 2
     config = ServerConfig(
         host=args.host,
         port=args.port,
@@ -261,6 +275,7 @@ def run(args: argparse.Namespace) -> int:
         media_dir=args.media_dir,
         lora_dir=lora_dir.expanduser() if lora_dir is not None else None,
         recordings_dir=args.recordings_dir,
+        take_log_mib=args.take_log_mib,
         cors_origins=tuple(args.cors_origin),
         ice_servers=tuple(args.ice_server),
         max_upload_bytes=args.max_upload_mb * MiB,

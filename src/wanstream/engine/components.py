@@ -37,6 +37,10 @@ class Components:
     )
     precision: str = "bf16"  # "fp8": the DiT blocks' linear weights stored in float8 (weight-only)
     text_placement: str = "gpu"  # where the text encoder lives: "gpu", "host" (parked) or "fp8" (on the GPU)
+    # Where the weights came from, for a session log's model identity: role → file path (the real model), or
+    # the seed of random weights (the demo; full-size random networks use fixed seeds).
+    files: dict[str, str] = field(default_factory=dict)
+    weights_seed: int | None = None
 
     def optimize(self, *, compile: bool = True, vae: bool = True) -> Components:
         """GPU speed-ups that keep the arithmetic: fused q/k/v and regional compilation of the DiT blocks,

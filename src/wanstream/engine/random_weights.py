@@ -262,5 +262,6 @@ def demo_components(
         text_encoder=TextEncoder(t5, tokenizer) if t5 is not None and tokenizer is not None else None,
         vace=vace,
         label=DEMO_LABEL,
+        weights_seed=seed,
         demo=True,
     )

@@ -34,6 +34,7 @@ from wanstream.engine.denoise.base import ChunkDenoiser, DenoiserBackend, Finish
 from wanstream.engine.denoise.local import LocalBackend
 from wanstream.engine.errors import SessionError
 from wanstream.engine.frames import FrameInput, as_frames
+from wanstream.engine.journal import SessionJournal, recorded
 from wanstream.engine.lora import lora_manager
 from wanstream.engine.memory import out_of_memory_message, release_device_memory
 from wanstream.engine.noise import NoiseController
@@ -146,9 +147,23 @@ class StreamSession:
         output: OutputFormat = "uint8",
         event_log_size: int = 2048,
         backend: DenoiserBackend | None = None,
+        log: bool | SessionJournal = False,
     ) -> None:
-        """`backend` denoises the chunks: this process by default (`LocalBackend`), or a ring of them."""
+        """`backend` denoises the chunks: this process by default (`LocalBackend`), or a ring of them.
+        `log`: keep a journal of every change and input frame from here on (`log()`; `wanstream.takes`
+        saves and replays it) — True keeps its frames in memory; a `SessionJournal` brings its own store."""
         self.components = components
+        self.journal: SessionJournal | None = None
+        if log:
+            self.journal = (
+                log
+                if isinstance(log, SessionJournal)
+                else SessionJournal(
+                    settings=(settings or StreamSettings()).model_dump(mode="json"), output=output
+                )
+            )
+            if noise is not None:
+                self.journal.mark_unreplayable(f"a custom noise source ({type(noise).__name__})")
         self.backend: DenoiserBackend = backend or LocalBackend(components)
         self.closed: str | None = None  # why, once close() ran
         self.settings = settings or StreamSettings()
@@ -203,6 +218,7 @@ class StreamSession:
         self._in_flight: deque[ChunkEvent] = deque()  # stream batch: chunks inside the lanes
 
     @_gpu_work
+    @recorded("session")
     def reset(self, *, drain: bool = False) -> torch.Tensor:
         """Restart the stream (hard cut). With `drain`, chunks still inside the lanes come out first.
 
@@ -220,6 +236,7 @@ class StreamSession:
     # Live control
     # ----------------------------------------------------------------------------------------------
     @_gpu_work
+    @recorded("session")
     def update(self, update: SettingsUpdate | dict[str, Any]) -> torch.Tensor:
         """Apply a validated change; a rejected one raises and leaves the session as it was.
 
@@ -271,6 +288,7 @@ class StreamSession:
             self._restart_stream()
         return drained
 
+    @recorded("session")
     def attach(self, conditioner: ChunkConditioner | None) -> None:
         """Attach (or detach, with None) per-chunk conditioning such as VACE."""
         if conditioner is not None and self.backend.conditioner_problem is not None:
@@ -281,6 +299,7 @@ class StreamSession:
         if conditioner is not None:
             conditioner.reset()
 
+    @recorded("session")
     def set_prompts(
         self,
         prompts: Sequence[WeightedPrompt | str] | WeightedPrompt | str,
@@ -304,6 +323,7 @@ class StreamSession:
         target = blend(embeds, [p.weight for p in items], method)
         return self._apply_conditioning(items, target, transition, switch, drain)
 
+    @recorded("session")
     def set_prompt_embeddings(
         self,
         embeddings: torch.Tensor,
@@ -397,6 +417,7 @@ class StreamSession:
         return len(self._pending.frames)
 
     @_gpu_work
+    @recorded("session")
     def push(self, frames: FrameInput) -> torch.Tensor:
         """Feed input frames: [T, H, W, 3] uint8 (or float in [0, 1]) as a torch tensor or a numpy array,
         one [H, W, 3] frame, a PIL image, or a list of these; any size (resized to the stream's).
@@ -416,6 +437,7 @@ class StreamSession:
         return self._concat(outputs)
 
     @_gpu_work
+    @recorded("session")
     def flush(self) -> torch.Tensor:
         """End of input: process the last partial chunk (padded, output trimmed) and drain the lanes."""
         outputs = []
@@ -430,6 +452,7 @@ class StreamSession:
         return self._concat(outputs)
 
     @_gpu_work
+    @recorded("session")
     def generate(self, chunks: int = 1) -> torch.Tensor:
         """Text mode: the next `chunks` chunks of video generated from the prompts alone."""
         if self.settings.mode != "text":
@@ -682,6 +705,15 @@ class StreamSession:
         release_device_memory(self.components.device)
         return out_of_memory_message(error_text, self.components.device, self.settings)
 
+    def log(self) -> SessionJournal:
+        """The journal of this session (start it with `log=True`): every change and input frame, in order;
+        `wanstream.takes.save_log` writes it to a file that `wanstream replay` reproduces bit for bit."""
+        if self.journal is None:
+            raise SessionError(
+                "this session keeps no log: create it with log=True (Pipeline.session(log=True))"
+            )
+        return self.journal
+
     # ----------------------------------------------------------------------------------------------
     # Snapshots: capture the whole stream state and resume from it later
     # ----------------------------------------------------------------------------------------------
@@ -707,6 +739,8 @@ class StreamSession:
         )
 
     def restore(self, snap: dict[str, Any]) -> None:
+        if self.journal is not None:  # the state jumps to one the journal did not see being made
+            self.journal.mark_unreplayable("the session was restored from a snapshot")
         snap = copy.deepcopy(snap)
         if snap["settings"] != self.settings:
             self.settings = snap["settings"]

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from wanstream.engine.frames import FrameInput, as_frames, as_tensor
+from wanstream.engine.journal import SessionJournal, recorded
 from wanstream.models.dit import CrossKV
 from wanstream.models.vace import VACE_IN_DIM, VaceExtension, VaceModule
 from wanstream.models.vae import VAEEncodeState
@@ -310,6 +311,7 @@ class VaceConditioner:
                 f"the VACE module (width {vace.config.dim}, layers {list(vace.vace_layers)}) does not fit "
                 f"this DiT (width {c.dit.config.dim}, {c.dit.config.num_layers} layers)"
             )
+        encoder_given = encoder is not None
         if encoder is None:
             if c.wan_vae is None:
                 raise VaceInputError("VACE encodes its inputs with the Wan VAE, which is not loaded")
@@ -333,8 +335,29 @@ class VaceConditioner:
         self._chunks = 0  # chunks since the stream (re)started
         self._encodes = 0
         self._trim_next = 0  # flush: padding frames of the next chunk, cut from its output
+        journal = session.journal
+        if journal is not None:
+            if vace is not c.vace or encoder_given:
+                journal.mark_unreplayable("a VACE conditioner with its own module or encoder")
+            journal.record("vace", "create", self.journal_spec(), None)
+
+    @property
+    def journal(self) -> SessionJournal | None:
+        """The session's journal: this conditioner's changes are part of the session's story."""
+        return self.session.journal
+
+    def journal_spec(self) -> dict[str, Any]:
+        """How to build this conditioner again on a replayed session (`VaceConditioner(session, **spec)`)."""
+        return {
+            "scale": self.scale,
+            "vae_cache": self.vae_cache,
+            "float32_sinusoid": self.float32_sinusoid,
+            "pad_keys": self.pad_keys,
+            "history": self.history.maxlen,
+        }
 
     # --- inputs ----------------------------------------------------------------------------------
+    @recorded("vace")
     def push_control(self, frames: FrameInput, masks: torch.Tensor | None = None) -> None:
         """Queue control frames (and their masks) for the coming chunks.
 
@@ -346,6 +369,7 @@ class VaceConditioner:
         items = self._control_items(frames, masks)
         self._control.extend(items)
 
+    @recorded("vace")
     def set_reference_images(self, images: Sequence[ImageSource] | None, *, persist: bool = False) -> None:
         """Reference images (paths or [H, W, 3] tensors) for R2V / style; None clears them.
 
@@ -359,18 +383,22 @@ class VaceConditioner:
             raise VaceInputError("set_reference_images needs at least one image (None clears them)")
         self._refs = _Images([image_pixels(im) for im in images], persist)
 
+    @recorded("vace")
     def set_first_frame(self, image: ImageSource | None, *, persist: bool = False) -> None:
         """Extension mode 'firstframe' on the next chunk: the image as the chunk's start (None clears)."""
         self._set_extension("firstframe", image, persist)
 
+    @recorded("vace")
     def set_last_frame(self, image: ImageSource | None, *, persist: bool = False) -> None:
         """Extension mode 'lastframe' on the next chunk: the image as the chunk's end (None clears)."""
         self._set_extension("lastframe", image, persist)
 
+    @recorded("vace")
     def set_scale(self, scale: float) -> None:
         """`vace_context_scale` in [0, 2] for the chunks from the next one on (0 still computes hints)."""
         self.scale = self._valid_scale(scale)
 
+    @recorded("vace")
     def clear(self) -> None:
         """Drop queued control frames, reference images and extension frames (scale kept)."""
         self._control.clear()
@@ -388,6 +416,7 @@ class VaceConditioner:
         return 5 if self._chunks == 0 else 4
 
     # --- text mode: control frames in, generated frames out ---------------------------------------
+    @recorded("vace")
     def push(self, frames: FrameInput, masks: torch.Tensor | None = None) -> torch.Tensor:
         """Text mode (Scope's VACE default): queue control frames and generate every complete chunk.
 
@@ -399,6 +428,7 @@ class VaceConditioner:
             outputs.append(self.session.generate(1))
         return self._concat(outputs)
 
+    @recorded("vace")
     def flush(self) -> torch.Tensor:
         """End of the control video: pad its last partial chunk with its last frame, generate it (the
         padding cut from the output), and end the stream (the next frames start a new one)."""

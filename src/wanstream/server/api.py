@@ -423,6 +423,45 @@ async def recording_download(request: Request, session_id: str, which: str) -> F
 
 
 # ----------------------------------------------------------------------------------------------------
+# Session logs (docs/replay.md)
+
+
+@v1.get("/sessions/{session_id}/log", tags=["recording"], response_class=FileResponse)
+async def session_log(
+    request: Request,
+    session_id: str,
+    take: Annotated[
+        Literal["stream", "recording"],
+        Query(description="where the take starts: the stream's first frame, or the recording's"),
+    ] = "stream",
+) -> FileResponse:
+    """The stream's session log so far (also after it ended): one `.wslog` file that `wanstream replay`
+    reproduces bit for bit. `take=recording`: the replay writes from the recording's first frame on."""
+    manager = _manager(request)
+    found = manager.take_for(session_id)
+    if found is None:
+        raise HTTPException(
+            404, f"no session log for session {session_id!r} (the server runs with --take-log-mib 0?)"
+        )
+    first = 0
+    if take == "recording":
+        recording = manager.recording_for(session_id)
+        if recording is None or recording.output.first_index is None:
+            raise HTTPException(
+                409, "this session has no recording with frames yet: record first, or use take=stream"
+            )
+        first = recording.output.first_index
+    pipeline = manager.model.pipeline
+    if pipeline is None:
+        raise HTTPException(503, "the model is not loaded")
+    try:
+        path = await asyncio.to_thread(found.save, pipeline.components, first)
+    except OSError as exc:
+        raise HTTPException(500, f"the session log could not be saved: {exc}") from None
+    return FileResponse(path, media_type="application/zip", filename=path.name)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Media folder
 
 

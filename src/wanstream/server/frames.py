@@ -26,6 +26,7 @@ class OutputFrame:
     prompt: tuple[tuple[str, float], ...]
     source_time: float | None  # time.monotonic() when its input frame arrived (None in text mode)
     made: float  # time.monotonic() when it left the engine
+    index: int = -1  # the session's output frame index (the session log's digests are keyed by it)
 
 
 class FrameSink(Protocol):

@@ -41,12 +41,15 @@ class Recorder:
         self.written = 0
         self.dropped = 0
         self.error: str | None = None
+        self.first_index: int | None = None  # the session's output index of the first frame recorded
         self._start: float | None = None
         self._thread = threading.Thread(target=self._run, name=f"wanstream-recorder-{name}", daemon=True)
         self._thread.start()
 
     # FrameSink for the generated stream
     def put(self, frames: Sequence[OutputFrame]) -> None:
+        if self.first_index is None and frames:
+            self.first_index = frames[0].index  # where a session log's take of this recording starts
         for frame in frames:
             self.put_frame(frame.image, frame.made)
 

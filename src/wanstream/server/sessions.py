@@ -37,6 +37,7 @@ from wanstream.server.io.specs import MAX_SINKS, SinkSpec
 from wanstream.server.model import ModelManager
 from wanstream.server.recording import Recorder
 from wanstream.server.sources import FileSource
+from wanstream.server.takes import Take
 from wanstream.server.tempo import Tempo
 from wanstream.server.tracks import PacedOutputTrack
 from wanstream.server.vace import VaceSetup
@@ -104,6 +105,7 @@ class Session:
     sinks: dict[str, QueuedSink] = field(default_factory=dict)  # server-side outputs by id (io/attach.py)
     vace: VaceSetup | None = None  # set before the worker starts: VACE attached, input routed as control
     recording: Recording | None = None
+    take: Take | None = None  # the stream's session log (docs/replay.md)
     player: TimelinePlayer | None = None  # a timeline the server plays to this stream (REST / OSC)
     remote_candidates: int = 0  # trickled ICE candidates accepted (limited per session)
     rtt: float | None = None  # network round trip from RTCP reports (seconds)
@@ -149,6 +151,8 @@ class SessionManager:
         self.sessions: dict[str, Session] = {}
         self.totals = Totals()
         self.finished_recordings: dict[str, Recording] = {}  # kept for download after the session ends
+        self.takes_dir = recordings_dir / "takes"
+        self.finished_takes: dict[str, Take] = {}  # session logs kept for download after the session ends
         self.cost = ChunkCost(config.max_chunk_s)  # what a chunk costs here: over-long streams are refused
         self.tempo = Tempo()  # one musical clock for the server: quantised updates land on its beats
         self.estimate_rows: list[Row] = []  # measured rows: a stream that would not fit the GPU is refused
@@ -202,11 +206,16 @@ class SessionManager:
 
         vace = session.vace
 
+        take = None
+        if self.config.take_log_mib > 0 and pipeline.ring is None:
+            take = Take.open(session.id, self.takes_dir / session.id, settings, self.config.take_log_mib)
+        session.take = take
+
         def make_session() -> StreamSession:
             # On the engine thread: the LoRA manager's lock is held by other streams for whole chunks, so
             # the event loop never takes it. Clients name LoRAs: only the server's LoRA folder is opened.
             configure_loras(pipeline.components, self._lora_files)
-            engine = pipeline.session(settings, prompts=prompts)
+            engine = pipeline.session(settings, prompts=prompts, log=take.journal if take else False)
             if vace is not None:
                 vace.attach(engine)
             return engine
@@ -224,6 +233,8 @@ class SessionManager:
             tempo=self.tempo,
         )
         session.worker = worker
+        if take is not None:
+            worker.add_sink(take.digests)
         await asyncio.wrap_future(worker.start())
         session.state = "running"
         return worker
@@ -273,6 +284,9 @@ class SessionManager:
             await self.remove_sink(session, sink_id)
         if session.recording is not None:
             await self.stop_recording(session)
+        if session.take is not None:
+            await asyncio.to_thread(session.take.finish)
+            self._keep_take(session.take)
         session.channel = None
         session.peer = None
 
@@ -365,6 +379,18 @@ class SessionManager:
         if session is not None and session.recording is not None:
             return session.recording
         return self.finished_recordings.get(session_id)
+
+    def take_for(self, session_id: str) -> Take | None:
+        session = self.sessions.get(session_id)
+        if session is not None and session.take is not None:
+            return session.take
+        return self.finished_takes.get(session_id)
+
+    def _keep_take(self, take: Take, keep: int = 16) -> None:
+        self.finished_takes[take.session_id] = take
+        while len(self.finished_takes) > keep:
+            oldest = next(iter(self.finished_takes))
+            self.finished_takes.pop(oldest).remove()
 
     def _keep_recording(self, session_id: str, recording: Recording, keep: int = 16) -> None:
         self.finished_recordings[session_id] = recording

@@ -637,6 +637,7 @@ class EngineWorker:
                     prompt=ev.prompt if ev is not None else (),
                     source_time=arrived,
                     made=made_at,
+                    index=before + j,
                 )
             )
         return frames

@@ -43,6 +43,7 @@ class LoadedNetworks:
     label: str
     precision: str
     text_placement: str
+    files: dict[str, str]  # role → the file each network was read from (a session log's model identity)
 
 
 def load_networks(
@@ -89,6 +90,7 @@ def load_networks(
     say("Loading VAE…")
     vae = load_wan_vae(files.vae, dtype=dtype, device=device)
     tae = None
+    tae_path = None
     if taehv:
         store = Store(files.models_dir)
         status = next((store.status(a) for a in _artifacts_with_role("taehv")), None)
@@ -96,6 +98,7 @@ def load_networks(
             from wanstream.weights.tae import load_taehv
 
             say("Loading TAEHV…")
+            tae_path = status.path
             tae = load_taehv(
                 status.path, dtype=torch.float16 if device.type == "cuda" else dtype, device=device
             )
@@ -118,6 +121,18 @@ def load_networks(
         label=f"StreamDiffusionV2 {model_size.upper()} ({files.models_dir})",
         precision=precision,
         text_placement=placement,
+        files={
+            role: str(path)
+            for role, path in (
+                ("dit", files.generator),
+                ("config", files.config),
+                ("vae", files.vae),
+                ("text_encoder", files.text_encoder),
+                ("taehv", tae_path),
+                ("vace", vace_path if vace_module is not None else None),
+            )
+            if path is not None
+        },
     )
 
 

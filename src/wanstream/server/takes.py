@@ -1,0 +1,108 @@
+"""Every stream's session log (docs/replay.md): the journal, its frames on disk, the digests of what was sent.
+
+A stream keeps a log from its first chunk (the replay must start where the stream did), its frames written
+by `DiskFrames` off the engine thread, within a size limit (`serve --take-log-mib`; past it the log stops,
+and says where). The digest of every frame the worker hands out is computed on this module's own thread, so
+the engine thread only queues references. `GET /api/v1/sessions/{id}/log` saves it as one `.wslog` file,
+also after the stream has ended (the last 16 are kept).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import shutil
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from wanstream.engine.components import Components
+from wanstream.engine.journal import SessionJournal
+from wanstream.engine.settings import StreamSettings
+from wanstream.server.frames import OutputFrame
+from wanstream.takes.frames import DiskFrames
+from wanstream.takes.log import save_log
+
+log = logging.getLogger("wanstream.server")
+
+MiB = 1024 * 1024
+_STOP = object()
+
+
+class FrameDigests:
+    """A FrameSink that records the sha256 of every frame the stream sends, on its own thread."""
+
+    def __init__(self, journal: SessionJournal, name: str, queue_chunks: int = 64) -> None:
+        self.journal = journal
+        self.dropped = 0  # frames whose digest was not taken (the thread fell behind): not compared on replay
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_chunks)
+        self._thread = threading.Thread(target=self._run, name=f"wanstream-digests-{name}", daemon=True)
+        self._thread.start()
+
+    def put(self, frames: Sequence[OutputFrame]) -> None:
+        try:
+            self._queue.put_nowait(frames)
+        except queue.Full:
+            self.dropped += len(frames)
+
+    def flush(self, epoch: int) -> None:
+        """A cut does not unmake what was sent."""
+
+    def close(self) -> None:
+        self._queue.put(_STOP)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            for frame in item:  # type: ignore[attr-defined]
+                if frame.index >= 0:
+                    self.journal.note_output(frame.index, frame.image)
+
+
+@dataclass
+class Take:
+    """One stream's log: the journal the engine records into, its frames' folder, the digest sink."""
+
+    session_id: str
+    folder: Path
+    journal: SessionJournal
+    store: DiskFrames
+    digests: FrameDigests
+    finished: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def open(cls, session_id: str, folder: Path, settings: StreamSettings, limit_mib: int) -> Take:
+        store = DiskFrames(folder)
+        journal = SessionJournal(
+            settings=settings.model_dump(mode="json"),
+            output="uint8",
+            frames=store,
+            limit_bytes=limit_mib * MiB,
+        )
+        return cls(session_id, folder, journal, store, FrameDigests(journal, session_id))
+
+    def save(self, components: Components, first_output: int = 0) -> Path:
+        """The log so far as one file in the take's folder (blocking: call it off the event loop)."""
+        with self._lock:  # two downloads at once write one after the other
+            return save_log(
+                self.journal,
+                self.folder / f"wanstream-{self.session_id}.wslog",
+                components,
+                first_output=first_output,
+            )
+
+    def finish(self) -> None:
+        """The stream ended: let the writers finish (blocking)."""
+        if not self.finished:
+            self.finished = True
+            self.digests.close()
+            self.store.close()
+
+    def remove(self) -> None:
+        self.finish()
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -1,0 +1,133 @@
+"""Frames of a session log, kept bit for bit.
+
+RGB uint8 frames (what cameras and files give) are stored as FFV1 in Matroska: lossless, any size, a few
+times smaller than raw for real video, and read by every ffmpeg. Anything else (float frames, grey masks,
+prompt embeddings) is stored as `.npy`. `DiskFrames` is the server's frame store: a writer thread encodes
+each call's frames into a folder as they come, so the engine thread only hands over a tensor.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import queue
+import threading
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+
+log = logging.getLogger("wanstream.takes")
+
+_STOP = object()
+
+
+def blob_name(key: int, frames: torch.Tensor) -> str:
+    """The file name a stored tensor gets: `.mkv` for RGB uint8 [T, H, W, 3], `.npy` for anything else."""
+    return f"{key:06d}.mkv" if _is_rgb_video(frames) else f"{key:06d}.npy"
+
+
+def encode_blob(frames: torch.Tensor) -> bytes:
+    if not _is_rgb_video(frames):
+        buf = io.BytesIO()
+        np.save(buf, frames.numpy(), allow_pickle=False)
+        return buf.getvalue()
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="matroska") as container:
+        stream = container.add_stream("ffv1", rate=30)
+        stream.width, stream.height = int(frames.shape[2]), int(frames.shape[1])
+        stream.pix_fmt = "bgr0"  # lossless RGB in FFV1 (rgb24 → bgr0 → rgb24 is exact)
+        for image in frames.numpy():
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
+
+
+def decode_blob(name: str, data: bytes) -> torch.Tensor:
+    if name.endswith(".npy"):
+        return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False))
+    with av.open(io.BytesIO(data)) as container:
+        images = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    return torch.from_numpy(np.stack(images))
+
+
+def _is_rgb_video(frames: torch.Tensor) -> bool:
+    return frames.dtype == torch.uint8 and frames.dim() == 4 and frames.shape[-1] == 3 and frames.shape[0] > 0
+
+
+class DiskFrames:
+    """A journal's frame store on disk: `add` queues, writer threads encode into `folder/frames/`.
+
+    `nbytes` counts the encoded bytes (what the log will weigh). `get` waits for the key's file. A write that
+    fails (disk full) is logged and remembered: `error` says why, and the log saved later reports it."""
+
+    def __init__(self, folder: Path, *, queue_calls: int = 256, writers: int = 3) -> None:
+        self.folder = folder
+        (folder / "frames").mkdir(parents=True, exist_ok=True)
+        self.nbytes = 0
+        self.error: str | None = None
+        self.names: dict[int, str] = {}
+        self._next = 0
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_calls)
+        self._written = threading.Condition()
+        self._done: set[int] = set()
+        # Several writers: PyAV encodes without the GIL, and a 720p camera gives ~30 frames a second.
+        self._threads = [
+            threading.Thread(target=self._run, name=f"wanstream-take-frames-{i}", daemon=True)
+            for i in range(writers)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def add(self, frames: torch.Tensor) -> int:
+        key, self._next = self._next, self._next + 1
+        self.names[key] = blob_name(key, frames)
+        # Never blocks the engine: a writer `queue_calls` calls behind ends the log (the journal truncates it).
+        try:
+            self._queue.put_nowait((key, frames))
+        except queue.Full:
+            raise OSError("the log's frame writer fell behind the stream (a slow disk?)") from None
+        return key
+
+    def get(self, key: int) -> torch.Tensor:
+        path = self.path(key)
+        return decode_blob(path.name, path.read_bytes())
+
+    def path(self, key: int, timeout: float = 60.0) -> Path:
+        """The file of `key`, once written (raises if writing failed or took longer than `timeout`)."""
+        with self._written:
+            if not self._written.wait_for(lambda: key in self._done or self.error is not None, timeout):
+                raise TimeoutError(f"frames {key} of the log were not written within {timeout:.0f} s")
+        if key not in self._done:
+            raise OSError(f"the log's frames could not be written: {self.error}")
+        return self.folder / "frames" / self.names[key]
+
+    def close(self) -> None:
+        """Finish writing what was queued, then stop the writers."""
+        for _ in self._threads:
+            self._queue.put(_STOP)
+        for thread in self._threads:
+            thread.join()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            key, frames = item  # type: ignore[misc]
+            try:
+                data = encode_blob(frames)
+                (self.folder / "frames" / self.names[key]).write_bytes(data)
+            except Exception as exc:  # keep the stream; the log reports it
+                log.warning("a session log's frames could not be written (%s); the log stops here", exc)
+                with self._written:
+                    self.error = f"{type(exc).__name__}: {exc}"
+                    self._written.notify_all()
+                continue
+            with self._written:
+                self.nbytes += len(data)
+                self._done.add(key)
+                self._written.notify_all()

@@ -1,0 +1,189 @@
+"""The session log file (`.wslog`): one zip that holds everything a replay needs. Format version 1:
+
+    log.json        the header, the calls and the output digests (below)
+    frames/NNNNNN.mkv   the frames of call arguments, RGB uint8: FFV1 (lossless)
+    frames/NNNNNN.npy   any other tensor argument (float frames, masks, prompt embeddings)
+
+log.json: {"format": "wanstream-session-log", "version": 1, "created": ISO time, "model": the identity
+(`identity.model_identity`), "session": {"settings": the settings at creation, "output": "uint8" |
+"float"}, "take": {"first_output": the output frame the take starts at}, "frames_out", "unreplayable",
+"truncated" (null or why), "ops": [{"index", "target": "session" | "vace", "name": the method, "args": by
+parameter name, a tensor as {"$frames": key}, "outputs": frames returned, "first_output", "time": seconds}],
+"digests": {"algorithm": "sha256", "frames": {output frame index: hex digest of its bytes as sent}}}.
+docs/replay.md describes it for people.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from wanstream.engine.components import Components
+from wanstream.engine.journal import FRAMES, JournalOp, SessionJournal
+from wanstream.takes.frames import blob_name, decode_blob, encode_blob
+from wanstream.takes.identity import lora_names, model_identity
+
+LOG_FORMAT = "wanstream-session-log"
+LOG_VERSION = 1
+SUFFIX = ".wslog"
+
+
+class LogError(ValueError):
+    """A file that is not a session log this version can read; the message says why and what to do."""
+
+
+@dataclass
+class TakeLog:
+    header: dict[str, Any]
+    ops: list[JournalOp]
+    digests: dict[int, str]
+    path: Path | None = None
+    _zip: zipfile.ZipFile | None = field(default=None, repr=False)
+    _names: dict[int, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return dict(self.header["session"]["settings"])
+
+    @property
+    def output(self) -> str:
+        return str(self.header["session"]["output"])
+
+    @property
+    def model(self) -> dict[str, Any]:
+        return dict(self.header["model"])
+
+    @property
+    def first_output(self) -> int:
+        return int(self.header.get("take", {}).get("first_output", 0))
+
+    def frames(self, key: int) -> torch.Tensor:
+        if self._zip is None or key not in self._names:
+            raise LogError(f"the log has no frames {key} (a damaged file?)")
+        name = self._names[key]
+        return decode_blob(name, self._zip.read(f"frames/{name}"))
+
+    def close(self) -> None:
+        if self._zip is not None:
+            self._zip.close()
+            self._zip = None
+
+    def __enter__(self) -> TakeLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def save_log(
+    journal: SessionJournal,
+    path: str | os.PathLike[str],
+    components: Components,
+    *,
+    first_output: int = 0,
+) -> Path:
+    """Write `journal` as a session log file (atomically). `first_output`: the output frame the take
+    starts at (a replay runs the calls before it too — the stream's state depends on them — and writes
+    from there)."""
+    path = Path(path)
+    ops = list(journal.ops)  # a snapshot: the stream may go on recording
+    with journal._lock:
+        digests = dict(journal.digests)
+    header = {
+        "format": LOG_FORMAT,
+        "version": LOG_VERSION,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "model": model_identity(components, lora_names(journal.settings, ops)),
+        "session": {"settings": journal.settings, "output": journal.output},
+        "take": {"first_output": first_output},
+        "frames_out": journal.frames_out,
+        "unreplayable": journal.unreplayable,
+        "truncated": journal.truncated,
+        "ops": [op.to_json() for op in ops],
+        "digests": {"algorithm": "sha256", "frames": {str(k): v for k, v in sorted(digests.items())}},
+    }
+    store = journal.frames
+    tmp = path.with_name(f".{path.name}.part")
+    try:
+        with zipfile.ZipFile(tmp, "w") as z:
+            z.writestr("log.json", json.dumps(header, indent=1), compress_type=zipfile.ZIP_DEFLATED)
+            for key in sorted(_frame_keys(header["ops"])):
+                if hasattr(store, "path"):  # on disk already (the server's store)
+                    file = store.path(key)
+                    z.write(file, f"frames/{file.name}", compress_type=zipfile.ZIP_STORED)
+                else:
+                    frames = store.get(key)
+                    z.writestr(
+                        f"frames/{blob_name(key, frames)}",
+                        encode_blob(frames),
+                        compress_type=zipfile.ZIP_STORED,
+                    )
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_log(path: str | os.PathLike[str]) -> TakeLog:
+    """Open a session log (close it, or use it as a context manager). LogError when it cannot be read."""
+    path = Path(path)
+    try:
+        z = zipfile.ZipFile(path)
+    except FileNotFoundError:
+        raise LogError(f"{path}: no such file") from None
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise LogError(
+            f"{path}: not a session log ({exc}); save one from the studio or GET .../log"
+        ) from None
+    try:
+        header = json.loads(z.read("log.json"))
+        if not isinstance(header, dict) or header.get("format") != LOG_FORMAT:
+            raise LogError(f"{path}: not a session log (log.json has no format '{LOG_FORMAT}')")
+        version = header.get("version")
+        if version != LOG_VERSION:
+            raise LogError(
+                f"{path}: session log version {version}; this wanstream reads version {LOG_VERSION} "
+                "(use the wanstream version that wrote it)"
+            )
+        ops = [JournalOp.from_json(row) for row in header["ops"]]
+        digests = {int(k): str(v) for k, v in header["digests"]["frames"].items()}
+        names = {}
+        for name in z.namelist():
+            if name.startswith("frames/") and name != "frames/":
+                stem = Path(name).stem
+                names[int(stem)] = Path(name).name
+    except LogError:
+        z.close()
+        raise
+    except (KeyError, ValueError, TypeError) as exc:
+        z.close()
+        raise LogError(f"{path}: a damaged session log ({type(exc).__name__}: {exc})") from None
+    missing = sorted(_frame_keys(header["ops"]) - names.keys())
+    if missing:
+        z.close()
+        raise LogError(f"{path}: a damaged session log (frames {missing[:5]} are missing)")
+    return TakeLog(header, ops, digests, path, z, names)
+
+
+def _frame_keys(rows: list[dict[str, Any]]) -> set[int]:
+    return {key for row in rows for key in _keys(row["args"])}
+
+
+def _keys(value: Any) -> Iterator[int]:
+    if isinstance(value, dict):
+        if FRAMES in value:
+            yield int(value[FRAMES])
+        else:
+            for v in value.values():
+                yield from _keys(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _keys(v)
