@@ -203,3 +203,23 @@ def test_frames_are_stored_losslessly(shape: tuple[int, ...]) -> None:
     assert torch.equal(decode_blob("000001.mkv", encode_blob(rgb)), rgb)
     other = torch.randn(2, 8, 8, 1)
     assert torch.equal(decode_blob("000002.npy", encode_blob(other)), other)
+
+
+def test_a_take_exports_as_a_scope_timeline(tmp_path: Path) -> None:
+    from wanstream.takes.timeline import timeline_of
+    from wanstream.timeline import load_timeline
+
+    pipe = Pipeline.demo()
+    session = pipe.session(height=H, width=W, prompts=["a watercolor city"], log=True)
+    live_take(session)
+    path = save_log(session.log(), tmp_path / "take.wslog", pipe.components)
+    with load_log(path) as log:
+        timeline = timeline_of(log)
+    timeline.save(tmp_path / "show.json")
+    back = load_timeline(tmp_path / "show.json")  # Scope's format, read back by our own reader
+    texts = [[p.text for p in s.prompts] for s in back.segments]
+    assert texts == [["a watercolor city"], ["a fox", "snow"], ["oil painting"]]
+    assert back.segments[1].transition_steps == 3 and back.segments[1].interpolation == "slerp"
+    assert back.segments[2].transition_steps is None  # a plain switch (the take cut)
+    assert back.settings.seed == 42 and back.settings.height == H
+    assert all(a.end == b.start for a, b in zip(back.segments, back.segments[1:], strict=False))

@@ -63,7 +63,9 @@ def chunks_made(c: httpx.Client, sid: str) -> int:
     return max((e["chunk"] for e in rows), default=-1) + 1
 
 
-def test_a_live_take_replays_bit_for_bit(client: httpx.Client, folders: tuple[Path, Path], tmp_path: Path) -> None:
+def test_a_live_take_replays_bit_for_bit(
+    client: httpx.Client, folders: tuple[Path, Path], tmp_path: Path
+) -> None:
     rng = random.Random(2024)
     body = {
         "source": "file",

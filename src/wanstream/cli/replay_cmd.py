@@ -35,6 +35,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lora-dir", type=Path, metavar="DIR", help="where the take's LoRA files are, by name")
     p.add_argument("--device", help="cuda or cpu (default: the take's kind when available)")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON")
+    p.add_argument(
+        "--timeline",
+        type=Path,
+        metavar="FILE",
+        help="write the take's prompt changes as a Scope timeline v2.1 (for Scope; alone, nothing is replayed)",
+    )
     p.set_defaults(handler=run)
 
 
@@ -60,6 +66,17 @@ def run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
+        if args.timeline is not None:
+            from wanstream.takes.timeline import timeline_of
+
+            try:
+                timeline_of(log).save(args.timeline)
+            except (ValueError, OSError) as exc:
+                print(f"wanstream replay: {args.timeline}: {exc}", file=sys.stderr)
+                return 2
+            err.print(f"wrote the take's prompts as a Scope timeline: {args.timeline}")
+            if args.output is None and args.json is None:
+                return 0
         fps = args.fps or take_fps(log)
         writer = None
         if args.output is not None:

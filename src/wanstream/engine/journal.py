@@ -182,8 +182,10 @@ def frame_digest(image: np.ndarray) -> str:
 
 
 def _host_copy(x: torch.Tensor) -> torch.Tensor:
-    """A CPU copy the caller cannot change afterwards (the caller may reuse its buffer)."""
-    return x.detach().to("cpu", copy=True)
+    """A CPU copy the caller cannot change afterwards (the caller may reuse its buffer). Half-precision
+    values are widened to float32 (exactly; files have no bfloat16, and the session casts them back)."""
+    wide = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
+    return x.detach().to("cpu", dtype=wide, copy=True)
 
 
 T = TypeVar("T")

@@ -1,0 +1,190 @@
+"""On the GPU: does the optimised path (compile + CUDA graphs) keep a live take bit for bit? (issue 24)
+
+    python3 tools/gpu/replay_check.py live   DIR   # a live take with changes → DIR/take.wslog, replayed here too
+    python3 tools/gpu/replay_check.py replay DIR   # in a NEW process (warm compile cache): replay DIR/take.wslog
+
+Full-size random networks (no text encoder: prompts are random embeddings), 480x832, stream batch, Wan VAE,
+`Components.optimize()` as `serve` runs them. The take: 2 steps, a prompt transition, a seed change, steps
+2 → 3 → 1, a noise change, a reset. Every output frame's sha256 is noted as the server does. Each replay
+reports how many frames are identical, the first that differs, the largest per-frame difference, and the
+journal's cost on the live chunks (push time with the log vs without). `--no-cudnn-benchmark` runs with cuDNN's
+heuristic conv algorithms instead of per-process timing. One JSON line per mode (also DIR/<mode>.json).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from wanstream.engine.journal import SessionJournal
+from wanstream.engine.prompts import Transition
+from wanstream.engine.random_weights import random_components
+from wanstream.engine.session import StreamSession
+from wanstream.engine.settings import StreamSettings
+from wanstream.models.fastpath import FALLBACKS
+from wanstream.pipeline import RANDOM_LABEL
+from wanstream.takes import load_log, replay, save_log
+from wanstream.takes.frames import DiskFrames
+
+H, W = 480, 832
+
+
+SMOKE = "--cpu-smoke" in sys.argv  # tiny networks on the CPU: checks this script, measures nothing
+if SMOKE:
+    H, W = 32, 48
+DEVICE = "cpu" if SMOKE else "cuda"
+
+
+def components(cudnn_benchmark: bool):
+    c = random_components(
+        torch.device(DEVICE), torch.float32 if SMOKE else torch.bfloat16, tiny=SMOKE, text_encoder=None
+    )
+    c.label, c.random_weights = RANDOM_LABEL, True
+    c.optimize()
+    torch.backends.cudnn.benchmark = cudnn_benchmark  # optimize() turns it on
+    return c
+
+
+def embedding(c, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    cfg = c.dit.config
+    return (torch.randn(1, cfg.text_len, cfg.text_dim, generator=gen) * 0.5).to(DEVICE, c.dtype)
+
+
+def frames(first: int, n: int) -> torch.Tensor:
+    """A moving, camera-like pattern (deterministic): smooth gradients and a drifting disc, uint8."""
+    t = torch.arange(first, first + n, dtype=torch.float32)[:, None, None]
+    y = torch.linspace(0, 1, H)[None, :, None]
+    x = torch.linspace(0, 1, W)[None, None, :]
+    disc = ((x - 0.5 - 0.3 * torch.sin(t / 9)) ** 2 + (y - 0.5) ** 2 < 0.04).float()
+    r = 0.5 + 0.5 * torch.sin(6 * x + t / 7)
+    g = 0.5 + 0.5 * torch.cos(5 * y - t / 11)
+    b = disc
+    return (torch.stack([r.expand(n, H, W), g.expand(n, H, W), b.expand(n, H, W)], -1) * 255).to(torch.uint8)
+
+
+def live(folder: Path, bench: bool) -> dict:
+    c = components(bench)
+    settings = StreamSettings(height=H, width=W)
+    # As the server keeps it: frames written to disk by writer threads, off the engine thread.
+    store = DiskFrames(folder / "store")
+    journal = SessionJournal(settings=settings.model_dump(mode="json"), output="uint8", frames=store)
+    session = StreamSession(c, settings, log=journal)
+    session.set_prompt_embeddings(embedding(c, 1), label="first")
+    made: list[np.ndarray] = []
+    pushes: list[float] = []
+    fed = 0
+
+    def keep(out: torch.Tensor, send: bool = True) -> None:
+        images = out.cpu().numpy()
+        for image in images:
+            if send:
+                journal.note_output(len(made), image)
+            made.append(image)
+
+    def push(chunks: int) -> None:
+        nonlocal fed
+        for _ in range(chunks):
+            n = session.frames_needed
+            batch = frames(fed, n)
+            fed += n
+            t0 = time.perf_counter()
+            out = session.push(batch)
+            keep(out)
+            pushes.append(time.perf_counter() - t0)
+
+    t_start = time.perf_counter()
+    push(8)
+    session.set_prompt_embeddings(embedding(c, 2), label="second", transition=Transition(steps=3))
+    push(5)
+    keep(session.update({"seed": 7}))
+    push(4)
+    keep(session.update({"steps": (800, 600, 400)}))
+    push(6)
+    keep(session.update({"noise_scale": 0.6}))
+    push(3)
+    keep(session.update({"steps": (700,)}))
+    push(6)
+    keep(session.reset(), send=False)
+    push(4)
+    took = time.perf_counter() - t_start
+    path = save_log(journal, folder / "take.wslog", c)
+    np.save(folder / "live_frames.npy", np.stack(made))
+    # The same chunks without a journal: what keeping the log costs per chunk (steady state, warm).
+    plain = StreamSession(c, StreamSettings(height=H, width=W, steps=(700,)))  # as the take ends
+    plain.set_prompt_embeddings(embedding(c, 1))
+    plain_times, logged_times = [], []
+    for s, times in ((plain, plain_times), (session, logged_times)):
+        for i in range(12):
+            batch = frames(10_000 + 4 * i, s.frames_needed)
+            t0 = time.perf_counter()
+            s.push(batch).cpu()
+            times.append(time.perf_counter() - t0)
+    same = _replay_here(path, c, made)
+    return {
+        "mode": "live",
+        "cudnn_benchmark": bench,
+        "frames": len(made),
+        "digests": len(journal.digests),
+        "take_s": round(took, 2),
+        "log_mib": round(path.stat().st_size / 2**20, 1),
+        "ops": len(journal.ops),
+        "push_p50_ms_logged": round(1000 * float(np.median(logged_times[4:])), 2),
+        "push_p50_ms_plain": round(1000 * float(np.median(plain_times[4:])), 2),
+        "replay_same_process": same,
+        "fallbacks": FALLBACKS.snapshot(),
+    }
+
+
+def _replay_here(path: Path, c, live_frames: list[np.ndarray] | np.ndarray) -> dict:
+    got: dict[int, np.ndarray] = {}
+    t0 = time.perf_counter()
+    with load_log(path) as log:
+        report = replay(log, c, on_frames=lambda i, f: got.update(enumerate(f, i)))
+    diffs = [
+        int(np.abs(got[i].astype(np.int16) - live_frames[i].astype(np.int16)).max()) for i in sorted(got)
+    ]
+    differing = [i for i, d in enumerate(diffs) if d]
+    return {
+        **report.to_json(),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "max_abs_diff": max(diffs) if diffs else None,
+        "frames_differing": len(differing),
+        "differing_ranges": _ranges(differing),
+    }
+
+
+def _ranges(indices: list[int]) -> list[list[int]]:
+    out: list[list[int]] = []
+    for i in indices:
+        if out and out[-1][1] == i - 1:
+            out[-1][1] = i
+        else:
+            out.append([i, i])
+    return out
+
+
+def main() -> int:
+    mode, folder = sys.argv[1], Path(sys.argv[2])
+    bench = "--no-cudnn-benchmark" not in sys.argv
+    folder.mkdir(parents=True, exist_ok=True)
+    if mode == "live":
+        result = live(folder, bench)
+    else:
+        c = components(bench)
+        result = {"mode": "replay_new_process", "cudnn_benchmark": bench}
+        result.update(_replay_here(folder / "take.wslog", c, np.load(folder / "live_frames.npy")))
+        result["fallbacks"] = FALLBACKS.snapshot()
+    name = f"{mode}{'' if bench else '_heuristic'}"
+    (folder / f"{name}.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
