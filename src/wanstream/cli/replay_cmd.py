@@ -11,10 +11,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from wanstream.takes.log import TakeLog
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -77,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
             err.print(f"wrote the take's prompts as a Scope timeline: {args.timeline}")
             if args.output is None and args.json is None:
                 return 0
-        fps = args.fps or take_fps(log)
+        fps = args.fps or log.fps
         writer = None
         if args.output is not None:
             try:
@@ -113,13 +109,3 @@ def run(args: argparse.Namespace) -> int:
         args.json.write_text(json.dumps(report.to_json(), indent=2) + "\n")
     mismatch = report.compared and not report.bit_exact and not report.differences
     return 1 if mismatch else 0
-
-
-def take_fps(log: TakeLog) -> float:
-    """Frames per second the take ran at: its output frames over the time between the first and last call
-    that made frames (16, Wan's native rate, when it cannot tell)."""
-    timed = [(op.time, op.outputs) for op in log.ops if op.outputs]
-    if len(timed) < 2 or timed[-1][0] <= timed[0][0]:
-        return 16.0
-    frames = sum(n for _, n in timed[1:])
-    return round(frames / (timed[-1][0] - timed[0][0]), 2)

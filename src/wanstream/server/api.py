@@ -36,6 +36,7 @@ from wanstream.server.io.sinks import SinkUnavailable
 from wanstream.server.limits import LimitExceeded, check_image_header, prompt_problem
 from wanstream.server.model import ModelBusy, ModelManager
 from wanstream.server.recording import encode_jpeg
+from wanstream.server.replays import ReplayJob, ReplayJobs, ReplayRefused, ReplayRequest
 from wanstream.server.schemas import (
     Control,
     ControlAck,
@@ -101,6 +102,10 @@ def _model(request: Request) -> ModelManager:
     return request.app.state.model
 
 
+def _replays(request: Request) -> ReplayJobs:
+    return request.app.state.replays
+
+
 def _session(request: Request | WebSocket, session_id: str) -> Session:
     try:
         session = _manager(request).get(session_id)
@@ -124,6 +129,7 @@ async def health(request: Request) -> dict[str, Any]:
         "demo": model.demo,  # the tiny random-weight demo model (set from start-up, before it loads)
         "random_weights": model.random_weights,  # full-size networks, RANDOM weights (serve --random-weights)
         "sessions": len(manager.sessions),
+        "replays": len(manager.held_slots),  # takes replaying on the server: each holds a stream slot
         "max_sessions": manager.config.max_sessions,
         "instance": request.app.state.instance,  # new on every server start
         "started": request.app.state.started,
@@ -145,8 +151,8 @@ async def model_status(request: Request) -> ModelStatus:
 @v1.post("/model/load", tags=["model"], status_code=202)
 async def model_load(request: Request, body: LoadRequest) -> ModelStatus:
     """Start loading in the background (returns at once); poll GET /api/v1/model for progress."""
-    if _manager(request).sessions:
-        raise HTTPException(409, "streams are running: stop them before loading another model")
+    if _manager(request).sessions or _manager(request).held_slots:
+        raise HTTPException(409, "streams or replays are running: stop them before loading another model")
     try:
         _model(request).start_load(demo=body.demo)
     except ModelBusy as exc:
@@ -459,6 +465,64 @@ async def session_log(
     except OSError as exc:
         raise HTTPException(500, f"the session log could not be saved: {exc}") from None
     return FileResponse(path, media_type="application/zip", filename=path.name)
+
+
+@v1.post(
+    "/sessions/{session_id}/replay",
+    tags=["recording"],
+    status_code=202,
+    responses={404: {"description": "no such take"}, 409: {"description": "busy, or no recording"}},
+)
+async def replay_start(
+    request: Request, session_id: str, body: ReplayRequest | None = None
+) -> dict[str, Any]:
+    """Replay the session's take on the server, on the networks the stream ran on (also after it ended):
+    a job to poll at `GET /api/v1/replays/{job}`. It takes a stream slot while it runs (409 when none is
+    free). `take`: from the recording's first frame (the default when there is a stopped recording), or
+    the stream's."""
+    try:
+        job = _replays(request).start(session_id, body.take if body is not None else None)
+    except ReplayRefused as exc:
+        raise HTTPException(exc.status, str(exc)) from None
+    except Busy as exc:
+        raise HTTPException(409, str(exc)) from None
+    except NotReady as exc:
+        raise HTTPException(503, str(exc), headers={"Retry-After": "5"}) from None
+    return job.view()
+
+
+@v1.get("/replays/{job_id}", tags=["recording"])
+async def replay_status(request: Request, job_id: str) -> dict[str, Any]:
+    """A replay's state (queued, running, done, failed, cancelled), progress in calls, and when done its
+    report: frames compared with the live stream's, how many are identical bit for bit, and `summary`."""
+    return _replay_job(request, job_id).view()
+
+
+@v1.get("/replays/{job_id}/replay.mp4", tags=["recording"], response_class=FileResponse)
+async def replay_video(request: Request, job_id: str) -> FileResponse:
+    """The replayed take as H.264, from the take's first frame; encoded as the recording was, so a
+    bit-exact replay of a recording is the same file as its output.mp4."""
+    job = _replay_job(request, job_id)
+    if job.state != "done":
+        raise HTTPException(409, f"the replay is {job.state}" + (f": {job.error}" if job.error else ""))
+    if job.frames_written == 0 or not job.video.is_file():
+        raise HTTPException(404, "the replay made no frames from the take's start")
+    return FileResponse(job.video, media_type="video/mp4", filename=f"wanstream-{job.session_id}-replay.mp4")
+
+
+@v1.delete("/replays/{job_id}", tags=["recording"], status_code=204)
+async def replay_remove(request: Request, job_id: str) -> Response:
+    """Cancel a replay (its stream slot is free once its current call ends) and remove it and its files."""
+    if not _replays(request).remove(job_id):
+        raise HTTPException(404, f"no replay {job_id!r} (finished ones are kept a while, then removed)")
+    return Response(status_code=204)
+
+
+def _replay_job(request: Request, job_id: str) -> ReplayJob:
+    job = _replays(request).get(job_id)
+    if job is None:
+        raise HTTPException(404, f"no replay {job_id!r} (finished ones are kept a while, then removed)")
+    return job
 
 
 # ----------------------------------------------------------------------------------------------------

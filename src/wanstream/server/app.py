@@ -40,6 +40,7 @@ from wanstream.server.model import ModelManager
 from wanstream.server.osc import start_osc
 from wanstream.server.prompts_api import ExtenderFactory, ExtenderHolder, default_factory
 from wanstream.server.prompts_api import router as prompts_router
+from wanstream.server.replays import ReplayJobs
 from wanstream.server.security import RedactTokens, RequestGuard, check_bind, is_loopback
 from wanstream.server.sessions import SessionManager
 from wanstream.server.timeline_api import router as timeline_router
@@ -100,6 +101,7 @@ def create_app(
     recordings_dir = config.recordings_dir or Path(tempfile.mkdtemp(prefix="wanstream-recordings-"))
     sessions = SessionManager(config, model, recordings_dir)
     sessions.estimate_rows = load_rows()  # measured memory / FPS per GPU (bench --write-estimates)
+    replays = ReplayJobs(sessions, recordings_dir / "replays")  # takes replayed on the server
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -135,6 +137,7 @@ def create_app(
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)
             await sessions.close_all("the server is shutting down")
+            await asyncio.to_thread(replays.close)  # cancelled; their threads end at a call's end
             model.close()  # a multi-GPU ring's processes (nothing for one GPU)
             if own_recordings:
                 shutil.rmtree(recordings_dir, ignore_errors=True)
@@ -155,6 +158,7 @@ def create_app(
     app.state.started = time.time()
     app.state.prompt_extender = ExtenderHolder(extender or default_factory(config.models_dir, config.demo))
     app.state.lora_jobs = LoraJobs()
+    app.state.replays = replays
     app.state.osc = None  # the OSC endpoint, once listening
     app.state.osc_port = config.osc_port or config.port
     app.state.osc_error = None

@@ -77,6 +77,12 @@ def _model_and_slots(m: _Text, manager: SessionManager, model: ModelManager) -> 
     m.add("wanstream_model_load_progress", "gauge", "Model load progress (0-1).", status.progress)
     m.add("wanstream_sessions_active", "gauge", "Streams running now.", len(manager.sessions))
     m.add(
+        "wanstream_replays_active",
+        "gauge",
+        "Takes replaying on the server now (each holds a stream slot).",
+        len(manager.held_slots),
+    )
+    m.add(
         "wanstream_sessions_max",
         "gauge",
         "Concurrent streams allowed (--max-sessions).",

@@ -4,7 +4,8 @@ The worker hands frames to a `Recorder` (a queue put, no copy, no encoding); a w
 them with PyAV (H.264, yuv420p) at their real times (variable frame rate, millisecond time base), so a
 recording plays back at the speed it was made. When the writer falls behind, frames are dropped and
 counted rather than slowing the stream. The file is written under a hidden name and renamed into place
-when complete.
+when complete. `Mp4Encoder` is that encoder on its own: a replay of a take (replays.py) encodes its frames
+at the recording's own times through it, so a bit-exact replay gives the very same MP4 as the recording.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ class Recorder:
 
     def __init__(self, path: Path, *, name: str, queue_frames: int = 240) -> None:
         self.path = path
-        self._tmp = path.with_name(f".{path.name}.part")
         self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_frames)
         self.written = 0
         self.dropped = 0
@@ -78,57 +78,89 @@ class Recorder:
         return self.path if self.written and self.error is None and self.path.exists() else None
 
     def _run(self) -> None:
-        container: av.container.OutputContainer | None = None
-        stream: av.video.stream.VideoStream | None = None
-        last_pts = -1
+        encoder = Mp4Encoder(self.path)
         try:
             while True:
                 item = self._queue.get()
                 if item is _STOP:
                     break
                 image, at = item  # type: ignore[misc]
-                frame = _as_video_frame(image)
-                if container is None:
-                    container, stream = self._open(frame.width, frame.height)
+                if self._start is None:
                     self._start = at
-                assert stream is not None and self._start is not None
-                frame = frame.reformat(width=stream.width, height=stream.height, format="yuv420p")
-                pts = max(round((at - self._start) * 1000), last_pts + 1)
-                last_pts = pts
-                frame.pts, frame.time_base = pts, TIME_BASE
-                for packet in stream.encode(frame):
-                    container.mux(packet)
+                encoder.write(image, round((at - self._start) * 1000))
                 self.written += 1
-            if container is not None and stream is not None:
-                for packet in stream.encode(None):
-                    container.mux(packet)
-                container.close()
-                container = None
-                os.replace(self._tmp, self.path)
+            encoder.close()
         except Exception as exc:
             self.error = f"recording failed: {exc}"
             log.warning("%s: %s", self.path, self.error)
         finally:
-            if container is not None:
-                with contextlib.suppress(Exception):
-                    container.close()
-            self._tmp.unlink(missing_ok=True)
+            encoder.abort()
             # Unblock producers that raced with the stop and drop what they queued.
             with contextlib.suppress(queue.Empty):
                 while True:
                     self._queue.get_nowait()
 
-    def _open(
-        self, width: int, height: int
-    ) -> tuple[av.container.OutputContainer, av.video.stream.VideoStream]:
-        container = av.open(str(self._tmp), "w", format="mp4")
-        stream = container.add_stream("libx264", rate=30)
-        stream.width, stream.height = width + width % 2, height + height % 2
-        stream.pix_fmt = "yuv420p"
-        stream.time_base = TIME_BASE
-        stream.codec_context.time_base = TIME_BASE
-        stream.options = {"preset": "veryfast", "crf": "20"}
-        return container, stream
+
+class Mp4Encoder:
+    """Frames into an H.264 MP4 at given times (milliseconds; each later than the one before), with the
+    recordings' settings; the file appears at `path` only when `close()` finishes it. Two encodes of the
+    same frames at the same times are the same bytes (x264 is deterministic, and its rate control reads
+    the times). Not thread-safe: one thread writes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._tmp = path.with_name(f".{path.name}.part")
+        self._container: av.container.OutputContainer | None = None
+        self._stream: av.video.stream.VideoStream | None = None
+        self._last_pts = -1
+        self.written = 0
+
+    def write(self, image: SourceFrame, ms: int) -> None:
+        """One frame (RGB uint8 [H, W, 3], a torch tensor, or an av.VideoFrame) shown from `ms` on."""
+        frame = _as_video_frame(image)
+        if self._container is None:
+            self._container, self._stream = _open_mp4(self._tmp, frame.width, frame.height)
+        stream = self._stream
+        assert stream is not None
+        frame = frame.reformat(width=stream.width, height=stream.height, format="yuv420p")
+        pts = max(ms, self._last_pts + 1)
+        self._last_pts = pts
+        frame.pts, frame.time_base = pts, TIME_BASE
+        for packet in stream.encode(frame):
+            self._container.mux(packet)
+        self.written += 1
+
+    def close(self) -> Path | None:
+        """Finish the file and move it into place; None when no frame was written."""
+        if self._container is None or self._stream is None:
+            return None
+        for packet in self._stream.encode(None):
+            self._container.mux(packet)
+        self._container.close()
+        self._container = None
+        os.replace(self._tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Drop an unfinished file (nothing after close())."""
+        if self._container is not None:
+            with contextlib.suppress(Exception):
+                self._container.close()
+            self._container = None
+        self._tmp.unlink(missing_ok=True)
+
+
+def _open_mp4(
+    path: Path, width: int, height: int
+) -> tuple[av.container.OutputContainer, av.video.stream.VideoStream]:
+    container = av.open(str(path), "w", format="mp4")
+    stream = container.add_stream("libx264", rate=30)
+    stream.width, stream.height = width + width % 2, height + height % 2
+    stream.pix_fmt = "yuv420p"
+    stream.time_base = TIME_BASE
+    stream.codec_context.time_base = TIME_BASE
+    stream.options = {"preset": "veryfast", "crf": "20"}
+    return container, stream
 
 
 def _as_video_frame(image: SourceFrame) -> av.VideoFrame:

@@ -156,22 +156,46 @@ class SessionManager:
         self.cost = ChunkCost(config.max_chunk_s)  # what a chunk costs here: over-long streams are refused
         self.tempo = Tempo()  # one musical clock for the server: quantised updates land on its beats
         self.estimate_rows: list[Row] = []  # measured rows: a stream that would not fit the GPU is refused
+        # Slots held by device work that is not a stream (a take's replay, replays.py), by holder id: added
+        # on the event loop, discarded from the worker's thread when its work has stopped.
+        self.held_slots: set[str] = set()
+
+    @property
+    def lora_files(self) -> LoraFiles:
+        """The LoRA files clients may name (only the server's LoRA folder)."""
+        return self._lora_files
 
     # -- capacity ------------------------------------------------------------------------------------
     def reserve(self, kind: SessionKind) -> Session:
         """Take a slot now (no await between the check and the insert, so two offers cannot both win)."""
-        if len(self.sessions) >= self.config.max_sessions:
+        self._check_capacity()
+        session = Session(id=secrets.token_urlsafe(9), kind=kind)
+        self.sessions[session.id] = session
+        return session
+
+    def hold_slot(self, holder: str) -> None:
+        """Take a stream slot for other work on the device (a replay: it runs a session like a stream);
+        Busy / NotReady as for a stream. `release_slot` gives it back (from any thread)."""
+        self._check_capacity()
+        self.held_slots.add(holder)
+
+    def release_slot(self, holder: str) -> None:
+        self.held_slots.discard(holder)
+
+    def _check_capacity(self) -> None:
+        if len(self.sessions) + len(self.held_slots) >= self.config.max_sessions:
             self.totals.rejected_busy += 1
             n = self.config.max_sessions
+            replays = len(self.held_slots)
+            also = (
+                f" ({replays} of them {'a take' if replays == 1 else 'takes'} replaying)" if replays else ""
+            )
             raise Busy(
-                f"the server is busy: {n} stream{'s' if n > 1 else ''} already running "
+                f"the server is busy: {n} stream{'s' if n > 1 else ''} already running{also} "
                 f"(--max-sessions {n}); try again when it ends"
             )
         if self.model.pipeline is None:
             raise NotReady(self.model.not_ready_reason())
-        session = Session(id=secrets.token_urlsafe(9), kind=kind)
-        self.sessions[session.id] = session
-        return session
 
     def get(self, session_id: str) -> Session:
         session = self.sessions.get(session_id)

@@ -65,6 +65,16 @@ class TakeLog:
     def first_output(self) -> int:
         return int(self.header.get("take", {}).get("first_output", 0))
 
+    @property
+    def fps(self) -> float:
+        """Frames per second the take ran at: its output frames over the time between the first and last call
+        that made frames (16, Wan's native rate, when it cannot tell)."""
+        timed = [(op.time, op.outputs) for op in self.ops if op.outputs]
+        if len(timed) < 2 or timed[-1][0] <= timed[0][0]:
+            return 16.0
+        frames = sum(n for _, n in timed[1:])
+        return min(1000.0, round(frames / (timed[-1][0] - timed[0][0]), 2))
+
     def frames(self, key: int) -> torch.Tensor:
         if self._zip is None or key not in self._names:
             raise LogError(f"the log has no frames {key} (a damaged file?)")

@@ -14,6 +14,7 @@ import * as modelPanel from "./panels/model.js";
 import * as promptPanel from "./panels/prompts.js";
 import * as recordPanel from "./panels/recording.js";
 import * as settingsPanel from "./panels/settings.js";
+import * as takesPanel from "./panels/takes.js";
 import * as timelinePanel from "./panels/timeline.js";
 
 const VIDEO_STEPS = [700, 500];
@@ -36,7 +37,7 @@ export const app = {
   paused: false,
   recorder: new LiveRecorder(),
   counter: null,
-  panels: [inputPanel, promptPanel, settingsPanel, modelPanel, recordPanel, timelinePanel, controlPanel, ioPanel],
+  panels: [inputPanel, promptPanel, settingsPanel, modelPanel, recordPanel, takesPanel, timelinePanel, controlPanel, ioPanel],
 
   save(now = false) {
     store.save(this.state, { now });
@@ -328,7 +329,10 @@ async function watchServer() {
   await checkInstance(health);
   const chip = $("server-chip");
   chip.className = `chip ${health.model === "loaded" ? "ok" : health.model === "error" ? "bad" : "warn"}`;
-  chip.textContent = `${location.host} · ${health.sessions}/${health.max_sessions} streams`;
+  // A replay of a take holds a stream slot like a stream.
+  const replays = health.replays || 0;
+  chip.textContent = `${location.host} · ${health.sessions + replays}/${health.max_sessions} streams`
+    + (replays ? ` (${replays} replaying)` : "");
   // Also when the model shown disagrees with the server's (a late answer may have overwritten a newer state).
   if (!previous || previous.model !== health.model || health.model === "loading" || app.model?.state !== health.model) {
     await modelPanel.refresh(app);
