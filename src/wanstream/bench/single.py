@@ -47,7 +47,7 @@ from wanstream.engine.random_weights import random_components
 from wanstream.engine.session import StreamSession
 from wanstream.engine.settings import DEFAULT_STEPS, Batching, LoraMode, LoraSpec, StreamSettings
 from wanstream.models.dit import WanConfig, WanDiT
-from wanstream.models.fastpath import FALLBACKS
+from wanstream.models.fastpath import COMPILES, FALLBACKS
 from wanstream.models.lora import linear_targets
 from wanstream.weights.lora import LoraPair, LoraWeights
 
@@ -708,12 +708,21 @@ def bench_live_changes(components: Components, cfg: BenchConfig, console: Any = 
 
     def chunks(n: int, first: bool = False) -> dict[str, Any]:
         times, made = [], 0
+        before = COMPILES.snapshot()
         for i in range(n):
             block = frames[:5] if first and i == 0 else frames[5 + 4 * (i % 12) : 9 + 4 * (i % 12)]
             t0 = time.perf_counter()
             made += int(session.push(block).cpu().shape[0])
             times.append(round((time.perf_counter() - t0) * 1000, 1))
-        return {"chunk_ms": times, "frames": made}
+        after = COMPILES.snapshot()
+        phase: dict[str, Any] = {"chunk_ms": times, "frames": made}
+        # New shapes compiled off the engine thread in this phase (fastpath.COMPILES), and whether one still was
+        # at its end; the phase's graphs (a steps change builds a new denoiser, so these are its own).
+        phase["background_compiles"] = {k: after[k] - before[k] for k in before if k != "pending"}
+        phase["compiling_at_end"] = after["pending"] > 0
+        if session.denoiser.graphs is not None:
+            phase["cuda_graphs"] = asdict(session.denoiser.graphs.stats)
+        return phase
 
     phases: dict[str, Any] = {}
     session.set_prompt_embeddings(prompt(1))
@@ -733,6 +742,7 @@ def bench_live_changes(components: Components, cfg: BenchConfig, console: Any = 
         "ttff_after_reset_ms": phases["hard_cut"]["chunk_ms"][0],
         "worst_chunk_ms": {k: max(v["chunk_ms"]) for k, v in phases.items()},
         "all_phases_produced_frames": all(v["frames"] > 0 for v in phases.values()),
+        "background_compiles": COMPILES.snapshot(),
         "phases": phases,
     }
     if session.denoiser.graphs is not None:
@@ -741,7 +751,8 @@ def bench_live_changes(components: Components, cfg: BenchConfig, console: Any = 
         console.print(
             f"live changes ({cfg.name}): steady {steady:.1f} ms/chunk, TTFF after reset "
             f"{summary['ttff_after_reset_ms']:.0f} ms, worst per phase {summary['worst_chunk_ms']}, "
-            f"frames in every phase: {summary['all_phases_produced_frames']}"
+            f"frames in every phase: {summary['all_phases_produced_frames']}, background compiles "
+            f"{summary['background_compiles']}"
         )
     return summary
 

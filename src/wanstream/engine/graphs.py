@@ -14,8 +14,14 @@ A capture is prepared and made safely:
   it. Warming up advances the cache's device state: the cache is saved before and restored after (once per
   signature; recording itself runs no kernels).
 * Recording waits for other threads' GPU work to stop (`fastpath.GATE`): a compile warming up on another
-  thread invalidates a capture. If such work is running, capturing is deferred and this call runs the
-  compiled step directly; a later call captures.
+  thread invalidates a capture. If such work is running, warming up and capturing are deferred and this call
+  runs the compiled step directly; a later call captures.
+* A step whose compiled code is not ready is neither warmed up nor captured: a graph recorded over the eager
+  code would stay slow for good, and a signature warmed up on the eager code would meet the compiled code's
+  first use inside the recording. A new shape mid-stream compiles in the background (`fastpath.COMPILES`):
+  while anything compiles there, new signatures run uncaptured (stats `deferred`); a warm-up whose step ran
+  eager code for a shape just sent there stops after its first run, and the cache is put back. Once nothing
+  compiles, the next call warms up on the compiled code and captures.
 * Recording uses CUDA's thread-local capture mode: another thread's allocation (the caching allocator is
   capture-aware) does not invalidate it.
 * If capturing fails anyway, that signature runs the compiled step without a graph from then on, with one
@@ -32,13 +38,17 @@ from typing import Any
 import torch
 
 from wanstream.models.dit import CrossKV, StreamExtension
-from wanstream.models.fastpath import FALLBACKS, GATE, is_out_of_memory
+from wanstream.models.fastpath import COMPILES, FALLBACKS, GATE, is_out_of_memory
 from wanstream.models.kv_cache import CallPlan, KVCache
 
 Step = Callable[
     [torch.Tensor, torch.Tensor, CrossKV, CallPlan, StreamExtension | None], tuple[torch.Tensor, torch.Tensor]
 ]
 Outputs = tuple[torch.Tensor, torch.Tensor]
+
+
+class _Compiling(Exception):
+    """A warm-up run used eager code for a shape that compiles in the background: not warm yet."""
 
 
 @dataclass
@@ -80,7 +90,7 @@ class _Captured:
 class GraphStats:
     captured: int = 0  # signatures captured
     replays: int = 0
-    deferred: int = 0  # calls run without a graph because another thread was compiling
+    deferred: int = 0  # calls run without a graph because a compile was running (another thread's, or ours)
     failed: int = 0  # signatures whose capture failed (they run without a graph)
 
 
@@ -177,6 +187,9 @@ class StepGraphs:
         ext_key: tuple,
     ) -> _Captured | None:
         assert self._cross is not None
+        if key not in self._warm and (COMPILES.pending() or GATE.background_elsewhere()):
+            self.stats.deferred += 1  # its capture would be deferred, or its warm-up run eager code
+            return None
         cross = self._cross
         static_x, static_t = x.clone(), t.clone()
         static = self._inputs.get(ext_key)
@@ -189,8 +202,16 @@ class StepGraphs:
                 # Warming up runs the step: save the cache (its K/V are GBs at full size: only here, once per
                 # signature, never on a deferred call) and put it back.
                 saved = {name: buf.clone() for name, buf in self.cache.state()["buffers"].items()}
+                eager_before = COMPILES.eager_runs()
+
+                def run() -> Outputs:
+                    outputs = self.step(static_x, static_t, cross, plan, ext)
+                    if COMPILES.eager_runs() != eager_before:
+                        raise _Compiling  # a shape of this step went to the background compile
+                    return outputs
+
                 try:
-                    self._warm_up(lambda: self.step(static_x, static_t, cross, plan, ext))
+                    self._warm_up(run)
                 finally:
                     self._restore(saved)
                     del saved
@@ -201,6 +222,9 @@ class StepGraphs:
                     return None
                 # Recording runs no kernels: the cache is untouched, also when it fails.
                 graph, outputs = self._record(lambda: self.step(static_x, static_t, cross, plan, ext))
+        except _Compiling:
+            self.stats.deferred += 1
+            return None
         except Exception as exc:
             if is_out_of_memory(exc):
                 raise
@@ -227,10 +251,12 @@ class StepGraphs:
         if self._stream is None:
             self._stream = torch.cuda.Stream()
         self._stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self._stream):
-            for _ in range(2):
-                run()
-        torch.cuda.current_stream().wait_stream(self._stream)
+        try:
+            with torch.cuda.stream(self._stream):
+                for _ in range(2):
+                    run()
+        finally:  # also when a run stops it: the cache is put back on this stream, after the warm-up's writes
+            torch.cuda.current_stream().wait_stream(self._stream)
 
     def _record(self, run: Callable[[], Outputs]) -> tuple[Any, Outputs]:
         if self._pool is None:

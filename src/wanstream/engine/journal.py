@@ -25,6 +25,7 @@ import inspect
 import threading
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 
 from wanstream.engine.frames import as_tensor
+from wanstream.models import numerics
 
 JOURNAL_VERSION = 1
 FRAMES = "$frames"  # an argument stored in the frame store: {"$frames": key}
@@ -78,6 +80,9 @@ class JournalOp:
     outputs: int  # output frames the call returned
     first_output: int  # the session's output frame index of the first of them
     time: float  # seconds since the journal started (for timelines; a replay does not wait)
+    # Calls that ran eager code while compiled code was compiling (or had failed), by site: a replay runs them
+    # the same way (models/numerics.py), since compiled and eager code round differently.
+    eager: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -88,6 +93,7 @@ class JournalOp:
             "outputs": self.outputs,
             "first_output": self.first_output,
             "time": round(self.time, 6),
+            "eager": self.eager,
         }
 
     @classmethod
@@ -100,6 +106,7 @@ class JournalOp:
             outputs=int(row["outputs"]),
             first_output=int(row["first_output"]),
             time=float(row["time"]),
+            eager={str(k): int(v) for k, v in row.get("eager", {}).items()},
         )
 
 
@@ -129,8 +136,11 @@ class SessionJournal:
         if self.unreplayable is None:
             self.unreplayable = reason
 
-    def record(self, target: str, name: str, arguments: dict[str, Any], out: Any) -> None:
-        """Record a call that returned `out` (its arguments by parameter name, `self` left out)."""
+    def record(
+        self, target: str, name: str, arguments: dict[str, Any], out: Any, eager: dict[str, int] | None = None
+    ) -> None:
+        """Record a call that returned `out` (its arguments by parameter name, `self` left out; `eager`: the
+        calls of compiled sites it ran eagerly, `models.numerics`)."""
         count = int(out.shape[0]) if isinstance(out, torch.Tensor) and out.dim() == 4 else 0
         first, self.frames_out = self.frames_out, self.frames_out + count
         if not self.recording:
@@ -150,7 +160,16 @@ class SessionJournal:
             )
             return
         self.ops.append(
-            JournalOp(len(self.ops), target, name, args, count, first, time.monotonic() - self._start)
+            JournalOp(
+                len(self.ops),
+                target,
+                name,
+                args,
+                count,
+                first,
+                time.monotonic() - self._start,
+                dict(eager or {}),
+            )
         )
 
     def note_output(self, index: int, image: np.ndarray | torch.Tensor) -> None:
@@ -202,14 +221,15 @@ def recorded(target: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
             journal: SessionJournal | None = self.journal
             if journal is None:
                 return method(self, *args, **kwargs)
-            with _Nesting(journal) as top:
+            top = journal.depth == 0
+            with _Nesting(journal), numerics.record() if top else nullcontext({}) as eager:
                 out = method(self, *args, **kwargs)
             if top:
                 bound = signature.bind(self, *args, **kwargs)
                 bound.apply_defaults()
                 arguments = dict(bound.arguments)
                 arguments.pop("self")
-                journal.record(target, method.__name__, arguments, out)
+                journal.record(target, method.__name__, arguments, out, eager)
             return out
 
         return wrapper
@@ -218,14 +238,13 @@ def recorded(target: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
 
 
 class _Nesting:
-    """`with _Nesting(journal) as top`: top is True only for the outermost recorded call."""
+    """Inside a recorded call: the calls it makes are part of it (not recorded again)."""
 
     def __init__(self, journal: SessionJournal) -> None:
         self.journal = journal
 
-    def __enter__(self) -> bool:
+    def __enter__(self) -> None:
         self.journal.depth += 1
-        return self.journal.depth == 1
 
     def __exit__(self, *exc: object) -> None:
         self.journal.depth -= 1

@@ -518,17 +518,26 @@ class WanDiT(nn.Module):
     def optimize(self, *, compile: bool = True, fuse_qkv: bool = True) -> WanDiT:
         """Fuse q/k/v GEMMs and compile the two halves of a block once, reused by every layer (regional
         compilation: one compile instead of thirty). The KV-cache update and attention stay outside the
-        compiled regions: they are already few large kernels, and the whole step is CUDA-graphed anyway."""
+        compiled regions: they are already few large kernels, and the whole step is CUDA-graphed anyway.
+
+        The halves write nothing but their outputs, so a new shape mid-stream (another lane count or frame
+        size) compiles on a helper thread while the stream runs the eager halves (`fastpath.COMPILES`)."""
         if fuse_qkv:
             for block in self.blocks:
                 block.self_attn.fuse_qkv()
         if compile:  # a failed compile falls back to the eager halves (counted in fastpath.FALLBACKS)
             self._halves = (
                 CompiledOrEager(
-                    torch.compile(_first_half, dynamic=False), _first_half, "DiT block, first half"
+                    torch.compile(_first_half, dynamic=False),
+                    _first_half,
+                    "DiT block, first half",
+                    background=True,
                 ),
                 CompiledOrEager(
-                    torch.compile(_second_half, dynamic=False), _second_half, "DiT block, second half"
+                    torch.compile(_second_half, dynamic=False),
+                    _second_half,
+                    "DiT block, second half",
+                    background=True,
                 ),
             )
         return self

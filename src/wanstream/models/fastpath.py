@@ -1,7 +1,7 @@
 """Guards for the optimised GPU path (compiled code, CUDA graphs): it may be slower, never fatal.
 
-Two things live here because both the models (the Wan VAE's background compile) and the engine (the DiT's
-CUDA graphs) need them:
+What lives here, because both the models (the Wan VAE's background compile, the DiT's compiled block halves
+and KV-cache bookkeeping) and the engine (the DiT's CUDA graphs) need it:
 
 * `GATE`, which keeps other threads' GPU work out of a CUDA-graph capture. A capture records every kernel
   launched on its stream; CUDA invalidates it when another thread meanwhile does something that cannot be
@@ -10,6 +10,14 @@ CUDA graphs) need them:
   with a warm compile cache — regularly met the DiT's first capture and killed the stream.
 * `FALLBACKS`, the record of every optimisation that failed and was replaced by the slower path: one
   warning per kind of failure and cause, counted for `/metrics` and `bench --json`.
+* `CompiledOrEager`, a compiled function that falls back to its eager code, and `COMPILES`, which compiles
+  its new shapes off the stream's thread. A compiled function meets a new shape mid-stream when a live change
+  alters the DiT step's batch (2 → 3 denoising steps in stream batch: 3 lanes) or the frame size; compiling
+  it in line froze a live stream for 10.3 s on an H100 (issue 16). With `background=True`, a shape the
+  function has not seen in this process is compiled on a helper thread, from copies of the first call's
+  arguments, while calls of that shape run the eager code; later calls use the compiled code. The process's
+  very first shape of each function still compiles in line: that is the stream's start-up, which cold start
+  measures. `StepGraphs` warms up and captures a DiT step only once nothing it runs is still compiling.
 """
 
 from __future__ import annotations
@@ -17,12 +25,16 @@ from __future__ import annotations
 import threading
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextlib import contextmanager, nullcontext, suppress
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
+
+from wanstream.models import numerics
 
 
 class CaptureGate:
@@ -95,6 +107,12 @@ class CaptureGate:
                     self._capturer = None
                     self._cond.notify_all()
 
+    def background_elsewhere(self) -> bool:
+        """Whether another thread holds background work now (a capture would be deferred)."""
+        me = threading.get_ident()
+        with self._cond:
+            return any(t != me for t in self._background)
+
     def busy(self) -> dict[str, int]:
         """How many threads hold work / background now (for tests and diagnostics)."""
         with self._cond:
@@ -157,15 +175,79 @@ def _capturing() -> bool:
 
 class CompiledOrEager:
     """Calls a `torch.compile`d function; if compiling (or its first run) fails, records the failure once
-    and calls the eager function from then on. Same arguments, same results up to rounding."""
+    and calls the eager function from then on. Same arguments, same results up to rounding.
 
-    def __init__(self, compiled: Callable[..., Any], eager: Callable[..., Any], where: str) -> None:
+    With `background`, a call signature (see `_signature`) the function has not been compiled for yet is
+    compiled by `COMPILES` on its helper thread, and calls with it run the eager function until that is done;
+    only the function's first signature in the process compiles in line. Dynamo also specialises on what the
+    signature does not see (a module's attributes, e.g. a runtime LoRA's adapters): such a change still
+    compiles in line, as without `background`.
+    """
+
+    def __init__(
+        self, compiled: Callable[..., Any], eager: Callable[..., Any], where: str, *, background: bool = False
+    ) -> None:
         self.compiled, self.eager, self.where = compiled, eager, where
         self.failed = False
+        # Shared by every wrapper of one eager function: dynamo's compiled code belongs to the function's code
+        # (a session rebuilt for a new step count wraps the cache bookkeeping anew, over the same code).
+        self.shapes = COMPILES.shapes_of(eager) if background else None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if numerics.replaying():
+            return self._as_recorded(args, kwargs)
         if self.failed:
+            numerics.note_eager(self._site(args, kwargs))
             return self.eager(*args, **kwargs)
+        if self.shapes is None:
+            return self._compiled(args, kwargs)
+        key = _signature(args, kwargs)
+        state = self.shapes.state.get(key)
+        if state == READY:  # the steady state: one signature, one dict look-up
+            return self._compiled(args, kwargs)
+        return self._new_shape(key, state, args, kwargs)
+
+    def _site(self, args: tuple, kwargs: dict[str, Any]) -> str:
+        """This call's site for `models.numerics`: the function and its arguments' shapes, dtypes and strides
+        (the same text in any process, whatever its grad mode)."""
+        parts = tuple(map(_part, args)) + tuple((k, _part(v)) for k, v in kwargs.items())
+        return f"{self.where} {parts}"
+
+    def _as_recorded(self, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """A replay: eager where the recorded call ran eager code, else compiled — compiled in line (or its
+        background compile waited for) when it is not ready: a replay has no deadline."""
+        if numerics.replay_eager(self._site(args, kwargs)) or self.failed:
+            return self.eager(*args, **kwargs)
+        if self.shapes is not None:
+            key = _signature(args, kwargs)
+            if self.shapes.state.get(key) == PENDING:
+                COMPILES.wait()
+            if self.shapes.state.get(key) == FAILED:
+                return self.eager(*args, **kwargs)
+            out = self._compiled(args, kwargs)
+            if not self.failed:
+                self.shapes.mark(key, READY)
+            return out
+        return self._compiled(args, kwargs)
+
+    def _new_shape(self, key: tuple, state: str | None, args: tuple, kwargs: dict[str, Any]) -> Any:
+        if state is None and self.shapes.any_ready and not _capturing():  # type: ignore[union-attr]
+            state = COMPILES.start(self, key, args, kwargs)
+        if state in (PENDING, FAILED):
+            if state == PENDING:
+                COMPILES.ran_eager()
+            numerics.note_eager(self._site(args, kwargs))
+            return self.eager(*args, **kwargs)
+        # The function's first signature, one compiled in the background and not called yet, or INLINE.
+        start = time.perf_counter()
+        out = self._compiled(args, kwargs)
+        if not self.failed:
+            if state == FRESH and time.perf_counter() - start > COMPILES.slow_first_call_s:
+                COMPILES.stats.slow_first_calls += 1
+            self.shapes.mark(key, READY)  # type: ignore[union-attr]
+        return out
+
+    def _compiled(self, args: tuple, kwargs: dict[str, Any]) -> Any:
         try:
             return self.compiled(*args, **kwargs)
         except Exception as exc:
@@ -174,3 +256,247 @@ class CompiledOrEager:
             self.failed = True
             FALLBACKS.record("compile", self.where, exc, "the eager code")
             return self.eager(*args, **kwargs)
+
+
+# --- compiling new shapes off the stream's thread ---------------------------------------------------------
+
+# What a signature of a compiled function is in: compiled; compiling in the background; compiled in the
+# background and not called yet; failed (eager for good); to compile in line on its next call.
+READY, PENDING, FRESH, FAILED, INLINE = "ready", "pending", "fresh", "failed", "inline"
+
+
+@dataclass
+class _Shapes:
+    """The signatures of one function and their states."""
+
+    state: dict[tuple, str] = field(default_factory=dict)
+    any_ready: bool = False  # compiled for some signature: later new ones go to the background
+
+    def mark(self, key: tuple, state: str) -> None:
+        self.state[key] = state
+        self.any_ready = self.any_ready or state in (READY, FRESH)
+
+
+@dataclass
+class CompileStats:
+    scheduled: int = 0  # signatures sent to the helper thread
+    compiled: int = 0
+    failed: int = 0  # also in FALLBACKS ("compile"): those signatures run eagerly from then on
+    # The first call of a signature compiled in the background took over `slow_first_call_s`: dynamo compiled
+    # it again in line (its guards saw something the helper's call did not). Should stay 0.
+    slow_first_calls: int = 0
+
+
+class BackgroundCompiles:
+    """Compiles new signatures of `CompiledOrEager(background=True)` functions on one helper thread, one at
+    a time, while the stream's thread runs their eager code.
+
+    The helper calls the compiled function on private copies of the first call's arguments (same shapes,
+    strides, dtypes, devices: dynamo's guards then match the stream's calls), under the calling thread's
+    grad mode, inside `GATE.background()` (captures wait) and on a stream of its own. The functions must not
+    write anything but their arguments. A failure is recorded in FALLBACKS and that signature stays eager; out
+    of memory is not a compile failure: that signature then compiles in line on its next call, as it did before
+    there was a background. The thread ends when nothing is left to compile (not a daemon: a process that ends
+    mid-compile waits for it; a daemon compile thread torn down at exit aborted the process).
+    """
+
+    slow_first_call_s = 0.5
+
+    def __init__(self) -> None:
+        self.stats = CompileStats()
+        self._cond = threading.Condition()
+        self._jobs: deque[Callable[[], None]] = deque()
+        self._pending = 0  # queued or running
+        self._thread: threading.Thread | None = None
+        self._shapes: dict[Callable[..., Any], _Shapes] = {}
+        self._streams: dict[torch.device, Any] = {}
+        self._local = threading.local()
+
+    def shapes_of(self, eager: Callable[..., Any]) -> _Shapes:
+        with self._cond:
+            return self._shapes.setdefault(eager, _Shapes())
+
+    def pending(self) -> bool:
+        """Whether any signature is waiting for, or being compiled on, the helper thread."""
+        return self._pending > 0
+
+    def eager_runs(self) -> int:
+        """Calls on this thread that ran eager code because their signature was still compiling."""
+        return getattr(self._local, "eager", 0)
+
+    def ran_eager(self) -> None:
+        self._local.eager = self.eager_runs() + 1
+
+    def start(self, fn: CompiledOrEager, key: tuple, args: tuple, kwargs: dict[str, Any]) -> str:
+        """Queue a compile of `fn` for this call's signature; returns the signature's state (PENDING)."""
+        assert fn.shapes is not None
+        with self._cond:
+            state = fn.shapes.state.get(key)
+            if state is not None:  # another thread got here first
+                return state
+            fn.shapes.state[key] = PENDING
+            self._pending += 1
+            self.stats.scheduled += 1
+        try:
+            job = self._job(fn, key, args, kwargs)
+        except Exception:  # copying the arguments failed (out of memory): compile in line, as before
+            self._finish(fn, key, INLINE)
+            return INLINE
+        with self._cond:
+            self._jobs.append(job)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name="compile-shapes", daemon=False)
+                self._thread.start()
+        return PENDING
+
+    def _job(
+        self, fn: CompiledOrEager, key: tuple, args: tuple, kwargs: dict[str, Any]
+    ) -> Callable[[], None]:
+        """On the calling thread: copy the arguments and note its grad mode; the job runs on the helper."""
+        import torch._dynamo
+
+        # "Is FX tracing?" is one process-wide flag: a compiled call on the stream's thread while the helper
+        # traces would raise instead of running eagerly that once.
+        torch._dynamo.config.error_on_nested_fx_trace = False
+        # For the same reason the helper's own call holds dynamo's compile lock: while another thread compiles
+        # (the VAE, for a new frame size) the flag may be up, and the call would run eagerly, compiling nothing.
+        exclusive = getattr(torch._dynamo.convert_frame, "compile_lock", None) or nullcontext()
+        scratch: list[Any] = [_scratch(args), _scratch(kwargs)]
+        inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+        device = next((a.device for a in _tensors(args)), None)
+        copied = None
+        if device is not None and device.type == "cuda":
+            copied = torch.cuda.Event()
+            copied.record()  # the copies are queued on this thread's stream
+
+        def job() -> None:
+            state = INLINE
+            try:
+                with GATE.background():
+                    try:
+                        with (
+                            torch.inference_mode(inference),
+                            torch.set_grad_enabled(grad),
+                            self._helper_stream(device, copied),
+                            exclusive,
+                        ):
+                            fn.compiled(*scratch[0], **scratch[1])
+                    finally:
+                        scratch.clear()  # freed inside the gate, once the helper's stream is done with them
+                state = FRESH
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    state = FAILED
+                    FALLBACKS.record("compile", f"{fn.where} (in the background)", exc, "the eager code")
+            finally:
+                self._finish(fn, key, state)
+
+        return job
+
+    @contextmanager
+    def _helper_stream(self, device: torch.device | None, copied: Any) -> Iterator[None]:
+        if copied is None:
+            yield
+            return
+        with torch.cuda.device(device):
+            if device not in self._streams:
+                self._streams[device] = torch.cuda.Stream(device)  # type: ignore[arg-type]
+            stream = self._streams[device]
+            stream.wait_event(copied)
+            try:
+                with torch.cuda.stream(stream):
+                    yield
+            finally:
+                # The copies were made on the stream's thread: they go back to its allocator only once the
+                # kernels that read them are done.
+                with suppress(Exception):  # an error here is the compile's, already on its way
+                    stream.synchronize()
+
+    def _finish(self, fn: CompiledOrEager, key: tuple, state: str) -> None:
+        with self._cond:
+            fn.shapes.mark(key, state)  # type: ignore[union-attr]
+            if state == FRESH:
+                self.stats.compiled += 1
+            elif state == FAILED:
+                self.stats.failed += 1
+            self._pending -= 1
+            self._cond.notify_all()
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                if not self._jobs:
+                    self._thread = None
+                    return
+                job = self._jobs.popleft()
+            with suppress(BaseException):  # a job records its own failure; the thread must go on
+                job()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until nothing is compiling in the background (tests, benchmarks); False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._pending == 0, timeout)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._cond:
+            return {**asdict(self.stats), "pending": self._pending}
+
+    def forget(self) -> None:
+        """Forget every signature and count (tests): the next signature of each function compiles in line."""
+        self.wait()
+        with self._cond:
+            for shapes in self._shapes.values():
+                shapes.state.clear()
+                shapes.any_ready = False
+            self.stats = CompileStats()
+
+
+COMPILES = BackgroundCompiles()
+
+
+def _signature(args: tuple, kwargs: dict[str, Any]) -> tuple:
+    """What dynamo specialises a call on, cheaply (a few µs): the grad mode, each tensor's shape, dtype, device
+    and strides, plain values (dynamo bakes Python scalars into the graph), the type of anything else (a
+    module)."""
+    key = (torch.is_inference_mode_enabled(), torch.is_grad_enabled(), *map(_part, args))
+    return (key, tuple(kwargs), tuple(map(_part, kwargs.values()))) if kwargs else key
+
+
+_PLAIN = (type(None), bool, int, float, str)
+
+
+def _part(a: Any) -> Any:
+    if isinstance(a, torch.Tensor):
+        return (a.shape, a.dtype, a.device, a.stride())
+    if isinstance(a, _PLAIN):
+        return a
+    if isinstance(a, (tuple, list)):
+        return tuple(map(_part, a))
+    return type(a)
+
+
+def _scratch(a: Any) -> Any:
+    """A private copy of a call argument for the helper thread: each tensor with its shape, strides, dtype,
+    device, inference-ness and requires_grad (what dynamo guards on), and its values (index tensors must stay
+    in range); modules and plain values as they are."""
+    if isinstance(a, torch.Tensor):
+        with torch.inference_mode(a.is_inference()):
+            span = 1 + sum((n - 1) * s for n, s in zip(a.shape, a.stride())) if a.numel() else 0
+            region = a.detach().as_strided((span,), (1,), a.storage_offset()).clone()
+            copy = region.as_strided(a.shape, a.stride())
+            return copy.requires_grad_() if a.requires_grad else copy
+    if isinstance(a, nn.Module):
+        return a
+    if isinstance(a, dict):
+        return {k: _scratch(v) for k, v in a.items()}
+    if isinstance(a, (tuple, list)):
+        return type(a)(map(_scratch, a))
+    return a
+
+
+def _tensors(a: Any) -> Iterator[torch.Tensor]:
+    if isinstance(a, torch.Tensor):
+        yield a
+    elif isinstance(a, (tuple, list)):
+        for v in a:
+            yield from _tensors(v)

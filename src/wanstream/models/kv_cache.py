@@ -363,8 +363,12 @@ class KVCache(nn.Module):
 
     def compile(self) -> KVCache:
         """Fuse the per-layer bookkeeping (sink check, queue pops and pushes) into a few kernels instead of
-        dozens of tiny ones. One compile serves every layer (the layer's views are arguments)."""
-        self._track = CompiledOrEager(torch.compile(track, dynamic=False), track, "KV-cache bookkeeping")
+        dozens of tiny ones. One compile serves every layer (the layer's views are arguments). `track` writes
+        only its arguments, so a new shape mid-stream compiles on a helper thread, over copies of them, while
+        the stream runs the eager bookkeeping (`fastpath.COMPILES`)."""
+        self._track = CompiledOrEager(
+            torch.compile(track, dynamic=False), track, "KV-cache bookkeeping", background=True
+        )
         return self
 
     def state(self) -> dict[str, object]:

@@ -45,7 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wanstream.models.fastpath import FALLBACKS, GATE, CompiledOrEager
+from wanstream.models import numerics
+from wanstream.models.fastpath import COMPILES, FALLBACKS, GATE, CompiledOrEager
 
 # Per-channel latent statistics of Wan2.1's VAE (identical in Wan2.1, StreamDiffusionV2 and diffusers).
 WAN_LATENT_MEAN = (
@@ -469,8 +470,11 @@ class WanVAE(nn.Module):
     _compiled: _CompiledHalves | None = None
 
     def wait_compiled(self, timeout: float | None = None) -> bool:
-        """Block until every background compile started so far has finished (tests, benchmarks)."""
-        return self._compiled.wait(timeout) if self._compiled is not None else True
+        """Block until every background compile started so far has finished (tests, benchmarks): the VAE's,
+        and the new shapes of other compiled functions (the DiT's, `fastpath.COMPILES`) a benchmark's steady
+        window must not overlap."""
+        done = self._compiled.wait(timeout) if self._compiled is not None else True
+        return COMPILES.wait(timeout) and done
 
     # A session's first part (frame 0, latent 0) runs eagerly: a one-off shape not worth a graph. Its second part
     # (frames 1-4, latent 1) runs compiled like any later chunk: its input is cloned into the canonical
@@ -660,6 +664,11 @@ class _CompiledHalves:
         """The compiled half if it is ready for `x`'s shape (None: use the eager one for now)."""
         key = (half, tuple(x.shape), x.dtype, x.device)
         module = self.halves[0 if half == "encoder" else 1]
+        if numerics.replaying():  # as the recorded call ran: eager, or compiled (in line if not ready yet)
+            if numerics.replay_eager(f"Wan VAE {key}") or self.errors:
+                return None
+            self._ready.add(key)
+            return module
         if key in self._ready:
             return module
         if not self.background:
@@ -674,6 +683,7 @@ class _CompiledHalves:
                 )
                 self._started[key] = thread
                 thread.start()
+        numerics.note_eager(f"Wan VAE {key}")
         return None
 
     def _run(self, key: tuple, warm: Callable[[], None]) -> None:

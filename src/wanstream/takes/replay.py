@@ -21,6 +21,7 @@ from wanstream.engine.prompts import Transition, WeightedPrompt
 from wanstream.engine.session import StreamSession
 from wanstream.engine.settings import StreamSettings
 from wanstream.engine.vace import VaceConditioner
+from wanstream.models import numerics
 from wanstream.takes.identity import differences, model_identity
 from wanstream.takes.log import LogError, TakeLog
 
@@ -128,7 +129,8 @@ def _replay(
                 target: Any = session if op.target == "session" else conditioner
                 if target is None:
                     raise LogError(f"call {op.index} ({op.target}.{op.name}) comes before its conditioner")
-                out = getattr(target, op.name)(**args)
+                with numerics.force(op.eager):  # compiled or eager, call by call, as the live stream ran
+                    out = getattr(target, op.name)(**args)
                 count = int(out.shape[0]) if isinstance(out, torch.Tensor) and out.dim() == 4 else 0
                 if count != op.outputs or made != op.first_output:
                     report.count_mismatches.append(

@@ -1,0 +1,125 @@
+"""A take whose chunks ran eager code while compiled code was still compiling replays bit for bit.
+
+On the GPU a new shape compiles in the background while the stream runs it eagerly (issue 16), so which chunks
+ran which code — and compiled and eager code round differently — depends on timing. The journal records the
+eager calls of each recorded call (`models.numerics`) and the replay runs the same calls the same way. Here the
+"compiled" block halves are stand-ins that differ from the eager ones on purpose (scaled by 1 %), and the live
+stream's compile of the 3-lane shape is held open for some chunks; the replay, on freshly built networks in a
+fresh compile state where nothing is held open, must still give the live frames, and gives others without
+`numerics.force`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wanstream import Pipeline
+from wanstream.models import dit as dit_module
+from wanstream.models import numerics
+from wanstream.models.fastpath import COMPILES, FALLBACKS, CompiledOrEager
+from wanstream.takes import load_log, replay, save_log
+
+from support.clips import moving_clip
+
+SMALL = dict(height=32, width=48)
+
+
+@pytest.fixture(autouse=True)
+def _clean():
+    COMPILES.forget()
+    FALLBACKS.clear()
+    yield
+    assert COMPILES.wait(10)
+    COMPILES.forget()
+    FALLBACKS.clear()
+
+
+class OtherRounding:
+    """A compiled function's stand-in whose results differ from the eager code's (1 %), so every frame shows
+    which code ran. On the helper thread a new signature "compiles" until `release` is set."""
+
+    def __init__(self, eager, release: threading.Event) -> None:
+        self.eager, self.release = eager, release
+
+    def __call__(self, *args, **kwargs):
+        if threading.current_thread().name == "compile-shapes":
+            assert self.release.wait(20), "the test never released the compile"
+        out = self.eager(*args, **kwargs)
+        return tuple(t * 1.01 for t in out) if isinstance(out, tuple) else out * 1.01
+
+
+def install(pipe: Pipeline, release: threading.Event, monkeypatch: pytest.MonkeyPatch) -> None:
+    dit = pipe.components.dit
+    monkeypatch.setattr(
+        dit,
+        "_halves",
+        tuple(
+            CompiledOrEager(OtherRounding(f, release), f, name, background=True)
+            for name, f in (
+                ("DiT block, first half", dit_module._first_half),
+                ("DiT block, second half", dit_module._second_half),
+            )
+        ),
+    )
+
+
+def test_eager_chunks_of_a_pending_compile_replay_as_they_ran(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clip = moving_clip(81)
+    live_pipe = Pipeline.demo()
+    release = threading.Event()
+    release.set()
+    install(live_pipe, release, monkeypatch)
+    session = live_pipe.session(prompts=["a red fox"], steps=(700, 500), seed=5, log=True, **SMALL)
+    outs = []
+
+    def push(i: int) -> None:
+        out = session.push(clip[i : i + 4] if i else clip[:5])
+        first = session.frames_out - out.shape[0]
+        for j, image in enumerate(out.numpy()):
+            session.log().note_output(first + j, image)
+
+    push(0)
+    for i in range(5, 25, 4):
+        push(i)
+        assert COMPILES.wait(10)  # the start settles: its shapes compiled
+    release.clear()  # from here a new signature compiles until released
+    session.update({"steps": [700, 500, 400]})
+    for i in range(25, 57, 4):
+        push(i)
+    assert COMPILES.pending()  # these chunks ran the eager halves for 3 lanes
+    release.set()
+    assert COMPILES.wait(10)
+    for i in range(57, 81, 4):
+        push(i)
+    outs = session.log().digests
+    path = save_log(session.log(), tmp_path / "take.wslog", live_pipe.components)
+    with load_log(path) as log:
+        eager_ops = [op for op in log.ops if op.eager]
+        assert eager_ops and all("DiT block" in site for op in eager_ops for site in op.eager)
+
+    def replayed(forced: bool) -> object:
+        COMPILES.forget()  # as a new process: nothing compiled yet, and nothing held open now
+        fresh = Pipeline.demo()
+        install(fresh, threading.Event(), monkeypatch)
+        fresh_release = fresh.components.dit._halves[0].compiled.release
+        fresh_release.set()
+        fresh.components.dit._halves[1].compiled.release.set()
+        with contextlib.ExitStack() as stack:
+            if not forced:
+                stack.enter_context(monkeypatch.context())
+                monkeypatch.setattr(numerics, "force", lambda counts: contextlib.nullcontext())
+            with load_log(path) as log:
+                return replay(log, fresh.components)
+
+    report = replayed(forced=True)
+    assert report.bit_exact and report.compared == len(outs), report.summary()
+    unforced = replayed(forced=False)
+    assert unforced.compared == len(outs) and not unforced.bit_exact  # the record is what made it exact
+    assert np.isfinite(unforced.identical)
