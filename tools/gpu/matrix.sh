@@ -12,7 +12,7 @@
 # lines) and log_<part>.txt (all logs). Exit codes: a crash shows as a non-zero "rc" beside its run.
 set -o pipefail
 export COLUMNS=200
-PART=${1:?usage: matrix.sh A|B|C|D|E|V|S}
+PART=${1:?usage: matrix.sh A|B|C|D|E|V|S|R}
 W=/tmp/matrix-$PART; rm -rf "$W"; mkdir -p "$W"
 B="python3 -m wanstream.cli.main bench"
 stamp() { echo "[$(date +%T)] $*" | tee -a "$W/steps.txt"; }
@@ -122,6 +122,22 @@ S)
   run warm_start_2step 80 $B --configs "batch,480x832,2,wan" --chunks 30 --warm-chunks 8 --json "$W/warm_start_2step.json"
   run lora 120 $B --configs "batch,480x832,2,wan" --chunks 16 --warm-chunks 4 --lora-rank 32 --json "$W/lora.json"
   run vace 150 $B --configs "nobatch,480x832,2,vace" --chunks 12 --warm-chunks 4 --json "$W/vace.json"
+  ;;
+R)
+  # Issue 16's live steps change with new shapes compiled in the background (cold, one process; the console's
+  # "live changes" line and live_changes.phases in the JSON), the warm start in a new process; then issue 24's
+  # take on the optimised path: recorded live and replayed in the same process, then in a NEW process (warm
+  # cache); then the same with cuDNN's heuristic conv algorithms instead of per-process timing. Needs .whl-av.
+  rm -rf "$TORCHINDUCTOR_CACHE_DIR"
+  run cold 200 $B --configs "batch,480x832,2,wan;batch,480x832,1,wan" \
+    --chunks 12 --warm-chunks 4 --live-changes --json "$W/cold.json"
+  run warm_start_2step 80 $B --configs "batch,480x832,2,wan" --chunks 30 --warm-chunks 8 --json "$W/warm_start_2step.json"
+  run replay_live 150 python3 tools/gpu/replay_check.py live "$W/take" --json "$W/replay_live.json"
+  run replay_new_process 100 python3 tools/gpu/replay_check.py replay "$W/take" --json "$W/replay_new_process.json"
+  run replay_live_heuristic 120 python3 tools/gpu/replay_check.py live "$W/take_h" --no-cudnn-benchmark \
+    --json "$W/replay_live_heuristic.json"
+  run replay_new_process_heuristic 90 python3 tools/gpu/replay_check.py replay "$W/take_h" --no-cudnn-benchmark \
+    --json "$W/replay_new_process_heuristic.json"
   ;;
 esac
 summarize

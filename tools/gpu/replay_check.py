@@ -182,6 +182,8 @@ def main() -> int:
         result["fallbacks"] = FALLBACKS.snapshot()
     name = f"{mode}{'' if bench else '_heuristic'}"
     (folder / f"{name}.json").write_text(json.dumps(result, indent=1))
+    if "--json" in sys.argv:  # also where the GPU matrix's summary looks for it
+        Path(sys.argv[sys.argv.index("--json") + 1]).write_text(json.dumps(result, indent=1))
     print(json.dumps(result))
     return 0
 
