@@ -19,12 +19,14 @@ import numpy as np
 import pytest
 
 from wanstream import Pipeline
+from wanstream.engine.denoise.local import LocalBackend
 from wanstream.models import dit as dit_module
 from wanstream.models import numerics
 from wanstream.models.fastpath import COMPILES, FALLBACKS, CompiledOrEager
 from wanstream.takes import load_log, replay, save_log
 
 from support.clips import moving_clip
+from support.graphs import CpuGraphs
 
 SMALL = dict(height=32, width=48)
 
@@ -70,7 +72,18 @@ def install(pipe: Pipeline, release: threading.Event, monkeypatch: pytest.Monkey
 
 def test_eager_chunks_of_a_pending_compile_replay_as_they_ran(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+) -> (
+    None
+):  # Every session (the live one, the replays') on CUDA graphs as on a GPU (a CPU stand-in: tests/support).
+    build = LocalBackend.build
+
+    def build_with_graphs(self, *args, **kwargs):
+        denoiser = build(self, *args, **kwargs)
+        denoiser.graphs = CpuGraphs(denoiser.cache, denoiser._step)
+        return denoiser
+
+    monkeypatch.setattr(LocalBackend, "build", build_with_graphs)
+
     clip = moving_clip(81)
     live_pipe = Pipeline.demo()
     release = threading.Event()
@@ -120,6 +133,7 @@ def test_eager_chunks_of_a_pending_compile_replay_as_they_ran(
 
     report = replayed(forced=True)
     assert report.bit_exact and report.compared == len(outs), report.summary()
+    assert session.denoiser.graphs.stats.replays > 0  # the take ran on graphs too
     unforced = replayed(forced=False)
     assert unforced.compared == len(outs) and not unforced.bit_exact  # the record is what made it exact
     assert np.isfinite(unforced.identical)

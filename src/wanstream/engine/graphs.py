@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from wanstream.models import numerics
 from wanstream.models.dit import CrossKV, StreamExtension
 from wanstream.models.fastpath import COMPILES, FALLBACKS, GATE, is_out_of_memory
 from wanstream.models.kv_cache import CallPlan, KVCache
@@ -130,6 +131,8 @@ class StepGraphs:
         extension: StreamExtension | None = None,
     ) -> Outputs:
         self._load_cross(cross)
+        if numerics.owes_eager():  # a replay of a step the live stream ran (partly) eager: no graph, as live
+            return self.step(x, t, self._cross, plan, extension)  # type: ignore[arg-type]
         ext_key = self._extension_key(x, extension)
         key = (
             tuple(x.shape),
@@ -187,8 +190,12 @@ class StepGraphs:
         ext_key: tuple,
     ) -> _Captured | None:
         assert self._cross is not None
-        if key not in self._warm and (COMPILES.pending() or GATE.background_elsewhere()):
-            self.stats.deferred += 1  # its capture would be deferred, or its warm-up run eager code
+        if key not in self._warm and (
+            COMPILES.pending() or GATE.background_elsewhere() or numerics.owes_eager()
+        ):
+            # Its capture would be deferred, or its warm-up run eager code; or a replay must run this step's eager
+            # code as the live stream did (models/numerics.py): no graph over it.
+            self.stats.deferred += 1
             return None
         cross = self._cross
         static_x, static_t = x.clone(), t.clone()
@@ -211,7 +218,8 @@ class StepGraphs:
                     return outputs
 
                 try:
-                    self._warm_up(run)
+                    with numerics.paused():  # not the stream's own calls: a session log does not count them
+                        self._warm_up(run)
                 finally:
                     self._restore(saved)
                     del saved
@@ -221,7 +229,8 @@ class StepGraphs:
                     self.stats.deferred += 1
                     return None
                 # Recording runs no kernels: the cache is untouched, also when it fails.
-                graph, outputs = self._record(lambda: self.step(static_x, static_t, cross, plan, ext))
+                with numerics.paused():
+                    graph, outputs = self._record(lambda: self.step(static_x, static_t, cross, plan, ext))
         except _Compiling:
             self.stats.deferred += 1
             return None

@@ -57,7 +57,7 @@ from wanstream.engine.settings import (
     text_mode_problem,
 )
 from wanstream.models.dit import StreamExtension
-from wanstream.models.fastpath import GATE
+from wanstream.models.fastpath import COMPILES, GATE
 
 OutputFormat = Literal["uint8", "float"]
 ChunkKind = Literal["input", "flush", "text"]  # made from input frames, by a flush, or from prompts alone
@@ -179,6 +179,7 @@ class StreamSession:
         self.frames_out = 0
         self._trim_next = 0  # padding frames in the chunk being flushed (trimmed from its output)
         self._chunk_counter = 0  # monotonic: keys the noise of every chunk ever processed
+        self._live_change_chunks = 0  # chunks left whose new shapes compile in the background (a live change)
         self.conditioner: ChunkConditioner | None = None
         # Optional instrumentation (the benchmark's CUDA-event timer): stage name → context manager.
         self.stage_timer: Callable[[str], AbstractContextManager[Any]] | None = None
@@ -270,6 +271,9 @@ class StreamSession:
             pending = self._pending
             self._build(new)
             self._pending = pending
+            # The new shapes (lanes, frame size, cache phases) meet the compiled code over the next chunks:
+            # compile them on a helper thread while those chunks run eager code (fastpath.COMPILES).
+            self._live_change_chunks = new.kv_cache_frames + len(new.denoising_steps) + 4
             if (new.height, new.width) != (old.height, old.width) and pending.frames:
                 resized = F.interpolate(
                     torch.stack(pending.frames), size=(new.height, new.width), mode="bilinear", antialias=True
@@ -527,8 +531,10 @@ class StreamSession:
         noise_scale: torch.Tensor | None,
         first_step: torch.Tensor | None,
     ) -> torch.Tensor:
-        with self._loras_in_force():
-            return self._denoise_and_decode_with_loras(noisy, kind, span, noise_scale, first_step)
+        with self._loras_in_force(), COMPILES.live_change(self._live_change_chunks > 0):
+            out = self._denoise_and_decode_with_loras(noisy, kind, span, noise_scale, first_step)
+        self._live_change_chunks = max(self._live_change_chunks - 1, 0)
+        return out
 
     def _open_event(
         self,

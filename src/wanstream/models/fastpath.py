@@ -231,7 +231,7 @@ class CompiledOrEager:
         return self._compiled(args, kwargs)
 
     def _new_shape(self, key: tuple, state: str | None, args: tuple, kwargs: dict[str, Any]) -> Any:
-        if state is None and self.shapes.any_ready and not _capturing():  # type: ignore[union-attr]
+        if state is None and self.shapes.any_ready and COMPILES.allowed() and not _capturing():  # type: ignore[union-attr]
             state = COMPILES.start(self, key, args, kwargs)
         if state in (PENDING, FAILED):
             if state == PENDING:
@@ -319,6 +319,22 @@ class BackgroundCompiles:
     def pending(self) -> bool:
         """Whether any signature is waiting for, or being compiled on, the helper thread."""
         return self._pending > 0
+
+    def allowed(self) -> bool:
+        """Whether this thread's new shapes go to the helper now (inside `live_change()`), or compile in line."""
+        return getattr(self._local, "live_change", False)
+
+    @contextmanager
+    def live_change(self, active: bool = True) -> Iterator[None]:
+        """Chunks right after a live change of the stream's shapes (steps, frame size): their new shapes compile
+        on the helper while they run eager code. Elsewhere — a stream's start, which cold start and TTFF
+        measure — a new shape compiles in line, as the first chunks' graphs need their compiled code."""
+        previous = self.allowed()
+        self._local.live_change = active
+        try:
+            yield
+        finally:
+            self._local.live_change = previous
 
     def eager_runs(self) -> int:
         """Calls on this thread that ran eager code because their signature was still compiling."""

@@ -55,6 +55,27 @@ def replay_eager(site: str) -> bool:
     return False
 
 
+def owes_eager() -> bool:
+    """While replaying: whether some calls of this recorded call must still run eager code (until then no CUDA
+    graph is warmed up or captured: the live stream ran these steps without one)."""
+    forced = _STATE.forced
+    return bool(forced) and any(v > 0 for v in forced.values())  # type: ignore[union-attr]
+
+
+@contextmanager
+def paused() -> Iterator[None]:
+    """Calls that are not the stream's own (a CUDA graph's warm-up and recording): not counted while recording,
+    and compiled while replaying (they consume nothing the recorded call ran)."""
+    previous = (_STATE.recording, _STATE.forced)
+    _STATE.recording = None
+    if _STATE.forced is not None:
+        _STATE.forced = {}
+    try:
+        yield
+    finally:
+        _STATE.recording, _STATE.forced = previous
+
+
 @contextmanager
 def record() -> Iterator[dict[str, int]]:
     """Count this thread's eager calls of compiled sites (the dict is filled as they happen)."""

@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import re
+import secrets
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,9 +26,12 @@ from wanstream.engine.components import Components
 from wanstream.engine.journal import JournalOp
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+PROCESS = secrets.token_hex(8)  # this process: a replay in the live stream's own process shares its choices
 _CACHE_LOCK = threading.Lock()
 # Compared between the live take and the replay; the rest (versions, paths) is reported, not compared.
-COMPARED = ("label", "dtype", "precision", "device_kind", "cpu_threads", "weights_seed", "files", "loras")
+COMPARED = (
+    "label", "dtype", "precision", "device_kind", "cpu_threads", "cudnn_benchmark", "weights_seed", "files", "loras"
+)  # fmt: skip
 
 
 def digest_cache_path() -> Path:
@@ -136,6 +140,10 @@ def model_identity(components: Components, loras: Sequence[str] = ()) -> dict[st
         "device": str(components.device),
         "device_kind": device_kind(components.device),
         "cpu_threads": cpu_threads(components.device),
+        # cuDNN picks each conv's algorithm by timing it once per process (`Components.optimize`): another
+        # process may pick another, which rounds differently.
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark) if components.device.type == "cuda" else None,
+        "process": PROCESS,
         "files": {
             role: {"path": p, "sha256": file_sha256(p)} for role, p in sorted(components.files.items())
         },
@@ -155,6 +163,16 @@ def differences(recorded: dict[str, Any], here: dict[str, Any]) -> list[str]:
             b = {k: v["sha256"] for k, v in (b or {}).items()}
         if a != b:
             found.append(f"{key}: the take had {_short(a)}, this run has {_short(b)}")
+    if (
+        recorded.get("cudnn_benchmark")
+        and here.get("cudnn_benchmark")
+        and recorded.get("process") != here.get("process")
+    ):
+        found.append(
+            "process: cuDNN chose the take's convolution algorithms by timing them in the live stream's process "
+            "(torch.backends.cudnn.benchmark); this process may choose others, which round differently (a replay "
+            "on the server that streamed the take — the studio's Replay take — uses the same ones)"
+        )
     for key in ("wanstream", "torch"):
         if recorded.get(key) != here.get(key):
             found.append(f"{key} version: the take had {recorded.get(key)}, this run has {here.get(key)}")
