@@ -386,3 +386,28 @@ def test_torch_compile_the_helpers_compile_is_the_one_the_stream_uses() -> None:
         assert COMPILES.snapshot()["compiled"] >= 3 and FALLBACKS.total() == 0
     finally:
         torch._dynamo.reset()
+
+
+def test_a_compiled_call_while_another_thread_traces_runs_eager_openly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """torch's "is FX tracing?" flag is process-wide: while a compile traces on another thread, dynamo would run a
+    compiled function's eager code without a word. The wrapper does it openly instead, so a session log counts
+    it (models/numerics.py); a replay waits for the tracing to end and runs the compiled code."""
+    import torch.fx._symbolic_trace as fx_trace
+
+    from wanstream.models import numerics
+
+    fake, fn = _background_fn()
+    x = torch.ones(2)
+    fn(x, scale=2.0)  # compiled in line
+    monkeypatch.setattr(fx_trace, "_is_fx_tracing_flag", True)
+    with numerics.record() as eager:
+        assert torch.equal(fn(x, scale=2.0), scaled(x, scale=2.0))
+    assert fake.on(MAIN) == 1 and sum(eager.values()) == 1  # eager, and counted
+    release = threading.Timer(0.05, lambda: monkeypatch.setattr(fx_trace, "_is_fx_tracing_flag", False))
+    release.start()
+    with numerics.force({}):
+        fn(x, scale=2.0)  # waits for the flag, then the compiled code
+    release.join()
+    assert fake.on(MAIN) == 2

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.fx._symbolic_trace
 from torch import nn
 
 from wanstream.models import numerics
@@ -169,6 +170,11 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, (MemoryError, torch.OutOfMemoryError))
 
 
+def _fx_tracing() -> bool:
+    """Whether FX is tracing somewhere in the process (a compile on another thread): torch's flag is global."""
+    return bool(getattr(torch.fx._symbolic_trace, "_is_fx_tracing_flag", False))
+
+
 def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
@@ -248,6 +254,14 @@ class CompiledOrEager:
         return out
 
     def _compiled(self, args: tuple, kwargs: dict[str, Any]) -> Any:
+        if _fx_tracing():
+            # Another thread's compile is tracing: dynamo would run the eager code now, unseen (its "is FX
+            # tracing?" flag is process-wide). Run it openly, so a session log knows; a replay waits instead.
+            if not numerics.replaying():
+                numerics.note_eager(self._site(args, kwargs))
+                return self.eager(*args, **kwargs)
+            while _fx_tracing():
+                time.sleep(0.001)
         try:
             return self.compiled(*args, **kwargs)
         except Exception as exc:
