@@ -9,6 +9,7 @@ tiny DiT: the helper's compile is the one the stream's calls use (dynamo's guard
 
 from __future__ import annotations
 
+import sys
 import threading
 import warnings
 
@@ -99,6 +100,7 @@ def _background_fn() -> tuple[FakeCompiled, CompiledOrEager]:
 @pytest.mark.usefixtures("live_change")
 def test_a_new_shape_runs_eager_while_it_compiles_in_the_background_then_compiled() -> None:
     fake, fn = _background_fn()
+    interval = sys.getswitchinterval()
     two, three = torch.arange(6.0).reshape(2, 3), torch.arange(9.0).reshape(3, 3)
     assert torch.equal(fn(two, scale=2.0), scaled(two, scale=2.0))
     assert fake.on(MAIN) == 1  # the function's first signature compiles in line (the stream's start-up)
@@ -116,8 +118,10 @@ def test_a_new_shape_runs_eager_while_it_compiles_in_the_background_then_compile
     helper_args = fake.arguments[[t for t, _ in fake.calls].index("compile-shapes")]
     assert helper_args[0] is not three and torch.equal(helper_args[0], three)  # a copy of the stream's
 
+    assert sys.getswitchinterval() == COMPILES.gil_switch_s  # the stream's thread gets the GIL back sooner
     fake.release.set()
     assert COMPILES.wait(5)
+    assert sys.getswitchinterval() == interval  # restored once nothing compiles
     assert GATE.busy() == {"work": 0, "background": 0}
     assert torch.equal(fn(three, scale=2.0), scaled(three, scale=2.0))
     assert fake.on(MAIN, key3) == 1  # compiled code from now on

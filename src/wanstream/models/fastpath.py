@@ -22,6 +22,7 @@ and KV-cache bookkeeping) and the engine (the DiT's CUDA graphs) need it:
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 import warnings
@@ -315,6 +316,7 @@ class BackgroundCompiles:
     """
 
     slow_first_call_s = 0.5
+    gil_switch_s = 0.001  # the interpreter's switch interval while something compiles (`_share_the_gil`)
 
     def __init__(self) -> None:
         self.stats = CompileStats()
@@ -325,6 +327,7 @@ class BackgroundCompiles:
         self._shapes: dict[Callable[..., Any], _Shapes] = {}
         self._streams: dict[torch.device, Any] = {}
         self._local = threading.local()
+        self._switch_interval: float | None = None  # the interval to restore once nothing compiles
 
     def shapes_of(self, eager: Callable[..., Any]) -> _Shapes:
         with self._cond:
@@ -367,6 +370,8 @@ class BackgroundCompiles:
             fn.shapes.state[key] = PENDING
             self._pending += 1
             self.stats.scheduled += 1
+            if self._pending == 1:
+                self._share_the_gil()
         try:
             job = self._job(fn, key, args, kwargs)
         except Exception:  # copying the arguments failed (out of memory): compile in line, as before
@@ -450,7 +455,19 @@ class BackgroundCompiles:
             elif state == FAILED:
                 self.stats.failed += 1
             self._pending -= 1
+            if self._pending == 0 and self._switch_interval is not None:
+                sys.setswitchinterval(self._switch_interval)
+                self._switch_interval = None
             self._cond.notify_all()
+
+    def _share_the_gil(self) -> None:
+        """While compiling (heavy Python: tracing, lowering, code generation) hand the GIL back to the stream's
+        thread sooner: its eager step drops and retakes the GIL at each of ~2,000 ops, and waits up to the switch
+        interval (5 ms by default) each time the compile holds it. Restored when nothing compiles."""
+        current = sys.getswitchinterval()
+        if current > self.gil_switch_s:
+            self._switch_interval = current
+            sys.setswitchinterval(self.gil_switch_s)
 
     def _work(self) -> None:
         while True:
