@@ -1,16 +1,15 @@
 """Every stream's session log (docs/replay.md): the journal, its frames on disk, the digests of what was sent.
 
 A stream keeps a log from its first chunk (the replay must start where the stream did), its frames written
-by `DiskFrames` off the engine thread, within a size limit (`serve --take-log-mib`; past it the log stops,
-and says where). The digest of every frame the worker hands out is computed on this module's own thread, so
-the engine thread only queues references. `GET /api/v1/sessions/{id}/log` saves it as one `.wslog` file,
+by `DiskFrames` on the process's writer threads, within a size limit (`serve --take-log-mib`; past it the log stops,
+and says where). The digest of every frame the worker hands out is computed on the same writers, so the engine
+thread only queues references. `GET /api/v1/sessions/{id}/log` saves it as one `.wslog` file,
 also after the stream has ended (the last 16 are kept).
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import shutil
 import threading
 from collections.abc import Sequence
@@ -21,46 +20,52 @@ from wanstream.engine.components import Components
 from wanstream.engine.journal import SessionJournal
 from wanstream.engine.settings import StreamSettings
 from wanstream.server.frames import OutputFrame
-from wanstream.takes.frames import DiskFrames
+from wanstream.takes.frames import DiskFrames, writers
 from wanstream.takes.log import save_log
 
 log = logging.getLogger("wanstream.server")
 
 MiB = 1024 * 1024
-_STOP = object()
 
 
 class FrameDigests:
-    """A FrameSink that records the sha256 of every frame the stream sends, on its own thread."""
+    """A FrameSink that records the sha256 of every frame the stream sends, on the process's take writers
+    (threads shared by every stream: none made per stream)."""
 
     def __init__(self, journal: SessionJournal, name: str, queue_chunks: int = 64) -> None:
         self.journal = journal
-        self.dropped = 0  # frames whose digest was not taken (the thread fell behind): not compared on replay
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_chunks)
-        self._thread = threading.Thread(target=self._run, name=f"wanstream-digests-{name}", daemon=True)
-        self._thread.start()
+        self.dropped = (
+            0  # frames whose digest was not taken (the writers fell behind): not compared on replay
+        )
+        self._limit = queue_chunks
+        self._queued = 0
+        self._cond = threading.Condition()
 
     def put(self, frames: Sequence[OutputFrame]) -> None:
-        try:
-            self._queue.put_nowait(frames)
-        except queue.Full:
-            self.dropped += len(frames)
+        with self._cond:
+            if self._queued >= self._limit:
+                self.dropped += len(frames)
+                return
+            self._queued += 1
+        writers().submit(self._digest, frames)
 
     def flush(self, epoch: int) -> None:
         """A cut does not unmake what was sent."""
 
-    def close(self) -> None:
-        self._queue.put(_STOP)
-        self._thread.join()
+    def close(self, timeout: float = 60.0) -> None:
+        """Wait for the digests of what was sent."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._queued == 0, timeout)
 
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
-            for frame in item:  # type: ignore[attr-defined]
+    def _digest(self, frames: Sequence[OutputFrame]) -> None:
+        try:
+            for frame in frames:
                 if frame.index >= 0:
                     self.journal.note_output(frame.index, frame.image)
+        finally:
+            with self._cond:
+                self._queued -= 1
+                self._cond.notify_all()
 
 
 @dataclass

@@ -2,16 +2,16 @@
 
 RGB uint8 frames (what cameras and files give) are stored as FFV1 in Matroska: lossless, any size, a few
 times smaller than raw for real video, and read by every ffmpeg. Anything else (float frames, grey masks,
-prompt embeddings) is stored as `.npy`. `DiskFrames` is the server's frame store: a writer thread encodes
-each call's frames into a folder as they come, so the engine thread only hands over a tensor.
+prompt embeddings) is stored as `.npy`. `DiskFrames` is the server's frame store: the process's writer threads
+encode each call's frames into the stream's folder as they come, so the engine thread only hands over a tensor.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import av
@@ -19,8 +19,6 @@ import numpy as np
 import torch
 
 log = logging.getLogger("wanstream.takes")
-
-_STOP = object()
 
 
 def blob_name(key: int, frames: torch.Tensor) -> str:
@@ -58,38 +56,49 @@ def _is_rgb_video(frames: torch.Tensor) -> bool:
     return frames.dtype == torch.uint8 and frames.dim() == 4 and frames.shape[-1] == 3 and frames.shape[0] > 0
 
 
+WRITERS = 3  # PyAV encodes without the GIL, and a 720p camera gives ~30 frames a second
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def writers() -> ThreadPoolExecutor:
+    """The process's frame writers, shared by every stream's log: threads made once, not per stream (each
+    thread's allocator arena outlives it: a server that made writers per stream grew ~4 MiB a stream)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="wanstream-take-frames")
+        return _pool
+
+
 class DiskFrames:
-    """A journal's frame store on disk: `add` queues, writer threads encode into `folder/frames/`.
+    """A journal's frame store on disk: `add` hands the frames to the shared writers, which encode them into
+    `folder/frames/`.
 
     `nbytes` counts the encoded bytes (what the log will weigh). `get` waits for the key's file. A write that
     fails (disk full) is logged and remembered: `error` says why, and the log saved later reports it."""
 
-    def __init__(self, folder: Path, *, queue_calls: int = 256, writers: int = 3) -> None:
+    def __init__(self, folder: Path, *, queue_calls: int = 256) -> None:
         self.folder = folder
         (folder / "frames").mkdir(parents=True, exist_ok=True)
         self.nbytes = 0
         self.error: str | None = None
         self.names: dict[int, str] = {}
         self._next = 0
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_calls)
+        self._limit = queue_calls
+        self._queued = 0  # handed to the writers, not written yet
         self._written = threading.Condition()
         self._done: set[int] = set()
-        # Several writers: PyAV encodes without the GIL, and a 720p camera gives ~30 frames a second.
-        self._threads = [
-            threading.Thread(target=self._run, name=f"wanstream-take-frames-{i}", daemon=True)
-            for i in range(writers)
-        ]
-        for thread in self._threads:
-            thread.start()
 
     def add(self, frames: torch.Tensor) -> int:
+        # Never blocks the engine: writers `queue_calls` calls behind end the log (the journal truncates it).
+        with self._written:
+            if self._queued >= self._limit:
+                raise OSError("the log's frame writers fell behind the stream (a slow disk?)")
+            self._queued += 1
         key, self._next = self._next, self._next + 1
         self.names[key] = blob_name(key, frames)
-        # Never blocks the engine: a writer `queue_calls` calls behind ends the log (the journal truncates it).
-        try:
-            self._queue.put_nowait((key, frames))
-        except queue.Full:
-            raise OSError("the log's frame writer fell behind the stream (a slow disk?)") from None
+        writers().submit(self._write, key, frames)
         return key
 
     def get(self, key: int) -> torch.Tensor:
@@ -105,29 +114,24 @@ class DiskFrames:
             raise OSError(f"the log's frames could not be written: {self.error}")
         return self.folder / "frames" / self.names[key]
 
-    def close(self) -> None:
-        """Finish writing what was queued, then stop the writers."""
-        for _ in self._threads:
-            self._queue.put(_STOP)
-        for thread in self._threads:
-            thread.join()
+    def close(self, timeout: float = 60.0) -> None:
+        """Wait until what was handed to the writers is written (or has failed)."""
+        with self._written:
+            self._written.wait_for(lambda: self._queued == 0, timeout)
 
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
-            key, frames = item  # type: ignore[misc]
-            try:
-                data = encode_blob(frames)
-                (self.folder / "frames" / self.names[key]).write_bytes(data)
-            except Exception as exc:  # keep the stream; the log reports it
-                log.warning("a session log's frames could not be written (%s); the log stops here", exc)
-                with self._written:
-                    self.error = f"{type(exc).__name__}: {exc}"
-                    self._written.notify_all()
-                continue
+    def _write(self, key: int, frames: torch.Tensor) -> None:
+        try:
+            data = encode_blob(frames)
+            (self.folder / "frames" / self.names[key]).write_bytes(data)
+        except Exception as exc:  # keep the stream; the log reports it
+            log.warning("a session log's frames could not be written (%s); the log stops here", exc)
             with self._written:
-                self.nbytes += len(data)
-                self._done.add(key)
+                self.error = f"{type(exc).__name__}: {exc}"
+                self._queued -= 1
                 self._written.notify_all()
+            return
+        with self._written:
+            self.nbytes += len(data)
+            self._done.add(key)
+            self._queued -= 1
+            self._written.notify_all()
