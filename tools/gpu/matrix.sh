@@ -12,7 +12,7 @@
 # lines) and log_<part>.txt (all logs). Exit codes: a crash shows as a non-zero "rc" beside its run.
 set -o pipefail
 export COLUMNS=200
-PART=${1:?usage: matrix.sh A|B|C|D|E|V|S|R}
+PART=${1:?usage: matrix.sh A|B|C|D|E|V|S|R|R2}
 W=/tmp/matrix-$PART; rm -rf "$W"; mkdir -p "$W"
 B="python3 -m wanstream.cli.main bench"
 stamp() { echo "[$(date +%T)] $*" | tee -a "$W/steps.txt"; }
@@ -138,6 +138,15 @@ R)
     --json "$W/replay_live_heuristic.json"
   run replay_new_process_heuristic 90 python3 tools/gpu/replay_check.py replay "$W/take_h" --no-cudnn-benchmark \
     --json "$W/replay_new_process_heuristic.json"
+  ;;
+R2)
+  # Part R when device time is short: the live steps change (cold), then the take replayed in the same process
+  # and in a new one (timed cuDNN algorithms). Limits sum to 350 s.
+  rm -rf "$TORCHINDUCTOR_CACHE_DIR"
+  run cold 150 $B --configs "batch,480x832,2,wan;batch,480x832,1,wan" \
+    --chunks 12 --warm-chunks 4 --live-changes --json "$W/cold.json"
+  run replay_live 130 python3 tools/gpu/replay_check.py live "$W/take" --json "$W/replay_live.json"
+  run replay_new_process 70 python3 tools/gpu/replay_check.py replay "$W/take" --json "$W/replay_new_process.json"
   ;;
 esac
 summarize
