@@ -12,7 +12,7 @@
 # lines) and log_<part>.txt (all logs). Exit codes: a crash shows as a non-zero "rc" beside its run.
 set -o pipefail
 export COLUMNS=200
-PART=${1:?usage: matrix.sh A|B|C|D|E|V|S|R|R2}
+PART=${1:?usage: matrix.sh A|B|C|D|E|V|S|R|R2|R3}
 W=/tmp/matrix-$PART; rm -rf "$W"; mkdir -p "$W"
 B="python3 -m wanstream.cli.main bench"
 stamp() { echo "[$(date +%T)] $*" | tee -a "$W/steps.txt"; }
@@ -147,6 +147,14 @@ R2)
     --chunks 12 --warm-chunks 4 --live-changes --json "$W/cold.json"
   run replay_live 130 python3 tools/gpu/replay_check.py live "$W/take" --json "$W/replay_live.json"
   run replay_new_process 70 python3 tools/gpu/replay_check.py replay "$W/take" --json "$W/replay_new_process.json"
+  ;;
+R3)
+  # The least of part R: the live steps change from a cold cache (TTFF, FPS, worst chunks), then the take replayed
+  # in its own process; results are summarised after each run, so a call cut short keeps what ran.
+  rm -rf "$TORCHINDUCTOR_CACHE_DIR"
+  run cold 150 $B --configs "batch,480x832,2,wan;batch,480x832,1,wan" \
+    --chunks 12 --warm-chunks 4 --live-changes --json "$W/cold.json"
+  run replay_live 120 python3 tools/gpu/replay_check.py live "$W/take" --json "$W/replay_live.json"
   ;;
 esac
 summarize
