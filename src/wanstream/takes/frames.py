@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import io
 import logging
+import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -57,17 +59,39 @@ def _is_rgb_video(frames: torch.Tensor) -> bool:
 
 
 WRITERS = 3  # PyAV encodes without the GIL, and a 720p camera gives ~30 frames a second
-_pool: ThreadPoolExecutor | None = None
+
+
+class Writers:
+    """The process's take writers, shared by every stream's log: a fixed set of threads, all started with the
+    first stream that keeps a log and never more (each thread's allocator arena outlives it: a server that made
+    writers per stream grew ~4 MiB a stream, and the server's thread counts stay flat across sessions)."""
+
+    def __init__(self, threads: int) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[..., None], tuple[Any, ...]]] = queue.SimpleQueue()
+        for i in range(threads):
+            threading.Thread(target=self._run, name=f"wanstream-take-writer-{i}", daemon=True).start()
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> None:
+        self._jobs.put((fn, args))
+
+    def _run(self) -> None:
+        while True:
+            fn, args = self._jobs.get()
+            try:
+                fn(*args)
+            except Exception:  # the job reports its own failures; a writer never dies of one
+                log.exception("a take writer's job failed")
+
+
+_pool: Writers | None = None
 _pool_lock = threading.Lock()
 
 
-def writers() -> ThreadPoolExecutor:
-    """The process's frame writers, shared by every stream's log: threads made once, not per stream (each
-    thread's allocator arena outlives it: a server that made writers per stream grew ~4 MiB a stream)."""
+def writers() -> Writers:
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="wanstream-take-frames")
+            _pool = Writers(WRITERS)
         return _pool
 
 
