@@ -84,6 +84,8 @@ def test_a_live_take_replays_bit_for_bit(
         {"loras": [{"path": "style.safetensors", "scale": 0.9}]},
         {"prompts": ["oil painting"], "transition": {"steps": 2, "method": "slerp"}},
         {"steps": [700]},
+        {"paused": True},
+        {"paused": False},
         {"reset": True},
         {"prompts": ["ink drawing"], "switch": "cut"},
     ]
@@ -96,6 +98,8 @@ def test_a_live_take_replays_bit_for_bit(
             time.sleep(rng.uniform(0.0, 0.6))  # a random moment: mid-chunk or between chunks
             ack = client.post(f"/api/v1/sessions/{sid}/control", json=change)
             assert ack.status_code == 200, ack.text
+            if change.get("paused"):
+                continue  # no chunk runs while paused: the resume's wait covers it
             target = ack.json()["next_chunk"] + 1
             while chunks_made(client, sid) < target:  # the change has taken effect and run a chunk
                 assert time.monotonic() < deadline, f"no chunk after {change}"
@@ -116,6 +120,7 @@ def test_a_live_take_replays_bit_for_bit(
     with load_log(path) as log:
         names = [(op.target, op.name) for op in log.ops]
         assert ("session", "update") in names and ("session", "reset") in names
+        assert ("marker", "pause") in names and ("marker", "resume") in names
         assert log.header["truncated"] is None and log.header["unreplayable"] is None
         report = replay(log, fresh.components)
     assert report.differences == [], report.differences

@@ -172,6 +172,16 @@ class SessionJournal:
             )
         )
 
+    def mark(self, name: str) -> None:
+        """A moment of the take that changes nothing in the engine (a pause, a resume): recorded for the story
+        (timelines, a reader of the log) as target "marker"; a replay skips it."""
+        if self.recording:
+            self.ops.append(
+                JournalOp(
+                    len(self.ops), "marker", name, {}, 0, self.frames_out, time.monotonic() - self._start
+                )
+            )
+
     def note_output(self, index: int, image: np.ndarray | torch.Tensor) -> None:
         """The sha256 of output frame `index` as it was sent (any thread; host memory)."""
         data = image.numpy() if isinstance(image, torch.Tensor) else image

@@ -795,6 +795,8 @@ class EngineWorker:
         applied = sorted(k for k in message.model_fields_set if k not in ("id", "quantize"))
         if message.paused is not None and message.paused != self.paused:
             self.paused = message.paused
+            if session.journal is not None:  # nothing changes in the engine; the take's story says where
+                session.journal.mark("pause" if message.paused else "resume")
             self.input.clear()  # frames that waited out a pause are stale
             self._text_clock = 0.0
             self._output_rate.clear()

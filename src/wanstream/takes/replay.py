@@ -123,6 +123,8 @@ def _replay(
         with torch.inference_mode():
             for done, op in enumerate(log.ops):
                 args = _arguments(op.name, _decode(op.args, log, conditioner))
+                if op.target == "marker":  # a pause or resume: nothing to run
+                    continue
                 if op.target == "vace" and op.name == "create":
                     conditioner = VaceConditioner(session, **args)
                     continue
