@@ -140,3 +140,26 @@ def test_logs_are_asked_for_clearly(client: httpx.Client) -> None:
         assert client.get(f"/api/v1/sessions/{sid}/log", params={"take": "other"}).status_code == 422
     finally:
         assert client.delete(f"/api/v1/sessions/{sid}").status_code == 204
+
+
+def test_ended_streams_logs_are_kept_few_and_their_frames_deleted(client: httpx.Client) -> None:
+    from wanstream.server.sessions import KEPT_TAKES
+
+    manager = client.app.state.sessions  # type: ignore[attr-defined]
+    ended = []
+    for _ in range(KEPT_TAKES + 1):
+        sid = client.post("/api/v1/sessions", json={"source": "text", "prompts": ["ink"]}).json()[
+            "session_id"
+        ]
+        deadline = time.monotonic() + 60
+        while chunks_made(client, sid) < 1:
+            assert time.monotonic() < deadline, "the stream did not start"
+            time.sleep(0.05)
+        folder = manager.take_for(sid).folder
+        assert client.delete(f"/api/v1/sessions/{sid}").status_code == 204
+        ended.append((sid, folder))
+    oldest, folder = ended[0]
+    assert not folder.exists()  # evicted: its frames are gone from the disk
+    assert client.get(f"/api/v1/sessions/{oldest}/log").status_code == 404
+    newest, folder = ended[-1]
+    assert folder.exists() and client.get(f"/api/v1/sessions/{newest}/log").status_code == 200

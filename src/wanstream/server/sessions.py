@@ -142,6 +142,10 @@ class Totals:
     sink_dropped: Counter[str] = field(default_factory=Counter)
 
 
+# Ended streams' logs kept for download: their frames are on disk (up to --take-log-mib each), so few.
+KEPT_TAKES = 4
+
+
 class SessionManager:
     def __init__(self, config: ServerConfig, model: ModelManager, recordings_dir: Path) -> None:
         self.config = config
@@ -410,7 +414,7 @@ class SessionManager:
             return session.take
         return self.finished_takes.get(session_id)
 
-    def _keep_take(self, take: Take, keep: int = 16) -> None:
+    def _keep_take(self, take: Take, keep: int = KEPT_TAKES) -> None:
         self.finished_takes[take.session_id] = take
         while len(self.finished_takes) > keep:
             oldest = next(iter(self.finished_takes))

@@ -4,7 +4,7 @@ A stream keeps a log from its first chunk (the replay must start where the strea
 by `DiskFrames` on the process's writer threads, within a size limit (`serve --take-log-mib`; past it the log stops,
 and says where). The digest of every frame the worker hands out is computed on the same writers, so the engine
 thread only queues references. `GET /api/v1/sessions/{id}/log` saves it as one `.wslog` file,
-also after the stream has ended (the last 16 are kept).
+also after the stream has ended (the last `sessions.KEPT_TAKES`, 4, are kept: their frames are on disk).
 """
 
 from __future__ import annotations
