@@ -43,7 +43,7 @@ from wanstream.engine.lora import configure_loras
 from wanstream.server.recording import Mp4Encoder
 from wanstream.server.sessions import Recording, SessionManager, release_memory
 from wanstream.server.takes import Take
-from wanstream.takes.log import LogError, TakeLog, load_log
+from wanstream.takes.log import LogError, TakeLog, journal_log
 from wanstream.takes.replay import replay
 
 log = logging.getLogger("wanstream.server")
@@ -231,12 +231,10 @@ class ReplayJobs:
     def _run(self, job: ReplayJob, take: Take, components: Components, recording: Recording | None) -> None:
         state: Literal["done", "failed", "cancelled"] = "failed"
         encoder = Mp4Encoder(job.video)
-        saved = job.folder / "take.wslog"
         try:
-            job.state, job.stage = "running", "saving the take"
-            take.save(components, job.first_output, to=saved)
-            _check(job)
-            with load_log(saved) as taken:
+            job.state, job.stage = "running", "reading the take"
+            # Its frames are read where the stream's log keeps them (no copy of the take is written).
+            with journal_log(take.journal, components, first_output=job.first_output) as taken:
                 job.stage = "replaying"
                 self._replay(job, taken, components, recording, encoder)
             job.stage = "finishing the video"
@@ -254,7 +252,6 @@ class ReplayJobs:
             job.error = f"{type(exc).__name__}: {exc}"
         finally:
             encoder.abort()  # nothing after a finished close()
-            saved.unlink(missing_ok=True)  # the report and the video are what is kept
             self.manager.release_slot(job.id)  # the slot is free before anyone reads "done"
             release_memory()
             with self._lock:

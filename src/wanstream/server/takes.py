@@ -91,13 +91,12 @@ class Take:
         )
         return cls(session_id, folder, journal, store, FrameDigests(journal, session_id))
 
-    def save(self, components: Components, first_output: int = 0, to: Path | None = None) -> Path:
-        """The log so far as one file, in the take's folder or at `to` (a replay's own copy, which no
-        later download replaces); blocking: call it off the event loop."""
+    def save(self, components: Components, first_output: int = 0) -> Path:
+        """The log so far as one file in the take's folder (blocking: call it off the event loop)."""
         with self._lock:  # two downloads at once write one after the other
             return save_log(
                 self.journal,
-                to or self.folder / f"wanstream-{self.session_id}.wslog",
+                self.folder / f"wanstream-{self.session_id}.wslog",
                 components,
                 first_output=first_output,
             )

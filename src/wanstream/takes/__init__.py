@@ -4,7 +4,7 @@
 server's on-disk store, `identity.py` what "the same model" means, `replay.py` running a log again.
 """
 
-from wanstream.takes.log import LOG_FORMAT, LOG_VERSION, LogError, TakeLog, load_log, save_log
+from wanstream.takes.log import LOG_FORMAT, LOG_VERSION, LogError, TakeLog, journal_log, load_log, save_log
 from wanstream.takes.replay import ReplayReport, replay
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "LogError",
     "ReplayReport",
     "TakeLog",
+    "journal_log",
     "load_log",
     "replay",
     "save_log",

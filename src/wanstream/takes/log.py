@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,8 +46,8 @@ class TakeLog:
     ops: list[JournalOp]
     digests: dict[int, str]
     path: Path | None = None
-    _zip: zipfile.ZipFile | None = field(default=None, repr=False)
-    _names: dict[int, str] = field(default_factory=dict, repr=False)
+    _read: Callable[[int], torch.Tensor] | None = field(default=None, repr=False)  # key → frames
+    _zip: zipfile.ZipFile | None = field(default=None, repr=False)  # the open file (`load_log`)
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -76,12 +76,12 @@ class TakeLog:
         return min(1000.0, round(frames / (timed[-1][0] - timed[0][0]), 2))
 
     def frames(self, key: int) -> torch.Tensor:
-        if self._zip is None or key not in self._names:
-            raise LogError(f"the log has no frames {key} (a damaged file?)")
-        name = self._names[key]
-        return decode_blob(name, self._zip.read(f"frames/{name}"))
+        if self._read is None:
+            raise LogError(f"the log has no frames {key} (it is closed)")
+        return self._read(key)
 
     def close(self) -> None:
+        self._read = None
         if self._zip is not None:
             self._zip.close()
             self._zip = None
@@ -104,22 +104,7 @@ def save_log(
     starts at (a replay runs the calls before it too — the stream's state depends on them — and writes
     from there)."""
     path = Path(path)
-    ops = list(journal.ops)  # a snapshot: the stream may go on recording
-    with journal._lock:
-        digests = dict(journal.digests)
-    header = {
-        "format": LOG_FORMAT,
-        "version": LOG_VERSION,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "model": model_identity(components, lora_names(journal.settings, ops)),
-        "session": {"settings": journal.settings, "output": journal.output},
-        "take": {"first_output": first_output},
-        "frames_out": journal.frames_out,
-        "unreplayable": journal.unreplayable,
-        "truncated": journal.truncated,
-        "ops": [op.to_json() for op in ops],
-        "digests": {"algorithm": "sha256", "frames": {str(k): v for k, v in sorted(digests.items())}},
-    }
+    header, _ = _header(journal, components, first_output)
     store = journal.frames
     tmp = path.with_name(f".{path.name}.part")
     try:
@@ -140,6 +125,40 @@ def save_log(
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def journal_log(journal: SessionJournal, components: Components, *, first_output: int = 0) -> TakeLog:
+    """The log of a session as it stands, without writing a file: what `save_log` would write, its frames read
+    from the journal's own store (the server's replay of a take reads them where they already are)."""
+    header, ops = _header(journal, components, first_output)
+    return TakeLog(header, ops, _digests(header), _read=journal.frames.get)
+
+
+def _header(
+    journal: SessionJournal, components: Components, first_output: int
+) -> tuple[dict[str, Any], list[JournalOp]]:
+    """log.json for `journal` now, and the calls it lists (a snapshot: the stream may go on recording)."""
+    ops = list(journal.ops)
+    with journal._lock:
+        digests = dict(journal.digests)
+    header = {
+        "format": LOG_FORMAT,
+        "version": LOG_VERSION,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "model": model_identity(components, lora_names(journal.settings, ops)),
+        "session": {"settings": journal.settings, "output": journal.output},
+        "take": {"first_output": first_output},
+        "frames_out": journal.frames_out,
+        "unreplayable": journal.unreplayable,
+        "truncated": journal.truncated,
+        "ops": [op.to_json() for op in ops],
+        "digests": {"algorithm": "sha256", "frames": {str(k): v for k, v in sorted(digests.items())}},
+    }
+    return header, ops
+
+
+def _digests(header: dict[str, Any]) -> dict[int, str]:
+    return {int(k): str(v) for k, v in header["digests"]["frames"].items()}
 
 
 def load_log(path: str | os.PathLike[str]) -> TakeLog:
@@ -164,7 +183,7 @@ def load_log(path: str | os.PathLike[str]) -> TakeLog:
                 "(use the wanstream version that wrote it)"
             )
         ops = [JournalOp.from_json(row) for row in header["ops"]]
-        digests = {int(k): str(v) for k, v in header["digests"]["frames"].items()}
+        digests = _digests(header)
         names = {}
         for name in z.namelist():
             if name.startswith("frames/") and name != "frames/":
@@ -180,7 +199,11 @@ def load_log(path: str | os.PathLike[str]) -> TakeLog:
     if missing:
         z.close()
         raise LogError(f"{path}: a damaged session log (frames {missing[:5]} are missing)")
-    return TakeLog(header, ops, digests, path, z, names)
+
+    def read(key: int) -> torch.Tensor:
+        return decode_blob(names[key], z.read(f"frames/{names[key]}"))
+
+    return TakeLog(header, ops, digests, path, read, z)
 
 
 def _frame_keys(rows: list[dict[str, Any]]) -> set[int]:
