@@ -8,7 +8,6 @@ its sha256 and is not read at all.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -24,6 +23,7 @@ import torch
 import wanstream
 from wanstream.engine.components import Components
 from wanstream.engine.journal import JournalOp
+from wanstream.weights.store import sha256_file
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 PROCESS = secrets.token_hex(8)  # this process: a replay in the live stream's own process shares its choices
@@ -51,11 +51,7 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         cache = _read_cache(cache_file)
         if key in cache:
             return str(cache[key])
-    h = hashlib.sha256()
-    with open(real, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    digest = h.hexdigest()
+    digest = sha256_file(real)
     with _CACHE_LOCK:
         cache = _read_cache(cache_file)
         cache[key] = digest

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import hashlib
 import json
 import os
 import threading
@@ -40,6 +39,7 @@ from wanstream.weights.lora_sources import (
     read_metadata_notes,
     resolve,
 )
+from wanstream.weights.store import sha256_file
 
 __all__ = ["LoraLibrary", "LoraLibraryError", "LoraSource", "Provenance", "check_name", "parse_source"]
 
@@ -244,7 +244,7 @@ class LoraLibrary:
             except httpx.HTTPError as exc:
                 raise DownloadError(f"{name}: {type(exc).__name__}: {exc}") from exc
         size = part.stat().st_size
-        sha256 = _sha256(part)
+        sha256 = sha256_file(part, _CHUNK)
         problem = None
         if remote.size is not None and size != remote.size:
             problem = f"has {size} bytes where {remote.size} were expected"
@@ -340,14 +340,6 @@ class _Incomplete(Exception):
 
 def _too_big(size: int, limit: int) -> str:
     return f"the file is {size / 1e6:.0f} MB, more than the {limit / 1e6:.0f} MB a LoRA may have here"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _unlink_partial(part: Path) -> None:

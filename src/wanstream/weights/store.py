@@ -18,6 +18,7 @@ complete one. Files put there by hand (or by Scope) count as present but "unveri
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -312,6 +313,16 @@ def lora_files(lora_dir: str | Path | None = None) -> tuple[Path | None, list[Pa
         return root, []
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in LORA_SUFFIXES)
     return root, files
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """The sha256 of a file's bytes, read in chunks (LoRA downloads checked against the hub's; session logs'
+    model identity)."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
