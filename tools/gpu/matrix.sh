@@ -12,7 +12,7 @@
 # lines) and log_<part>.txt (all logs). Exit codes: a crash shows as a non-zero "rc" beside its run.
 set -o pipefail
 export COLUMNS=200
-PART=${1:?usage: matrix.sh A|B|C|D|E|V|S|R|R2|R3}
+PART=${1:?usage: matrix.sh A|B|C|D|E|V|S|R|R2|R3|R4}
 W=/tmp/matrix-$PART; rm -rf "$W"; mkdir -p "$W"
 B="python3 -m wanstream.cli.main bench"
 stamp() { echo "[$(date +%T)] $*" | tee -a "$W/steps.txt"; }
@@ -155,6 +155,21 @@ R3)
   run cold 150 $B --configs "batch,480x832,2,wan;batch,480x832,1,wan" \
     --chunks 12 --warm-chunks 4 --live-changes --json "$W/cold.json"
   run replay_live 120 python3 tools/gpu/replay_check.py live "$W/take" --json "$W/replay_live.json"
+  ;;
+R4)
+  # Part R with the ladder that finds which layer breaks bit equality, if one does: the live steps change from a
+  # cold cache (issue 16), the take on the default path (compile + CUDA graphs) replayed in the same process and
+  # in a new one, then the same take compiled without graphs, then eager. Then the warm start. Ordered by need;
+  # a call cut short keeps what ran.
+  rm -rf "$TORCHINDUCTOR_CACHE_DIR"
+  run cold 150 $B --configs "batch,480x832,2,wan;batch,480x832,1,wan" \
+    --chunks 12 --warm-chunks 4 --live-changes --json "$W/cold.json"
+  run replay_live 120 python3 tools/gpu/replay_check.py live "$W/take" --json "$W/replay_live.json"
+  run replay_new_process 70 python3 tools/gpu/replay_check.py replay "$W/take" --json "$W/replay_new_process.json"
+  run replay_live_no_graphs 80 python3 tools/gpu/replay_check.py live "$W/take_ng" --no-graphs \
+    --json "$W/replay_live_no_graphs.json"
+  run replay_live_eager 80 python3 tools/gpu/replay_check.py live "$W/take_e" --eager --json "$W/replay_live_eager.json"
+  run warm_start_2step 70 $B --configs "batch,480x832,2,wan" --chunks 30 --warm-chunks 8 --json "$W/warm_start_2step.json"
   ;;
 esac
 summarize

@@ -8,7 +8,9 @@ Full-size random networks (no text encoder: prompts are random embeddings), 480x
 2 → 3 → 1, a noise change, a reset. Every output frame's sha256 is noted as the server does. Each replay
 reports how many frames are identical, the first that differs, the largest per-frame difference, and the
 journal's cost on the live chunks (push time with the log vs without). `--no-cudnn-benchmark` runs with cuDNN's
-heuristic conv algorithms instead of per-process timing. One JSON line per mode (also DIR/<mode>.json).
+heuristic conv algorithms instead of per-process timing. To find which layer of the optimised path breaks bit
+equality, if one does: `--eager` (nothing compiled, no CUDA graphs) and `--no-graphs` (compiled, no CUDA
+graphs). One JSON line per mode (also DIR/<mode>.json).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from wanstream.engine.denoise.local import Denoiser
 from wanstream.engine.journal import SessionJournal
 from wanstream.engine.prompts import Transition
 from wanstream.engine.random_weights import random_components
@@ -38,6 +41,11 @@ SMOKE = "--cpu-smoke" in sys.argv  # tiny networks on the CPU: checks this scrip
 if SMOKE:
     H, W = 32, 48
 DEVICE = "cpu" if SMOKE else "cuda"
+EAGER = "--eager" in sys.argv
+NO_GRAPHS = EAGER or "--no-graphs" in sys.argv
+if NO_GRAPHS:  # every session this process makes (the live one and the replay's) runs its steps un-graphed
+    _use_graphs = Denoiser.use_cuda_graphs
+    Denoiser.use_cuda_graphs = lambda self, enabled=True: _use_graphs(self, False)  # type: ignore[method-assign]
 
 
 def components(cudnn_benchmark: bool):
@@ -45,7 +53,8 @@ def components(cudnn_benchmark: bool):
         torch.device(DEVICE), torch.float32 if SMOKE else torch.bfloat16, tiny=SMOKE, text_encoder=None
     )
     c.label, c.random_weights = RANDOM_LABEL, True
-    c.optimize()
+    if not EAGER:
+        c.optimize()
     torch.backends.cudnn.benchmark = cudnn_benchmark  # optimize() turns it on
     return c
 
@@ -129,6 +138,7 @@ def live(folder: Path, bench: bool) -> dict:
     return {
         "mode": "live",
         "cudnn_benchmark": bench,
+        "path": _path(),
         "frames": len(made),
         "digests": len(journal.digests),
         "take_s": round(took, 2),
@@ -159,6 +169,10 @@ def _replay_here(path: Path, c, live_frames: list[np.ndarray] | np.ndarray) -> d
     }
 
 
+def _path() -> str:
+    return "eager" if EAGER else "compiled, no CUDA graphs" if NO_GRAPHS else "compiled + CUDA graphs"
+
+
 def _ranges(indices: list[int]) -> list[list[int]]:
     out: list[list[int]] = []
     for i in indices:
@@ -177,10 +191,10 @@ def main() -> int:
         result = live(folder, bench)
     else:
         c = components(bench)
-        result = {"mode": "replay_new_process", "cudnn_benchmark": bench}
+        result = {"mode": "replay_new_process", "cudnn_benchmark": bench, "path": _path()}
         result.update(_replay_here(folder / "take.wslog", c, np.load(folder / "live_frames.npy")))
         result["fallbacks"] = FALLBACKS.snapshot()
-    name = f"{mode}{'' if bench else '_heuristic'}"
+    name = f"{mode}{'' if bench else '_heuristic'}{'_eager' if EAGER else '_no_graphs' if NO_GRAPHS else ''}"
     (folder / f"{name}.json").write_text(json.dumps(result, indent=1))
     if "--json" in sys.argv:  # also where the GPU matrix's summary looks for it
         Path(sys.argv[sys.argv.index("--json") + 1]).write_text(json.dumps(result, indent=1))
