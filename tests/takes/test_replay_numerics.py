@@ -137,3 +137,67 @@ def test_eager_chunks_of_a_pending_compile_replay_as_they_ran(
     unforced = replayed(forced=False)
     assert unforced.compared == len(outs) and not unforced.bit_exact  # the record is what made it exact
     assert np.isfinite(unforced.identical)
+
+
+def test_eager_calls_between_compiled_ones_replay_at_their_places(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While another thread's compile traces, torch's process-wide "is FX tracing?" flag makes a compiled call
+    run eager code — in the middle of a chunk, between compiled calls (seen on an H100: a take's frames differed
+    only while the VAE compiled in the background). The log notes each such call's place among its site's calls
+    and the replay runs exactly those eagerly: the number alone (the first n eager) gives other frames."""
+    from wanstream.models import fastpath
+
+    release = threading.Event()
+    release.set()
+    live_pipe = Pipeline.demo()
+    install(live_pipe, release, monkeypatch)
+    tracing = {"calls": 0, "on": False}
+
+    def another_thread_traces() -> bool:  # on for a few calls now and then, in the middle of chunks
+        tracing["calls"] += 1
+        return tracing["on"] and tracing["calls"] % 5 in (2, 3)
+
+    monkeypatch.setattr(fastpath, "_fx_tracing", another_thread_traces)
+    clip = moving_clip(61)
+    session = live_pipe.session(prompts=["a red fox"], steps=(700, 500), seed=5, log=True, **SMALL)
+    for n, i in enumerate([0, *range(5, 61, 4)]):
+        tracing["on"] = n in (3, 4, 7, 8)
+        out = session.push(clip[i : i + 4] if i else clip[:5])
+        first = session.frames_out - out.shape[0]
+        for j, image in enumerate(out.numpy()):
+            session.log().note_output(first + j, image)
+    path = save_log(session.log(), tmp_path / "take.wslog", live_pipe.components)
+    with load_log(path) as log:
+        places = [p for op in log.ops for ps in op.eager.values() for p in ps]
+        assert places and any(p > 0 for p in places)  # some eager calls came after compiled ones
+    monkeypatch.setattr(fastpath, "_fx_tracing", lambda: False)  # the replay's process: nothing traces
+
+    def replayed(first_n: bool) -> object:
+        fresh = Pipeline.demo()
+        install(fresh, release, monkeypatch)
+        with contextlib.ExitStack() as stack:
+            if first_n:  # the first logs' rule: a site's first n calls eager
+                force = numerics.force
+                stack.enter_context(monkeypatch.context())
+                monkeypatch.setattr(
+                    numerics,
+                    "force",
+                    lambda eager: force({s: range(len(p)) for s, p in (eager or {}).items()}),
+                )
+            with load_log(path) as log:
+                return replay(log, fresh.components)
+
+    report = replayed(first_n=False)
+    assert report.bit_exact and report.compared == len(session.log().digests), report.summary()
+    assert not replayed(first_n=True).bit_exact  # where the eager calls fell is what made it exact
+
+
+def test_a_log_of_eager_counts_replays_its_calls_first() -> None:
+    """The first logs noted how many calls of a site ran eager code, not where: they read as the first ones."""
+    from wanstream.engine.journal import JournalOp
+
+    row = {"index": 0, "target": "session", "name": "push", "args": {}, "outputs": 4, "first_output": 0}
+    op = JournalOp.from_json({**row, "time": 0.0, "eager": {"DiT block, first half (...)": 3}})
+    assert op.eager == {"DiT block, first half (...)": [0, 1, 2]}
+    assert JournalOp.from_json(op.to_json()).eager == op.eager

@@ -146,6 +146,10 @@ def live(folder: Path, bench: bool) -> dict:
         "ops": len(journal.ops),
         "push_p50_ms_logged": round(1000 * float(np.median(logged_times[4:])), 2),
         "push_p50_ms_plain": round(1000 * float(np.median(plain_times[4:])), 2),
+        # Where the live stream ran eager code for compiled sites: [first output frame, frames, eager calls].
+        "eager_ops": [
+            [op.first_output, op.outputs, sum(map(len, op.eager.values()))] for op in journal.ops if op.eager
+        ],
         "replay_same_process": same,
         "fallbacks": FALLBACKS.snapshot(),
     }

@@ -80,9 +80,10 @@ class JournalOp:
     outputs: int  # output frames the call returned
     first_output: int  # the session's output frame index of the first of them
     time: float  # seconds since the journal started (for timelines; a replay does not wait)
-    # Calls that ran eager code while compiled code was compiling (or had failed), by site: a replay runs them
-    # the same way (models/numerics.py), since compiled and eager code round differently.
-    eager: dict[str, int] = field(default_factory=dict)
+    # Calls that ran eager code where compiled code exists (still compiling, failed, or another thread's compile
+    # tracing), by site and place among the site's calls: a replay runs them the same way (models/numerics.py),
+    # since compiled and eager code round differently.
+    eager: dict[str, list[int]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -106,8 +107,13 @@ class JournalOp:
             outputs=int(row["outputs"]),
             first_output=int(row["first_output"]),
             time=float(row["time"]),
-            eager={str(k): int(v) for k, v in row.get("eager", {}).items()},
+            eager={str(k): _places(v) for k, v in row.get("eager", {}).items()},
         )
+
+
+def _places(value: Any) -> list[int]:
+    """A site's eager calls: their places; the first logs gave a number n, the places 0 .. n-1 then."""
+    return list(range(int(value))) if isinstance(value, int) else [int(v) for v in value]
 
 
 @dataclass
@@ -137,7 +143,12 @@ class SessionJournal:
             self.unreplayable = reason
 
     def record(
-        self, target: str, name: str, arguments: dict[str, Any], out: Any, eager: dict[str, int] | None = None
+        self,
+        target: str,
+        name: str,
+        arguments: dict[str, Any],
+        out: Any,
+        eager: dict[str, list[int]] | None = None,
     ) -> None:
         """Record a call that returned `out` (its arguments by parameter name, `self` left out; `eager`: the
         calls of compiled sites it ran eagerly, `models.numerics`)."""

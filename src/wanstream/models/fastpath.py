@@ -201,18 +201,21 @@ class CompiledOrEager:
         self.shapes = COMPILES.shapes_of(eager) if background else None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        key, call = None, -1
+        if numerics.counting():  # a session log notes, or a replay runs, which calls ran eager code
+            key = _signature(args, kwargs)
+            call = numerics.next_call((self.where, key))
         if numerics.replaying():
-            return self._as_recorded(args, kwargs)
+            return self._as_recorded(key, call, args, kwargs)
         if self.failed:
-            numerics.note_eager(self._site(args, kwargs))
-            return self.eager(*args, **kwargs)
+            return self._eager(call, args, kwargs)
         if self.shapes is None:
-            return self._compiled(args, kwargs)
-        key = _signature(args, kwargs)
+            return self._compiled(call, args, kwargs)
+        key = key or _signature(args, kwargs)
         state = self.shapes.state.get(key)
         if state == READY:  # the steady state: one signature, one dict look-up
-            return self._compiled(args, kwargs)
-        return self._new_shape(key, state, args, kwargs)
+            return self._compiled(call, args, kwargs)
+        return self._new_shape(key, state, call, args, kwargs)
 
     def _site(self, args: tuple, kwargs: dict[str, Any]) -> str:
         """This call's site for `models.numerics`: the function and its arguments' shapes, dtypes and strides
@@ -220,47 +223,53 @@ class CompiledOrEager:
         parts = tuple(map(_part, args)) + tuple((k, _part(v)) for k, v in kwargs.items())
         return f"{self.where} {parts}"
 
-    def _as_recorded(self, args: tuple, kwargs: dict[str, Any]) -> Any:
+    def _eager(self, call: int, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """The eager code where compiled code exists: noted in a session log (`call` >= 0 while recording)."""
+        if call >= 0:
+            numerics.note_eager(self._site(args, kwargs), call)
+        return self.eager(*args, **kwargs)
+
+    def _as_recorded(self, key: tuple | None, call: int, args: tuple, kwargs: dict[str, Any]) -> Any:
         """A replay: eager where the recorded call ran eager code, else compiled — compiled in line (or its
         background compile waited for) when it is not ready: a replay has no deadline."""
-        if numerics.replay_eager(self._site(args, kwargs)) or self.failed:
+        if self.failed or (numerics.owes_eager() and numerics.replay_eager(self._site(args, kwargs), call)):
             return self.eager(*args, **kwargs)
         if self.shapes is not None:
-            key = _signature(args, kwargs)
+            key = key or _signature(args, kwargs)
             if self.shapes.state.get(key) == PENDING:
                 COMPILES.wait()
             if self.shapes.state.get(key) == FAILED:
                 return self.eager(*args, **kwargs)
-            out = self._compiled(args, kwargs)
+            out = self._compiled(call, args, kwargs)
             if not self.failed:
                 self.shapes.mark(key, READY)
             return out
-        return self._compiled(args, kwargs)
+        return self._compiled(call, args, kwargs)
 
-    def _new_shape(self, key: tuple, state: str | None, args: tuple, kwargs: dict[str, Any]) -> Any:
+    def _new_shape(
+        self, key: tuple, state: str | None, call: int, args: tuple, kwargs: dict[str, Any]
+    ) -> Any:
         if state is None and self.shapes.any_ready and COMPILES.allowed() and not _capturing():  # type: ignore[union-attr]
             state = COMPILES.start(self, key, args, kwargs)
         if state in (PENDING, FAILED):
             if state == PENDING:
                 COMPILES.ran_eager()
-            numerics.note_eager(self._site(args, kwargs))
-            return self.eager(*args, **kwargs)
+            return self._eager(call, args, kwargs)
         # The function's first signature, one compiled in the background and not called yet, or INLINE.
         start = time.perf_counter()
-        out = self._compiled(args, kwargs)
+        out = self._compiled(call, args, kwargs)
         if not self.failed:
             if state == FRESH and time.perf_counter() - start > COMPILES.slow_first_call_s:
                 COMPILES.stats.slow_first_calls += 1
             self.shapes.mark(key, READY)  # type: ignore[union-attr]
         return out
 
-    def _compiled(self, args: tuple, kwargs: dict[str, Any]) -> Any:
+    def _compiled(self, call: int, args: tuple, kwargs: dict[str, Any]) -> Any:
         if _fx_tracing():
             # Another thread's compile is tracing: dynamo would run the eager code now, unseen (its "is FX
             # tracing?" flag is process-wide). Run it openly, so a session log knows; a replay waits instead.
             if not numerics.replaying():
-                numerics.note_eager(self._site(args, kwargs))
-                return self.eager(*args, **kwargs)
+                return self._eager(call, args, kwargs)
             while _fx_tracing():
                 time.sleep(0.001)
         try:

@@ -6,38 +6,56 @@ live change of the number of steps), so which chunks ran which code depends on t
 it, and a replay forces it:
 
 * `record()` (the journal, around each recorded call): every call that ran eager code although the site has
-  compiled code (still compiling, or its compile failed) is counted by site — a site is a function and its
-  call signature, the same text in every process.
-* `force(counts)` (the replay, around the same call): the first `counts[site]` calls of each site run eagerly,
-  every other call runs compiled code — waiting for a compile under way rather than running eagerly, since a
-  replay has no deadline. Eager runs only ever come first for a site within a call: a shape's compile
-  finishes once.
+  compiled code (still compiling, its compile failed, or another thread's compile was tracing) is noted by
+  site — a function and its call signature, the same text in every process — and by its place among the
+  recorded call's calls of that site (0, 1, ...).
+* `force(eager)` (the replay, around the same call): exactly those calls run eagerly, every other one runs
+  compiled code — waiting for a compile under way rather than running eagerly, since a replay has no deadline.
+  The place matters, not only the number: a compile on another thread can make a call in the middle of a
+  recorded call run eager code (torch's "is FX tracing?" flag is process-wide), between compiled ones.
 
-A site calls `note_eager(site)` when it runs eagerly, and, only while `replaying()`, asks `replay_eager(site)`
-before each call. Outside `record` and `force` (benchmarks, tests, generate) this costs a thread-local look-up
-on the rare eager call and nothing on a compiled one.
+A site counts its call with `next_call(key)` while `counting()` (`key`: anything hashable that names the site,
+cheaper than its text), calls `note_eager(site, call)` when it runs eagerly, and, while `replaying()`, asks
+`replay_eager(site, call)` before each call. Outside `record` and `force` (benchmarks, tests, generate) this
+costs two thread-local look-ups a call.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 
 
 class _State(threading.local):
-    recording: dict[str, int] | None = None
-    forced: dict[str, int] | None = None
+    recording: dict[str, list[int]] | None = None  # site -> the places of the calls that ran eager code
+    forced: dict[str, set[int]] | None = None  # site -> the places of the calls still to run eager code
+    calls: dict[Hashable, int] | None = None  # site key -> calls so far, within one recorded call
 
 
 _STATE = _State()
 
 
-def note_eager(site: str) -> None:
-    """A call of `site` ran its eager code although the site has compiled code (counted while recording)."""
-    counts = _STATE.recording
-    if counts is not None:
-        counts[site] = counts.get(site, 0) + 1
+def counting() -> bool:
+    """Whether this thread's calls of compiled sites are counted (a recorded or replayed call runs)."""
+    return _STATE.calls is not None
+
+
+def next_call(key: Hashable) -> int:
+    """This call's place among the calls of its site (named by `key`) within the recorded call: 0, 1, ..."""
+    calls = _STATE.calls
+    if calls is None:
+        return -1
+    n = calls.get(key, 0)
+    calls[key] = n + 1
+    return n
+
+
+def note_eager(site: str, call: int) -> None:
+    """Call `call` of `site` ran its eager code although the site has compiled code (noted while recording)."""
+    places = _STATE.recording
+    if places is not None:
+        places.setdefault(site, []).append(call)
 
 
 def replaying() -> bool:
@@ -45,12 +63,11 @@ def replaying() -> bool:
     return _STATE.forced is not None
 
 
-def replay_eager(site: str) -> bool:
-    """While replaying: whether this call of `site` must run its eager code (the recorded call's first ones)."""
-    forced = _STATE.forced
-    left = forced.get(site, 0) if forced is not None else 0
-    if left > 0:
-        forced[site] = left - 1  # type: ignore[index]
+def replay_eager(site: str, call: int) -> bool:
+    """While replaying: whether call `call` of `site` must run its eager code (as the recorded one did)."""
+    places = _STATE.forced.get(site) if _STATE.forced else None
+    if places and call in places:
+        places.discard(call)
         return True
     return False
 
@@ -59,38 +76,40 @@ def owes_eager() -> bool:
     """While replaying: whether some calls of this recorded call must still run eager code (until then no CUDA
     graph is warmed up or captured: the live stream ran these steps without one)."""
     forced = _STATE.forced
-    return bool(forced) and any(v > 0 for v in forced.values())  # type: ignore[union-attr]
+    return bool(forced) and any(forced.values())  # type: ignore[union-attr]
 
 
 @contextmanager
 def paused() -> Iterator[None]:
-    """Calls that are not the stream's own (a CUDA graph's warm-up and recording): not counted while recording,
-    and compiled while replaying (they consume nothing the recorded call ran)."""
-    previous = (_STATE.recording, _STATE.forced)
-    _STATE.recording = None
+    """Calls that are not the stream's own (a CUDA graph's warm-up and recording): neither counted nor noted
+    while recording, and compiled while replaying (they take no place of the recorded call's)."""
+    previous = (_STATE.recording, _STATE.forced, _STATE.calls)
+    _STATE.recording = _STATE.calls = None
     if _STATE.forced is not None:
         _STATE.forced = {}
     try:
         yield
     finally:
-        _STATE.recording, _STATE.forced = previous
+        _STATE.recording, _STATE.forced, _STATE.calls = previous
 
 
 @contextmanager
-def record() -> Iterator[dict[str, int]]:
-    """Count this thread's eager calls of compiled sites (the dict is filled as they happen)."""
-    previous, _STATE.recording = _STATE.recording, {}
+def record() -> Iterator[dict[str, list[int]]]:
+    """Note this thread's eager calls of compiled sites (the dict is filled as they happen)."""
+    previous = (_STATE.recording, _STATE.calls)
+    _STATE.recording, _STATE.calls = {}, {}
     try:
         yield _STATE.recording
     finally:
-        _STATE.recording = previous
+        _STATE.recording, _STATE.calls = previous
 
 
 @contextmanager
-def force(counts: dict[str, int] | None) -> Iterator[None]:
+def force(eager: dict[str, list[int]] | None) -> Iterator[None]:
     """Run this thread's calls as a recorded call ran them (see the module docstring)."""
-    previous, _STATE.forced = _STATE.forced, dict(counts or {})
+    previous = (_STATE.forced, _STATE.calls)
+    _STATE.forced, _STATE.calls = {site: set(places) for site, places in (eager or {}).items()}, {}
     try:
         yield
     finally:
-        _STATE.forced = previous
+        _STATE.forced, _STATE.calls = previous

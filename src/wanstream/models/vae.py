@@ -664,8 +664,9 @@ class _CompiledHalves:
         """The compiled half if it is ready for `x`'s shape (None: use the eager one for now)."""
         key = (half, tuple(x.shape), x.dtype, x.device)
         module = self.halves[0 if half == "encoder" else 1]
+        call = numerics.next_call(("Wan VAE", key)) if numerics.counting() else -1
         if numerics.replaying():  # as the recorded call ran: eager, or compiled (in line if not ready yet)
-            if numerics.replay_eager(f"Wan VAE {key}") or self.errors:
+            if self.errors or (numerics.owes_eager() and numerics.replay_eager(f"Wan VAE {key}", call)):
                 return None
             self._ready.add(key)
             return module
@@ -683,7 +684,8 @@ class _CompiledHalves:
                 )
                 self._started[key] = thread
                 thread.start()
-        numerics.note_eager(f"Wan VAE {key}")
+        if call >= 0:
+            numerics.note_eager(f"Wan VAE {key}", call)
         return None
 
     def _run(self, key: tuple, warm: Callable[[], None]) -> None:
