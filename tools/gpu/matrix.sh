@@ -12,7 +12,7 @@
 # lines) and log_<part>.txt (all logs). Exit codes: a crash shows as a non-zero "rc" beside its run.
 set -o pipefail
 export COLUMNS=200
-PART=${1:?usage: matrix.sh A|B|C|D|E|V|S|R|R2|R3|R4}
+PART=${1:?usage: matrix.sh A|B|C|D|E|V|S|R|R2|R3|R4|R5}
 W=/tmp/matrix-$PART; rm -rf "$W"; mkdir -p "$W"
 B="python3 -m wanstream.cli.main bench"
 stamp() { echo "[$(date +%T)] $*" | tee -a "$W/steps.txt"; }
@@ -170,6 +170,20 @@ R4)
     --json "$W/replay_live_no_graphs.json"
   run replay_live_eager 80 python3 tools/gpu/replay_check.py live "$W/take_e" --eager --json "$W/replay_live_eager.json"
   run warm_start_2step 70 $B --configs "batch,480x832,2,wan" --chunks 30 --warm-chunks 8 --json "$W/warm_start_2step.json"
+  ;;
+R5)
+  # Issue 24 after call 28's fix (eager calls noted by place): the take from a COLD cache (the most eager code:
+  # everything compiles during it) replayed in its process and in a new one, then the same with cuDNN's heuristic
+  # conv algorithms (a new process can only match with those), then compiled without graphs. Limits sum to 560 s.
+  rm -rf "$TORCHINDUCTOR_CACHE_DIR"
+  run replay_live 220 python3 tools/gpu/replay_check.py live "$W/take" --json "$W/replay_live.json"
+  run replay_new_process 70 python3 tools/gpu/replay_check.py replay "$W/take" --json "$W/replay_new_process.json"
+  run replay_live_heuristic 110 python3 tools/gpu/replay_check.py live "$W/take_h" --no-cudnn-benchmark \
+    --json "$W/replay_live_heuristic.json"
+  run replay_new_process_heuristic 70 python3 tools/gpu/replay_check.py replay "$W/take_h" --no-cudnn-benchmark \
+    --json "$W/replay_new_process_heuristic.json"
+  run replay_live_no_graphs 90 python3 tools/gpu/replay_check.py live "$W/take_ng" --no-graphs \
+    --json "$W/replay_live_no_graphs.json"
   ;;
 esac
 summarize
