@@ -75,10 +75,11 @@ class Pipeline:
         precision: str = "bf16",
         tiny: bool = False,
         optimize: bool = True,
+        reproducible: bool = False,
     ) -> Pipeline:
         """Full-size networks with RANDOM weights (no download): the real model's work and memory, noise for
         output — for measuring (`serve --random-weights`, tools/gpu/live_path.py). `tiny`: the benchmark's
-        tiny random networks. Labelled `RANDOM_LABEL` everywhere it is shown."""
+        tiny random networks. Labelled `RANDOM_LABEL` everywhere it is shown. `reproducible`: as in `load`."""
         from wanstream.engine.random_weights import random_components
 
         dev = torch.device(device) if device is not None else default_device()
@@ -87,7 +88,7 @@ class Pipeline:
         components.label = RANDOM_LABEL
         components.random_weights = True
         if optimize:
-            components.optimize()
+            components.optimize(reproducible=reproducible)
         return cls(components)
 
     @classmethod
@@ -105,11 +106,14 @@ class Pipeline:
         vace: bool | Literal["auto"] = False,
         progress: Progress | None = None,
         optimize: bool = True,
+        reproducible: bool = False,
     ) -> Pipeline:
         """The real StreamDiffusionV2 1.3B pipeline from local files (fails fast, naming the download
         command, when files are missing; never downloads). On a GPU, `optimize` (the default) fuses and
         compiles the networks (`Components.optimize`): the first chunk of each shape compiles, cached on
-        disk for later starts; it does nothing on the CPU. `vace`: also the VACE module (True: its file
+        disk for later starts; it does nothing on the CPU. `reproducible`: conv algorithms chosen the same
+        way in every process, so session logs replay bit for bit in another process too, a little slower
+        (`Components.optimize`). `vace`: also the VACE module (True: its file
         is required, "auto": when downloaded).
 
         Memory (docs/memory.md): `text_encoder` places the umT5 — "gpu", "fp8" (float8 weights on the GPU)
@@ -136,7 +140,7 @@ class Pipeline:
         )
         components = Components(device=dev, dtype=dtype, **vars(networks))  # weights meet the engine here
         if optimize:
-            components.optimize()
+            components.optimize(reproducible=reproducible)
         return cls(components)
 
     @classmethod

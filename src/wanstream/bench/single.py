@@ -509,6 +509,7 @@ def run_bench(
     text_encoder: str | None = None,
     memory_limit_gib: float | None = None,
     write_estimates: str | None = None,
+    reproducible: bool = False,
 ) -> list[Result]:
     """`text_encoder`: also build a random umT5 placed so ("gpu", "fp8", "host", "auto"), measured in the
     peak memory, with the prompt-change latency. `memory_limit_gib`: cap this process's GPU memory
@@ -527,7 +528,7 @@ def run_bench(
     mark("modules imported")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = not reproducible  # as Components.optimize sets it
         torch.backends.cuda.matmul.allow_tf32 = True
     if live_changes and configs[0].text_mode:
         raise ValueError(
@@ -541,7 +542,7 @@ def run_bench(
     mark("networks built")
     console.print(f"[bold]{components.label}[/bold] on {device}")
     if compile and device.type == "cuda":
-        components.optimize(vae=vae_layout == "compiled")
+        components.optimize(vae=vae_layout == "compiled", reproducible=reproducible)
     if device.type == "cuda" and vae_layout == "channels_last":
         components.wan_vae.optimize(channels_last=True, compile=False)  # type: ignore[union-attr]
     mark("optimised")
@@ -602,6 +603,7 @@ def run_bench(
             "matmul_tflops": peak,
             "compile": compile,
             "cuda_graphs": graphs,
+            "cudnn_benchmark": not reproducible,
             "vae_layout": vae_layout,
             "weights": components.label,
             "precision": components.precision,

@@ -43,6 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-compile", action="store_true", help="run the DiT eagerly (no torch.compile)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="do not replay CUDA graphs")
     p.add_argument(
+        "--reproducible",
+        action="store_true",
+        help="cuDNN's conv algorithms by heuristics, as `serve --reproducible-takes` runs (what it costs)",
+    )
+    p.add_argument(
         "--vae-layout",
         choices=["default", "channels_last", "compiled"],
         default="compiled",
@@ -170,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
         lora_rank=args.lora_rank,
         lora_modes=lora_modes,
         live_changes=args.live_changes,
+        reproducible=args.reproducible,
     )
     return 0
 

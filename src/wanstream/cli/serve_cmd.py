@@ -174,6 +174,13 @@ def _session_flags(g: argparse._ArgumentGroup) -> None:
         "size (lossless, ~1 MiB a 480x832 frame of camera video); 0: no logs (default: %(default)s)",
     )
     g.add_argument(
+        "--reproducible-takes",
+        action="store_true",
+        help="on a GPU, let cuDNN pick convolution algorithms by its heuristics instead of timing them in this "
+        "process, so session logs replay bit for bit with `wanstream replay` in another process too, not only "
+        "on this server (slower: 13 ms a chunk at 480x832 on an H100)",
+    )
+    g.add_argument(
         "--lora-dir",
         type=Path,
         metavar="DIR",
@@ -276,6 +283,7 @@ def run(args: argparse.Namespace) -> int:
         lora_dir=lora_dir.expanduser() if lora_dir is not None else None,
         recordings_dir=args.recordings_dir,
         take_log_mib=args.take_log_mib,
+        reproducible_takes=args.reproducible_takes,
         cors_origins=tuple(args.cors_origin),
         ice_servers=tuple(args.ice_server),
         max_upload_bytes=args.max_upload_mb * MiB,

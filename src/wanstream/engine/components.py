@@ -42,11 +42,13 @@ class Components:
     files: dict[str, str] = field(default_factory=dict)
     weights_seed: int | None = None
 
-    def optimize(self, *, compile: bool = True, vae: bool = True) -> Components:
+    def optimize(self, *, compile: bool = True, vae: bool = True, reproducible: bool = False) -> Components:
         """GPU speed-ups that keep the arithmetic: fused q/k/v and regional compilation of the DiT blocks,
         channels-last and compiled VAE; sessions created afterwards compile their cache bookkeeping and
         replay CUDA graphs. First calls of each shape compile (tens of seconds; cached on disk, so later
-        processes start quickly)."""
+        processes start quickly). `reproducible`: cuDNN picks conv algorithms by its heuristics instead of
+        timing them in this process — the same in every process, so a take's log replays bit for bit in
+        another one too (docs/replay.md), at some speed (13 ms a chunk at 480×832 on an H100, call 27)."""
         if self.device.type != "cuda":
             return self
         import torch._dynamo
@@ -59,8 +61,9 @@ class Components:
         # FX-trace compiled code ourselves, so such a call just runs eagerly that once.
         torch._dynamo.config.error_on_nested_fx_trace = False
         # cuDNN picks each conv's fastest engine by timing it once per shape (the VAE's convs are most of a
-        # chunk); `bench` ran with this on, so `generate` and `serve` must too to see its figures.
-        torch.backends.cudnn.benchmark = True
+        # chunk); `bench` ran with this on, so `generate` and `serve` must too to see its figures. Another
+        # process may time them otherwise and pick another engine, which rounds differently.
+        torch.backends.cudnn.benchmark = not reproducible
         self.dit.optimize(compile=compile)
         if self.vace is not None:  # its blocks run the DiT's compiled block halves; fuse their q/k/v too
             self.vace.optimize()  # type: ignore[operator]

@@ -96,6 +96,7 @@ def create_app(
         random_weights=config.random_weights,
         text_encoder=config.text_encoder,
         precision=config.precision,
+        reproducible=config.reproducible_takes,
     )
     own_recordings = config.recordings_dir is None
     recordings_dir = config.recordings_dir or Path(tempfile.mkdtemp(prefix="wanstream-recordings-"))

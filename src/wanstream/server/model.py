@@ -38,12 +38,14 @@ class ModelManager:
         text_encoder: str = "auto",
         precision: str = "bf16",
         random_size: str = "full",
+        reproducible: bool = False,
     ) -> None:
         self.demo = demo
         self.random_weights = random_weights  # full-size networks, random weights (measuring the live path)
         self.random_size = random_size  # "tiny": the benchmark's tiny random networks (tests)
         self.text_encoder = text_encoder  # umT5 placement (docs/memory.md)
         self.precision = precision
+        self.reproducible = reproducible  # takes replay bit for bit in another process too (Pipeline.load)
         self.gpus = gpus  # > 1: the DiT over a ring of GPUs (one stream at a time)
         self.vace = vace  # load the VACE module with the real weights when it is downloaded
         self.models_dir = models_dir
@@ -150,6 +152,7 @@ class ModelManager:
                     text_encoder=self.text_encoder,
                     precision=self.precision,
                     tiny=self.random_size == "tiny",
+                    reproducible=self.reproducible,
                 )
             elif self.demo:
                 self._set_stage("building the demo model (tiny, random weights)")
@@ -166,6 +169,7 @@ class ModelManager:
                     precision=self.precision,
                     vace="auto" if self.vace else False,
                     progress=self._set_stage,
+                    reproducible=self.reproducible,
                 )
         except Exception as exc:
             log.exception("model load failed")

@@ -28,6 +28,9 @@ def pipeline_for(
             else "cpu"
         )
     dtype = getattr(torch, str(model.get("dtype", "float32")))
+    # cuDNN's conv algorithms chosen as the take's were: timed (that process's choice, which this one may not
+    # repeat) or by heuristics (the same in every process: `serve --reproducible-takes`).
+    reproducible = model.get("cudnn_benchmark") is False
     if model.get("demo"):
         pipe = Pipeline.demo(device=device, dtype=dtype, seed=int(model.get("weights_seed") or 0))
     elif model.get("random_weights"):
@@ -35,6 +38,7 @@ def pipeline_for(
             device,
             text_encoder=str(model.get("text_placement", "auto")),
             precision=str(model.get("precision", "bf16")),
+            reproducible=reproducible,
         )
     else:
         pipe = Pipeline.load(
@@ -44,6 +48,7 @@ def pipeline_for(
             text_encoder=str(model.get("text_placement", "auto")),
             precision=str(model.get("precision", "bf16")),
             vace="vace" in model.get("files", {}),
+            reproducible=reproducible,
         )
     if lora_dir is not None:
         pipe.components.lora_source = LoraFiles(lora_dir)

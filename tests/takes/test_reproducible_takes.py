@@ -1,0 +1,47 @@
+"""`serve --reproducible-takes`: cuDNN's conv algorithms chosen by heuristics, so a take replays bit for bit in
+another process too (on a GPU a timed choice is the live process's own). The flag reaches the loader, and a
+replay builds its networks as the take's were built. (The choice itself only acts on a GPU: tools/gpu.)"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from wanstream import Pipeline
+from wanstream.cli.main import build_parser
+from wanstream.server import ServerConfig, create_app
+from wanstream.takes.model import pipeline_for
+
+
+def _capturing_random_weights(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+
+    def random_weights(cls, device=None, **kwargs) -> Pipeline:
+        seen.update(kwargs, device=device)
+        return Pipeline.demo()
+
+    monkeypatch.setattr(Pipeline, "random_weights", classmethod(random_weights))
+    return seen
+
+
+def test_serve_reproducible_takes_reaches_the_loader(monkeypatch: pytest.MonkeyPatch) -> None:
+    args = build_parser().parse_args(["serve", "--reproducible-takes", "--random-weights"])
+    assert args.reproducible_takes is True
+    assert build_parser().parse_args(["serve"]).reproducible_takes is False  # speed by default
+    seen = _capturing_random_weights(monkeypatch)
+    config = ServerConfig(random_weights=True, device="cpu", reproducible_takes=True, preload=False)
+    app = create_app(config)
+    app.state.model.start_load()
+    assert app.state.model.wait(60).state == "loaded"
+    assert seen["reproducible"] is True
+
+
+@pytest.mark.parametrize(("cudnn_benchmark", "reproducible"), [(False, True), (True, False), (None, False)])
+def test_a_replay_builds_its_networks_as_the_take_chose_conv_algorithms(
+    monkeypatch: pytest.MonkeyPatch, cudnn_benchmark: bool | None, reproducible: bool
+) -> None:
+    seen = _capturing_random_weights(monkeypatch)
+    model = {"random_weights": True, "dtype": "float32", "device": "cpu", "cudnn_benchmark": cudnn_benchmark}
+    pipeline_for(model)
+    assert seen["reproducible"] is reproducible
