@@ -116,6 +116,9 @@ def test_capture_is_deferred_while_another_thread_compiles(demo_pipeline: Pipeli
         first = [session.push(clip[i : i + 4]) for i in range(0, 16, 4)]
         stats = session.denoiser.graphs.stats
         assert stats.deferred >= 1 and stats.captured == 0  # ran uncaptured, did not wait
+        # ... but warmed up meanwhile: once the compile is done, a signature met only now (a fresh stream's
+        # first chunk after a reset) just records (call 28: warming it up then cost TTFF 238 ms, not 149)
+        assert session.denoiser.graphs._warm
     finally:
         release.set()
         thread.join(5)
@@ -288,3 +291,47 @@ def test_vae_background_compile_failure_is_recorded_and_the_eager_vae_keeps_work
     assert halves.get("encoder", x, warm) is None  # still eager: the compile failed
     assert FALLBACKS.snapshot()["counts"].get("compile", 0) >= 1
     assert GATE.busy() == {"work": 0, "background": 0}
+
+
+def test_a_warm_up_that_ran_eager_code_while_another_thread_traced_is_not_warm(
+    demo_pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While another thread's compile traces, a compiled call runs eager code (torch's FX-tracing flag is
+    process-wide). A graph's warm-up that did so has not run the compiled code yet, whose first run may not
+    happen inside a recording: the signature stays cold (deferred) until a warm-up runs compiled code."""
+    from wanstream.models import dit as dit_module
+    from wanstream.models import fastpath
+
+    compiled_runs = []
+
+    def compiled(f):
+        def run(*args, **kwargs):
+            compiled_runs.append(1)
+            return f(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(
+        demo_pipeline.components.dit,
+        "_halves",
+        tuple(
+            CompiledOrEager(compiled(f), f, name)
+            for name, f in (
+                ("DiT block, first half", dit_module._first_half),
+                ("DiT block, second half", dit_module._second_half),
+            )
+        ),
+    )
+    clip = moving_clip(25)
+    eager = _run(_stream(demo_pipeline, None, "stream"), clip)
+    compiled_runs.clear()
+    session = _stream(demo_pipeline, CpuGraphs, "stream")
+    tracing = {"on": True}
+    monkeypatch.setattr(fastpath, "_fx_tracing", lambda: tracing["on"])
+    first = [session.push(clip[i : i + 4]) for i in range(0, 16, 4)]
+    graphs = session.denoiser.graphs
+    assert not compiled_runs and not graphs._warm and graphs.stats.deferred >= 1 and graphs.stats.captured == 0
+    tracing["on"] = False
+    rest = [session.push(clip[i : i + 4]) for i in range(16, 25, 4)] + [session.flush()]
+    assert compiled_runs and graphs.stats.captured >= 1
+    assert torch.equal(torch.cat(first + rest), eager)

@@ -14,14 +14,15 @@ A capture is prepared and made safely:
   it. Warming up advances the cache's device state: the cache is saved before and restored after (once per
   signature; recording itself runs no kernels).
 * Recording waits for other threads' GPU work to stop (`fastpath.GATE`): a compile warming up on another
-  thread invalidates a capture. If such work is running, warming up and capturing are deferred and this call
-  runs the compiled step directly; a later call captures.
+  thread invalidates a capture. If such work is running, recording is deferred (the step still warms up)
+  and this call runs the compiled step directly; a later call records.
 * A step whose compiled code is not ready is neither warmed up nor captured: a graph recorded over the eager
   code would stay slow for good, and a signature warmed up on the eager code would meet the compiled code's
   first use inside the recording. A new shape mid-stream compiles in the background (`fastpath.COMPILES`):
   while anything compiles there, new signatures run uncaptured (stats `deferred`); a warm-up whose step ran
-  eager code for a shape just sent there stops after its first run, and the cache is put back. Once nothing
-  compiles, the next call warms up on the compiled code and captures.
+  eager code — for a shape just sent there, or because another thread's compile was tracing — stops after its
+  first run, and the cache is put back. Once nothing compiles, the next call warms up on the compiled code
+  and captures.
 * Recording uses CUDA's thread-local capture mode: another thread's allocation (the caching allocator is
   capture-aware) does not invalidate it.
 * If capturing fails anyway, that signature runs the compiled step without a graph from then on, with one
@@ -190,11 +191,12 @@ class StepGraphs:
         ext_key: tuple,
     ) -> _Captured | None:
         assert self._cross is not None
-        if key not in self._warm and (
-            COMPILES.pending() or GATE.background_elsewhere() or numerics.owes_eager()
-        ):
-            # Its capture would be deferred, or its warm-up run eager code; or a replay must run this step's eager
-            # code as the live stream did (models/numerics.py): no graph over it.
+        if key not in self._warm and (COMPILES.pending() or numerics.owes_eager()):
+            # Its warm-up would run eager code; or a replay must run this step's eager code as the live stream
+            # did (models/numerics.py): no graph over it. (Another thread's background work — the Wan VAE
+            # compiling at a stream's start — defers only the recording: the step warms up now, and a fresh
+            # stream's first chunk after a reset then only records. Call 28: warming up then cost its TTFF
+            # 238 ms instead of 149.)
             self.stats.deferred += 1
             return None
         cross = self._cross

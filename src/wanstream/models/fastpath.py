@@ -267,8 +267,10 @@ class CompiledOrEager:
     def _compiled(self, call: int, args: tuple, kwargs: dict[str, Any]) -> Any:
         if _fx_tracing():
             # Another thread's compile is tracing: dynamo would run the eager code now, unseen (its "is FX
-            # tracing?" flag is process-wide). Run it openly, so a session log knows; a replay waits instead.
+            # tracing?" flag is process-wide). Run it openly, so a session log knows and a CUDA graph's warm-up
+            # does not count as done (`ran_eager`); a replay waits instead.
             if not numerics.replaying():
+                COMPILES.ran_eager()
                 return self._eager(call, args, kwargs)
             while _fx_tracing():
                 time.sleep(0.001)
@@ -363,7 +365,8 @@ class BackgroundCompiles:
             self._local.live_change = previous
 
     def eager_runs(self) -> int:
-        """Calls on this thread that ran eager code because their signature was still compiling."""
+        """Calls on this thread that ran eager code because their signature was still compiling, or because
+        another thread's compile was tracing."""
         return getattr(self._local, "eager", 0)
 
     def ran_eager(self) -> None:
