@@ -330,7 +330,9 @@ def test_a_warm_up_that_ran_eager_code_while_another_thread_traced_is_not_warm(
     monkeypatch.setattr(fastpath, "_fx_tracing", lambda: tracing["on"])
     first = [session.push(clip[i : i + 4]) for i in range(0, 16, 4)]
     graphs = session.denoiser.graphs
-    assert not compiled_runs and not graphs._warm and graphs.stats.deferred >= 1 and graphs.stats.captured == 0
+    assert (
+        not compiled_runs and not graphs._warm and graphs.stats.deferred >= 1 and graphs.stats.captured == 0
+    )
     tracing["on"] = False
     rest = [session.push(clip[i : i + 4]) for i in range(16, 25, 4)] + [session.flush()]
     assert compiled_runs and graphs.stats.captured >= 1

@@ -112,6 +112,9 @@ def test_a_live_take_replays_bit_for_bit(
     response = client.get(f"/api/v1/sessions/{sid}/log")  # kept after the session ended
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "application/zip"
+    assert response.headers["content-disposition"] == f'attachment; filename="wanstream-{sid}.wslog"'
+    folder = client.app.state.sessions.take_for(sid).folder  # type: ignore[attr-defined]
+    assert sorted(p.name for p in folder.iterdir()) == ["frames"]  # sent as written: no copy on disk
     path = tmp_path / "take.wslog"
     path.write_bytes(response.content)
 

@@ -81,6 +81,7 @@ from wanstream.server.signaling import (
     submit_control,
 )
 from wanstream.server.sources import FileSource
+from wanstream.server.takes import LogResponse
 from wanstream.server.vace import VaceRefused, VaceSetup
 from wanstream.server.vace import prepare as prepare_vace
 from wanstream.server.worker import ControlRejected, missing_codec
@@ -432,7 +433,7 @@ async def recording_download(request: Request, session_id: str, which: str) -> F
 # Session logs (docs/replay.md)
 
 
-@v1.get("/sessions/{session_id}/log", tags=["recording"], response_class=FileResponse)
+@v1.get("/sessions/{session_id}/log", tags=["recording"], response_class=LogResponse, status_code=200)
 async def session_log(
     request: Request,
     session_id: str,
@@ -440,9 +441,10 @@ async def session_log(
         Literal["stream", "recording"],
         Query(description="where the take starts: the stream's first frame, or the recording's"),
     ] = "stream",
-) -> FileResponse:
+) -> LogResponse:
     """The stream's session log so far (also after it ended): one `.wslog` file that `wanstream replay`
-    reproduces bit for bit. `take=recording`: the replay writes from the recording's first frame on."""
+    reproduces bit for bit. `take=recording`: the replay writes from the recording's first frame on. It is
+    written as it is sent (no Content-Length); a failure to read it mid-way breaks the download off."""
     manager = _manager(request)
     found = manager.take_for(session_id)
     if found is None:
@@ -460,11 +462,11 @@ async def session_log(
     pipeline = manager.model.pipeline
     if pipeline is None:
         raise HTTPException(503, "the model is not loaded")
-    try:
-        path = await asyncio.to_thread(found.save, pipeline.components, first)
+    try:  # what can fail before the first byte is an HTTP error; later, it can only break the download off
+        stream = await asyncio.to_thread(found.log_stream, pipeline.components, first)
     except OSError as exc:
-        raise HTTPException(500, f"the session log could not be saved: {exc}") from None
-    return FileResponse(path, media_type="application/zip", filename=path.name)
+        raise HTTPException(500, f"the session log could not be read: {exc}") from None
+    return LogResponse(stream, f"wanstream-{found.session_id}.wslog")
 
 
 @v1.post(

@@ -4,7 +4,17 @@
 server's on-disk store, `identity.py` what "the same model" means, `replay.py` running a log again.
 """
 
-from wanstream.takes.log import LOG_FORMAT, LOG_VERSION, LogError, TakeLog, journal_log, load_log, save_log
+from wanstream.takes.log import (
+    LOG_FORMAT,
+    LOG_VERSION,
+    LogError,
+    TakeLog,
+    journal_log,
+    load_log,
+    log_header,
+    save_log,
+    write_log,
+)
 from wanstream.takes.replay import ReplayReport, replay
 
 __all__ = [
@@ -15,6 +25,8 @@ __all__ = [
     "TakeLog",
     "journal_log",
     "load_log",
+    "log_header",
     "replay",
     "save_log",
+    "write_log",
 ]

@@ -22,12 +22,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
 from wanstream.engine.components import Components
-from wanstream.engine.journal import FRAMES, JournalOp, SessionJournal
+from wanstream.engine.journal import FRAMES, FrameStore, JournalOp, SessionJournal
 from wanstream.takes.frames import blob_name, decode_blob, encode_blob
 from wanstream.takes.identity import lora_names, model_identity
 
@@ -104,27 +104,39 @@ def save_log(
     starts at (a replay runs the calls before it too — the stream's state depends on them — and writes
     from there)."""
     path = Path(path)
-    header, _ = _header(journal, components, first_output)
-    store = journal.frames
+    header = log_header(journal, components, first_output=first_output)
     tmp = path.with_name(f".{path.name}.part")
     try:
-        with zipfile.ZipFile(tmp, "w") as z:
-            z.writestr("log.json", json.dumps(header, indent=1), compress_type=zipfile.ZIP_DEFLATED)
-            for key in sorted(_frame_keys(header["ops"])):
-                if hasattr(store, "path"):  # on disk already (the server's store)
-                    file = store.path(key)
-                    z.write(file, f"frames/{file.name}", compress_type=zipfile.ZIP_STORED)
-                else:
-                    frames = store.get(key)
-                    z.writestr(
-                        f"frames/{blob_name(key, frames)}",
-                        encode_blob(frames),
-                        compress_type=zipfile.ZIP_STORED,
-                    )
+        with open(tmp, "wb") as file:
+            write_log(file, header, journal.frames)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def log_header(journal: SessionJournal, components: Components, *, first_output: int = 0) -> dict[str, Any]:
+    """log.json for `journal` as it stands now: a snapshot (the stream may go on recording; the log written
+    from it ends here). Reads the model files' digests (seconds the first time: call it off an event loop)."""
+    return _header(journal, components, first_output)[0]
+
+
+def write_log(file: IO[bytes], header: dict[str, Any], frames: FrameStore) -> None:
+    """Write the session log that `header` (`log_header`) describes into `file`, its frames read from the
+    journal's store `frames`: the one writer of the format, for a file (`save_log`) and for a download written
+    as it is sent (the server). `file` may be unseekable: zipfile then writes each entry's sizes after its
+    data (a data descriptor), and `load_log` reads the result the same."""
+    with zipfile.ZipFile(file, "w") as z:
+        z.writestr("log.json", json.dumps(header, indent=1), compress_type=zipfile.ZIP_DEFLATED)
+        for key in sorted(_frame_keys(header["ops"])):
+            if hasattr(frames, "path"):  # on disk already (the server's store): copied, never decoded
+                path = frames.path(key)
+                z.write(path, f"frames/{path.name}", compress_type=zipfile.ZIP_STORED)
+            else:
+                tensor = frames.get(key)
+                z.writestr(
+                    f"frames/{blob_name(key, tensor)}", encode_blob(tensor), compress_type=zipfile.ZIP_STORED
+                )
 
 
 def journal_log(journal: SessionJournal, components: Components, *, first_output: int = 0) -> TakeLog:
