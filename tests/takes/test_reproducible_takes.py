@@ -45,3 +45,30 @@ def test_a_replay_builds_its_networks_as_the_take_chose_conv_algorithms(
     model = {"random_weights": True, "dtype": "float32", "device": "cpu", "cudnn_benchmark": cudnn_benchmark}
     pipeline_for(model)
     assert seen["reproducible"] is reproducible
+
+
+def test_reproducible_optimisation_chooses_without_timing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU, `optimize(reproducible=True)` turns off both timed choices: cuDNN's conv algorithms and
+    Inductor's kernel configurations (each is a choice of the process that timed it). The demo networks stand
+    in, their device relabelled as CUDA: nothing runs on the device here; the flags are the point."""
+    import torch
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    from wanstream.takes import identity as identity_module
+
+    # Restored after the test (these are process-wide switches).
+    monkeypatch.setattr(inductor_config, "deterministic", False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)
+    monkeypatch.setattr(torch._dynamo.config, "error_on_nested_fx_trace", True)
+    components = Pipeline.demo().components
+    components.device = torch.device("cuda")
+    components.optimize(compile=False)
+    # speed by default
+    assert torch.backends.cudnn.benchmark is True and inductor_config.deterministic is False
+    components.optimize(compile=False, reproducible=True)
+    assert torch.backends.cudnn.benchmark is False and inductor_config.deterministic is True
+    monkeypatch.setattr(identity_module, "device_kind", lambda device: "Fake GPU")
+    identity = identity_module.model_identity(components)
+    assert identity["cudnn_benchmark"] is False and identity["inductor_deterministic"] is True

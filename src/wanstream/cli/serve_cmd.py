@@ -176,9 +176,10 @@ def _session_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--reproducible-takes",
         action="store_true",
-        help="on a GPU, let cuDNN pick convolution algorithms by its heuristics instead of timing them in this "
-        "process, so session logs replay bit for bit with `wanstream replay` in another process too, not only "
-        "on this server (slower: 13 ms a chunk at 480x832 on an H100)",
+        help="on a GPU, let cuDNN pick convolution algorithms and Inductor its kernel configurations by "
+        "heuristics instead of timing them in this process, so session logs replay bit for bit with "
+        "`wanstream replay` in another process too, not only on this server (slower: cuDNN's heuristics cost "
+        "13 ms a chunk at 480x832 on an H100)",
     )
     g.add_argument(
         "--lora-dir",

@@ -46,9 +46,10 @@ class Components:
         """GPU speed-ups that keep the arithmetic: fused q/k/v and regional compilation of the DiT blocks,
         channels-last and compiled VAE; sessions created afterwards compile their cache bookkeeping and
         replay CUDA graphs. First calls of each shape compile (tens of seconds; cached on disk, so later
-        processes start quickly). `reproducible`: cuDNN picks conv algorithms by its heuristics instead of
-        timing them in this process — the same in every process, so a take's log replays bit for bit in
-        another one too (docs/replay.md), at some speed (13 ms a chunk at 480×832 on an H100, call 27)."""
+        processes start quickly). `reproducible`: cuDNN picks conv algorithms by its heuristics, and Inductor
+        its kernels' launch configurations, instead of timing them in this process — the same in every process
+        and every compile, so a take's log replays bit for bit in another process too (docs/replay.md), at some
+        speed (cuDNN's heuristics: 13 ms a chunk at 480×832 on an H100, call 27; Inductor's: not measured)."""
         if self.device.type != "cuda":
             return self
         import torch._dynamo
@@ -64,6 +65,12 @@ class Components:
         # chunk); `bench` ran with this on, so `generate` and `serve` must too to see its figures. Another
         # process may time them otherwise and pick another engine, which rounds differently.
         torch.backends.cudnn.benchmark = not reproducible
+        if reproducible:
+            # Inductor times some kernels' launch configurations at their first run and keeps the fastest: a
+            # choice of this process (and of each compile), which changes a reduction's rounding.
+            import torch._inductor.config as inductor_config
+
+            inductor_config.deterministic = True
         self.dit.optimize(compile=compile)
         if self.vace is not None:  # its blocks run the DiT's compiled block halves; fuse their q/k/v too
             self.vace.optimize()  # type: ignore[operator]

@@ -139,6 +139,7 @@ def model_identity(components: Components, loras: Sequence[str] = ()) -> dict[st
         # cuDNN picks each conv's algorithm by timing it once per process (`Components.optimize`): another
         # process may pick another, which rounds differently.
         "cudnn_benchmark": bool(torch.backends.cudnn.benchmark) if components.device.type == "cuda" else None,
+        "inductor_deterministic": _inductor_deterministic() if components.device.type == "cuda" else None,
         "process": PROCESS,
         "files": {
             role: {"path": p, "sha256": file_sha256(p)} for role, p in sorted(components.files.items())
@@ -147,6 +148,13 @@ def model_identity(components: Components, loras: Sequence[str] = ()) -> dict[st
         "wanstream": wanstream.__version__,
         "torch": torch.__version__,
     }
+
+
+def _inductor_deterministic() -> bool:
+    """Whether Inductor chose kernel configurations without timing them (`Components.optimize(reproducible=)`)."""
+    import torch._inductor.config as inductor_config
+
+    return bool(getattr(inductor_config, "deterministic", False))
 
 
 def differences(recorded: dict[str, Any], here: dict[str, Any]) -> list[str]:
@@ -165,8 +173,9 @@ def differences(recorded: dict[str, Any], here: dict[str, Any]) -> list[str]:
         and recorded.get("process") != here.get("process")
     ):
         found.append(
-            "process: cuDNN chose the take's convolution algorithms by timing them in the live stream's process "
-            "(torch.backends.cudnn.benchmark); this process may choose others, which round differently (a replay "
+            "process: cuDNN chose the take's convolution algorithms (and Inductor its kernels' configurations) by "
+            "timing them in the live stream's process (torch.backends.cudnn.benchmark); this process may choose "
+            "others, which round differently (a replay "
             "on the server that streamed the take — the studio's Replay take — uses the same ones; takes of a "
             "server started with --reproducible-takes replay bit for bit in any process)"
         )
