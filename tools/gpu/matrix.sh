@@ -12,7 +12,7 @@
 # lines) and log_<part>.txt (all logs). Exit codes: a crash shows as a non-zero "rc" beside its run.
 set -o pipefail
 export COLUMNS=200
-PART=${1:?usage: matrix.sh A|B|C|D|E|V|S|R|R2|R3|R4|R5}
+PART=${1:?usage: matrix.sh A|B|C|D|E|V|S|R|R2|R3|R4|R5|R6}
 W=/tmp/matrix-$PART; rm -rf "$W"; mkdir -p "$W"
 B="python3 -m wanstream.cli.main bench"
 stamp() { echo "[$(date +%T)] $*" | tee -a "$W/steps.txt"; }
@@ -134,10 +134,10 @@ R)
   run warm_start_2step 80 $B --configs "batch,480x832,2,wan" --chunks 30 --warm-chunks 8 --json "$W/warm_start_2step.json"
   run replay_live 150 python3 tools/gpu/replay_check.py live "$W/take" --json "$W/replay_live.json"
   run replay_new_process 100 python3 tools/gpu/replay_check.py replay "$W/take" --json "$W/replay_new_process.json"
-  run replay_live_heuristic 120 python3 tools/gpu/replay_check.py live "$W/take_h" --no-cudnn-benchmark \
-    --json "$W/replay_live_heuristic.json"
-  run replay_new_process_heuristic 90 python3 tools/gpu/replay_check.py replay "$W/take_h" --no-cudnn-benchmark \
-    --json "$W/replay_new_process_heuristic.json"
+  run replay_live_reproducible 120 python3 tools/gpu/replay_check.py live "$W/take_r5" --reproducible \
+    --json "$W/replay_live_reproducible.json"
+  run replay_new_process_reproducible 90 python3 tools/gpu/replay_check.py replay "$W/take_r5" --reproducible \
+    --json "$W/replay_new_process_reproducible.json"
   ;;
 R2)
   # Part R when device time is short: the live steps change (cold), then the take replayed in the same process
@@ -180,10 +180,23 @@ R5)
   run replay_live 220 python3 tools/gpu/replay_check.py live "$W/take" --json "$W/replay_live.json"
   run replay_new_process 70 python3 tools/gpu/replay_check.py replay "$W/take" --json "$W/replay_new_process.json"
   run warm_start_2step 80 $B --configs "batch,480x832,2,wan" --chunks 20 --warm-chunks 6 --json "$W/warm_start_2step.json"
-  run replay_live_heuristic 110 python3 tools/gpu/replay_check.py live "$W/take_h" --no-cudnn-benchmark \
-    --json "$W/replay_live_heuristic.json"
-  run replay_new_process_heuristic 70 python3 tools/gpu/replay_check.py replay "$W/take_h" --no-cudnn-benchmark \
-    --json "$W/replay_new_process_heuristic.json"
+  run replay_live_reproducible 110 python3 tools/gpu/replay_check.py live "$W/take_r5" --reproducible \
+    --json "$W/replay_live_reproducible.json"
+  run replay_new_process_reproducible 70 python3 tools/gpu/replay_check.py replay "$W/take_r5" --reproducible \
+    --json "$W/replay_new_process_reproducible.json"
+  ;;
+R6)
+  # Issue 24 after call 29 (a take from a cold cache: 0 of 148 frames identical even in its own process): the
+  # take as `serve --reproducible-takes` runs it (no timed choices: cuDNN heuristics, Inductor deterministic),
+  # from a cold cache, replayed in its process and in a new one; then what that mode costs (bench); then the
+  # default take from the now warm cache in its process (call 28: 100 of 148). Limits sum to 560 s.
+  rm -rf "$TORCHINDUCTOR_CACHE_DIR"
+  run repro_live 220 python3 tools/gpu/replay_check.py live "$W/take_r" --reproducible --json "$W/repro_live.json"
+  run repro_new_process 70 python3 tools/gpu/replay_check.py replay "$W/take_r" --reproducible \
+    --json "$W/repro_new_process.json"
+  run repro_bench 90 $B --configs "batch,480x832,2,wan;batch,480x832,1,wan" --reproducible --chunks 12 \
+    --warm-chunks 4 --json "$W/repro_bench.json"
+  run default_live_warm 150 python3 tools/gpu/replay_check.py live "$W/take" --json "$W/default_live_warm.json"
   ;;
 esac
 summarize

@@ -7,8 +7,9 @@ Full-size random networks (no text encoder: prompts are random embeddings), 480x
 `Components.optimize()` as `serve` runs them. The take: 2 steps, a prompt transition, a seed change, steps
 2 → 3 → 1, a noise change, a reset. Every output frame's sha256 is noted as the server does. Each replay
 reports how many frames are identical, the first that differs, the largest per-frame difference, and the
-journal's cost on the live chunks (push time with the log vs without). `--no-cudnn-benchmark` runs with cuDNN's
-heuristic conv algorithms instead of per-process timing. To find which layer of the optimised path breaks bit
+journal's cost on the live chunks (push time with the log vs without). `--reproducible` runs as
+`serve --reproducible-takes` does: cuDNN's conv algorithms and Inductor's kernel configurations chosen without
+timing them (the same in every process). To find which layer of the optimised path breaks bit
 equality, if one does: `--eager` (nothing compiled, no CUDA graphs) and `--no-graphs` (compiled, no CUDA
 graphs). One JSON line per mode (also DIR/<mode>.json).
 """
@@ -48,14 +49,14 @@ if NO_GRAPHS:  # every session this process makes (the live one and the replay's
     Denoiser.use_cuda_graphs = lambda self, enabled=True: _use_graphs(self, False)  # type: ignore[method-assign]
 
 
-def components(cudnn_benchmark: bool):
+def components(timed: bool):
     c = random_components(
         torch.device(DEVICE), torch.float32 if SMOKE else torch.bfloat16, tiny=SMOKE, text_encoder=None
     )
     c.label, c.random_weights = RANDOM_LABEL, True
     if not EAGER:
-        c.optimize()
-    torch.backends.cudnn.benchmark = cudnn_benchmark  # optimize() turns it on
+        c.optimize(reproducible=not timed)
+    torch.backends.cudnn.benchmark = timed  # also on the eager path
     return c
 
 
@@ -189,7 +190,7 @@ def _ranges(indices: list[int]) -> list[list[int]]:
 
 def main() -> int:
     mode, folder = sys.argv[1], Path(sys.argv[2])
-    bench = "--no-cudnn-benchmark" not in sys.argv
+    bench = "--reproducible" not in sys.argv
     folder.mkdir(parents=True, exist_ok=True)
     if mode == "live":
         result = live(folder, bench)
@@ -198,7 +199,9 @@ def main() -> int:
         result = {"mode": "replay_new_process", "cudnn_benchmark": bench, "path": _path()}
         result.update(_replay_here(folder / "take.wslog", c, np.load(folder / "live_frames.npy")))
         result["fallbacks"] = FALLBACKS.snapshot()
-    name = f"{mode}{'' if bench else '_heuristic'}{'_eager' if EAGER else '_no_graphs' if NO_GRAPHS else ''}"
+    name = (
+        f"{mode}{'' if bench else '_reproducible'}{'_eager' if EAGER else '_no_graphs' if NO_GRAPHS else ''}"
+    )
     (folder / f"{name}.json").write_text(json.dumps(result, indent=1))
     if "--json" in sys.argv:  # also where the GPU matrix's summary looks for it
         Path(sys.argv[sys.argv.index("--json") + 1]).write_text(json.dumps(result, indent=1))
