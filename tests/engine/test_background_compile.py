@@ -406,9 +406,9 @@ def test_a_compiled_call_while_another_thread_traces_runs_eager_openly(
     x = torch.ones(2)
     fn(x, scale=2.0)  # compiled in line
     monkeypatch.setattr(fx_trace, "_is_fx_tracing_flag", True)
-    with numerics.record() as eager:
+    with numerics.record() as ran:
         assert torch.equal(fn(x, scale=2.0), scaled(x, scale=2.0))
-    assert fake.on(MAIN) == 1 and list(eager.values()) == [[0]]  # eager, and noted: the site's first call
+    assert fake.on(MAIN) == 1 and list(ran.eager.values()) == [[0]]  # eager, and noted: the site's first call
     release = threading.Timer(0.05, lambda: monkeypatch.setattr(fx_trace, "_is_fx_tracing_flag", False))
     release.start()
     with numerics.force({}):

@@ -127,7 +127,7 @@ def test_eager_chunks_of_a_pending_compile_replay_as_they_ran(
         with contextlib.ExitStack() as stack:
             if not forced:
                 stack.enter_context(monkeypatch.context())
-                monkeypatch.setattr(numerics, "force", lambda counts: contextlib.nullcontext())
+                monkeypatch.setattr(numerics, "force", lambda eager, graphs=None: contextlib.nullcontext())
             with load_log(path) as log:
                 return replay(log, fresh.components)
 
@@ -183,7 +183,9 @@ def test_eager_calls_between_compiled_ones_replay_at_their_places(
                 monkeypatch.setattr(
                     numerics,
                     "force",
-                    lambda eager: force({s: range(len(p)) for s, p in (eager or {}).items()}),
+                    lambda eager, graphs=None: force(
+                        {s: range(len(p)) for s, p in (eager or {}).items()}, graphs
+                    ),
                 )
             with load_log(path) as log:
                 return replay(log, fresh.components)
@@ -201,3 +203,85 @@ def test_a_log_of_eager_counts_replays_its_calls_first() -> None:
     op = JournalOp.from_json({**row, "time": 0.0, "eager": {"DiT block, first half (...)": 3}})
     assert op.eager == {"DiT block, first half (...)": [0, 1, 2]}
     assert JournalOp.from_json(op.to_json()).eager == op.eager
+
+
+class _ScaledReplay:
+    """A recorded step whose replay rounds otherwise than the step launched directly (its outputs × 1.01)."""
+
+    def __init__(self, graph) -> None:
+        self.graph = graph
+
+    def replay(self) -> None:
+        self.graph.replay()
+        for out in self.graph.outputs:
+            out.mul_(1.01)
+
+
+class OtherRoundingGraphs(CpuGraphs):
+    def _record(self, run):
+        graph, outputs = super()._record(run)
+        return _ScaledReplay(graph), outputs
+
+
+def test_steps_replay_on_a_graph_exactly_where_the_live_stream_did(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The live stream captures a step's CUDA graph only when no other thread's compile runs, so which steps
+    replayed a graph depends on timing — and a graph may round otherwise than the same step launched directly
+    (on an H100 a take's frames differed only in the chunks after a live change, and only with graphs on). The
+    log notes the steps that ran on a graph; the replay runs those on one, the others directly."""
+    build = LocalBackend.build
+
+    def build_with_graphs(self, *args, **kwargs):
+        denoiser = build(self, *args, **kwargs)
+        denoiser.graphs = OtherRoundingGraphs(denoiser.cache, denoiser._step)
+        return denoiser
+
+    monkeypatch.setattr(LocalBackend, "build", build_with_graphs)
+    from wanstream.models.fastpath import GATE
+
+    clip = moving_clip(61)
+    live_pipe = Pipeline.demo()
+    session = live_pipe.session(prompts=["a red fox"], steps=(700, 500), seed=5, log=True, **SMALL)
+    inside, release = threading.Event(), threading.Event()
+
+    def compile_elsewhere() -> None:  # another thread's compile: recordings wait until it is done
+        with GATE.background():
+            inside.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=compile_elsewhere)
+    holder.start()
+    assert inside.wait(5)
+    try:
+        for n, i in enumerate([0, *range(5, 61, 4)]):
+            if n == 6:
+                release.set()
+                holder.join(5)
+            out = session.push(clip[i : i + 4] if i else clip[:5])
+            first = session.frames_out - out.shape[0]
+            for j, image in enumerate(out.numpy()):
+                session.log().note_output(first + j, image)
+    finally:
+        release.set()
+        holder.join(5)
+    stats = session.denoiser.graphs.stats
+    assert stats.deferred >= 1 and stats.replays >= 1  # some steps ran directly, later ones on graphs
+    path = save_log(session.log(), tmp_path / "take.wslog", live_pipe.components)
+    with load_log(path) as log:
+        noted = [op.graphs for op in log.ops if op.name == "push"]
+        assert any(noted) and not all(noted)
+
+    def replayed(as_noted: bool) -> object:
+        fresh = Pipeline.demo()
+        with contextlib.ExitStack() as stack:
+            if not as_noted:  # graphs used as the replay can, as before they were noted
+                force = numerics.force
+                stack.enter_context(monkeypatch.context())
+                monkeypatch.setattr(numerics, "force", lambda eager, graphs=None: force(eager, None))
+            with load_log(path) as log:
+                return replay(log, fresh.components)
+
+    report = replayed(as_noted=True)
+    assert report.bit_exact and report.compared == len(session.log().digests), report.summary()
+    assert not replayed(as_noted=False).bit_exact  # where the graphs ran is what made it exact

@@ -4,6 +4,7 @@ replay builds its networks as the take's were built. (The choice itself only act
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import pytest
@@ -55,13 +56,22 @@ def test_reproducible_optimisation_chooses_without_timing(monkeypatch: pytest.Mo
     import torch._dynamo
     import torch._inductor.config as inductor_config
 
+    # Process-wide switches: restored after the test.
+    stack = contextlib.ExitStack()
+    stack.enter_context(inductor_config.patch(deterministic=False))
+    stack.enter_context(torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit))
+    stack.enter_context(torch._dynamo.config.patch(error_on_nested_fx_trace=True))
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    with stack:
+        _check_reproducible_switches(monkeypatch)
+
+
+def _check_reproducible_switches(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+    import torch._inductor.config as inductor_config
+
     from wanstream.takes import identity as identity_module
 
-    # Restored after the test (these are process-wide switches).
-    monkeypatch.setattr(inductor_config, "deterministic", False)
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)
-    monkeypatch.setattr(torch._dynamo.config, "error_on_nested_fx_trace", True)
     components = Pipeline.demo().components
     components.device = torch.device("cuda")
     components.optimize(compile=False)

@@ -132,7 +132,11 @@ class StepGraphs:
         extension: StreamExtension | None = None,
     ) -> Outputs:
         self._load_cross(cross)
-        if numerics.owes_eager():  # a replay of a step the live stream ran (partly) eager: no graph, as live
+        step = numerics.next_call("DiT step") if numerics.counting() else -1
+        # A replay runs each step as the live stream did: on a graph or not (models/numerics.py). A log that
+        # does not say: no graph while the recorded call still owes eager calls.
+        as_live = numerics.replay_graph(step)
+        if as_live is False or (as_live is None and numerics.owes_eager()):
             return self.step(x, t, self._cross, plan, extension)  # type: ignore[arg-type]
         ext_key = self._extension_key(x, extension)
         key = (
@@ -148,7 +152,7 @@ class StepGraphs:
         )
         captured = self._graphs.get(key)
         if captured is None and key not in self._failed:
-            captured = self._try_capture(key, x, t, plan, extension, ext_key)
+            captured = self._try_capture(key, x, t, plan, extension, ext_key, now=bool(as_live))
         if captured is None:
             return self.step(x, t, self._cross, plan, extension)  # type: ignore[arg-type]
         captured.x.copy_(x)
@@ -156,6 +160,7 @@ class StepGraphs:
         captured.inputs.load(extension)
         captured.graph.replay()
         self.stats.replays += 1
+        numerics.note_graph(step)
         x0, flow = captured.outputs
         return x0.clone(), flow.clone()  # the next replay overwrites the static outputs
 
@@ -189,9 +194,15 @@ class StepGraphs:
         plan: CallPlan,
         extension: StreamExtension | None,
         ext_key: tuple,
+        *,
+        now: bool = False,
     ) -> _Captured | None:
+        """`now`: a replay must run this step on a graph, as the live stream did: it waits for compiles
+        rather than defer (a replay has no deadline)."""
         assert self._cross is not None
-        if key not in self._warm and (COMPILES.pending() or numerics.owes_eager()):
+        if now:
+            COMPILES.wait()
+        elif key not in self._warm and (COMPILES.pending() or numerics.owes_eager()):
             # Its warm-up would run eager code; or a replay must run this step's eager code as the live stream
             # did (models/numerics.py): no graph over it. (Another thread's background work — the Wan VAE
             # compiling at a stream's start — defers only the recording: the step warms up now, and a fresh

@@ -84,6 +84,9 @@ class JournalOp:
     # tracing), by site and place among the site's calls: a replay runs them the same way (models/numerics.py),
     # since compiled and eager code round differently.
     eager: dict[str, list[int]] = field(default_factory=dict)
+    # The DiT steps (by place among the call's steps) that replayed a CUDA graph; None: not noted (logs written
+    # before 2026-12-07), the replay then uses graphs as it can.
+    graphs: list[int] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -95,6 +98,7 @@ class JournalOp:
             "first_output": self.first_output,
             "time": round(self.time, 6),
             "eager": self.eager,
+            "graphs": self.graphs,
         }
 
     @classmethod
@@ -108,6 +112,7 @@ class JournalOp:
             first_output=int(row["first_output"]),
             time=float(row["time"]),
             eager={str(k): _places(v) for k, v in row.get("eager", {}).items()},
+            graphs=None if row.get("graphs") is None else [int(v) for v in row["graphs"]],
         )
 
 
@@ -148,10 +153,10 @@ class SessionJournal:
         name: str,
         arguments: dict[str, Any],
         out: Any,
-        eager: dict[str, list[int]] | None = None,
+        ran: numerics.Ran | None = None,
     ) -> None:
-        """Record a call that returned `out` (its arguments by parameter name, `self` left out; `eager`: the
-        calls of compiled sites it ran eagerly, `models.numerics`)."""
+        """Record a call that returned `out` (its arguments by parameter name, `self` left out; `ran`: which
+        calls of compiled sites it ran eagerly and which steps on CUDA graphs, `models.numerics`)."""
         count = int(out.shape[0]) if isinstance(out, torch.Tensor) and out.dim() == 4 else 0
         first, self.frames_out = self.frames_out, self.frames_out + count
         if not self.recording:
@@ -179,7 +184,8 @@ class SessionJournal:
                 count,
                 first,
                 time.monotonic() - self._start,
-                dict(eager or {}),
+                dict(ran.eager) if ran is not None else {},
+                list(ran.graphs) if ran is not None else [],
             )
         )
 
@@ -243,14 +249,14 @@ def recorded(target: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
             if journal is None:
                 return method(self, *args, **kwargs)
             top = journal.depth == 0
-            with _Nesting(journal), numerics.record() if top else nullcontext({}) as eager:
+            with _Nesting(journal), numerics.record() if top else nullcontext(None) as ran:
                 out = method(self, *args, **kwargs)
             if top:
                 bound = signature.bind(self, *args, **kwargs)
                 bound.apply_defaults()
                 arguments = dict(bound.arguments)
                 arguments.pop("self")
-                journal.record(target, method.__name__, arguments, out, eager)
+                journal.record(target, method.__name__, arguments, out, ran)
             return out
 
         return wrapper

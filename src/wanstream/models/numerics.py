@@ -14,6 +14,12 @@ it, and a replay forces it:
   The place matters, not only the number: a compile on another thread can make a call in the middle of a
   recorded call run eager code (torch's "is FX tracing?" flag is process-wide), between compiled ones.
 
+The same holds for CUDA graphs: the stream captures a step's graph only once nothing compiles (a graph over
+eager code would stay slow), so which steps replayed a graph depends on timing too, and a graph's kernels may
+round otherwise than the same step launched directly. The log notes which steps (by their place among the
+recorded call's steps) replayed a graph (`note_graph`), and the replay runs exactly those on a graph
+(`replay_graph`), capturing it then if need be.
+
 A site counts its call with `next_call(key)` while `counting()` (`key`: anything hashable that names the site,
 cheaper than its text), calls `note_eager(site, call)` when it runs eagerly, and, while `replaying()`, asks
 `replay_eager(site, call)` before each call. Outside `record` and `force` (benchmarks, tests, generate) this
@@ -25,11 +31,22 @@ from __future__ import annotations
 import threading
 from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Ran:
+    """How one recorded call ran where it could have run otherwise."""
+
+    # site -> the places of its calls that ran eager code; the places of the DiT steps that replayed a graph
+    eager: dict[str, list[int]] = field(default_factory=dict)
+    graphs: list[int] = field(default_factory=list)
 
 
 class _State(threading.local):
-    recording: dict[str, list[int]] | None = None  # site -> the places of the calls that ran eager code
+    recording: Ran | None = None
     forced: dict[str, set[int]] | None = None  # site -> the places of the calls still to run eager code
+    forced_graphs: set[int] | None = None  # the steps that ran on a graph (None: not recorded, free choice)
     calls: dict[Hashable, int] | None = None  # site key -> calls so far, within one recorded call
 
 
@@ -53,9 +70,26 @@ def next_call(key: Hashable) -> int:
 
 def note_eager(site: str, call: int) -> None:
     """Call `call` of `site` ran its eager code although the site has compiled code (noted while recording)."""
-    places = _STATE.recording
-    if places is not None:
-        places.setdefault(site, []).append(call)
+    ran = _STATE.recording
+    if ran is not None:
+        ran.eager.setdefault(site, []).append(call)
+
+
+def note_graph(step: int) -> None:
+    """Step `step` (its place among the recorded call's DiT steps) replayed a CUDA graph (noted while
+    recording)."""
+    ran = _STATE.recording
+    if ran is not None and step >= 0:
+        ran.graphs.append(step)
+
+
+def replay_graph(step: int) -> bool | None:
+    """While replaying: whether step `step` ran on a CUDA graph live; None when the log does not say (a log
+    written before graphs were noted) or no replay runs."""
+    forced = _STATE.forced_graphs
+    if forced is None or step < 0:
+        return None
+    return step in forced
 
 
 def replaying() -> bool:
@@ -83,21 +117,21 @@ def owes_eager() -> bool:
 def paused() -> Iterator[None]:
     """Calls that are not the stream's own (a CUDA graph's warm-up and recording): neither counted nor noted
     while recording, and compiled while replaying (they take no place of the recorded call's)."""
-    previous = (_STATE.recording, _STATE.forced, _STATE.calls)
-    _STATE.recording = _STATE.calls = None
+    previous = (_STATE.recording, _STATE.forced, _STATE.forced_graphs, _STATE.calls)
+    _STATE.recording = _STATE.calls = _STATE.forced_graphs = None
     if _STATE.forced is not None:
         _STATE.forced = {}
     try:
         yield
     finally:
-        _STATE.recording, _STATE.forced, _STATE.calls = previous
+        _STATE.recording, _STATE.forced, _STATE.forced_graphs, _STATE.calls = previous
 
 
 @contextmanager
-def record() -> Iterator[dict[str, list[int]]]:
-    """Note this thread's eager calls of compiled sites (the dict is filled as they happen)."""
+def record() -> Iterator[Ran]:
+    """Note how this thread's calls ran (the `Ran` is filled as they happen)."""
     previous = (_STATE.recording, _STATE.calls)
-    _STATE.recording, _STATE.calls = {}, {}
+    _STATE.recording, _STATE.calls = Ran(), {}
     try:
         yield _STATE.recording
     finally:
@@ -105,11 +139,14 @@ def record() -> Iterator[dict[str, list[int]]]:
 
 
 @contextmanager
-def force(eager: dict[str, list[int]] | None) -> Iterator[None]:
-    """Run this thread's calls as a recorded call ran them (see the module docstring)."""
-    previous = (_STATE.forced, _STATE.calls)
-    _STATE.forced, _STATE.calls = {site: set(places) for site, places in (eager or {}).items()}, {}
+def force(eager: dict[str, list[int]] | None, graphs: list[int] | None = None) -> Iterator[None]:
+    """Run this thread's calls as a recorded call ran them (see the module docstring); `graphs` None: the
+    log did not note graphs, so the replay uses them as it can."""
+    previous = (_STATE.forced, _STATE.forced_graphs, _STATE.calls)
+    _STATE.forced = {site: set(places) for site, places in (eager or {}).items()}
+    _STATE.forced_graphs = set(graphs) if graphs is not None else None
+    _STATE.calls = {}
     try:
         yield
     finally:
-        _STATE.forced, _STATE.calls = previous
+        _STATE.forced, _STATE.forced_graphs, _STATE.calls = previous

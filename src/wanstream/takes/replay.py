@@ -131,7 +131,8 @@ def _replay(
                 target: Any = session if op.target == "session" else conditioner
                 if target is None:
                     raise LogError(f"call {op.index} ({op.target}.{op.name}) comes before its conditioner")
-                with numerics.force(op.eager):  # compiled or eager, call by call, as the live stream ran
+                # compiled or eager, call by call, and CUDA graph or not, step by step, as the live stream ran
+                with numerics.force(op.eager, op.graphs):
                     out = getattr(target, op.name)(**args)
                 count = int(out.shape[0]) if isinstance(out, torch.Tensor) and out.dim() == 4 else 0
                 if count != op.outputs or made != op.first_output:
