@@ -14,8 +14,8 @@ A capture is prepared and made safely:
   it. Warming up advances the cache's device state: the cache is saved before and restored after (once per
   signature; recording itself runs no kernels).
 * Recording waits for other threads' GPU work to stop (`fastpath.GATE`): a compile warming up on another
-  thread invalidates a capture. If such work is running, recording is deferred (the step still warms up)
-  and this call runs the compiled step directly; a later call records.
+  thread invalidates a capture. If such work is running, warming up and capturing are deferred and this call
+  runs the compiled step directly; a later call captures.
 * A step whose compiled code is not ready is neither warmed up nor captured: a graph recorded over the eager
   code would stay slow for good, and a signature warmed up on the eager code would meet the compiled code's
   first use inside the recording. A new shape mid-stream compiles in the background (`fastpath.COMPILES`):
@@ -202,12 +202,14 @@ class StepGraphs:
         assert self._cross is not None
         if now:
             COMPILES.wait()
-        elif key not in self._warm and (COMPILES.pending() or numerics.owes_eager()):
-            # Its warm-up would run eager code; or a replay must run this step's eager code as the live stream
-            # did (models/numerics.py): no graph over it. (Another thread's background work — the Wan VAE
-            # compiling at a stream's start — defers only the recording: the step warms up now, and a fresh
-            # stream's first chunk after a reset then only records. Call 28: warming up then cost its TTFF
-            # 238 ms instead of 149.)
+        elif key not in self._warm and (
+            COMPILES.pending() or GATE.background_elsewhere() or numerics.owes_eager()
+        ):
+            # Its warm-up would run eager code, or its recording be deferred; or a replay must run this step's
+            # eager code as the live stream did (models/numerics.py): no graph over it. (Warming up beside
+            # another thread's compile — the Wan VAE's at a stream's start — would spare a fresh stream's first
+            # chunk after a reset its warm-up, 238 → 151 ms TTFF in call 29, but the warm-up's copy of the KV
+            # cache then meets the compile's memory: peak 18.3 GiB instead of 15.2.)
             self.stats.deferred += 1
             return None
         cross = self._cross
