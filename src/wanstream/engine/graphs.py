@@ -25,6 +25,9 @@ A capture is prepared and made safely:
   and captures.
 * Recording uses CUDA's thread-local capture mode: another thread's allocation (the caching allocator is
   capture-aware) does not invalidate it.
+* A session log notes which steps replayed a graph, and its replay runs exactly those on one (capturing it
+  then, waiting for compiles: a replay has no deadline), the others directly (`models.numerics`): when the live
+  stream captured depends on timing, and a graph may round otherwise than the step launched directly.
 * If capturing fails anyway, that signature runs the compiled step without a graph from then on, with one
   warning naming the cause (counted in `fastpath.FALLBACKS`: `/metrics`, `bench --json`). The output is the
   same; only the launch overhead returns.
