@@ -284,10 +284,14 @@ def test_vae_background_compile_failure_is_recorded_and_the_eager_vae_keeps_work
     def warm() -> None:
         halves.halves[0](x)
 
+    def eager(t: torch.Tensor) -> torch.Tensor:
+        return t + 1
+
     with pytest.warns(RuntimeWarning, match="compile failed"):
-        assert halves.get("encoder", x, warm) is None  # eager for now, compiling in the background
+        run = halves.run_for("encoder", x, warm, eager)  # eager for now, then compiling in the background
+        assert torch.equal(run(x), x + 1)
         assert halves.wait(10)
-    assert halves.get("encoder", x, warm) is None  # still eager: the compile failed
+    assert halves.run_for("encoder", x, warm, eager) is eager  # still eager: the compile failed
     assert FALLBACKS.snapshot()["counts"].get("compile", 0) >= 1
     assert GATE.busy() == {"work": 0, "background": 0}
 
@@ -336,3 +340,36 @@ def test_a_warm_up_that_ran_eager_code_while_another_thread_traced_is_not_warm(
     rest = [session.push(clip[i : i + 4]) for i in range(16, 25, 4)] + [session.flush()]
     assert compiled_runs and graphs.stats.captured >= 1
     assert torch.equal(torch.cat(first + rest), eager)
+
+
+def test_vae_background_compile_starts_after_the_eager_call_of_its_shape() -> None:
+    """Started before it, the compile's warm-up and the stream's eager call would time cuDNN's algorithms for
+    the same convolutions at once, and the last to finish would decide what later calls and a replay use."""
+    from wanstream.models.vae import _CompiledHalves
+
+    events: list[str] = []
+    x = torch.zeros(1, 3, 4, 16, 16)
+
+    def compiled(t: torch.Tensor, *rest) -> torch.Tensor:
+        return t + 1
+
+    halves = _CompiledHalves(
+        CompiledOrEager(compiled, compiled, "enc"),
+        CompiledOrEager(compiled, compiled, "dec"),
+        background=True,
+    )
+
+    def eager(t: torch.Tensor) -> torch.Tensor:
+        events.append("eager call")
+        return t + 1
+
+    def warm() -> None:
+        events.append("compile")
+
+    run = halves.run_for("encoder", x, warm, eager)
+    assert halves.run_for("encoder", x, warm, eager) is eager  # a second call meanwhile: one compile only
+    assert halves.wait(1) and events == []  # nothing started before the first eager call
+    run(x)
+    assert halves.wait(10)
+    assert events == ["eager call", "compile"]
+    assert halves.run_for("encoder", x, warm, eager) is halves.halves[0]  # compiled from now on

@@ -484,14 +484,12 @@ class WanVAE(nn.Module):
     def _encoder_for(self, x: torch.Tensor, steady: bool) -> Callable[..., torch.Tensor]:
         if self._compiled is None or not steady:
             return self.encoder
-        compiled = self._compiled.get("encoder", x, lambda: self._warm_encoder(x))
-        return self.encoder if compiled is None else compiled
+        return self._compiled.run_for("encoder", x, lambda: self._warm_encoder(x), self.encoder)
 
     def _decoder_for(self, z: torch.Tensor, steady: bool) -> Callable[..., torch.Tensor]:
         if self._compiled is None or not steady:
             return self.decoder
-        compiled = self._compiled.get("decoder", z, lambda: self._warm_decoder(z))
-        return self.decoder if compiled is None else compiled
+        return self._compiled.run_for("decoder", z, lambda: self._warm_decoder(z), self.decoder)
 
     def _warm_encoder(self, chunk: torch.Tensor) -> None:
         """Compile the steady-state encoder for `chunk`'s shape on a throwaway stream."""
@@ -656,18 +654,24 @@ class _CompiledHalves:
         self.halves = (encoder, decoder)
         self.background = background
         self._ready: set[tuple] = set()
+        self._scheduled: set[tuple] = set()  # shapes whose compile started, or starts after their first call
         self._started: dict[tuple, threading.Thread] = {}
         self._lock = threading.Lock()
         self.errors: list[BaseException] = []
 
-    def get(self, half: str, x: torch.Tensor, warm: Callable[[], None]) -> CompiledOrEager | None:
-        """The compiled half if it is ready for `x`'s shape (None: use the eager one for now)."""
+    def run_for(
+        self, half: str, x: torch.Tensor, warm: Callable[[], None], eager: Callable[..., torch.Tensor]
+    ) -> Callable[..., torch.Tensor]:
+        """What runs `x` now: the compiled half if it is ready for `x`'s shape, else `eager`. A shape met for
+        the first time starts compiling in the background right after that eager call: started before it,
+        the compile's warm-up and the call would time cuDNN's algorithms for the same convolutions at once,
+        and whichever finished last would decide what every later call (and a take's replay) uses."""
         key = (half, tuple(x.shape), x.dtype, x.device)
         module = self.halves[0 if half == "encoder" else 1]
         call = numerics.next_call(("Wan VAE", key)) if numerics.counting() else -1
         if numerics.replaying():  # as the recorded call ran: eager, or compiled (in line if not ready yet)
             if self.errors or (numerics.owes_eager() and numerics.replay_eager(f"Wan VAE {key}", call)):
-                return None
+                return eager
             self._ready.add(key)
             return module
         if key in self._ready:
@@ -675,18 +679,33 @@ class _CompiledHalves:
         if not self.background:
             self._ready.add(key)  # compiles in line on this call
             return module
-        with self._lock:
-            if key not in self._started and not self.errors:
-                # Not a daemon: a process that ends mid-compile waits for it (a daemon compile thread
-                # torn down at exit aborted the process, seen on an H100).
-                thread = threading.Thread(
-                    target=self._run, args=(key, warm), daemon=False, name=f"compile-{half}"
-                )
-                self._started[key] = thread
-                thread.start()
         if call >= 0:
             numerics.note_eager(f"Wan VAE {key}", call)
-        return None
+        with self._lock:
+            first = key not in self._scheduled and not self.errors
+            self._scheduled.add(key)
+        if not first:
+            return eager
+
+        def then_compile(*args: Any, **kwargs: Any) -> torch.Tensor:
+            try:
+                out = eager(*args, **kwargs)
+            except BaseException:
+                with self._lock:
+                    self._scheduled.discard(key)  # the next call tries again
+                raise
+            self._start(key, half, warm)
+            return out
+
+        return then_compile
+
+    def _start(self, key: tuple, half: str, warm: Callable[[], None]) -> None:
+        # Not a daemon: a process that ends mid-compile waits for it (a daemon compile thread torn down at
+        # exit aborted the process, seen on an H100).
+        thread = threading.Thread(target=self._run, args=(key, warm), daemon=False, name=f"compile-{half}")
+        with self._lock:
+            self._started[key] = thread
+        thread.start()
 
     def _run(self, key: tuple, warm: Callable[[], None]) -> None:
         # Compiling launches kernels, loads modules and synchronises the device: never while another thread
@@ -702,6 +721,8 @@ class _CompiledHalves:
             FALLBACKS.record("compile", f"Wan VAE {key[0]} warm-up", exc, "the eager VAE")
 
     def wait(self, timeout: float | None = None) -> bool:
-        for thread in list(self._started.values()):
+        with self._lock:
+            threads = list(self._started.values())
+        for thread in threads:
             thread.join(timeout)
-        return all(not t.is_alive() for t in self._started.values())
+        return all(not t.is_alive() for t in threads)
