@@ -135,7 +135,7 @@ class StepGraphs:
         extension: StreamExtension | None = None,
     ) -> Outputs:
         self._load_cross(cross)
-        step = numerics.next_call("DiT step") if numerics.counting() else -1
+        step = numerics.next_call("DiT step")
         # A replay runs each step as the live stream did: on a graph or not (models/numerics.py). A log that
         # does not say: no graph while the recorded call still owes eager calls.
         as_live = numerics.replay_graph(step)

@@ -668,7 +668,7 @@ class _CompiledHalves:
         and whichever finished last would decide what every later call (and a take's replay) uses."""
         key = (half, tuple(x.shape), x.dtype, x.device)
         module = self.halves[0 if half == "encoder" else 1]
-        call = numerics.next_call(("Wan VAE", key)) if numerics.counting() else -1
+        call = numerics.next_call(("Wan VAE", key))
         if numerics.replaying():  # as the recorded call ran: eager, or compiled (in line if not ready yet)
             if self.errors or (numerics.owes_eager() and numerics.replay_eager(f"Wan VAE {key}", call)):
                 return eager

@@ -144,18 +144,19 @@ class DiskFrames:
             self._written.wait_for(lambda: self._queued == 0, timeout)
 
     def _write(self, key: int, frames: torch.Tensor) -> None:
+        written, error = 0, None
         try:
             data = encode_blob(frames)
             (self.folder / "frames" / self.names[key]).write_bytes(data)
+            written = len(data)
         except Exception as exc:  # keep the stream; the log reports it
             log.warning("a session log's frames could not be written (%s); the log stops here", exc)
-            with self._written:
-                self.error = f"{type(exc).__name__}: {exc}"
-                self._queued -= 1
-                self._written.notify_all()
-            return
+            error = f"{type(exc).__name__}: {exc}"
         with self._written:
-            self.nbytes += len(data)
-            self._done.add(key)
+            if error is not None:
+                self.error = error
+            else:
+                self.nbytes += written
+                self._done.add(key)
             self._queued -= 1
             self._written.notify_all()
