@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -70,7 +71,15 @@ class Components:
             # choice of this process (and of each compile), which changes a reduction's rounding.
             import torch._inductor.config as inductor_config
 
-            inductor_config.deterministic = True
+            if hasattr(inductor_config, "deterministic"):
+                inductor_config.deterministic = True
+            else:  # an older torch: the take's identity records it (inductor_deterministic false)
+                warnings.warn(
+                    f"torch {torch.__version__} has no torch._inductor.config.deterministic: Inductor still times "
+                    "kernel configurations, so a take may round otherwise in another process",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         self.dit.optimize(compile=compile)
         if self.vace is not None:  # its blocks run the DiT's compiled block halves; fuse their q/k/v too
             self.vace.optimize()  # type: ignore[operator]
