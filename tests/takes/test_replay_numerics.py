@@ -70,19 +70,23 @@ def install(pipe: Pipeline, release: threading.Event, monkeypatch: pytest.Monkey
     )
 
 
-def test_eager_chunks_of_a_pending_compile_replay_as_they_ran(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> (
-    None
-):  # Every session (the live one, the replays') on CUDA graphs as on a GPU (a CPU stand-in: tests/support).
+def graphs_in_every_session(monkeypatch: pytest.MonkeyPatch, graphs: type[CpuGraphs] = CpuGraphs) -> None:
+    """Every session built from here (the live one, the replays') steps through `graphs`, as on a GPU
+    (a CPU stand-in for CUDA graphs: tests/support)."""
     build = LocalBackend.build
 
     def build_with_graphs(self, *args, **kwargs):
         denoiser = build(self, *args, **kwargs)
-        denoiser.graphs = CpuGraphs(denoiser.cache, denoiser._step)
+        denoiser.graphs = graphs(denoiser.cache, denoiser._step)
         return denoiser
 
     monkeypatch.setattr(LocalBackend, "build", build_with_graphs)
+
+
+def test_eager_chunks_of_a_pending_compile_replay_as_they_ran(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    graphs_in_every_session(monkeypatch)
 
     clip = moving_clip(81)
     live_pipe = Pipeline.demo()
@@ -230,14 +234,7 @@ def test_steps_replay_on_a_graph_exactly_where_the_live_stream_did(
     replayed a graph depends on timing — and a graph may round otherwise than the same step launched directly
     (on an H100 a take's frames differed only in the chunks after a live change, and only with graphs on). The
     log notes the steps that ran on a graph; the replay runs those on one, the others directly."""
-    build = LocalBackend.build
-
-    def build_with_graphs(self, *args, **kwargs):
-        denoiser = build(self, *args, **kwargs)
-        denoiser.graphs = OtherRoundingGraphs(denoiser.cache, denoiser._step)
-        return denoiser
-
-    monkeypatch.setattr(LocalBackend, "build", build_with_graphs)
+    graphs_in_every_session(monkeypatch, OtherRoundingGraphs)
     from wanstream.models.fastpath import GATE
 
     clip = moving_clip(61)
