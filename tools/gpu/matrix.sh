@@ -28,6 +28,19 @@ run() {  # run NAME TIMEOUT CMD...: log to $W/NAME.log, exit code to $W/NAME.rc
   echo "  rc=$rc"
   [ -n "${OUT:-}" ] && summarize
 }
+# Runs several parts share (each named as its JSON is).
+cold_live_changes() {  # cold_live_changes LIMIT: 2 and 1 step in one process, then the live changes
+  run cold "$1" $B --configs "batch,480x832,2,wan;batch,480x832,1,wan" \
+    --chunks 12 --warm-chunks 4 --live-changes --json "$W/cold.json"
+}
+warm_start() {  # warm_start LIMIT CHUNKS WARM_CHUNKS: the default config's start in a new process
+  run warm_start_2step "$1" $B --configs "batch,480x832,2,wan" --chunks "$2" --warm-chunks "$3" \
+    --json "$W/warm_start_2step.json"
+}
+take() {  # take NAME LIMIT live|replay DIR [FLAGS...]: a take recorded and replayed here, or replayed anew
+  local name=$1 limit=$2 mode=$3 dir=$4; shift 4
+  run "$name" "$limit" python3 tools/gpu/replay_check.py "$mode" "$W/$dir" "$@" --json "$W/$name.json"
+}
 case $PART in
 A)
   rm -rf "$TORCHINDUCTOR_CACHE_DIR"
@@ -40,7 +53,7 @@ A)
   ;;
 B)
   # The crash this matrix exists for: the default config's second start, warm cache (its cold start ran in A).
-  run warm_start_2step 120 $B --configs "batch,480x832,2,wan" --chunks 30 --warm-chunks 8 --json "$W/warm_start_2step.json"
+  warm_start 120 30 8
   for steps in 1 4; do
     for codec in wan fast taehv; do
       for mode in batch nobatch; do
@@ -117,9 +130,8 @@ S)
   # one process: 2 steps, 1 step with live changes; then the 2-step warm start in a NEW process (the warm-cache
   # crash); then LoRA none / merged / runtime; then VACE, most important first. Limits sum to < 560 s.
   rm -rf "$TORCHINDUCTOR_CACHE_DIR"
-  run cold 200 $B --configs "batch,480x832,2,wan;batch,480x832,1,wan" \
-    --chunks 12 --warm-chunks 4 --live-changes --json "$W/cold.json"
-  run warm_start_2step 80 $B --configs "batch,480x832,2,wan" --chunks 30 --warm-chunks 8 --json "$W/warm_start_2step.json"
+  cold_live_changes 200
+  warm_start 80 30 8
   run lora 120 $B --configs "batch,480x832,2,wan" --chunks 16 --warm-chunks 4 --lora-rank 32 --json "$W/lora.json"
   run vace 150 $B --configs "nobatch,480x832,2,vace" --chunks 12 --warm-chunks 4 --json "$W/vace.json"
   ;;
@@ -127,34 +139,29 @@ R)
   # Issue 16's live steps change with new shapes compiled in the background (cold, one process; the console's
   # "live changes" line and live_changes.phases in the JSON), the warm start in a new process; then issue 24's
   # take on the optimised path: recorded live and replayed in the same process, then in a NEW process (warm
-  # cache); then the same with cuDNN's heuristic conv algorithms instead of per-process timing. Needs .whl-av.
+  # cache); then the same as `serve --reproducible-takes` runs (no timed choices). Needs .whl-av.
   rm -rf "$TORCHINDUCTOR_CACHE_DIR"
-  run cold 200 $B --configs "batch,480x832,2,wan;batch,480x832,1,wan" \
-    --chunks 12 --warm-chunks 4 --live-changes --json "$W/cold.json"
-  run warm_start_2step 80 $B --configs "batch,480x832,2,wan" --chunks 30 --warm-chunks 8 --json "$W/warm_start_2step.json"
-  run replay_live 150 python3 tools/gpu/replay_check.py live "$W/take" --json "$W/replay_live.json"
-  run replay_new_process 100 python3 tools/gpu/replay_check.py replay "$W/take" --json "$W/replay_new_process.json"
-  run replay_live_reproducible 120 python3 tools/gpu/replay_check.py live "$W/take_r5" --reproducible \
-    --json "$W/replay_live_reproducible.json"
-  run replay_new_process_reproducible 90 python3 tools/gpu/replay_check.py replay "$W/take_r5" --reproducible \
-    --json "$W/replay_new_process_reproducible.json"
+  cold_live_changes 200
+  warm_start 80 30 8
+  take replay_live 150 live take
+  take replay_new_process 100 replay take
+  take replay_live_reproducible 120 live take_r --reproducible
+  take replay_new_process_reproducible 90 replay take_r --reproducible
   ;;
 R2)
   # Part R when device time is short: the live steps change (cold), then the take replayed in the same process
   # and in a new one (timed cuDNN algorithms). Limits sum to 350 s.
   rm -rf "$TORCHINDUCTOR_CACHE_DIR"
-  run cold 150 $B --configs "batch,480x832,2,wan;batch,480x832,1,wan" \
-    --chunks 12 --warm-chunks 4 --live-changes --json "$W/cold.json"
-  run replay_live 130 python3 tools/gpu/replay_check.py live "$W/take" --json "$W/replay_live.json"
-  run replay_new_process 70 python3 tools/gpu/replay_check.py replay "$W/take" --json "$W/replay_new_process.json"
+  cold_live_changes 150
+  take replay_live 130 live take
+  take replay_new_process 70 replay take
   ;;
 R3)
   # The least of part R: the live steps change from a cold cache (TTFF, FPS, worst chunks), then the take replayed
   # in its own process; results are summarised after each run, so a call cut short keeps what ran.
   rm -rf "$TORCHINDUCTOR_CACHE_DIR"
-  run cold 150 $B --configs "batch,480x832,2,wan;batch,480x832,1,wan" \
-    --chunks 12 --warm-chunks 4 --live-changes --json "$W/cold.json"
-  run replay_live 120 python3 tools/gpu/replay_check.py live "$W/take" --json "$W/replay_live.json"
+  cold_live_changes 150
+  take replay_live 120 live take
   ;;
 R4)
   # Part R with the ladder that finds which layer breaks bit equality, if one does: the live steps change from a
@@ -162,28 +169,24 @@ R4)
   # in a new one, then the same take compiled without graphs, then eager. Then the warm start. Ordered by need;
   # a call cut short keeps what ran.
   rm -rf "$TORCHINDUCTOR_CACHE_DIR"
-  run cold 150 $B --configs "batch,480x832,2,wan;batch,480x832,1,wan" \
-    --chunks 12 --warm-chunks 4 --live-changes --json "$W/cold.json"
-  run replay_live 120 python3 tools/gpu/replay_check.py live "$W/take" --json "$W/replay_live.json"
-  run replay_new_process 70 python3 tools/gpu/replay_check.py replay "$W/take" --json "$W/replay_new_process.json"
-  run replay_live_no_graphs 80 python3 tools/gpu/replay_check.py live "$W/take_ng" --no-graphs \
-    --json "$W/replay_live_no_graphs.json"
-  run replay_live_eager 80 python3 tools/gpu/replay_check.py live "$W/take_e" --eager --json "$W/replay_live_eager.json"
-  run warm_start_2step 70 $B --configs "batch,480x832,2,wan" --chunks 30 --warm-chunks 8 --json "$W/warm_start_2step.json"
+  cold_live_changes 150
+  take replay_live 120 live take
+  take replay_new_process 70 replay take
+  take replay_live_no_graphs 80 live take_ng --no-graphs
+  take replay_live_eager 80 live take_e --eager
+  warm_start 70 30 8
   ;;
 R5)
   # Issue 24 after call 28's fix (eager calls noted by place): the take from a COLD cache (the most eager code:
   # everything compiles during it) replayed in its process and in a new one; the 2-step warm start in a new
-  # process (TTFF after the warm-up fix: 149 ms expected, call 28: 238); then the take with cuDNN's heuristic
-  # conv algorithms (`serve --reproducible-takes`), replayed in a new process. Limits sum to 560 s.
+  # process (TTFF after the warm-up fix: 149 ms expected, call 28: 238); then the take as
+  # `serve --reproducible-takes` runs it (no timed choices), replayed in a new process. Limits sum to 560 s.
   rm -rf "$TORCHINDUCTOR_CACHE_DIR"
-  run replay_live 220 python3 tools/gpu/replay_check.py live "$W/take" --json "$W/replay_live.json"
-  run replay_new_process 70 python3 tools/gpu/replay_check.py replay "$W/take" --json "$W/replay_new_process.json"
-  run warm_start_2step 80 $B --configs "batch,480x832,2,wan" --chunks 20 --warm-chunks 6 --json "$W/warm_start_2step.json"
-  run replay_live_reproducible 110 python3 tools/gpu/replay_check.py live "$W/take_r5" --reproducible \
-    --json "$W/replay_live_reproducible.json"
-  run replay_new_process_reproducible 70 python3 tools/gpu/replay_check.py replay "$W/take_r5" --reproducible \
-    --json "$W/replay_new_process_reproducible.json"
+  take replay_live 220 live take
+  take replay_new_process 70 replay take
+  warm_start 80 20 6
+  take replay_live_reproducible 110 live take_r --reproducible
+  take replay_new_process_reproducible 70 replay take_r --reproducible
   ;;
 R6)
   # Issue 24 after call 29 (a take from a cold cache: 0 of 148 frames identical even in its own process): the
@@ -191,12 +194,11 @@ R6)
   # from a cold cache, replayed in its process and in a new one; then what that mode costs (bench); then the
   # default take from the now warm cache in its process (call 28: 100 of 148). Limits sum to 560 s.
   rm -rf "$TORCHINDUCTOR_CACHE_DIR"
-  run repro_live 220 python3 tools/gpu/replay_check.py live "$W/take_r" --reproducible --json "$W/repro_live.json"
-  run repro_new_process 70 python3 tools/gpu/replay_check.py replay "$W/take_r" --reproducible \
-    --json "$W/repro_new_process.json"
+  take repro_live 220 live take_r --reproducible
+  take repro_new_process 70 replay take_r --reproducible
   run repro_bench 90 $B --configs "batch,480x832,2,wan;batch,480x832,1,wan" --reproducible --chunks 12 \
     --warm-chunks 4 --json "$W/repro_bench.json"
-  run default_live_warm 150 python3 tools/gpu/replay_check.py live "$W/take" --json "$W/default_live_warm.json"
+  take default_live_warm 150 live take
   ;;
 esac
 summarize
