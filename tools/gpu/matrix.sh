@@ -12,7 +12,7 @@
 # lines) and log_<part>.txt (all logs). Exit codes: a crash shows as a non-zero "rc" beside its run.
 set -o pipefail
 export COLUMNS=200
-PART=${1:?usage: matrix.sh A|B|C|D|E|V|S|R|R2|R3|R4|R5|R6}
+PART=${1:?usage: matrix.sh A|B|C|D|E|V|S|R|R2|R3|R4|R5|R6|R7}
 W=/tmp/matrix-$PART; rm -rf "$W"; mkdir -p "$W"
 B="python3 -m wanstream.cli.main bench"
 stamp() { echo "[$(date +%T)] $*" | tee -a "$W/steps.txt"; }
@@ -199,6 +199,18 @@ R6)
   run repro_bench 90 $B --configs "batch,480x832,2,wan;batch,480x832,1,wan" --reproducible --chunks 12 \
     --warm-chunks 4 --json "$W/repro_bench.json"
   take default_live_warm 150 live take
+  ;;
+R7)
+  # One call when device time is short (call 30): issue 24's reproducible take from a cold cache, replayed in
+  # its process and in a new one; then issue 16's crash cases after the Wan VAE's start-order change (its
+  # background compile now starts after a stream's first eager call): 2 and 1 step with live changes from a
+  # cold default cache, the default config's warm start in a new process, LoRA. Limits sum to 560 s.
+  rm -rf "$TORCHINDUCTOR_CACHE_DIR"
+  take repro_live 200 live take_r --reproducible
+  take repro_new_process 70 replay take_r --reproducible
+  cold_live_changes 150
+  warm_start 70 20 6
+  run lora 70 $B --configs "batch,480x832,2,wan" --chunks 12 --warm-chunks 3 --lora-rank 32 --json "$W/lora.json"
   ;;
 esac
 summarize
