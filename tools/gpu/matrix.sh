@@ -12,7 +12,7 @@
 # lines) and log_<part>.txt (all logs). Exit codes: a crash shows as a non-zero "rc" beside its run.
 set -o pipefail
 export COLUMNS=200
-PART=${1:?usage: matrix.sh A|B|C|D|E|V|S|R|R2|R3|R4|R5|R6|R7}
+PART=${1:?usage: matrix.sh A|B|C|D|E|V|S|R|R2|R3|R4|R5|R6|R7|R8}
 W=/tmp/matrix-$PART; rm -rf "$W"; mkdir -p "$W"
 B="python3 -m wanstream.cli.main bench"
 stamp() { echo "[$(date +%T)] $*" | tee -a "$W/steps.txt"; }
@@ -211,6 +211,15 @@ R7)
   cold_live_changes 150
   warm_start 70 20 6
   run lora 70 $B --configs "batch,480x832,2,wan" --chunks 12 --warm-chunks 3 --lora-rank 32 --json "$W/lora.json"
+  ;;
+R8)
+  # Part R7's first half when even less device time is left: the reproducible take from a cold cache,
+  # replayed in its process and in a new one, then 2 and 1 step with live changes from a cold default cache.
+  # Limits sum to 400 s.
+  rm -rf "$TORCHINDUCTOR_CACHE_DIR"
+  take repro_live 200 live take_r --reproducible
+  take repro_new_process 70 replay take_r --reproducible
+  cold_live_changes 130
   ;;
 esac
 summarize
