@@ -30,6 +30,7 @@ from wanstream.engine.prompts import Transition
 from wanstream.engine.random_weights import random_components
 from wanstream.engine.session import StreamSession
 from wanstream.engine.settings import StreamSettings
+from wanstream.models import numerics
 from wanstream.models.fastpath import FALLBACKS
 from wanstream.pipeline import RANDOM_LABEL
 from wanstream.takes import load_log, replay, save_log
@@ -47,6 +48,66 @@ NO_GRAPHS = EAGER or "--no-graphs" in sys.argv
 if NO_GRAPHS:  # every session this process makes (the live one and the replay's) runs its steps un-graphed
     _use_graphs = Denoiser.use_cuda_graphs
     Denoiser.use_cuda_graphs = lambda self, enabled=True: _use_graphs(self, False)  # type: ignore[method-assign]
+
+
+# `--trace`: where does a replay first differ from its live take? Every call of the stream's own (counted) work —
+# the Wan VAE's stream_encode / stream_decode and each compiled site (DiT halves, cache bookkeeping) — is noted
+# with an exact integer digest of its first tensor argument and of its output, live and in the replay; the
+# first entry that differs names the stage. Digests sync the device (timing changes; numerics do not).
+TRACE = "--trace" in sys.argv
+_trace: list[tuple[str, int, int]] = []
+
+
+def _digest(t: object) -> int:
+    if not isinstance(t, torch.Tensor) or t.numel() == 0:
+        return -1
+    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+        return -2
+    bits = t.detach().contiguous().view(-1)
+    bits = bits.view(torch.int16 if bits.element_size() == 2 else torch.int32).to(torch.int64)
+    weights = torch.arange(1, bits.numel() + 1, device=bits.device, dtype=torch.int64) * 2654435761 + 1
+    return int((bits * weights).sum().item())
+
+
+def _traced(name: str | None, fn):
+    def wrapper(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        if numerics.counting():
+            where = name or getattr(args[0], "where", "?")
+            first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+            _trace.append((where, _digest(first), _digest(out)))
+        return out
+
+    return wrapper
+
+
+if TRACE:
+    from wanstream.models import fastpath
+    from wanstream.models.vae import WanVAE
+
+    WanVAE.stream_encode = _traced("Wan VAE stream_encode", WanVAE.stream_encode)  # type: ignore[method-assign]
+    WanVAE.stream_decode = _traced("Wan VAE stream_decode", WanVAE.stream_decode)  # type: ignore[method-assign]
+    fastpath.CompiledOrEager.__call__ = _traced(None, fastpath.CompiledOrEager.__call__)  # type: ignore[method-assign]
+
+
+def _first_divergence(live: list, replayed: list) -> dict:
+    """The first traced call whose digests differ (and whether its input already differed)."""
+    for i, (a, b) in enumerate(zip(live, replayed)):
+        if a != b:
+            return {
+                "index": i,
+                "of": [len(live), len(replayed)],
+                "live": list(a),
+                "replay": list(b),
+                "input_same": a[0] == b[0] and a[1] == b[1],
+                "before": [list(x) for x in live[max(0, i - 3) : i]],
+                "next_differing": [
+                    [j, live[j][0], live[j][1] == replayed[j][1]]
+                    for j in range(i + 1, min(len(live), len(replayed)))
+                    if live[j] != replayed[j]
+                ][:8],
+            }
+    return {"index": None, "of": [len(live), len(replayed)]}
 
 
 def components(timed: bool):
@@ -124,6 +185,7 @@ def live(folder: Path, bench: bool) -> dict:
     push(4)
     took = time.perf_counter() - t_start
     path = save_log(journal, folder / "take.wslog", c)
+    live_trace = list(_trace)
     np.save(folder / "live_frames.npy", np.stack(made))
     # The same chunks without a journal: what keeping the log costs per chunk (steady state, warm).
     plain = StreamSession(c, StreamSettings(height=H, width=W, steps=(700,)))  # as the take ends
@@ -135,7 +197,10 @@ def live(folder: Path, bench: bool) -> dict:
             t0 = time.perf_counter()
             s.push(batch).cpu()
             times.append(time.perf_counter() - t0)
+    _trace.clear()
     same = _replay_here(path, c, made)
+    if TRACE:
+        same["trace"] = _first_divergence(live_trace, _trace)
     return {
         "mode": "live",
         "cudnn_benchmark": bench,
