@@ -12,7 +12,7 @@
 # lines) and log_<part>.txt (all logs). Exit codes: a crash shows as a non-zero "rc" beside its run.
 set -o pipefail
 export COLUMNS=200
-PART=${1:?usage: matrix.sh A|B|C|D|E|V|S|R|R2|R3|R4|R5|R6|R7|R8}
+PART=${1:?usage: matrix.sh A|B|C|D|E|V|S|R|R2|R3|R4|R5|R6|R7|R8|T}
 W=/tmp/matrix-$PART; rm -rf "$W"; mkdir -p "$W"
 B="python3 -m wanstream.cli.main bench"
 stamp() { echo "[$(date +%T)] $*" | tee -a "$W/steps.txt"; }
@@ -220,6 +220,17 @@ R8)
   take repro_live 200 live take_r --reproducible
   take repro_new_process 70 replay take_r --reproducible
   cold_live_changes 130
+  ;;
+T)
+  # Issue 24 after call 30 (a take from a cold cache differs from frame 0 even as `--reproducible-takes` runs,
+  # in its own process): the same take with every counted call traced (`--trace`: exact digests of each
+  # Wan VAE encode / decode and compiled site's input and output, live and replayed), so the first call that
+  # differs names the stage; then the default take the same way. Then VACE, the part of S call 30 left out.
+  # Limits sum to 550 s.
+  rm -rf "$TORCHINDUCTOR_CACHE_DIR"
+  take trace_repro 200 live take_t --reproducible --trace
+  take trace_default 200 live take_d --trace
+  run vace 150 $B --configs "nobatch,480x832,2,vace" --chunks 12 --warm-chunks 4 --json "$W/vace.json"
   ;;
 esac
 summarize
