@@ -111,9 +111,9 @@ class Pipeline:
         """The real StreamDiffusionV2 1.3B pipeline from local files (fails fast, naming the download
         command, when files are missing; never downloads). On a GPU, `optimize` (the default) fuses and
         compiles the networks (`Components.optimize`): the first chunk of each shape compiles, cached on
-        disk for later starts; it does nothing on the CPU. `reproducible`: conv algorithms chosen the same
-        way in every process, so session logs replay bit for bit in another process too, a little slower
-        (`Components.optimize`). `vace`: also the VACE module (True: its file
+        disk for later starts; it does nothing on the CPU. `reproducible`: conv algorithms and kernel
+        configurations chosen the same way in every process, not timed, a little slower (`Components.optimize`;
+        docs/replay.md says what that does and does not make bit for bit). `vace`: also the VACE module (True: its file
         is required, "auto": when downloaded).
 
         Memory (docs/memory.md): `text_encoder` places the umT5 — "gpu", "fp8" (float8 weights on the GPU)

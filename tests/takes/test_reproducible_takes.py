@@ -1,6 +1,7 @@
-"""`serve --reproducible-takes`: cuDNN's conv algorithms chosen by heuristics, so a take replays bit for bit in
-another process too (on a GPU a timed choice is the live process's own). The flag reaches the loader, and a
-replay builds its networks as the take's were built. (The choice itself only acts on a GPU: tools/gpu.)"""
+"""`serve --reproducible-takes`: cuDNN's conv algorithms and Inductor's kernel configurations chosen by
+heuristics, the same in every process (on a GPU a timed choice is the live process's own). The flag reaches the
+loader, and a replay builds its networks as the take's were built. (The choice itself only acts on a GPU, and
+is not all a bit-exact replay there needs: docs/replay.md, tools/gpu.)"""
 
 from __future__ import annotations
 

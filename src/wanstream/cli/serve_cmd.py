@@ -177,9 +177,9 @@ def _session_flags(g: argparse._ArgumentGroup) -> None:
         "--reproducible-takes",
         action="store_true",
         help="on a GPU, let cuDNN pick convolution algorithms and Inductor its kernel configurations by "
-        "heuristics instead of timing them in this process, so session logs replay bit for bit with "
-        "`wanstream replay` in another process too, not only on this server (slower: cuDNN's heuristics cost "
-        "13 ms a chunk at 480x832 on an H100)",
+        "heuristics instead of timing them in this process, the same in every process (slower: cuDNN's "
+        "heuristics cost 13 ms a chunk at 480x832 on an H100). One cause of a take replaying otherwise in "
+        "another process; chunks streamed while compiles ran may still differ (docs/replay.md)",
     )
     g.add_argument(
         "--lora-dir",

@@ -49,8 +49,10 @@ class Components:
         replay CUDA graphs. First calls of each shape compile (tens of seconds; cached on disk, so later
         processes start quickly). `reproducible`: cuDNN picks conv algorithms by its heuristics, and Inductor
         its kernels' launch configurations, instead of timing them in this process — the same in every process
-        and every compile, so a take's log replays bit for bit in another process too (docs/replay.md), at some
-        speed (cuDNN's heuristics: 13 ms a chunk at 480×832 on an H100, call 27; Inductor's: not measured)."""
+        and every compile, which removes one cause of a take replaying otherwise in another process
+        (docs/replay.md; not the only one: a take recorded while compiles ran still differs, measured in call 30),
+        at some speed (cuDNN's heuristics: 13 ms a chunk at 480×832 on an H100, call 27; Inductor's: not
+        measured)."""
         if self.device.type != "cuda":
             return self
         import torch._dynamo

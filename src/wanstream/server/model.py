@@ -45,7 +45,7 @@ class ModelManager:
         self.random_size = random_size  # "tiny": the benchmark's tiny random networks (tests)
         self.text_encoder = text_encoder  # umT5 placement (docs/memory.md)
         self.precision = precision
-        self.reproducible = reproducible  # takes replay bit for bit in another process too (Pipeline.load)
+        self.reproducible = reproducible  # no timed kernel choices (Pipeline.load; docs/replay.md)
         self.gpus = gpus  # > 1: the DiT over a ring of GPUs (one stream at a time)
         self.vace = vace  # load the VACE module with the real weights when it is downloaded
         self.models_dir = models_dir
