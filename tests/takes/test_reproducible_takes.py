@@ -12,6 +12,7 @@ import pytest
 
 from wanstream import Pipeline
 from wanstream.cli.main import build_parser
+from wanstream.models import compile_settings
 from wanstream.server import ServerConfig, create_app
 from wanstream.takes.model import pipeline_for
 
@@ -59,6 +60,7 @@ def test_reproducible_optimisation_chooses_without_timing(monkeypatch: pytest.Mo
 
     # Process-wide switches: restored after the test.
     stack = contextlib.ExitStack()
+    stack.enter_context(compile_settings.kept())  # what the optimisation wants for every thread that compiles
     stack.enter_context(inductor_config.patch(deterministic=False))
     stack.enter_context(torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit))
     stack.enter_context(torch._dynamo.config.patch(error_on_nested_fx_trace=True))

@@ -8,6 +8,7 @@ from typing import Any, Protocol
 
 import torch
 
+from wanstream.models import compile_settings
 from wanstream.models.dit import WanDiT
 from wanstream.models.scheduler import FlowMatchScheduler
 
@@ -55,15 +56,6 @@ class Components:
         measured)."""
         if self.device.type != "cuda":
             return self
-        import torch._dynamo
-
-        # Every (lanes, frames, cache phase) signature compiles once; allow all of them.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        # "Is FX tracing?" is one process-global flag: while the VAE compiles on its background thread, a
-        # compiled DiT call on the stream's thread would otherwise raise "Detected that you are using FX to
-        # symbolically trace a dynamo-optimized function" (seen on an H100 at a frame-size change). We never
-        # FX-trace compiled code ourselves, so such a call just runs eagerly that once.
-        torch._dynamo.config.error_on_nested_fx_trace = False
         # cuDNN picks each conv's fastest engine by timing it once per shape (the VAE's convs are most of a
         # chunk); `bench` ran with this on, so `generate` and `serve` must too to see its figures. Another
         # process may time them otherwise and pick another engine, which rounds differently.
@@ -73,8 +65,8 @@ class Components:
             # choice of this process (and of each compile), which changes a reduction's rounding.
             import torch._inductor.config as inductor_config
 
-            if hasattr(inductor_config, "deterministic"):
-                inductor_config.deterministic = True
+            if hasattr(inductor_config, "deterministic"):  # on every thread that compiles (compile_settings)
+                compile_settings.want("torch._inductor.config", "deterministic", True)
             else:  # an older torch: the take's identity records it (inductor_deterministic false)
                 warnings.warn(
                     f"torch {torch.__version__} has no torch._inductor.config.deterministic: Inductor still times "

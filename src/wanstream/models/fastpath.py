@@ -36,7 +36,7 @@ import torch
 import torch.fx._symbolic_trace
 from torch import nn
 
-from wanstream.models import numerics
+from wanstream.models import compile_settings, numerics
 
 
 class CaptureGate:
@@ -196,6 +196,14 @@ class CompiledOrEager:
     ) -> None:
         self.compiled, self.eager, self.where = compiled, eager, where
         self.failed = False
+        # Every (lanes, frames, cache phase) signature compiles once: allow all of them (dynamo's default is 8).
+        limit = compile_settings.wanted("torch._dynamo.config", "recompile_limit")
+        compile_settings.want("torch._dynamo.config", "recompile_limit", max(limit, 64))
+        # "Is FX tracing?" is one process-wide flag: while a compile traces on another thread, calling compiled
+        # code would raise ("Detected that you are using FX to symbolically trace a dynamo-optimized function",
+        # seen on an H100 at a frame-size change). We never FX-trace compiled code ourselves, and `_compiled`
+        # runs such a call's eager code openly.
+        compile_settings.want("torch._dynamo.config", "error_on_nested_fx_trace", False)
         # Shared by every wrapper of one eager function: dynamo's compiled code belongs to the function's code
         # (a session rebuilt for a new step count wraps the cache bookkeeping anew, over the same code).
         self.shapes = COMPILES.shapes_of(eager) if background else None
@@ -274,6 +282,7 @@ class CompiledOrEager:
                 return self._eager(call, args, kwargs)
             while _fx_tracing():
                 time.sleep(0.001)
+        compile_settings.apply()  # this thread may be new: the process's compile settings, in force here
         try:
             return self.compiled(*args, **kwargs)
         except Exception as exc:
@@ -402,11 +411,9 @@ class BackgroundCompiles:
         """On the calling thread: copy the arguments and note its grad mode; the job runs on the helper."""
         import torch._dynamo
 
-        # "Is FX tracing?" is one process-wide flag: a compiled call on the stream's thread while the helper
-        # traces would raise instead of running eagerly that once.
-        torch._dynamo.config.error_on_nested_fx_trace = False
-        # For the same reason the helper's own call holds dynamo's compile lock: while another thread compiles
-        # (the VAE, for a new frame size) the flag may be up, and the call would run eagerly, compiling nothing.
+        # "Is FX tracing?" is one process-wide flag, so the helper's own call holds dynamo's compile lock: while
+        # another thread compiles (the VAE, for a new frame size) the flag may be up, and the call would run
+        # eagerly, compiling nothing.
         exclusive = getattr(torch._dynamo.convert_frame, "compile_lock", None) or nullcontext()
         scratch: list[Any] = [_scratch(args), _scratch(kwargs)]
         inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
@@ -427,6 +434,7 @@ class BackgroundCompiles:
                             self._helper_stream(device, copied),
                             exclusive,
                         ):
+                            compile_settings.apply()
                             fn.compiled(*scratch[0], **scratch[1])
                     finally:
                         scratch.clear()  # freed inside the gate, once the helper's stream is done with them

@@ -139,9 +139,6 @@ def _load_files(source: ModelSource, device: torch.device, *, first: bool, last:
 
 def _optimize(c: Components, blocks: range, *, vae: bool) -> None:
     """`Components.optimize` for a DiT of which only `blocks` are here."""
-    import torch._dynamo
-
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for i in blocks:
         c.dit.blocks[i].self_attn.fuse_qkv()
     c.dit.optimize(compile=True, fuse_qkv=False)

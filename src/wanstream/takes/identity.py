@@ -23,6 +23,7 @@ import torch
 import wanstream
 from wanstream.engine.components import Components
 from wanstream.engine.journal import JournalOp
+from wanstream.models import compile_settings
 from wanstream.weights.store import sha256_file
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -151,10 +152,13 @@ def model_identity(components: Components, loras: Sequence[str] = ()) -> dict[st
 
 
 def _inductor_deterministic() -> bool:
-    """Whether Inductor chose kernel configurations without timing them (`Components.optimize(reproducible=)`)."""
+    """Whether Inductor chooses kernel configurations without timing them (`Components.optimize(reproducible=)`),
+    on the threads that compile — not necessarily this one (`models.compile_settings`)."""
     import torch._inductor.config as inductor_config
 
-    return bool(getattr(inductor_config, "deterministic", False))
+    if not hasattr(inductor_config, "deterministic"):
+        return False
+    return bool(compile_settings.wanted("torch._inductor.config", "deterministic"))
 
 
 def differences(recorded: dict[str, Any], here: dict[str, Any]) -> list[str]:

@@ -1,0 +1,80 @@
+"""The torch.compile settings this process runs with, in force on every thread that compiles.
+
+From torch 2.12 on, dynamo's and Inductor's config values are context-local (each one a ContextVar): a value
+set on one thread is not seen by another, and a new thread starts from torch's defaults. wanstream compiles
+on several threads — the stream's (a function's first shape), the helper that compiles new shapes
+(`fastpath.COMPILES`), the Wan VAE's compile thread — and a server runs its streams on engine threads, not on
+the one that optimised the networks. A value set once where the networks were optimised (a recompile limit,
+Inductor's deterministic mode) silently did not hold where the compiles ran: a helper thread hit dynamo's
+default limit of 8 signatures and left later shapes eager for good.
+
+So the settings are declared here (`want`) and put in force by `apply()` at the top of every compiled call,
+on whatever thread and context it runs: one ContextVar read when nothing changed. On torch <= 2.11 (one
+process-wide config) `apply` finds them in force already.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import importlib
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+_WANTED: dict[tuple[str, str], Any] = {}  # (config module, name) -> value
+_generation = 0  # bumped by every change of _WANTED
+_lock = threading.Lock()
+# The generation last put in force in this context (thread, or asyncio task's copy of one).
+_applied: contextvars.ContextVar[int] = contextvars.ContextVar("wanstream_compile_settings", default=-1)
+
+
+def want(module: str, name: str, value: Any) -> None:
+    """From now on, `module.name` (e.g. "torch._dynamo.config", "recompile_limit") is `value` on every
+    thread that compiles; in force on this one at once. An unknown name raises AttributeError."""
+    global _generation
+    config = importlib.import_module(module)
+    if not hasattr(config, name):
+        raise AttributeError(f"{module}.{name} does not exist in torch here")
+    with _lock:
+        if (module, name) not in _WANTED or _WANTED[(module, name)] != value:
+            _WANTED[(module, name)] = value
+            _generation += 1
+    apply()
+
+
+def wanted(module: str, name: str) -> Any:
+    """The value `want` declared, else this thread's current value."""
+    with _lock:
+        if (module, name) in _WANTED:
+            return _WANTED[(module, name)]
+    return getattr(importlib.import_module(module), name)
+
+
+def apply() -> None:
+    """Put the wanted settings in force in this thread's context (cheap when they already are)."""
+    if _applied.get() == _generation:
+        return
+    with _lock:
+        items, generation = list(_WANTED.items()), _generation
+    for (module, name), value in items:
+        config = importlib.import_module(module)
+        if getattr(config, name) != value:
+            setattr(config, name, value)
+    _applied.set(generation)
+
+
+@contextmanager
+def kept() -> Iterator[None]:
+    """Tests: whatever is wanted inside is forgotten on exit (this thread's values are restored by the
+    caller's `config.patch`)."""
+    global _generation
+    with _lock:
+        before = dict(_WANTED)
+    try:
+        yield
+    finally:
+        with _lock:
+            _WANTED.clear()
+            _WANTED.update(before)
+            _generation += 1
