@@ -11,7 +11,10 @@ journal's cost on the live chunks (push time with the log vs without). `--reprod
 `serve --reproducible-takes` does: cuDNN's conv algorithms and Inductor's kernel configurations chosen without
 timing them (the same in every process). To find which layer of the optimised path breaks bit
 equality, if one does: `--eager` (nothing compiled, no CUDA graphs) and `--no-graphs` (compiled, no CUDA
-graphs). One JSON line per mode (also DIR/<mode>.json).
+graphs); `--trace` (every counted call's input and output digested, live and replayed: the first call that
+differs). One JSON line per mode (also DIR/<mode>.json). Without a GPU: `--cpu-smoke` (tiny networks, eager),
+`--cpu-smoke --cpu-compile` (tiny networks compiled as on a GPU; set TORCHINDUCTOR_CACHE_DIR to an empty folder
+for a cold cache).
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ H, W = 480, 832
 
 
 SMOKE = "--cpu-smoke" in sys.argv  # tiny networks on the CPU: checks this script, measures nothing
+# With --cpu-smoke: compile the tiny networks as `optimize` does on a GPU (Inductor's C++ code; minutes on 2
+# cores): the compiled path's threads — in-line and background compiles beside the stream — without a GPU.
+CPU_COMPILE = SMOKE and "--cpu-compile" in sys.argv
 if SMOKE:
     H, W = 32, 48
 DEVICE = "cpu" if SMOKE else "cuda"
@@ -115,7 +121,11 @@ def components(timed: bool):
         torch.device(DEVICE), torch.float32 if SMOKE else torch.bfloat16, tiny=SMOKE, text_encoder=None
     )
     c.label, c.random_weights = RANDOM_LABEL, True
-    if not EAGER:
+    if CPU_COMPILE:  # `optimize` leaves the CPU alone; these are the calls it makes on a GPU
+        c.dit.optimize(compile=True)
+        c.wan_vae.optimize(channels_last=True, compile=True)
+        c.optimized = True
+    elif not EAGER:
         c.optimize(reproducible=not timed)
     torch.backends.cudnn.benchmark = timed  # also on the eager path
     return c
