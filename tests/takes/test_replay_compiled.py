@@ -22,6 +22,7 @@ from wanstream.models.fastpath import COMPILES, FALLBACKS
 from wanstream.takes import load_log, replay, save_log
 
 from support.clips import moving_clip
+from support.takes import push_chunk
 
 SMALL = dict(height=32, width=48)
 # torch.compile on the CPU goes through torch.jit internals that warn of their own deprecation.
@@ -53,19 +54,11 @@ def test_a_take_with_real_compiles_beside_it_replays_bit_for_bit(tmp_path: Path,
     pipe = compiled_demo
     clip = moving_clip(61)
     session = pipe.session(prompts=["a red fox"], steps=(700, 500), seed=5, log=True, **SMALL)
-
-    def push(i: int) -> None:
-        out = session.push(clip[i : i + 4] if i else clip[:5])
-        first = session.frames_out - out.shape[0]
-        for j, image in enumerate(out.numpy()):
-            session.log().note_output(first + j, image)
-
-    push(0)
-    for i in range(5, 21, 4):
-        push(i)
+    for i in [0, *range(5, 21, 4)]:
+        push_chunk(session, clip, i)
     session.update({"steps": [700, 500, 400]})  # new shapes: compiled on the helper, eager meanwhile
     for i in range(21, 61, 4):
-        push(i)
+        push_chunk(session, clip, i)
     assert FALLBACKS.total() == 0, FALLBACKS.snapshot()
     path = save_log(session.log(), tmp_path / "take.wslog", pipe.components)
     with load_log(path) as log:

@@ -27,6 +27,7 @@ from wanstream.takes import load_log, replay, save_log
 
 from support.clips import moving_clip
 from support.graphs import CpuGraphs
+from support.takes import push_chunk
 
 SMALL = dict(height=32, width=48)
 
@@ -94,27 +95,19 @@ def test_eager_chunks_of_a_pending_compile_replay_as_they_ran(
     release.set()
     install(live_pipe, release, monkeypatch)
     session = live_pipe.session(prompts=["a red fox"], steps=(700, 500), seed=5, log=True, **SMALL)
-    outs = []
-
-    def push(i: int) -> None:
-        out = session.push(clip[i : i + 4] if i else clip[:5])
-        first = session.frames_out - out.shape[0]
-        for j, image in enumerate(out.numpy()):
-            session.log().note_output(first + j, image)
-
-    push(0)
+    push_chunk(session, clip, 0)
     for i in range(5, 25, 4):
-        push(i)
+        push_chunk(session, clip, i)
         assert COMPILES.wait(10)  # the start settles: its shapes compiled
     release.clear()  # from here a new signature compiles until released
     session.update({"steps": [700, 500, 400]})
     for i in range(25, 57, 4):
-        push(i)
+        push_chunk(session, clip, i)
     assert COMPILES.pending()  # these chunks ran the eager halves for 3 lanes
     release.set()
     assert COMPILES.wait(10)
     for i in range(57, 81, 4):
-        push(i)
+        push_chunk(session, clip, i)
     outs = session.log().digests
     path = save_log(session.log(), tmp_path / "take.wslog", live_pipe.components)
     with load_log(path) as log:
@@ -167,10 +160,7 @@ def test_eager_calls_between_compiled_ones_replay_at_their_places(
     session = live_pipe.session(prompts=["a red fox"], steps=(700, 500), seed=5, log=True, **SMALL)
     for n, i in enumerate([0, *range(5, 61, 4)]):
         tracing["on"] = n in (3, 4, 7, 8)
-        out = session.push(clip[i : i + 4] if i else clip[:5])
-        first = session.frames_out - out.shape[0]
-        for j, image in enumerate(out.numpy()):
-            session.log().note_output(first + j, image)
+        push_chunk(session, clip, i)
     path = save_log(session.log(), tmp_path / "take.wslog", live_pipe.components)
     with load_log(path) as log:
         places = [p for op in log.ops for ps in op.eager.values() for p in ps]
@@ -255,10 +245,7 @@ def test_steps_replay_on_a_graph_exactly_where_the_live_stream_did(
             if n == 6:
                 release.set()
                 holder.join(5)
-            out = session.push(clip[i : i + 4] if i else clip[:5])
-            first = session.frames_out - out.shape[0]
-            for j, image in enumerate(out.numpy()):
-                session.log().note_output(first + j, image)
+            push_chunk(session, clip, i)
     finally:
         release.set()
         holder.join(5)
