@@ -179,9 +179,9 @@ def differences(recorded: dict[str, Any], here: dict[str, Any]) -> list[str]:
         found.append(
             "process: cuDNN chose the take's convolution algorithms (and Inductor its kernels' configurations) by "
             "timing them in the live stream's process (torch.backends.cudnn.benchmark); this process may choose "
-            "others, which round differently (a replay "
-            "on the server that streamed the take — the studio's Replay take — uses the same ones; a server "
-            "started with --reproducible-takes makes these choices the same in every process)"
+            "others, which round differently (a replay on the server that streamed the take — the studio's "
+            "Replay take — uses the same ones; a server started with --reproducible-takes makes these choices "
+            "the same in every process)"
         )
     for key in ("wanstream", "torch"):
         if recorded.get(key) != here.get(key):
