@@ -33,3 +33,27 @@ def test_bench_gpus_needs_the_gpus(capsys) -> None:
         return
     assert main(["bench", "--gpus", "64"]) == 2
     assert "CUDA GPU(s)" in capsys.readouterr().out
+
+
+def test_ring_window_waits_for_late_frames_instead_of_reporting_zero() -> None:
+    """CI once saw 0.00 FPS: a rank late for a few chunks on a busy 2-core machine, and a window of a
+    fixed number of pushes that saw no frame arrive. The window lasts until its frames are out."""
+    import pytest
+    import torch
+
+    from wanstream.bench.ring import _Feed, _window
+
+    class LateRing:
+        def __init__(self, late: int) -> None:
+            self.late, self.pushes = late, 0
+
+        def push(self, frames: torch.Tensor) -> torch.Tensor:
+            self.pushes += 1
+            return frames if self.pushes > self.late else frames[:0]
+
+    feed = _Feed(torch.zeros(5 + 4 * 2, 2, 2, 3, dtype=torch.uint8))
+    ring = LateRing(late=3)
+    fps, chunk_ms = _window(ring, feed, chunks=3, most=20)
+    assert fps > 0 and ring.pushes == 6 and len(chunk_ms) == 6  # 3 empty pushes, then 3 chunks out
+    with pytest.raises(RuntimeError, match="0 of 12 frames in 5 chunks"):
+        _window(LateRing(late=99), feed, chunks=3, most=5)

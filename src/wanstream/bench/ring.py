@@ -1,8 +1,9 @@
 """`wanstream bench --gpus N`: one stream over N GPUs against the same configurations on one GPU.
 
 Full-size random weights on every rank (the compute is the real model's). Per configuration:
-* steady-state FPS of the ring (frames out per second over a window after warm-up; the ring's output
-  lags its input by about N·R chunks, so the warm-up is at least that long);
+* steady-state FPS of the ring (frames out per second after warm-up, until a window's worth of frames
+  has come out; the ring's output lags its input by about N·R chunks, so the warm-up is at least that
+  long);
 * the same configuration on one GPU (the single-process engine, `bench/single.py`) and the scaling
   efficiency FPS_N / (N · FPS_1);
 * chunk latency (push to frames on the CPU) p50/p90 and time to first frame on a fresh stream;
@@ -51,15 +52,40 @@ class RingResult:
     rebalanced: dict[str, Any] = field(default_factory=dict)  # fps, layout, ranks after the rebalancer
 
 
-def _window(session: Any, frames: torch.Tensor, pos: int, chunks: int) -> tuple[float, list[float], int]:
-    chunk_ms, produced = [], 0
+class _Feed:
+    """Input chunks for a ring: the stream's first 5 frames, then 4 at a time, cycling over a pool (the
+    content does not matter for timing, and a window may need more chunks than planned, see `_window`)."""
+
+    def __init__(self, frames: torch.Tensor) -> None:
+        self.frames, self.pos = frames, 5
+
+    def first(self) -> torch.Tensor:
+        return self.frames[:5]
+
+    def next(self) -> torch.Tensor:
+        if self.pos + 4 > self.frames.shape[0]:
+            self.pos = 5
+        chunk = self.frames[self.pos : self.pos + 4]
+        self.pos += 4
+        return chunk
+
+
+def _window(session: Any, feed: _Feed, chunks: int, most: int) -> tuple[float, list[float]]:
+    """Frames out per second until `chunks` chunks' worth of frames have come out.
+
+    A ring's `push` returns the frames that have arrived and never waits for them, so a fixed number of
+    pushes can see none arrive (a rank briefly late on a busy machine): the window instead runs until
+    the frames are out, pushing as many chunks as that takes, at most `most`."""
+    chunk_ms, produced, pushed = [], 0, 0
     start = time.perf_counter()
-    for _ in range(chunks):
+    while produced < 4 * chunks:
+        if pushed == most:
+            raise RuntimeError(f"the ring gave {produced} of {4 * chunks} frames in {most} chunks")
         t0 = time.perf_counter()
-        produced += int(session.push(frames[pos : pos + 4]).cpu().shape[0])
+        produced += int(session.push(feed.next()).cpu().shape[0])
         chunk_ms.append((time.perf_counter() - t0) * 1000)
-        pos += 4
-    return produced / (time.perf_counter() - start), chunk_ms, pos
+        pushed += 1
+    return produced / (time.perf_counter() - start), chunk_ms
 
 
 def bench_ring_config(
@@ -76,20 +102,18 @@ def bench_ring_config(
     session = ring.session(settings)
     text_len = 512 if c.dit.config.text_len == 512 else 16
     session.set_prompt_embeddings(torch.randn(1, text_len, c.dit.config.text_dim).to(c.device, c.dtype))
-    windows = 2 if rebalance else 1
-    total = 5 + 4 * (windows * (warm + chunks) + 1)
-    frames = (torch.rand(total, cfg.height, cfg.width, 3) * 255).to(torch.uint8)
+    frames = (torch.rand(5 + 4 * (warm + chunks + 1), cfg.height, cfg.width, 3) * 255).to(torch.uint8)
     if c.device.type == "cuda":
         frames = frames.pin_memory()
-    session.push(frames[:5])
-    pos = 5
+    feed = _Feed(frames)
+    most = 4 * chunks + 2 * lag + 8  # far beyond any steady lag: a ring that gives nothing is an error
+    session.push(feed.first())
     for _ in range(warm):
-        session.push(frames[pos : pos + 4])
-        pos += 4
+        session.push(feed.next())
     vae = c.wan_vae
     if vae is not None and hasattr(vae, "wait_compiled"):
         vae.wait_compiled(timeout=600)  # rank 0's encoder (the last rank's decoder warms in the window)
-    fps, chunk_ms, pos = _window(session, frames, pos, chunks)
+    fps, chunk_ms = _window(session, feed, chunks, most)
     ranks = measure(ring)
     result = RingResult(
         config=cfg.name,
@@ -108,9 +132,8 @@ def bench_ring_config(
         before = list(ring.layout)
         layout = ring.rebalance()
         for _ in range(warm):
-            session.push(frames[pos : pos + 4])
-            pos += 4
-        fps2, chunk_ms2, pos = _window(session, frames, pos, chunks)
+            session.push(feed.next())
+        fps2, chunk_ms2 = _window(session, feed, chunks, most)
         result.rebalanced = {
             "fps": fps2,
             "chunk_ms_p50": percentile(chunk_ms2 or [math.nan], 0.5),
@@ -121,7 +144,7 @@ def bench_ring_config(
     session.reset()
     synchronize(c.device)
     t0 = time.perf_counter()
-    session.push(frames[:5]).cpu()
+    session.push(feed.first()).cpu()
     result.ttff_ms = (time.perf_counter() - t0) * 1000
     session.flush()
     return result
