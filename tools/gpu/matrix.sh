@@ -134,6 +134,7 @@ S)
   warm_start 80 30 8
   run lora 120 $B --configs "batch,480x832,2,wan" --chunks 16 --warm-chunks 4 --lora-rank 32 --json "$W/lora.json"
   run vace 150 $B --configs "nobatch,480x832,2,vace" --chunks 12 --warm-chunks 4 --json "$W/vace.json"
+  run vae_forms 40 python3 tools/gpu/vae_profile.py "$W/vae_forms.json" --reformulations-only
   ;;
 R)
   # Issue 16's live steps change with new shapes compiled in the background (cold, one process; the console's
@@ -225,12 +226,14 @@ T)
   # Issue 24 after call 30 (a take from a cold cache differs from frame 0 even as `--reproducible-takes` runs,
   # in its own process): the same take with every counted call traced (`--trace`: exact digests of each
   # Wan VAE encode / decode and compiled site's input and output, live and replayed), so the first call that
-  # differs names the stage; then the default take the same way. Then VACE, the part of S call 30 left out.
-  # Limits sum to 550 s.
+  # differs names the stage; then the default take the same way. Then VACE, the part of S call 30 left out,
+  # and (last: what is left of the call) the VAE's full-resolution 3x3x3 convs through conv2d kernels.
+  # Limits sum to 590 s.
   rm -rf "$TORCHINDUCTOR_CACHE_DIR"
   take trace_repro 200 live take_t --reproducible --trace
   take trace_default 200 live take_d --trace
   run vace 150 $B --configs "nobatch,480x832,2,vace" --chunks 12 --warm-chunks 4 --json "$W/vace.json"
+  run vae_forms 40 python3 tools/gpu/vae_profile.py "$W/vae_forms.json" --reformulations-only
   ;;
 esac
 summarize
