@@ -95,6 +95,15 @@ def test_bench_live_changes_scenario_runs_every_phase(tmp_path: Path) -> None:
     assert live["all_phases_produced_frames"]
     assert live["phases"]["hard_cut"]["frames"] == 5 + 4 * 5 - 4  # 5-frame first chunk, then 2-step lag of 1
     assert live["ttff_after_reset_ms"] == live["phases"]["hard_cut"]["chunk_ms"][0] > 0
+    for name, phase in live["phases"].items():  # each chunk's stages and eager calls, beside its time
+        assert len(phase["stage_ms"]) == len(phase["eager_calls"]) == len(phase["chunk_ms"])
+        # (a push that only fills the next chunk runs no stage; one whose frames are still in the lanes, no decode)
+        assert all(set(st) <= {"encode", "dit", "decode"} for st in phase["stage_ms"]), name
+        assert sum("dit" in st for st in phase["stage_ms"]) >= len(phase["chunk_ms"]) - 1, name
+        worst = max(range(len(phase["chunk_ms"])), key=phase["chunk_ms"].__getitem__)
+        want = {**phase["stage_ms"][worst], "eager_calls": 0}  # nothing compiled here: no eager stand-ins
+        assert live["worst_chunk_stages"][name] == want
+        assert sum(phase["stage_ms"][worst].values()) <= phase["chunk_ms"][worst] + 1.0
     assert data["fallbacks"] == {"counts": {}, "last": {}}
 
 

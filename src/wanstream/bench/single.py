@@ -708,16 +708,26 @@ def bench_live_changes(components: Components, cfg: BenchConfig, console: Any = 
         g = torch.Generator().manual_seed(seed)
         return torch.randn(1, text_len, text_dim, generator=g).to(device, components.dtype)
 
+    # Each chunk's time per stage (CUDA events: a host that blocks inside a stage shows there too) and its
+    # calls that ran eager code: what a slow chunk after a change spent its time on.
+    timer = StageTimer(device)
+    session.stage_timer = timer
+
     def chunks(n: int, first: bool = False) -> dict[str, Any]:
-        times, made = [], 0
+        times, stages, eager, made = [], [], [], 0
         before = COMPILES.snapshot()
         for i in range(n):
             block = frames[:5] if first and i == 0 else frames[5 + 4 * (i % 12) : 9 + 4 * (i % 12)]
+            eager_before = COMPILES.eager_runs()
+            timer.marks.clear()  # stages run outside a push (a steps change decodes what is in flight) are not its
             t0 = time.perf_counter()
             made += int(session.push(block).cpu().shape[0])
             times.append(round((time.perf_counter() - t0) * 1000, 1))
+            synchronize(device)  # the output's copy waited for the chunk's last stage; this, for every stage
+            stages.append({k: round(sum(v), 1) for k, v in timer.take_ms().items()})
+            eager.append(COMPILES.eager_runs() - eager_before)
         after = COMPILES.snapshot()
-        phase: dict[str, Any] = {"chunk_ms": times, "frames": made}
+        phase: dict[str, Any] = {"chunk_ms": times, "stage_ms": stages, "eager_calls": eager, "frames": made}
         # New shapes compiled off the engine thread in this phase (fastpath.COMPILES), and whether one still was
         # at its end; the phase's graphs (a steps change builds a new denoiser, so these are its own).
         phase["background_compiles"] = {k: after[k] - before[k] for k in before if k != "pending"}
@@ -743,6 +753,7 @@ def bench_live_changes(components: Components, cfg: BenchConfig, console: Any = 
         "steady_chunk_ms": steady,
         "ttff_after_reset_ms": phases["hard_cut"]["chunk_ms"][0],
         "worst_chunk_ms": {k: max(v["chunk_ms"]) for k, v in phases.items()},
+        "worst_chunk_stages": {k: _worst(v) for k, v in phases.items()},
         "all_phases_produced_frames": all(v["frames"] > 0 for v in phases.values()),
         "background_compiles": COMPILES.snapshot(),
         "phases": phases,
@@ -752,11 +763,18 @@ def bench_live_changes(components: Components, cfg: BenchConfig, console: Any = 
     if console is not None:
         console.print(
             f"live changes ({cfg.name}): steady {steady:.1f} ms/chunk, TTFF after reset "
-            f"{summary['ttff_after_reset_ms']:.0f} ms, worst per phase {summary['worst_chunk_ms']}, "
+            f"{summary['ttff_after_reset_ms']:.0f} ms, worst per phase {summary['worst_chunk_ms']} "
+            f"(its stages ms and eager calls: {summary['worst_chunk_stages']}), "
             f"frames in every phase: {summary['all_phases_produced_frames']}, background compiles "
             f"{summary['background_compiles']}"
         )
     return summary
+
+
+def _worst(phase: dict[str, Any]) -> dict[str, Any]:
+    """The phase's slowest chunk: its stage times and its calls that ran eager code."""
+    i = max(range(len(phase["chunk_ms"])), key=phase["chunk_ms"].__getitem__)
+    return {**phase["stage_ms"][i], "eager_calls": phase["eager_calls"][i]}
 
 
 def _bench_lora(mode: str) -> LoraSpec:
