@@ -24,7 +24,7 @@ def test_bench_gpus_reports_fps_efficiency_and_every_rank(tmp_path: Path, one_to
         assert r["layout"] == [[0, 1], [1, 2]]
         assert [row[0] for row in r["ranks"]] == [0, 1] and all(row[4] > 0 for row in r["ranks"])
         assert r["rebalanced"]["fps"] > 0 and r["ttff_ms"] > 0
-        assert r["chunks_measured"] >= 4  # the window's pushes: its first frames, 3 chunks' worth after them
+        assert r["chunks_measured"] >= 3  # the window's pushes: 3, more if no frame had come out by then
 
 
 def test_bench_gpus_needs_the_gpus(capsys) -> None:
@@ -37,8 +37,9 @@ def test_bench_gpus_needs_the_gpus(capsys) -> None:
 
 
 def test_ring_window_waits_for_late_frames_instead_of_reporting_zero() -> None:
-    """CI once saw 0.00 FPS: a rank late for a few chunks on a busy 2-core machine, and a window of a
-    fixed number of pushes that saw no frame arrive. The window lasts until its frames are out."""
+    """CI once saw 0.00 FPS: a rank late for a few chunks on a busy 2-core machine, and a window that counted
+    the frames its pushes returned (never waited for). The rate is the pushes' (paced by the full ring), and
+    a window goes on until frames come out."""
     import pytest
     import torch
 
@@ -55,7 +56,7 @@ def test_ring_window_waits_for_late_frames_instead_of_reporting_zero() -> None:
     feed = _Feed(torch.zeros(5 + 4 * 2, 2, 2, 3, dtype=torch.uint8))
     ring = LateRing(late=3)
     fps, chunk_ms = _window(ring, feed, chunks=3, most=20)
-    # 3 empty pushes, the first frames (not counted: they could be a backlog), then 3 chunks' worth
-    assert fps > 0 and ring.pushes == len(chunk_ms) == 7
-    with pytest.raises(RuntimeError, match="gave 0 frames in 5 chunks"):
+    assert fps > 0 and ring.pushes == len(chunk_ms) == 4  # 3 pushes without frames: one more, with them
+    assert _window(LateRing(late=0), feed, chunks=3, most=20)[0] > 0
+    with pytest.raises(RuntimeError, match="gave no frames in 5 chunks"):
         _window(LateRing(late=99), feed, chunks=3, most=5)
