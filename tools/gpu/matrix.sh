@@ -134,7 +134,6 @@ S)
   warm_start 80 30 8
   run lora 120 $B --configs "batch,480x832,2,wan" --chunks 16 --warm-chunks 4 --lora-rank 32 --json "$W/lora.json"
   run vace 150 $B --configs "nobatch,480x832,2,vace" --chunks 12 --warm-chunks 4 --json "$W/vace.json"
-  run vae_forms 40 python3 tools/gpu/vae_profile.py "$W/vae_forms.json" --reformulations-only
   ;;
 R)
   # Issue 16's live steps change with new shapes compiled in the background (cold, one process; the console's
