@@ -21,10 +21,12 @@ def _tool():
     return module
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])  # the VAE's is the 2nd
 @pytest.mark.parametrize("form", ["conv3d_as_conv2d_taps", "conv3d_as_stacked_conv2d"])
-def test_conv2d_forms_equal_the_causal_conv3d(form: str) -> None:
+def test_conv2d_forms_equal_the_causal_conv3d(form: str, layout: torch.memory_format) -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 6, 7, 9, generator=g, dtype=torch.float64)  # T+2 = 6 frames in: 4 out
+    x = x.contiguous(memory_format=layout)
     w = torch.randn(3, 5, 3, 3, 3, generator=g, dtype=torch.float64)
     want = F.conv3d(x, w, None, 1, (0, 1, 1))
     got = getattr(_tool(), form)(x, w)

@@ -106,8 +106,9 @@ def conv3d_as_stacked_conv2d(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     channels, one GEMM of the same K = 27C): a copy of the input three times over, one output write."""
     B, C, T2, H, W = x.shape
     T = T2 - 2
-    frames = x.transpose(1, 2)  # [B, T+2, C, H, W]
-    stacked = torch.cat([frames[:, k : k + T] for k in range(3)], dim=2).reshape(B * T, 3 * C, H, W)
+    frames = x.permute(0, 2, 3, 4, 1)  # [B, T+2, H, W, C]: a view of channels-last-3d input
+    stacked = torch.cat([frames[:, k : k + T] for k in range(3)], dim=-1)  # the one copy: [B, T, H, W, 3C]
+    stacked = stacked.reshape(B * T, H, W, 3 * C).permute(0, 3, 1, 2)  # NCHW shape, channels-last strides
     w2 = w.permute(0, 2, 1, 3, 4).reshape(w.shape[0], 3 * C, 3, 3)  # [O, (tap, C), 3, 3]
     return F.conv2d(stacked, w2, None, 1, 1).reshape(B, T, -1, H, W).transpose(1, 2)
 
