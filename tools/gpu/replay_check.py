@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -58,10 +59,16 @@ if NO_GRAPHS:  # every session this process makes (the live one and the replay's
 
 # `--trace`: where does a replay first differ from its live take? Every call of the stream's own (counted) work —
 # the Wan VAE's stream_encode / stream_decode and each compiled site (DiT halves, cache bookkeeping) — is noted
-# with an exact integer digest of its first tensor argument and of its output, live and in the replay; the
-# first entry that differs names the stage. Digests sync the device (timing changes; numerics do not).
+# with an exact integer digest of its first tensor argument and of its output, live and in the replay, and
+# which code ran it ("compiled" if any compiled code did, else "eager"); the first entry whose digests differ
+# names the stage. Digests sync the device (timing changes; numerics do not).
 TRACE = "--trace" in sys.argv
-_trace: list[tuple[str, int, int]] = []
+_trace: list[tuple[str, int, int, str]] = []
+_ran = threading.local()  # .compiled: set by the compiled paths below during a traced call (this thread's)
+
+
+def _ran_compiled() -> bool:
+    return getattr(_ran, "compiled", False)
 
 
 def _digest(t: object) -> int:
@@ -77,29 +84,55 @@ def _digest(t: object) -> int:
 
 def _traced(name: str | None, fn):
     def wrapper(*args, **kwargs):
-        out = fn(*args, **kwargs)
-        if numerics.counting():
-            where = name or getattr(args[0], "where", "?")
-            first = next((a for a in args if isinstance(a, torch.Tensor)), None)
-            _trace.append((where, _digest(first), _digest(out)))
-        return out
+        outer, _ran.compiled = _ran_compiled(), False
+        try:
+            out = fn(*args, **kwargs)
+            if numerics.counting():
+                where = name or getattr(args[0], "where", "?")
+                first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+                path = "compiled" if _ran_compiled() else "eager"
+                _trace.append((where, _digest(first), _digest(out), path))
+            return out
+        finally:
+            _ran.compiled = outer or _ran_compiled()
+
+    return wrapper
+
+
+def _marks_compiled(fn):
+    def wrapper(*args, **kwargs):
+        _ran.compiled = True
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _marks_compiled_half(run_for):
+    def wrapper(self, half, x, warm, eager):
+        chosen = run_for(self, half, x, warm, eager)
+        if chosen is self.halves[0 if half == "encoder" else 1]:
+            _ran.compiled = True
+        return chosen
 
     return wrapper
 
 
 if TRACE:
-    from wanstream.models import fastpath
+    from wanstream.models import fastpath, vae
     from wanstream.models.vae import WanVAE
 
     WanVAE.stream_encode = _traced("Wan VAE stream_encode", WanVAE.stream_encode)  # type: ignore[method-assign]
     WanVAE.stream_decode = _traced("Wan VAE stream_decode", WanVAE.stream_decode)  # type: ignore[method-assign]
     fastpath.CompiledOrEager.__call__ = _traced(None, fastpath.CompiledOrEager.__call__)  # type: ignore[method-assign]
+    fastpath.CompiledOrEager._compiled = _marks_compiled(fastpath.CompiledOrEager._compiled)  # type: ignore[method-assign]
+    vae._CompiledHalves.run_for = _marks_compiled_half(vae._CompiledHalves.run_for)  # type: ignore[method-assign]
 
 
 def _first_divergence(live: list, replayed: list) -> dict:
-    """The first traced call whose digests differ (and whether its input already differed)."""
+    """The first traced call whose digests differ (and whether its input already differed); each entry is
+    [site, input digest, output digest, "compiled" | "eager"]."""
     for i, (a, b) in enumerate(zip(live, replayed)):
-        if a != b:
+        if a[:3] != b[:3]:
             return {
                 "index": i,
                 "of": [len(live), len(replayed)],
@@ -107,13 +140,27 @@ def _first_divergence(live: list, replayed: list) -> dict:
                 "replay": list(b),
                 "input_same": a[0] == b[0] and a[1] == b[1],
                 "before": [list(x) for x in live[max(0, i - 3) : i]],
+                "paths": _paths(live, replayed),
                 "next_differing": [
-                    [j, live[j][0], live[j][1] == replayed[j][1]]
+                    [j, live[j][0], live[j][1] == replayed[j][1], live[j][3], replayed[j][3]]
                     for j in range(i + 1, min(len(live), len(replayed)))
-                    if live[j] != replayed[j]
+                    if live[j][:3] != replayed[j][:3]
                 ][:8],
             }
-    return {"index": None, "of": [len(live), len(replayed)]}
+    return {"index": None, "of": [len(live), len(replayed)], "paths": _paths(live, replayed)}
+
+
+def _paths(live: list, replayed: list) -> dict:
+    """How many traced calls ran compiled / eager code, live and replayed, and at how many places they differ."""
+
+    def count(trace: list, path: str) -> int:
+        return sum(1 for entry in trace if entry[3] == path)
+
+    return {
+        "live": {p: count(live, p) for p in ("compiled", "eager")},
+        "replay": {p: count(replayed, p) for p in ("compiled", "eager")},
+        "differ_at": sum(1 for a, b in zip(live, replayed) if a[3] != b[3]),
+    }
 
 
 def components(timed: bool):
