@@ -65,3 +65,38 @@ def test_lanes_with_different_fill_get_a_mask() -> None:
     assert plan.valid == [6, 8]
     assert plan.mask is not None and plan.mask.shape == (2, 1, 1, 8)
     assert plan.mask[0, 0, 0].tolist() == [True] * 6 + [False] * 2
+
+
+def test_compiled_bookkeeping_is_one_graph_through_the_fill_and_equals_the_eager_code(monkeypatch) -> None:
+    """The queue branches' flags turn when the cache first fills, mid-stream: the compiled bookkeeping must not
+    specialise on them (it compiled again then, in line on the stream's thread), and must equal the eager
+    code, which skips the branches no lane takes."""
+    import torch._dynamo
+
+    graphs: list[object] = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=counting, dynamic=False))
+    torch._dynamo.reset()
+    try:
+        eager, compiled = make(num_frames=5, num_sink=2), make(num_frames=5, num_sink=2).compile()
+        g = torch.Generator().manual_seed(0)
+        flags = set()
+        # Filling (appends), then full (pops, requeues), the adaptive sink checking throughout.
+        for i in range(12):
+            start = i * 2
+            k, v = torch.randn(1, 2, 1, 2, generator=g), torch.randn(1, 2, 1, 2, generator=g)
+            for cache in (eager, compiled):
+                plan = cache.plan([start], 1)
+                flags.add((plan.any_full, plan.any_append))
+                cache.update(0, k, v, plan)
+            for name in ("k", "v", "sink_k", "sink_v", "queue", "qhead", "qlen"):
+                assert torch.equal(getattr(eager, name), getattr(compiled, name)), (i, name)
+        assert {(False, True), (True, False)} <= flags  # the stream went through both phases
+        assert len(graphs) == 1, f"{len(graphs)} graphs for one shape"
+    finally:
+        torch._dynamo.reset()

@@ -30,7 +30,7 @@ Reference quirks reproduced in ``"sdv2"`` mode (see the golden notes; each is ma
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -365,10 +365,17 @@ class KVCache(nn.Module):
         """Fuse the per-layer bookkeeping (sink check, queue pops and pushes) into a few kernels instead of
         dozens of tiny ones. One compile serves every layer (the layer's views are arguments). `track` writes
         only its arguments, so a new shape mid-stream compiles on a helper thread, over copies of them, while
-        the stream runs the eager bookkeeping (`fastpath.COMPILES`)."""
-        self._track = CompiledOrEager(
-            torch.compile(track, dynamic=False), track, "KV-cache bookkeeping", background=True
-        )
+        the stream runs the eager bookkeeping (`fastpath.COMPILES`).
+
+        The compiled code takes every branch under its lane masks (`track_every_branch`) and never sees the
+        call's `any_full` / `any_append`: those turn when the cache first fills, mid-stream, and a compile
+        specialised on them compiled again then, in line on the stream's thread (seconds from a cold cache)."""
+        fused = torch.compile(track_every_branch, dynamic=False)
+
+        def compiled(*args: Any, any_full: bool, any_append: bool, **kwargs: Any) -> Any:
+            return fused(*args, **kwargs)
+
+        self._track = CompiledOrEager(compiled, track, "KV-cache bookkeeping", background=True)
         return self
 
     def state(self) -> dict[str, object]:
@@ -466,3 +473,11 @@ def track(
         sink_k.scatter_(1, rows, means[0])
         sink_v.scatter_(1, rows, means[1])
     return slots, sim, fired
+
+
+def track_every_branch(
+    *args: Any, **kwargs: Any
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """`track` with both queue branches taken: the same results whatever the call's `any_full` / `any_append`
+    (each branch changes only the lanes its mask selects), so one compiled graph serves all of them."""
+    return track(*args, any_full=True, any_append=True, **kwargs)
