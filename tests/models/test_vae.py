@@ -416,3 +416,41 @@ def test_a_stream_start_does_not_recompile_the_compiled_halves() -> None:
                 )
         assert FALLBACKS.total() == 0, FALLBACKS.snapshot()
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("inference", [False, True], ids=["no_grad", "inference_mode"])
+def test_background_compile_serves_the_stream_without_compiling_again_in_line(
+    monkeypatch, inference: bool
+) -> None:
+    """The compiled halves are compiled and warmed up on their own thread, in the stream's mode and on inputs
+    like the stream's: dynamo guards on both, and a warm-up under inference mode for a stream pushed outside it
+    (as `bench` and scripts push) left the stream's thread to compile each half again, in line."""
+    import threading
+
+    import torch._dynamo
+
+    compiled_on: list[str] = []
+
+    def counting(gm, example_inputs):
+        compiled_on.append(threading.current_thread().name)
+        return gm.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=counting, dynamic=False))
+    torch._dynamo.reset()
+    try:
+        torch.manual_seed(0)
+        vae = WanVAE(TINY).eval().requires_grad_(False).optimize(channels_last=True, compile=True)
+        clip = _video(3, 1 + 4 * 6)
+        with torch.inference_mode(inference):
+            enc, dec = VAEEncodeState(), VAEDecodeState()
+            z = vae.stream_encode(clip[:, :, :5], enc)
+            vae.stream_decode(vae.normalize(z), dec)
+            for i in range(6):  # eager calls while the halves compile, then compiled ones
+                z = vae.stream_encode(clip[:, :, 1 + 4 * i : 5 + 4 * i], enc)
+                vae.stream_decode(vae.normalize(z), dec)
+                if i == 1:
+                    assert vae.wait_compiled(120)
+        assert compiled_on and all(name.startswith("compile-") for name in compiled_on), compiled_on
+    finally:
+        torch._dynamo.reset()

@@ -495,7 +495,7 @@ class WanVAE(nn.Module):
         """Compile the steady-state encoder for `chunk`'s shape on a throwaway stream."""
         assert self._compiled is not None
         state = VAEEncodeState()
-        dummy = torch.zeros_like(chunk)
+        dummy = _like(chunk)
         state.begin(self.encoder.num_slots, (chunk.shape[0], chunk.shape[3], chunk.shape[4]))
         first = dummy[:, :, :1]
         self.encoder(canonical_channels_last(first) if self.channels_last else first, state)
@@ -506,7 +506,7 @@ class WanVAE(nn.Module):
     def _warm_decoder(self, z: torch.Tensor) -> None:
         assert self._compiled is not None
         state = VAEDecodeState()
-        dummy = torch.zeros_like(z)
+        dummy = _like(z)
         state.begin(self.decoder.num_slots, (z.shape[0], z.shape[3], z.shape[4]))
         self.decoder(dummy, state)
         state.started = True
@@ -647,6 +647,12 @@ class WanVAE(nn.Module):
             )
 
 
+def _like(x: torch.Tensor) -> torch.Tensor:
+    """Zeros shaped, laid out and typed as `x`, and an inference tensor exactly when `x` is one."""
+    with torch.inference_mode(x.is_inference()):
+        return torch.zeros_like(x)
+
+
 class _CompiledHalves:
     """The compiled encoder and decoder, and which input shapes they are ready for."""
 
@@ -694,24 +700,30 @@ class _CompiledHalves:
                 with self._lock:
                     self._scheduled.discard(key)  # the next call tries again
                 raise
-            self._start(key, half, warm)
+            self._start(key, half, warm, (torch.is_inference_mode_enabled(), torch.is_grad_enabled()))
             return out
 
         return then_compile
 
-    def _start(self, key: tuple, half: str, warm: Callable[[], None]) -> None:
+    def _start(self, key: tuple, half: str, warm: Callable[[], None], mode: tuple[bool, bool]) -> None:
         # Not a daemon: a process that ends mid-compile waits for it (a daemon compile thread torn down at
         # exit aborted the process, seen on an H100).
-        thread = threading.Thread(target=self._run, args=(key, warm), daemon=False, name=f"compile-{half}")
+        thread = threading.Thread(
+            target=self._run, args=(key, warm, mode), daemon=False, name=f"compile-{half}"
+        )
         with self._lock:
             self._started[key] = thread
         thread.start()
 
-    def _run(self, key: tuple, warm: Callable[[], None]) -> None:
+    def _run(self, key: tuple, warm: Callable[[], None], mode: tuple[bool, bool]) -> None:
         # Compiling launches kernels, loads modules and synchronises the device: never while another thread
-        # captures a CUDA graph (the gate defers such captures until this is done).
+        # captures a CUDA graph (the gate defers such captures until this is done). It runs in the stream's
+        # inference / grad mode (`mode`), on inputs like the stream's (`_like`): dynamo guards on both, and a
+        # warm-up in another mode left the stream to compile the half again, in line (seen on the CPU: a
+        # stream pushed outside inference mode, as `bench` and a script do).
+        inference, grad = mode
         try:
-            with GATE.background(), torch.inference_mode():
+            with GATE.background(), torch.inference_mode(inference), torch.set_grad_enabled(grad):
                 warm()
                 if key[3].type == "cuda":
                     torch.cuda.synchronize(key[3])
