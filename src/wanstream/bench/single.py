@@ -271,7 +271,7 @@ def bench_config(
     run(frames[:5])
     first_frame_at = time.time()
     first_chunk_cold = (time.perf_counter() - start) * 1000
-    first_chunk_stages = {k: round(sum(v), 1) for k, v in session.stage_timer.take_ms().items()}
+    first_chunk_stages = _stage_totals(session.stage_timer)
     session.stage_timer = timer
     pos = 5
     for _ in range(warm_chunks):
@@ -724,7 +724,7 @@ def bench_live_changes(components: Components, cfg: BenchConfig, console: Any = 
             made += int(session.push(block).cpu().shape[0])
             times.append(round((time.perf_counter() - t0) * 1000, 1))
             synchronize(device)  # the output's copy waited for the chunk's last stage; this, for every stage
-            stages.append({k: round(sum(v), 1) for k, v in timer.take_ms().items()})
+            stages.append(_stage_totals(timer))
             eager.append(COMPILES.eager_runs() - eager_before)
         after = COMPILES.snapshot()
         phase: dict[str, Any] = {"chunk_ms": times, "stage_ms": stages, "eager_calls": eager, "frames": made}
@@ -769,6 +769,11 @@ def bench_live_changes(components: Components, cfg: BenchConfig, console: Any = 
             f"{summary['background_compiles']}"
         )
     return summary
+
+
+def _stage_totals(timer: StageTimer) -> dict[str, float]:
+    """Milliseconds per stage since the timer was last read (after a synchronize), summed, then forgotten."""
+    return {k: round(sum(v), 1) for k, v in timer.take_ms().items()}
 
 
 def _worst(phase: dict[str, Any]) -> dict[str, Any]:
