@@ -224,14 +224,17 @@ R8)
 T)
   # Issue 24 after call 30 (a take from a cold cache differs from frame 0 even as `--reproducible-takes` runs,
   # in its own process): the same take with every counted call traced (`--trace`: exact digests of each
-  # Wan VAE encode / decode and compiled site's input and output, live and replayed), so the first call that
-  # differs names the stage; then the default take the same way. Then VACE, the part of S call 30 left out,
-  # and (last: what is left of the call) the VAE's full-resolution 3x3x3 convs through conv2d kernels.
-  # Limits sum to 590 s.
+  # Wan VAE encode / decode and compiled site's input and output, and the math switches in force, live and
+  # replayed), so the first call that differs names the stage; the take is replayed twice in its process (do
+  # replays agree when nothing compiles beside them?) and once in a new one (against the live take and the
+  # first replay). Then the default take the same way, VACE (the part of S call 30 left out), and last, with
+  # what is left of the call, the VAE's full-resolution 3x3x3 convs through conv2d kernels.
+  # Limits sum to 580 s (the call's own limit, 570 s, may cut the last).
   rm -rf "$TORCHINDUCTOR_CACHE_DIR"
-  take trace_repro 200 live take_t --reproducible --trace
-  take trace_default 200 live take_d --trace
-  run vace 150 $B --configs "nobatch,480x832,2,vace" --chunks 12 --warm-chunks 4 --json "$W/vace.json"
+  take trace_repro 180 live take_t --reproducible --trace
+  take trace_repro_new_process 60 replay take_t --reproducible --trace
+  take trace_default 170 live take_d --trace
+  run vace 130 $B --configs "nobatch,480x832,2,vace" --chunks 12 --warm-chunks 4 --json "$W/vace.json"
   run vae_forms 40 python3 tools/gpu/vae_profile.py "$W/vae_forms.json" --reformulations-only
   ;;
 esac

@@ -23,6 +23,7 @@ import json
 import sys
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -60,10 +61,14 @@ if NO_GRAPHS:  # every session this process makes (the live one and the replay's
 # `--trace`: where does a replay first differ from its live take? Every call of the stream's own (counted) work —
 # the Wan VAE's stream_encode / stream_decode and each compiled site (DiT halves, cache bookkeeping) — is noted
 # with an exact integer digest of its first tensor argument and of its output, live and in the replay, and
-# which code ran it ("compiled" if any compiled code did, else "eager"); the first entry whose digests differ
-# names the stage. Digests sync the device (timing changes; numerics do not).
+# which code ran it ("compiled" if any compiled code did, else "eager"), and the process-wide math switches in
+# force (cuDNN, TF32, SDPA backends, default dtype, deterministic algorithms — another thread could flip them
+# for a moment); the first entry whose digests differ names the stage. Digests sync the device (timing
+# changes; numerics do not). A traced take is replayed twice in its process: if the two replays agree and the
+# live take does not, what ran beside the live stream changed it; if they disagree, the path is not
+# repeatable even with nothing compiling beside it.
 TRACE = "--trace" in sys.argv
-_trace: list[tuple[str, int, int, str]] = []
+_trace: list[tuple[str, int, int, str, tuple]] = []
 _ran = threading.local()  # .compiled: set by the compiled paths below during a traced call (this thread's)
 
 
@@ -82,6 +87,43 @@ def _digest(t: object) -> int:
     return int((bits * weights).sum().item())
 
 
+_MATH_FIELDS = (
+    "cudnn.enabled",
+    "cudnn.benchmark",
+    "cudnn.deterministic",
+    "cudnn.allow_tf32",
+    "matmul.allow_tf32",
+    "matmul.allow_bf16_reduced_precision_reduction",
+    "float32_matmul_precision",
+    "sdp.flash",
+    "sdp.mem_efficient",
+    "sdp.cudnn",
+    "sdp.math",
+    "default_dtype",
+    "deterministic_algorithms",
+)
+
+
+def _math_state() -> tuple:
+    """Process-wide switches that change which kernel (and so which rounding) an op gets (`_MATH_FIELDS`)."""
+    cuda = torch.backends.cuda
+    return (
+        torch.backends.cudnn.enabled,
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.allow_tf32,
+        cuda.matmul.allow_tf32,
+        cuda.matmul.allow_bf16_reduced_precision_reduction,
+        torch.get_float32_matmul_precision(),
+        cuda.flash_sdp_enabled(),
+        cuda.mem_efficient_sdp_enabled(),
+        cuda.cudnn_sdp_enabled(),
+        cuda.math_sdp_enabled(),
+        str(torch.get_default_dtype()),
+        torch.are_deterministic_algorithms_enabled(),
+    )
+
+
 def _traced(name: str | None, fn):
     def wrapper(*args, **kwargs):
         outer, _ran.compiled = _ran_compiled(), False
@@ -91,7 +133,7 @@ def _traced(name: str | None, fn):
                 where = name or getattr(args[0], "where", "?")
                 first = next((a for a in args if isinstance(a, torch.Tensor)), None)
                 path = "compiled" if _ran_compiled() else "eager"
-                _trace.append((where, _digest(first), _digest(out), path))
+                _trace.append((where, _digest(first), _digest(out), path, _math_state()))
             return out
         finally:
             _ran.compiled = outer or _ran_compiled()
@@ -130,24 +172,35 @@ if TRACE:
 
 def _first_divergence(live: list, replayed: list) -> dict:
     """The first traced call whose digests differ (and whether its input already differed); each entry is
-    [site, input digest, output digest, "compiled" | "eager"]."""
+    [site, input digest, output digest, "compiled" | "eager"], and the math switches seen on each side."""
+    states = {  # each distinct set of switches seen, by name
+        side: [dict(zip(_MATH_FIELDS, state)) for state in dict.fromkeys(entry[4] for entry in trace)]
+        for side, trace in (("live", live), ("replay", replayed))
+    }
     for i, (a, b) in enumerate(zip(live, replayed)):
         if a[:3] != b[:3]:
             return {
                 "index": i,
                 "of": [len(live), len(replayed)],
-                "live": list(a),
-                "replay": list(b),
+                "live": list(a[:4]),
+                "replay": list(b[:4]),
                 "input_same": a[0] == b[0] and a[1] == b[1],
-                "before": [list(x) for x in live[max(0, i - 3) : i]],
+                "state_same": a[4] == b[4],
+                "before": [list(x[:4]) for x in live[max(0, i - 3) : i]],
                 "paths": _paths(live, replayed),
+                "math_states": states,
                 "next_differing": [
                     [j, live[j][0], live[j][1] == replayed[j][1], live[j][3], replayed[j][3]]
                     for j in range(i + 1, min(len(live), len(replayed)))
                     if live[j][:3] != replayed[j][:3]
                 ][:8],
             }
-    return {"index": None, "of": [len(live), len(replayed)], "paths": _paths(live, replayed)}
+    return {
+        "index": None,
+        "of": [len(live), len(replayed)],
+        "paths": _paths(live, replayed),
+        "math_states": states,
+    }
 
 
 def _paths(live: list, replayed: list) -> dict:
@@ -255,9 +308,23 @@ def live(folder: Path, bench: bool) -> dict:
             s.push(batch).cpu()
             times.append(time.perf_counter() - t0)
     _trace.clear()
-    same = _replay_here(path, c, made)
+    replayed: dict[int, np.ndarray] = {}
+    same = _replay_here(path, c, made, keep=replayed)
     if TRACE:
         same["trace"] = _first_divergence(live_trace, _trace)
+        first_trace = list(_trace)
+        # For a replay in a new process (`replay DIR --trace`): both traces and the first replay's frames.
+        _save_trace(folder / "trace_live.json", live_trace)
+        _save_trace(folder / "trace_replay.json", first_trace)
+        keys = sorted(replayed)
+        np.savez(
+            folder / "replay_frames.npz", index=np.array(keys), frames=np.stack([replayed[i] for i in keys])
+        )
+        _trace.clear()
+        # Nothing compiles beside this one (the first replay left every shape compiled): does it equal the first?
+        again = _replay_here(path, c, replayed)
+        again["trace"] = _first_divergence(first_trace, _trace)
+        same["again_vs_first_replay"] = again
     return {
         "mode": "live",
         "cudnn_benchmark": bench,
@@ -278,8 +345,14 @@ def live(folder: Path, bench: bool) -> dict:
     }
 
 
-def _replay_here(path: Path, c, live_frames: list[np.ndarray] | np.ndarray) -> dict:
-    got: dict[int, np.ndarray] = {}
+def _replay_here(
+    path: Path,
+    c,
+    live_frames: Sequence[np.ndarray] | Mapping[int, np.ndarray] | np.ndarray,
+    keep: dict[int, np.ndarray] | None = None,
+) -> dict:
+    """Replay the take at `path` here and compare it with `live_frames`; `keep` receives the replayed frames."""
+    got: dict[int, np.ndarray] = {} if keep is None else keep
     t0 = time.perf_counter()
     with load_log(path) as log:
         report = replay(log, c, on_frames=lambda i, f: got.update(enumerate(f, i)))
@@ -294,6 +367,37 @@ def _replay_here(path: Path, c, live_frames: list[np.ndarray] | np.ndarray) -> d
         "frames_differing": len(differing),
         "differing_ranges": _ranges(differing),
     }
+
+
+def _save_trace(path: Path, trace: list) -> None:
+    path.write_text(json.dumps([[*entry[:4], list(entry[4])] for entry in trace]))
+
+
+def _load_trace(path: Path) -> list:
+    return [(w, i, o, p, tuple(state)) for w, i, o, p, state in json.loads(path.read_text())]
+
+
+def _replay_new_process(folder: Path, bench: bool) -> dict:
+    """Replay DIR/take.wslog in this new process; with `--trace`, also against the live take's process's
+    first replay (its frames and trace): does a replay repeat across processes?"""
+    c = components(bench)
+    result = {"mode": "replay_new_process", "cudnn_benchmark": bench, "path": _path()}
+    got: dict[int, np.ndarray] = {}
+    result.update(_replay_here(folder / "take.wslog", c, np.load(folder / "live_frames.npy"), keep=got))
+    if TRACE and (folder / "trace_live.json").exists():
+        result["trace"] = _first_divergence(_load_trace(folder / "trace_live.json"), _trace)
+        first = np.load(folder / "replay_frames.npz")
+        earlier = dict(zip(first["index"].tolist(), first["frames"]))
+        diffs = [
+            int(np.abs(got[i].astype(np.int16) - earlier[i].astype(np.int16)).max()) for i in sorted(got)
+        ]
+        result["vs_first_replay"] = {
+            "frames_differing": sum(1 for d in diffs if d),
+            "max_abs_diff": max(diffs) if diffs else None,
+            "trace": _first_divergence(_load_trace(folder / "trace_replay.json"), _trace),
+        }
+    result["fallbacks"] = FALLBACKS.snapshot()
+    return result
 
 
 def _path() -> str:
@@ -317,10 +421,7 @@ def main() -> int:
     if mode == "live":
         result = live(folder, bench)
     else:
-        c = components(bench)
-        result = {"mode": "replay_new_process", "cudnn_benchmark": bench, "path": _path()}
-        result.update(_replay_here(folder / "take.wslog", c, np.load(folder / "live_frames.npy")))
-        result["fallbacks"] = FALLBACKS.snapshot()
+        result = _replay_new_process(folder, bench)
     name = (
         f"{mode}{'' if bench else '_reproducible'}{'_eager' if EAGER else '_no_graphs' if NO_GRAPHS else ''}"
     )
