@@ -339,6 +339,30 @@ def test_non_local_bind_without_token_refuses_to_start(capsys: pytest.CaptureFix
     assert "too short" in capsys.readouterr().err
 
 
+def test_a_port_in_use_is_an_error_before_anything_loads(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+
+    from wanstream.cli.main import main
+    from wanstream.server import app
+
+    def no_load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the server was built although its port is taken")
+
+    monkeypatch.setattr(app, "create_app", no_load)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--demo", "--port", str(port)]) == 2
+    assert f"127.0.0.1:{port} is in use" in capsys.readouterr().err
+    for bad in ("0", "65536", "http"):
+        with pytest.raises(SystemExit):
+            main(["serve", "--port", bad])
+        assert "argument --port" in capsys.readouterr().err
+
+
 def test_token_checked_on_every_request() -> None:
     """The real app configured for a non-local bind: every HTTP route, the signalling and the WebSocket
     need the token (checked before anything else); with it, requests reach the routes."""

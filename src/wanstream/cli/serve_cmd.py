@@ -77,7 +77,7 @@ def _model_flags(g: argparse._ArgumentGroup) -> None:
 def _network_flags(g: argparse._ArgumentGroup) -> None:
     """Binding, access and WebRTC connectivity."""
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    g.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    g.add_argument("--port", type=_port, default=8000, help="port (default: 8000)")
     g.add_argument("--token", help=f"access token required on every request (or ${TOKEN_ENV})")
     g.add_argument(
         "--cors-origin",
@@ -115,11 +115,21 @@ def _network_flags(g: argparse._ArgumentGroup) -> None:
     )
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1 to 65535, got {port}")
+    return port
+
+
 def _osc_flags(g: argparse._ArgumentGroup) -> None:
     """OSC control over UDP."""
     g.add_argument(
         "--osc-port",
-        type=int,
+        type=_port,
         metavar="N",
         help="OSC control on this UDP port (default: the HTTP port's number; docs/control.md)",
     )
@@ -306,9 +316,14 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     from wanstream.server.app import create_app
-    from wanstream.server.http import serve
+    from wanstream.server.http import ListenError, listen, serve
     from wanstream.server.prompts_api import default_factory
 
+    try:  # before anything loads: a port in use is an error now, not after the weights
+        sock = listen(args.host, args.port)
+    except ListenError as exc:
+        print(f"wanstream serve: {exc.strerror}", file=sys.stderr)
+        return 2
     extender = default_factory(
         config.models_dir,
         config.demo,
@@ -320,6 +335,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         app = create_app(config, extender=extender)
     except (SecurityError, ValueError) as exc:
+        sock.close()
         print(f"wanstream serve: {exc}", file=sys.stderr)
         return 2
     shown = f"[{args.host}]" if ":" in args.host else args.host
@@ -334,8 +350,14 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"wanstream serve: http://{shown}:{args.port}  (API docs: /docs, metrics: /metrics)", file=sys.stderr
     )
-    serve(app, host=args.host, port=args.port, log_level=args.log_level, header_timeout_s=args.header_timeout)
-    return 0
+    return serve(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        header_timeout_s=args.header_timeout,
+        sock=sock,
+    )
 
 
 def _io_problem(config: ServerConfig) -> str | None:

@@ -6,11 +6,17 @@ connection (and its buffers) open forever. `HeaderDeadlineProtocol` gives every 
 `HEADER_TIMEOUT_S` from its first byte (or from the connection, for the first request) to finish its
 headers; after that the connection is closed. Header size is bounded by h11 (`MAX_HEADER_BYTES`), idle
 keep-alive connections are closed after `KEEP_ALIVE_S`.
+
+The listening socket is bound by `listen` before the model loads (`serve` then hands it to uvicorn), so a port
+in use or an address this machine does not have is an error at once, not after a minute of loading weights.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import socket
 from typing import Any
 
 import h11
@@ -24,6 +30,7 @@ KEEP_ALIVE_S = 20.0
 MAX_HEADER_BYTES = 16 * 1024
 GRACEFUL_SHUTDOWN_S = 10.0  # SIGTERM: requests still open after this are cancelled, then sessions close
 MAX_CONNECTIONS = 512  # beyond this uvicorn answers 503 at once instead of queueing work
+STARTUP_FAILURE = 3  # the exit code uvicorn gives when the app's startup fails
 
 
 class HeaderDeadlineProtocol(H11Protocol):
@@ -76,8 +83,54 @@ def uvicorn_options(header_timeout_s: float = HEADER_TIMEOUT_S) -> dict[str, Any
     }
 
 
+class ListenError(OSError):
+    """The server cannot listen where it was asked to; the message says what to change."""
+
+
+_ANY = {socket.AF_INET: "0.0.0.0 for all of them", socket.AF_INET6: ":: for all of them"}
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port), as uvicorn would bind it, or `ListenError` in words."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if exc.errno == errno.EADDRINUSE:
+            why = "is in use (another wanstream serve?): stop that server, or pick another --port"
+        elif exc.errno == errno.EADDRNOTAVAIL:
+            why = f"is not an address of this machine: give --host one of its addresses, or {_ANY[family]}"
+        elif exc.errno == errno.EACCES:
+            why = "needs privileges (ports below 1024): pick --port 1024 or above"
+        elif isinstance(exc, socket.gaierror):
+            why = f"cannot be resolved ({exc.strerror}): give --host an address, e.g. 127.0.0.1"
+        else:
+            why = f"cannot be listened on ({exc.strerror or exc})"
+        raise ListenError(exc.errno, f"{shown} {why}") from exc
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(
-    app: Any, *, host: str, port: int, log_level: str, header_timeout_s: float = HEADER_TIMEOUT_S
-) -> None:
-    """Run `app` until SIGINT / SIGTERM (blocking)."""
-    uvicorn.run(app, host=host, port=port, log_level=log_level, **uvicorn_options(header_timeout_s))
+    app: Any,
+    *,
+    host: str,
+    port: int,
+    log_level: str,
+    header_timeout_s: float = HEADER_TIMEOUT_S,
+    sock: socket.socket | None = None,
+) -> int:
+    """Run `app` until SIGINT / SIGTERM (blocking), on `sock` if given (bound by `listen`), else on (host, port).
+
+    The exit code, as `uvicorn.run` ends: 0, or 3 when the app failed to start."""
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, **uvicorn_options(header_timeout_s)
+    )
+    server = uvicorn.Server(config)
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the SIGINT it handled, once shut down
+        server.run(sockets=None if sock is None else [sock])
+    return 0 if server.started else STARTUP_FAILURE
