@@ -71,7 +71,7 @@ class Pipeline:
         cls,
         device: str | torch.device | None = None,
         *,
-        text_encoder: str = "auto",
+        text_encoder: str | None = "auto",
         precision: str = "bf16",
         tiny: bool = False,
         optimize: bool = True,
@@ -79,13 +79,15 @@ class Pipeline:
     ) -> Pipeline:
         """Full-size networks with RANDOM weights (no download): the real model's work and memory, noise for
         output — for measuring (`serve --random-weights`, tools/gpu/live_path.py). `tiny`: the benchmark's
-        tiny random networks. Labelled `RANDOM_LABEL` everywhere it is shown. `reproducible`: as in `load`."""
+        tiny random networks. `text_encoder=None`: none (prompts must come as embeddings). Labelled
+        `RANDOM_LABEL` everywhere it is shown. `reproducible`: as in `load`."""
         from wanstream.engine.random_weights import random_components
 
         dev = torch.device(device) if device is not None else default_device()
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
         components = random_components(dev, dtype, tiny, precision=precision, text_encoder=text_encoder)
-        components.label = RANDOM_LABEL
+        if not tiny:  # the tiny networks keep their own label
+            components.label = RANDOM_LABEL
         components.random_weights = True
         if optimize:
             components.optimize(reproducible=reproducible)

@@ -48,3 +48,25 @@ def test_replay_refuses_what_it_cannot_replay(tmp_path: Path, capsys: pytest.Cap
     assert main(["replay", str(log), "-o", str(tmp_path / "out.mp4")]) == 2
     assert "restored from a snapshot" in capsys.readouterr().err
     assert not (tmp_path / "out.mp4").exists()
+
+
+def test_a_take_on_random_networks_without_a_text_encoder_replays(tmp_path: Path) -> None:
+    """The GPU tools' takes: random networks (here the tiny ones) and prompts set as embeddings, no text
+    encoder. The log says so (`tiny`, text placement "none"), and the replay builds the same networks."""
+    from wanstream.engine.random_weights import random_components
+    from wanstream.engine.session import StreamSession
+    from wanstream.engine.settings import StreamSettings
+
+    c = random_components(torch.device("cpu"), torch.float32, tiny=True)
+    c.random_weights = True
+    session = StreamSession(c, StreamSettings(height=H, width=W), log=True)
+    gen = torch.Generator().manual_seed(0)
+    session.set_prompt_embeddings(torch.randn(1, c.dit.config.text_len, c.dit.config.text_dim, generator=gen))
+    out = session.push((torch.rand(9, H, W, 3, generator=gen) * 255).to(torch.uint8))
+    for i, image in enumerate(out.numpy()):
+        session.log().note_output(i, image)
+    log = save_log(session.log(), tmp_path / "take.wslog", c)
+    report = tmp_path / "report.json"
+    assert main(["replay", str(log), "-o", str(tmp_path / "out.mp4"), "--json", str(report)]) == 0
+    got = json.loads(report.read_text())
+    assert got["bit_exact"] and got["compared"] == out.shape[0] == got["identical"] > 0

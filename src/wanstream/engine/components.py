@@ -34,6 +34,7 @@ class Components:
     label: str = ""  # e.g. "StreamDiffusionV2 1.3B" or "demo (random weights)"
     random_weights: bool = False  # full-size networks with random weights (measuring; output is noise)
     demo: bool = False  # the tiny random-weight demo (its toy tokenizer and sizes stand in for the real ones)
+    tiny: bool = False  # random networks at the benchmark's tiny sizes (`random_components(tiny=True)`)
     optimized: bool = (
         False  # set by `optimize()`: sessions compile their cache bookkeeping and use CUDA graphs
     )

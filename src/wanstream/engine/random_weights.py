@@ -107,6 +107,7 @@ def random_components(
         label=label,
         precision=precision,
         text_placement=placement or "none",
+        tiny=tiny,
     )
 
 

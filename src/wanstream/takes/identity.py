@@ -130,6 +130,7 @@ def model_identity(components: Components, loras: Sequence[str] = ()) -> dict[st
         "label": components.label,
         "demo": components.demo,
         "random_weights": components.random_weights,
+        "tiny": components.tiny,
         "weights_seed": components.weights_seed,
         "dtype": str(components.dtype).removeprefix("torch."),
         "precision": components.precision,

@@ -34,10 +34,12 @@ def pipeline_for(
     if model.get("demo"):
         pipe = Pipeline.demo(device=device, dtype=dtype, seed=int(model.get("weights_seed") or 0))
     elif model.get("random_weights"):
+        placement = str(model.get("text_placement", "auto"))
         pipe = Pipeline.random_weights(
             device,
-            text_encoder=str(model.get("text_placement", "auto")),
+            text_encoder=None if placement == "none" else placement,  # "none": the take set embeddings
             precision=str(model.get("precision", "bf16")),
+            tiny=bool(model.get("tiny", False)),
             reproducible=reproducible,
         )
     else:
