@@ -75,6 +75,23 @@ def test_config_syntax_and_errors() -> None:
             raise AssertionError(bad)
 
 
+def test_bench_refuses_what_it_cannot_measure(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    base = ["bench", "--tiny", "--device", "cpu"]
+    assert main([*base, "--chunks", "0"]) == 2
+    assert "measure 1 or more chunks" in capsys.readouterr().out
+    assert main([*base, "--warm-chunks", "-1"]) == 2
+    assert "0 or more warm-up chunks" in capsys.readouterr().out
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["bench", "--tiny", "--device", "cuda"]) == 2
+    assert "--device cuda: CUDA is not available here" in capsys.readouterr().out
+    assert main(["bench", "--tiny", "--device", "gpu0"]) == 2
+    assert "not a torch device" in capsys.readouterr().out
+
+
 def test_dit_flop_formula_matches_the_reference_count() -> None:
     # wan_models.md §1.7: 1.3B, one 1560-token frame, window 6 → 4.049 TFLOP dense + 0.4486 per attended frame.
     cfg = WanConfig.t2v_1_3b()

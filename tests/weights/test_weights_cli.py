@@ -49,6 +49,17 @@ def test_download_errors_exit_1_with_the_reason_on_stderr(
     assert hub.requests == []
 
 
+def test_download_into_a_folder_that_cannot_be_made_says_so(
+    hub: FakeHub, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    in_the_way = tmp_path / "a-file"
+    in_the_way.write_text("not a folder")
+    assert main(["download", "--models-dir", str(in_the_way / "models")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write to the models folder {in_the_way / 'models'}")
+    assert "choose another --models-dir" in err and hub.requests == []
+
+
 def test_models_lists_presence_sizes_and_loras(
     hub: FakeHub,
     models_dir: Path,

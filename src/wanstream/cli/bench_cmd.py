@@ -108,10 +108,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
 
     from wanstream.bench.single import DEFAULT_CONFIGS, BenchConfig, run_bench
+    from wanstream.cli.parsers import parse_device
     from wanstream.engine.settings import LoraMode
+    from wanstream.jobs.generate import GenerateError
 
     if args.tiny and args.gpus == 1:
         if args.configs == DEFAULT_CONFIGS_ARG:
@@ -132,6 +133,12 @@ def run(args: argparse.Namespace) -> int:
             else [BenchConfig.parse(c) for c in args.configs.split(";") if c.strip()]
         )
         lora_modes = tuple(m.strip() for m in args.lora_mode.split(",") if m.strip())
+        if args.chunks < 1 or args.warm_chunks < 0:
+            raise ValueError(
+                f"--chunks {args.chunks} / --warm-chunks {args.warm_chunks}: measure 1 or more chunks after "
+                "0 or more warm-up chunks"
+            )
+        device = parse_device(args.device)
         if args.lora_rank is not None and args.lora_rank < 1:
             raise ValueError(f"--lora-rank {args.lora_rank}: give a rank of at least 1")
         variants = ("none", *get_args(LoraMode))  # none: the config without a LoRA
@@ -141,10 +148,9 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(
                 f"--live-changes runs the first config's video stream; {configs[0].name} is text mode"
             )
-    except ValueError as exc:
+    except (ValueError, GenerateError) as exc:
         print(f"error: {exc}")
         return 2
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.gpus != 1:
         return _run_gpus(args, configs, device)
     if device.type == "cpu" and not args.tiny:

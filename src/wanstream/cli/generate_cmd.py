@@ -186,6 +186,7 @@ def _add_extend_flags(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from wanstream.cli.parsers import parse_device
     from wanstream.jobs.generate import GenerateError
     from wanstream.timeline import TimelineError
 
@@ -195,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
         args.vae = "taehv"  # the profile's codecs
     try:
         request = _request(args)
-        device = _device(args.device)
+        device = parse_device(args.device)
         _check_gpus(args, device)
         missing, missing_part = _missing_weights(args)
         use_demo = missing is not None and args.demo
@@ -281,22 +282,6 @@ def _request(args: argparse.Namespace) -> Any:
             f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}" for e in exc.errors()
         ]
         raise GenerateError("; ".join(problems)) from None
-
-
-def _device(name: str | None) -> Any:
-    import torch
-
-    from wanstream.jobs.generate import GenerateError
-
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise GenerateError(f"--device {name!r}: not a torch device (e.g. cuda, cuda:1, cpu)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise GenerateError(f"--device {name}: CUDA is not available here")
-    return device
 
 
 def _missing_weights(args: argparse.Namespace) -> tuple[Any, Any]:

@@ -6,12 +6,16 @@ Each raises `GenerateError` naming the flag's value, so `wanstream generate` exi
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from wanstream.engine.prompts import WeightedPrompt
 from wanstream.engine.settings import LoraSpec
 from wanstream.jobs.generate import GenerateError
+
+if TYPE_CHECKING:
+    import torch
 
 _PROMPT_WEIGHT = re.compile(r"^(?P<text>.*\S)\s*:\s*(?P<weight>\d+(?:\.\d*)?|\.\d+)$", re.DOTALL)
 
@@ -49,3 +53,18 @@ def parse_steps(spec: str) -> tuple[int, ...]:
         return tuple(int(part) for part in spec.split(","))
     except ValueError:
         raise GenerateError(f"steps {spec!r}: give comma-separated whole timesteps, e.g. 700,500") from None
+
+
+def parse_device(name: str | None) -> torch.device:
+    """`--device`: a torch device this machine has (None: CUDA when available, else the CPU)."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise GenerateError(f"--device {name!r}: not a torch device (e.g. cuda, cuda:1, cpu)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GenerateError(f"--device {name}: CUDA is not available here")
+    return device

@@ -570,7 +570,13 @@ def _check_disk_space(store: Store, todo: list[RemoteFile]) -> None:
 @contextmanager
 def _exclusive(store: Store) -> Iterator[None]:
     """One `wanstream download` per models dir at a time (two would write the same partial files)."""
-    store.state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        store.state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a read-only place, a file in the way, a parent that cannot hold folders
+        raise DownloadError(
+            f"cannot write to the models folder {store.root} ({exc.strerror or exc}); "
+            "choose another --models-dir (or WANSTREAM_MODELS_DIR)"
+        ) from None
     try:
         import fcntl
     except ImportError:  # Windows: no advisory locks; partial files are still never installed unverified
