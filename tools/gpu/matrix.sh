@@ -2,7 +2,8 @@
 # The GPU acceptance matrix of the optimised path (compile + CUDA graphs), in two device calls of <= 10 minutes,
 # back to back on the same machine (part B needs the compile cache part A left). From the repo root, with `.whl`
 # and `ref-carry` carried:
-#   (carry .whl-av too, the PyAV wheel, and first: pip install --target /tmp/site .whl-av/*.whl)
+#   (carry .whl-av too, the PyAV wheel, and first: pip install --target /tmp/site .whl-av/*.whl;
+#   bash tools/gpu/wheels.sh makes both folders here)
 #   source tools/gpu/env.sh && bash tools/gpu/matrix.sh A     # empty compile cache: every config in ONE process,
 #                                                             # then the reference at 480x832, 1-4 steps
 #   source tools/gpu/env.sh && bash tools/gpu/matrix.sh B     # warm cache, each run in a NEW process: 1 and 4
