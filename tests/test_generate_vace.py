@@ -135,16 +135,12 @@ def test_cli_control_mask_and_reference(
 def test_scale_zero_reproduces_the_run_without_vace(
     pipe: Pipeline, media: dict[str, Path], tmp_path: Path
 ) -> None:
-    plain = no_vace(pipe, tmp_path / "plain.mp4")
-    # Corrected numerics: scale 0 adds exact zeros, bit for bit the run without VACE (same MP4 frames).
-    zero = with_vace(
-        pipe, tmp_path / "zero.mp4", control_video=media["control"], vace_scale=0, vace_corrected=True
-    )
-    assert [c.scale for c in zero.vace] == [0.0] * 5
-    assert torch.equal(frames_of(tmp_path / "zero.mp4"), plain)
+    # Corrected numerics: scale 0 adds exact zeros, bit for bit the run without VACE — the frames the engine
+    # hands the MP4 writer (the H.264 files themselves are not byte-stable across runs in one process: seen
+    # 2026-12-07, cause not found).
     # Scope's numerics keep its float32 time sinusoid whenever VACE is on: the frames the encoder gets
     # differ from the run without VACE by rounding only (≤ 1 of 255).
-    written: dict[str, list[torch.Tensor]] = {"plain": [], "scope": []}
+    written: dict[str, list[torch.Tensor]] = {"plain": [], "zero": [], "scope": []}
     real_write = VideoWriter.write
 
     def capture(key: str):
@@ -157,15 +153,21 @@ def test_scale_zero_reproduces_the_run_without_vace(
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(VideoWriter, "write", capture("plain"))
         no_vace(pipe, tmp_path / "plain2.mp4")
+        mp.setattr(VideoWriter, "write", capture("zero"))
+        zero = with_vace(
+            pipe, tmp_path / "zero.mp4", control_video=media["control"], vace_scale=0, vace_corrected=True
+        )
         mp.setattr(VideoWriter, "write", capture("scope"))
         with_vace(pipe, tmp_path / "scope.mp4", control_video=media["control"], vace_scale=0)
+    assert [c.scale for c in zero.vace] == [0.0] * 5
     a, b = torch.cat(written["plain"]).int(), torch.cat(written["scope"]).int()
     assert a.shape == b.shape == (FRAMES, H, W, 3)
+    assert torch.equal(torch.cat(written["zero"]).int(), a)
     assert (a - b).abs().max() <= 1
     # And scale 1 is far from both.
     one = with_vace(pipe, tmp_path / "one.mp4", control_video=media["control"], vace_corrected=True)
     assert one.vace[0].scale == 1.0
-    assert (frames_of(tmp_path / "one.mp4").float() - plain.float()).abs().mean() > 5
+    assert (frames_of(tmp_path / "one.mp4").float() - a.float()).abs().mean() > 5
 
 
 def test_video_mode_control_follows_the_input_chunks(

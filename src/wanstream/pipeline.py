@@ -86,8 +86,7 @@ class Pipeline:
         dev = torch.device(device) if device is not None else default_device()
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
         components = random_components(dev, dtype, tiny, precision=precision, text_encoder=text_encoder)
-        if not tiny:  # the tiny networks keep their own label
-            components.label = RANDOM_LABEL
+        components.label = RANDOM_LABEL
         components.random_weights = True
         if optimize:
             components.optimize(reproducible=reproducible)
