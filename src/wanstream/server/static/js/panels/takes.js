@@ -205,21 +205,27 @@ function duration() {
   return Math.max(0, ...videos().map((v) => (Number.isFinite(v.duration) ? v.duration : 0)));
 }
 
-// Both videos to time `t` (each shows its frame with the greatest time ≤ t: the same frame), then the
-// difference of exactly those frames.
+// Both videos to the frame shown at time `t`, then the difference of exactly those frames. The seek goes to
+// the middle of that frame: at a frame's first instant the two files (their own time bases) may round to
+// neighbouring frames.
 async function seekBoth(t) {
-  const target = Math.min(Math.max(0, t), duration());
+  const index = Math.floor(Math.min(Math.max(0, t), duration()) / frame + 1e-3);
+  const target = Math.min((index + 0.5) * frame, Math.max(0, duration() - frame / 4));
   await Promise.all(videos().map((v) => seek(v, target)));
   $("replay-seek").value = String(target);
   drawDifference();
   showClock();
 }
 
+// Resolves once `video` has settled at `t`: a `seeked` of an earlier seek (the replay follows the recording
+// while playing) does not count, so the difference is never drawn of a frame still being replaced.
 function seek(video, t) {
   return new Promise((resolve) => {
-    const done = () => { clearTimeout(timer); video.removeEventListener("seeked", done); resolve(); };
+    const done = () => { clearTimeout(timer); video.removeEventListener("seeked", check); resolve(); };
+    const want = Number.isFinite(video.duration) ? Math.min(t, video.duration) : t;
+    const check = () => { if (!video.seeking && Math.abs(video.currentTime - want) < 1e-3) done(); };
     const timer = setTimeout(done, 3000); // a seek that never reports must not stall the controls
-    video.addEventListener("seeked", done);
+    video.addEventListener("seeked", check);
     video.currentTime = t;
   });
 }
