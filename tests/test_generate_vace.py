@@ -136,8 +136,7 @@ def test_scale_zero_reproduces_the_run_without_vace(
     pipe: Pipeline, media: dict[str, Path], tmp_path: Path
 ) -> None:
     # Corrected numerics: scale 0 adds exact zeros, bit for bit the run without VACE — the frames the engine
-    # hands the MP4 writer (the H.264 files themselves are not byte-stable across runs in one process: seen
-    # 2026-12-07, cause not found).
+    # hands the MP4 writer (the H.264 files are not byte-stable across runs: x264's mbtree, docs/generate.md).
     # Scope's numerics keep its float32 time sinusoid whenever VACE is on: the frames the encoder gets
     # differ from the run without VACE by rounding only (≤ 1 of 255).
     written: dict[str, list[torch.Tensor]] = {"plain": [], "zero": [], "scope": []}
