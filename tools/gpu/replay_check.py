@@ -358,13 +358,16 @@ def _replay_here(
     t0 = time.perf_counter()
     with load_log(path) as log:
         report = replay(log, c, on_frames=lambda i, f: got.update(enumerate(f, i)))
-    diffs = [
-        int(np.abs(got[i].astype(np.int16) - live_frames[i].astype(np.int16)).max()) for i in sorted(got)
-    ]
+    return {**report.to_json(), "seconds": round(time.perf_counter() - t0, 2), **_compare(got, live_frames)}
+
+
+def _compare(
+    got: Mapping[int, np.ndarray], reference: Sequence[np.ndarray] | Mapping[int, np.ndarray]
+) -> dict:
+    """The largest per-frame difference of `got` from `reference` (by output index), and which frames differ."""
+    diffs = [int(np.abs(got[i].astype(np.int16) - reference[i].astype(np.int16)).max()) for i in sorted(got)]
     differing = [i for i, d in enumerate(diffs) if d]
     return {
-        **report.to_json(),
-        "seconds": round(time.perf_counter() - t0, 2),
         "max_abs_diff": max(diffs) if diffs else None,
         "frames_differing": len(differing),
         "differing_ranges": _ranges(differing),
@@ -390,12 +393,8 @@ def _replay_new_process(folder: Path, bench: bool) -> dict:
         result["trace"] = _first_divergence(_load_trace(folder / "trace_live.json"), _trace)
         first = np.load(folder / "replay_frames.npz")
         earlier = dict(zip(first["index"].tolist(), first["frames"]))
-        diffs = [
-            int(np.abs(got[i].astype(np.int16) - earlier[i].astype(np.int16)).max()) for i in sorted(got)
-        ]
         result["vs_first_replay"] = {
-            "frames_differing": sum(1 for d in diffs if d),
-            "max_abs_diff": max(diffs) if diffs else None,
+            **_compare(got, earlier),
             "trace": _first_divergence(_load_trace(folder / "trace_replay.json"), _trace),
         }
     result["fallbacks"] = FALLBACKS.snapshot()

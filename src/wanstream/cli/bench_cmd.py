@@ -108,7 +108,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
     from wanstream.bench.single import DEFAULT_CONFIGS, BenchConfig, run_bench
     from wanstream.cli.parsers import parse_device
     from wanstream.engine.settings import LoraMode
