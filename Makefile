@@ -26,7 +26,7 @@ conformance: setup
 
 lint: setup
 	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff format --check src tests docs README.md  # docs: their Python blocks
 
 # The studio's browser tests need Chromium (and Firefox): installed here when missing, where possible.
 browsers:
