@@ -82,14 +82,18 @@ def test_bench_refuses_what_it_cannot_measure(
 
     base = ["bench", "--tiny", "--device", "cpu"]
     assert main([*base, "--chunks", "0"]) == 2
-    assert "measure 1 or more chunks" in capsys.readouterr().out
+    assert "measure 1 or more chunks" in capsys.readouterr().err
     assert main([*base, "--warm-chunks", "-1"]) == 2
-    assert "0 or more warm-up chunks" in capsys.readouterr().out
+    assert "0 or more warm-up chunks" in capsys.readouterr().err
+    assert main([*base, "--memory-limit-gib", "0"]) == 2
+    captured = capsys.readouterr()
+    assert "--memory-limit-gib 0" in captured.err and "positive size" in captured.err
+    assert "error" not in captured.out
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["bench", "--tiny", "--device", "cuda"]) == 2
-    assert "--device cuda: CUDA is not available here" in capsys.readouterr().out
+    assert "--device cuda: CUDA is not available here" in capsys.readouterr().err
     assert main(["bench", "--tiny", "--device", "gpu0"]) == 2
-    assert "not a torch device" in capsys.readouterr().out
+    assert "not a torch device" in capsys.readouterr().err
 
 
 def test_dit_flop_formula_matches_the_reference_count() -> None:

@@ -33,7 +33,7 @@ def test_bench_gpus_needs_the_gpus(capsys) -> None:
     if torch.cuda.device_count() >= 64:
         return
     assert main(["bench", "--gpus", "64"]) == 2
-    assert "CUDA GPU(s)" in capsys.readouterr().out
+    assert "CUDA GPU(s)" in capsys.readouterr().err
 
 
 def test_ring_window_waits_for_late_frames_instead_of_reporting_zero() -> None:

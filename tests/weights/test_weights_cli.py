@@ -60,6 +60,22 @@ def test_download_into_a_folder_that_cannot_be_made_says_so(
     assert "choose another --models-dir" in err and hub.requests == []
 
 
+def test_models_on_a_file_names_the_problem(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a_file = tmp_path / "models.txt"
+    a_file.write_text("not a folder")
+    for argv in (["models", "--models-dir", str(a_file)], ["models", "--models-dir", str(a_file), "--json"]):
+        assert main(argv) == 2
+        captured = capsys.readouterr()
+        assert f"error: the models folder {a_file} (--models-dir) is a file, not a folder" in captured.err
+        assert "Not ready" not in captured.out and "download" not in captured.out
+    monkeypatch.setenv("WANSTREAM_MODELS_DIR", str(a_file))
+    assert main(["models"]) == 2
+    assert "(WANSTREAM_MODELS_DIR) is a file" in capsys.readouterr().err
+    assert a_file.read_text() == "not a folder"
+
+
 def test_models_lists_presence_sizes_and_loras(
     hub: FakeHub,
     models_dir: Path,

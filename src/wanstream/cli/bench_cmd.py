@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import get_args
 
 DEFAULT_CONFIGS_ARG = "batch,480x832,2,wan;batch,480x832,2,fast;batch,480x832,2,taehv;nobatch,512x512,1,taehv"
@@ -147,22 +148,22 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(
                 f"--live-changes runs the first config's video stream; {configs[0].name} is text mode"
             )
+        if args.memory_limit_gib is not None and args.memory_limit_gib <= 0:
+            raise ValueError(f"--memory-limit-gib {args.memory_limit_gib}: give a positive size")
     except (ValueError, GenerateError) as exc:
-        print(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.gpus != 1:
         return _run_gpus(args, configs, device)
     if device.type == "cpu" and not args.tiny:
         print(
-            "note: no GPU — full-size networks on the CPU take minutes per chunk; use --tiny for a smoke test"
+            "note: no GPU — full-size networks on the CPU take minutes per chunk; use --tiny for a smoke test",
+            file=sys.stderr,
         )
     low = low_vram_choices(args)
     if args.low_vram and args.configs in (DEFAULT_CONFIGS_ARG, TINY_CONFIGS_ARG):  # the profile's codecs
         configs = [BenchConfig(c.batching, c.height, c.width, c.steps, "taehv") for c in configs]
         configs = list(dict.fromkeys(configs))
-    if args.memory_limit_gib is not None and args.memory_limit_gib <= 0:
-        print(f"error: --memory-limit-gib {args.memory_limit_gib}: give a positive size")
-        return 2
     run_bench(
         configs,
         device=device,
@@ -229,19 +230,26 @@ def _run_gpus(args: argparse.Namespace, configs: list, device: object) -> int:
     from wanstream.engine.settings import RING_LORA_PROBLEM
 
     if args.gpus < 2:
-        print(f"error: --gpus {args.gpus}: a ring needs 2 or more (one GPU is the plain benchmark)")
+        print(
+            f"error: --gpus {args.gpus}: a ring needs 2 or more (one GPU is the plain benchmark)",
+            file=sys.stderr,
+        )
         return 2
     if args.device != "cpu" and torch.cuda.device_count() < args.gpus:
         print(
             f"error: --gpus {args.gpus}: this machine has {torch.cuda.device_count()} CUDA GPU(s); use fewer, "
-            "or --device cpu --tiny for a smoke test on CPU processes"
+            "or --device cpu --tiny for a smoke test on CPU processes",
+            file=sys.stderr,
         )
         return 2
     if args.lora_rank is not None:
-        print(f"error: --lora-rank with --gpus: {RING_LORA_PROBLEM}")
+        print(f"error: --lora-rank with --gpus: {RING_LORA_PROBLEM}", file=sys.stderr)
         return 2
     if any(c.text_mode for c in configs):
-        print("error: codecs vace and text are not supported with --gpus (a ring runs video streams)")
+        print(
+            "error: codecs vace and text are not supported with --gpus (a ring runs video streams)",
+            file=sys.stderr,
+        )
         return 2
     if args.configs == DEFAULT_CONFIGS_ARG:
         configs = [BenchConfig.parse(c) for c in RING_CONFIGS.split(";")]

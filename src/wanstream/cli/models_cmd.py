@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 from wanstream.weights.registry import DEFAULT_PIPELINE, DEFAULT_TEXT_ENCODER, PIPELINES
 
@@ -39,6 +40,14 @@ def run(args: argparse.Namespace) -> int:
     )
 
     store = Store(args.models_dir)
+    if store.root.exists() and not store.root.is_dir():
+        source = "--models-dir" if args.models_dir else ENV_MODELS_DIR
+        print(
+            f"error: the models folder {store.root} ({source}) is a file, not a folder: name a folder, or a "
+            "path that does not exist yet (the download makes it)",
+            file=sys.stderr,
+        )
+        return 2
     pipeline = get_pipeline(args.pipeline)
     statuses = [store.status(a) for a in pipeline.artifacts]
     required = [s for s in statuses if s.artifact.option is None]
