@@ -13,7 +13,7 @@
 # lines) and log_<part>.txt (all logs). Exit codes: a crash shows as a non-zero "rc" beside its run.
 set -o pipefail
 export COLUMNS=200
-PART=${1:?usage: matrix.sh A|B|C|D|E|V|S|R|R2|R3|R4|R5|R6|R7|R8|T}
+PART=${1:?usage: matrix.sh A|B|C|D|E|V|S|R|R2|R3|R4|R5|R6|R7|R8|T|T2|T3}
 W=/tmp/matrix-$PART; rm -rf "$W"; mkdir -p "$W"
 B="python3 -m wanstream.cli.main bench"
 stamp() { echo "[$(date +%T)] $*" | tee -a "$W/steps.txt"; }
@@ -237,6 +237,30 @@ T)
   take trace_default 170 live take_d --trace
   run vace 130 $B --configs "nobatch,480x832,2,vace" --chunks 12 --warm-chunks 4 --json "$W/vace.json"
   run vae_forms 40 python3 tools/gpu/vae_profile.py "$W/vae_forms.json" --reformulations-only
+  ;;
+T2)
+  # Part T's issue-24 half, for what is left of a session after A and B (which ran VACE): the reproducible
+  # take traced from a cold cache, replayed twice in its process and once in a new one; then the VAE's
+  # full-resolution 3x3x3 convs through conv2d kernels. Limits sum to 290 s.
+  rm -rf "$TORCHINDUCTOR_CACHE_DIR"
+  take trace_repro 180 live take_t --reproducible --trace
+  take trace_repro_new_process 60 replay take_t --reproducible --trace
+  run vae_forms 50 python3 tools/gpu/vae_profile.py "$W/vae_forms.json" --reformulations-only
+  ;;
+T3)
+  # After call 33 (part T2: a cold take's same-process replays agree with each other but not with the live
+  # take, from the Wan VAE encoder's first compiled call on; a new process differs from the first DiT call on),
+  # the same traced take with every tensor of each call's arguments and result digested (a DiT first half's
+  # q, k, v; a VAE state's caches) and the compiles that ended during each call; then the new-process replay
+  # twice: with the warm cache, and with an EMPTY one (does a cache-loaded kernel compute what a fresh compile
+  # does?). Limits sum to 380 s.
+  rm -rf "$TORCHINDUCTOR_CACHE_DIR"
+  take trace_repro 170 live take_t --reproducible --trace
+  take trace_repro_new_process 70 replay take_t --reproducible --trace
+  rm -rf /tmp/inductor-fresh
+  run trace_repro_new_process_cold 140 env TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-fresh \
+    python3 tools/gpu/replay_check.py replay "$W/take_t" --reproducible --trace \
+    --json "$W/trace_repro_new_process_cold.json"
   ;;
 esac
 summarize

@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -60,16 +61,31 @@ if NO_GRAPHS:  # every session this process makes (the live one and the replay's
 
 # `--trace`: where does a replay first differ from its live take? Every call of the stream's own (counted) work —
 # the Wan VAE's stream_encode / stream_decode and each compiled site (DiT halves, cache bookkeeping) — is noted
-# with an exact integer digest of its first tensor argument and of its output, live and in the replay, and
-# which code ran it ("compiled" if any compiled code did, else "eager"), and the process-wide math switches in
-# force (cuDNN, TF32, SDPA backends, default dtype, deterministic algorithms — another thread could flip them
-# for a moment); the first entry whose digests differ names the stage. Digests sync the device (timing
-# changes; numerics do not). A traced take is replayed twice in its process: if the two replays agree and the
-# live take does not, what ran beside the live stream changed it; if they disagree, the path is not
-# repeatable even with nothing compiling beside it.
+# with an exact integer digest of every tensor among its arguments (in tuples, lists, dicts and plain objects'
+# attributes: a VAE stream state's caches; not modules' weights) and of its result (a DiT first half returns
+# q, k, v), live and in the replay; which code ran it ("compiled" if any compiled code did, else "eager"); how
+# many dynamo compiles ended while it ran (on any thread) and on which thread it ran; and the process-wide math
+# switches in force (cuDNN, TF32, SDPA backends, default dtype, deterministic algorithms — another thread could
+# flip them for a moment). The first entry whose digests differ names the stage, and which of its inputs and
+# outputs differ. Digests sync the device (timing changes; numerics do not). A traced take is replayed twice in
+# its process: if the two replays agree and the live take does not, what ran beside the live stream changed
+# it; if they disagree, the path is not repeatable even with nothing compiling beside it.
 TRACE = "--trace" in sys.argv
-_trace: list[tuple[str, int, int, str, tuple]] = []
+
+
+class _Entry(NamedTuple):
+    where: str
+    inputs: tuple[int, ...]  # a digest per tensor argument, in argument order
+    outputs: tuple[int, ...]  # a digest per tensor of the result
+    path: str  # "compiled" | "eager"
+    math: tuple
+    compiles: int  # dynamo compiles that ended during the call, on any thread
+    thread: str
+
+
+_trace: list[_Entry] = []
 _ran = threading.local()  # .compiled: set by the compiled paths below during a traced call (this thread's)
+_compiles_ended = [0]  # dynamo compiles ended so far in this process (a compile-end callback counts them)
 
 
 def _ran_compiled() -> bool:
@@ -82,9 +98,33 @@ def _digest(t: object) -> int:
     if t.is_cuda and torch.cuda.is_current_stream_capturing():
         return -2
     bits = t.detach().contiguous().view(-1)
-    bits = bits.view(torch.int16 if bits.element_size() == 2 else torch.int32).to(torch.int64)
+    if bits.dtype == torch.bool:
+        bits = bits.to(torch.uint8)
+    size = bits.element_size()
+    if size in (2, 4, 8):
+        bits = bits.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[size]).to(torch.int64)
+    else:
+        bits = bits.to(torch.int64)
     weights = torch.arange(1, bits.numel() + 1, device=bits.device, dtype=torch.int64) * 2654435761 + 1
     return int((bits * weights).sum().item())
+
+
+def _tensors(obj: object, depth: int = 0) -> list[torch.Tensor]:
+    """Every tensor in `obj`: itself, in tuples, lists and dicts, and in plain objects' attributes (a VAE
+    stream state's caches), not in modules (their weights do not change during a take)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if depth > 3 or isinstance(obj, (torch.nn.Module, str, bytes, int, float, bool)) or obj is None:
+        return []
+    if isinstance(obj, Mapping):
+        items = list(obj.values())
+    elif isinstance(obj, Sequence):
+        items = list(obj)
+    elif hasattr(obj, "__dict__"):
+        items = list(vars(obj).values())
+    else:
+        return []
+    return [t for item in items for t in _tensors(item, depth + 1)]
 
 
 _MATH_FIELDS = (
@@ -127,13 +167,25 @@ def _math_state() -> tuple:
 def _traced(name: str | None, fn):
     def wrapper(*args, **kwargs):
         outer, _ran.compiled = _ran_compiled(), False
+        compiles_before = _compiles_ended[0]
+        # Digested before the call: it may update its arguments in place (a stream state's caches).
+        inputs = tuple(map(_digest, _tensors((args, kwargs)))) if numerics.counting() else ()
         try:
             out = fn(*args, **kwargs)
             if numerics.counting():
                 where = name or getattr(args[0], "where", "?")
-                first = next((a for a in args if isinstance(a, torch.Tensor)), None)
                 path = "compiled" if _ran_compiled() else "eager"
-                _trace.append((where, _digest(first), _digest(out), path, _math_state()))
+                _trace.append(
+                    _Entry(
+                        where,
+                        inputs,
+                        tuple(map(_digest, _tensors(out))),
+                        path,
+                        _math_state(),
+                        _compiles_ended[0] - compiles_before,
+                        threading.current_thread().name,
+                    )
+                )
             return out
         finally:
             _ran.compiled = outer or _ran_compiled()
@@ -168,31 +220,58 @@ if TRACE:
     fastpath.CompiledOrEager.__call__ = _traced(None, fastpath.CompiledOrEager.__call__)  # type: ignore[method-assign]
     fastpath.CompiledOrEager._compiled = _marks_compiled(fastpath.CompiledOrEager._compiled)  # type: ignore[method-assign]
     vae._CompiledHalves.run_for = _marks_compiled_half(vae._CompiledHalves.run_for)  # type: ignore[method-assign]
+    try:  # dynamo's compile-end callbacks (torch >= 2.6); without them the count stays 0
+        from torch._dynamo.callback import on_compile_end
+
+        @on_compile_end
+        def _count_compile(*_args: object) -> None:
+            _compiles_ended[0] += 1
+    except ImportError:
+        pass
 
 
-def _first_divergence(live: list, replayed: list) -> dict:
-    """The first traced call whose digests differ (and whether its input already differed); each entry is
-    [site, input digest, output digest, "compiled" | "eager"], and the math switches seen on each side."""
+def _differs(a: _Entry, b: _Entry) -> bool:
+    return (a.where, a.inputs, a.outputs) != (b.where, b.inputs, b.outputs)
+
+
+def _show(e: _Entry) -> list:
+    return [e.where, e.path, len(e.inputs), len(e.outputs), e.compiles, e.thread]
+
+
+def _first_divergence(live: list[_Entry], replayed: list[_Entry]) -> dict:
+    """The first traced call whose digests differ: which of its input and output tensors differ (by position),
+    which code ran it and how many compiles ended during it on each side ([site, path, tensors in, tensors
+    out, compiles, thread]), the calls before it, and the math switches seen on each side."""
     states = {  # each distinct set of switches seen, by name
-        side: [dict(zip(_MATH_FIELDS, state)) for state in dict.fromkeys(entry[4] for entry in trace)]
+        side: [dict(zip(_MATH_FIELDS, state)) for state in dict.fromkeys(entry.math for entry in trace)]
         for side, trace in (("live", live), ("replay", replayed))
     }
+
+    def positions(x: tuple, y: tuple) -> list[int] | str:
+        if len(x) != len(y):
+            return f"{len(x)} vs {len(y)} tensors"
+        return [i for i, (p, q) in enumerate(zip(x, y)) if p != q]
+
     for i, (a, b) in enumerate(zip(live, replayed)):
-        if a[:3] != b[:3]:
+        if _differs(a, b):
             return {
                 "index": i,
                 "of": [len(live), len(replayed)],
-                "live": list(a[:4]),
-                "replay": list(b[:4]),
-                "input_same": a[0] == b[0] and a[1] == b[1],
-                "state_same": a[4] == b[4],
-                "before": [list(x[:4]) for x in live[max(0, i - 3) : i]],
+                "live": _show(a),
+                "replay": _show(b),
+                "inputs_differing": positions(a.inputs, b.inputs),
+                "outputs_differing": positions(a.outputs, b.outputs),
+                "input_same": a.where == b.where and a.inputs == b.inputs,
+                "state_same": a.math == b.math,
+                "before": [_show(x) for x in live[max(0, i - 3) : i]],
+                "compiles_before_live": sum(x.compiles for x in live[:i]),
+                "compiles_before_replay": sum(x.compiles for x in replayed[:i]),
                 "paths": _paths(live, replayed),
                 "math_states": states,
                 "next_differing": [
-                    [j, live[j][0], live[j][1] == replayed[j][1], live[j][3], replayed[j][3]]
+                    [j, live[j].where, live[j].inputs == replayed[j].inputs, live[j].path, replayed[j].path]
                     for j in range(i + 1, min(len(live), len(replayed)))
-                    if live[j][:3] != replayed[j][:3]
+                    if _differs(live[j], replayed[j])
                 ][:8],
             }
     return {
@@ -206,13 +285,13 @@ def _first_divergence(live: list, replayed: list) -> dict:
 def _paths(live: list, replayed: list) -> dict:
     """How many traced calls ran compiled / eager code, live and replayed, and at how many places they differ."""
 
-    def count(trace: list, path: str) -> int:
-        return sum(1 for entry in trace if entry[3] == path)
+    def count(trace: list[_Entry], path: str) -> int:
+        return sum(1 for entry in trace if entry.path == path)
 
     return {
         "live": {p: count(live, p) for p in ("compiled", "eager")},
         "replay": {p: count(replayed, p) for p in ("compiled", "eager")},
-        "differ_at": sum(1 for a, b in zip(live, replayed) if a[3] != b[3]),
+        "differ_at": [i for i, (a, b) in enumerate(zip(live, replayed)) if a.path != b.path][:8],
     }
 
 
@@ -374,12 +453,15 @@ def _compare(
     }
 
 
-def _save_trace(path: Path, trace: list) -> None:
-    path.write_text(json.dumps([[*entry[:4], list(entry[4])] for entry in trace]))
+def _save_trace(path: Path, trace: list[_Entry]) -> None:
+    path.write_text(json.dumps([list(entry) for entry in trace]))
 
 
-def _load_trace(path: Path) -> list:
-    return [(w, i, o, p, tuple(state)) for w, i, o, p, state in json.loads(path.read_text())]
+def _load_trace(path: Path) -> list[_Entry]:
+    return [
+        _Entry(w, tuple(i), tuple(o), p, tuple(m), c, t)
+        for w, i, o, p, m, c, t in json.loads(path.read_text())
+    ]
 
 
 def _replay_new_process(folder: Path, bench: bool) -> dict:
