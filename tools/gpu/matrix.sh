@@ -251,16 +251,18 @@ T3)
   # After call 33 (part T2: a cold take's same-process replays agree with each other but not with the live
   # take, from the Wan VAE encoder's first compiled call on; a new process differs from the first DiT call on),
   # the same traced take with every tensor of each call's arguments and result digested (a DiT first half's
-  # q, k, v; a VAE state's caches) and the compiles that ended during each call; then the new-process replay
-  # twice: with the warm cache, and with an EMPTY one (does a cache-loaded kernel compute what a fresh compile
-  # does?). Limits sum to 380 s.
+  # q, k, v; a VAE state's caches) and the compiles that ended during each call; then its new-process replay
+  # from an EMPTY cache (does a fresh compile in another process compute what the live one did?); then the take
+  # from an empty cache with the Wan VAE compiled in line (nothing compiling beside the stream: does the live
+  # take then replay in its process?). Limits sum to 410 s.
   rm -rf "$TORCHINDUCTOR_CACHE_DIR"
-  take trace_repro 170 live take_t --reproducible --trace
-  take trace_repro_new_process 70 replay take_t --reproducible --trace
+  take trace_repro 150 live take_t --reproducible --trace
   rm -rf /tmp/inductor-fresh
-  run trace_repro_new_process_cold 140 env TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-fresh \
+  run trace_repro_new_process_cold 120 env TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-fresh \
     python3 tools/gpu/replay_check.py replay "$W/take_t" --reproducible --trace \
     --json "$W/trace_repro_new_process_cold.json"
+  rm -rf "$TORCHINDUCTOR_CACHE_DIR"
+  take trace_repro_vae_inline 140 live take_v --reproducible --trace --vae-inline
   ;;
 esac
 summarize

@@ -14,7 +14,7 @@ equality, if one does: `--eager` (nothing compiled, no CUDA graphs) and `--no-gr
 graphs); `--trace` (every counted call's input and output digested, live and replayed: the first call that
 differs). One JSON line per mode (also DIR/<mode>.json). Without a GPU: `--cpu-smoke` (tiny networks, eager),
 `--cpu-smoke --cpu-compile` (tiny networks compiled as on a GPU; set TORCHINDUCTOR_CACHE_DIR to an empty folder
-for a cold cache).
+for a cold cache). `--vae-inline`: the Wan VAE compiled in line, nothing compiling beside the stream.
 """
 
 from __future__ import annotations
@@ -53,6 +53,9 @@ if SMOKE:
     H, W = 32, 48
 DEVICE = "cpu" if SMOKE else "cuda"
 EAGER = "--eager" in sys.argv
+# --vae-inline: the Wan VAE compiles in line at its first steady call instead of on its background thread (no
+# compile or warm-up runs beside the stream): does what ran beside the live stream make it differ?
+VAE_INLINE = "--vae-inline" in sys.argv
 NO_GRAPHS = EAGER or "--no-graphs" in sys.argv
 if NO_GRAPHS:  # every session this process makes (the live one and the replay's) runs its steps un-graphed
     _use_graphs = Denoiser.use_cuda_graphs
@@ -308,6 +311,8 @@ def components(timed: bool):
         c.optimized = True
     elif not EAGER:
         c.optimize(reproducible=not timed)
+    if VAE_INLINE and c.wan_vae._compiled is not None:
+        c.wan_vae._compiled.background = False
     torch.backends.cudnn.benchmark = timed  # also on the eager path
     return c
 
