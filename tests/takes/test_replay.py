@@ -223,3 +223,88 @@ def test_a_take_exports_as_a_scope_timeline(tmp_path: Path) -> None:
     assert back.segments[2].transition_steps is None  # a plain switch (the take cut)
     assert back.settings.seed == 42 and back.settings.height == H
     assert all(a.end == b.start for a, b in zip(back.segments, back.segments[1:], strict=False))
+
+
+def test_each_call_replays_in_the_autograd_mode_it_ran_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Compiled code is specialised on the autograd mode (and on whether its inputs are inference tensors), and
+    the specialisations may round differently (seen on an H100): a take made outside inference mode — a script
+    on the Python API, a benchmark — replays each call, and makes its session, in the mode the live one had."""
+    from wanstream.engine.journal import current_grad_mode
+
+    live_pipe = Pipeline.demo()
+    assert current_grad_mode() == "grad"  # pytest's thread: autograd on
+    session = live_pipe.session(height=H, width=W, prompts=["a watercolor city"], log=True)
+    with torch.no_grad():
+        first = session.push(frames_u8(5, 1))
+    second = session.push(frames_u8(4, 2))
+    with torch.inference_mode():
+        third = session.push(frames_u8(4, 3))
+    live = torch.cat([first, second, third]).numpy()
+    for i, image in enumerate(live):
+        session.log().note_output(i, image)
+    path = save_log(session.log(), tmp_path / "take.wslog", live_pipe.components)
+
+    # Each replayed push: its mode, and whether its session's KV cache (made with the session) is an inference
+    # tensor.
+    ran: list[tuple[str, bool]] = []
+    push = StreamSession.push
+
+    def spy(self: StreamSession, frames):
+        ran.append((current_grad_mode(), self.denoiser.cache.k.is_inference()))
+        return push(self, frames)
+
+    monkeypatch.setattr(StreamSession, "push", spy)
+    with load_log(path) as log:
+        assert log.grad_mode == "grad"
+        assert [op.grad_mode for op in log.ops if op.name == "push"] == ["no_grad", "grad", "inference"]
+        report = replay(log, Pipeline.demo().components)
+    assert [mode for mode, _ in ran] == ["no_grad", "grad", "inference"]
+    assert not ran[0][1]  # the session was made outside inference mode, as the live one
+    assert report.bit_exact and report.identical == len(live) > 0
+
+    # Made inside inference mode (as the server's engine thread makes its sessions), the replay's is too.
+    with torch.inference_mode():
+        inside = live_pipe.session(height=H, width=W, prompts=["a watercolor city"], log=True)
+        inside.push(frames_u8(5, 1))
+    path = save_log(inside.log(), tmp_path / "inside.wslog", live_pipe.components)
+    ran.clear()
+    with load_log(path) as log:
+        assert log.grad_mode == "inference" and log.ops[-1].grad_mode == "inference"
+        replay(log, Pipeline.demo().components)
+    assert ran == [("inference", True)]
+
+
+def test_logs_without_autograd_modes_replay_in_inference_mode_and_bad_ones_are_refused(
+    tmp_path: Path,
+) -> None:
+    pipe = Pipeline.demo()
+    session = pipe.session(height=H, width=W, prompts=["a watercolor city"], log=True)
+    session.push(frames_u8(5, 1))
+    path = save_log(session.log(), tmp_path / "take.wslog", pipe.components)
+    with zipfile.ZipFile(path) as z:
+        header = json.loads(z.read("log.json"))
+        blobs = {name: z.read(name) for name in z.namelist() if name != "log.json"}
+
+    def rewrite(name: str, change) -> Path:
+        edited = json.loads(json.dumps(header))
+        change(edited)
+        out = tmp_path / name
+        with zipfile.ZipFile(out, "w") as z:
+            z.writestr("log.json", json.dumps(edited))
+            for blob, data in blobs.items():
+                z.writestr(blob, data)
+        return out
+
+    def drop_modes(h: dict) -> None:  # as logs written before the modes were noted
+        del h["session"]["grad_mode"]
+        for op in h["ops"]:
+            del op["grad_mode"]
+
+    with load_log(rewrite("old.wslog", drop_modes)) as log:
+        assert log.grad_mode == "inference" and {op.grad_mode for op in log.ops} == {"inference"}
+    with pytest.raises(LogError, match="grad_mode 'sideways' is not one of inference, no_grad, grad"):
+        load_log(rewrite("bad.wslog", lambda h: h["ops"][0].update(grad_mode="sideways")))
+    with pytest.raises(LogError, match="grad_mode 'sideways'"):
+        load_log(rewrite("bad2.wslog", lambda h: h["session"].update(grad_mode="sideways")))

@@ -13,7 +13,7 @@
 # lines) and log_<part>.txt (all logs). Exit codes: a crash shows as a non-zero "rc" beside its run.
 set -o pipefail
 export COLUMNS=200
-PART=${1:?usage: matrix.sh A|B|C|D|E|V|S|R|R2|R3|R4|R5|R6|R7|R8|T|T2|T3}
+PART=${1:?usage: matrix.sh A|B|C|D|E|V|S|R|R2|R3|R4|R5|R6|R7|R8|T|T2|T3|T4}
 W=/tmp/matrix-$PART; rm -rf "$W"; mkdir -p "$W"
 B="python3 -m wanstream.cli.main bench"
 stamp() { echo "[$(date +%T)] $*" | tee -a "$W/steps.txt"; }
@@ -263,6 +263,19 @@ T3)
     --json "$W/trace_repro_new_process_cold.json"
   rm -rf "$TORCHINDUCTOR_CACHE_DIR"
   take trace_repro_vae_inline 140 live take_v --reproducible --trace --vae-inline
+  ;;
+T4)
+  # After call 34 (the replay now runs each call in the live take's autograd mode, and the live take runs in
+  # inference mode as the server's engine thread does): the traced reproducible take from an empty cache,
+  # replayed in its process and in a new one; then the same with the Wan VAE compiled in line, so that no
+  # compile runs beside the DiT's first one (call 34: a new process's DiT first half gave other q and k; torch
+  # 2.11 keeps Inductor's config process-wide). Limits sum to 420 s.
+  rm -rf "$TORCHINDUCTOR_CACHE_DIR"
+  take trace_repro 150 live take_t --reproducible --trace
+  take trace_repro_new_process 60 replay take_t --reproducible --trace
+  rm -rf "$TORCHINDUCTOR_CACHE_DIR"
+  take trace_inline 150 live take_v --reproducible --trace --vae-inline
+  take trace_inline_new_process 60 replay take_v --reproducible --trace
   ;;
 esac
 summarize

@@ -335,6 +335,7 @@ def frames(first: int, n: int) -> torch.Tensor:
     return (torch.stack([r.expand(n, H, W), g.expand(n, H, W), b.expand(n, H, W)], -1) * 255).to(torch.uint8)
 
 
+@torch.inference_mode()  # as the server's engine thread runs its sessions (call 34: not so before it)
 def live(folder: Path, bench: bool) -> dict:
     c = components(bench)
     settings = StreamSettings(height=H, width=W)

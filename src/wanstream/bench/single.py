@@ -222,6 +222,7 @@ class Result:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@torch.inference_mode()  # as the server's engine thread runs sessions: compiled code is specialised on it
 def bench_config(
     components: Components,
     cfg: BenchConfig,
@@ -694,6 +695,7 @@ def estimate_rows(
     return rows
 
 
+@torch.inference_mode()  # as the server's engine thread runs sessions: compiled code is specialised on it
 def bench_live_changes(components: Components, cfg: BenchConfig, console: Any = None) -> dict[str, Any]:
     """One stream through what a performer does live, each phase timed per chunk (wall, output on the CPU):
     steady chunks, a prompt change, a hard cut (reset) with its time to first frame, and denoising steps

@@ -25,7 +25,7 @@ import inspect
 import threading
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -87,6 +87,11 @@ class JournalOp:
     # The DiT steps (by place among the call's steps) that replayed a CUDA graph; None: not noted (logs written
     # before 2026-12-07), the replay then uses graphs as it can.
     graphs: list[int] | None = None
+    # The autograd mode the call ran in (`GRAD_MODES`): compiled code is specialised on it, and the two
+    # specialisations may round differently (seen on an H100: a Wan VAE half compiled in grad mode and in
+    # inference mode gave other bits for one input), so a replay runs each call in its mode. Logs written before
+    # 2026-12-07 lack it: their calls ran in inference mode (the server's and generate's).
+    grad_mode: str = "inference"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -99,6 +104,7 @@ class JournalOp:
             "time": round(self.time, 6),
             "eager": self.eager,
             "graphs": self.graphs,
+            "grad_mode": self.grad_mode,
         }
 
     @classmethod
@@ -113,7 +119,35 @@ class JournalOp:
             time=float(row["time"]),
             eager={str(k): _places(v) for k, v in row.get("eager", {}).items()},
             graphs=None if row.get("graphs") is None else [int(v) for v in row["graphs"]],
+            grad_mode=check_grad_mode(row.get("grad_mode", "inference")),
         )
+
+
+GRAD_MODES = ("inference", "no_grad", "grad")
+
+
+def current_grad_mode() -> str:
+    """This thread's autograd mode, as a `JournalOp` notes it."""
+    if torch.is_inference_mode_enabled():
+        return "inference"
+    return "grad" if torch.is_grad_enabled() else "no_grad"
+
+
+def grad_mode(mode: str) -> AbstractContextManager[Any]:
+    """Enter the autograd mode `mode` (one of `GRAD_MODES`) for a replayed call."""
+    if mode == "inference":
+        return torch.inference_mode()
+    stack = ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.set_grad_enabled(mode == "grad"))
+    return stack
+
+
+def check_grad_mode(value: Any) -> str:
+    """`value` if it names an autograd mode (`GRAD_MODES`), else ValueError."""
+    if value not in GRAD_MODES:
+        raise ValueError(f"grad_mode {value!r} is not one of {', '.join(GRAD_MODES)}")
+    return str(value)
 
 
 def _places(value: Any) -> list[int]:
@@ -136,6 +170,9 @@ class SessionJournal:
     truncated: str | None = None  # why recording stopped early (the ops before it still replay)
     depth: int = 0  # > 0 while a recorded call runs (calls it makes are part of it)
     frames_out: int = 0  # output frames returned by recorded calls so far
+    # The autograd mode the session was created in (`GRAD_MODES`; set by the session): its buffers are inference
+    # tensors exactly when it is "inference", and compiled code is specialised on that too.
+    grad_mode: str = "inference"
     _start: float = field(default_factory=time.monotonic)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -154,9 +191,11 @@ class SessionJournal:
         arguments: dict[str, Any],
         out: Any,
         ran: numerics.Ran | None = None,
+        mode: str = "inference",
     ) -> None:
         """Record a call that returned `out` (its arguments by parameter name, `self` left out; `ran`: which
-        calls of compiled sites it ran eagerly and which steps on CUDA graphs, `models.numerics`)."""
+        calls of compiled sites it ran eagerly and which steps on CUDA graphs, `models.numerics`; `mode`: the
+        autograd mode it ran in, `current_grad_mode`)."""
         count = int(out.shape[0]) if isinstance(out, torch.Tensor) and out.dim() == 4 else 0
         first, self.frames_out = self.frames_out, self.frames_out + count
         if not self.recording:
@@ -186,6 +225,7 @@ class SessionJournal:
                 time.monotonic() - self._start,
                 dict(ran.eager) if ran is not None else {},
                 list(ran.graphs) if ran is not None else [],
+                mode,
             )
         )
 
@@ -249,6 +289,7 @@ def recorded(target: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
             if journal is None:
                 return method(self, *args, **kwargs)
             top = journal.depth == 0
+            mode = current_grad_mode()
             with _Nesting(journal), numerics.record() if top else nullcontext(None) as ran:
                 out = method(self, *args, **kwargs)
             if top:
@@ -256,7 +297,7 @@ def recorded(target: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
                 bound.apply_defaults()
                 arguments = dict(bound.arguments)
                 arguments.pop("self")
-                journal.record(target, method.__name__, arguments, out, ran)
+                journal.record(target, method.__name__, arguments, out, ran, mode)
             return out
 
         return wrapper

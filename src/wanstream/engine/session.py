@@ -34,7 +34,7 @@ from wanstream.engine.denoise.base import ChunkDenoiser, DenoiserBackend, Finish
 from wanstream.engine.denoise.local import LocalBackend
 from wanstream.engine.errors import SessionError
 from wanstream.engine.frames import FrameInput, as_frames
-from wanstream.engine.journal import SessionJournal, recorded
+from wanstream.engine.journal import SessionJournal, current_grad_mode, recorded
 from wanstream.engine.lora import lora_manager
 from wanstream.engine.memory import out_of_memory_message, release_device_memory
 from wanstream.engine.noise import NoiseController
@@ -164,6 +164,7 @@ class StreamSession:
             )
             if noise is not None:
                 self.journal.mark_unreplayable(f"a custom noise source ({type(noise).__name__})")
+            self.journal.grad_mode = current_grad_mode()
         self.backend: DenoiserBackend = backend or LocalBackend(components)
         self.closed: str | None = None  # why, once close() ran
         self.settings = settings or StreamSettings()

@@ -6,9 +6,10 @@
 
 log.json: {"format": "wanstream-session-log", "version": 1, "created": ISO time, "model": the identity
 (`identity.model_identity`), "session": {"settings": the settings at creation, "output": "uint8" |
-"float"}, "take": {"first_output": the output frame the take starts at}, "frames_out", "unreplayable",
+"float", "grad_mode": the autograd mode it was created in}, "take": {"first_output": the output frame the take starts at}, "frames_out", "unreplayable",
 "truncated" (null or why), "ops": [{"index", "target": "session" | "vace", "name": the method, "args": by
-parameter name, a tensor as {"$frames": key}, "outputs": frames returned, "first_output", "time": seconds}],
+parameter name, a tensor as {"$frames": key}, "outputs": frames returned, "first_output", "time": seconds, "eager", "graphs", "grad_mode": the
+autograd mode of the call}],
 "digests": {"algorithm": "sha256", "frames": {output frame index: hex digest of its bytes as sent}}}.
 docs/replay.md describes it for people.
 """
@@ -27,7 +28,7 @@ from typing import IO, Any
 import torch
 
 from wanstream.engine.components import Components
-from wanstream.engine.journal import FRAMES, FrameStore, JournalOp, SessionJournal
+from wanstream.engine.journal import FRAMES, FrameStore, JournalOp, SessionJournal, check_grad_mode
 from wanstream.takes.frames import blob_name, decode_blob, encode_blob
 from wanstream.takes.identity import lora_names, model_identity
 
@@ -56,6 +57,11 @@ class TakeLog:
     @property
     def output(self) -> str:
         return str(self.header["session"]["output"])
+
+    @property
+    def grad_mode(self) -> str:
+        """The autograd mode the live session was created in ("inference" in logs that do not say)."""
+        return str(self.header["session"].get("grad_mode", "inference"))
 
     @property
     def model(self) -> dict[str, Any]:
@@ -158,7 +164,7 @@ def _header(
         "version": LOG_VERSION,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "model": model_identity(components, lora_names(journal.settings, ops)),
-        "session": {"settings": journal.settings, "output": journal.output},
+        "session": {"settings": journal.settings, "output": journal.output, "grad_mode": journal.grad_mode},
         "take": {"first_output": first_output},
         "frames_out": journal.frames_out,
         "unreplayable": journal.unreplayable,
@@ -195,6 +201,7 @@ def load_log(path: str | os.PathLike[str]) -> TakeLog:
                 "(use the wanstream version that wrote it)"
             )
         ops = [JournalOp.from_json(row) for row in header["ops"]]
+        check_grad_mode(header["session"].get("grad_mode", "inference"))
         digests = _digests(header)
         names = {}
         for name in z.namelist():

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from wanstream.engine.components import Components
-from wanstream.engine.journal import CONDITIONER, FRAMES, frame_digest
+from wanstream.engine.journal import CONDITIONER, FRAMES, frame_digest, grad_mode
 from wanstream.engine.prompts import Transition, WeightedPrompt
 from wanstream.engine.session import StreamSession
 from wanstream.engine.settings import StreamSettings
@@ -112,39 +112,41 @@ def _replay(
         differences=differences(log.model, model_identity(components, list(log.model.get("loras", {})))),
         truncated=log.header.get("truncated"),
     )
-    session = StreamSession(
-        components,
-        StreamSettings.model_validate(log.settings),
-        output=log.output,  # type: ignore[arg-type]
-    )
+    with grad_mode(log.grad_mode):  # its buffers inference tensors or not, as the live session's were
+        session = StreamSession(
+            components,
+            StreamSettings.model_validate(log.settings),
+            output=log.output,  # type: ignore[arg-type]
+        )
     conditioner: VaceConditioner | None = None
     made = 0
     try:
-        with torch.inference_mode():
-            for done, op in enumerate(log.ops):
+        for done, op in enumerate(log.ops):
+            if op.target == "marker":  # a pause or resume: nothing to run
+                continue
+            # Each call in the autograd mode it ran in live (compiled code is specialised on it), compiled or
+            # eager call by call, and on a CUDA graph or not step by step, as the live stream ran it.
+            with grad_mode(op.grad_mode):
                 args = _arguments(op.name, _decode(op.args, log, conditioner))
-                if op.target == "marker":  # a pause or resume: nothing to run
-                    continue
                 if op.target == "vace" and op.name == "create":
                     conditioner = VaceConditioner(session, **args)
                     continue
                 target: Any = session if op.target == "session" else conditioner
                 if target is None:
                     raise LogError(f"call {op.index} ({op.target}.{op.name}) comes before its conditioner")
-                # compiled or eager, call by call, and CUDA graph or not, step by step, as the live stream ran
                 with numerics.force(op.eager, op.graphs):
                     out = getattr(target, op.name)(**args)
-                count = int(out.shape[0]) if isinstance(out, torch.Tensor) and out.dim() == 4 else 0
-                if count != op.outputs or made != op.first_output:
-                    report.count_mismatches.append(
-                        f"call {op.index} ({op.name}) returned {count} frames from output frame {made}; "
-                        f"live: {op.outputs} from {op.first_output}"
-                    )
-                if count:
-                    _check(report, made, out.cpu().numpy(), log, on_frames)
-                made += count
-                if progress is not None:
-                    progress(done + 1, len(log.ops))
+            count = int(out.shape[0]) if isinstance(out, torch.Tensor) and out.dim() == 4 else 0
+            if count != op.outputs or made != op.first_output:
+                report.count_mismatches.append(
+                    f"call {op.index} ({op.name}) returned {count} frames from output frame {made}; "
+                    f"live: {op.outputs} from {op.first_output}"
+                )
+            if count:
+                _check(report, made, out.cpu().numpy(), log, on_frames)
+            made += count
+            if progress is not None:
+                progress(done + 1, len(log.ops))
     finally:
         session.close("replay finished")
     return report
