@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -429,15 +430,20 @@ def test_background_compile_serves_the_stream_without_compiling_again_in_line(
 
     import torch._dynamo
 
+    from wanstream.models.fastpath import GIL
+
     compiled_on: list[str] = []
+    intervals: list[float] = []  # the interpreter's switch interval while each compiled
 
     def counting(gm, example_inputs):
         compiled_on.append(threading.current_thread().name)
+        intervals.append(sys.getswitchinterval())
         return gm.forward
 
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=counting, dynamic=False))
     torch._dynamo.reset()
+    before = sys.getswitchinterval()
     try:
         torch.manual_seed(0)
         vae = WanVAE(TINY).eval().requires_grad_(False).optimize(channels_last=True, compile=True)
@@ -452,5 +458,8 @@ def test_background_compile_serves_the_stream_without_compiling_again_in_line(
                 if i == 1:
                     assert vae.wait_compiled(120)
         assert compiled_on and all(name.startswith("compile-") for name in compiled_on), compiled_on
+        # The stream's thread got the GIL back sooner while the halves compiled, and no later.
+        assert intervals == pytest.approx([min(before, GIL.switch_s)] * len(intervals))
+        assert sys.getswitchinterval() == before
     finally:
         torch._dynamo.reset()

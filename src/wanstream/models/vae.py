@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wanstream.models import numerics
-from wanstream.models.fastpath import COMPILES, FALLBACKS, GATE, CompiledOrEager
+from wanstream.models.fastpath import COMPILES, FALLBACKS, GATE, GIL, CompiledOrEager
 
 # Per-channel latent statistics of Wan2.1's VAE (identical in Wan2.1, StreamDiffusionV2 and diffusers).
 WAN_LATENT_MEAN = (
@@ -723,7 +723,7 @@ class _CompiledHalves:
         # stream pushed outside inference mode, as `bench` and a script do).
         inference, grad = mode
         try:
-            with GATE.background(), torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            with GATE.background(), GIL.held(), torch.inference_mode(inference), torch.set_grad_enabled(grad):
                 warm()
                 if key[3].type == "cuda":
                     torch.cuda.synchronize(key[3])
