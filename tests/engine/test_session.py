@@ -102,6 +102,30 @@ def test_snapshot_then_restore_replays_the_tail_bit_exactly(demo_pipeline: Pipel
     assert head.shape[0] + tail.shape[0] == 29
 
 
+def test_a_session_made_in_inference_mode_works_outside_it(demo_pipeline: Pipeline) -> None:
+    """Made inside `torch.inference_mode()` (a notebook cell, the server's engine thread), its buffers are
+    inference tensors, which torch refuses to update in place outside it: a later push outside it failed
+    mid-chunk. Every call now runs in the mode the session was made in — the same frames as all inside it."""
+    clip = moving_clip(21)
+
+    def drive(inside: bool) -> torch.Tensor:
+        with torch.inference_mode():
+            session = demo_pipeline.session(prompts=["a red fox"], seed=3, **SMALL)
+            first = session.push(clip[:5])
+        with torch.inference_mode(inside):
+            outs = [first, session.push(clip[5:9])]
+            outs.append(session.update({"seed": 4, "noise_scale": 0.6}))
+            session.set_prompts("snow", transition=Transition(steps=2))
+            snap = session.snapshot()
+            outs.append(session.push(clip[9:13]))
+            session.restore(snap)
+            outs += [session.push(clip[9:17]), session.reset(), session.push(clip[17:21]), session.flush()]
+            session.close()
+        return torch.cat(outs)
+
+    assert torch.equal(drive(inside=False), drive(inside=True))
+
+
 def test_hard_cut_restarts_the_stream_refresh_keeps_it(demo_pipeline: Pipeline) -> None:
     clip = moving_clip(25)
     cut = demo_pipeline.session(prompts=["a red fox"], **SMALL)

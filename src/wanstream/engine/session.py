@@ -21,7 +21,7 @@ import copy
 import functools
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -124,7 +124,7 @@ def _gpu_work(method: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(self: StreamSession, *args: Any, **kwargs: Any) -> Any:
         if self.closed is not None:
             raise SessionError(f"this session is closed ({self.closed}); start a new one")
-        with GATE.work():
+        with GATE.work(), self._own_mode():
             try:
                 return method(self, *args, **kwargs)
             except torch.OutOfMemoryError as exc:
@@ -132,6 +132,18 @@ def _gpu_work(method: Callable[..., Any]) -> Callable[..., Any]:
             # Outside the handler: the traceback (and the tensors its frames hold) is gone.
             message = self._close_after_oom(text)
         raise StreamOutOfMemory(message)
+
+    return wrapper
+
+
+def _in_its_mode(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Marks a public call that updates the session's tensors: it runs in inference mode when the session was
+    made in it (`StreamSession._own_mode`). `_gpu_work` calls do so too."""
+
+    @functools.wraps(method)
+    def wrapper(self: StreamSession, *args: Any, **kwargs: Any) -> Any:
+        with self._own_mode():
+            return method(self, *args, **kwargs)
 
     return wrapper
 
@@ -153,6 +165,9 @@ class StreamSession:
         `log`: keep a journal of every change and input frame from here on (`log()`; `wanstream.takes`
         saves and replays it) — True keeps its frames in memory; a `SessionJournal` brings its own store."""
         self.components = components
+        # Made in inference mode, its buffers are inference tensors, which torch refuses to update in place
+        # outside it: a session made inside `torch.inference_mode()` and pushed outside failed mid-chunk.
+        self._made_in_inference = torch.is_inference_mode_enabled()
         self.journal: SessionJournal | None = None
         if log:
             self.journal = (
@@ -187,6 +202,12 @@ class StreamSession:
         self._build()
         if prompts is not None:
             self.set_prompts(prompts)
+
+    def _own_mode(self) -> AbstractContextManager[Any]:
+        """Inference mode for a session made in it (whatever the caller's mode), else the caller's mode."""
+        if self._made_in_inference and not torch.is_inference_mode_enabled():
+            return torch.inference_mode()
+        return nullcontext()
 
     # ----------------------------------------------------------------------------------------------
     # Construction and reset
@@ -293,6 +314,7 @@ class StreamSession:
             self._restart_stream()
         return drained
 
+    @_in_its_mode
     @recorded("session")
     def attach(self, conditioner: ChunkConditioner | None) -> None:
         """Attach (or detach, with None) per-chunk conditioning such as VACE."""
@@ -304,6 +326,7 @@ class StreamSession:
         if conditioner is not None:
             conditioner.reset()
 
+    @_in_its_mode
     @recorded("session")
     def set_prompts(
         self,
@@ -328,6 +351,7 @@ class StreamSession:
         target = blend(embeds, [p.weight for p in items], method)
         return self._apply_conditioning(items, target, transition, switch, drain)
 
+    @_in_its_mode
     @recorded("session")
     def set_prompt_embeddings(
         self,
@@ -693,6 +717,7 @@ class StreamSession:
     # ----------------------------------------------------------------------------------------------
     # Closing
     # ----------------------------------------------------------------------------------------------
+    @_in_its_mode
     def close(self, reason: str = "closed") -> None:
         """Drop every per-stream buffer (KV cache, captured graphs and their pool, codec states, pending input).
         The session refuses further work; the shared models stay loaded."""
@@ -745,6 +770,7 @@ class StreamSession:
             }
         )
 
+    @_in_its_mode
     def restore(self, snap: dict[str, Any]) -> None:
         if self.journal is not None:  # the state jumps to one the journal did not see being made
             self.journal.mark_unreplayable("the session was restored from a snapshot")
