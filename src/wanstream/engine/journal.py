@@ -133,7 +133,7 @@ def current_grad_mode() -> str:
     return "grad" if torch.is_grad_enabled() else "no_grad"
 
 
-def grad_mode(mode: str) -> AbstractContextManager[Any]:
+def autograd_mode(mode: str) -> AbstractContextManager[Any]:
     """Enter the autograd mode `mode` (one of `GRAD_MODES`) for a replayed call."""
     if mode == "inference":
         return torch.inference_mode()

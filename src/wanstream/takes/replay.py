@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from wanstream.engine.components import Components
-from wanstream.engine.journal import CONDITIONER, FRAMES, frame_digest, grad_mode
+from wanstream.engine.journal import CONDITIONER, FRAMES, autograd_mode, frame_digest
 from wanstream.engine.prompts import Transition, WeightedPrompt
 from wanstream.engine.session import StreamSession
 from wanstream.engine.settings import StreamSettings
@@ -112,7 +112,7 @@ def _replay(
         differences=differences(log.model, model_identity(components, list(log.model.get("loras", {})))),
         truncated=log.header.get("truncated"),
     )
-    with grad_mode(log.grad_mode):  # its buffers inference tensors or not, as the live session's were
+    with autograd_mode(log.grad_mode):  # its buffers inference tensors or not, as the live session's were
         session = StreamSession(
             components,
             StreamSettings.model_validate(log.settings),
@@ -126,7 +126,7 @@ def _replay(
                 continue
             # Each call in the autograd mode it ran in live (compiled code is specialised on it), compiled or
             # eager call by call, and on a CUDA graph or not step by step, as the live stream ran it.
-            with grad_mode(op.grad_mode):
+            with autograd_mode(op.grad_mode):
                 args = _arguments(op.name, _decode(op.args, log, conditioner))
                 if op.target == "vace" and op.name == "create":
                     conditioner = VaceConditioner(session, **args)
