@@ -320,3 +320,27 @@ def test_control_frames_at_another_size_and_scope_layout(vace_components: Compon
     cond.push(big, torch.ones(1, 1, 9, 64, 96))
     assert [c.control_frames for c in cond.history] == [5, 4]
     assert s.frames_out == 9
+
+
+def test_a_conditioner_made_in_inference_mode_works_outside_it(vace_components: Components) -> None:
+    """Made with its session inside `torch.inference_mode()` (a notebook cell, the server's engine thread) and
+    driven outside it: the same frames as driven inside (the session runs its calls in the mode it was made in)."""
+
+    def drive(inside: bool) -> torch.Tensor:
+        with torch.inference_mode():
+            s = session(vace_components)
+            cond = VaceConditioner(s, scale=0.8)
+            s.attach(cond)
+            outs = [cond.push(frames_u8(5, 1))]
+        with torch.inference_mode(inside):
+            cond.set_reference_images([frames_u8(1, 2)[0].numpy()])
+            cond.set_scale(1.5)
+            outs.append(cond.push(frames_u8(4, 3)))
+            cond.set_first_frame(frames_u8(1, 4)[0])
+            outs.append(cond.push(frames_u8(4, 5), masks=inpaint(4)))
+            cond.push_control(frames_u8(4, 6))
+            outs.append(cond.flush())
+            cond.clear()
+        return torch.cat(outs)
+
+    assert torch.equal(drive(inside=False), drive(inside=True))
