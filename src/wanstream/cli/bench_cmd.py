@@ -150,11 +150,13 @@ def run(args: argparse.Namespace) -> int:
             )
         if args.memory_limit_gib is not None and args.memory_limit_gib <= 0:
             raise ValueError(f"--memory-limit-gib {args.memory_limit_gib}: give a positive size")
+        if args.gpus != 1 and (problem := _ring_problem(args, configs)):
+            raise ValueError(problem)
     except (ValueError, GenerateError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.gpus != 1:
-        return _run_gpus(args, configs, device)
+        return _run_gpus(args, configs)
     if device.type == "cpu" and not args.tiny:
         print(
             "note: no GPU — full-size networks on the CPU take minutes per chunk; use --tiny for a smoke test",
@@ -222,35 +224,30 @@ def low_vram_choices(args: argparse.Namespace) -> dict[str, str]:
     return {"text_encoder": args.text_placement, "precision": args.precision}
 
 
-def _run_gpus(args: argparse.Namespace, configs: list, device: object) -> int:
+def _ring_problem(args: argparse.Namespace, configs: list) -> str | None:
+    """Why `--gpus N` cannot run as asked, or None."""
     import torch
 
-    from wanstream.bench.ring import RING_CONFIGS, run_parallel_bench
-    from wanstream.bench.single import BenchConfig
     from wanstream.engine.settings import RING_LORA_PROBLEM
 
     if args.gpus < 2:
-        print(
-            f"error: --gpus {args.gpus}: a ring needs 2 or more (one GPU is the plain benchmark)",
-            file=sys.stderr,
-        )
-        return 2
+        return f"--gpus {args.gpus}: a ring needs 2 or more (one GPU is the plain benchmark)"
     if args.device != "cpu" and torch.cuda.device_count() < args.gpus:
-        print(
-            f"error: --gpus {args.gpus}: this machine has {torch.cuda.device_count()} CUDA GPU(s); use fewer, "
-            "or --device cpu --tiny for a smoke test on CPU processes",
-            file=sys.stderr,
+        return (
+            f"--gpus {args.gpus}: this machine has {torch.cuda.device_count()} CUDA GPU(s); use fewer, "
+            "or --device cpu --tiny for a smoke test on CPU processes"
         )
-        return 2
     if args.lora_rank is not None:
-        print(f"error: --lora-rank with --gpus: {RING_LORA_PROBLEM}", file=sys.stderr)
-        return 2
+        return f"--lora-rank with --gpus: {RING_LORA_PROBLEM}"
     if any(c.text_mode for c in configs):
-        print(
-            "error: codecs vace and text are not supported with --gpus (a ring runs video streams)",
-            file=sys.stderr,
-        )
-        return 2
+        return "codecs vace and text are not supported with --gpus (a ring runs video streams)"
+    return None
+
+
+def _run_gpus(args: argparse.Namespace, configs: list) -> int:
+    from wanstream.bench.ring import RING_CONFIGS, run_parallel_bench
+    from wanstream.bench.single import BenchConfig
+
     if args.configs == DEFAULT_CONFIGS_ARG:
         configs = [BenchConfig.parse(c) for c in RING_CONFIGS.split(";")]
     run_parallel_bench(
