@@ -286,7 +286,8 @@ def _first_divergence(live: list[_Entry], replayed: list[_Entry]) -> dict:
 
 
 def _paths(live: list, replayed: list) -> dict:
-    """How many traced calls ran compiled / eager code, live and replayed, and at how many places they differ."""
+    """How many traced calls ran compiled / eager code, live and replayed, and the first places (up to 8) where
+    they ran different code."""
 
     def count(trace: list[_Entry], path: str) -> int:
         return sum(1 for entry in trace if entry.path == path)

@@ -6,10 +6,10 @@
 
 log.json: {"format": "wanstream-session-log", "version": 1, "created": ISO time, "model": the identity
 (`identity.model_identity`), "session": {"settings": the settings at creation, "output": "uint8" |
-"float", "grad_mode": the autograd mode it was created in}, "take": {"first_output": the output frame the take starts at}, "frames_out", "unreplayable",
-"truncated" (null or why), "ops": [{"index", "target": "session" | "vace", "name": the method, "args": by
-parameter name, a tensor as {"$frames": key}, "outputs": frames returned, "first_output", "time": seconds, "eager", "graphs", "grad_mode": the
-autograd mode of the call}],
+"float", "grad_mode": the autograd mode it was made in}, "take": {"first_output": the output frame the
+take starts at}, "frames_out", "unreplayable", "truncated" (null or why), "ops": [{"index", "target":
+"session" | "vace", "name": the method, "args": by parameter name, a tensor as {"$frames": key}, "outputs":
+frames returned, "first_output", "time": seconds, "eager", "graphs", "grad_mode": the call's autograd mode}],
 "digests": {"algorithm": "sha256", "frames": {output frame index: hex digest of its bytes as sent}}}.
 docs/replay.md describes it for people.
 """
@@ -61,7 +61,7 @@ class TakeLog:
     @property
     def grad_mode(self) -> str:
         """The autograd mode the live session was created in ("inference" in logs that do not say)."""
-        return str(self.header["session"].get("grad_mode", "inference"))
+        return _session_grad_mode(self.header)
 
     @property
     def model(self) -> dict[str, Any]:
@@ -175,6 +175,11 @@ def _header(
     return header, ops
 
 
+def _session_grad_mode(header: dict[str, Any]) -> str:
+    """The session's autograd mode in `header` (checked): "inference" in logs written before it was noted."""
+    return check_grad_mode(header["session"].get("grad_mode", "inference"))
+
+
 def _digests(header: dict[str, Any]) -> dict[int, str]:
     return {int(k): str(v) for k, v in header["digests"]["frames"].items()}
 
@@ -201,7 +206,7 @@ def load_log(path: str | os.PathLike[str]) -> TakeLog:
                 "(use the wanstream version that wrote it)"
             )
         ops = [JournalOp.from_json(row) for row in header["ops"]]
-        check_grad_mode(header["session"].get("grad_mode", "inference"))
+        _session_grad_mode(header)
         digests = _digests(header)
         names = {}
         for name in z.namelist():
