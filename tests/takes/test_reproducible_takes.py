@@ -85,3 +85,20 @@ def _check_reproducible_switches(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(identity_module, "device_kind", lambda device: "Fake GPU")
     identity = identity_module.model_identity(components)
     assert identity["cudnn_benchmark"] is False and identity["inductor_deterministic"] is True
+
+
+def test_a_replay_in_another_process_says_why_optimised_frames_may_differ() -> None:
+    """On the optimised GPU path another process's compiled code rounds otherwise (measured, cause open): a
+    replay there must say so, also with --reproducible-takes; the take's own process and the eager path stay
+    quiet (they replay bit for bit)."""
+    from wanstream.takes.identity import differences
+
+    base = {"device_kind": "NVIDIA H100", "cudnn_benchmark": False, "inductor_deterministic": True}
+    take = {**base, "optimized": True, "process": "live"}
+    elsewhere = differences(take, {**take, "process": "another"})
+    assert len(elsewhere) == 1 and "optimised GPU path" in elsewhere[0] and "Replay take" in elsewhere[0]
+    assert differences(take, take) == []  # the server that streamed it
+    eager = {**base, "optimized": False, "process": "live"}
+    assert differences(eager, {**eager, "process": "another"}) == []
+    older = {**base, "process": "live"}  # a log from before the field: nothing is claimed
+    assert differences(older, {**older, "optimized": True, "process": "another"}) == []
