@@ -84,6 +84,9 @@ class _Entry(NamedTuple):
     math: tuple
     compiles: int  # dynamo compiles that ended during the call, on any thread
     thread: str
+    # Per tensor argument: shape, strides, storage offset and the pointer's alignment — equal values in another
+    # layout reach other compiled code (dynamo guards on strides; Inductor assumes 16-byte alignment or not).
+    layouts: tuple[str, ...] = ()
 
 
 _trace: list[_Entry] = []
@@ -110,6 +113,11 @@ def _digest(t: object) -> int:
         bits = bits.to(torch.int64)
     weights = torch.arange(1, bits.numel() + 1, device=bits.device, dtype=torch.int64) * 2654435761 + 1
     return int((bits * weights).sum().item())
+
+
+def _layout(t: torch.Tensor) -> str:
+    align = next(a for a in (16, 8, 4, 2, 1) if t.data_ptr() % a == 0) if t.numel() else 0
+    return f"{tuple(t.shape)}/{t.stride()}/{t.storage_offset()}/{align}"
 
 
 def _tensors(obj: object, depth: int = 0) -> list[torch.Tensor]:
@@ -172,7 +180,9 @@ def _traced(name: str | None, fn):
         outer, _ran.compiled = _ran_compiled(), False
         compiles_before = _compiles_ended[0]
         # Digested before the call: it may update its arguments in place (a stream state's caches).
-        inputs = tuple(map(_digest, _tensors((args, kwargs)))) if numerics.counting() else ()
+        tensors_in = _tensors((args, kwargs)) if numerics.counting() else []
+        inputs = tuple(map(_digest, tensors_in))
+        layouts = tuple(map(_layout, tensors_in))
         try:
             out = fn(*args, **kwargs)
             if numerics.counting():
@@ -187,6 +197,7 @@ def _traced(name: str | None, fn):
                         _math_state(),
                         _compiles_ended[0] - compiles_before,
                         threading.current_thread().name,
+                        layouts,
                     )
                 )
             return out
@@ -263,6 +274,9 @@ def _first_divergence(live: list[_Entry], replayed: list[_Entry]) -> dict:
                 "live": _show(a),
                 "replay": _show(b),
                 "inputs_differing": positions(a.inputs, b.inputs),
+                "input_layouts_differing": [
+                    [j, x, y] for j, (x, y) in enumerate(zip(a.layouts, b.layouts)) if x != y
+                ][:8],
                 "outputs_differing": positions(a.outputs, b.outputs),
                 "input_same": a.where == b.where and a.inputs == b.inputs,
                 "state_same": a.math == b.math,
@@ -465,10 +479,11 @@ def _save_trace(path: Path, trace: list[_Entry]) -> None:
 
 
 def _load_trace(path: Path) -> list[_Entry]:
-    return [
-        _Entry(w, tuple(i), tuple(o), p, tuple(m), c, t)
-        for w, i, o, p, m, c, t in json.loads(path.read_text())
-    ]
+    entries = []
+    for row in json.loads(path.read_text()):  # a trace saved before layouts were noted has 7 fields
+        w, i, o, p, m, c, t, *rest = row
+        entries.append(_Entry(w, tuple(i), tuple(o), p, tuple(m), c, t, tuple(rest[0]) if rest else ()))
+    return entries
 
 
 def _replay_new_process(folder: Path, bench: bool) -> dict:
