@@ -77,6 +77,31 @@ def test_a_failed_capture_falls_back_with_one_warning_and_the_same_output(
     assert "stream continues" in str(ours[0].message)
 
 
+@pytest.mark.parametrize("batching", ["stream", "none"])
+def test_a_streams_first_chunk_is_never_captured(demo_pipeline: Pipeline, batching: str) -> None:
+    """Its signatures come once per stream: warming up and recording them would delay the stream's first frame
+    (TTFF) to save launches once. Later chunks are captured and replayed; the output is the eager path's."""
+    clip = moving_clip(29)
+    plain = _stream(demo_pipeline, None, batching)
+    eager = [_run(plain, clip) for _ in range(2)]
+    session = _stream(demo_pipeline, CpuGraphs, batching)
+    graphs = session.denoiser.graphs
+    tried: list[int] = []  # latent frames of each call that warmed up / recorded
+    original = graphs._try_capture
+
+    def spy(key, x, *args, **kwargs):
+        tried.append(x.shape[1])
+        return original(key, x, *args, **kwargs)
+
+    graphs._try_capture = spy
+    for expected in eager:  # a second stream through the same signatures: its first chunk is not captured either
+        assert torch.equal(_run(session, clip), expected)
+    steps = len(session.denoiser.steps)
+    assert graphs.stats.stream_start == 2 * steps  # every step of both first chunks ran without a graph
+    assert tried and 2 not in tried  # no first-chunk (2-latent) call was ever warmed up or recorded
+    assert graphs.stats.captured >= 1 and graphs.stats.replays > graphs.stats.captured
+
+
 def test_a_failed_signature_is_not_captured_again(demo_pipeline: Pipeline) -> None:
     session = _stream(demo_pipeline, FailingGraphs, "none", steps=(700,))
     clip = moving_clip(21)

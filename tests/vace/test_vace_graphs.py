@@ -44,9 +44,9 @@ class _Recorder:
     def eligible(self, x, plan, extension=None) -> bool:
         return self.graphs.eligible(x, plan, extension)
 
-    def __call__(self, x, t, cross, plan, extension=None):
+    def __call__(self, x, t, cross, plan, extension=None, *, capture=True):
         self.extensions.append(extension)
-        return self.graphs(x, t, cross, plan, extension)
+        return self.graphs(x, t, cross, plan, extension, capture=capture)
 
 
 def vace_stream(components: Components, graphs_cls: type[StepGraphs] | None):
@@ -105,17 +105,20 @@ def test_vace_calls_replay_captured_steps_bit_for_bit_through_scale_and_control_
     assert len(rec.extensions) == 13 * 3
     assert all(isinstance(e, VaceExtension) for e in rec.extensions)
     assert [e.context is not None for e in rec.extensions[:3]] == [True, True, False]
-    # Captures happen while the cache fills (a new cache phase each chunk, chunks 0-4 here); from then on new
+    # Captures happen while the cache fills (a new cache phase each chunk, chunks 1-4 here: a stream's first
+    # chunk is never captured); from then on new
     # control frames, masks on and off and three scale changes (chunks 8-12) all replay the captured steps.
-    assert captured_at[0] < captured_at[7] == captured_at[-1], captured_at
+    assert captured_at[0] == 0 < captured_at[1] < captured_at[7] == captured_at[-1], captured_at
     assert graphs.stats.replays > 2 * 7 and graphs.stats.failed == 0 and FALLBACKS.total() == 0
     assert [c.scale for c in cond.history][7:] == [1.0, 0.5, 0.5, 2.0, 0.0, 0.0]
     # Each signature's VACE key carries the module and its numerics, the context shapes come with it.
     vace_keys = [k for k in graphs._graphs if isinstance(k[-2], tuple) and k[-2][0] == "vace"]
     assert vace_keys and {k[-2][1] for k in vace_keys} == {vace_components.vace}
     # The static inputs are one set per extension signature, shared by its graphs (not one per cache phase):
-    # the first chunk's 2-frame context, later chunks' 1-frame context, and the cache pass without one.
-    assert len(graphs._inputs) == 3 < graphs.stats.captured
+    # later chunks' 1-frame context and the cache pass without one (the first chunk's 2-frame context ran
+    # without a graph: a stream's first chunk is not captured).
+    assert len(graphs._inputs) == 2 < graphs.stats.captured
+    assert graphs.stats.stream_start == 3  # the first chunk's two steps and its cache pass
 
 
 def test_a_new_context_shape_captures_a_new_signature(vace_components: Components) -> None:

@@ -25,6 +25,11 @@ A capture is prepared and made safely:
   and captures.
 * Recording uses CUDA's thread-local capture mode: another thread's allocation (the caching allocator is
   capture-aware) does not invalidate it.
+* A stream's first chunk runs the compiled step without a graph. Its signatures (two latents, an empty cache)
+  come once per stream, so capturing them saves launches once per stream but costs the stream's first frame
+  a warm-up and a recording: on an H100 (call 36) a reset stream's first frame took 258–310 ms where the
+  capture ran then, 127 ms where it had run before. (A replay still runs such a step on a graph where the
+  take's log says the live stream did.)
 * A session log notes which steps replayed a graph, and its replay runs exactly those on one (capturing it
   then, waiting for compiles: a replay has no deadline), the others directly (`models.numerics`): when the live
   stream captured depends on timing, and a graph may round otherwise than the step launched directly.
@@ -97,6 +102,7 @@ class GraphStats:
     replays: int = 0
     deferred: int = 0  # calls run without a graph because a compile was running (another thread's, or ours)
     failed: int = 0  # signatures whose capture failed (they run without a graph)
+    stream_start: int = 0  # calls of a stream's first chunk, never captured (they run without a graph)
 
 
 class StepGraphs:
@@ -133,7 +139,11 @@ class StepGraphs:
         cross: CrossKV,
         plan: CallPlan,
         extension: StreamExtension | None = None,
+        *,
+        capture: bool = True,
     ) -> Outputs:
+        """One step: replayed on its graph, captured now if it may be, or run directly. `capture` False: a
+        stream's first chunk — run directly unless its graph exists (see the module docstring)."""
         self._load_cross(cross)
         step = numerics.next_call("DiT step")
         # A replay runs each step as the live stream did: on a graph or not (models/numerics.py). A log that
@@ -154,9 +164,11 @@ class StepGraphs:
             *ext_key,
         )
         captured = self._graphs.get(key)
-        if captured is None and key not in self._failed:
+        if captured is None and key not in self._failed and (capture or as_live):
             captured = self._try_capture(key, x, t, plan, extension, ext_key, now=bool(as_live))
         if captured is None:
+            if not capture:
+                self.stats.stream_start += 1
             return self.step(x, t, self._cross, plan, extension)  # type: ignore[arg-type]
         captured.x.copy_(x)
         captured.t.copy_(t)

@@ -102,6 +102,7 @@ class Denoiser:
     _first_step: int | torch.Tensor | None = None  # no batch: the controlled first step persists
     _timesteps: DeviceSteps = field(default_factory=DeviceSteps)
     graphs: StepGraphs | None = None
+    _stream_start: bool = False  # inside first_chunk: its steps are not captured (engine/graphs.py)
 
     def __post_init__(self) -> None:
         self.validate(self.steps, self.batching, self.cache_context, self.cache.config.lanes)
@@ -149,7 +150,7 @@ class Denoiser:
         plan = self.cache.plan(starts, F)
         t = self._timesteps(timesteps, self.steps, x.device)[:, None].expand(B, F).contiguous()
         if self.graphs is not None and self.graphs.eligible(x, plan, extension):
-            x0, flow = self.graphs(x, t, cross, plan, extension)
+            x0, flow = self.graphs(x, t, cross, plan, extension, capture=not self._stream_start)
         else:
             x0, flow = self._step(x, t, cross, plan, extension)
         if self.on_call:
@@ -212,7 +213,11 @@ class Denoiser:
         extension: StreamExtension | None = None,
     ) -> list[Finished]:
         """The reference's `prepare`: every step on the (2-latent) first chunk at batch 1 → its x0."""
-        x0 = self._denoise_sequential(noisy, self.steps, start, cross, chunk, extension)
+        self._stream_start = True
+        try:
+            x0 = self._denoise_sequential(noisy, self.steps, start, cross, chunk, extension)
+        finally:
+            self._stream_start = False
         if self.batching == "stream":
             N = self.num_steps
             self.cache.broadcast_lane0()
