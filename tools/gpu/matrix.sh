@@ -13,7 +13,7 @@
 # lines) and log_<part>.txt (all logs). Exit codes: a crash shows as a non-zero "rc" beside its run.
 set -o pipefail
 export COLUMNS=200
-PART=${1:?usage: matrix.sh A|B|B2|M|C|D|E|V|S|R|R2|R3|R4|R5|R6|R7|R8|T|T2|T3|T4|T5}
+PART=${1:?usage: matrix.sh A|B|B2|M|C|D|E|V|S|R|R2|R3|R4|R5|R6|R7|R8|T|T2|T3|T4|T5|FA1|FA2}
 W=/tmp/matrix-$PART; rm -rf "$W"; mkdir -p "$W"
 B="python3 -m wanstream.cli.main bench"
 stamp() { echo "[$(date +%T)] $*" | tee -a "$W/steps.txt"; }
@@ -314,6 +314,20 @@ T4)
   rm -rf "$TORCHINDUCTOR_CACHE_DIR"
   take trace_inline 150 live take_v --reproducible --trace --vae-inline
   take trace_inline_new_process 60 replay take_v --reproducible --trace
+  ;;
+FA1)
+  # FlashAttention 4's stack is carried in two calls (tools/gpu/fa4_wheels.sh): this one leaves part a in /tmp.
+  mkdir -p /tmp/fa4-parts && cp .whl-fa4a/* /tmp/fa4-parts/ && stamp "part a kept: $(ls /tmp/fa4-parts)"
+  ;;
+FA2)
+  # The second call, on the same machine: FA4 put together and installed beside the image's torch, then the
+  # DiT's attention shapes on every kernel (tools/gpu/attention_probe.py).
+  part=$(ls /tmp/fa4-parts/*.part00 2>/dev/null) || { stamp "no part a in /tmp/fa4-parts: run FA1 first, on this machine"; exit 2; }
+  wheel=/tmp/fa4-wheels/$(basename "${part%.part00}")
+  mkdir -p /tmp/fa4-wheels && cat "$part" .whl-fa4b/*.part01 > "$wheel" && cp .whl-fa4b/*.whl /tmp/fa4-wheels/
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/fa4site /tmp/fa4-wheels/*.whl \
+    && stamp "FA4 installed" || stamp "FA4 install failed"
+  run attention 400 env PYTHONPATH="/tmp/fa4site:${PYTHONPATH:-}" python3 tools/gpu/attention_probe.py "$W/attention.json"
   ;;
 T5)
   # After call 36 (T4: the take replays 148 of 148 in its process, with the Wan VAE compiled beside the stream or
