@@ -94,7 +94,8 @@ def test_a_streams_first_chunk_is_never_captured(demo_pipeline: Pipeline, batchi
         return original(key, x, *args, **kwargs)
 
     graphs._try_capture = spy
-    for expected in eager:  # a second stream through the same signatures: its first chunk is not captured either
+    # A second stream through the same signatures: its first chunk is not captured either.
+    for expected in eager:
         assert torch.equal(_run(session, clip), expected)
     steps = len(session.denoiser.steps)
     assert graphs.stats.stream_start == 2 * steps  # every step of both first chunks ran without a graph
