@@ -153,3 +153,21 @@ def test_bench_with_text_encoder_fp8_and_low_vram(tmp_path: Path) -> None:
     data = json.loads(out.read_text())
     assert rc == 0 and data["precision"] == "fp8" and data["text_encoder"] == "gpu"
     assert {r["config"].rsplit(",", 1)[1] for r in data["results"]} == {"taehv"}
+
+
+def test_compile_seconds_split_a_compile_into_its_phases() -> None:
+    """What bench reports for the first chunk (where a warm-cache start goes): the compile phases that grew
+    across a call, largest first — here a real torch.compile on the CPU; nothing when nothing compiles."""
+    import torch
+
+    from wanstream.bench.single import compile_seconds, compile_seconds_since
+
+    before = compile_seconds()
+    fn = torch.compile(lambda x: (x.sin() * 2).sum(-1), dynamic=False)
+    fn(torch.randn(3, 5))
+    grown = compile_seconds_since(before)
+    assert grown and all(v > 0 for v in grown.values())
+    assert list(grown.values()) == sorted(grown.values(), reverse=True) and len(grown) <= 6
+    again = compile_seconds()
+    fn(torch.randn(3, 5))  # compiled already: no phase grows
+    assert compile_seconds_since(again) == {}

@@ -158,6 +158,24 @@ def random_lora(dit: WanDiT, rank: int, seed: int = 0) -> LoraWeights:
 # ------------------------------------------------------------------------------------------------
 # Measuring
 # ------------------------------------------------------------------------------------------------
+def compile_seconds() -> dict[str, float]:
+    """Seconds torch.compile has spent in this process so far, by phase: dynamo's own timings, every thread
+    together (empty where this torch keeps none). The phases nest: Dynamo's whole compile of a frame holds
+    its graph capture, AOT autograd and Inductor's compile or cache load."""
+    try:
+        from torch._dynamo.utils import compilation_time_metrics
+    except ImportError:
+        return {}
+    return {key: float(sum(times)) for key, times in list(compilation_time_metrics.items())}
+
+
+def compile_seconds_since(before: dict[str, float], top: int = 6) -> dict[str, float]:
+    """The `top` phases that grew most since `before` (a `compile_seconds()`), in seconds, largest first."""
+    grown = {k: v - before.get(k, 0.0) for k, v in compile_seconds().items()}
+    ranked = sorted(((v, k) for k, v in grown.items() if v > 0), reverse=True)[:top]
+    return {k: round(v, 3) for v, k in ranked}
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -268,11 +286,14 @@ def bench_config(
         out = push(block)
         return int(out.cpu().shape[0])  # materialise on the CPU: the honest end of a chunk
 
+    compiled_before = compile_seconds()
     start = time.perf_counter()
     run(frames[:5])
     first_frame_at = time.time()
     first_chunk_cold = (time.perf_counter() - start) * 1000
     first_chunk_stages = _stage_totals(session.stage_timer)
+    # Where a warm-cache start goes (issue 16: host-bound): compiling or loading compiled code, on any thread.
+    first_chunk_compiles = compile_seconds_since(compiled_before)
     session.stage_timer = timer
     pos = 5
     for _ in range(warm_chunks):
@@ -346,7 +367,11 @@ def bench_config(
         chunk_ms_max=max(chunk_ms),
         first_frame_at=first_frame_at,
         vace_encode_ms_p50=percentile(stages.get("vace_encode", [math.nan]), 0.5),
-        extra={"first_chunk_stage_ms": first_chunk_stages, **extra},
+        extra={
+            "first_chunk_stage_ms": first_chunk_stages,
+            "first_chunk_compile_s": first_chunk_compiles,
+            **extra,
+        },
     )
 
 
@@ -651,6 +676,9 @@ def describe_extras(result: Result) -> str:
     mem = result.extra.get("memory", {})
     parts = ", ".join(f"{k.removesuffix('_gib')} {v:.2f}" for k, v in mem.items())
     line = f"  memory GiB: {parts}"
+    if compiles := result.extra.get("first_chunk_compile_s"):  # nested phases: the largest holds the rest
+        phases = ", ".join(f"{k} {v:.1f}" for k, v in compiles.items())
+        line += f"\n  first chunk, seconds compiling or loading compiled code (any thread): {phases}"
     change = result.extra.get("prompt_change")
     if change:
         line += (
