@@ -83,8 +83,12 @@ def _check_reproducible_switches(monkeypatch: pytest.MonkeyPatch) -> None:
     components.optimize(compile=False, reproducible=True)
     assert torch.backends.cudnn.benchmark is False and inductor_config.deterministic is True
     monkeypatch.setattr(identity_module, "device_kind", lambda device: "Fake GPU")
+    monkeypatch.setenv("PYTHONHASHSEED", "0")
     identity = identity_module.model_identity(components)
     assert identity["cudnn_benchmark"] is False and identity["inductor_deterministic"] is True
+    assert identity["hash_seed"] == "0"
+    monkeypatch.delenv("PYTHONHASHSEED")
+    assert identity_module.model_identity(components)["hash_seed"] is None  # random in this process
 
 
 def test_a_replay_in_another_process_says_why_optimised_frames_may_differ() -> None:

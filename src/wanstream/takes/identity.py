@@ -144,6 +144,9 @@ def model_identity(components: Components, loras: Sequence[str] = ()) -> dict[st
         "inductor_deterministic": _inductor_deterministic() if components.device.type == "cuda" else None,
         # The optimised GPU path (compile + CUDA graphs): another process's compiled code may round otherwise.
         "optimized": components.optimized,
+        # Python's string-hash seed (None: random per process). A suspect for that: Inductor iterates sets of
+        # names while it writes kernels (tools/gpu/matrix.sh T6 measures it).
+        "hash_seed": os.environ.get("PYTHONHASHSEED"),
         "process": PROCESS,
         "files": {
             role: {"path": p, "sha256": file_sha256(p)} for role, p in sorted(components.files.items())
