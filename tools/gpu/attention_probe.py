@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from vae_profile import timed  # this folder's: the median of CUDA-event times
 
 Attn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # [B, H, S, D] in and out
 
@@ -50,21 +51,6 @@ def fa4() -> Attn | None:
     return run
 
 
-def timed_ms(fn: Callable[[], Any], iters: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
-
-
 def capturable(fn: Callable[[], Any]) -> str:
     """'yes', or why a CUDA graph could not record it (or replayed other values)."""
     stream = torch.cuda.Stream()
@@ -89,7 +75,7 @@ def measure(kernel: Attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gra
     exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
     row: dict[str, Any] = {"rel_l2": float((kernel(q, k, v).float() - exact).norm() / exact.norm())}
     del exact
-    row["ms"] = timed_ms(lambda: kernel(q, k, v))
+    row["ms"] = timed(lambda: kernel(q, k, v), iters=20)
     B, H, Sq, D = q.shape
     row["tflops"] = 4 * B * H * Sq * k.shape[2] * D / (row["ms"] / 1000) / 1e12
     if graph:

@@ -13,7 +13,7 @@
 # lines) and log_<part>.txt (all logs). Exit codes: a crash shows as a non-zero "rc" beside its run.
 set -o pipefail
 export COLUMNS=200
-PART=${1:?usage: matrix.sh A|B|B2|M|C|D|E|V|S|R|R2|R3|R4|R5|R6|R7|R8|T|T2|T3|T4|T5|T6|FA1|FA2}
+PART=${1:?usage: matrix.sh A|B|M|C|D|E|V|S|R|R2|R3|R4|R5|R6|R7|R8|T|T2|T3|T4|T6|FA1|FA2}
 W=/tmp/matrix-$PART; rm -rf "$W"; mkdir -p "$W"
 B="python3 -m wanstream.cli.main bench"
 stamp() { echo "[$(date +%T)] $*" | tee -a "$W/steps.txt"; }
@@ -80,24 +80,6 @@ fastpath.CaptureGate.capture = lambda self, max_wait=0.5: contextlib.nullcontext
 from wanstream.cli.main import main
 sys.exit(main(['bench', '--configs', 'batch,480x832,2,wan', '--chunks', '10', '--warm-chunks', '3', '--json', '$W/confirm_without_gate.json']))
 "
-  ;;
-B2)
-  # Part B in one call of < 10 minutes, for a session with less device time left: after part A (same machine,
-  # warm cache), each run a new process — the second start, 1 step with the live changes, 4 steps with each
-  # VAE, LoRA none / merged / runtime, a real OOM, VACE on / off; then tools/gpu/overlap_probe.py (can two
-  # chunks share the GPU?).
-  warm_start 120 30 8
-  for run_cfg in "batch 1 wan" "batch 4 wan" "nobatch 1 wan" "batch 4 taehv"; do
-    set -- $run_cfg
-    extra=(); [ "$2$3$1" = "1wanbatch" ] && extra=(--live-changes)
-    run "warm_$1_$2_$3" 90 $B --configs "$1,480x832,$2,$3" --chunks 12 --warm-chunks 8 "${extra[@]}" \
-      --json "$W/warm_$1_$2_$3.json"
-  done
-  run lora 150 $B --configs "batch,480x832,2,wan" --chunks 20 --warm-chunks 4 --lora-rank 32 --json "$W/lora.json"
-  run oom 120 python3 tools/gpu/oom_check.py "$W/oom.json"
-  run vace 150 $B --configs "nobatch,480x832,2,text;nobatch,480x832,2,vace" --chunks 10 --warm-chunks 3 \
-    --json "$W/vace.json"
-  run overlap 150 python3 tools/gpu/overlap_probe.py "$W/overlap.json"
   ;;
 M)
   # The matrix in one call of < 10 minutes, for a session with less device time left: every config in one
@@ -320,7 +302,8 @@ T6)
   # another order can write the same sum in another order (or fuse another multiply-add), which rounds
   # otherwise — and a cache key that differs sends the new process to compile afresh. The CPU check (tiny
   # networks, C++ kernels) did not show it; Triton's may. The take with seed 0, its new-process replay with seed
-  # 0, from the warm and from an empty cache, and with seed 1 (the control). Limits sum to 390 s.
+  # 0, from the warm and from an empty cache, and with seed 1 (the control). The trace notes each tensor
+  # argument's layout too (equal values in another layout reach other compiled code). Limits sum to 390 s.
   rm -rf "$TORCHINDUCTOR_CACHE_DIR"
   check="python3 tools/gpu/replay_check.py"
   run trace_seed0 150 env PYTHONHASHSEED=0 $check live "$W/take_s" --reproducible --trace --json "$W/trace_seed0.json"
@@ -345,15 +328,6 @@ FA2)
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/fa4site /tmp/fa4-wheels/*.whl \
     && stamp "FA4 installed" || stamp "FA4 install failed"
   run attention 400 env PYTHONPATH="/tmp/fa4site:${PYTHONPATH:-}" python3 tools/gpu/attention_probe.py "$W/attention.json"
-  ;;
-T5)
-  # After call 36 (T4: the take replays 148 of 148 in its process, with the Wan VAE compiled beside the stream or
-  # in line; in a new process 0 of 148 — the first compiled DiT first half gives other q and k from equal input
-  # values): the same take and new-process replay, the trace now noting each tensor argument's layout (shape,
-  # strides, storage offset, pointer alignment) — equal values in another layout reach other compiled code.
-  rm -rf "$TORCHINDUCTOR_CACHE_DIR"
-  take trace_repro 150 live take_t --reproducible --trace
-  take trace_repro_new_process 60 replay take_t --reproducible --trace
   ;;
 esac
 summarize
