@@ -28,8 +28,10 @@ A capture is prepared and made safely:
 * A stream's first chunk runs the compiled step without a graph. Its signatures (two latents, an empty cache)
   come once per stream, so capturing them saves launches once per stream but costs the stream's first frame
   a warm-up and a recording: on an H100 (call 36) a reset stream's first frame took 258–310 ms where the
-  capture ran then, 127 ms where it had run before. (A replay still runs such a step on a graph where the
-  take's log says the live stream did.)
+  capture ran then, 127 ms where it had run before; uncaptured (call 39), 142 ms at 1 step. The price: its
+  steps launch every kernel from the host, so at 3–4 steps a stream's first frame takes 191–362 ms (176 ms at
+  3 steps where the signatures had been captured in a quiet first stream). (A replay still runs such a step on
+  a graph where the take's log says the live stream did.)
 * A session log notes which steps replayed a graph, and its replay runs exactly those on one (capturing it
   then, waiting for compiles: a replay has no deadline), the others directly (`models.numerics`): when the live
   stream captured depends on timing, and a graph may round otherwise than the step launched directly.
