@@ -17,6 +17,13 @@ PART=${1:?usage: matrix.sh A|B|M|C|D|E|V|S|R|R2|R3|R4|R5|R6|R7|R8|T|T2|T3|T4|T6|
 W=/tmp/matrix-$PART; rm -rf "$W"; mkdir -p "$W"
 B="python3 -m wanstream.cli.main bench"
 stamp() { echo "[$(date +%T)] $*" | tee -a "$W/steps.txt"; }
+# `wanstream`'s command line imports PyAV for every command: without it every run stops at import (call 38
+# lost a call so). FA1 (keeps files) and FA2 (the attention probe) import no wanstream.
+if [ "$PART" != FA1 ] && [ "$PART" != FA2 ] && ! python3 -c "import av" 2>/dev/null; then
+  stamp "PyAV is not importable: carry .whl-av and start the command with"
+  stamp "  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl-av/*.whl"
+  exit 2
+fi
 # The two result files, rewritten after every run: a call cut short still brings back what ran.
 summarize() { python3 tools/gpu/summarize.py "$W" "$OUT" "$PART"; }
 run() {  # run NAME TIMEOUT CMD...: log to $W/NAME.log, exit code to $W/NAME.rc
