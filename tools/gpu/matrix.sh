@@ -312,16 +312,14 @@ T6)
   # networks, C++ kernels) did not show it; Triton's may. The take with seed 0, its new-process replay with seed
   # 0, from the warm and from an empty cache, and with seed 1 (the control). The trace notes each tensor
   # argument's layout too (equal values in another layout reach other compiled code). Limits sum to 390 s.
+  # (Assignments before a function call are exported to what it runs, for that call only.)
   rm -rf "$TORCHINDUCTOR_CACHE_DIR"
-  check="python3 tools/gpu/replay_check.py"
-  run trace_seed0 150 env PYTHONHASHSEED=0 $check live "$W/take_s" --reproducible --trace --json "$W/trace_seed0.json"
-  run trace_seed0_new_process 60 env PYTHONHASHSEED=0 $check replay "$W/take_s" --reproducible --trace \
-    --json "$W/trace_seed0_new_process.json"
-  run trace_seed1_new_process 60 env PYTHONHASHSEED=1 $check replay "$W/take_s" --reproducible --trace \
-    --json "$W/trace_seed1_new_process.json"
+  PYTHONHASHSEED=0 take trace_seed0 150 live take_s --reproducible --trace
+  PYTHONHASHSEED=0 take trace_seed0_new_process 60 replay take_s --reproducible --trace
+  PYTHONHASHSEED=1 take trace_seed1_new_process 60 replay take_s --reproducible --trace
   rm -rf /tmp/inductor-fresh
-  run trace_seed0_new_process_cold 120 env PYTHONHASHSEED=0 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-fresh \
-    $check replay "$W/take_s" --reproducible --trace --json "$W/trace_seed0_new_process_cold.json"
+  PYTHONHASHSEED=0 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-fresh \
+    take trace_seed0_new_process_cold 120 replay take_s --reproducible --trace
   ;;
 FA1)
   # FlashAttention 4's stack is carried in two calls (tools/gpu/fa4_wheels.sh): this one leaves part a in /tmp.
