@@ -106,8 +106,8 @@ def test_vace_calls_replay_captured_steps_bit_for_bit_through_scale_and_control_
     assert all(isinstance(e, VaceExtension) for e in rec.extensions)
     assert [e.context is not None for e in rec.extensions[:3]] == [True, True, False]
     # Captures happen while the cache fills (a new cache phase each chunk, chunks 1-4 here: a stream's first
-    # chunk is never captured); from then on new
-    # control frames, masks on and off and three scale changes (chunks 8-12) all replay the captured steps.
+    # chunk is never captured); from then on new control frames, masks on and off and three scale changes
+    # (chunks 8-12) all replay the captured steps.
     assert captured_at[0] == 0 < captured_at[1] < captured_at[7] == captured_at[-1], captured_at
     assert graphs.stats.replays > 2 * 7 and graphs.stats.failed == 0 and FALLBACKS.total() == 0
     assert [c.scale for c in cond.history][7:] == [1.0, 0.5, 0.5, 2.0, 0.0, 0.0]
