@@ -18,9 +18,10 @@ import torch
 
 from wanstream.engine.components import Components
 from wanstream.engine.journal import SessionJournal
-from wanstream.engine.prompts import WeightedPrompt
+from wanstream.engine.prompts import DEFAULT_PROMPT, WeightedPrompt
 from wanstream.engine.session import StreamSession
 from wanstream.engine.settings import StreamSettings
+from wanstream.engine.warm_up import WarmUp, warm_up
 from wanstream.weights.lora import LoraFiles
 
 Progress = Callable[[str], None]
@@ -176,6 +177,15 @@ class Pipeline:
         """Stop a multi-GPU ring's processes (nothing to do for one GPU)."""
         if self.ring is not None:
             self.ring.close()
+
+    def warm_up(self, settings: StreamSettings | None = None, **overrides: Any) -> WarmUp:
+        """Run a private stream at these settings (as `session` takes them) until its cache is full, and close
+        it: the compiles, cuDNN's choices and the GPU libraries' first uses of a stream's start happen now,
+        not in the first real stream's first frames (`engine/warm_up.py`). `serve` does this while it loads."""
+        base = settings or StreamSettings()
+        if overrides:
+            base = StreamSettings.model_validate({**base.model_dump(), **overrides})
+        return warm_up(lambda: self.session(base, prompts=DEFAULT_PROMPT), base)
 
     def session(
         self,

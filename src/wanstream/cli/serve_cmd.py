@@ -72,6 +72,13 @@ def _model_flags(g: argparse._ArgumentGroup) -> None:
         help="do not load the VACE module even when it is downloaded (saves ~1.5 GB of GPU memory)",
     )
     g.add_argument("--no-preload", action="store_true", help="load the model on POST /api/v1/model/load only")
+    g.add_argument(
+        "--no-warm-up",
+        action="store_true",
+        help="on a GPU, skip the private first stream run while the model loads (it compiles what streams at "
+        "the default settings need, so the first client's stream starts at once; without it that stream "
+        "waits for the compiles: about a minute with an empty compile cache)",
+    )
 
 
 def _network_flags(g: argparse._ArgumentGroup) -> None:
@@ -290,6 +297,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         gpus=args.gpus,
         preload=not args.no_preload,
+        warm_up=not args.no_warm_up,
         media_dir=args.media_dir,
         lora_dir=lora_dir.expanduser() if lora_dir is not None else None,
         recordings_dir=args.recordings_dir,

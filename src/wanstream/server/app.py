@@ -42,7 +42,7 @@ from wanstream.server.prompts_api import ExtenderFactory, ExtenderHolder, defaul
 from wanstream.server.prompts_api import router as prompts_router
 from wanstream.server.replays import ReplayJobs
 from wanstream.server.security import RedactTokens, RequestGuard, check_bind, is_loopback
-from wanstream.server.sessions import SessionManager
+from wanstream.server.sessions import SessionManager, default_settings
 from wanstream.server.timeline_api import router as timeline_router
 
 log = logging.getLogger("wanstream.server")
@@ -97,6 +97,9 @@ def create_app(
         text_encoder=config.text_encoder,
         precision=config.precision,
         reproducible=config.reproducible_takes,
+        warm_up=(lambda pipeline: default_settings(config, demo=pipeline.is_demo))
+        if config.warm_up
+        else None,
     )
     own_recordings = config.recordings_dir is None
     recordings_dir = config.recordings_dir or Path(tempfile.mkdtemp(prefix="wanstream-recordings-"))

@@ -23,6 +23,7 @@ class ServerConfig:
     device: str | None = None  # None: CUDA when available, else CPU
     gpus: int = 1  # > 1: one stream over GPUs 0..N-1, DiT blocks in a ring (docs/multigpu.md)
     preload: bool = True  # load the model at start-up (else on POST /api/v1/model/load)
+    warm_up: bool = True  # after loading, a private stream at the default settings compiles what streams need
     media_dir: Path | None = None  # server-side videos for headless sessions and uploads
     lora_dir: Path | None = None  # LoRA files clients may name (nothing outside it is ever opened)
     recordings_dir: Path | None = None  # None: a private temp folder removed at shutdown

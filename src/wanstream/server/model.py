@@ -6,6 +6,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,6 +15,7 @@ import torch
 from wanstream.server.schemas import ModelStatus
 
 if TYPE_CHECKING:
+    from wanstream.engine.settings import StreamSettings
     from wanstream.pipeline import Pipeline
 
 log = logging.getLogger("wanstream.server")
@@ -39,8 +41,12 @@ class ModelManager:
         precision: str = "bf16",
         random_size: str = "full",
         reproducible: bool = False,
+        warm_up: Callable[[Pipeline], StreamSettings] | None = None,
     ) -> None:
         self.demo = demo
+        # The settings of a private stream run after loading, before the model is "loaded": its compiles happen
+        # then, not in the first client's first frames (engine/warm_up.py). None: no warm-up.
+        self.warm_up = warm_up
         self.random_weights = random_weights  # full-size networks, random weights (measuring the live path)
         self.random_size = random_size  # "tiny": the benchmark's tiny random networks (tests)
         self.text_encoder = text_encoder  # umT5 placement (docs/memory.md)
@@ -180,11 +186,36 @@ class ModelManager:
             return
         if pipeline.components.device.type == "cpu":
             _leave_a_core_for_media()
+        if self.warm_up is not None and compiles_at_stream_start(pipeline):
+            self._warm_up(pipeline, self.warm_up(pipeline))
         with self._lock:
             self._pipeline = pipeline
             self._state, self._stage, self._progress = "loaded", "ready", 1.0
             self._finished = time.monotonic()
         log.info("model loaded: %s", pipeline.label)
+
+    def _warm_up(self, pipeline: Pipeline, settings: StreamSettings) -> None:
+        steps = len(settings.denoising_steps)
+        self._set_stage(
+            f"compiling: a first stream at {settings.width}x{settings.height}, {steps} step{'s' * (steps > 1)} "
+            "(about a minute with an empty compile cache, seconds after)"
+        )
+        try:
+            done = pipeline.warm_up(settings)
+        except Exception as exc:  # never fatal: the first client's stream compiles as it starts instead
+            log.warning(
+                "the warm-up stream failed (%s: %s); streams compile as they start", type(exc).__name__, exc
+            )
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # an out-of-memory warm-up leaves nothing behind
+            return
+        log.info("warmed up: %d chunks in %.1f s", done.chunks, done.seconds)
+
+
+def compiles_at_stream_start(pipeline: Pipeline) -> bool:
+    """Whether a stream's first chunks compile anything: the optimised path on one GPU (a multi-GPU ring's
+    ranks compile in their own processes; the CPU path is not compiled)."""
+    return pipeline.components.optimized and pipeline.ring is None
 
 
 def _ring_down(pipeline: Pipeline) -> str | None:

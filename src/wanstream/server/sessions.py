@@ -211,9 +211,7 @@ class SessionManager:
     def resolve_settings(self, update: SettingsUpdate | None) -> StreamSettings:
         """Server defaults (the pipeline's, then the command line's) with the request's overrides."""
         pipeline = self.model.pipeline
-        base = DEMO_SETTINGS if pipeline is not None and pipeline.is_demo else StreamSettings()
-        if self.config.settings_overrides:
-            base = base.updated(SettingsUpdate.model_validate(self.config.settings_overrides))
+        base = default_settings(self.config, demo=pipeline is not None and pipeline.is_demo)
         return base.updated(update) if update is not None else base
 
     async def start_worker(
@@ -428,6 +426,14 @@ class SessionManager:
             for path in (old.output_path, old.input_path):
                 if path is not None:
                     path.unlink(missing_ok=True)
+
+
+def default_settings(config: ServerConfig, *, demo: bool) -> StreamSettings:
+    """A new stream's settings before its request's: the pipeline's defaults, then the command line's."""
+    base = DEMO_SETTINGS if demo else StreamSettings()
+    if config.settings_overrides:
+        base = base.updated(SettingsUpdate.model_validate(config.settings_overrides))
+    return base
 
 
 async def _join_engine(session: Session, limit: float | None) -> None:

@@ -1,0 +1,77 @@
+"""`serve` runs a private warm-up stream after loading (engine/warm_up.py): the model is "loaded" only after it,
+or after it failed, which is never fatal. On the CPU nothing compiles, so the server skips it there; these tests
+stand the GPU's condition in to see the stages."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from wanstream import Pipeline
+from wanstream.engine.settings import StreamSettings
+from wanstream.server import model as model_module
+from wanstream.server.model import ModelManager
+
+SMALL = dict(height=32, width=48)
+
+
+def _load(
+    monkeypatch: pytest.MonkeyPatch, warm_up, models: list | None = None
+) -> tuple[ModelManager, list[str]]:
+    monkeypatch.setattr(model_module, "compiles_at_stream_start", lambda pipeline: True)  # as on a GPU
+    model = ModelManager(demo=True, models_dir=None, device="cpu", warm_up=warm_up)
+    if models is not None:
+        models.append(model)
+    stages: list[str] = []
+    set_stage = model._set_stage
+
+    def spy(stage: str) -> None:
+        stages.append(stage)
+        set_stage(stage)
+
+    monkeypatch.setattr(model, "_set_stage", spy)
+    model.start_load()
+    assert model.wait(120).state == "loaded", model.status().error
+    return model, stages
+
+
+def test_the_server_warms_up_before_it_says_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
+    ran: list[StreamSettings] = []
+    real = Pipeline.warm_up
+
+    def warm_up(self, settings=None, **overrides):
+        ran.append((settings, models[0].status().state))
+        return real(self, settings, **overrides)
+
+    monkeypatch.setattr(Pipeline, "warm_up", warm_up)
+    settings = StreamSettings(height=32, width=48, steps=(700, 500, 300))
+    models: list[ModelManager] = []
+    model, stages = _load(monkeypatch, lambda pipeline: settings, models)
+    assert ran == [(settings, "loading")]  # not yet "loaded": no client's stream starts beside it
+    assert any(stage.startswith("compiling: a first stream at 48x32, 3 steps") for stage in stages), stages
+    assert model.status().stage == "ready"
+
+
+def test_a_failed_warm_up_still_loads_the_model(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def warm_up(self, settings=None, **overrides):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    monkeypatch.setattr(Pipeline, "warm_up", warm_up)
+    with caplog.at_level(logging.WARNING, logger="wanstream.server"):
+        model, _ = _load(monkeypatch, lambda pipeline: StreamSettings(**SMALL))
+    assert model.pipeline is not None and model.status().error is None
+    assert any(
+        "warm-up stream failed" in r.getMessage() and "9.00 GiB" in r.getMessage() for r in caplog.records
+    )
+
+
+def test_no_warm_up_where_nothing_compiles() -> None:
+    called = []
+    model = ModelManager(demo=True, models_dir=None, device="cpu", warm_up=lambda p: called.append(p))
+    model.start_load()
+    assert model.wait(120).state == "loaded"
+    assert called == []  # the CPU path compiles nothing: the settings were never even asked for
