@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from wanstream import Pipeline
-from wanstream.engine.settings import StreamSettings
+from wanstream.engine.settings import SettingsUpdate, StreamSettings
 from wanstream.server import model as model_module
 from wanstream.server.model import ModelManager
 
@@ -48,9 +48,12 @@ def test_the_server_warms_up_before_it_says_loaded(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(Pipeline, "warm_up", warm_up)
     settings = StreamSettings(height=32, width=48, steps=(700, 500, 300))
     models: list[ModelManager] = []
-    model, stages = _load(monkeypatch, lambda pipeline: settings, models)
-    assert ran == [(settings, "loading")]  # not yet "loaded": no client's stream starts beside it
-    assert any(stage.startswith("compiling: a first stream at 48x32, 3 steps") for stage in stages), stages
+    one_step = settings.updated(SettingsUpdate(steps=(700,)))
+    model, stages = _load(monkeypatch, lambda pipeline: [settings, one_step], models)
+    # In order, before "loaded": no client's stream starts beside them.
+    assert ran == [(settings, "loading"), (one_step, "loading")]
+    assert any(s.startswith("compiling: a first stream at 48x32, 3 steps (1 of 2)") for s in stages), stages
+    assert any(s.startswith("compiling: a first stream at 48x32, 1 step (2 of 2)") for s in stages), stages
     assert model.status().stage == "ready"
 
 
@@ -62,7 +65,7 @@ def test_a_failed_warm_up_still_loads_the_model(
 
     monkeypatch.setattr(Pipeline, "warm_up", warm_up)
     with caplog.at_level(logging.WARNING, logger="wanstream.server"):
-        model, _ = _load(monkeypatch, lambda pipeline: StreamSettings(**SMALL))
+        model, _ = _load(monkeypatch, lambda pipeline: [StreamSettings(**SMALL)] * 2)
     assert model.pipeline is not None and model.status().error is None
     assert any(
         "warm-up stream failed" in r.getMessage() and "9.00 GiB" in r.getMessage() for r in caplog.records

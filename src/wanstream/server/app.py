@@ -97,7 +97,7 @@ def create_app(
         text_encoder=config.text_encoder,
         precision=config.precision,
         reproducible=config.reproducible_takes,
-        warm_up=(lambda pipeline: default_settings(config, demo=pipeline.is_demo))
+        warm_up=(lambda pipeline: [default_settings(config, demo=pipeline.is_demo)])
         if config.warm_up
         else None,
     )

@@ -6,7 +6,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,11 +41,11 @@ class ModelManager:
         precision: str = "bf16",
         random_size: str = "full",
         reproducible: bool = False,
-        warm_up: Callable[[Pipeline], StreamSettings] | None = None,
+        warm_up: Callable[[Pipeline], Sequence[StreamSettings]] | None = None,
     ) -> None:
         self.demo = demo
-        # The settings of a private stream run after loading, before the model is "loaded": its compiles happen
-        # then, not in the first client's first frames (engine/warm_up.py). None: no warm-up.
+        # The settings of the private streams run after loading, before the model is "loaded": their compiles
+        # happen then, not in the first client's first frames (engine/warm_up.py). None: no warm-up.
         self.warm_up = warm_up
         self.random_weights = random_weights  # full-size networks, random weights (measuring the live path)
         self.random_size = random_size  # "tiny": the benchmark's tiny random networks (tests)
@@ -194,22 +194,27 @@ class ModelManager:
             self._finished = time.monotonic()
         log.info("model loaded: %s", pipeline.label)
 
-    def _warm_up(self, pipeline: Pipeline, settings: StreamSettings) -> None:
-        steps = len(settings.denoising_steps)
-        self._set_stage(
-            f"compiling: a first stream at {settings.width}x{settings.height}, {steps} step{'s' * (steps > 1)} "
-            "(about a minute with an empty compile cache, seconds after)"
-        )
-        try:
-            done = pipeline.warm_up(settings)
-        except Exception as exc:  # never fatal: the first client's stream compiles as it starts instead
-            log.warning(
-                "the warm-up stream failed (%s: %s); streams compile as they start", type(exc).__name__, exc
+    def _warm_up(self, pipeline: Pipeline, streams: Sequence[StreamSettings]) -> None:
+        for i, settings in enumerate(streams):
+            steps = len(settings.denoising_steps)
+            self._set_stage(
+                f"compiling: a first stream at {settings.width}x{settings.height}, {steps} "
+                f"step{'s' * (steps > 1)}"
+                + (f" ({i + 1} of {len(streams)})" if len(streams) > 1 else "")
+                + " — about a minute with an empty compile cache, seconds after"
             )
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()  # an out-of-memory warm-up leaves nothing behind
-            return
-        log.info("warmed up: %d chunks in %.1f s", done.chunks, done.seconds)
+            try:
+                done = pipeline.warm_up(settings)
+            except Exception as exc:  # never fatal: the first client's stream compiles as it starts instead
+                log.warning(
+                    "the warm-up stream failed (%s: %s); streams compile as they start",
+                    type(exc).__name__,
+                    exc,
+                )
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()  # an out-of-memory warm-up leaves nothing behind
+                return
+            log.info("warmed up at %d steps: %d chunks in %.1f s", steps, done.chunks, done.seconds)
 
 
 def compiles_at_stream_start(pipeline: Pipeline) -> bool:
