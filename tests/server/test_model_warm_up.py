@@ -5,6 +5,7 @@ stand the GPU's condition in to see the stages."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,3 +79,14 @@ def test_no_warm_up_where_nothing_compiles() -> None:
     model.start_load()
     assert model.wait(120).state == "loaded"
     assert called == []  # the CPU path compiles nothing: the settings were never even asked for
+
+
+def test_the_server_warms_up_its_default_settings(tmp_path: Path) -> None:
+    """`create_app`'s warm-up: the stream a client gets by default (with the command line's overrides)."""
+    from wanstream.server import ServerConfig, create_app
+
+    common = dict(demo=True, device="cpu", preload=False, recordings_dir=tmp_path)
+    config = ServerConfig(**common, settings_overrides={"height": 64, "width": 96})
+    streams = create_app(config).state.model.warm_up(Pipeline.demo())
+    assert [(s.height, s.width, len(s.denoising_steps)) for s in streams] == [(64, 96, 2)]
+    assert create_app(ServerConfig(**common, warm_up=False)).state.model.warm_up is None
