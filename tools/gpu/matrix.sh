@@ -13,7 +13,7 @@
 # lines) and log_<part>.txt (all logs). Exit codes: a crash shows as a non-zero "rc" beside its run.
 set -o pipefail
 export COLUMNS=200
-PART=${1:?usage: matrix.sh A|B|M|C|D|E|V|S|R|R2|R3|R4|R5|R6|R7|R8|T|T2|T3|T4|T6|FA1|FA2}
+PART=${1:?usage: matrix.sh A|B|M|C|D|E|V|S|R|R2|R3|R4|R5|R6|R7|R8|T|T2|T3|T4|T6|W|FA1|FA2}
 W=/tmp/matrix-$PART; rm -rf "$W"; mkdir -p "$W"
 B="python3 -m wanstream.cli.main bench"
 stamp() { echo "[$(date +%T)] $*" | tee -a "$W/steps.txt"; }
@@ -320,6 +320,13 @@ T6)
   rm -rf /tmp/inductor-fresh
   PYTHONHASHSEED=0 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-fresh \
     take trace_seed0_new_process_cold 120 replay take_s --reproducible --trace
+  ;;
+W)
+  # serve's warm-up (engine/warm_up.py): the warm-up streams' time, then a client's first stream after them —
+  # TTFF, its chunks, live steps changes to 1, 3, 4, 2 steps — and what compiled after the warm-up (should be
+  # nothing). Warm cache when part M ran before on this machine; `rm -rf "$TORCHINDUCTOR_CACHE_DIR"` first for
+  # the empty-cache figure.
+  run warm_up 400 python3 tools/gpu/warm_up_check.py "$W/warm_up.json"
   ;;
 FA1)
   # FlashAttention 4's stack is carried in two calls (tools/gpu/fa4_wheels.sh): this one leaves part a in /tmp.
