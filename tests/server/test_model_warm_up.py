@@ -73,6 +73,18 @@ def test_a_failed_warm_up_still_loads_the_model(
     )
 
 
+def test_warm_up_settings_that_fail_still_load_the_model(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def settings(pipeline):
+        return [StreamSettings(height=30)]  # not a multiple of 16: a ValidationError
+
+    with caplog.at_level(logging.WARNING, logger="wanstream.server"):
+        model, _ = _load(monkeypatch, settings)
+    assert model.pipeline is not None and model.status().error is None
+    assert any("warm-up stream failed (ValidationError" in r.getMessage() for r in caplog.records)
+
+
 def test_no_warm_up_where_nothing_compiles() -> None:
     called = []
     model = ModelManager(demo=True, models_dir=None, device="cpu", warm_up=lambda p: called.append(p))

@@ -187,34 +187,35 @@ class ModelManager:
         if pipeline.components.device.type == "cpu":
             _leave_a_core_for_media()
         if self.warm_up is not None and compiles_at_stream_start(pipeline):
-            self._warm_up(pipeline, self.warm_up(pipeline))
+            self._warm_up(pipeline)
         with self._lock:
             self._pipeline = pipeline
             self._state, self._stage, self._progress = "loaded", "ready", 1.0
             self._finished = time.monotonic()
         log.info("model loaded: %s", pipeline.label)
 
-    def _warm_up(self, pipeline: Pipeline, streams: Sequence[StreamSettings]) -> None:
-        for i, settings in enumerate(streams):
-            steps = len(settings.denoising_steps)
-            self._set_stage(
-                f"compiling: a first stream at {settings.width}x{settings.height}, {steps} "
-                f"step{'s' * (steps > 1)}"
-                + (f" ({i + 1} of {len(streams)})" if len(streams) > 1 else "")
-                + " — about a minute with an empty compile cache, seconds after"
-            )
-            try:
-                done = pipeline.warm_up(settings)
-            except Exception as exc:  # never fatal: the first client's stream compiles as it starts instead
-                log.warning(
-                    "the warm-up stream failed (%s: %s); streams compile as they start",
-                    type(exc).__name__,
-                    exc,
+    def _warm_up(self, pipeline: Pipeline) -> None:
+        """Never fatal: whatever fails here (the settings included), the model loads and the first client's
+        stream compiles as it starts instead."""
+        assert self.warm_up is not None
+        try:
+            streams = self.warm_up(pipeline)
+            for i, settings in enumerate(streams):
+                steps = len(settings.denoising_steps)
+                self._set_stage(
+                    f"compiling: a first stream at {settings.width}x{settings.height}, {steps} "
+                    f"step{'s' * (steps > 1)}"
+                    + (f" ({i + 1} of {len(streams)})" if len(streams) > 1 else "")
+                    + " — about a minute with an empty compile cache, seconds after"
                 )
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()  # an out-of-memory warm-up leaves nothing behind
-                return
-            log.info("warmed up at %d steps: %d chunks in %.1f s", steps, done.chunks, done.seconds)
+                done = pipeline.warm_up(settings)
+                log.info("warmed up at %d steps: %d chunks in %.1f s", steps, done.chunks, done.seconds)
+        except Exception as exc:
+            log.warning(
+                "the warm-up stream failed (%s: %s); streams compile as they start", type(exc).__name__, exc
+            )
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # an out-of-memory warm-up leaves nothing behind
 
 
 def compiles_at_stream_start(pipeline: Pipeline) -> bool:
