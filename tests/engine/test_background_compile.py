@@ -393,6 +393,71 @@ def test_torch_compile_the_helpers_compile_is_the_one_the_stream_uses() -> None:
         torch._dynamo.reset()
 
 
+@pytest.mark.usefixtures("live_change")
+def test_torch_compile_one_graph_serves_every_lane_count_from_two() -> None:
+    """The lane dim marked dynamic (`lane_args`): after 1 lane (compiled in line) and 2 (on the helper), a
+    live change to 3 and then 4 lanes and back — a steps change in stream batch — compiles nothing and runs
+    the compiled code at once, equal to eager's."""
+    import torch._dynamo
+
+    compiled_on: list[str] = []
+    compiled_calls = 0
+
+    def backend(gm, example_inputs):
+        compiled_on.append(threading.current_thread().name)
+
+        def run(*args):
+            nonlocal compiled_calls
+            compiled_calls += 1
+            return gm.forward(*args)
+
+        return run
+
+    def compiled(fn):
+        return torch.compile(fn, backend=backend, dynamic=None)
+
+    torch._dynamo.reset()
+    model, reference = _tiny_dit(), _tiny_dit()
+    model._halves = tuple(  # type: ignore[assignment]
+        CompiledOrEager(compiled(f), f, f.__name__, background=True, lane_args=lanes)
+        for f, lanes in ((dit_module._first_half, (1, 2, 3, 4)), (dit_module._second_half, (1, 2, 3)))
+    )
+    L = 2 * 3
+    cfg = KVCacheConfig(num_layers=2, num_heads=2, head_dim=16, frame_tokens=L, num_frames=32, lanes=4)
+    cache, ref_cache = KVCache(cfg), KVCache(cfg)
+    cache._track = CompiledOrEager(
+        compiled(track), track, "bookkeeping", background=True, lane_args=tuple(range(7))
+    )
+    torch.manual_seed(1)
+    ctx = torch.randn(1, 5, 16)
+    try:
+        with torch.inference_mode():
+            cross, ref_cross = model.cross_kv(ctx), reference.cross_kv(ctx)
+
+            def step(i: int, lanes: int) -> None:
+                x = torch.randn(lanes, 1, 16, 4, 6)
+                starts = [(i + lanes - 1 - b) * L for b in range(lanes)]
+                t = torch.full(x.shape[:2], 500)
+                out = model.forward_stream(x, t, cross, cache, cache.plan(starts, 1))
+                ref = reference.forward_stream(x, t, ref_cross, ref_cache, ref_cache.plan(starts, 1))
+                torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+            step(0, 1)  # 1 lane: compiled in line
+            for i in range(1, 4):  # 2 lanes: on the helper (the cache never fills here: one cache phase)
+                step(i, 2)
+                assert COMPILES.wait(30)
+            compiles, scheduled, calls = len(compiled_on), COMPILES.snapshot()["scheduled"], compiled_calls
+            changes = (3, 3, 4, 4, 2)  # steps changed live, and back
+            for i, lanes in enumerate(changes, start=4):
+                step(i, lanes)
+                assert not COMPILES.pending()
+        assert len(compiled_on) == compiles and COMPILES.snapshot()["scheduled"] == scheduled  # none compiled
+        assert compiled_calls - calls == len(changes) * 3 * cfg.num_layers  # every call ran compiled code
+        assert FALLBACKS.total() == 0 and COMPILES.snapshot()["slow_first_calls"] == 0
+    finally:
+        torch._dynamo.reset()
+
+
 def test_a_compiled_call_while_another_thread_traces_runs_eager_openly(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -520,24 +520,28 @@ class WanDiT(nn.Module):
         compilation: one compile instead of thirty). The KV-cache update and attention stay outside the
         compiled regions: they are already few large kernels, and the whole step is CUDA-graphed anyway.
 
-        The halves write nothing but their outputs, so a new shape mid-stream (another lane count or frame
-        size) compiles on a helper thread while the stream runs the eager halves (`fastpath.COMPILES`)."""
+        One compiled graph serves every lane count from 2 up (the lane dim is marked dynamic: a live steps
+        change compiles nothing; `fastpath.LANES_MAX`). The halves write nothing but their outputs, so a new
+        shape mid-stream (a frame size, 1 lane) compiles on a helper thread while the stream runs the eager
+        halves (`fastpath.COMPILES`)."""
         if fuse_qkv:
             for block in self.blocks:
                 block.self_attn.fuse_qkv()
         if compile:  # a failed compile falls back to the eager halves (counted in fastpath.FALLBACKS)
             self._halves = (
                 CompiledOrEager(
-                    torch.compile(_first_half, dynamic=False),
+                    torch.compile(_first_half, dynamic=None),
                     _first_half,
                     "DiT block, first half",
                     background=True,
+                    lane_args=(1, 2, 3, 4),  # x, e0, cos, sin
                 ),
                 CompiledOrEager(
-                    torch.compile(_second_half, dynamic=False),
+                    torch.compile(_second_half, dynamic=None),
                     _second_half,
                     "DiT block, second half",
                     background=True,
+                    lane_args=(1, 2, 3),  # x, y, e0 (the text K/V are one prompt's, for every lane)
                 ),
             )
         return self

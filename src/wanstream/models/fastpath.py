@@ -192,10 +192,23 @@ class CompiledOrEager:
     """
 
     def __init__(
-        self, compiled: Callable[..., Any], eager: Callable[..., Any], where: str, *, background: bool = False
+        self,
+        compiled: Callable[..., Any],
+        eager: Callable[..., Any],
+        where: str,
+        *,
+        background: bool = False,
+        lane_args: tuple[int, ...] = (),
     ) -> None:
+        """`lane_args`: the positions of the arguments whose first dim is the stream's lane count (a tensor, or a
+        tuple of them): 2 to `LANES_MAX` lanes share one compiled graph, see `_mark_lanes`."""
         self.compiled, self.eager, self.where = compiled, eager, where
+        self.lane_args = lane_args
         self.failed = False
+        if lane_args:
+            # Only the dims marked dynamic: dynamo's default would turn any dim dynamic that changed between
+            # calls (the token count at a frame-size change), generating slower kernels for every shape.
+            compile_settings.want("torch._dynamo.config", "automatic_dynamic_shapes", False)
         # Every (lanes, frames, cache phase) signature compiles once: allow all of them (dynamo's default is 8).
         limit = compile_settings.wanted("torch._dynamo.config", "recompile_limit")
         compile_settings.want("torch._dynamo.config", "recompile_limit", max(limit, 64))
@@ -211,7 +224,7 @@ class CompiledOrEager:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         key, call = None, -1
         if numerics.counting():  # a session log notes, or a replay runs, which calls ran eager code
-            key = _signature(args, kwargs)
+            key = _signature(args, kwargs, self.lane_args)
             call = numerics.next_call((self.where, key))
         if numerics.replaying():
             return self._as_recorded(key, call, args, kwargs)
@@ -219,7 +232,7 @@ class CompiledOrEager:
             return self._eager(call, args, kwargs)
         if self.shapes is None:
             return self._compiled(call, args, kwargs)
-        key = key or _signature(args, kwargs)
+        key = key or _signature(args, kwargs, self.lane_args)
         state = self.shapes.state.get(key)
         if state == READY:  # the steady state: one signature, one dict look-up
             return self._compiled(call, args, kwargs)
@@ -243,7 +256,7 @@ class CompiledOrEager:
         if self.failed or (numerics.owes_eager() and numerics.replay_eager(self._site(args, kwargs), call)):
             return self.eager(*args, **kwargs)
         if self.shapes is not None:
-            key = key or _signature(args, kwargs)
+            key = key or _signature(args, kwargs, self.lane_args)
             if self.shapes.state.get(key) == PENDING:
                 COMPILES.wait()
             if self.shapes.state.get(key) == FAILED:
@@ -282,15 +295,45 @@ class CompiledOrEager:
                 return self._eager(call, args, kwargs)
             while _fx_tracing():
                 time.sleep(0.001)
-        compile_settings.apply()  # this thread may be new: the process's compile settings, in force here
         try:
-            return self.compiled(*args, **kwargs)
+            return self.run_compiled(args, kwargs)
         except Exception as exc:
             if is_out_of_memory(exc) or _capturing():
                 raise  # out of memory is not a compile failure; a capture's failure is the capture's to handle
             self.failed = True
             FALLBACKS.record("compile", self.where, exc, "the eager code")
             return self.eager(*args, **kwargs)
+
+    def run_compiled(self, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """The compiled function, called with this process's compile settings in force on this thread (it may
+        be new) and the lane dims marked."""
+        compile_settings.apply()
+        _mark_lanes(args, self.lane_args)
+        return self.compiled(*args, **kwargs)
+
+
+# --- one graph for every lane count from 2 up ---------------------------------------------------------------
+
+# A live steps change in stream batch changes the DiT step's lane count (steps = lanes). Compiled for each
+# count, a change to a count not seen yet ran the eager block halves for 1.4-1.9 s while the new count compiled
+# (an H100, call 39) and a cold start compiled every count anew. Marked dynamic, the lane dim is one symbol in
+# a single graph for 2 to LANES_MAX lanes: a change among them compiles nothing (its CUDA graph is captured,
+# as for any new signature). One lane keeps a graph of its own: dynamo specialises sizes 0 and 1 (broadcasts
+# depend on them), so a range from 1 would not compile.
+LANES_MAX = 8  # the engine's most denoising steps; a larger count gets a graph of its own
+
+
+def _lane_tensors(args: tuple, positions: tuple[int, ...]) -> Iterator[torch.Tensor]:
+    for i in positions:
+        yield from _tensors(args[i])
+
+
+def _mark_lanes(args: tuple, positions: tuple[int, ...]) -> None:
+    import torch._dynamo  # only where code is compiled (importing dynamo costs a second)
+
+    for t in _lane_tensors(args, positions):
+        if 2 <= t.shape[0] <= LANES_MAX:
+            torch._dynamo.mark_dynamic(t, 0, min=2, max=LANES_MAX)
 
 
 # --- compiling new shapes off the stream's thread ---------------------------------------------------------
@@ -475,8 +518,7 @@ class BackgroundCompiles:
                             self._helper_stream(device, copied),
                             exclusive,
                         ):
-                            compile_settings.apply()
-                            fn.compiled(*scratch[0], **scratch[1])
+                            fn.run_compiled(scratch[0], scratch[1])
                     finally:
                         scratch.clear()  # freed inside the gate, once the helper's stream is done with them
                 state = FRESH
@@ -552,12 +594,23 @@ class BackgroundCompiles:
 COMPILES = BackgroundCompiles()
 
 
-def _signature(args: tuple, kwargs: dict[str, Any]) -> tuple:
+def _signature(args: tuple, kwargs: dict[str, Any], lane_args: tuple[int, ...] = ()) -> tuple:
     """What dynamo specialises a call on, cheaply (a few µs): the grad mode, each tensor's shape, dtype, device
     and strides, plain values (dynamo bakes Python scalars into the graph), the type of anything else (a
-    module)."""
-    key = (torch.is_inference_mode_enabled(), torch.is_grad_enabled(), *map(_part, args))
+    module). The arguments at `lane_args` with 2 to LANES_MAX lanes count as one: one graph serves them."""
+    parts = [_part(a) for a in args]
+    for i in lane_args:
+        parts[i] = _lanes_part(args[i])
+    key = (torch.is_inference_mode_enabled(), torch.is_grad_enabled(), *parts)
     return (key, tuple(kwargs), tuple(map(_part, kwargs.values()))) if kwargs else key
+
+
+def _lanes_part(a: Any) -> Any:
+    if isinstance(a, torch.Tensor) and 2 <= a.shape[0] <= LANES_MAX:
+        return (("lanes", *a.shape[1:]), a.dtype, a.device, a.stride())
+    if isinstance(a, (tuple, list)):
+        return tuple(map(_lanes_part, a))
+    return _part(a)
 
 
 _PLAIN = (type(None), bool, int, float, str)

@@ -369,13 +369,17 @@ class KVCache(nn.Module):
 
         The compiled code takes every branch under its lane masks (`track_every_branch`) and never sees the
         call's `any_full` / `any_append`: those turn when the cache first fills, mid-stream, and a compile
-        specialised on them compiled again then, in line on the stream's thread (seconds from a cold cache)."""
-        fused = torch.compile(track_every_branch, dynamic=False)
+        specialised on them compiled again then, in line on the stream's thread (seconds from a cold cache).
+        Like the DiT's halves, it has one graph for every lane count from 2 up."""
+        fused = torch.compile(track_every_branch, dynamic=None)
 
         def compiled(*args: Any, any_full: bool, any_append: bool, **kwargs: Any) -> Any:
             return fused(*args, **kwargs)
 
-        self._track = CompiledOrEager(compiled, track, "KV-cache bookkeeping", background=True)
+        # Every argument but the plain values has the lanes first: one graph for 2 lanes and more.
+        self._track = CompiledOrEager(
+            compiled, track, "KV-cache bookkeeping", background=True, lane_args=tuple(range(7))
+        )
         return self
 
     def state(self) -> dict[str, object]:
