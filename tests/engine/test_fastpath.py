@@ -78,29 +78,56 @@ def test_a_failed_capture_falls_back_with_one_warning_and_the_same_output(
 
 
 @pytest.mark.parametrize("batching", ["stream", "none"])
-def test_a_streams_first_chunk_is_never_captured(demo_pipeline: Pipeline, batching: str) -> None:
-    """Its signatures come once per stream: warming up and recording them would delay the stream's first frame
-    (TTFF) to save launches once. Later chunks are captured and replayed; the output is the eager path's."""
+def test_a_streams_first_chunk_is_captured_later_and_replayed_by_the_next_stream(
+    demo_pipeline: Pipeline, batching: str
+) -> None:
+    """Warming up and recording a stream's first chunk would delay its first frame (TTFF): it runs without a
+    graph, and its signature is captured at a later call of the stream. The next stream's first chunk (after a
+    reset, a hard cut) replays it. The output is the eager path's throughout."""
     clip = moving_clip(29)
     plain = _stream(demo_pipeline, None, batching)
     eager = [_run(plain, clip) for _ in range(2)]
     session = _stream(demo_pipeline, CpuGraphs, batching)
     graphs = session.denoiser.graphs
-    tried: list[int] = []  # latent frames of each call that warmed up / recorded
+    tried: list[tuple[int, bool]] = []  # (latent frames, inside a first chunk?) of each warm-up / recording
     original = graphs._try_capture
 
     def spy(key, x, *args, **kwargs):
-        tried.append(x.shape[1])
+        tried.append((x.shape[1], session.denoiser._stream_start))
         return original(key, x, *args, **kwargs)
 
     graphs._try_capture = spy
-    # A second stream through the same signatures: its first chunk is not captured either.
-    for expected in eager:
-        assert torch.equal(_run(session, clip), expected)
+    assert torch.equal(_run(session, clip), eager[0])
     steps = len(session.denoiser.steps)
-    assert graphs.stats.stream_start == 2 * steps  # every step of both first chunks ran without a graph
-    assert tried and 2 not in tried  # no first-chunk (2-latent) call was ever warmed up or recorded
-    assert graphs.stats.captured >= 1 and graphs.stats.replays > graphs.stats.captured
+    assert graphs.stats.stream_start == steps  # the first chunk's steps ran without a graph
+    assert (2, False) in tried and (2, True) not in tried  # captured later, never inside a first chunk
+    later = graphs.stats.later  # the first chunk's signatures (its steps' cache phases differ)
+    assert later >= 1 and not graphs._later
+    replays = graphs.stats.replays
+    # A second stream through the same signatures: its first chunk replays the graph.
+    assert torch.equal(_run(session, clip), eager[1])
+    assert graphs.stats.stream_start == steps and graphs.stats.later == later  # every step on its graph
+    assert graphs.stats.replays >= replays + steps
+    assert graphs.stats.failed == 0 and FALLBACKS.total() == 0
+
+
+def test_a_first_chunk_capture_waits_while_anything_compiles(demo_pipeline: Pipeline, monkeypatch) -> None:
+    """Deferred like any capture: while a compile runs, the remembered first-chunk signature stays uncaptured
+    (and the stream runs on); once nothing compiles, a later call captures it."""
+    from wanstream.models import fastpath
+
+    clip = moving_clip(29)
+    eager = _run(_stream(demo_pipeline, None, "stream"), clip)
+    session = _stream(demo_pipeline, CpuGraphs, "stream")
+    graphs = session.denoiser.graphs
+    compiling = [True]
+    monkeypatch.setattr(fastpath.COMPILES, "pending", lambda: compiling[0])
+    outs = [session.push(clip[i : i + 4]) for i in range(0, 20, 4)]
+    assert graphs.stats.captured == 0 and graphs.stats.deferred >= 1 and graphs._later  # kept for later
+    compiling[0] = False
+    outs += [session.push(clip[i : i + 4]) for i in range(20, clip.shape[0], 4)] + [session.flush()]
+    assert torch.equal(torch.cat(outs), eager)
+    assert graphs.stats.later >= 1 and not graphs._later
 
 
 def test_a_failed_signature_is_not_captured_again(demo_pipeline: Pipeline) -> None:

@@ -106,7 +106,7 @@ def test_vace_calls_replay_captured_steps_bit_for_bit_through_scale_and_control_
     assert all(isinstance(e, VaceExtension) for e in rec.extensions)
     assert [e.context is not None for e in rec.extensions[:3]] == [True, True, False]
     # Captures happen while the cache fills (a new cache phase each chunk, chunks 1-4 here: a stream's first
-    # chunk is never captured); from then on new control frames, masks on and off and three scale changes
+    # chunk is captured at a later call, never inside it); from then on new control frames, masks on and off and three scale changes
     # (chunks 8-12) all replay the captured steps.
     assert captured_at[0] == 0 < captured_at[1] < captured_at[7] == captured_at[-1], captured_at
     assert graphs.stats.replays > 2 * 7 and graphs.stats.failed == 0 and FALLBACKS.total() == 0
@@ -115,10 +115,11 @@ def test_vace_calls_replay_captured_steps_bit_for_bit_through_scale_and_control_
     vace_keys = [k for k in graphs._graphs if isinstance(k[-2], tuple) and k[-2][0] == "vace"]
     assert vace_keys and {k[-2][1] for k in vace_keys} == {vace_components.vace}
     # The static inputs are one set per extension signature, shared by its graphs (not one per cache phase):
-    # later chunks' 1-frame context and the cache pass without one (the first chunk's 2-frame context ran
-    # without a graph: a stream's first chunk is not captured).
-    assert len(graphs._inputs) == 2 < graphs.stats.captured
+    # later chunks' 1-frame context, the cache pass without one, and the first chunk's 2-frame context (its
+    # steps ran without a graph, and were captured at a later call for the next stream's first chunk).
+    assert len(graphs._inputs) == 3 < graphs.stats.captured
     assert graphs.stats.stream_start == 3  # the first chunk's two steps and its cache pass
+    assert graphs.stats.later >= 1 and not graphs._later
 
 
 def test_a_new_context_shape_captures_a_new_signature(vace_components: Components) -> None:

@@ -25,13 +25,14 @@ A capture is prepared and made safely:
   and captures.
 * Recording uses CUDA's thread-local capture mode: another thread's allocation (the caching allocator is
   capture-aware) does not invalidate it.
-* A stream's first chunk runs the compiled step without a graph. Its signatures (two latents, an empty cache)
-  come once per stream, so capturing them saves launches once per stream but costs the stream's first frame
-  a warm-up and a recording: on an H100 (call 36) a reset stream's first frame took 258–310 ms where the
-  capture ran then, 127 ms where it had run before; uncaptured (call 39), 142 ms at 1 step. The price: its
-  steps launch every kernel from the host, so at 3–4 steps a stream's first frame takes 191–362 ms (176 ms at
-  3 steps where the signatures had been captured in a quiet first stream). (A replay still runs such a step on
-  a graph where the take's log says the live stream did.)
+* A stream's first chunk is never warmed up or recorded: that would cost its first frame a warm-up and a
+  recording (an H100, call 36: a reset stream's first frame took 258–310 ms where the capture ran then, 127 ms
+  where it had run before). It runs the compiled step without a graph unless its signature (two latents, an
+  empty cache) was captured before. Such a call is remembered and captured at a later call of the same stream
+  (one signature per call, once nothing compiles), so every later stream's first chunk — after a reset, a hard
+  cut, a new client — replays it. Uncaptured, its steps launch every kernel from the host: at 3–4 steps the
+  first frame took 191–362 ms (call 39) where 176 ms had been measured with the signatures captured (call 31).
+  (A replay of a take runs such a step on a graph where the take's log says the live stream did.)
 * A session log notes which steps replayed a graph, and its replay runs exactly those on one (capturing it
   then, waiting for compiles: a replay has no deadline), the others directly (`models.numerics`): when the live
   stream captured depends on timing, and a graph may round otherwise than the step launched directly.
@@ -104,7 +105,8 @@ class GraphStats:
     replays: int = 0
     deferred: int = 0  # calls run without a graph because a compile was running (another thread's, or ours)
     failed: int = 0  # signatures whose capture failed (they run without a graph)
-    stream_start: int = 0  # calls of a stream's first chunk, never captured (they run without a graph)
+    stream_start: int = 0  # calls of a stream's first chunk that ran without a graph (not captured yet)
+    later: int = 0  # of `captured`, a stream's first-chunk signatures captured at a later call
 
 
 class StepGraphs:
@@ -121,6 +123,8 @@ class StepGraphs:
         # An extension's static inputs, shared by every signature with the same extension part (graphs replay
         # one at a time, like the shared text K/V): the VACE text K/V are 47 MB at full size.
         self._inputs: dict[tuple, _StaticInputs] = {}
+        # First-chunk calls not captured yet, to capture at a later call: key → (x, t, plan, extension, ext_key).
+        self._later: dict[tuple, tuple] = {}
         self._pool: Any = None
         self._stream: Any = None
         self._cross: CrossKV | None = None  # static copies of the text K/V the graphs read
@@ -165,12 +169,17 @@ class StepGraphs:
             plan.table.data_ptr(),
             *ext_key,
         )
+        if capture and self._later and as_live is None:
+            self._capture_later()
         captured = self._graphs.get(key)
         if captured is None and key not in self._failed and (capture or as_live):
             captured = self._try_capture(key, x, t, plan, extension, ext_key, now=bool(as_live))
         if captured is None:
             if not capture:
                 self.stats.stream_start += 1
+                if key not in self._failed and as_live is None:
+                    # Values, never edited in place once handed over (see `_StaticInputs.load`): kept as they are.
+                    self._later.setdefault(key, (x.clone(), t.clone(), plan, extension, ext_key))
             return self.step(x, t, self._cross, plan, extension)  # type: ignore[arg-type]
         captured.x.copy_(x)
         captured.t.copy_(t)
@@ -180,6 +189,18 @@ class StepGraphs:
         numerics.note_graph(step)
         x0, flow = captured.outputs
         return x0.clone(), flow.clone()  # the next replay overwrites the static outputs
+
+    def _capture_later(self) -> None:
+        """Capture one remembered first-chunk signature (its warm-up puts the cache back); kept for a later call
+        while it is deferred. Its plan's table is the cache's staging buffer for that shape: whatever plan of the
+        shape it holds now, a warm-up reads valid slots, and the graph reads the buffer at each replay."""
+        key, (x, t, plan, extension, ext_key) = next(iter(self._later.items()))
+        if key not in self._graphs and key not in self._failed:
+            if self._try_capture(key, x, t, plan, extension, ext_key) is None and key not in self._failed:
+                return  # deferred: compiles are running, or another thread is capturing
+            if key in self._graphs:
+                self.stats.later += 1
+        del self._later[key]
 
     @staticmethod
     def _extension_key(x: torch.Tensor, extension: StreamExtension | None) -> tuple[Any, ...]:
@@ -322,6 +343,7 @@ class StepGraphs:
         """Drop every captured graph and its memory pool (new modules, a new prompt shape, closing)."""
         self._graphs.clear()
         self._warm.clear()
+        self._later.clear()
         self._pool = None
         self._cross = self._cross_source = None
         self._inputs.clear()
