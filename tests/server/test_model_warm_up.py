@@ -94,11 +94,12 @@ def test_no_warm_up_where_nothing_compiles() -> None:
 
 
 def test_the_server_warms_up_its_default_settings(tmp_path: Path) -> None:
-    """`create_app`'s warm-up: the stream a client gets by default (with the command line's overrides)."""
+    """`create_app`'s warm-up: the stream a client gets by default (with the command line's overrides), and the
+    same at 1 step, so a live steps change to any count finds its compiled code (`warm_up.lane_classes`)."""
     from wanstream.server import ServerConfig, create_app
 
     common = dict(demo=True, device="cpu", preload=False, recordings_dir=tmp_path)
     config = ServerConfig(**common, settings_overrides={"height": 64, "width": 96})
     streams = create_app(config).state.model.warm_up(Pipeline.demo())
-    assert [(s.height, s.width, len(s.denoising_steps)) for s in streams] == [(64, 96, 2)]
+    assert [(s.height, s.width, len(s.denoising_steps)) for s in streams] == [(64, 96, 2), (64, 96, 1)]
     assert create_app(ServerConfig(**common, warm_up=False)).state.model.warm_up is None

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from wanstream.engine.session import StreamSession
-from wanstream.engine.settings import StreamSettings
+from wanstream.engine.settings import DEFAULT_STEPS, StreamSettings
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,17 @@ def chunks_to_fill(settings: StreamSettings) -> int:
     the last lane starts steps-1 chunks late; each phase attends another length, so it is a new shape."""
     lag = len(settings.denoising_steps) - 1 if settings.batching == "stream" else 0
     return settings.kv_cache_frames + lag + 2
+
+
+def lane_classes(settings: StreamSettings) -> list[StreamSettings]:
+    """`settings`, and in stream batch (one lane per step) the same at a step count of the other lane class:
+    the DiT's compiled code has one graph for 1 lane and one for every count from 2 (`models.fastpath`), so
+    with both warmed up no live steps change compiles anything."""
+    if settings.batching != "stream":
+        return [settings]  # one lane whatever the step count
+    steps = settings.denoising_steps
+    other = steps[:1] if len(steps) > 1 else DEFAULT_STEPS  # the timesteps' values shape nothing
+    return [settings, StreamSettings.model_validate({**settings.model_dump(), "steps": other})]
 
 
 def warm_up(open_session: Callable[[], StreamSession], settings: StreamSettings) -> WarmUp:

@@ -27,6 +27,7 @@ from starlette.types import Scope
 
 from wanstream import __version__
 from wanstream.engine.estimate import load_rows
+from wanstream.engine.warm_up import lane_classes
 from wanstream.server.api import router
 from wanstream.server.config import ServerConfig
 from wanstream.server.control_api import router as control_router
@@ -97,7 +98,7 @@ def create_app(
         text_encoder=config.text_encoder,
         precision=config.precision,
         reproducible=config.reproducible_takes,
-        warm_up=(lambda pipeline: [default_settings(config, demo=pipeline.is_demo)])
+        warm_up=(lambda pipeline: lane_classes(default_settings(config, demo=pipeline.is_demo)))
         if config.warm_up
         else None,
     )
