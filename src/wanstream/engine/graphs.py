@@ -91,6 +91,17 @@ class _StaticInputs:
 
 
 @dataclass
+class _FirstChunkCall:
+    """A stream's first-chunk call not captured yet: what its capture at a later call needs."""
+
+    x: torch.Tensor
+    t: torch.Tensor
+    plan: CallPlan
+    extension: StreamExtension | None
+    ext_key: tuple
+
+
+@dataclass
 class _Captured:
     graph: Any  # torch.cuda.CUDAGraph (anything with .replay())
     x: torch.Tensor
@@ -123,8 +134,7 @@ class StepGraphs:
         # An extension's static inputs, shared by every signature with the same extension part (graphs replay
         # one at a time, like the shared text K/V): the VACE text K/V are 47 MB at full size.
         self._inputs: dict[tuple, _StaticInputs] = {}
-        # First-chunk calls not captured yet, to capture at a later call: key → (x, t, plan, extension, ext_key).
-        self._later: dict[tuple, tuple] = {}
+        self._later: dict[tuple, _FirstChunkCall] = {}  # by signature: captured at a later call
         self._pool: Any = None
         self._stream: Any = None
         self._cross: CrossKV | None = None  # static copies of the text K/V the graphs read
@@ -178,8 +188,11 @@ class StepGraphs:
             if not capture:
                 self.stats.stream_start += 1
                 if key not in self._failed and as_live is None:
-                    # Values, never edited in place once handed over (see `_StaticInputs.load`): kept as they are.
-                    self._later.setdefault(key, (x.clone(), t.clone(), plan, extension, ext_key))
+                    # x and t copied; the extension's tensors are values, never edited in place once handed over
+                    # (see `_StaticInputs.load`): kept as they are.
+                    self._later.setdefault(
+                        key, _FirstChunkCall(x.clone(), t.clone(), plan, extension, ext_key)
+                    )
             return self.step(x, t, self._cross, plan, extension)  # type: ignore[arg-type]
         captured.x.copy_(x)
         captured.t.copy_(t)
@@ -194,9 +207,10 @@ class StepGraphs:
         """Capture one remembered first-chunk signature (its warm-up puts the cache back); kept for a later call
         while it is deferred. Its plan's table is the cache's staging buffer for that shape: whatever plan of the
         shape it holds now, a warm-up reads valid slots, and the graph reads the buffer at each replay."""
-        key, (x, t, plan, extension, ext_key) = next(iter(self._later.items()))
+        key, call = next(iter(self._later.items()))
         if key not in self._graphs and key not in self._failed:
-            if self._try_capture(key, x, t, plan, extension, ext_key) is None and key not in self._failed:
+            captured = self._try_capture(key, call.x, call.t, call.plan, call.extension, call.ext_key)
+            if captured is None and key not in self._failed:
                 return  # deferred: compiles are running, or another thread is capturing
             if key in self._graphs:
                 self.stats.later += 1
