@@ -329,6 +329,8 @@ def _lane_tensors(args: tuple, positions: tuple[int, ...]) -> Iterator[torch.Ten
 
 
 def _mark_lanes(args: tuple, positions: tuple[int, ...]) -> None:
+    if not positions:
+        return
     import torch._dynamo  # only where code is compiled (importing dynamo costs a second)
 
     for t in _lane_tensors(args, positions):
