@@ -29,9 +29,9 @@ A capture is prepared and made safely:
   recording (an H100, call 36: a reset stream's first frame took 258–310 ms where the capture ran then, 127 ms
   where it had run before). It runs the compiled step without a graph unless its signature (two latents, an
   empty cache) was captured before. Such a call is remembered and captured at a later call of the same stream
-  (one signature per call, once nothing compiles), so every later stream's first chunk — after a reset, a hard
-  cut, a new client — replays it. Uncaptured, its steps launch every kernel from the host: at 3–4 steps the
-  first frame took 191–362 ms (call 39) where 176 ms had been measured with the signatures captured (call 31).
+  (one signature per call, once nothing compiles), so every later stream of the session — after a reset or a
+  hard cut — replays it in its first chunk. Uncaptured, its steps launch every kernel from the host: at 3–4
+  steps a reset's first frame took 191–362 ms (call 39); captured so, ≤ 201 ms in all 48 configs (call 40).
   (A replay of a take runs such a step on a graph where the take's log says the live stream did.)
 * A session log notes which steps replayed a graph, and its replay runs exactly those on one (capturing it
   then, waiting for compiles: a replay has no deadline), the others directly (`models.numerics`): when the live

@@ -144,8 +144,8 @@ def model_identity(components: Components, loras: Sequence[str] = ()) -> dict[st
         "inductor_deterministic": _inductor_deterministic() if components.device.type == "cuda" else None,
         # The optimised GPU path (compile + CUDA graphs): another process's compiled code may round otherwise.
         "optimized": components.optimized,
-        # Python's string-hash seed (None: random per process). A suspect for that: Inductor iterates sets of
-        # names while it writes kernels (tools/gpu/matrix.sh T6 measures it).
+        # Python's string-hash seed (None: random per process). Suspected of the new-process difference on the
+        # GPU and ruled out by call 42 (tools/gpu/matrix.sh T6); kept, as the log's record of the process.
         "hash_seed": os.environ.get("PYTHONHASHSEED"),
         "process": PROCESS,
         "files": {
