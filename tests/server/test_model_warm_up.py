@@ -18,6 +18,15 @@ from wanstream.server.model import ModelManager
 SMALL = dict(height=32, width=48)
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """A CPU model's load leaves a core to the media path (torch's intra-op threads): restored after, as later
+    tests in this process expect the process's own setting."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def _load(
     monkeypatch: pytest.MonkeyPatch, warm_up, models: list | None = None
 ) -> tuple[ModelManager, list[str]]:
