@@ -182,9 +182,7 @@ class Pipeline:
         """Run a private stream at these settings (as `session` takes them) until its cache is full, and close
         it: the compiles, cuDNN's choices and the GPU libraries' first uses of a stream's start happen now,
         not in the first real stream's first frames (`engine/warm_up.py`). `serve` does this while it loads."""
-        base = settings or StreamSettings()
-        if overrides:
-            base = StreamSettings.model_validate({**base.model_dump(), **overrides})
+        base = _with_overrides(settings, overrides)
         return warm_up(lambda: self.session(base, prompts=DEFAULT_PROMPT), base)
 
     def session(
@@ -198,11 +196,15 @@ class Pipeline:
         """A new stream. `overrides` are StreamSettings fields (validated), e.g. height=512, steps=(700,).
         `log`: keep a journal of the stream (`session.log()`, saved with `wanstream.takes.save_log` and run
         again bit for bit by `wanstream replay`; docs/replay.md)."""
-        base = settings or StreamSettings()
-        if overrides:
-            base = StreamSettings.model_validate({**base.model_dump(), **overrides})
+        base = _with_overrides(settings, overrides)
         if self.ring is not None:
             if log:
                 raise ValueError("session logs are not kept for multi-GPU streams yet (log=False)")
             return self.ring.session(base, prompts=prompts)
         return StreamSession(self.components, base, prompts=prompts, log=log)
+
+
+def _with_overrides(settings: StreamSettings | None, overrides: dict[str, Any]) -> StreamSettings:
+    """`settings` (default: the defaults) with StreamSettings fields overridden, validated."""
+    base = settings or StreamSettings()
+    return StreamSettings.model_validate({**base.model_dump(), **overrides}) if overrides else base

@@ -38,8 +38,8 @@ def main() -> None:
     opts = p.parse_args()
 
     from wanstream import Pipeline
-    from wanstream.engine import warm_up as warm_up_module
     from wanstream.engine.settings import DEFAULT_STEPS, StreamSettings
+    from wanstream.engine.warm_up import lane_classes
     from wanstream.models.fastpath import COMPILES, FALLBACKS
 
     def dynamo_graphs() -> int:  # every graph dynamo compiled in this process, on any thread
@@ -53,8 +53,7 @@ def main() -> None:
     pipe = Pipeline.random_weights(device=opts.device, tiny=opts.tiny)
     result["built_s"] = round(time.time() - PROCESS_START, 2)
     settings = StreamSettings(height=opts.height, width=opts.width)
-    # What `serve` warms up (the branch with one compiled graph for 2-8 lanes adds 1 step).
-    streams = getattr(warm_up_module, "lane_classes", lambda s: [s])(settings)
+    streams = lane_classes(settings)  # what `serve` warms up
     result["warm_up"] = []
     for s in streams:
         done = pipe.warm_up(s)

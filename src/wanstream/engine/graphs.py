@@ -187,12 +187,10 @@ class StepGraphs:
         if captured is None:
             if not capture:
                 self.stats.stream_start += 1
-                if key not in self._failed and as_live is None:
+                if key not in self._failed and key not in self._later and as_live is None:
                     # x and t copied; the extension's tensors are values, never edited in place once handed over
                     # (see `_StaticInputs.load`): kept as they are.
-                    self._later.setdefault(
-                        key, _FirstChunkCall(x.clone(), t.clone(), plan, extension, ext_key)
-                    )
+                    self._later[key] = _FirstChunkCall(x.clone(), t.clone(), plan, extension, ext_key)
             return self.step(x, t, self._cross, plan, extension)  # type: ignore[arg-type]
         captured.x.copy_(x)
         captured.t.copy_(t)

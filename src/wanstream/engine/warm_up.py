@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from wanstream.engine.session import StreamSession
-from wanstream.engine.settings import DEFAULT_STEPS, StreamSettings
+from wanstream.engine.settings import DEFAULT_STEPS, SettingsUpdate, StreamSettings
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ def lane_classes(settings: StreamSettings) -> list[StreamSettings]:
         return [settings]  # one lane whatever the step count
     steps = settings.denoising_steps
     other = steps[:1] if len(steps) > 1 else DEFAULT_STEPS  # the timesteps' values shape nothing
-    return [settings, StreamSettings.model_validate({**settings.model_dump(), "steps": other})]
+    return [settings, settings.updated(SettingsUpdate(steps=other))]
 
 
 def warm_up(open_session: Callable[[], StreamSession], settings: StreamSettings) -> WarmUp:

@@ -323,9 +323,8 @@ class CompiledOrEager:
 LANES_MAX = 8  # the engine's most denoising steps; a larger count gets a graph of its own
 
 
-def _lane_tensors(args: tuple, positions: tuple[int, ...]) -> Iterator[torch.Tensor]:
-    for i in positions:
-        yield from _tensors(args[i])
+def _shares_lane_graph(t: torch.Tensor) -> bool:
+    return 2 <= t.shape[0] <= LANES_MAX
 
 
 def _mark_lanes(args: tuple, positions: tuple[int, ...]) -> None:
@@ -333,9 +332,10 @@ def _mark_lanes(args: tuple, positions: tuple[int, ...]) -> None:
         return
     import torch._dynamo  # only where code is compiled (importing dynamo costs a second)
 
-    for t in _lane_tensors(args, positions):
-        if 2 <= t.shape[0] <= LANES_MAX:
-            torch._dynamo.mark_dynamic(t, 0, min=2, max=LANES_MAX)
+    for i in positions:
+        for t in _tensors(args[i]):
+            if _shares_lane_graph(t):
+                torch._dynamo.mark_dynamic(t, 0, min=2, max=LANES_MAX)
 
 
 # --- compiling new shapes off the stream's thread ---------------------------------------------------------
@@ -600,15 +600,13 @@ def _signature(args: tuple, kwargs: dict[str, Any], lane_args: tuple[int, ...] =
     """What dynamo specialises a call on, cheaply (a few µs): the grad mode, each tensor's shape, dtype, device
     and strides, plain values (dynamo bakes Python scalars into the graph), the type of anything else (a
     module). The arguments at `lane_args` with 2 to LANES_MAX lanes count as one: one graph serves them."""
-    parts = [_part(a) for a in args]
-    for i in lane_args:
-        parts[i] = _lanes_part(args[i])
+    parts = (_lanes_part(a) if i in lane_args else _part(a) for i, a in enumerate(args))
     key = (torch.is_inference_mode_enabled(), torch.is_grad_enabled(), *parts)
     return (key, tuple(kwargs), tuple(map(_part, kwargs.values()))) if kwargs else key
 
 
 def _lanes_part(a: Any) -> Any:
-    if isinstance(a, torch.Tensor) and 2 <= a.shape[0] <= LANES_MAX:
+    if isinstance(a, torch.Tensor) and _shares_lane_graph(a):
         return (("lanes", *a.shape[1:]), a.dtype, a.device, a.stride())
     if isinstance(a, (tuple, list)):
         return tuple(map(_lanes_part, a))
