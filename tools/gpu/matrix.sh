@@ -13,7 +13,7 @@
 # lines) and log_<part>.txt (all logs). Exit codes: a crash shows as a non-zero "rc" beside its run.
 set -o pipefail
 export COLUMNS=200
-PART=${1:?usage: matrix.sh A|B|M|C|D|E|V|S|R|R2|R3|R4|R5|R6|R7|R8|T|T2|T3|T4|T6|W|FA1|FA2}
+PART=${1:?usage: matrix.sh A|B|M|C|D|E|V|S|R|R2|R3|R4|R5|R6|R7|R8|T|T2|T3|T4|T6|T7|W|FA1|FA2}
 W=/tmp/matrix-$PART; rm -rf "$W"; mkdir -p "$W"
 B="python3 -m wanstream.cli.main bench"
 stamp() { echo "[$(date +%T)] $*" | tee -a "$W/steps.txt"; }
@@ -320,6 +320,19 @@ T6)
   rm -rf /tmp/inductor-fresh
   PYTHONHASHSEED=0 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-fresh \
     take trace_seed0_new_process_cold 120 replay take_s --reproducible --trace
+  ;;
+T7)
+  # Issue 24, after T6 (not the hash seed; the first compiled DiT first half gives other q and k in a new
+  # process): which kernels differ? The traced take and its new-process replay now also compare every Triton
+  # kernel both processes ran (source, deterministic mode, launch configurations) and the generated modules.
+  # Then the bisection: the same take with the DiT's block halves eager (the VAE and cache bookkeeping still
+  # compiled, CUDA graphs on) and its new-process replay — bit for bit there means the compiled halves are the
+  # whole cause. Limits sum to 420 s.
+  rm -rf "$TORCHINDUCTOR_CACHE_DIR"
+  take kernels 150 live take_k --reproducible --trace
+  take kernels_new_process 60 replay take_k --reproducible --trace
+  take dit_eager 150 live take_e --reproducible --dit-eager
+  take dit_eager_new_process 60 replay take_e --reproducible --dit-eager
   ;;
 W)
   # serve's warm-up (engine/warm_up.py): the warm-up streams' time, then a client's first stream after them —

@@ -12,7 +12,9 @@ journal's cost on the live chunks (push time with the log vs without). `--reprod
 timing them (the same in every process). To find which layer of the optimised path breaks bit
 equality, if one does: `--eager` (nothing compiled, no CUDA graphs) and `--no-graphs` (compiled, no CUDA
 graphs); `--trace` (every counted call's input and output digested, live and replayed: the first call that
-differs). One JSON line per mode (also DIR/<mode>.json). Without a GPU: `--cpu-smoke` (tiny networks, eager),
+differs; with it, the replay in a new process also compares the Triton kernels both processes ran — source,
+deterministic mode, launch configurations — and the generated modules); `--dit-eager` (the DiT's block halves
+eager, the rest optimised). One JSON line per mode (also DIR/<mode>.json). Without a GPU: `--cpu-smoke` (tiny networks, eager),
 `--cpu-smoke --cpu-compile` (tiny networks compiled as on a GPU; set TORCHINDUCTOR_CACHE_DIR to an empty folder
 for a cold cache). `--vae-inline`: the Wan VAE compiled in line, nothing compiling beside the stream.
 """
@@ -56,6 +58,9 @@ EAGER = "--eager" in sys.argv
 # --vae-inline: the Wan VAE compiles in line at its first steady call instead of on its background thread (no
 # compile or warm-up runs beside the stream): does what ran beside the live stream make it differ?
 VAE_INLINE = "--vae-inline" in sys.argv
+# --dit-eager: the DiT's block halves eager (q/k/v still fused), the rest as `optimize` leaves it (the Wan VAE
+# and the cache bookkeeping compiled, CUDA graphs): is the compiled DiT what a new process runs otherwise?
+DIT_EAGER = "--dit-eager" in sys.argv
 NO_GRAPHS = EAGER or "--no-graphs" in sys.argv
 if NO_GRAPHS:  # every session this process makes (the live one and the replay's) runs its steps un-graphed
     _use_graphs = Denoiser.use_cuda_graphs
@@ -313,6 +318,74 @@ def _paths(live: list, replayed: list) -> dict:
     }
 
 
+def _kernels() -> dict:
+    """What Inductor ran in this process (with `--trace`): every Triton kernel object alive — its name, a hash
+    of its source, whether it was generated in deterministic mode, how many launch configurations it had to
+    choose from and the one(s) it launched with — and a hash of every generated module loaded (its code,
+    kernels' sources and their launch heuristics included). Two processes that agree here run the same code
+    with the same launch configurations; where they differ, there is the cause of other bits (issue 24)."""
+    import gc
+    import hashlib
+
+    def sha(text: str | bytes) -> str:
+        return hashlib.sha256(text.encode() if isinstance(text, str) else text).hexdigest()[:16]
+
+    try:
+        from torch._inductor.codecache import PyCodeCache
+        from torch._inductor.runtime.triton_heuristics import CachingAutotuner
+    except ImportError as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    modules: dict[str, str] = {}
+    loaded = list(getattr(PyCodeCache, "modules", [])) + list(
+        getattr(PyCodeCache, "modules_no_attr", {}).values()
+    )
+    for module in loaded:
+        file = getattr(module, "__file__", None)
+        if file and Path(file).exists():
+            modules[Path(file).name] = sha(Path(file).read_bytes())
+    kernels: dict[str, dict] = {}
+    for obj in gc.get_objects():
+        if not isinstance(obj, CachingAutotuner):
+            continue
+        meta = getattr(obj, "inductor_meta", {}) or {}
+        src = getattr(getattr(obj, "fn", None), "src", "") or ""
+        name = meta.get("kernel_name") or getattr(getattr(obj, "fn", None), "__name__", "?")
+        kernels[f"{name}/{sha(src)}"] = {
+            "deterministic": meta.get("deterministic"),
+            "heuristic": str(getattr(obj, "heuristic_type", "?")),
+            "configs": len(getattr(obj, "compile_results", None) or getattr(obj, "configs", None) or []),
+            "launched": sorted(str(launcher.config) for launcher in getattr(obj, "launchers", [])),
+        }
+    return {"torch": torch.__version__, "modules": modules, "kernels": kernels}
+
+
+def _kernels_compared(live: dict, here: dict) -> dict:
+    """Where this process's kernels (`_kernels`) differ from the live take's process's."""
+    if "error" in live or "error" in here:
+        return {"error": live.get("error") or here.get("error")}
+    both = live["kernels"].keys() & here["kernels"].keys()
+    return {
+        "kernels": [len(live["kernels"]), len(here["kernels"])],
+        "kernels_only_live": sorted(live["kernels"].keys() - here["kernels"].keys())[:20],
+        "kernels_only_here": sorted(here["kernels"].keys() - live["kernels"].keys())[:20],
+        "launched_otherwise": {
+            k: [live["kernels"][k]["launched"], here["kernels"][k]["launched"]]
+            for k in sorted(both)
+            if live["kernels"][k]["launched"] != here["kernels"][k]["launched"]
+        },
+        "with_choices": sum(1 for k in here["kernels"].values() if k["configs"] > 1),
+        "not_deterministic": sum(1 for k in here["kernels"].values() if not k["deterministic"]),
+        "modules": [len(live["modules"]), len(here["modules"])],
+        "modules_differing": sorted(
+            name
+            for name in live["modules"].keys() & here["modules"].keys()
+            if live["modules"][name] != here["modules"][name]
+        )[:20],
+        "modules_only_live": len(live["modules"].keys() - here["modules"].keys()),
+        "modules_only_here": len(here["modules"].keys() - live["modules"].keys()),
+    }
+
+
 def components(timed: bool):
     c = random_components(
         torch.device(DEVICE), torch.float32 if SMOKE else torch.bfloat16, tiny=SMOKE, text_encoder=None
@@ -326,6 +399,8 @@ def components(timed: bool):
         c.optimized = True
     elif not EAGER:
         c.optimize(reproducible=not timed)
+        if DIT_EAGER and "_halves" in vars(c.dit):  # the class's plain halves (`optimize` set compiled ones)
+            del c.dit._halves
     if VAE_INLINE and c.wan_vae._compiled is not None:
         c.wan_vae._compiled.background = False
     torch.backends.cudnn.benchmark = timed  # also on the eager path
@@ -427,6 +502,7 @@ def live(folder: Path, bench: bool) -> dict:
         again = _replay_here(path, c, replayed)
         again["trace"] = _first_divergence(first_trace, _trace)
         same["again_vs_first_replay"] = again
+        (folder / "kernels_live.json").write_text(json.dumps(_kernels()))
     return {
         "mode": "live",
         "cudnn_benchmark": bench,
@@ -501,12 +577,17 @@ def _replay_new_process(folder: Path, bench: bool) -> dict:
             **_compare(got, earlier),
             "trace": _first_divergence(_load_trace(folder / "trace_replay.json"), _trace),
         }
+        if (folder / "kernels_live.json").exists():
+            result["kernels"] = _kernels_compared(
+                json.loads((folder / "kernels_live.json").read_text()), _kernels()
+            )
     result["fallbacks"] = FALLBACKS.snapshot()
     return result
 
 
 def _path() -> str:
-    return "eager" if EAGER else "compiled, no CUDA graphs" if NO_GRAPHS else "compiled + CUDA graphs"
+    path = "eager" if EAGER else "compiled, no CUDA graphs" if NO_GRAPHS else "compiled + CUDA graphs"
+    return f"{path}, DiT halves eager" if DIT_EAGER and not EAGER else path
 
 
 def _ranges(indices: list[int]) -> list[list[int]]:
@@ -529,6 +610,7 @@ def main() -> int:
         result = _replay_new_process(folder, bench)
     name = (
         f"{mode}{'' if bench else '_reproducible'}{'_eager' if EAGER else '_no_graphs' if NO_GRAPHS else ''}"
+        f"{'_dit_eager' if DIT_EAGER else ''}"
     )
     (folder / f"{name}.json").write_text(json.dumps(result, indent=1))
     if "--json" in sys.argv:  # also where the GPU matrix's summary looks for it
