@@ -13,7 +13,7 @@
 # lines) and log_<part>.txt (all logs). Exit codes: a crash shows as a non-zero "rc" beside its run.
 set -o pipefail
 export COLUMNS=200
-PART=${1:?usage: matrix.sh A|B|M|C|D|E|V|S|R|R2|R3|R4|R5|R6|R7|R8|T|T2|T3|T4|T6|T7|W|FA1|FA2}
+PART=${1:?usage: matrix.sh A|B|M|C|D|E|V|S|R|R2|R3|R4|R5|R6|R7|R8|T|T2|T3|T4|T6|T7|P|W|FA1|FA2}
 W=/tmp/matrix-$PART; rm -rf "$W"; mkdir -p "$W"
 B="python3 -m wanstream.cli.main bench"
 stamp() { echo "[$(date +%T)] $*" | tee -a "$W/steps.txt"; }
@@ -333,6 +333,11 @@ T7)
   take kernels_new_process 60 replay take_k --reproducible --trace
   take dit_eager 150 live take_e --reproducible --dit-eager
   take dit_eager_new_process 60 replay take_e --reproducible --dit-eager
+  ;;
+P)
+  # Where a steady chunk's time goes at 1-4 steps (480x832, stream batch, Wan VAE): kernel classes (GEMM,
+  # attention, convolution, Triton, copies) and the top kernels (tools/gpu/chunk_profile.py).
+  run chunk_profile 420 python3 tools/gpu/chunk_profile.py "$W/chunk_profile.json"
   ;;
 W)
   # serve's warm-up (engine/warm_up.py): the warm-up streams' time, then a client's first stream after them —

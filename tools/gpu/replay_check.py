@@ -345,7 +345,10 @@ def _kernels() -> dict:
             modules[Path(file).name] = sha(Path(file).read_bytes())
     kernels: dict[str, dict] = {}
     for obj in gc.get_objects():
-        if not isinstance(obj, CachingAutotuner):
+        try:
+            if not isinstance(obj, CachingAutotuner):
+                continue
+        except ReferenceError:  # a weak proxy whose object is gone
             continue
         meta = getattr(obj, "inductor_meta", {}) or {}
         src = getattr(getattr(obj, "fn", None), "src", "") or ""
