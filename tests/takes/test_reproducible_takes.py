@@ -1,5 +1,5 @@
-"""`serve --reproducible-takes`: cuDNN's conv algorithms and Inductor's kernel configurations chosen by
-heuristics, the same in every process (on a GPU a timed choice is the live process's own). The flag reaches the
+"""`serve --reproducible-takes`: cuDNN's conv algorithms chosen by heuristics, the same in every process (on a
+GPU a timed choice is the live process's own), and Inductor's deterministic mode asked for. The flag reaches the
 loader, and a replay builds its networks as the take's were built. (The choice itself only acts on a GPU, and
 is not all a bit-exact replay there needs: docs/replay.md, tools/gpu.)"""
 

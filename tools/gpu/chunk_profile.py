@@ -31,10 +31,11 @@ from wanstream.models.fastpath import COMPILES
 
 H, W = 480, 832
 CLASSES = (  # first match wins: (class, substrings of the kernel's name)
+    # Inductor names a fused kernel after every op in it ("triton_per_fused_..._convolution_..._silu")
+    ("triton", ("triton",)),
     ("attention", ("fmha", "flash", "sdpa", "attn", "attention")),
     ("convolution", ("fprop", "dgrad", "conv", "implicit_convolve", "implicit_gemm")),
     ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "splitk")),
-    ("triton", ("triton",)),
     ("copy", ("copy", "memcpy", "memset", "cat", "index")),
 )
 

@@ -61,6 +61,14 @@ VAE_INLINE = "--vae-inline" in sys.argv
 # --dit-eager: the DiT's block halves eager (q/k/v still fused), the rest as `optimize` leaves it (the Wan VAE
 # and the cache bookkeeping compiled, CUDA graphs): is the compiled DiT what a new process runs otherwise?
 DIT_EAGER = "--dit-eager" in sys.argv
+# --inductor-fixed: Inductor's deterministic mode and no timed launch configurations for pointwise kernels, set
+# process-wide before anything compiles (calls 48-50 set them so through a wrapper; torch <= 2.11 has one
+# process-wide config).
+if "--inductor-fixed" in sys.argv:
+    import torch._inductor.config as _inductor_config
+
+    _inductor_config.deterministic = True
+    _inductor_config.triton.autotune_pointwise = False
 NO_GRAPHS = EAGER or "--no-graphs" in sys.argv
 if NO_GRAPHS:  # every session this process makes (the live one and the replay's) runs its steps un-graphed
     _use_graphs = Denoiser.use_cuda_graphs
@@ -318,14 +326,16 @@ def _paths(live: list, replayed: list) -> dict:
     }
 
 
-def _kernels() -> dict:
-    """What Inductor ran in this process (with `--trace`): every Triton kernel object alive — its name, a hash
-    of its source, whether it was generated in deterministic mode, how many launch configurations it had to
-    choose from and the one(s) it launched with — and a hash of every generated module loaded (its code,
-    kernels' sources and their launch heuristics included). Two processes that agree here run the same code
-    with the same launch configurations; where they differ, there is the cause of other bits (issue 24)."""
+def _kernels(save_to: Path | None = None) -> dict:
+    """What Inductor ran in this process (with `--trace`): every Triton kernel object alive, by name and a hash
+    of its source — how many objects, whether generated in deterministic mode, how many launch configurations
+    one had to choose from, and every configuration they launched with — and a hash of every generated module
+    loaded (a module's file is named by a hash of its code). `save_to`: the modules' code is also written
+    there, for a replay in a new process to show how its code differs (`_kernels_compared`). Two processes that
+    agree here run the same code with the same launch configurations (issue 24)."""
     import gc
     import hashlib
+    import re
 
     def sha(text: str | bytes) -> str:
         return hashlib.sha256(text.encode() if isinstance(text, str) else text).hexdigest()[:16]
@@ -339,10 +349,17 @@ def _kernels() -> dict:
     loaded = list(getattr(PyCodeCache, "modules", [])) + list(
         getattr(PyCodeCache, "modules_no_attr", {}).values()
     )
+    if save_to is not None:
+        save_to.mkdir(parents=True, exist_ok=True)
     for module in loaded:
         file = getattr(module, "__file__", None)
         if file and Path(file).exists():
-            modules[Path(file).name] = sha(Path(file).read_bytes())
+            code = Path(file).read_bytes()
+            # Keyed by the code without its "# AOT ID" line: a per-process counter (the CPU check found two
+            # processes' modules differing in it alone), so equal code compares equal.
+            modules[sha(re.sub(rb"(?m)^# AOT ID:.*$", b"", code))] = Path(file).name
+            if save_to is not None:
+                (save_to / Path(file).name).write_bytes(code)
     kernels: dict[str, dict] = {}
     for obj in gc.get_objects():
         try:
@@ -353,20 +370,74 @@ def _kernels() -> dict:
         meta = getattr(obj, "inductor_meta", {}) or {}
         src = getattr(getattr(obj, "fn", None), "src", "") or ""
         name = meta.get("kernel_name") or getattr(getattr(obj, "fn", None), "__name__", "?")
-        kernels[f"{name}/{sha(src)}"] = {
-            "deterministic": meta.get("deterministic"),
-            "heuristic": str(getattr(obj, "heuristic_type", "?")),
-            "configs": len(getattr(obj, "compile_results", None) or getattr(obj, "configs", None) or []),
-            "launched": sorted(str(launcher.config) for launcher in getattr(obj, "launchers", [])),
-        }
+        row = kernels.setdefault(
+            f"{name}/{sha(src)}",
+            {"objects": 0, "unlaunched": 0, "deterministic": [], "configs": 0, "launched": []},
+        )
+        launched = sorted(str(launcher.config) for launcher in getattr(obj, "launchers", []))
+        row["objects"] += 1
+        row["unlaunched"] += not launched
+        row["deterministic"] = sorted({*row["deterministic"], str(meta.get("deterministic"))})
+        row["configs"] = max(
+            row["configs"], len(getattr(obj, "compile_results", None) or getattr(obj, "configs", None) or [])
+        )
+        row["launched"] = sorted({*row["launched"], *launched})
     return {"torch": torch.__version__, "modules": modules, "kernels": kernels}
 
 
-def _kernels_compared(live: dict, here: dict) -> dict:
-    """Where this process's kernels (`_kernels`) differ from the live take's process's."""
+def _module_diffs(live_dir: Path, here_dir: Path, only_live: set[str], only_here: set[str]) -> list[str]:
+    """How the generated modules only one process loaded differ: each of this process's paired with the live
+    one that calls the most of the same kernels (names), as a unified diff (at most 3 pairs, 60 lines each)."""
+    import difflib
+    import re
+
+    def kernel_names(path: Path) -> set[str]:
+        return set(re.findall(r"\b(triton_\w+|extern_kernels\.\w+)", path.read_text(errors="replace")))
+
+    live_names = {name: kernel_names(live_dir / name) for name in only_live if (live_dir / name).exists()}
+    diffs = []
+    for name in sorted(only_here)[:20]:
+        if not (here_dir / name).exists() or not live_names:
+            continue
+        mine = kernel_names(here_dir / name)
+        best = max(
+            live_names, key=lambda other: len(mine & live_names[other]) / (len(mine | live_names[other]) or 1)
+        )
+        if not mine & live_names[best]:
+            continue
+
+        def code(path: Path) -> list[str]:
+            return [
+                line
+                for line in path.read_text(errors="replace").splitlines()
+                if not line.startswith("# AOT ID")
+            ]
+
+        lines = difflib.unified_diff(
+            code(live_dir / best),
+            code(here_dir / name),
+            f"live/{best}",
+            f"here/{name}",
+            n=1,
+            lineterm="",
+        )
+        diffs.append("\n".join(line[:200] for line in list(lines)[:60]))
+        if len(diffs) == 3:
+            break
+    return diffs
+
+
+def _kernels_compared(
+    live: dict, here: dict, live_dir: Path | None = None, here_dir: Path | None = None
+) -> dict:
+    """Where this process's kernels (`_kernels`) differ from the live take's process's; with both processes'
+    saved modules, how the code of those only one loaded differs."""
     if "error" in live or "error" in here:
         return {"error": live.get("error") or here.get("error")}
     both = live["kernels"].keys() & here["kernels"].keys()
+    # modules: {hash of the code without its AOT ID: file name}; the diffs read the files by name
+    only_live = {live["modules"][h] for h in live["modules"].keys() - here["modules"].keys()}
+    only_here = {here["modules"][h] for h in here["modules"].keys() - live["modules"].keys()}
     return {
         "kernels": [len(live["kernels"]), len(here["kernels"])],
         "kernels_only_live": sorted(live["kernels"].keys() - here["kernels"].keys())[:20],
@@ -375,17 +446,20 @@ def _kernels_compared(live: dict, here: dict) -> dict:
             k: [live["kernels"][k]["launched"], here["kernels"][k]["launched"]]
             for k in sorted(both)
             if live["kernels"][k]["launched"] != here["kernels"][k]["launched"]
+            and live["kernels"][k]["launched"]
+            and here["kernels"][k]["launched"]
         },
         "with_choices": sum(1 for k in here["kernels"].values() if k["configs"] > 1),
-        "not_deterministic": sum(1 for k in here["kernels"].values() if not k["deterministic"]),
+        "deterministic": {
+            flag: sum(1 for k in here["kernels"].values() if flag in k["deterministic"])
+            for flag in ("True", "False", "None")
+        },
         "modules": [len(live["modules"]), len(here["modules"])],
-        "modules_differing": sorted(
-            name
-            for name in live["modules"].keys() & here["modules"].keys()
-            if live["modules"][name] != here["modules"][name]
-        )[:20],
-        "modules_only_live": len(live["modules"].keys() - here["modules"].keys()),
-        "modules_only_here": len(here["modules"].keys() - live["modules"].keys()),
+        "modules_only_live": len(only_live),
+        "modules_only_here": len(only_here),
+        "module_diffs": (
+            _module_diffs(live_dir, here_dir, only_live, only_here) if live_dir and here_dir else []
+        ),
     }
 
 
@@ -505,7 +579,7 @@ def live(folder: Path, bench: bool) -> dict:
         again = _replay_here(path, c, replayed)
         again["trace"] = _first_divergence(first_trace, _trace)
         same["again_vs_first_replay"] = again
-        (folder / "kernels_live.json").write_text(json.dumps(_kernels()))
+        (folder / "kernels_live.json").write_text(json.dumps(_kernels(folder / "modules_live")))
     return {
         "mode": "live",
         "cudnn_benchmark": bench,
@@ -582,7 +656,10 @@ def _replay_new_process(folder: Path, bench: bool) -> dict:
         }
         if (folder / "kernels_live.json").exists():
             result["kernels"] = _kernels_compared(
-                json.loads((folder / "kernels_live.json").read_text()), _kernels()
+                json.loads((folder / "kernels_live.json").read_text()),
+                _kernels(folder / "modules_here"),
+                folder / "modules_live",
+                folder / "modules_here",
             )
     result["fallbacks"] = FALLBACKS.snapshot()
     return result
@@ -613,7 +690,7 @@ def main() -> int:
         result = _replay_new_process(folder, bench)
     name = (
         f"{mode}{'' if bench else '_reproducible'}{'_eager' if EAGER else '_no_graphs' if NO_GRAPHS else ''}"
-        f"{'_dit_eager' if DIT_EAGER else ''}"
+        f"{'_dit_eager' if DIT_EAGER else ''}{'_inductor_fixed' if '--inductor-fixed' in sys.argv else ''}"
     )
     (folder / f"{name}.json").write_text(json.dumps(result, indent=1))
     if "--json" in sys.argv:  # also where the GPU matrix's summary looks for it

@@ -49,12 +49,11 @@ class Components:
         """GPU speed-ups that keep the arithmetic: fused q/k/v and regional compilation of the DiT blocks,
         channels-last and compiled VAE; sessions created afterwards compile their cache bookkeeping and
         replay CUDA graphs. First calls of each shape compile (tens of seconds; cached on disk, so later
-        processes start quickly). `reproducible`: cuDNN picks conv algorithms by its heuristics, and Inductor
-        its kernels' launch configurations, instead of timing them in this process — the same in every process
-        and every compile, which removes one cause of a take replaying otherwise in another process
-        (docs/replay.md; not the only one: a take recorded while compiles ran still differs, measured in call 30),
-        at some speed (cuDNN's heuristics: 13 ms a chunk at 480×832 on an H100, call 27; Inductor's: not
-        measured)."""
+        processes start quickly). `reproducible`: cuDNN picks conv algorithms by its heuristics instead of
+        timing them in this process — the same in every process, which removes one cause of a take replaying
+        otherwise in another process, at 13 ms a chunk at 480×832 on an H100 (call 27) — and Inductor is asked
+        for its deterministic mode. Not every cause: on torch 2.11 Inductor still timed its reduction kernels'
+        launch configurations in each process (docs/benchmarks.md, calls 47–50)."""
         if self.device.type != "cuda":
             return self
         # cuDNN picks each conv's fastest engine by timing it once per shape (the VAE's convs are most of a

@@ -158,8 +158,9 @@ def model_identity(components: Components, loras: Sequence[str] = ()) -> dict[st
 
 
 def _inductor_deterministic() -> bool:
-    """Whether Inductor chooses kernel configurations without timing them (`Components.optimize(reproducible=)`),
-    on the threads that compile — not necessarily this one (`models.compile_settings`)."""
+    """Whether Inductor's deterministic mode was asked for (`Components.optimize(reproducible=)`) on the threads
+    that compile — not necessarily this one (`models.compile_settings`). On torch 2.11 it did not keep every
+    kernel's launch configuration from being timed per process (docs/replay.md)."""
     import torch._inductor.config as inductor_config
 
     if not hasattr(inductor_config, "deterministic"):
@@ -186,16 +187,16 @@ def differences(recorded: dict[str, Any], here: dict[str, Any]) -> list[str]:
             "process: cuDNN chose the take's convolution algorithms (and Inductor its kernels' configurations) by "
             "timing them in the live stream's process (torch.backends.cudnn.benchmark); this process may choose "
             "others, which round differently (a replay on the server that streamed the take — the studio's "
-            "Replay take — uses the same ones; a server started with --reproducible-takes makes these choices "
+            "Replay take — uses the same ones; a server started with --reproducible-takes makes cuDNN's choices "
             "the same in every process)"
         )
     if recorded.get("optimized") and here.get("optimized") and recorded.get("process") != here.get("process"):
         found.append(
             "process: the take ran on the optimised GPU path (compiled code, CUDA graphs), and another process's "
-            "compiled code computes other bits for the same input (measured on an H100 from the DiT's first "
-            "compiled call on, even with --reproducible-takes; cause not found yet: docs/replay.md), so frames "
-            "may differ slightly; a replay on the server that streamed the take — the studio's Replay take — is "
-            "bit for bit"
+            "compiled code computes other bits for the same input: Inductor times its reduction kernels' launch "
+            "configurations in each process, even with --reproducible-takes (measured on an H100 with torch 2.11: "
+            "docs/replay.md), so frames may differ slightly; a replay on the server that streamed the take — the "
+            "studio's Replay take — is bit for bit"
         )
     for key in ("wanstream", "torch"):
         if recorded.get(key) != here.get(key):
