@@ -10,6 +10,7 @@ raised to 64 on the main thread.
 from __future__ import annotations
 
 import threading
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -31,7 +32,10 @@ def _restored():
         dynamo.patch(
             recompile_limit=dynamo.recompile_limit, error_on_nested_fx_trace=dynamo.error_on_nested_fx_trace
         ),
-        inductor_config.patch(deterministic=inductor_config.deterministic),
+        inductor_config.patch(
+            deterministic=inductor_config.deterministic,
+            autotune_local_cache=inductor_config.autotune_local_cache,
+        ),
     ):
         COMPILES.forget()
         yield
@@ -108,7 +112,41 @@ def test_the_helper_thread_compiles_new_shapes_under_the_settings() -> None:
     assert limit >= 64 and nested_fx_raises is False and deterministic is True
 
 
-def test_a_take_records_the_inductor_mode_the_compiles_use_not_this_threads() -> None:
-    """A take's identity is written on whatever thread saves the log; it records what the compiles ran with."""
+@pytest.fixture
+def _autotuner_restored(monkeypatch: pytest.MonkeyPatch) -> type:
+    """Inductor's Triton autotuner, its timing restored after the test (`launch_configs_by_order` replaces it
+    for the whole process)."""
+    from torch._inductor.runtime.triton_heuristics import CachingAutotuner
+
+    monkeypatch.setattr(CachingAutotuner, "bench", CachingAutotuner.bench)
+    return CachingAutotuner
+
+
+def test_a_take_records_the_inductor_mode_the_compiles_use_not_this_threads(
+    _autotuner_restored: type,
+) -> None:
+    """A take's identity is written on whatever thread saves the log; it records what the compiles ran with:
+    untimed only with the deterministic mode wanted for every thread and the choice by order in force."""
     compile_settings.want("torch._inductor.config", "deterministic", True)
+    assert _in_new_thread(identity._inductor_deterministic) is False  # the autotuner still times
+    assert compile_settings.launch_configs_by_order() is True
     assert _in_new_thread(identity._inductor_deterministic) is True
+
+
+def test_launch_configs_by_order_picks_each_kernels_first_configuration(_autotuner_restored: type) -> None:
+    """The autotuner keeps the launcher with the least "time" (`min(timings, key=timings.get)`): by order, that
+    is the kernel's first configuration, whatever this process would have timed — and no configuration timed by
+    another process is read back from the compile cache. Idempotent."""
+    autotuner = _autotuner_restored
+    timed = autotuner.bench
+    assert compile_settings.launch_configs_untimed() is False
+    assert compile_settings.launch_configs_by_order() is True
+    assert compile_settings.launch_configs_by_order() is True
+    assert compile_settings.launch_configs_untimed() is True
+    assert autotuner.bench is not timed
+
+    kernel = types.SimpleNamespace(launchers=["XBLOCK 1024", "XBLOCK 512", "R0_BLOCK 512"])
+    timings = {launcher: autotuner.bench(kernel, launcher) for launcher in kernel.launchers}
+    assert timings == {"XBLOCK 1024": 0.0, "XBLOCK 512": 1.0, "R0_BLOCK 512": 2.0}
+    assert min(timings, key=timings.get) == "XBLOCK 1024"
+    assert _in_new_thread(lambda: compile_settings.apply() or inductor_config.autotune_local_cache) is False

@@ -57,11 +57,15 @@ def test_reproducible_optimisation_chooses_without_timing(monkeypatch: pytest.Mo
     import torch
     import torch._dynamo
     import torch._inductor.config as inductor_config
+    from torch._inductor.runtime.triton_heuristics import CachingAutotuner
 
     # Process-wide switches: restored after the test.
     stack = contextlib.ExitStack()
     stack.enter_context(compile_settings.kept())  # what the optimisation wants for every thread that compiles
-    stack.enter_context(inductor_config.patch(deterministic=False))
+    stack.enter_context(
+        inductor_config.patch(deterministic=False, autotune_local_cache=inductor_config.autotune_local_cache)
+    )
+    monkeypatch.setattr(CachingAutotuner, "bench", CachingAutotuner.bench)  # reproducible mode replaces it
     stack.enter_context(torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit))
     stack.enter_context(torch._dynamo.config.patch(error_on_nested_fx_trace=True))
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
@@ -82,6 +86,7 @@ def _check_reproducible_switches(monkeypatch: pytest.MonkeyPatch) -> None:
     assert torch.backends.cudnn.benchmark is True and inductor_config.deterministic is False
     components.optimize(compile=False, reproducible=True)
     assert torch.backends.cudnn.benchmark is False and inductor_config.deterministic is True
+    assert compile_settings.launch_configs_untimed() and inductor_config.autotune_local_cache is False
     monkeypatch.setattr(identity_module, "device_kind", lambda device: "Fake GPU")
     monkeypatch.setenv("PYTHONHASHSEED", "0")
     identity = identity_module.model_identity(components)

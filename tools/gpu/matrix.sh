@@ -322,18 +322,21 @@ T6)
     take trace_seed0_new_process_cold 120 replay take_s --reproducible --trace
   ;;
 T7)
-  # Issue 24 after calls 45-50: every Triton kernel ran with the same launch configuration in both processes
-  # once Inductor's deterministic mode and pointwise autotuning were fixed process-wide (--inductor-fixed), and
-  # the first compiled DiT first half still gave other q and k in a new process; the generated modules the two
-  # processes loaded were not all the same code. Now: where torch here writes `deterministic` into a kernel's
-  # metadata (5 of 174 kernels carried it), then the take with --inductor-fixed and its new-process replay,
-  # which diffs the modules only one process loaded (`module_diffs`). Limits sum to 330 s.
+  # Issue 24 after calls 45-50 (Inductor timed its reduction kernels' launch configurations in each process:
+  # the DiT's q/k RMSNorm ran with R0_BLOCK 1024 in the take's process, 512 in the next; deterministic mode did
+  # not stop it): `--reproducible` now makes every kernel take its first configuration
+  # (compile_settings.launch_configs_by_order). Does a new process then replay the take bit for bit? The
+  # traced take, its new-process replay (every kernel object's configurations, a diff of the generated modules
+  # only one process loaded), and where torch here writes `deterministic` into a kernel's metadata. Then what
+  # the untimed choice costs: bench with --reproducible-takes' settings. Limits sum to 520 s.
   ind=$(python3 -c "import os, torch; print(os.path.dirname(torch.__file__))")/_inductor
   grep -n '"deterministic"' "$ind/codegen/triton.py" "$ind/codegen/simd.py" "$ind/runtime/triton_heuristics.py" \
     > "$W/inductor_deterministic.log" 2>&1; echo "0 0" > "$W/inductor_deterministic.rc"
   rm -rf "$TORCHINDUCTOR_CACHE_DIR"
-  take fixed 170 live take_f --reproducible --trace --inductor-fixed
-  take fixed_new_process 160 replay take_f --reproducible --trace --inductor-fixed
+  take untimed 170 live take_u --reproducible --trace
+  take untimed_new_process 160 replay take_u --reproducible --trace
+  run untimed_speed 190 $B --configs "batch,480x832,2,wan;batch,480x832,4,wan" --reproducible \
+    --chunks 20 --warm-chunks 6 --json "$W/untimed_speed.json"
   ;;
 P)
   # Where a steady chunk's time goes at 1-4 steps (480x832, stream batch, Wan VAE): kernel classes (GEMM,

@@ -61,14 +61,6 @@ VAE_INLINE = "--vae-inline" in sys.argv
 # --dit-eager: the DiT's block halves eager (q/k/v still fused), the rest as `optimize` leaves it (the Wan VAE
 # and the cache bookkeeping compiled, CUDA graphs): is the compiled DiT what a new process runs otherwise?
 DIT_EAGER = "--dit-eager" in sys.argv
-# --inductor-fixed: Inductor's deterministic mode and no timed launch configurations for pointwise kernels, set
-# process-wide before anything compiles (calls 48-50 set them so through a wrapper; torch <= 2.11 has one
-# process-wide config).
-if "--inductor-fixed" in sys.argv:
-    import torch._inductor.config as _inductor_config
-
-    _inductor_config.deterministic = True
-    _inductor_config.triton.autotune_pointwise = False
 NO_GRAPHS = EAGER or "--no-graphs" in sys.argv
 if NO_GRAPHS:  # every session this process makes (the live one and the replay's) runs its steps un-graphed
     _use_graphs = Denoiser.use_cuda_graphs
@@ -690,7 +682,7 @@ def main() -> int:
         result = _replay_new_process(folder, bench)
     name = (
         f"{mode}{'' if bench else '_reproducible'}{'_eager' if EAGER else '_no_graphs' if NO_GRAPHS else ''}"
-        f"{'_dit_eager' if DIT_EAGER else ''}{'_inductor_fixed' if '--inductor-fixed' in sys.argv else ''}"
+        f"{'_dit_eager' if DIT_EAGER else ''}"
     )
     (folder / f"{name}.json").write_text(json.dumps(result, indent=1))
     if "--json" in sys.argv:  # also where the GPU matrix's summary looks for it

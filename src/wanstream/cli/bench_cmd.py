@@ -46,7 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--reproducible",
         action="store_true",
-        help="cuDNN's conv algorithms by heuristics, as `serve --reproducible-takes` runs (what it costs)",
+        help="cuDNN's conv algorithms by heuristics and Inductor's first launch configurations, as `serve "
+        "--reproducible-takes` runs (what it costs)",
     )
     p.add_argument(
         "--vae-layout",

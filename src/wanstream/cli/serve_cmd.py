@@ -193,10 +193,11 @@ def _session_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--reproducible-takes",
         action="store_true",
-        help="on a GPU, let cuDNN pick convolution algorithms by heuristics instead of timing them in this "
-        "process, the same in every process (slower: 13 ms a chunk at 480x832 on an H100), and ask Inductor "
-        "for its deterministic mode. One cause of a take replaying otherwise in another process; on torch 2.11 "
-        "Inductor still times its reduction kernels' configurations per process (docs/replay.md)",
+        help="on a GPU, cuDNN picks convolution algorithms by heuristics and Inductor's kernels take their "
+        "first launch configuration, instead of timing them in this process: the same in every process "
+        "(slower: cuDNN's heuristics cost 13 ms a chunk at 480x832 on an H100). The measured causes of a take "
+        "replaying otherwise in another process; that it then replays bit for bit is not yet confirmed on a "
+        "GPU (docs/replay.md)",
     )
     g.add_argument(
         "--lora-dir",

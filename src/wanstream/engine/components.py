@@ -51,9 +51,10 @@ class Components:
         replay CUDA graphs. First calls of each shape compile (tens of seconds; cached on disk, so later
         processes start quickly). `reproducible`: cuDNN picks conv algorithms by its heuristics instead of
         timing them in this process — the same in every process, which removes one cause of a take replaying
-        otherwise in another process, at 13 ms a chunk at 480×832 on an H100 (call 27) — and Inductor is asked
-        for its deterministic mode. Not every cause: on torch 2.11 Inductor still timed its reduction kernels'
-        launch configurations in each process (docs/benchmarks.md, calls 47–50)."""
+        otherwise in another process, at 13 ms a chunk at 480×832 on an H100 (call 27) — and Inductor's kernels
+        take their first launch configuration instead of the fastest one timed in this process (on torch 2.11
+        its deterministic mode alone did not stop the timing: docs/benchmarks.md, calls 47–50; the choice by
+        order is not yet measured on a GPU: its speed, and whether a new process then replays bit for bit)."""
         if self.device.type != "cuda":
             return self
         # cuDNN picks each conv's fastest engine by timing it once per shape (the VAE's convs are most of a
@@ -61,16 +62,18 @@ class Components:
         # process may time them otherwise and pick another engine, which rounds differently.
         torch.backends.cudnn.benchmark = not reproducible
         if reproducible:
-            # Inductor times some kernels' launch configurations at their first run and keeps the fastest: a
-            # choice of this process (and of each compile), which changes a reduction's rounding.
+            # Inductor times its kernels' launch configurations at their first run and keeps the fastest: a
+            # choice of this process (and of each compile), which changes a reduction's rounding. Its
+            # deterministic mode is asked for, and — as that alone did not hold on torch 2.11 (calls 47-50) —
+            # every kernel takes its first configuration (compile_settings.launch_configs_by_order).
             import torch._inductor.config as inductor_config
 
             if hasattr(inductor_config, "deterministic"):  # on every thread that compiles (compile_settings)
                 compile_settings.want("torch._inductor.config", "deterministic", True)
-            else:  # an older torch: the take's identity records it (inductor_deterministic false)
+            if not compile_settings.launch_configs_by_order():  # the take's identity records it
                 warnings.warn(
-                    f"torch {torch.__version__} has no torch._inductor.config.deterministic: Inductor still times "
-                    "kernel configurations, so a take may round otherwise in another process",
+                    f"torch {torch.__version__}: Inductor's launch configurations cannot be chosen without "
+                    "timing them, so a take may round otherwise in another process",
                     RuntimeWarning,
                     stacklevel=2,
                 )

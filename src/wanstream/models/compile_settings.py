@@ -78,3 +78,47 @@ def kept() -> Iterator[None]:
             _WANTED.clear()
             _WANTED.update(before)
             _generation += 1
+
+
+# Inductor's Triton kernels (norms, fused elementwise) have several launch configurations — block sizes, warps —
+# and Inductor times them at a kernel's first run in each process, keeping the fastest. A reduction summed with
+# another block size rounds otherwise, so a new process replaying a take could compute other bits: measured on an
+# H100 with torch 2.11 (docs/benchmarks.md, calls 47-50: the DiT's q/k RMSNorm ran with R0_BLOCK 1024 in one
+# process, 512 in the next), deterministic mode asked for or not. For reproducible takes, the choice is made
+# without timing: each kernel runs its first configuration, in every process.
+_UNTIMED = "_wanstream_untimed"
+
+
+def launch_configs_by_order() -> bool:
+    """From now on, every Triton kernel Inductor compiles in this process picks its first launch configuration
+    instead of the fastest one timed here (process-wide; for `Components.optimize(reproducible=True)`). False
+    where this torch has no such choice to make (no Triton autotuner)."""
+    try:
+        from torch._inductor.runtime.triton_heuristics import CachingAutotuner
+    except ImportError:
+        return False
+    bench = getattr(CachingAutotuner, "bench", None)
+    if bench is None:
+        return False
+    if not getattr(bench, _UNTIMED, False):
+
+        def by_order(self: Any, launcher: Any, *args: Any, **kwargs: Any) -> float:
+            # the "time" a timed choice would compare: its place in the kernel's list, so the first one wins
+            return float(self.launchers.index(launcher))
+
+        setattr(by_order, _UNTIMED, True)
+        CachingAutotuner.bench = by_order  # type: ignore[method-assign]
+    # A configuration timed by another process and kept in the compile cache must not be read back either.
+    config = importlib.import_module("torch._inductor.config")
+    if hasattr(config, "autotune_local_cache"):
+        want("torch._inductor.config", "autotune_local_cache", False)
+    return True
+
+
+def launch_configs_untimed() -> bool:
+    """Whether `launch_configs_by_order` is in force in this process."""
+    try:
+        from torch._inductor.runtime.triton_heuristics import CachingAutotuner
+    except ImportError:
+        return False
+    return bool(getattr(getattr(CachingAutotuner, "bench", None), _UNTIMED, False))

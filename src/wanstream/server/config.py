@@ -28,7 +28,7 @@ class ServerConfig:
     lora_dir: Path | None = None  # LoRA files clients may name (nothing outside it is ever opened)
     recordings_dir: Path | None = None  # None: a private temp folder removed at shutdown
     take_log_mib: int = 4096  # each stream's session log (docs/replay.md): frames kept up to this; 0: no logs
-    reproducible_takes: bool = False  # conv algorithms by heuristics; Inductor deterministic
+    reproducible_takes: bool = False  # cuDNN's heuristics, Inductor's first configurations
     cors_origins: tuple[str, ...] = ()  # closed by default
     ice_servers: tuple[str, ...] = ()  # e.g. "stun:stun.l.google.com:19302"; none: host candidates only
     max_upload_bytes: int = 512 * MiB

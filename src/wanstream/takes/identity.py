@@ -158,12 +158,12 @@ def model_identity(components: Components, loras: Sequence[str] = ()) -> dict[st
 
 
 def _inductor_deterministic() -> bool:
-    """Whether Inductor's deterministic mode was asked for (`Components.optimize(reproducible=)`) on the threads
-    that compile — not necessarily this one (`models.compile_settings`). On torch 2.11 it did not keep every
-    kernel's launch configuration from being timed per process (docs/replay.md)."""
+    """Whether Inductor chooses its kernels' launch configurations without timing them
+    (`Components.optimize(reproducible=)`: its deterministic mode on the threads that compile — not necessarily
+    this one, `models.compile_settings` — and every kernel's first configuration, process-wide)."""
     import torch._inductor.config as inductor_config
 
-    if not hasattr(inductor_config, "deterministic"):
+    if not hasattr(inductor_config, "deterministic") or not compile_settings.launch_configs_untimed():
         return False
     return bool(compile_settings.wanted("torch._inductor.config", "deterministic"))
 
@@ -193,10 +193,10 @@ def differences(recorded: dict[str, Any], here: dict[str, Any]) -> list[str]:
     if recorded.get("optimized") and here.get("optimized") and recorded.get("process") != here.get("process"):
         found.append(
             "process: the take ran on the optimised GPU path (compiled code, CUDA graphs), and another process's "
-            "compiled code computes other bits for the same input: Inductor times its reduction kernels' launch "
-            "configurations in each process, even with --reproducible-takes (measured on an H100 with torch 2.11: "
-            "docs/replay.md), so frames may differ slightly; a replay on the server that streamed the take — the "
-            "studio's Replay take — is bit for bit"
+            "compiled code may compute other bits for the same input: Inductor times its reduction kernels' launch "
+            "configurations in each process (measured on an H100 with torch 2.11; --reproducible-takes now picks "
+            "them without timing, not yet confirmed on a GPU: docs/replay.md), so frames may differ slightly; a "
+            "replay on the server that streamed the take — the studio's Replay take — is bit for bit"
         )
     for key in ("wanstream", "torch"):
         if recorded.get(key) != here.get(key):
