@@ -149,4 +149,5 @@ def test_launch_configs_by_order_picks_each_kernels_first_configuration(_autotun
     timings = {launcher: autotuner.bench(kernel, launcher) for launcher in kernel.launchers}
     assert timings == {"XBLOCK 1024": 0.0, "XBLOCK 512": 1.0, "R0_BLOCK 512": 2.0}
     assert min(timings, key=timings.get) == "XBLOCK 1024"
+    assert autotuner.bench(kernel, "XBLOCK 64 (a tuning trial)") == float("inf")  # never replaces the first
     assert _in_new_thread(lambda: compile_settings.apply() or inductor_config.autotune_local_cache) is False

@@ -103,8 +103,10 @@ def launch_configs_by_order() -> bool:
     if not getattr(bench, _UNTIMED, False):
 
         def by_order(self: Any, launcher: Any, *args: Any, **kwargs: Any) -> float:
-            # the "time" a timed choice would compare: its place in the kernel's list, so the first one wins
-            return float(self.launchers.index(launcher))
+            # The "time" a timed choice compares: its place in the kernel's list, so the first one wins. A
+            # configuration outside the list (coordinate-descent tuning's trials, if someone turns it on) never
+            # beats the one in place.
+            return float(self.launchers.index(launcher)) if launcher in self.launchers else float("inf")
 
         setattr(by_order, _UNTIMED, True)
         CachingAutotuner.bench = by_order  # type: ignore[method-assign]
