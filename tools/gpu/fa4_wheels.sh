@@ -6,6 +6,8 @@
 #   bash tools/gpu/fa4_wheels.sh                         # here: writes .whl-fa4a and .whl-fa4b (git-ignored)
 #   call 1, carry [".whl-fa4a"]:          bash tools/gpu/matrix.sh FA1   # keeps part a in /tmp
 #   call 2, carry [".whl-fa4b", ".whl"]:  source tools/gpu/env.sh && bash tools/gpu/matrix.sh FA2
+# FA2 also benches the chunk with WANSTREAM_ATTENTION=fa4 against SDPA when PyAV is in /tmp/site already (any
+# earlier part on the machine that carried .whl-av, e.g. `matrix.sh M`).
 # The GPU image already has cuda-bindings, cuda-pathfinder, protobuf and einops (the device's KINDS.md).
 set -euo pipefail
 cd "$(dirname "$0")/../.."

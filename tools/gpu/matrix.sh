@@ -365,7 +365,17 @@ FA2)
   # The CUTLASS DSL's `cutlass` package sits in nvidia_cutlass_dsl/dsl_packages, put on sys.path by a .pth file
   # that Python reads only in a site directory, never on PYTHONPATH (call 44: "No module named 'cutlass'").
   fa4path="/tmp/fa4site:/tmp/fa4site/nvidia_cutlass_dsl/dsl_packages"
-  run attention 400 env PYTHONPATH="$fa4path:${PYTHONPATH:-}" python3 tools/gpu/attention_probe.py "$W/attention.json"
+  run attention 240 env PYTHONPATH="$fa4path:${PYTHONPATH:-}" python3 tools/gpu/attention_probe.py "$W/attention.json"
+  # The whole chunk with FA4 in the DiT (WANSTREAM_ATTENTION=fa4) against cuDNN's SDPA, same machine; needs PyAV
+  # in /tmp/site from an earlier call on this machine (the carry cannot hold it beside FA4's stack).
+  if python3 -c "import av" 2>/dev/null; then
+    cfg="batch,480x832,2,wan;batch,480x832,4,wan"
+    run bench_sdpa 150 $B --configs "$cfg" --chunks 20 --warm-chunks 6 --json "$W/bench_sdpa.json"
+    run bench_fa4 150 env PYTHONPATH="$fa4path:${PYTHONPATH:-}" WANSTREAM_ATTENTION=fa4 \
+      $B --configs "$cfg" --chunks 20 --warm-chunks 6 --json "$W/bench_fa4.json"
+  else
+    stamp "no PyAV in /tmp/site: run a part carrying .whl-av on this machine first for the bench with FA4"
+  fi
   ;;
 esac
 summarize

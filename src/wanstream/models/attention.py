@@ -1,15 +1,19 @@
 """One attention function for every attention in wanstream.
 
 Layout is [batch, heads, tokens, head_dim] throughout (the KV cache is stored that way so attention
-reads it in place). torch SDPA is always available; on a CUDA GPU with bf16/fp16 inputs and no mask,
-FlashAttention-3 (`flash_attn_interface`) or FlashAttention-2 (`flash_attn`) is used when importable.
-The backend is chosen once per process and logged once.
+reads it in place). torch SDPA is always available (on a Hopper GPU torch picks cuDNN's kernel). On a CUDA
+GPU with bf16/fp16 inputs and no mask, an optional FlashAttention kernel is used when importable:
+FlashAttention 3 (`flash_attn_interface`, Hopper), else FlashAttention 2 (`flash_attn`). The backend is
+chosen once per process and logged once. `WANSTREAM_ATTENTION` overrides the choice: `sdpa` keeps SDPA;
+`fa4` asks for FlashAttention 4 (`flash_attn.cute`, the `flash-attn-4` package: CuTe DSL kernels compiled at
+their first call) — opt-in until it is measured against cuDNN at the stream's shapes (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -23,37 +27,57 @@ _flash_name = "sdpa"
 _probed = False
 
 
-def _probe_flash() -> None:
-    """Find an optional flash-attention kernel once; `WANSTREAM_ATTENTION=sdpa` forces SDPA."""
-    global _flash, _flash_name, _probed
-    _probed = True
-    if os.environ.get("WANSTREAM_ATTENTION", "").lower() == "sdpa" or not torch.cuda.is_available():
-        log.info("attention backend: torch SDPA")
-        return
+def _tokens_major(flash_attn_func: Callable[..., object]) -> _Backend:
+    """A FlashAttention function (q/k/v [B, S, H, D]; some versions return (out, lse)) as a backend on
+    [B, H, S, D] tensors: the transposes are views, nothing is copied."""
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        out = out[0] if isinstance(out, tuple) else out
+        return out.transpose(1, 2)  # type: ignore[union-attr]
+
+    return run
+
+
+def _fa4() -> tuple[_Backend, str] | None:
+    try:
+        from flash_attn.cute.interface import flash_attn_func
+    except Exception as exc:  # not installed, or its CUDA stack does not load here
+        warnings.warn(
+            f"WANSTREAM_ATTENTION=fa4, but FlashAttention 4 does not load ({type(exc).__name__}: {exc}); "
+            "using torch SDPA. Install it with `pip install flash-attn-4`.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    return _tokens_major(flash_attn_func), "flash-attention 4"
+
+
+def _installed_flash() -> tuple[_Backend, str] | None:
     try:
         import flash_attn_interface  # FA3 (Hopper)
 
-        def fa3(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            out = flash_attn_interface.flash_attn_func(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            )
-            out = out[0] if isinstance(out, tuple) else out
-            return out.transpose(1, 2)
-
-        _flash, _flash_name = fa3, "flash-attention 3"
+        return _tokens_major(flash_attn_interface.flash_attn_func), "flash-attention 3"
     except ImportError:
-        try:
-            from flash_attn import flash_attn_func  # FA2
+        pass
+    try:
+        from flash_attn import flash_attn_func  # FA2
 
-            def fa2(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-                return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(
-                    1, 2
-                )
+        return _tokens_major(flash_attn_func), "flash-attention 2"
+    except ImportError:
+        return None
 
-            _flash, _flash_name = fa2, "flash-attention 2"
-        except ImportError:
-            pass
-    log.info("attention backend: %s", _flash_name)
+
+def _probe_flash() -> None:
+    """Choose the backend once (`WANSTREAM_ATTENTION`: `sdpa`, `fa4`; unset: an installed FA3 / FA2)."""
+    global _flash, _flash_name, _probed
+    _probed = True
+    wanted = os.environ.get("WANSTREAM_ATTENTION", "").lower()
+    found = None
+    if wanted != "sdpa" and torch.cuda.is_available():
+        found = _fa4() if wanted == "fa4" else _installed_flash()
+    _flash, _flash_name = found if found is not None else (None, "sdpa")
+    log.info("attention backend: %s", _flash_name if found is not None else "torch SDPA")
 
 
 def attention(
