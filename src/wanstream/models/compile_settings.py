@@ -11,6 +11,9 @@ default limit of 8 signatures and left later shapes eager for good.
 So the settings are declared here (`want`) and put in force by `apply()` at the top of every compiled call,
 on whatever thread and context it runs: one ContextVar read when nothing changed. On torch <= 2.11 (one
 process-wide config) `apply` finds them in force already.
+
+`launch_configs_by_order` is the one process-wide behaviour kept here too: Inductor's kernels take their first
+launch configuration instead of one timed in this process (reproducible takes).
 """
 
 from __future__ import annotations
