@@ -328,12 +328,12 @@ T7)
   # (compile_settings.launch_configs_by_order). Does a new process then replay the take bit for bit? The
   # traced take, its new-process replay (every kernel object's configurations, a diff of the generated modules
   # only one process loaded), and where torch here writes `deterministic` into a kernel's metadata. Then what
-  # the untimed choice costs: bench with --reproducible-takes' settings. Limits sum to 520 s.
+  # the untimed choice costs: bench with --reproducible-takes' settings. Limits sum to 540 s.
   ind=$(python3 -c "import os, torch; print(os.path.dirname(torch.__file__))")/_inductor
   grep -n '"deterministic"' "$ind/codegen/triton.py" "$ind/codegen/simd.py" "$ind/runtime/triton_heuristics.py" \
     > "$W/inductor_deterministic.log" 2>&1; echo "0 0" > "$W/inductor_deterministic.rc"
   rm -rf "$TORCHINDUCTOR_CACHE_DIR"
-  take untimed 170 live take_u --reproducible --trace
+  take untimed 190 live take_u --reproducible --trace
   take untimed_new_process 160 replay take_u --reproducible --trace
   run untimed_speed 190 $B --configs "batch,480x832,2,wan;batch,480x832,4,wan" --reproducible \
     --chunks 20 --warm-chunks 6 --json "$W/untimed_speed.json"
