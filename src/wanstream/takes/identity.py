@@ -187,8 +187,8 @@ def differences(recorded: dict[str, Any], here: dict[str, Any]) -> list[str]:
             "process: cuDNN chose the take's convolution algorithms (and Inductor its kernels' configurations) by "
             "timing them in the live stream's process (torch.backends.cudnn.benchmark); this process may choose "
             "others, which round differently (a replay on the server that streamed the take — the studio's "
-            "Replay take — uses the same ones; a server started with --reproducible-takes makes cuDNN's choices "
-            "the same in every process)"
+            "Replay take — uses the same ones; a server started with --reproducible-takes makes both choices "
+            "without timing, the same in every process)"
         )
     if recorded.get("optimized") and here.get("optimized") and recorded.get("process") != here.get("process"):
         found.append(
