@@ -22,6 +22,7 @@ for a cold cache). `--vae-inline`: the Wan VAE compiled in line, nothing compili
 from __future__ import annotations
 
 import json
+import re
 import sys
 import threading
 import time
@@ -318,6 +319,15 @@ def _paths(live: list, replayed: list) -> dict:
     }
 
 
+# A generated module's "# AOT ID" line is a per-process counter (the CPU check found two processes' modules
+# differing in it alone): compared without it, equal code is equal.
+_AOT_ID = re.compile(r"(?m)^# AOT ID:.*\n?")
+
+
+def _module_code(path: Path) -> str:
+    return _AOT_ID.sub("", path.read_text(errors="replace"))
+
+
 def _kernels(save_to: Path | None = None) -> dict:
     """What Inductor ran in this process (with `--trace`): every Triton kernel object alive, by name and a hash
     of its source — how many objects, whether generated in deterministic mode, how many launch configurations
@@ -327,7 +337,6 @@ def _kernels(save_to: Path | None = None) -> dict:
     agree here run the same code with the same launch configurations (issue 24)."""
     import gc
     import hashlib
-    import re
 
     def sha(text: str | bytes) -> str:
         return hashlib.sha256(text.encode() if isinstance(text, str) else text).hexdigest()[:16]
@@ -346,12 +355,9 @@ def _kernels(save_to: Path | None = None) -> dict:
     for module in loaded:
         file = getattr(module, "__file__", None)
         if file and Path(file).exists():
-            code = Path(file).read_bytes()
-            # Keyed by the code without its "# AOT ID" line: a per-process counter (the CPU check found two
-            # processes' modules differing in it alone), so equal code compares equal.
-            modules[sha(re.sub(rb"(?m)^# AOT ID:.*$", b"", code))] = Path(file).name
+            modules[sha(_module_code(Path(file)))] = Path(file).name  # by its code without the AOT ID
             if save_to is not None:
-                (save_to / Path(file).name).write_bytes(code)
+                (save_to / Path(file).name).write_bytes(Path(file).read_bytes())
     kernels: dict[str, dict] = {}
     for obj in gc.get_objects():
         try:
@@ -381,7 +387,6 @@ def _module_diffs(live_dir: Path, here_dir: Path, only_live: set[str], only_here
     """How the generated modules only one process loaded differ: each of this process's paired with the live
     one that calls the most of the same kernels (names), as a unified diff (at most 3 pairs, 60 lines each)."""
     import difflib
-    import re
 
     def kernel_names(path: Path) -> set[str]:
         return set(re.findall(r"\b(triton_\w+|extern_kernels\.\w+)", path.read_text(errors="replace")))
@@ -397,17 +402,9 @@ def _module_diffs(live_dir: Path, here_dir: Path, only_live: set[str], only_here
         )
         if not mine & live_names[best]:
             continue
-
-        def code(path: Path) -> list[str]:
-            return [
-                line
-                for line in path.read_text(errors="replace").splitlines()
-                if not line.startswith("# AOT ID")
-            ]
-
         lines = difflib.unified_diff(
-            code(live_dir / best),
-            code(here_dir / name),
+            _module_code(live_dir / best).splitlines(),
+            _module_code(here_dir / name).splitlines(),
             f"live/{best}",
             f"here/{name}",
             n=1,

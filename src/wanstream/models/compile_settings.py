@@ -92,18 +92,23 @@ def kept() -> Iterator[None]:
 _UNTIMED = "_wanstream_untimed"
 
 
+def _autotuner() -> Any:
+    """Inductor's Triton autotuner class, if this torch has one with a per-configuration timing (`bench`)."""
+    try:
+        from torch._inductor.runtime.triton_heuristics import CachingAutotuner
+    except ImportError:
+        return None
+    return CachingAutotuner if hasattr(CachingAutotuner, "bench") else None
+
+
 def launch_configs_by_order() -> bool:
     """From now on, every Triton kernel Inductor compiles in this process picks its first launch configuration
     instead of the fastest one timed here (process-wide; for `Components.optimize(reproducible=True)`). False
     where this torch has no such choice to make (no Triton autotuner)."""
-    try:
-        from torch._inductor.runtime.triton_heuristics import CachingAutotuner
-    except ImportError:
+    autotuner = _autotuner()
+    if autotuner is None:
         return False
-    bench = getattr(CachingAutotuner, "bench", None)
-    if bench is None:
-        return False
-    if not getattr(bench, _UNTIMED, False):
+    if not launch_configs_untimed():
 
         def by_order(self: Any, launcher: Any, *args: Any, **kwargs: Any) -> float:
             # The "time" a timed choice compares: its place in the kernel's list, so the first one wins. A
@@ -112,7 +117,7 @@ def launch_configs_by_order() -> bool:
             return float(self.launchers.index(launcher)) if launcher in self.launchers else float("inf")
 
         setattr(by_order, _UNTIMED, True)
-        CachingAutotuner.bench = by_order  # type: ignore[method-assign]
+        autotuner.bench = by_order
     # A configuration timed by another process and kept in the compile cache must not be read back either.
     config = importlib.import_module("torch._inductor.config")
     if hasattr(config, "autotune_local_cache"):
@@ -122,8 +127,5 @@ def launch_configs_by_order() -> bool:
 
 def launch_configs_untimed() -> bool:
     """Whether `launch_configs_by_order` is in force in this process."""
-    try:
-        from torch._inductor.runtime.triton_heuristics import CachingAutotuner
-    except ImportError:
-        return False
-    return bool(getattr(getattr(CachingAutotuner, "bench", None), _UNTIMED, False))
+    autotuner = _autotuner()
+    return autotuner is not None and bool(getattr(autotuner.bench, _UNTIMED, False))
