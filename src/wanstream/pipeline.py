@@ -121,7 +121,8 @@ class Pipeline:
         Memory (docs/memory.md): `text_encoder` places the umT5 — "gpu", "fp8" (float8 weights on the GPU)
         or "host" (pinned host memory, streamed in per new prompt); "auto" is "host" on a GPU.
         `text_encoder_file`: which downloaded encoder file to read ("auto", "bf16", "fp8").
-        `precision="fp8"` stores the DiT blocks' linear weights in float8 (weight-only: memory, not speed).
+        `precision="fp8"` stores the DiT blocks' linear weights in float8: half their memory, and on a GPU with
+        float8 GEMMs (compute capability ≥ 8.9) the layers measured faster also compute in float8.
         `low_vram=True` is the low-memory profile: text encoder "host" and DiT "fp8" (and TAEHV, which
         the session settings choose: `LOW_VRAM_SETTINGS`)."""
         from wanstream.weights.pipeline import load_networks

@@ -142,18 +142,6 @@ def test_fp8_dit_against_bf16_on_a_tiny_random_dit() -> None:
     assert 0 < err < 0.05, err  # measured 0.010 on this tiny random DiT (docs/memory.md)
 
 
-def test_loras_are_refused_on_an_fp8_dit_with_a_clear_error() -> None:
-    from wanstream.engine.lora import LoraManager
-    from wanstream.engine.settings import LoraSpec
-    from wanstream.models.fp8 import dit_to_fp8_
-    from wanstream.weights.lora import LoraError
-
-    c = demo_components()
-    dit_to_fp8_(c.dit)
-    with pytest.raises(LoraError, match="float8"):
-        LoraManager(c.dit).prepare([LoraSpec(path="any", scale=1.0)])
-
-
 def test_a_cached_prompt_does_not_bring_the_host_encoder_back() -> None:
     from wanstream.engine.session import StreamSession
     from wanstream.engine.settings import StreamSettings

@@ -87,3 +87,31 @@ def test_random_weights_is_one_device_only() -> None:
 
     assert main(["serve", "--random-weights", "--demo"]) == 2
     assert main(["serve", "--random-weights", "--gpus", "2", "--device", "cpu"]) == 2
+
+
+def test_a_load_request_chooses_the_dit_precision_and_a_wrong_one_changes_nothing() -> None:
+    """The studio's "DiT precision" selector: POST /model/load {"precision": ...} reloads the networks so."""
+    from wanstream.models.fp8 import is_fp8
+    from wanstream.server import ServerConfig, create_app
+    from wanstream.server.model import ModelManager
+
+    threads = torch.get_num_threads()
+    config = ServerConfig(random_weights=True, device="cpu")
+    model = ModelManager(demo=False, models_dir=None, device="cpu", random_weights=True, random_size="tiny")
+    try:
+        with InProcessServer(create_app(config, model=model)) as server, server.client() as c:
+            _wait(lambda: c.get("/api/v1/model").json()["state"] == "loaded")
+            assert c.get("/api/v1/model").json()["precision"] == "bf16"
+            bad = c.post("/api/v1/model/load", json={"precision": "fp4"})
+            assert bad.status_code == 422 and "precision" in bad.text
+            assert c.get("/api/v1/model").json()["state"] == "loaded"  # nothing reloaded
+            assert c.post("/api/v1/model/load", json={"precision": "fp8"}).status_code == 202
+            _wait(lambda: c.get("/api/v1/model").json()["state"] == "loaded")
+            assert c.get("/api/v1/model").json()["precision"] == "fp8"
+            assert is_fp8(model.pipeline.components.dit)  # type: ignore[union-attr]
+            # The next load without a precision keeps the last one chosen.
+            assert c.post("/api/v1/model/load", json={}).status_code == 202
+            _wait(lambda: c.get("/api/v1/model").json()["state"] == "loaded")
+            assert c.get("/api/v1/model").json()["precision"] == "fp8"
+    finally:
+        torch.set_num_threads(threads)

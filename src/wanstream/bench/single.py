@@ -48,6 +48,7 @@ from wanstream.engine.session import StreamSession
 from wanstream.engine.settings import DEFAULT_STEPS, Batching, LoraMode, LoraSpec, StreamSettings
 from wanstream.models.dit import WanConfig, WanDiT
 from wanstream.models.fastpath import COMPILES, FALLBACKS
+from wanstream.models.fp8 import computes_in_float8
 from wanstream.models.lora import linear_targets
 from wanstream.weights.lora import LoraPair, LoraWeights
 
@@ -633,6 +634,7 @@ def run_bench(
             "vae_layout": vae_layout,
             "weights": components.label,
             "precision": components.precision,
+            "float8_gemms": computes_in_float8(components.dit),  # precision fp8 on a GPU that has them
             "text_encoder": components.text_placement,
             "memory_limit_gib": memory_limit_gib,
             "fallbacks": FALLBACKS.snapshot(),

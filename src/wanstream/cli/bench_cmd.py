@@ -206,8 +206,9 @@ def add_memory_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> No
         "--precision",
         choices=PRECISIONS,
         default="bf16",
-        help="DiT weight storage: fp8 keeps the blocks' linear weights in float8 (memory, not speed: the "
-        "arithmetic stays bf16) (default: %(default)s)",
+        help="the DiT's weights: fp8 keeps the blocks' linear weights in float8 (half their memory); on a GPU "
+        "with float8 GEMMs (compute capability >= 8.9) its q/k/v and FFN layers also compute in float8, "
+        "elsewhere the arithmetic stays bf16 (default: %(default)s)",
     )
     p.add_argument(
         "--low-vram",

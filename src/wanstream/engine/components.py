@@ -38,7 +38,7 @@ class Components:
     optimized: bool = (
         False  # set by `optimize()`: sessions compile their cache bookkeeping and use CUDA graphs
     )
-    precision: str = "bf16"  # "fp8": the DiT blocks' linear weights stored in float8 (weight-only)
+    precision: str = "bf16"  # "fp8": the DiT blocks' linear weights in float8 (`models.placement`)
     text_placement: str = "gpu"  # where the text encoder lives: "gpu", "host" (parked) or "fp8" (on the GPU)
     # Where the weights came from, for a session log's model identity: role → file path (the real model), or
     # the seed of random weights (the demo; full-size random networks use fixed seeds).

@@ -10,7 +10,8 @@ Two modes, per LoRA:
   q/k/v tensors, compiled code and captured CUDA graphs see it): zero per-frame cost. The first merge
   into a layer keeps a copy of its original weight (on the CPU by default); every (re-)merge starts from
   that copy in float32 and rounds once, so scale changes never accumulate error, and unmerging copies it
-  back: the original weights, bit for bit, in any dtype.
+  back: the original weights, bit for bit, in any dtype. A float8 layer (precision "fp8") keeps its float8
+  values and row scales as that copy; each merge widens them, adds ΔW and re-quantises (new row scales).
 * **runtime** — the layer becomes a `LoraLinear` that adds the adapters in the forward; their scales
   sit in a device tensor, so a scale change is one small in-place copy (no recompile, no re-capture).
   Adding or removing a runtime LoRA replaces modules: `structure` bumps and sessions drop their
@@ -31,7 +32,7 @@ import torch
 from torch import nn
 
 from wanstream.engine.settings import LoraMode, LoraSpec
-from wanstream.models.fp8 import is_fp8
+from wanstream.models.fp8 import Fp8Linear, store_weight_, stored_weight, widened
 from wanstream.models.lora import LoraError, LoraLinear, LoraPair, LoraWeights, linear_targets, replace_module
 
 if TYPE_CHECKING:
@@ -78,7 +79,7 @@ class LoraManager:
         self._in_force: tuple[tuple[str, float, LoraMode], ...] = ()
         self._merged: dict[str, Plan] = {}  # layer → what is folded into its weight
         self._runtime: dict[str, Plan] = {}  # layer → its adapters
-        self._backups: dict[str, torch.Tensor] = {}  # layer → original weight
+        self._backups: dict[str, tuple[torch.Tensor, ...]] = {}  # layer → original `stored_weight`
         # id(pair) → (pair, up, down on the DiT's device): re-merges (live scale changes) copy nothing small
         self._device_factors: dict[int, tuple[LoraPair, torch.Tensor, torch.Tensor]] = {}
         self._originals: dict[str, nn.Linear] = {}  # layer → the plain Linear a LoraLinear replaced
@@ -109,11 +110,6 @@ class LoraManager:
 
     def prepare(self, specs: Sequence[LoraSpec], default_mode: LoraMode = "merged") -> list[ActiveLora]:
         """Load and validate every LoRA of `specs` (raises LoraError; nothing on the DiT changes)."""
-        if specs and is_fp8(self.dit):
-            raise LoraError(
-                "LoRAs need the DiT's full-width weights: this pipeline stores them in float8 (precision "
-                "'fp8' / --low-vram); load it with precision 'bf16' to use LoRAs"
-            )
         with self.lock:
             return [ActiveLora(s.path, self.load(s.path), s.scale, s.mode or default_mode) for s in specs]
 
@@ -155,22 +151,27 @@ class LoraManager:
     def _merge(self, layer: str, plan: Plan) -> None:
         if _same(self._merged.get(layer, []), plan, scales=True):
             return
-        weight = self.dit.get_submodule(layer).weight  # a LoraLinear shares its base layer's weight
+        module = self.dit.get_submodule(layer)  # a LoraLinear shares its base layer's weight (and scales)
+        stored = stored_weight(module)  # (weight,), or float8 (values, row scales)
         if layer not in self._backups:
-            self._backups[layer] = self._backup(weight)
+            self._backups[layer] = tuple(self._backup(t) for t in stored)
         original = self._backups[layer]
         if not plan:
-            weight.copy_(original, non_blocking=True)  # bit-exact restore
+            for tensor, kept in zip(stored, original):
+                tensor.copy_(kept, non_blocking=True)  # bit-exact restore
             del self._backups[layer], self._merged[layer]
             return
         # Never in place on the backup. From pinned memory the copy is asynchronous and in the weight's own
         # dtype (a re-merge of every layer, i.e. a live scale change, measured 1.0 s from pageable host memory
         # and 105 ms from pinned on an H100, where the adapters' factors were also copied on every merge).
-        merged = original.to(weight.device, copy=True, non_blocking=True).float()
+        device = stored[0].device
+        merged = widened(tuple(kept.to(device, copy=True, non_blocking=True) for kept in original))
         for pair, coef in plan:
-            up, down = self._factors(pair, weight.device)
+            up, down = self._factors(pair, device)
             merged.addmm_(up, down, alpha=coef)
-        weight.copy_(merged)  # in place: fused q/k/v views, compiled code and CUDA graphs see it
+        # In place (a float8 layer re-quantised, its row scales too): fused q/k/v views, compiled code and
+        # CUDA graphs see it.
+        store_weight_(module, merged)
         self._merged[layer] = plan
 
     def _factors(self, pair: LoraPair, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,10 +207,13 @@ class LoraManager:
         base = self._originals.get(layer)
         if base is None:
             base = self.dit.get_submodule(layer)
-            assert type(base) is nn.Linear, f"{layer} is a {type(base).__name__}, not a plain nn.Linear"
+            assert type(base) in (nn.Linear, Fp8Linear), (
+                f"{layer} is a {type(base).__name__}, not a plain layer"
+            )
             self._note_fused(layer)
             self._originals[layer] = base
-        device, dtype = base.weight.device, base.weight.dtype
+        # The adapters in the layer's compute dtype (a float8 layer's is the dtype it was loaded in).
+        device, dtype = base.weight.device, getattr(base, "compute_dtype", base.weight.dtype)
         down = torch.cat([pair.down.to(device, dtype) for pair, _ in plan])
         up = torch.cat([pair.up.to(device, dtype) for pair, _ in plan], dim=1)
         scales = _coefficients(plan).to(device, dtype)

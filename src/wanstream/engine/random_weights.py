@@ -62,9 +62,9 @@ def random_components(
     vace: bool = False,
 ) -> Components:
     """Random networks at full size (or tiny). `precision="fp8"`: the DiT blocks' linear weights stored in
-    float8; `text_encoder`: also a random umT5 ("gpu", "fp8", "host" or "auto", as `Pipeline.load` places
+    float8 (computing in float8 where the GPU can); `text_encoder`: also a random umT5 ("gpu", "fp8", "host" or "auto", as `Pipeline.load` places
     it), else none (a random conditioning stands in); `vace`: also a random VACE module (1.3B: 15 blocks)."""
-    from wanstream.models.placement import check_precision, resolve_text_placement
+    from wanstream.models.placement import apply_precision_, check_precision, resolve_text_placement
     from wanstream.models.tae import TAEHV, TAEHVConfig
     from wanstream.models.vae import WanVAE, WanVAEConfig
 
@@ -79,10 +79,7 @@ def random_components(
     # The text encoder first: its "host" and "fp8" forms are built through the device, one block at a time.
     text = random_text_encoder(device, dtype, placement, tiny, dit_cfg.text_len) if placement else None
     dit = randomize_(_on_device(lambda: WanDiT(dit_cfg), device, dtype), 1)
-    if precision == "fp8":
-        from wanstream.models.fp8 import dit_to_fp8_
-
-        dit_to_fp8_(dit)
+    apply_precision_(dit, precision, device)
     vae = randomize_(_on_device(lambda: WanVAE(vae_cfg), device, dtype), 2)
     tae_dtype = torch.float16 if device.type == "cuda" else dtype
     tae = randomize_(_on_device(lambda: TAEHV(tae_cfg), device, tae_dtype), 3)

@@ -18,12 +18,12 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from wanstream.models import fp8
 from wanstream.models.attention import attention
 from wanstream.models.fastpath import CompiledOrEager
 from wanstream.models.kv_cache import CallPlan, KVCache
@@ -237,6 +237,15 @@ class CrossKV:
     v: list[torch.Tensor] = field(default_factory=list)
 
 
+class FusedQKV(NamedTuple):
+    """q/k/v as one [3·dim, dim] weight (full width, or float8 values with `scale`): see `fuse_qkv`."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    scale: torch.Tensor | None
+    float8_compute: bool
+
+
 class SelfAttention(nn.Module):
     def __init__(self, cfg: WanConfig) -> None:
         super().__init__()
@@ -248,34 +257,44 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
         self.norm_k = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
 
-        self._fused: tuple[torch.Tensor, torch.Tensor] | None = None  # see `fuse_qkv`
+        self._fused: FusedQKV | None = None  # see `fuse_qkv`
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k (normalised), v as [B, S, H, D]."""
         shape = (*x.shape[:2], self.num_heads, self.head_dim)
-        if self._fused is not None:
-            q, k, v = F.linear(x, *self._fused).chunk(3, dim=-1)
+        if (f := self._fused) is not None:
+            q, k, v = fp8.linear(x, f.weight, f.bias, f.scale, float8_compute=f.float8_compute).chunk(
+                3, dim=-1
+            )
         else:
             q, k, v = self.q(x), self.k(x), self.v(x)
         return self.norm_q(q).view(shape), self.norm_k(k).view(shape), v.view(shape)
 
     def fuse_qkv(self) -> bool:
-        """One [3·dim, dim] GEMM instead of three: q/k/v weights become views of one fused tensor.
+        """One [3·dim, dim] GEMM instead of three: q/k/v weights (and, in float8, their row scales) become
+        views of one fused tensor.
 
         The state dict is unchanged (the views keep their names), and in-place weight edits (a merged
         LoRA) reach the fused tensor. Layers replaced by adapters (runtime LoRA) keep three GEMMs.
         """
         layers = (self.q, self.k, self.v)
-        if any(type(m) is not nn.Linear for m in layers) or layers[0].weight.is_meta:
+        kinds = {(type(m), getattr(m, "float8_compute", False)) for m in layers}
+        if len(kinds) != 1 or type(layers[0]) not in (nn.Linear, fp8.Fp8Linear) or layers[0].weight.is_meta:
             self._fused = None
             return False
         if self._fused is None:
-            weight = torch.cat([m.weight.detach() for m in layers])
+            stored = [fp8.stored_weight(m) for m in layers]
+            weight = torch.cat([s[0].detach() for s in stored])
             bias = torch.cat([m.bias.detach() for m in layers])
             for m, w, b in zip(layers, weight.chunk(3), bias.chunk(3)):
                 m.weight = nn.Parameter(w, requires_grad=False)
                 m.bias = nn.Parameter(b, requires_grad=False)
-            self._fused = (weight, bias)
+            scale = None
+            if len(stored[0]) == 2:  # float8: the row scales are fused the same way
+                scale = torch.cat([s[1] for s in stored])
+                for m, sc in zip(layers, scale.chunk(3)):
+                    m.weight_scale = sc
+            self._fused = FusedQKV(weight, bias, scale, getattr(layers[0], "float8_compute", False))
         return True
 
     def out(self, y: torch.Tensor) -> torch.Tensor:

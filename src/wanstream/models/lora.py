@@ -1,7 +1,8 @@
 """Low-rank adapters on the DiT's linear layers (LoRA in "runtime" mode), and the layers they may target.
 
 `LoraLinear` is an `nn.Linear` that shares the wrapped layer's weight and bias (so the state dict keeps
-its names) and adds the adapters' low-rank path:
+its names) — full width, or float8 with its row scales (`models.fp8`; the adapters stay in the compute
+dtype) — and adds the adapters' low-rank path:
 
     y = W x + b + Σ_i c_i · B_i (A_i x),    c_i = scale_i · alpha_i / rank_i
 
@@ -23,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from wanstream.models import fp8
 
 
 class LoraError(ValueError):
@@ -79,6 +82,7 @@ class LoraLinear(nn.Linear):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.bias = base.bias
+        self.float8_compute = getattr(base, "float8_compute", False)
         rank = down.shape[0]
         if down.shape != (rank, self.in_features) or up.shape != (self.out_features, rank):
             raise ValueError(
@@ -88,6 +92,7 @@ class LoraLinear(nn.Linear):
         if scales.shape != (rank,):
             raise ValueError(f"scales must be [{rank}] (one per rank row), got {tuple(scales.shape)}")
         # Not persistent: the state dict stays the base model's.
+        self.register_buffer("weight_scale", getattr(base, "weight_scale", None), persistent=False)
         self.register_buffer("down", down, persistent=False)
         self.register_buffer("up", up, persistent=False)
         self.register_buffer("scales", scales, persistent=False)
@@ -97,7 +102,8 @@ class LoraLinear(nn.Linear):
         return self.down.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(x, self.down) * self.scales, self.up)
+        base = fp8.linear(x, self.weight, self.bias, self.weight_scale, float8_compute=self.float8_compute)
+        return base + F.linear(F.linear(x, self.down) * self.scales, self.up)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, lora_rank={self.rank}"

@@ -155,7 +155,7 @@ async def model_load(request: Request, body: LoadRequest) -> ModelStatus:
     if _manager(request).sessions or _manager(request).held_slots:
         raise HTTPException(409, "streams or replays are running: stop them before loading another model")
     try:
-        _model(request).start_load(demo=body.demo)
+        _model(request).start_load(demo=body.demo, precision=body.precision)
     except ModelBusy as exc:
         raise HTTPException(409, str(exc)) from None
     return _model(request).status()

@@ -17,7 +17,7 @@ class ServerConfig:
     demo: bool = False  # tiny random-weight model: no download, runs on a CPU
     random_weights: bool = False  # full-size networks with RANDOM weights (measuring the live path)
     text_encoder: str = "auto"  # umT5 placement: auto | gpu | fp8 | host (docs/memory.md)
-    precision: str = "bf16"  # DiT weight storage: bf16 | fp8 (weight-only)
+    precision: str = "bf16"  # the DiT's weights: bf16 | fp8 (float8 GEMMs where the GPU has them)
     models_dir: Path | None = None
     vace: bool = True  # load the VACE module when it is downloaded (streams opt in with "vace")
     device: str | None = None  # None: CUDA when available, else CPU

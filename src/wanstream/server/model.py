@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from wanstream.models.placement import check_precision
 from wanstream.server.schemas import ModelStatus
 
 if TYPE_CHECKING:
@@ -107,13 +108,16 @@ class ModelManager:
             return f"the model failed to load: {status.error}"
         return "no model is loaded: POST /api/v1/model/load"
 
-    def start_load(self, *, demo: bool | None = None) -> None:
-        """Begin loading in the background (returns at once); a second call while loading is refused."""
+    def start_load(self, *, demo: bool | None = None, precision: str | None = None) -> None:
+        """Begin loading in the background (returns at once); a second call while loading is refused.
+        `demo`, `precision`: for this load and the next ones (None: as before)."""
         with self._lock:
             if self._state == "loading":
                 raise ModelBusy("the model is already loading; poll GET /api/v1/model")
             if demo is not None:
                 self.demo = demo
+            if precision is not None:
+                self.precision = check_precision(precision)
             self._state, self._stage, self._progress, self._error = "loading", "starting", None, None
             self._download_command = None
             self._started, self._finished = time.monotonic(), None

@@ -297,6 +297,12 @@ class LoadRequest(BaseModel):
         description="true: the tiny random-weight demo model; false: the real weights from the server's "
         "--models-dir (a client never names server paths). Default: what the server started with.",
     )
+    precision: Literal["bf16", "fp8"] | None = Field(
+        None,
+        description="The DiT's weights for this load: bf16, or fp8 (half their memory; float8 GEMMs on a GPU of "
+        "compute capability >= 8.9). The demo model ignores it. Default: the server's --precision, or the "
+        "last load's.",
+    )
 
 
 class ModelStatus(BaseModel):
@@ -318,7 +324,9 @@ class ModelStatus(BaseModel):
     text_encoder: str = Field(
         "", description="Where the text encoder lives: gpu, fp8, host (docs/memory.md)."
     )
-    precision: str = Field("", description="DiT weight storage: bf16, or fp8 (weight-only).")
+    precision: str = Field(
+        "", description="The DiT's weights: bf16, or fp8 (float8; float8 GEMMs where the GPU has them)."
+    )
     codecs: list[str] = Field(
         default_factory=list, description="Autoencoders loaded ('wan', 'taehv'): the encoder/decoder choices."
     )

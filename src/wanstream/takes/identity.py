@@ -24,6 +24,7 @@ import wanstream
 from wanstream.engine.components import Components
 from wanstream.engine.journal import JournalOp
 from wanstream.models import compile_settings
+from wanstream.models.fp8 import computes_in_float8
 from wanstream.weights.store import sha256_file
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -134,6 +135,8 @@ def model_identity(components: Components, loras: Sequence[str] = ()) -> dict[st
         "weights_seed": components.weights_seed,
         "dtype": str(components.dtype).removeprefix("torch."),
         "precision": components.precision,
+        # Reported, not compared: the same device kind and precision make the same choice (`fp8.float8_gemms`).
+        "float8_gemms": computes_in_float8(components.dit),
         "text_placement": components.text_placement,
         "device": str(components.device),
         "device_kind": device_kind(components.device),

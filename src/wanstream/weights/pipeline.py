@@ -15,9 +15,9 @@ from typing import Literal
 import torch
 
 from wanstream.models.dit import WanConfig, WanDiT
-from wanstream.models.fp8 import dit_to_fp8_
 from wanstream.models.placement import (
     PLACEMENT_WORDS,
+    apply_precision_,
     check_precision,
     place_text_encoder,
     resolve_text_placement,
@@ -65,7 +65,8 @@ def load_networks(
     file must be there), or with `"auto"` when its file is present.
     `text_encoder` is where the umT5 lives ("auto" | "gpu" | "host" | "fp8", `models.placement`);
     `text_encoder_file` which downloaded file it is read from ("auto": bf16 if present, else fp8);
-    `precision="fp8"` stores the DiT blocks' linear weights in float8 (weight-only, bf16 arithmetic).
+    `precision="fp8"` stores the DiT blocks' linear weights in float8 (computing in float8 where the GPU can:
+    `models.placement.apply_precision_`).
     """
     placement = resolve_text_placement(text_encoder, device)
     check_precision(precision)
@@ -79,8 +80,7 @@ def load_networks(
     say("Loading diffusion model…")
     config = WanConfig.from_json(files.config)
     dit = load_dit(files.generator, config, dtype=dtype, device=device)
-    if precision == "fp8":
-        dit_to_fp8_(dit)
+    apply_precision_(dit, precision, device)
     say(f"Loading text encoder ({PLACEMENT_WORDS[placement]})…")
     # Read into host memory, then placed: parked there, or moved / converted block by block.
     host = load_text_encoder(

@@ -23,7 +23,8 @@ async function load(app, demo) {
     return;
   }
   try {
-    app.model = await api("/api/v1/model/load", { method: "POST", json: { demo } });
+    const precision = $("load-precision").value;
+    app.model = await api("/api/v1/model/load", { method: "POST", json: { demo, precision } });
     say("model-msg", demo ? "Loading the demo model…" : "Loading the weights…", "info");
   } catch (err) {
     say("model-msg", `✗ ${err.message}`, "bad");
@@ -53,7 +54,9 @@ export function render(app) {
   chip.textContent = labels[m.state] || m.state;
   chip.className = `chip ${{ loaded: "ok", loading: "warn", error: "bad" }[m.state] || ""}`;
   const what = m.label || (m.demo ? "demo model (random weights)" : "StreamDiffusionV2");
-  $("model-label").textContent = m.state === "loaded" ? `${what} · ${m.device}` : "";
+  const precision = m.precision && !m.demo ? ` · ${m.precision}` : "";
+  $("model-label").textContent = m.state === "loaded" ? `${what} · ${m.device}${precision}` : "";
+  if (m.state === "loaded" && m.precision && !m.demo) $("load-precision").value = m.precision;
   $("model-progress").hidden = m.state !== "loading";
   const elapsed = m.elapsed_s != null ? ` (${m.elapsed_s.toFixed(0)} s)` : "";
   $("model-stage").textContent = m.state === "loading" ? `${m.stage || "starting"}${elapsed}`
@@ -67,5 +70,6 @@ export function render(app) {
     const first = (m.error || "").split("\n")[0];
     say("model-msg", `✗ ${m.download_command ? "the model weights are missing" : first}`, "bad");
   }
-  $("load-weights").disabled = $("load-demo").disabled = m.state === "loading" || app.running;
+  $("load-weights").disabled = $("load-demo").disabled = $("load-precision").disabled =
+    m.state === "loading" || app.running;
 }
