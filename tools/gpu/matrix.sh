@@ -13,7 +13,7 @@
 # lines) and log_<part>.txt (all logs). Exit codes: a crash shows as a non-zero "rc" beside its run.
 set -o pipefail
 export COLUMNS=200
-PART=${1:?usage: matrix.sh A|B|M|C|D|E|V|S|R|R2|R3|R4|R5|R6|R7|R8|T|T2|T3|T4|T6|T7|P|W|FA1|FA2}
+PART=${1:?usage: matrix.sh A|B|M|C|D|E|V|S|R|R2|R3|R4|R5|R6|R7|R8|T|T2|T3|T4|T6|T7|P|W|F8|FA1|FA2}
 W=/tmp/matrix-$PART; rm -rf "$W"; mkdir -p "$W"
 B="python3 -m wanstream.cli.main bench"
 stamp() { echo "[$(date +%T)] $*" | tee -a "$W/steps.txt"; }
@@ -349,6 +349,18 @@ W)
   # nothing). Warm cache when part M ran before on this machine; `rm -rf "$TORCHINDUCTOR_CACHE_DIR"` first for
   # the empty-cache figure.
   run warm_up 400 python3 tools/gpu/warm_up_check.py "$W/warm_up.json"
+  ;;
+F8)
+  # Issue 21 item 3: precision fp8 (float8 GEMMs in the fused q/k/v and FFN layers, models/fp8.py) against
+  # bf16 in the same call: per layer at the stream's shapes with the quantisation fused as compiled, a
+  # stream's frames fp8 vs bf16 (tools/gpu/fp8_layers.py), then the chunk at 2 and 4 steps and the low-memory
+  # profile. Limits sum to 540 s.
+  run fp8_layers 180 python3 tools/gpu/fp8_layers.py "$W/fp8_layers.json"
+  cfg="batch,480x832,2,wan;batch,480x832,4,wan"
+  run bench_bf16 120 $B --configs "$cfg" --chunks 20 --warm-chunks 6 --json "$W/bench_bf16.json"
+  run bench_fp8 140 $B --configs "$cfg" --precision fp8 --chunks 20 --warm-chunks 6 --json "$W/bench_fp8.json"
+  run lora_fp8 100 $B --configs "batch,480x832,2,wan" --precision fp8 --chunks 20 --warm-chunks 4 --lora-rank 32 \
+    --json "$W/lora_fp8.json"
   ;;
 FA1)
   # FlashAttention 4's stack is carried in two calls (tools/gpu/fa4_wheels.sh): this one leaves part a in /tmp.
