@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from wanstream.conformance import GoldenCase, discover, run_case
-from wanstream.conformance.runner import RunOptions, family_bf16_bounds, main
+from wanstream.conformance.runner import RunOptions, family_bf16_bounds, fp8_bounds, main
 
 GOLDEN_DIRS = [Path(__file__).parent / "golden", Path(__file__).parent / "golden-vace"]
 CASES = [case for d in GOLDEN_DIRS for case in discover(d).cases]
@@ -143,6 +143,65 @@ def test_help_states_the_bf16_bound_of_every_family(capsys: pytest.CaptureFixtur
     )
     for kind in FAMILIES:
         assert f"  {kind} " in text
+
+
+FP8_CASES = [c for c in CASES if (fp8_bounds()["families"].get(c.kind) or {}).get("bounds")]
+
+
+@pytest.mark.parametrize("case", FP8_CASES, ids=[c.name for c in FP8_CASES])
+def test_an_fp8_dit_meets_its_stated_bound(case: GoldenCase, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--precision fp8`: the DiT's block layers in float8 with float8 GEMMs (forced here on the CPU, whose
+    `_scaled_mm` does the GPU's arithmetic), within the family's fp8 bound."""
+    import torch
+
+    calls = []
+    real = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    outcome = run_case(case, RunOptions(dtype=torch.bfloat16, precision="fp8"))
+    assert calls  # the float8 GEMMs ran
+    bounds = fp8_bounds()["families"][case.kind]["bounds"]
+    compared = [c for c in outcome.report.checks if c.rel_l2 is not None]
+    assert compared and all(c.bound in bounds.values() for c in compared)  # the fp8 bounds were used
+    assert outcome.report.exact_informational  # a flipped sink decision is reported, not failed
+    failed = [f"{c.name}: {c.detail}" for c in outcome.report.checks if not c.passed]
+    assert outcome.status == "PASS", outcome.message or "\n".join(failed[:20])
+
+
+def test_the_fp8_bounds_are_the_stated_factor_times_our_measured_error() -> None:
+    from wanstream.conformance.families import FAMILIES
+
+    data = fp8_bounds()
+    assert data["factor"] == 2.0 and set(data["families"]) == set(FAMILIES)
+    with_dit = {k for k, v in data["families"].items() if v.get("bounds")}
+    assert with_dit == {
+        "dit_forward", "causal_stream_calls", "stream_v2v_end_to_end", "vace_blocks_forward", "vace_stream", "vace_ref"
+    }  # fmt: skip
+    for kind, entry in data["families"].items():
+        if kind not in with_dit:
+            assert "no DiT" in entry["note"]
+            continue
+        for cls, bound in entry["bounds"].items():
+            worst = max(
+                err
+                for errors in entry["measured"].values()
+                for key, err in errors.items()
+                if key.startswith(f"{cls}:")
+            )
+            assert worst == entry["measured_worst"][cls] and worst > 0
+            assert data["factor"] * worst <= bound <= 1.1 * data["factor"] * worst, (kind, cls)
+
+
+def test_fp8_needs_bfloat16_and_help_states_the_fp8_bounds(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main([str(GOLDEN_DIRS[0]), "--precision", "fp8"])
+    assert "--precision fp8 needs --dtype bfloat16" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "fp8 bounds (--precision fp8)" in text
+    for kind, entry in fp8_bounds()["families"].items():
+        if entry.get("bounds"):
+            assert f"  {kind} " in text.split("fp8 bounds")[1]
 
 
 def test_an_unimplemented_family_is_a_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -22,6 +22,8 @@ import torch
 
 from wanstream.conformance.case import CaseError, CaseReport, GoldenCase
 from wanstream.conformance.families import FAMILIES
+from wanstream.models.dit import WanDiT
+from wanstream.models.fp8 import dit_to_fp8_
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,10 @@ class RunOptions:
 
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
+    # "fp8" (bfloat16 only): the DiT's block layers in float8 with float8 GEMMs where the product uses them
+    # (`models.fp8`), forced on whatever device runs the cases (the CPU's `_scaled_mm` does the same
+    # arithmetic), compared within the family's bound in fp8_bounds.json.
+    precision: str = "bf16"
     # Reduced precision compares against the float32 goldens with the bounds of the case's family in
     # bf16_bounds.json (class → bound, see `bf16_bounds`), set per case by `run_case`, and reports exact
     # checks (sink decisions, rounded steps) without failing on them: bf16 rounding may legitimately flip a
@@ -48,6 +54,12 @@ class RunOptions:
             return value
         return self.reduced_bounds[what if what in self.reduced_bounds else "default"]
 
+    def dit(self, dit: WanDiT) -> WanDiT:
+        """A family's DiT as loaded, in this run's precision."""
+        if self.precision == "fp8":
+            dit_to_fp8_(dit, float8_compute=True)
+        return dit
+
 
 BF16_BOUNDS_FILE = Path(__file__).with_name("bf16_bounds.json")
 
@@ -62,6 +74,30 @@ def family_bf16_bounds(kind: str | None) -> dict[str, float] | None:
     """class → bound for a family; None where the family is not measured (its cases cannot pass in bf16)."""
     entry = bf16_bounds()["families"].get(kind or "")
     return dict(entry["bounds"]) if entry and entry.get("bounds") else None
+
+
+FP8_BOUNDS_FILE = Path(__file__).with_name("fp8_bounds.json")
+
+
+@functools.cache
+def fp8_bounds() -> dict[str, Any]:
+    """fp8_bounds.json: per family with a DiT, our fp8 path's measured errors and the bounds from them; the
+    families without one say so (their cases run as in bf16)."""
+    return json.loads(FP8_BOUNDS_FILE.read_text())
+
+
+def family_reduced_bounds(kind: str | None, precision: str) -> tuple[dict[str, float] | None, str]:
+    """class → bound for a family at `precision` in bfloat16, and, where there is none, why."""
+    if precision == "fp8":
+        entry = fp8_bounds()["families"].get(kind or "")
+        if entry is None:
+            return None, "not in fp8_bounds.json"
+        if entry.get("bounds"):
+            return dict(entry["bounds"]), ""
+        # No DiT in the family: precision changes nothing, the bf16 bounds hold.
+    bounds = family_bf16_bounds(kind)
+    note = bf16_bounds()["families"].get(kind or "", {}).get("note", "not in bf16_bounds.json")
+    return bounds, "" if bounds is not None else note
 
 
 @dataclass
@@ -125,13 +161,17 @@ def run_case(case: GoldenCase, options: RunOptions | None = None) -> CaseOutcome
         if bad_files:
             return CaseOutcome(case.name, kind, "ERROR", report, "corrupt files: " + ", ".join(bad_files))
         if options.reduced:
-            bounds = family_bf16_bounds(kind)
+            bounds, note = family_reduced_bounds(kind, options.precision)
             if bounds is None:
-                note = bf16_bounds()["families"].get(kind, {}).get("note", "not in bf16_bounds.json")
                 return CaseOutcome(
-                    case.name, kind, "ERROR", report, f"no measured bf16 bound for {kind}: {note}"
+                    case.name,
+                    kind,
+                    "ERROR",
+                    report,
+                    f"no measured {options.precision} bound for {kind}: {note}",
                 )
             options = replace(options, reduced_bounds=bounds, exact_informational=True)
+            report.exact_informational = True  # the report was made before: it must know too
         module_name = FAMILIES[kind]
         try:
             module = importlib.import_module(module_name)
@@ -194,6 +234,19 @@ def bf16_help() -> str:
             lines.append(f"  {kind:<24} {entry['bounds']['default']:.2g}: {entry['note']}")
         else:
             lines.append(f"  {kind:<24} {entry['note']}")
+    fp8 = fp8_bounds()
+    lines += [
+        "",
+        f"fp8 bounds (--precision fp8): rel-L2 against the float32 goldens, {fp8['factor']:g} x the worst error our",
+        "fp8 path (float8 weights and float8 GEMMs) makes on that family's cases, measured on the CPU by",
+        "tools/golden/measure_fp8.py (no reference implementation of this arithmetic exists; data:",
+        "conformance/fp8_bounds.json). Families without a DiT keep their bf16 bounds:",
+    ]
+    for kind, entry in fp8["families"].items():
+        if entry.get("bounds"):
+            shown = ", ".join(f"{k} {v:.2g}" for k, v in entry["bounds"].items())
+            worst = ", ".join(f"{v:.2g}" for v in entry["measured_worst"].values())
+            lines.append(f"  {kind:<24} {shown} (measured: {worst})")
     return "\n".join(lines)
 
 
@@ -215,6 +268,13 @@ def main(argv: list[str] | None = None) -> int:
         default="float32",
         help="compute dtype; bfloat16 is compared with the float32 goldens within the family's bound below",
     )
+    parser.add_argument(
+        "--precision",
+        choices=["bf16", "fp8"],
+        default="bf16",
+        help="with --dtype bfloat16: fp8 runs the DiT's block layers in float8 with float8 GEMMs, compared "
+        "within the family's fp8 bound below",
+    )
     parser.add_argument("--only", default=None, help="run only cases whose name contains this text")
     parser.add_argument("-v", "--verbose", action="store_true", help="print exact-match checks too")
     args = parser.parse_args(argv)
@@ -223,14 +283,17 @@ def main(argv: list[str] | None = None) -> int:
         # The golden bounds are float32 bounds: TF32 matmuls would blow them.
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    options = RunOptions(device=args.device, dtype=getattr(torch, args.dtype))
+    if args.precision == "fp8" and args.dtype != "bfloat16":
+        parser.error("--precision fp8 needs --dtype bfloat16 (float8 GEMMs take and give bf16)")
+    options = RunOptions(device=args.device, dtype=getattr(torch, args.dtype), precision=args.precision)
     try:
         found = discover(args.directory)
     except CaseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     cases = [c for c in found.cases if args.only is None or args.only in c.name]
-    print(f"wanstream conformance: {args.directory} ({len(cases)} cases, device {args.device}, {args.dtype})")
+    what = f"{args.dtype}, fp8 DiT" if args.precision == "fp8" else args.dtype
+    print(f"wanstream conformance: {args.directory} ({len(cases)} cases, device {args.device}, {what})")
     outcomes = []
     for case in cases:
         outcome = run_case(case, options)

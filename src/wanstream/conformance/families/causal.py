@@ -26,7 +26,9 @@ def run(case: GoldenCase, report: CaseReport, options: RunOptions) -> None:
     pc = man["pipeline_config"]
     dev, dtype = options.device, options.dtype
     config = WanConfig.from_dict(man["model_config"])
-    dit = load_dit(case.path(f"{case.manifest_path.stem}.model.pt"), config, dtype=dtype, device=dev)
+    dit = options.dit(
+        load_dit(case.path(f"{case.manifest_path.stem}.model.pt"), config, dtype=dtype, device=dev)
+    )
     L, C = int(pc["frame_seq_length"]), int(pc["kv_cache_length"])
     steps = [int(t) for t in pc["denoising_step_list"]]
     cache = KVCache(
@@ -152,9 +154,12 @@ def run(case: GoldenCase, report: CaseReport, options: RunOptions) -> None:
         n_eval = sum(fired.shape[0] for evaluations in sink_calls for _, _, fired in evaluations)
         if "n_evaluations" in sink:
             report.exact("adaptive sink evaluations", n_eval, int(sink["n_evaluations"]))
+    # The cache's slots in order: in reduced precision a flipped sink decision (reported above) permutes them,
+    # so they are their own class of bound where the precision has one (fp8; bf16 uses its default).
+    cache_bound = options.bound(case.tolerance("tolerance.suggested_rel_l2", default=1e-5), "final_kv_cache")
     for layer in range(config.num_layers):
         for kv in ("k", "v"):
             name = f"final_kv_cache/{layer}/{kv}"
             if name in case.tensors:
                 ours = getattr(cache, kv)[layer][: case.tensor(name).shape[0]]  # [lanes, tokens, H, D]
-                report.compare(name, ours, case.tensor(name), bound)
+                report.compare(name, ours, case.tensor(name), cache_bound)

@@ -10,8 +10,10 @@ from wanstream.weights.dit import load_dit
 
 def run(case: GoldenCase, report: CaseReport, options: RunOptions) -> None:
     config = WanConfig.from_dict(case.manifest["model_config"])
-    model = load_dit(
-        case.prefixed("weights/"), config, dtype=options.dtype, device=options.device, source=case.name
+    model = options.dit(
+        load_dit(
+            case.prefixed("weights/"), config, dtype=options.dtype, device=options.device, source=case.name
+        )
     )
     bound = options.bound(case.tolerance("tolerance.suggested_rel_l2", default=1e-5))
     for call in case.manifest["calls"]:

@@ -81,8 +81,13 @@ def run(case: GoldenCase, report: CaseReport, options: RunOptions) -> None:
         raise CaseError(
             f"{case.name}: unsupported reference options (t2v / TAEHV / target_fps / frames per block)"
         )
-    dit = load_dit(
-        _file(case, ".model.pt"), WanConfig.from_json(_file(case, ".config.json")), dtype=dtype, device=dev
+    dit = options.dit(
+        load_dit(
+            _file(case, ".model.pt"),
+            WanConfig.from_json(_file(case, ".config.json")),
+            dtype=dtype,
+            device=dev,
+        )
     )
     vae_cfg = WanVAEConfig.from_dict(man["models"]["vae"]["constructor_args"])
     vae = load_wan_vae(_file(case, "Wan2.1_VAE.pth"), vae_cfg, dtype=dtype, device=dev)

@@ -56,7 +56,9 @@ def _models(case: GoldenCase, options: RunOptions) -> tuple[Any, VaceModule, Wan
     if int(mc.get("vace_in_dim", 96)) != 96:
         raise CaseError(f"{case.name}: vace_in_dim {mc['vace_in_dim']} (only 96 exists)")
     stem = case.manifest_path.stem
-    dit = load_dit(case.path(f"{stem}.model.pt"), config, dtype=options.dtype, device=options.device)
+    dit = options.dit(
+        load_dit(case.path(f"{stem}.model.pt"), config, dtype=options.dtype, device=options.device)
+    )
     vace = load_vace(
         case.path(f"{stem}.vace.safetensors"),
         dit,
