@@ -22,15 +22,12 @@ The activations' rows get the same bound.
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-log = logging.getLogger(__name__)
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
@@ -225,8 +222,8 @@ _GEMMS: dict[str, bool] = {}
 def float8_gemms(device: torch.device | str) -> bool:
     """Whether float8 GEMMs run on `device`: a CUDA GPU of compute capability ≥ 8.9 on which one rowwise-
     scaled `_scaled_mm` of an odd row count runs and agrees with bf16 (probed once per device). False on
-    the CPU (its float8 GEMM is not faster than bf16) and, with a warning naming the cause, where the probe
-    fails."""
+    the CPU (its float8 GEMM is not faster than bf16) and, with a warning naming the cause, on an older GPU
+    or where the probe fails."""
     device = torch.device(device)
     if device.type != "cuda":
         return False
@@ -238,9 +235,13 @@ def float8_gemms(device: torch.device | str) -> bool:
 
 def _probe(device: torch.device) -> bool:
     capability = torch.cuda.get_device_capability(device)
-    if capability < FLOAT8_GEMM_CAPABILITY:
-        log.info(
-            "float8 GEMMs: compute capability %d.%d < 8.9, DiT weights float8, arithmetic bf16", *capability
+    if capability < FLOAT8_GEMM_CAPABILITY:  # said, not refused: float8 weights still halve the memory
+        warnings.warn(
+            f"{torch.cuda.get_device_name(device)} (compute capability {capability[0]}.{capability[1]}) has no "
+            "float8 tensor cores (8.9 or newer: RTX 40xx, L4, H100, ...): precision fp8 keeps the DiT's float8 "
+            "weights (half their memory) with bf16 arithmetic, not faster than bf16",
+            RuntimeWarning,
+            stacklevel=3,
         )
         return False
     try:
