@@ -45,7 +45,7 @@ def test_missing_weights_name_the_download_command(tmp_path: Path) -> None:
 
 
 def test_memory_choices_fp8_text_encoder_fp8_dit_and_the_low_vram_profile(tmp_path: Path) -> None:
-    from wanstream.models.fp8 import FP8, Fp8Linear
+    from wanstream.models.fp8 import FP8, Fp8Linear, computes_in_float8
     from wanstream.pipeline import LOW_VRAM_SETTINGS
 
     root = write_tiny_models_dir(tmp_path / "models")
@@ -54,6 +54,7 @@ def test_memory_choices_fp8_text_encoder_fp8_dit_and_the_low_vram_profile(tmp_pa
     assert (c.text_placement, c.precision) == ("fp8", "fp8")
     assert c.text_encoder.model.token_embedding.weight.dtype == FP8
     assert isinstance(c.dit.blocks[0].ffn[0], Fp8Linear) and c.dit.head.head.weight.dtype == torch.float32
+    assert not computes_in_float8(c.dit)  # the CPU: float8 storage, widened per call (no float8 GEMMs)
     session = pipe.session(height=32, width=48, prompts=["a watercolor fox in the snow"])
     out = torch.cat([session.push(moving_clip(9)), session.flush()])
     assert out.shape == (9, 32, 48, 3)
