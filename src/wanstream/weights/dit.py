@@ -20,6 +20,7 @@ from wanstream.models.dit import WanConfig, WanDiT
 from wanstream.weights.loaders import (
     FLOAT8_DTYPES,
     CheckpointError,
+    CheckpointSource,
     StateDict,
     build_on_meta,
     load_into,
@@ -27,8 +28,6 @@ from wanstream.weights.loaders import (
     unwrap_generator,
     upcast_per_call,
 )
-
-CheckpointSource = str | Path | Mapping[str, torch.Tensor]
 
 # What a checkpoint folder may hold, in the order they are looked for.
 _FOLDER_FILES = (

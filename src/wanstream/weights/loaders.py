@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 StateDict = dict[str, torch.Tensor]
+# What a loader takes: a checkpoint file (or folder, where the loader says so), or a state dict in memory.
+CheckpointSource = str | Path | Mapping[str, torch.Tensor]
 M = TypeVar("M", bound=nn.Module)
 
 FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -153,6 +155,16 @@ def as_state_dict(obj: Any, source: str) -> StateDict:
     if bad:
         raise CheckpointError(f"{source}: not a state dict of tensors (e.g. entry {bad[0]!r})")
     return dict(obj)
+
+
+def read_state_dict(checkpoint: CheckpointSource, source: str | None = None) -> tuple[str, StateDict]:
+    """A checkpoint file read (or a state dict taken as it is), with the name errors will give it: `source`,
+    else the path (or "<state dict>")."""
+    if isinstance(checkpoint, Mapping):
+        name = source or "<state dict>"
+        return name, as_state_dict(checkpoint, name)
+    name = source or str(checkpoint)
+    return name, as_state_dict(read_checkpoint(checkpoint), name)
 
 
 def unwrap_generator(obj: Any, source: str) -> StateDict:

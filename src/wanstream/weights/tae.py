@@ -9,21 +9,16 @@ continues from, so a preview without time upsampling still shows the newest mome
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from pathlib import Path
-
 import torch
 
 from wanstream.models.tae import TAEHV, TAEHVConfig, TGrow
 from wanstream.weights.loaders import (
+    CheckpointSource,
     StateDict,
-    as_state_dict,
     build_on_meta,
     load_into,
-    read_checkpoint,
+    read_state_dict,
 )
-
-CheckpointSource = str | Path | Mapping[str, torch.Tensor]
 
 
 def load_taehv(
@@ -38,12 +33,7 @@ def load_taehv(
 
     float16 is the default: StreamDiffusionV2 and the upstream example both run TAEHV in float16.
     """
-    if isinstance(checkpoint, Mapping):
-        name = source or "<state dict>"
-        sd = as_state_dict(checkpoint, name)
-    else:
-        name = source or str(checkpoint)
-        sd = as_state_dict(read_checkpoint(checkpoint), name)
+    name, sd = read_state_dict(checkpoint, source)
     config = config or infer_config(sd)
     model = build_on_meta(lambda: TAEHV(config))
     sd = trim_tgrow_weights(model, sd)

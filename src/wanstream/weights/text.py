@@ -27,15 +27,13 @@ import torch
 from wanstream.models.text import PromptTokenizer, TextEncoder, UMT5Config, UMT5Encoder
 from wanstream.weights.loaders import (
     CheckpointError,
+    CheckpointSource,
     StateDict,
-    as_state_dict,
     build_on_meta,
     check_keys,
     load_into,
-    read_checkpoint,
+    read_state_dict,
 )
-
-CheckpointSource = str | Path | Mapping[str, torch.Tensor]
 
 # Non-weight entries some repacks carry next to the weights.
 _IGNORED_KEYS = ("spiece_model",)
@@ -59,12 +57,7 @@ def load_umt5(
     """
     if weight_dtype is not None and weight_dtype not in (*_FLOAT8, dtype):
         raise ValueError(f"weight_dtype must be None, {dtype} or a float8 dtype, got {weight_dtype}")
-    if isinstance(checkpoint, Mapping):
-        name = source or "<state dict>"
-        sd = as_state_dict(checkpoint, name)
-    else:
-        name = source or str(checkpoint)
-        sd = as_state_dict(read_checkpoint(checkpoint), name)
+    name, sd = read_state_dict(checkpoint, source)
     sd = {k: v for k, v in sd.items() if k not in _IGNORED_KEYS}
     _reject_foreign_layouts(sd, name)
 

@@ -9,8 +9,7 @@ Loading is strict: every VACE tensor of the module must be in the file with its 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 import torch
 
@@ -18,14 +17,12 @@ from wanstream.models.dit import WanConfig, WanDiT
 from wanstream.models.vace import VACE_IN_DIM, VaceModule, default_vace_layers
 from wanstream.weights.loaders import (
     CheckpointError,
+    CheckpointSource,
     StateDict,
-    as_state_dict,
     build_on_meta,
     load_into,
-    read_checkpoint,
+    read_state_dict,
 )
-
-CheckpointSource = str | Path | Mapping[str, torch.Tensor]
 
 VACE_PREFIXES = ("vace_blocks.", "vace_patch_embedding.")
 _VACE_KEY = re.compile(r"(?:^|\.)(vace_blocks\.|vace_patch_embedding\.)")
@@ -47,12 +44,7 @@ def load_vace(
     module's 15 blocks). Raises `CheckpointError` naming the file and the offending keys.
     """
     config = dit.config if isinstance(dit, WanDiT) else dit
-    if isinstance(checkpoint, Mapping):
-        name = source or "<state dict>"
-        raw = as_state_dict(checkpoint, name)
-    else:
-        name = source or str(checkpoint)
-        raw = as_state_dict(read_checkpoint(checkpoint), name)
+    name, raw = read_state_dict(checkpoint, source)
     sd = vace_state(raw, name)
     layers = tuple(vace_layers) if vace_layers is not None else default_vace_layers(config.num_layers)
     check_vace_architecture(sd, config, layers, name)

@@ -7,14 +7,11 @@ state dict already in memory. The architecture comes from a `WanVAEConfig` (defa
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 
 from wanstream.models.vae import WanVAE, WanVAEConfig
-from wanstream.weights.loaders import as_state_dict, build_on_meta, load_into, read_checkpoint
-
-CheckpointSource = str | Path | Mapping[str, torch.Tensor]
+from wanstream.weights.loaders import CheckpointSource, build_on_meta, load_into, read_state_dict
 
 
 def load_wan_vae(
@@ -30,12 +27,7 @@ def load_wan_vae(
     Raises `CheckpointError` naming the file (or `source`) and the offending keys when the checkpoint is
     unreadable, not a state dict, or does not fit the config exactly.
     """
-    if isinstance(checkpoint, Mapping):
-        name = source or "<state dict>"
-        sd = as_state_dict(checkpoint, name)
-    else:
-        name = source or str(checkpoint)
-        sd = as_state_dict(read_checkpoint(checkpoint), name)
+    name, sd = read_state_dict(checkpoint, source)
     config = config or infer_config(sd)
     model = build_on_meta(lambda: WanVAE(config))
     return load_into(model, sd, name, dtype=dtype, device=device).eval().requires_grad_(False)
