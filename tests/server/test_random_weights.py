@@ -115,3 +115,13 @@ def test_a_load_request_chooses_the_dit_precision_and_a_wrong_one_changes_nothin
             assert c.get("/api/v1/model").json()["precision"] == "fp8"
     finally:
         torch.set_num_threads(threads)
+
+
+def test_before_a_load_the_status_says_which_precision_the_next_load_uses() -> None:
+    """The studio's selector starts from it: a server started with --precision fp8 (or --low-vram) that has
+    not loaded yet must not show bf16, or the first Load weights would undo the server's choice."""
+    from wanstream.server.model import ModelManager
+
+    model = ModelManager(demo=False, models_dir=None, device="cpu", precision="fp8")
+    status = model.status()
+    assert (status.state, status.precision) == ("not_loaded", "fp8")

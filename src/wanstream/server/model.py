@@ -93,7 +93,8 @@ class ModelManager:
                 demo=pipeline.is_demo if pipeline is not None else self.demo,
                 random_weights=self.random_weights,
                 text_encoder=pipeline.components.text_placement if pipeline is not None else "",
-                precision=pipeline.components.precision if pipeline is not None else "",
+                # Before a load (or after a failed one): what the next load uses.
+                precision=pipeline.components.precision if pipeline is not None else self.precision,
                 codecs=_codecs(pipeline),
                 download_command=self._download_command,
                 vace=pipeline is not None and pipeline.components.vace is not None,

@@ -325,7 +325,9 @@ class ModelStatus(BaseModel):
         "", description="Where the text encoder lives: gpu, fp8, host (docs/memory.md)."
     )
     precision: str = Field(
-        "", description="The DiT's weights: bf16, or fp8 (float8; float8 GEMMs where the GPU has them)."
+        "",
+        description="The DiT's weights: bf16, or fp8 (float8; float8 GEMMs where the GPU has them) — of the "
+        "loaded model, or, while none is loaded, what the next load uses.",
     )
     codecs: list[str] = Field(
         default_factory=list, description="Autoencoders loaded ('wan', 'taehv'): the encoder/decoder choices."

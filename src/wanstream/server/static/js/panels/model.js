@@ -39,6 +39,12 @@ export async function refresh(app) {
   } catch {
     return;
   }
+  // The selector follows the server at the page's first status and when a load ends, never in between
+  // (a poll must not undo the user's choice before they press Load).
+  const ended = app.model.state !== "loading" && before === "loading";
+  if ((before === undefined || ended) && app.model.precision && !app.model.demo) {
+    $("load-precision").value = app.model.precision;
+  }
   if (app.model.state === "loaded" && before !== "loaded") await refreshDefaults(app);
   render(app);
 }
@@ -56,7 +62,6 @@ export function render(app) {
   const what = m.label || (m.demo ? "demo model (random weights)" : "StreamDiffusionV2");
   const precision = m.precision && !m.demo ? ` · ${m.precision}` : "";
   $("model-label").textContent = m.state === "loaded" ? `${what} · ${m.device}${precision}` : "";
-  if (m.state === "loaded" && m.precision && !m.demo) $("load-precision").value = m.precision;
   $("model-progress").hidden = m.state !== "loading";
   const elapsed = m.elapsed_s != null ? ` (${m.elapsed_s.toFixed(0)} s)` : "";
   $("model-stage").textContent = m.state === "loading" ? `${m.stage || "starting"}${elapsed}`
