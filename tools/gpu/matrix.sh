@@ -355,11 +355,11 @@ F8)
   # bf16 in the same call: per layer at the stream's shapes with the quantisation fused as compiled, a
   # stream's frames fp8 vs bf16 (tools/gpu/fp8_layers.py), then the chunk at 2 and 4 steps and the low-memory
   # profile. Limits sum to 540 s.
-  run fp8_layers 180 python3 tools/gpu/fp8_layers.py "$W/fp8_layers.json"
+  run fp8_layers 220 python3 tools/gpu/fp8_layers.py "$W/fp8_layers.json"
   cfg="batch,480x832,2,wan;batch,480x832,4,wan"
-  run bench_bf16 120 $B --configs "$cfg" --chunks 20 --warm-chunks 6 --json "$W/bench_bf16.json"
-  run bench_fp8 140 $B --configs "$cfg" --precision fp8 --chunks 20 --warm-chunks 6 --json "$W/bench_fp8.json"
-  run lora_fp8 100 $B --configs "batch,480x832,2,wan" --precision fp8 --chunks 20 --warm-chunks 4 --lora-rank 32 \
+  run bench_bf16 110 $B --configs "$cfg" --chunks 20 --warm-chunks 6 --json "$W/bench_bf16.json"
+  run bench_fp8 130 $B --configs "$cfg" --precision fp8 --chunks 20 --warm-chunks 6 --json "$W/bench_fp8.json"
+  run lora_fp8 80 $B --configs "batch,480x832,2,wan" --precision fp8 --chunks 20 --warm-chunks 4 --lora-rank 32 \
     --json "$W/lora_fp8.json"
   ;;
 FA1)
