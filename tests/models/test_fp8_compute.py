@@ -137,6 +137,17 @@ def test_the_probe_decides_from_the_capability_and_a_real_call(monkeypatch: pyte
         assert fp8._probe(cpu) is False  # Ampere: said, and nothing launched
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert fp8._probe(cpu) is True
+    shapes = fp8.compute_shapes(tiny_dit())  # the layers' own shapes, the fused q/k/v's too
+    dim, ffn = tiny_dit().config.dim, tiny_dit().config.ffn_dim
+    assert shapes == {(dim, dim), (dim, 3 * dim), (dim, ffn), (ffn, dim)}
+    probed = []
+    real_matmul = fp8.float8_matmul
+    monkeypatch.setattr(
+        fp8, "float8_matmul", lambda x, v, s: probed.append(tuple(v.shape)) or real_matmul(x, v, s)
+    )
+    assert fp8._probe(cpu, shapes) is True
+    assert sorted(probed) == sorted((d_out, d_in) for d_in, d_out in shapes)
+    monkeypatch.setattr(fp8, "float8_matmul", real_matmul)
 
     def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise RuntimeError("Rowwise scaling is not currently supported on your device")

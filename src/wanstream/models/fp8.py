@@ -216,24 +216,39 @@ def dit_to_fp8_(dit: nn.Module, *, float8_compute: bool = False) -> int:
 # ---------------------------------------------------------------------------------------------------------
 # Can this device run float8 GEMMs?
 
-_GEMMS: dict[str, bool] = {}
+_GEMMS: dict[tuple[str, frozenset[tuple[int, int]]], bool] = {}
+Shapes = frozenset[tuple[int, int]]  # (in_features, out_features) of the layers that would compute in float8
+PROBE_SHAPES: Shapes = frozenset({(256, 128)})
 
 
-def float8_gemms(device: torch.device | str) -> bool:
-    """Whether float8 GEMMs run on `device`: a CUDA GPU of compute capability ≥ 8.9 on which one rowwise-
-    scaled `_scaled_mm` of an odd row count runs and agrees with bf16 (probed once per device). False on
-    the CPU (its float8 GEMM is not faster than bf16) and, with a warning naming the cause, on an older GPU
-    or where the probe fails."""
+def compute_shapes(dit: nn.Module) -> Shapes:
+    """The GEMM shapes `dit_to_fp8_(dit, float8_compute=True)` would run: each `FLOAT8_COMPUTE_LAYERS` layer's,
+    and self-attention's fused q/k/v (`fuse_qkv`)."""
+    shapes = set()
+    for name, m in dit.named_modules():
+        if isinstance(m, nn.Linear) and name.startswith("blocks.") and name.endswith(FLOAT8_COMPUTE_LAYERS):
+            shapes.add((m.in_features, m.out_features))
+            if name.endswith("self_attn.q"):
+                shapes.add((m.in_features, 3 * m.out_features))
+    return frozenset(shapes)
+
+
+def float8_gemms(device: torch.device | str, shapes: Shapes = PROBE_SHAPES) -> bool:
+    """Whether float8 GEMMs run on `device`: a CUDA GPU of compute capability ≥ 8.9 on which a rowwise-scaled
+    `_scaled_mm` of each of `shapes`, with an odd row count, runs and agrees with bf16 (probed once per
+    device and shapes). False on the CPU (its float8 GEMM is not faster than bf16) and, with a warning naming
+    the cause, on an older GPU or where the probe fails."""
     device = torch.device(device)
     if device.type != "cuda":
         return False
-    key = str(torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device()))
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (str(torch.device("cuda", index)), frozenset(shapes))
     if key not in _GEMMS:
-        _GEMMS[key] = _probe(torch.device(key))
+        _GEMMS[key] = _probe(torch.device(key[0]), key[1])
     return _GEMMS[key]
 
 
-def _probe(device: torch.device) -> bool:
+def _probe(device: torch.device, shapes: Shapes = PROBE_SHAPES) -> bool:
     capability = torch.cuda.get_device_capability(device)
     if capability < FLOAT8_GEMM_CAPABILITY:  # said, not refused: float8 weights still halve the memory
         warnings.warn(
@@ -246,14 +261,15 @@ def _probe(device: torch.device) -> bool:
         return False
     try:
         g = torch.Generator(device).manual_seed(0)
-        x = torch.randn(37, 256, device=device, generator=g, dtype=torch.bfloat16)
-        w = torch.randn(128, 256, device=device, generator=g, dtype=torch.bfloat16)
-        values, scale = quantize_rows(w)
-        got = float8_matmul(x, values, scale).float()
-        want = F.linear(x, dequantize(values, scale, torch.bfloat16)).float()
-        error = float((got - want).norm() / want.norm())
-        if not error < 0.1:  # float8 activations: measured ≈ 0.03 on random data
-            raise RuntimeError(f"relative error {error:.3f} against bf16")
+        for d_in, d_out in sorted(shapes):
+            x = torch.randn(37, d_in, device=device, generator=g, dtype=torch.bfloat16)
+            w = torch.randn(d_out, d_in, device=device, generator=g, dtype=torch.bfloat16)
+            values, scale = quantize_rows(w)
+            got = float8_matmul(x, values, scale).float()
+            want = F.linear(x, dequantize(values, scale, torch.bfloat16)).float()
+            error = float((got - want).norm() / want.norm())
+            if not error < 0.1:  # float8 activations: measured ≈ 0.03 on random data
+                raise RuntimeError(f"{d_in}→{d_out}: relative error {error:.3f} against bf16")
     except Exception as exc:  # an op this torch / driver lacks: storage only, never a failed stream
         warnings.warn(
             f"float8 GEMMs do not run on {torch.cuda.get_device_name(device)} ({type(exc).__name__}: {exc}); "

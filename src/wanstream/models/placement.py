@@ -18,7 +18,13 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
-from wanstream.models.fp8 import dit_to_fp8_, float8_gemms, quantize_embedding_, quantize_linears_
+from wanstream.models.fp8 import (
+    compute_shapes,
+    dit_to_fp8_,
+    float8_gemms,
+    quantize_embedding_,
+    quantize_linears_,
+)
 from wanstream.models.offload import HostTextEncoder
 from wanstream.models.text import PromptTokenizer, TextEncoder, UMT5Encoder
 
@@ -55,7 +61,7 @@ def apply_precision_(dit: nn.Module, precision: str, device: torch.device) -> No
     """The DiT (already on `device`) in `precision`: "fp8" converts its blocks' linear layers, computing in
     float8 where `device` has float8 GEMMs (`fp8.float8_gemms`: probed once, a warning where it fails)."""
     if check_precision(precision) == "fp8":
-        dit_to_fp8_(dit, float8_compute=float8_gemms(device))
+        dit_to_fp8_(dit, float8_compute=float8_gemms(device, compute_shapes(dit)))
 
 
 def place_text_encoder(
