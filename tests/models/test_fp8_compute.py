@@ -80,7 +80,8 @@ def test_dit_to_fp8_computes_in_float8_only_in_the_layers_measured_faster() -> N
     assert fp8.computes_in_float8(dit)
     storage_only = tiny_dit(torch.bfloat16)
     dit_to_fp8_(storage_only)
-    assert fp8.is_fp8(storage_only) and not fp8.computes_in_float8(storage_only)
+    assert any(isinstance(m, Fp8Linear) for m in storage_only.modules())
+    assert not fp8.computes_in_float8(storage_only)
 
 
 def test_fused_qkv_in_float8_equals_three_float8_layers(scaled_mm_calls: list) -> None:

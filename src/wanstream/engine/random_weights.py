@@ -62,8 +62,9 @@ def random_components(
     vace: bool = False,
 ) -> Components:
     """Random networks at full size (or tiny). `precision="fp8"`: the DiT blocks' linear weights stored in
-    float8 (computing in float8 where the GPU can); `text_encoder`: also a random umT5 ("gpu", "fp8", "host" or "auto", as `Pipeline.load` places
-    it), else none (a random conditioning stands in); `vace`: also a random VACE module (1.3B: 15 blocks)."""
+    float8 (computing in float8 where the GPU can); `text_encoder`: also a random umT5 ("gpu", "fp8", "host"
+    or "auto", as `Pipeline.load` places it), else none (a random conditioning stands in); `vace`: also a
+    random VACE module (1.3B: 15 blocks)."""
     from wanstream.models.placement import apply_precision_, check_precision, resolve_text_placement
     from wanstream.models.tae import TAEHV, TAEHVConfig
     from wanstream.models.vae import WanVAE, WanVAEConfig

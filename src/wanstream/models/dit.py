@@ -279,7 +279,8 @@ class SelfAttention(nn.Module):
         """
         layers = (self.q, self.k, self.v)
         kinds = {(type(m), getattr(m, "float8_compute", False)) for m in layers}
-        if len(kinds) != 1 or type(layers[0]) not in (nn.Linear, fp8.Fp8Linear) or layers[0].weight.is_meta:
+        ((kind, float8_compute), *others) = kinds
+        if others or kind not in (nn.Linear, fp8.Fp8Linear) or layers[0].weight.is_meta:
             self._fused = None
             return False
         if self._fused is None:
@@ -294,7 +295,7 @@ class SelfAttention(nn.Module):
                 scale = torch.cat([s[1] for s in stored])
                 for m, sc in zip(layers, scale.chunk(3)):
                     m.weight_scale = sc
-            self._fused = FusedQKV(weight, bias, scale, getattr(layers[0], "float8_compute", False))
+            self._fused = FusedQKV(weight, bias, scale, float8_compute)
         return True
 
     def out(self, y: torch.Tensor) -> torch.Tensor:

@@ -136,7 +136,7 @@ def stored_weight(layer: nn.Module) -> tuple[torch.Tensor, ...]:
 
 def widened(stored: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """`stored_weight`'s tensors (on any device) as one float32 matrix."""
-    return stored[0].float() if len(stored) == 1 else stored[0].float() * stored[1].float()
+    return stored[0].float() if len(stored) == 1 else dequantize(*stored, torch.float32)
 
 
 def store_weight_(layer: nn.Module, weight: torch.Tensor) -> None:
@@ -189,11 +189,6 @@ def embedding_rows(embedding: nn.Embedding, ids: torch.Tensor, dtype: torch.dtyp
     if scale is None:
         return rows.to(dtype)
     return dequantize(rows, scale[ids], dtype)
-
-
-def is_fp8(module: nn.Module) -> bool:
-    """True when any of `module`'s parameters is stored in float8."""
-    return any(p.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for p in module.parameters())
 
 
 def computes_in_float8(module: nn.Module) -> bool:
